@@ -1,0 +1,3 @@
+"""featurestore: a feature store and embedding database for image classification."""
+
+__version__ = "0.1.0"

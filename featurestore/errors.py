@@ -1,0 +1,81 @@
+"""Errors a person can act on.
+
+Every error the library raises on purpose derives from :class:`FeatureStoreError`.
+Subclasses build their message from the facts and also inherit the matching
+builtin so callers that only know Python's exceptions still catch them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class FeatureStoreError(Exception):
+    """Base class: the CLI prints ``Error: <message>`` and exits 1."""
+
+
+class NotFoundError(FeatureStoreError, LookupError):
+    """Something named by the user does not exist (feature set, run, model...)."""
+
+    def __init__(self, what: str, name: str, available: Iterable[str] = (), hint: str = ""):
+        avail = sorted(available)
+        msg = f"unknown {what} {name!r}"
+        if avail:
+            msg += f"; available: {', '.join(avail)}"
+        elif what:
+            msg += f"; no {what}s exist yet"
+        if hint:
+            msg += f". {hint}"
+        super().__init__(msg)
+        self.name = name
+        self.available = avail
+
+
+class InvalidInputError(FeatureStoreError, ValueError):
+    """A value or file given by the user cannot be used."""
+
+
+class DimensionMismatchError(FeatureStoreError, ValueError):
+    """Vectors or parameters do not have the shape the feature set records."""
+
+
+class ParamsMismatchError(FeatureStoreError, ValueError):
+    """A feature set exists under this name with different parameters."""
+
+    def __init__(self, name: str, stored: dict, requested: dict):
+        diff = sorted(k for k in set(stored) | set(requested) if stored.get(k) != requested.get(k))
+        shown = ", ".join(f"{k}: stored {stored.get(k)!r} vs requested {requested.get(k)!r}" for k in diff)
+        super().__init__(
+            f"feature set {name!r} already exists with different parameters ({shown}); "
+            "choose a new name or pass --replace to drop and recompute it"
+        )
+
+
+class MissingFeaturesError(FeatureStoreError, LookupError):
+    """Some selected images have no vector in a requested feature set."""
+
+    def __init__(self, feature_set: str, missing: int, command: str):
+        super().__init__(
+            f"{missing} image(s) lack {feature_set}: run `{command}` (or pass --skip-missing)"
+        )
+        self.missing = missing
+
+
+class StoreBusyError(FeatureStoreError, RuntimeError):
+    """Another process holds the store's write lock."""
+
+    def __init__(self, pid: int | None, path: str):
+        who = f"pid {pid}" if pid else "another process"
+        super().__init__(f"store is busy ({who} holds {path}); wait for it to finish and retry")
+
+
+class SchemaOutdatedError(FeatureStoreError, RuntimeError):
+    """The catalog schema is older than this version of featurestore."""
+
+
+class IntegrityError(FeatureStoreError, RuntimeError):
+    """A stored file does not match the checksum recorded in the catalog."""
+
+
+class ModelFilesMissingError(FeatureStoreError, FileNotFoundError):
+    """A model's checkpoint files are not available."""
