@@ -1,0 +1,123 @@
+"""Shared CLI plumbing: store options, error handling, progress, output formats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from featurestore.config import Settings
+from featurestore.store import Store
+
+STORE_OPTION = typer.Option(
+    None, "--store", envvar="FS_STORE", help="Store folder (default ./.fs).", show_default=False
+)
+
+
+class State:
+    """What the root callback learned from global options."""
+
+    store: Path | None = None
+    debug: bool = False
+
+
+STATE = State()
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings.from_env(store=STATE.store, **overrides)
+
+
+def open_store(create: bool = False, **overrides: Any) -> Store:
+    return Store.open(settings(**overrides), create=create)
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@contextmanager
+def progress(description: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on a TTY (stderr); silent when piped."""
+    if not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), transient=True, console=_stderr_console(),
+    ) as bar:
+        task = bar.add_task(description, total=total)
+
+        def update(done: int, tot: int) -> None:
+            bar.update(task, completed=done, total=tot)
+
+        yield update
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def emit(rows: Sequence[dict[str, Any]], fmt: Format = Format.table, columns: Sequence[str] | None = None) -> None:
+    """Print rows to stdout as a table, CSV or JSON."""
+    cols = list(columns) if columns else (list(rows[0].keys()) if rows else [])
+    if fmt == Format.json:
+        typer.echo(json.dumps([{c: r.get(c) for c in cols} for r in rows], default=str, indent=2))
+        return
+    if fmt == Format.csv:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(cols)
+        for r in rows:
+            w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
+        typer.echo(buf.getvalue(), nl=False)
+        return
+    typer.echo(table(rows, cols))
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    if not rows:
+        lines.append("(no rows)")
+    return "\n".join(lines)
+
+
+def parse_size(value: str, option: str) -> tuple[int, int]:
+    """``640x480`` -> (640, 480); a bad value is a usage error (exit 2)."""
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+        if w <= 0 or h <= 0:
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not WIDTHxHEIGHT, e.g. 640x480", param_hint=option) from None
+    return w, h

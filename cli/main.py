@@ -1,0 +1,89 @@
+"""The ``fs`` command: small Typer apps per noun, joined here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from cli import common
+from featurestore import __version__
+from featurestore.errors import FeatureStoreError
+
+class _Group(TyperGroup):
+    """Turns FeatureStoreError into ``Error: ...`` on stderr and exit 1 (``--debug`` re-raises)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FeatureStoreError as exc:
+            if common.STATE.debug:
+                raise
+            typer.echo(f"Error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("Interrupted; everything written so far is kept.", err=True)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="fs",
+    help="featurestore: catalog product photos, extract features, train and compare Two-Flow classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"featurestore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    store: Path | None = common.STORE_OPTION,
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """featurestore: a feature store and embedding database for image classification.
+
+    Example: fs ingest ./shoes && fs extract --rp 128 --model efficientnet-lite0 && fs train --features rp128,efficientnet-lite0
+    """
+    common.STATE.store = store
+    common.STATE.debug = debug
+
+
+def _register() -> None:
+    from cli import datasets, db, ingest, status
+
+    app.add_typer(db.app, name="db")
+    app.add_typer(datasets.app, name="datasets")
+    ingest.register(app)
+    status.register(app)
+    for optional in ("extract", "models", "train", "search", "serve"):
+        try:
+            module = __import__(f"cli.{optional}", fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"cli.{optional}":
+                raise
+            continue
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The SQL catalog: schema (models), engine set-up and migrations (database)."""

@@ -1,0 +1,155 @@
+"""Engines, schema migrations and read-only access for the catalog."""
+
+from __future__ import annotations
+
+import sqlite3
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+
+from featurestore.errors import FeatureStoreError, SchemaOutdatedError
+
+
+def configure_sqlite(engine: Engine) -> None:
+    """WAL journal, foreign keys and a busy timeout on every SQLite connection."""
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        if not _is_readonly(dbapi_conn):
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+
+def _is_readonly(dbapi_conn: Any) -> bool:
+    try:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA query_only")
+        row = cur.fetchone()
+        cur.close()
+        return bool(row and row[0])
+    except sqlite3.Error:
+        return False
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the catalog; SQLite gets WAL and foreign keys."""
+    engine = create_engine(url, future=True, pool_pre_ping=url.startswith("postgresql"))
+    configure_sqlite(engine)
+    return engine
+
+
+def make_readonly_engine(url: str) -> Engine:
+    """An engine that cannot write: SQLite opened ``mode=ro``; PostgreSQL read-only sessions."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = Path(parsed.database or "").resolve()
+
+        def _connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            conn.execute("PRAGMA query_only=ON")
+            return conn
+
+        return create_engine("sqlite://", creator=_connect, future=True)
+    engine = create_engine(url, future=True, execution_options={"postgresql_readonly": True})
+
+    @event.listens_for(engine, "connect")
+    def _ro(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        cur.close()
+        dbapi_conn.commit()
+
+    return engine
+
+
+def alembic_config(url: str) -> Any:
+    """An Alembic config pointing at the migrations shipped inside the package."""
+    from alembic.config import Config
+
+    cfg = Config()
+    location = resources.files("migrations")
+    cfg.set_main_option("script_location", str(location))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision(url: str) -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, url: str, revision: str = "head") -> tuple[str | None, str]:
+    """Run migrations up to ``revision``; returns (before, after) revisions."""
+    from alembic import command
+
+    before = current_revision(engine)
+    cfg = alembic_config(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    return before, current_revision(engine) or ""
+
+
+def ensure_schema(engine: Engine, url: str, create: bool) -> None:
+    """Create the schema on first use; refuse an outdated or foreign catalog.
+
+    Parameters
+    ----------
+    create:
+        Whether an empty database may be initialised (writers may, readers
+        report that there is nothing yet).
+    """
+    current = current_revision(engine)
+    head = head_revision(url)
+    if current == head:
+        return
+    if current is None:
+        tables = set(inspect(engine).get_table_names())
+        if tables - {"alembic_version"}:
+            raise FeatureStoreError(
+                f"the database at {_safe(url)} has tables but no featurestore schema version; "
+                "point FS_DATABASE_URL/--store at an empty database or a featurestore catalog"
+            )
+        if not create:
+            raise FeatureStoreError(
+                f"the catalog at {_safe(url)} is empty: run `fs ingest PATH` (or `fs db upgrade`) first"
+            )
+        upgrade(engine, url)
+        return
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(url))
+    known = {rev.revision for rev in script.walk_revisions()}
+    if current not in known:
+        raise SchemaOutdatedError(
+            f"the catalog at {_safe(url)} is at revision {current}, newer than this featurestore "
+            f"(head {head}); upgrade featurestore"
+        )
+    raise SchemaOutdatedError(
+        f"the catalog at {_safe(url)} is at revision {current}, older than this featurestore "
+        f"(head {head}): run `fs db upgrade`"
+    )
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    return make_url(url).render_as_string(hide_password=True)

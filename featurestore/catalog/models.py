@@ -1,0 +1,197 @@
+"""The catalog schema (SQLAlchemy 2 declarative models).
+
+The schema is created and changed only by the Alembic migrations in
+``migrations/versions``; ``tests/test_migrations.py`` checks both agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Image(Base):
+    """One distinct image content (by sha256); duplicates are stored once."""
+
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_label", "label"), Index("ix_images_dataset_id", "dataset_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    source_path: Mapped[str] = mapped_column(Text)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(20))
+    mode: Mapped[str] = mapped_column(String(20))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    superclass: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    ingested_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class IngestError(Base):
+    """A file that could not be ingested, with the reason; the latest attempt per path."""
+
+    __tablename__ = "ingest_errors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class FeatureSet(Base):
+    __tablename__ = "feature_sets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(50))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    dim: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class FeatureShard(Base):
+    """One HDF5 file under ``features/<feature_set>/`` (path relative to the store)."""
+
+    __tablename__ = "feature_shards"
+    __table_args__ = (Index("ix_feature_shards_feature_set_id", "feature_set_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feature_set_id: Mapped[int] = mapped_column(ForeignKey("feature_sets.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class FeatureRow(Base):
+    """Which shard and row hold an image's vector in a feature set."""
+
+    __tablename__ = "feature_rows"
+    __table_args__ = (Index("ix_feature_rows_shard_id", "shard_id"),)
+
+    feature_set_id: Mapped[int] = mapped_column(
+        ForeignKey("feature_sets.id", ondelete="CASCADE"), primary_key=True
+    )
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    shard_id: Mapped[int] = mapped_column(ForeignKey("feature_shards.id", ondelete="CASCADE"))
+    row: Mapped[int] = mapped_column(Integer)
+
+
+class Model(Base):
+    """A CNN checkpoint registered in the store (files under ``models/``)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    symbol_path: Mapped[str] = mapped_column(Text)
+    params_path: Mapped[str] = mapped_column(Text)
+    symbol_sha256: Mapped[str] = mapped_column(String(64))
+    params_sha256: Mapped[str] = mapped_column(String(64))
+    preprocess: Mapped[dict[str, Any]] = mapped_column(JSON)
+    taps: Mapped[list[Any]] = mapped_column(JSON)
+    default_tap: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Run(Base):
+    """One training/evaluation run: what was trained, how, and how well."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    status: Mapped[str] = mapped_column(String(20))
+    features: Mapped[list[Any]] = mapped_column(JSON)
+    feature_params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    target: Mapped[str] = mapped_column(String(20))
+    selection: Mapped[dict[str, Any]] = mapped_column(JSON)
+    classifier: Mapped[str] = mapped_column(String(20))
+    classifier_params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seed: Mapped[int] = mapped_column(Integer)
+    n_splits: Mapped[int] = mapped_column(Integer)
+    test_size: Mapped[float] = mapped_column(Float)
+    split_scheme: Mapped[str] = mapped_column(String(20))
+    splits_fingerprint: Mapped[str] = mapped_column(String(64))
+    n_images: Mapped[int] = mapped_column(Integer)
+    dataset: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    accuracy_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accuracy_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    macro_f1_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    superclass_accuracy_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    versions: Mapped[dict[str, Any]] = mapped_column(JSON)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    artifact_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    comparison_group: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class RunSplit(Base):
+    __tablename__ = "run_splits"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    split: Mapped[int] = mapped_column(Integer, primary_key=True)
+    test_accuracy: Mapped[float] = mapped_column(Float)
+    train_accuracy: Mapped[float] = mapped_column(Float)
+    macro_f1: Mapped[float] = mapped_column(Float)
+    superclass_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    fit_seconds: Mapped[float] = mapped_column(Float)
+    n_train: Mapped[int] = mapped_column(Integer)
+    n_test: Mapped[int] = mapped_column(Integer)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("run_id", "image_id", name="uq_predictions_run_id_image_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    label: Mapped[str] = mapped_column(String(200))
+    probability: Mapped[float] = mapped_column(Float)
+    top5: Mapped[list[Any]] = mapped_column(JSON)
+    predicted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -1,0 +1,191 @@
+"""Folder (or CSV manifest) -> catalog rows.
+
+Every file is read and fully decoded once in a thread pool (Pillow releases
+the GIL while decoding) to validate it. Content is identified by sha256:
+identical content is stored once, so re-ingesting a folder adds nothing.
+Bad files never stop the run; each is recorded in ``ingest_errors`` with its
+reason and listed in the summary. Rows are inserted in batches, each batch in
+one transaction, so an interrupted ingest keeps whole rows only.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import delete, select
+
+from featurestore.catalog.models import Image, IngestError
+from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.images import ImageDecodeError, decode_bytes, is_image_path, read_bytes
+from featurestore.store import Store
+
+Progress = Callable[[int, int], None]
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: Path
+    label: str | None
+    superclass: str | None
+
+
+@dataclass
+class IngestSummary:
+    dataset: str
+    found: int = 0
+    new: int = 0
+    duplicates: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    new_ids: list[int] = field(default_factory=list)
+
+    @property
+    def readable(self) -> int:
+        return self.new + self.duplicates
+
+    def line(self) -> str:
+        return f"{self.new} new, {self.duplicates} duplicates, {len(self.failed)} failed"
+
+
+def parse_labels(spec: str) -> tuple[str, Path | None]:
+    """``dir`` | ``none`` | ``csv:FILE`` -> (mode, file)."""
+    if spec in ("dir", "none"):
+        return spec, None
+    if spec.startswith("csv:") and len(spec) > 4:
+        return "csv", Path(spec[4:])
+    raise InvalidInputError(f"--labels {spec!r} is not one of dir, none, csv:FILE")
+
+
+def scan(root: Path, labels: str = "dir") -> list[Candidate]:
+    """Image files under ``root`` (recursive, sorted) with their labels."""
+    mode, manifest = parse_labels(labels)
+    if mode == "csv":
+        assert manifest is not None
+        return _from_manifest(manifest, root)
+    if not root.exists():
+        raise InvalidInputError(f"{root} does not exist; give a folder of images or an image file")
+    if root.is_file() or (root.is_symlink() and not root.exists()):
+        return [Candidate(root, None, None)] if is_image_path(root) else []
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or not is_image_path(path):
+                continue
+            label = superclass = None
+            if mode == "dir":
+                parts = path.relative_to(root).parts[:-1]
+                if parts:
+                    label = parts[-1]
+                    superclass = parts[-2] if len(parts) >= 2 else None
+            out.append(Candidate(path, label, superclass))
+    return out
+
+
+def _from_manifest(manifest: Path, root: Path) -> list[Candidate]:
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read label manifest {manifest}: {exc.strerror}") from None
+    rows = list(csv.reader(text.splitlines()))
+    if rows and rows[0] and rows[0][0].strip().lower() == "path":
+        rows = rows[1:]
+    base = root if root.is_dir() else manifest.parent
+    out = []
+    for n, row in enumerate(rows, start=1):
+        if not row or not any(c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            raise InvalidInputError(
+                f"{manifest} line {n}: expected path,label[,superclass], got {','.join(row)!r}"
+            )
+        p = Path(row[0].strip())
+        path = p if p.is_absolute() else base / p
+        label = row[1].strip() or None
+        superclass = (row[2].strip() or None) if len(row) > 2 else None
+        out.append(Candidate(path, label, superclass))
+    return out
+
+
+def ingest(
+    store: Store,
+    root: Path,
+    dataset: str | None = None,
+    labels: str = "dir",
+    progress: Progress | None = None,
+) -> IngestSummary:
+    """Ingest the images under ``root`` into ``dataset`` (default: the folder's name).
+
+    Must be called under ``store.writing()``.
+    """
+    root = Path(root)
+    name = dataset or (root.resolve().name if root.is_dir() else root.resolve().parent.name) or "default"
+    candidates = scan(root, labels)
+    summary = IngestSummary(dataset=name, found=len(candidates))
+    if not candidates:
+        raise FeatureStoreError(
+            f"no image files under {root} (looked for jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
+        )
+    with store.session() as s:
+        dataset_id = store.dataset_id(s, name, create=True)
+    seen: set[str] = set()
+    max_pixels = store.settings.max_image_pixels
+    done = 0
+
+    def work(c: Candidate) -> tuple[Candidate, object]:
+        try:
+            decoded = decode_bytes(read_bytes(c.path), max_pixels)
+            # Keep metadata only: pixels are not needed after validation.
+            return c, (decoded.sha256, decoded.width, decoded.height, decoded.format, decoded.mode,
+                       decoded.nbytes)
+        except ImageDecodeError as exc:
+            return c, exc
+        except Exception as exc:  # a decoder bug must not stop the run either
+            return c, ImageDecodeError(f"unexpected decoder error: {type(exc).__name__}: {exc}")
+
+    with ThreadPoolExecutor(max_workers=store.settings.workers) as pool:
+        for batch in _chunks(candidates, BATCH):
+            results = list(pool.map(work, batch))
+            _store_batch(store, dataset_id, results, seen, summary)
+            done += len(batch)
+            if progress:
+                progress(done, len(candidates))
+    return summary
+
+
+def _store_batch(store: Store, dataset_id: int, results: list, seen: set[str], summary: IngestSummary) -> None:
+    with store.session() as s:
+        shas = [r[0] for _, r in results if not isinstance(r, Exception)]
+        existing = set(s.scalars(select(Image.sha256).where(Image.sha256.in_(shas)))) if shas else set()
+        paths = [str(c.path) for c, _ in results]
+        s.execute(delete(IngestError).where(IngestError.path.in_(paths)))
+        new_rows = []
+        for c, r in results:
+            if isinstance(r, Exception):
+                summary.failed.append((str(c.path), str(r)))
+                s.add(IngestError(path=str(c.path), reason=str(r), dataset_id=dataset_id))
+                continue
+            sha, w, h, fmt, mode, nbytes = r
+            if sha in existing or sha in seen:
+                summary.duplicates += 1
+                continue
+            seen.add(sha)
+            row = Image(sha256=sha, source_path=str(c.path.resolve()), width=w, height=h, format=fmt,
+                        mode=mode, bytes=nbytes, label=c.label, superclass=c.superclass,
+                        dataset_id=dataset_id)
+            new_rows.append(row)
+        s.add_all(new_rows)
+        s.flush()
+        summary.new += len(new_rows)
+        summary.new_ids.extend(r.id for r in new_rows)
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

@@ -1,0 +1,124 @@
+"""HDF5 feature shards: written atomically, read as aligned matrices.
+
+A shard is one file ``features/<feature_set>/<feature_set>-<stamp>.h5`` with
+
+* ``image_ids``: int64 ``(n,)`` -- catalog ids of the images, in row order;
+* ``vectors``: float32 ``(n, dim)``;
+* attributes ``feature_set``, ``kind``, ``params`` (JSON), ``dim``, ``dtype``,
+  ``format`` and ``created_at``, so ``h5dump`` or plain h5py users can read it
+  without featurestore.
+
+Shards are written to a temp file in the same folder, fsynced and renamed;
+only then does the caller register them in the catalog (one transaction). A
+crash leaves at most a temp file or an unregistered shard, both removed by
+:func:`remove_orphans` under the next writer's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from featurestore.errors import DimensionMismatchError, IntegrityError
+from featurestore.fsutil import TMP_PREFIX, fsync_dir, publish, tmp_path_for
+
+SHARD_FORMAT = "featurestore-shard/1"
+
+
+def write_shard(
+    folder: Path,
+    feature_set: str,
+    kind: str,
+    params: dict[str, Any],
+    image_ids: np.ndarray,
+    vectors: np.ndarray,
+) -> Path:
+    """Write one shard durably and return its final path."""
+    ids = np.asarray(image_ids, dtype=np.int64)
+    vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vecs.ndim != 2 or vecs.shape[0] != ids.shape[0]:
+        raise DimensionMismatchError(
+            f"shard for {feature_set}: {ids.shape[0]} ids but vectors of shape {vecs.shape}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    final = folder / f"{feature_set}-{stamp}-{os.urandom(4).hex()}.h5"
+    tmp = tmp_path_for(final)
+    try:
+        with h5py.File(tmp, "w") as fh:
+            fh.create_dataset("image_ids", data=ids)
+            fh.create_dataset("vectors", data=vecs)
+            fh.attrs["format"] = SHARD_FORMAT
+            fh.attrs["feature_set"] = feature_set
+            fh.attrs["kind"] = kind
+            fh.attrs["params"] = json.dumps(params, sort_keys=True)
+            fh.attrs["dim"] = int(vecs.shape[1])
+            fh.attrs["dtype"] = "float32"
+            fh.attrs["rows"] = int(vecs.shape[0])
+            fh.attrs["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All ``(image_ids, vectors)`` of one shard."""
+    try:
+        with h5py.File(path, "r") as fh:
+            return fh["image_ids"][...], fh["vectors"][...]
+    except (OSError, KeyError) as exc:
+        raise IntegrityError(
+            f"feature shard {path} is missing or unreadable ({exc}); run `fs status` and re-extract"
+        ) from None
+
+
+def read_into(path: Path, out: np.ndarray, positions: np.ndarray, rows: np.ndarray, cols: slice) -> None:
+    """Copy ``vectors[rows]`` of a shard into ``out[positions, cols]``.
+
+    When the shard is read whole and lands on a contiguous run of output rows
+    the copy goes straight from HDF5 into ``out``; otherwise the shard is read
+    once and gathered.
+    """
+    try:
+        with h5py.File(path, "r") as fh:
+            ds = fh["vectors"]
+            n = ds.shape[0]
+            if ds.shape[1] != cols.stop - cols.start:
+                raise DimensionMismatchError(
+                    f"feature shard {path} has dim {ds.shape[1]}, catalog says {cols.stop - cols.start}"
+                )
+            contiguous_rows = len(rows) == n and np.array_equal(rows, np.arange(n))
+            p0 = int(positions[0]) if len(positions) else 0
+            contiguous_pos = len(positions) > 0 and np.array_equal(positions, np.arange(p0, p0 + n))
+            if contiguous_rows and contiguous_pos and out.flags.c_contiguous:
+                ds.read_direct(out, dest_sel=np.s_[p0 : p0 + n, cols])
+                return
+            block = ds[...]
+    except (OSError, KeyError) as exc:
+        raise IntegrityError(
+            f"feature shard {path} is missing or unreadable ({exc}); run `fs status` and re-extract"
+        ) from None
+    out[positions, cols] = block[rows]
+
+
+def remove_orphans(folder: Path, registered: Iterable[str]) -> list[Path]:
+    """Delete temp files and shards the catalog does not know. Call under the write lock."""
+    if not folder.exists():
+        return []
+    keep = {Path(p).name for p in registered}
+    removed = []
+    for path in folder.iterdir():
+        if path.name.startswith(TMP_PREFIX) or (path.suffix == ".h5" and path.name not in keep):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        fsync_dir(folder)
+    return removed

@@ -1,0 +1,493 @@
+"""The store: a folder with the SQL catalog and the HDF5 feature shards.
+
+``Store`` is the Python API the CLI (and anyone else) builds on::
+
+    store = Store.open("./.fs")
+    fm = store.read_matrix(["rp128", "efficientnet-lite0"], labelled_only=True)
+    fm.X.shape, fm.blocks, fm.labels
+
+Layout of the folder::
+
+    catalog.db          SQLite catalog (unless FS_DATABASE_URL points elsewhere)
+    features/<set>/     HDF5 shards of each feature set
+    models/             CNN checkpoints registered with `fs models add`
+    artifacts/          fitted models of training runs
+    write.lock          one writer at a time
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from featurestore.catalog import database
+from featurestore.catalog.models import (
+    Dataset,
+    FeatureRow,
+    FeatureSet,
+    FeatureShard,
+    Image,
+    IngestError,
+)
+from featurestore.config import Settings
+from featurestore.errors import (
+    DimensionMismatchError,
+    FeatureStoreError,
+    InvalidInputError,
+    MissingFeaturesError,
+    NotFoundError,
+    ParamsMismatchError,
+)
+from featurestore.features.base import FeatureSpec
+from featurestore.lock import write_lock
+from featurestore.storage import read_into, read_shard, remove_orphans, write_shard
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_name(what: str, name: str) -> str:
+    if not NAME_RE.match(name):
+        raise InvalidInputError(
+            f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' (max 200 characters)"
+        )
+    return name
+
+
+@dataclass
+class FeatureMatrix:
+    """Feature sets assembled into one aligned matrix (rows = images, in id order)."""
+
+    image_ids: np.ndarray
+    X: np.ndarray
+    blocks: dict[str, tuple[int, int]]
+    labels: np.ndarray
+    superclasses: np.ndarray
+    paths: list[str] = field(default_factory=list)
+
+
+class Store:
+    """A feature store folder plus its catalog connection."""
+
+    def __init__(self, settings: Settings, engine: Engine):
+        self.settings = settings
+        self.root = settings.store
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    # -- opening -----------------------------------------------------------------
+    @classmethod
+    def open(cls, settings: Settings | None = None, *, create: bool = False) -> Store:
+        """Open the store described by ``settings`` (``Settings.from_env()`` by default).
+
+        ``create=True`` (writers) makes the folder and the schema on first use;
+        readers get a clear error when there is no store yet.
+        """
+        settings = settings or Settings.from_env()
+        root = settings.store
+        if not root.exists():
+            if not create:
+                raise FeatureStoreError(
+                    f"no store at {root}: run `fs ingest PATH` to create one, or pass --store/FS_STORE"
+                )
+            root.mkdir(parents=True)
+        elif not root.is_dir():
+            raise InvalidInputError(f"store path {root} is a file, not a folder; pass another --store")
+        for sub in ("features", "models", "artifacts"):
+            (root / sub).mkdir(exist_ok=True)
+        url = settings.catalog_url
+        engine = database.make_engine(url)
+        try:
+            database.ensure_schema(engine, url, create=create)
+        except Exception:
+            engine.dispose()
+            raise
+        return cls(settings, engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error."""
+        with self._sessions.begin() as s:
+            yield s
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the store's write lock; clean up what a crashed writer left."""
+        with write_lock(self.root, self.settings.lock_timeout):
+            self._remove_orphans()
+            yield
+
+    def _remove_orphans(self) -> None:
+        with self.session() as s:
+            registered = set(s.scalars(select(FeatureShard.path)))
+        features = self.root / "features"
+        names = {Path(p).name for p in registered}
+        for folder in features.iterdir() if features.exists() else []:
+            if folder.is_dir():
+                remove_orphans(folder, names)
+
+    # -- datasets and images -----------------------------------------------------
+    def dataset_id(self, s: Session, name: str, create: bool = False) -> int:
+        check_name("dataset", name)
+        ds = s.scalar(select(Dataset).where(Dataset.name == name))
+        if ds is None:
+            if not create:
+                raise NotFoundError("dataset", name, s.scalars(select(Dataset.name)))
+            ds = Dataset(name=name)
+            s.add(ds)
+            s.flush()
+        return ds.id
+
+    def select_images(
+        self,
+        dataset: str | None = None,
+        labelled_only: bool = False,
+        image_ids: Sequence[int] | None = None,
+    ) -> list[tuple[int, str, str | None, str | None]]:
+        """(id, source_path, label, superclass) of the selected images, by id."""
+        q = select(Image.id, Image.source_path, Image.label, Image.superclass).order_by(Image.id)
+        with self.session() as s:
+            if dataset is not None:
+                q = q.where(Image.dataset_id == self.dataset_id(s, dataset))
+            if labelled_only:
+                q = q.where(Image.label.is_not(None))
+            rows = [tuple(r) for r in s.execute(q)]
+        if image_ids is not None:
+            wanted = set(int(i) for i in image_ids)
+            rows = [r for r in rows if r[0] in wanted]
+        return rows  # type: ignore[return-value]
+
+    # -- feature sets --------------------------------------------------------------
+    def feature_sets(self) -> list[FeatureSet]:
+        with self.session() as s:
+            return list(s.scalars(select(FeatureSet).order_by(FeatureSet.name)))
+
+    def feature_set(self, name: str) -> FeatureSet:
+        with self.session() as s:
+            fs = s.scalar(select(FeatureSet).where(FeatureSet.name == name))
+            if fs is None:
+                names = list(s.scalars(select(FeatureSet.name)))
+                raise NotFoundError(
+                    "feature set", name, names, "Create it with `fs extract` (see `fs extract --help`)"
+                )
+            return fs
+
+    def ensure_feature_set(self, spec: FeatureSpec, replace: bool = False) -> FeatureSet:
+        """Register ``spec`` or check it matches what is stored. Call under :meth:`writing`."""
+        check_name("feature set", spec.name)
+        params = _jsonable(spec.params)
+        with self.session() as s:
+            fs = s.scalar(select(FeatureSet).where(FeatureSet.name == spec.name))
+            if fs is not None and replace:
+                self._drop_feature_set(s, fs)
+                fs = None
+            if fs is not None:
+                stored = dict(fs.params)
+                if stored != params or fs.dim != spec.dim or fs.kind != spec.kind:
+                    if fs.dim != spec.dim:
+                        stored = {**stored, "dim": fs.dim}
+                        params = {**params, "dim": spec.dim}
+                    raise ParamsMismatchError(spec.name, stored, params)
+                return fs
+            fs = FeatureSet(name=spec.name, kind=spec.kind, params=params, dim=spec.dim, dtype=spec.dtype)
+            s.add(fs)
+            s.flush()
+            return fs
+
+    def drop_feature_set(self, name: str) -> None:
+        with self.session() as s:
+            fs = s.scalar(select(FeatureSet).where(FeatureSet.name == name))
+            if fs is None:
+                raise NotFoundError("feature set", name, s.scalars(select(FeatureSet.name)))
+            self._drop_feature_set(s, fs)
+
+    def _drop_feature_set(self, s: Session, fs: FeatureSet) -> None:
+        s.execute(delete(FeatureRow).where(FeatureRow.feature_set_id == fs.id))
+        s.execute(delete(FeatureShard).where(FeatureShard.feature_set_id == fs.id))
+        s.delete(fs)
+        s.flush()
+        # Files go after the rows: a crash in between leaves orphans, removed later.
+        shutil.rmtree(self.root / "features" / fs.name, ignore_errors=True)
+
+    def images_lacking(self, feature_set: str, image_ids: Sequence[int] | None = None) -> list[int]:
+        """Ids of images (all, or among ``image_ids``) without a vector in ``feature_set``."""
+        with self.session() as s:
+            fs_id = s.scalar(select(FeatureSet.id).where(FeatureSet.name == feature_set))
+            have: set[int] = set()
+            if fs_id is not None:
+                have = set(s.scalars(select(FeatureRow.image_id).where(FeatureRow.feature_set_id == fs_id)))
+            ids = image_ids if image_ids is not None else list(s.scalars(select(Image.id).order_by(Image.id)))
+        return [int(i) for i in ids if int(i) not in have]
+
+    def append_vectors(self, feature_set: FeatureSet, image_ids: Sequence[int], vectors: np.ndarray) -> Path:
+        """Write one shard and register it with its rows in one transaction. Call under :meth:`writing`."""
+        vecs = np.asarray(vectors, dtype=np.float32)
+        if vecs.ndim != 2 or vecs.shape[1] != feature_set.dim:
+            raise DimensionMismatchError(
+                f"vectors for {feature_set.name} have shape {vecs.shape}, expected (n, {feature_set.dim})"
+            )
+        ids = np.asarray(image_ids, dtype=np.int64)
+        folder = self.root / "features" / feature_set.name
+        path = write_shard(folder, feature_set.name, feature_set.kind, feature_set.params, ids, vecs)
+        rel = str(path.relative_to(self.root))
+        try:
+            with self.session() as s:
+                shard = FeatureShard(feature_set_id=feature_set.id, path=rel, rows=len(ids))
+                s.add(shard)
+                s.flush()
+                s.execute(
+                    FeatureRow.__table__.insert(),
+                    [
+                        {"feature_set_id": feature_set.id, "image_id": int(i), "shard_id": shard.id, "row": r}
+                        for r, i in enumerate(ids)
+                    ],
+                )
+        except Exception:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    def coverage(self) -> list[tuple[str, str, int, int, int]]:
+        """(name, kind, dim, images with a vector, shards) per feature set."""
+        with self.session() as s:
+            rows = s.execute(
+                select(
+                    FeatureSet.name,
+                    FeatureSet.kind,
+                    FeatureSet.dim,
+                    select(func.count()).where(FeatureRow.feature_set_id == FeatureSet.id).scalar_subquery(),
+                    select(func.count())
+                    .where(FeatureShard.feature_set_id == FeatureSet.id)
+                    .scalar_subquery(),
+                ).order_by(FeatureSet.name)
+            )
+            return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    # -- reading -------------------------------------------------------------------
+    def read_matrix(
+        self,
+        feature_sets: Sequence[str],
+        *,
+        dataset: str | None = None,
+        labelled_only: bool = False,
+        image_ids: Sequence[int] | None = None,
+        skip_missing: bool = False,
+    ) -> FeatureMatrix:
+        """Assemble ``feature_sets`` into one matrix aligned on image ids.
+
+        Each shard is read once. Images lacking a set raise
+        :class:`MissingFeaturesError` naming the ``fs extract`` command, unless
+        ``skip_missing`` drops them.
+        """
+        if not feature_sets:
+            raise InvalidInputError("no feature sets given; list them like --features rp128,efficientnet-lite0")
+        sets = [self.feature_set(n) for n in feature_sets]
+        images = self.select_images(dataset=dataset, labelled_only=labelled_only, image_ids=image_ids)
+        ids = np.array([r[0] for r in images], dtype=np.int64)
+        index_of = {int(i): k for k, i in enumerate(ids)}
+        locations: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        keep = np.ones(len(ids), dtype=bool)
+        with self.engine.connect() as conn:
+            for fs in sets:
+                rows = conn.exec_driver_sql(
+                    "SELECT image_id, shard_id, row FROM feature_rows WHERE feature_set_id = %s"
+                    % int(fs.id)
+                ).fetchall()
+                arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
+                pos = np.array([index_of.get(int(i), -1) for i in arr[:, 0]], dtype=np.int64)
+                sel = pos >= 0
+                arr, pos = arr[sel], pos[sel]
+                present = np.zeros(len(ids), dtype=bool)
+                present[pos] = True
+                if not present.all() and not skip_missing:
+                    raise MissingFeaturesError(fs.name, int((~present).sum()), _extract_hint(fs))
+                keep &= present
+                locations[fs.id] = (pos, arr[:, 1], arr[:, 2])
+            shard_paths = dict(conn.exec_driver_sql("SELECT id, path FROM feature_shards").fetchall())
+        # Renumber positions to the kept rows.
+        new_pos = np.cumsum(keep) - 1
+        n = int(keep.sum())
+        total = sum(fs.dim for fs in sets)
+        X = np.empty((n, total), dtype=np.float32)
+        blocks: dict[str, tuple[int, int]] = {}
+        col = 0
+        for fs in sets:
+            pos, shard_ids, rows = locations[fs.id]
+            m = keep[pos]
+            pos, shard_ids, rows = new_pos[pos[m]], shard_ids[m], rows[m]
+            cols = slice(col, col + fs.dim)
+            order = np.lexsort((rows, shard_ids))
+            pos, shard_ids, rows = pos[order], shard_ids[order], rows[order]
+            bounds = np.flatnonzero(np.diff(shard_ids)) + 1
+            for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(shard_ids)], strict=True):
+                if start == stop:
+                    continue
+                path = self.root / shard_paths[int(shard_ids[start])]
+                read_into(path, X, pos[start:stop], rows[start:stop], cols)
+            blocks[fs.name] = (col, col + fs.dim)
+            col += fs.dim
+        kept = [r for r, k in zip(images, keep, strict=True) if k]
+        return FeatureMatrix(
+            image_ids=ids[keep],
+            X=X,
+            blocks=blocks,
+            labels=np.array([r[2] for r in kept], dtype=object),
+            superclasses=np.array([r[3] for r in kept], dtype=object),
+            paths=[r[1] for r in kept],
+        )
+
+    def iter_shards(self, feature_set: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(image_ids, vectors) per shard, only rows the catalog points at."""
+        fs = self.feature_set(feature_set)
+        with self.session() as s:
+            shards = list(s.execute(select(FeatureShard.id, FeatureShard.path).where(
+                FeatureShard.feature_set_id == fs.id).order_by(FeatureShard.id)))
+            live = s.execute(select(FeatureRow.shard_id, FeatureRow.row).where(
+                FeatureRow.feature_set_id == fs.id)).all()
+        by_shard: dict[int, list[int]] = {}
+        for shard_id, row in live:
+            by_shard.setdefault(shard_id, []).append(row)
+        for shard_id, path in shards:
+            rows = by_shard.get(shard_id)
+            if not rows:
+                continue
+            ids, vecs = read_shard(self.root / path)
+            if len(rows) != len(ids):
+                idx = np.sort(np.array(rows))
+                ids, vecs = ids[idx], vecs[idx]
+            yield ids, vecs
+
+    # -- maintenance ---------------------------------------------------------------
+    def compact(self, feature_set: str | None = None, min_rows: int = 10_000) -> list[tuple[str, int, int]]:
+        """Merge shards smaller than ``min_rows`` of each set into one. Call under :meth:`writing`.
+
+        Returns (feature set, shards merged, rows) per set that changed.
+        """
+        names = [feature_set] if feature_set else [fs.name for fs in self.feature_sets()]
+        done = []
+        for name in names:
+            fs = self.feature_set(name)
+            with self.session() as s:
+                small = list(s.execute(select(FeatureShard.id, FeatureShard.path).where(
+                    FeatureShard.feature_set_id == fs.id, FeatureShard.rows < min_rows)))
+                live = s.execute(select(FeatureRow.image_id, FeatureRow.shard_id, FeatureRow.row).where(
+                    FeatureRow.feature_set_id == fs.id)).all()
+            if len(small) < 2:
+                continue
+            small_ids = {sid for sid, _ in small}
+            parts_ids, parts_vecs = [], []
+            wanted = {}
+            for image_id, shard_id, row in live:
+                if shard_id in small_ids:
+                    wanted.setdefault(shard_id, []).append((row, image_id))
+            for shard_id, path in small:
+                ids, vecs = read_shard(self.root / path)
+                pairs = sorted(wanted.get(shard_id, []))
+                if pairs:
+                    idx = np.array([r for r, _ in pairs])
+                    parts_ids.append(ids[idx])
+                    parts_vecs.append(vecs[idx])
+            all_ids = np.concatenate(parts_ids)
+            order = np.argsort(all_ids, kind="stable")
+            all_ids, all_vecs = all_ids[order], np.concatenate(parts_vecs)[order]
+            folder = self.root / "features" / fs.name
+            path = write_shard(folder, fs.name, fs.kind, fs.params, all_ids, all_vecs)
+            rel = str(path.relative_to(self.root))
+            try:
+                with self.session() as s:
+                    shard = FeatureShard(feature_set_id=fs.id, path=rel, rows=len(all_ids))
+                    s.add(shard)
+                    s.flush()
+                    s.execute(delete(FeatureRow).where(FeatureRow.shard_id.in_(small_ids)))
+                    s.execute(FeatureRow.__table__.insert(), [
+                        {"feature_set_id": fs.id, "image_id": int(i), "shard_id": shard.id, "row": r}
+                        for r, i in enumerate(all_ids)])
+                    s.execute(delete(FeatureShard).where(FeatureShard.id.in_(small_ids)))
+            except Exception:
+                path.unlink(missing_ok=True)
+                raise
+            for _, old in small:
+                (self.root / old).unlink(missing_ok=True)
+            done.append((fs.name, len(small), len(all_ids)))
+        return done
+
+    # -- reporting -----------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Datasets, label counts, ingest failures and feature-set coverage."""
+        with self.session() as s:
+            datasets = [
+                {"dataset": name, "images": n}
+                for name, n in s.execute(
+                    select(Dataset.name, func.count(Image.id))
+                    .join(Image, Image.dataset_id == Dataset.id, isouter=True)
+                    .group_by(Dataset.name)
+                    .order_by(Dataset.name)
+                )
+            ]
+            labels = [
+                {"superclass": sc, "label": lb, "images": n}
+                for sc, lb, n in s.execute(
+                    select(Image.superclass, Image.label, func.count())
+                    .group_by(Image.superclass, Image.label)
+                    .order_by(Image.superclass, Image.label)
+                )
+            ]
+            errors = [
+                {"path": p, "reason": r}
+                for p, r in s.execute(select(IngestError.path, IngestError.reason).order_by(IngestError.path))
+            ]
+            total = s.scalar(select(func.count(Image.id))) or 0
+        coverage = [
+            {"feature_set": n, "kind": k, "dim": d, "images": c, "coverage": (c / total if total else 0.0),
+             "shards": sh}
+            for n, k, d, c, sh in self.coverage()
+        ]
+        return {"images": total, "datasets": datasets, "labels": labels, "ingest_errors": errors,
+                "feature_sets": coverage}
+
+
+def _extract_hint(fs: FeatureSet) -> str:
+    p = fs.params or {}
+    if fs.kind == "random_projection":
+        return f"fs extract --rp {p.get('k', fs.dim)}"
+    if fs.kind == "pixels":
+        size = p.get("size", ["W", "H"])
+        return f"fs extract --pixels {size[0]}x{size[1]}"
+    if fs.kind == "lowlevel":
+        return "fs extract --lowlevel"
+    if fs.kind == "cnn":
+        layer = p.get("layer")
+        model = p.get("model", fs.name)
+        extra = f" --layers {layer}" if layer and fs.name != model else ""
+        return f"fs extract --model {model}{extra}"
+    return "fs extract"
+
+
+def _jsonable(value: Any) -> Any:
+    """Normalise params to what a JSON column gives back (tuples -> lists)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
