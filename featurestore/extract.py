@@ -1,0 +1,155 @@
+"""The extract pass: decode each image once, feed every requested extractor, store the vectors.
+
+Decoding and per-image preparation (resize, normalise) run in a thread pool,
+one batch ahead of the batched math in the main thread, so decode overlaps
+with projection / CNN inference. Only images lacking a feature set are
+processed (re-running is a no-op). Vectors are flushed to a new shard every
+``flush_rows`` images, each shard registered in one transaction, so a crash
+loses at most the unflushed tail. Images whose file vanished or became
+unreadable since ingest are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurestore.errors import InvalidInputError
+from featurestore.features.base import Extractor
+from featurestore.images import ImageDecodeError, load_rgb
+from featurestore.store import Store
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ExtractSummary:
+    processed: int = 0
+    written: dict[str, int] = field(default_factory=dict)
+    up_to_date: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Job:
+    extractor: Extractor
+    sets: list[Any]  # FeatureSet rows, one per output
+    needed: set[int]  # image ids lacking at least one of the outputs
+    lacking: dict[str, set[int]]  # per output name: image ids lacking it
+    buf_ids: dict[str, list[int]] = field(default_factory=dict)
+    buf_vecs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+def extract(
+    store: Store,
+    extractors: list[Extractor],
+    *,
+    replace: bool = False,
+    dataset: str | None = None,
+    image_ids: list[int] | None = None,
+    batch_size: int = 32,
+    flush_rows: int = 4096,
+    progress: Progress | None = None,
+) -> ExtractSummary:
+    """Compute the missing vectors of every extractor's feature sets. Call under ``store.writing()``."""
+    if not extractors:
+        raise InvalidInputError("nothing to extract: give --rp K, --pixels WxH, --lowlevel or --model NAME")
+    if batch_size < 1:
+        raise InvalidInputError("--batch must be at least 1")
+    summary = ExtractSummary()
+    images = store.select_images(dataset=dataset, image_ids=image_ids)
+    all_ids = [r[0] for r in images]
+    path_of = {r[0]: r[1] for r in images}
+    jobs: list[_Job] = []
+    for ex in extractors:
+        sets = [store.ensure_feature_set(spec, replace=replace) for spec in ex.outputs()]
+        lacking = {fs.name: set(store.images_lacking(fs.name, all_ids)) for fs in sets}
+        needed = set().union(*lacking.values()) if lacking else set()
+        for fs in sets:
+            if not lacking[fs.name]:
+                summary.up_to_date.append(fs.name)
+        if needed:
+            jobs.append(_Job(ex, sets, needed, lacking))
+    todo = [i for i in all_ids if any(i in j.needed for j in jobs)]
+    if not todo:
+        return summary
+    start = time.perf_counter()
+    workers = store.settings.workers
+
+    def prepare(image_id: int) -> tuple[int, list[Any] | None, str | None]:
+        try:
+            img = load_rgb(Path(path_of[image_id]), store.settings.max_image_pixels)
+            return image_id, [j.extractor.prepare(img) if image_id in j.needed else None for j in jobs], None
+        except ImageDecodeError as exc:
+            return image_id, None, str(exc)
+        except Exception as exc:  # a broken file must not stop the pass
+            return image_id, None, f"{path_of[image_id]}: {type(exc).__name__}: {exc}"
+
+    done = 0
+    pending = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for batch in _prefetch(pool, prepare, todo, batch_size):
+            ok = [(i, prep) for i, prep, err in batch if prep is not None]
+            for i, _, err in batch:
+                if err is not None:
+                    summary.failed.append((path_of[i], err))
+            for k, job in enumerate(jobs):
+                rows = [(i, prep[k]) for i, prep in ok if prep[k] is not None]
+                if not rows:
+                    continue
+                out = job.extractor.compute([p for _, p in rows])
+                ids = np.array([i for i, _ in rows], dtype=np.int64)
+                for fs in job.sets:
+                    mask = np.fromiter((int(i) in job.lacking[fs.name] for i in ids), bool, len(ids))
+                    if mask.any():
+                        job.buf_ids.setdefault(fs.name, []).extend(ids[mask].tolist())
+                        job.buf_vecs.setdefault(fs.name, []).append(np.asarray(out[fs.name])[mask])
+            summary.processed += len(ok)
+            pending += len(ok)
+            done += len(batch)
+            if pending >= flush_rows:
+                _flush(store, jobs, summary)
+                pending = 0
+            if progress:
+                progress(done, len(todo))
+    _flush(store, jobs, summary)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _flush(store: Store, jobs: list[_Job], summary: ExtractSummary) -> None:
+    for job in jobs:
+        for fs in job.sets:
+            ids = job.buf_ids.pop(fs.name, [])
+            vecs = job.buf_vecs.pop(fs.name, [])
+            if ids:
+                store.append_vectors(fs, ids, np.concatenate(vecs).astype(np.float32, copy=False))
+                summary.written[fs.name] = summary.written.get(fs.name, 0) + len(ids)
+
+
+def _prefetch(
+    pool: ThreadPoolExecutor, fn: Callable[[int], Any], items: list[int], batch_size: int
+) -> Iterator[list[Any]]:
+    """Yield results batch by batch while the next batch is already being prepared."""
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    futures: list[list[Future[Any]]] = []
+    lookahead = 2
+    for b in batches[:lookahead]:
+        futures.append([pool.submit(fn, i) for i in b])
+    for n in range(len(batches)):
+        current = futures[n]
+        if n + lookahead < len(batches):
+            futures.append([pool.submit(fn, i) for i in batches[n + lookahead]])
+        yield [f.result() for f in current]
+        futures[n] = []

@@ -1,0 +1,81 @@
+"""Shared fixtures: every test gets its own store under tmp_path and a clean FS_* environment."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from featurestore.config import Settings
+from featurestore.store import Store
+from helpers import make_image
+
+PG_URL = os.environ.get("FS_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("FS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("FS_STORE", str(tmp_path / ".fs"))
+    monkeypatch.chdir(tmp_path)
+
+
+def _pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    import sqlalchemy as sa
+
+    assert PG_URL
+    name = f"fs_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = sa.engine.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as c:
+            c.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+            )
+            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str | None]:
+    """None for the store's SQLite catalog, or the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield None
+        return
+    if not PG_URL:
+        pytest.skip("FS_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    for url in _pg_database():
+        monkeypatch.setenv("FS_DATABASE_URL", url)
+        yield url
+
+
+@pytest.fixture
+def store(tmp_path: Path, backend_url: str | None) -> Iterator[Store]:
+    s = Store.open(Settings.from_env(store=tmp_path / ".fs", database_url=backend_url), create=True)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    """shoes/<superclass>/<class>/*.jpg|png: 2 superclasses, 3 classes, 12 images."""
+    root = tmp_path / "shoes"
+    seed = 0
+    for sc, cls in [("footwear", "sneaker"), ("footwear", "sandal"), ("tops", "shirt")]:
+        for k in range(4):
+            ext = "jpg" if k % 2 == 0 else "png"
+            make_image(root / sc / cls / f"{cls}{k}.{ext}", seed=seed)
+            seed += 1
+    return root
