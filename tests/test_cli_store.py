@@ -1,0 +1,101 @@
+"""CLI: ingest, status, sql, compact, db."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cli.main import app
+from helpers import make_image
+
+runner = CliRunner()
+
+
+def fs(*args: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, list(args))
+
+
+def test_help_everywhere() -> None:
+    for cmd in ([], ["ingest"], ["status"], ["sql"], ["compact"], ["db"], ["db", "upgrade"],
+                ["datasets", "export"]):
+        result = fs(*cmd, "--help")
+        assert result.exit_code == 0, result.output
+        assert "Usage" in result.output
+
+
+def test_ingest_status_sql_roundtrip(image_tree: Path) -> None:
+    result = fs("ingest", str(image_tree), "--dataset", "spring")
+    assert result.exit_code == 0, result.output
+    assert "12 new, 0 duplicates, 0 failed" in result.output
+    again = fs("ingest", str(image_tree), "--dataset", "spring")
+    assert "0 new, 12 duplicates" in again.output and "nothing new" in again.output
+    status = fs("status", "--format", "json")
+    info = json.loads(status.stdout)
+    assert info["images"] == 12 and info["datasets"] == [{"dataset": "spring", "images": 12}]
+    out = fs("sql", "SELECT label, count(*) AS n FROM images GROUP BY label ORDER BY label", "--format", "csv")
+    assert out.exit_code == 0, out.output
+    assert out.stdout.splitlines() == ["label,n", "sandal,4", "shirt,4", "sneaker,4"]
+    js = fs("sql", "SELECT count(*) AS n FROM images", "--format", "json")
+    assert json.loads(js.stdout) == [{"n": 12}]
+
+
+def test_sql_refuses_writes_and_reports_errors(image_tree: Path) -> None:
+    fs("ingest", str(image_tree))
+    result = fs("sql", "DELETE FROM images")
+    assert result.exit_code == 1
+    assert "Error: fs sql is read-only" in result.output
+    assert json.loads(fs("sql", "SELECT count(*) AS n FROM images", "-f", "json").stdout) == [{"n": 12}]
+    bad = fs("sql", "SELEC nothing")
+    assert bad.exit_code == 1 and "Error: SQL error" in bad.output
+
+
+def test_ingest_failures_listed_and_exit_codes(tmp_path: Path) -> None:
+    make_image(tmp_path / "d" / "c" / "ok.png")
+    (tmp_path / "d" / "c" / "bad.jpg").write_text("nope")
+    result = fs("ingest", str(tmp_path / "d"))
+    assert result.exit_code == 0, result.output
+    assert "1 new, 0 duplicates, 1 failed" in result.output
+    assert "bad.jpg: not an image" in result.output
+    (tmp_path / "only_bad").mkdir()
+    (tmp_path / "only_bad" / "x.png").write_bytes(b"")
+    result = fs("ingest", str(tmp_path / "only_bad"))
+    assert result.exit_code == 1
+    assert "0 new, 0 duplicates, 1 failed" in result.output
+    status = fs("status")
+    assert "ingest failures: 2" in status.stdout
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    result = fs("status")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no store at") and "fs ingest PATH" in result.output
+    result = fs("ingest", str(tmp_path / "missing"))
+    assert result.exit_code == 1 and "does not exist" in result.output
+    result = fs("ingest", str(tmp_path), "--labels", "folders")
+    flat = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "dir, none, csv:FILE" in flat
+
+
+def test_store_option_and_env(tmp_path: Path, image_tree: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    other = tmp_path / "elsewhere"
+    assert fs("--store", str(other), "ingest", str(image_tree)).exit_code == 0
+    assert (other / "catalog.db").exists()
+    monkeypatch.setenv("FS_STORE", str(other))
+    assert json.loads(fs("status", "-f", "json").stdout)["images"] == 12
+
+
+def test_db_upgrade_and_current(tmp_path: Path) -> None:
+    result = fs("db", "upgrade")
+    assert result.exit_code == 0, result.output
+    assert "upgraded from empty" in result.output
+    cur = fs("db", "current")
+    assert "current: 0002" in cur.stdout and "head: 0002" in cur.stdout
+    assert "nothing to do" in fs("db", "upgrade").output
+
+
+def test_compact_cli(image_tree: Path) -> None:
+    fs("ingest", str(image_tree))
+    result = fs("compact")
+    assert result.exit_code == 0 and "nothing to compact" in result.output
