@@ -107,7 +107,9 @@ def decode_bytes(data: bytes, max_pixels: int = 89_478_485) -> DecodedImage:
     mode = img.mode
     try:
         img.load()
-        img = ImageOps.exif_transpose(img) or img
+        # exif_transpose copies the image even when there is nothing to do; only call it when needed.
+        if img.getexif().get(0x0112, 1) not in (0, 1):
+            img = ImageOps.exif_transpose(img) or img
         rgb = to_rgb(img)
         rgb.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

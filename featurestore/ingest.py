@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 
-from featurestore.catalog.models import Image, IngestError
+from featurestore.catalog.models import Image, IngestError, utcnow
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.images import ImageDecodeError, decode_bytes, is_image_path, read_bytes
 from featurestore.store import Store
@@ -150,10 +150,16 @@ def ingest(
             return c, ImageDecodeError(f"unexpected decoder error: {type(exc).__name__}: {exc}")
 
     with ThreadPoolExecutor(max_workers=store.settings.workers) as pool:
-        for batch in _chunks(candidates, BATCH):
-            results = list(pool.map(work, batch))
+        # Keep the decoders busy while the main thread writes the previous batch.
+        batches = list(_chunks(candidates, BATCH))
+        ahead = [[pool.submit(work, c) for c in b] for b in batches[:2]]
+        for n in range(len(batches)):
+            if n + 2 < len(batches):
+                ahead.append([pool.submit(work, c) for c in batches[n + 2]])
+            results = [f.result() for f in ahead[n]]
+            ahead[n] = []
             _store_batch(store, dataset_id, results, seen, summary)
-            done += len(batch)
+            done += len(results)
             if progress:
                 progress(done, len(candidates))
     return summary
@@ -164,8 +170,9 @@ def _store_batch(store: Store, dataset_id: int, results: list, seen: set[str], s
         shas = [r[0] for _, r in results if not isinstance(r, Exception)]
         existing = set(s.scalars(select(Image.sha256).where(Image.sha256.in_(shas)))) if shas else set()
         paths = [str(c.path) for c, _ in results]
+        now = utcnow()
         s.execute(delete(IngestError).where(IngestError.path.in_(paths)))
-        new_rows = []
+        new_rows: list[dict] = []
         for c, r in results:
             if isinstance(r, Exception):
                 summary.failed.append((str(c.path), str(r)))
@@ -176,14 +183,13 @@ def _store_batch(store: Store, dataset_id: int, results: list, seen: set[str], s
                 summary.duplicates += 1
                 continue
             seen.add(sha)
-            row = Image(sha256=sha, source_path=str(c.path.resolve()), width=w, height=h, format=fmt,
-                        mode=mode, bytes=nbytes, label=c.label, superclass=c.superclass,
-                        dataset_id=dataset_id)
-            new_rows.append(row)
-        s.add_all(new_rows)
-        s.flush()
-        summary.new += len(new_rows)
-        summary.new_ids.extend(r.id for r in new_rows)
+            new_rows.append(dict(sha256=sha, source_path=str(c.path.resolve()), width=w, height=h,
+                                 format=fmt, mode=mode, bytes=nbytes, label=c.label,
+                                 superclass=c.superclass, dataset_id=dataset_id, ingested_at=now))
+        if new_rows:
+            ids = s.scalars(insert(Image).returning(Image.id), new_rows).all()
+            summary.new += len(new_rows)
+            summary.new_ids.extend(ids)
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:
