@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ def alembic_config(url: str) -> Any:
     """An Alembic config pointing at the migrations shipped inside the package."""
     from alembic.config import Config
 
-    cfg = Config()
+    # Config's default stdout is bound when alembic is first imported; pass the current one.
+    cfg = Config(stdout=sys.stdout)
     location = resources.files("migrations")
     cfg.set_main_option("script_location", str(location))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

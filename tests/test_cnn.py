@@ -1,0 +1,354 @@
+"""CNN layer: legacy .pth reader, MXNet checkpoint backend, built-in EfficientNet-Lite0."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+import struct
+import sys
+import types
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featurestore.errors import InvalidInputError, ModelFilesMissingError, NotFoundError
+from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess
+from featurestore.features.cnn.specs import BUILTIN_MODELS, model_files
+from featurestore.features.cnn.testing import TINY_INCEPTION_DIMS, build_tiny_inception_checkpoint
+from featurestore.features.cnn.torch_pth import (
+    LEGACY_MAGIC_NUMBER,
+    LEGACY_PROTOCOL_VERSION,
+    load_legacy_state_dict,
+)
+
+INCEPTION_TAPS = BUILTIN_MODELS["inception21k"].taps
+CLASSES = Path(__file__).resolve().parents[1] / "featurestore" / "data" / "imagenet_classes.txt"
+
+
+# ---------------------------------------------------------------- legacy .pth
+
+
+class _Storage:
+    def __init__(self, key: str, torch_type: str, data: np.ndarray):
+        self.key, self.torch_type, self.data = key, torch_type, data
+
+
+class _Call:
+    """Pickles as ``GLOBAL module.name`` + ``args`` + REDUCE (how torch.save emits tensors)."""
+
+    def __init__(self, module: str, name: str, args: tuple):
+        self.module, self.name, self.args = module, name, args
+
+
+def _fake_global(module: types.ModuleType, name: str):
+    def fn(*a):  # pragma: no cover - the reader must never call it
+        raise AssertionError("must not be called")
+
+    fn.__module__, fn.__qualname__, fn.__name__ = module.__name__, name, name
+    setattr(module, name, fn)
+    return fn
+
+
+class _LegacyPickler(pickle.Pickler):
+    def __init__(self, f, modules: dict[str, types.ModuleType]):
+        super().__init__(f, protocol=2)
+        self.modules = modules
+
+    def _resolve(self, module: str, name: str):
+        if module in self.modules:
+            return getattr(self.modules[module], name, None) or _fake_global(self.modules[module], name)
+        return getattr(importlib.import_module(module), name)  # a real global, e.g. os.system
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", self._resolve("torch", obj.torch_type), obj.key, "cpu", obj.data.size, None)
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _Call):
+            return (self._resolve(obj.module, obj.name), obj.args)
+        return NotImplemented
+
+
+def _write_legacy(path: Path, state, storages: list[_Storage]) -> None:
+    """Write a file in torch's legacy layout, without torch (torch is faked only while pickling)."""
+    modules = {name: types.ModuleType(name) for name in ("torch", "torch._utils")}
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)  # pickle checks that each GLOBAL it writes can be imported
+    try:
+        buf = io.BytesIO()
+        for header in (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
+            pickle.dump(header, buf, protocol=2)
+        _LegacyPickler(buf, modules).dump(state)
+        pickle.dump([s.key for s in storages], buf, protocol=2)
+        for st in storages:
+            buf.write(struct.pack("<q", st.data.size))
+            buf.write(st.data.astype(st.data.dtype.newbyteorder("<")).tobytes())
+        path.write_bytes(buf.getvalue())
+    finally:
+        for name, mod in saved.items():
+            if mod is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = mod
+
+
+def _tensor(storage: _Storage, offset, size, stride) -> _Call:
+    return _Call("torch._utils", "_rebuild_tensor_v2", (storage, offset, size, stride, False, OrderedDict()))
+
+
+def test_legacy_reader_handles_strides_offsets_and_dtypes(tmp_path: Path) -> None:
+    base = np.arange(24, dtype=np.float32)
+    fs = _Storage("1", "FloatStorage", base)
+    ls = _Storage("2", "LongStorage", np.array([7], dtype=np.int64))
+    state = OrderedDict(
+        contiguous=_tensor(fs, 0, (2, 3, 4), (12, 4, 1)),
+        transposed=_tensor(fs, 0, (4, 6), (1, 4)),  # a view with permuted strides
+        offset=_tensor(fs, 12, (3, 4), (4, 1)),  # second half of the shared storage
+        scalar=_tensor(ls, 0, (), ()),
+    )
+    path = tmp_path / "m.pth"
+    _write_legacy(path, state, [fs, ls])
+    sd = load_legacy_state_dict(path)
+    assert list(sd) == ["contiguous", "transposed", "offset", "scalar"]
+    np.testing.assert_array_equal(sd["contiguous"], base.reshape(2, 3, 4))
+    np.testing.assert_array_equal(sd["transposed"], base.reshape(6, 4).T)
+    np.testing.assert_array_equal(sd["offset"], base[12:].reshape(3, 4))
+    assert sd["scalar"].shape == () and sd["scalar"].dtype == np.int64 and int(sd["scalar"]) == 7
+    assert all(a.flags["C_CONTIGUOUS"] for a in sd.values())
+
+
+def test_legacy_reader_refuses_malicious_global_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    state = OrderedDict(evil=_Call("os", "system", (f"touch {marker}",)))
+    path = tmp_path / "evil.pth"
+    _write_legacy(path, state, [])
+    assert b"\nsystem\n" in path.read_bytes()  # the payload is really there (as posix.system)
+    with pytest.raises(InvalidInputError) as exc:
+        load_legacy_state_dict(path)
+    assert ".system" in str(exc.value) and str(path) in str(exc.value)
+    assert not marker.exists()
+
+
+def test_legacy_reader_rejects_zip_format_and_garbage(tmp_path: Path) -> None:
+    zipped = tmp_path / "new.pth"
+    zipped.write_bytes(b"PK\x03\x04" + b"\0" * 40)
+    with pytest.raises(InvalidInputError, match="zip-format"):
+        load_legacy_state_dict(zipped)
+    wrong = tmp_path / "wrong.pth"
+    wrong.write_bytes(pickle.dumps(12345, protocol=2))
+    with pytest.raises(InvalidInputError, match="magic number"):
+        load_legacy_state_dict(wrong)
+    bad_proto = tmp_path / "proto.pth"
+    bad_proto.write_bytes(pickle.dumps(LEGACY_MAGIC_NUMBER, protocol=2) + pickle.dumps(999, protocol=2))
+    with pytest.raises(InvalidInputError, match="protocol 999"):
+        load_legacy_state_dict(bad_proto)
+
+
+@pytest.fixture(scope="session")
+def lite0_pth() -> Path:
+    from featurestore.features.cnn.efficientnet import efficientnet_lite0_weights_path
+
+    return efficientnet_lite0_weights_path()
+
+
+def test_legacy_reader_reads_real_efficientnet_weights(lite0_pth: Path) -> None:
+    sd = load_legacy_state_dict(lite0_pth)
+    assert len(sd) == 296
+    assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    assert sd["_blocks.15._project_conv.weight"].shape == (320, 1152, 1, 1)
+    assert sd["_conv_head.weight"].shape == (1280, 320, 1, 1)
+    assert sd["_fc.weight"].shape == (1000, 1280) and sd["_fc.bias"].shape == (1000,)
+    assert sd["_bn0.num_batches_tracked"].dtype == np.int64
+    assert np.isfinite(sd["_conv_stem.weight"]).all() and sd["_bn1.running_var"].min() > 0
+
+
+# ---------------------------------------------------------------- checkpoint backend (tiny model)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return build_tiny_inception_checkpoint(tmp_path_factory.mktemp("tiny") / "Inception")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_ckpt) -> CheckpointModel:
+    return CheckpointModel.load(
+        *tiny_ckpt, BUILTIN_MODELS["inception21k"].preprocess, INCEPTION_TAPS, batch_size=4
+    )
+
+
+def _photo(seed: int, size=(300, 200)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_tiny_checkpoint_files_and_layers(tiny_ckpt, tiny_model: CheckpointModel) -> None:
+    sym, params = tiny_ckpt
+    assert sym.name == "Inception-symbol.json" and params.name == "Inception-0009.params"
+    layers = dict(tiny_model.layers())
+    for tap in INCEPTION_TAPS + ["fc1", "softmax"]:
+        assert tap in layers
+    assert layers["global_pool"] == (32, 1, 1)
+    assert layers["ch_concat_3c_chconcat"] == (16, 28, 28)
+    assert tiny_model.tap_dims() == TINY_INCEPTION_DIMS
+
+
+def test_forward_shapes_partial_batch_and_order(tiny_model: CheckpointModel) -> None:
+    x = np.stack([tiny_model.prepare(_photo(i)) for i in range(6)])  # 4 + a partial batch of 2
+    assert x.shape == (6, 3, 224, 224) and x.dtype == np.float32
+    out = tiny_model.forward(x)
+    assert list(out) == INCEPTION_TAPS
+    for tap, dim in TINY_INCEPTION_DIMS.items():
+        assert out[tap].shape == (6, dim) and out[tap].dtype == np.float32
+    # rows follow the input: each image alone gives the same vector as in the batch
+    alone = tiny_model.forward(x[5:6])
+    np.testing.assert_allclose(alone["global_pool"][0], out["global_pool"][5], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out["global_pool"][0], out["global_pool"][1])
+    assert tiny_model.forward(x[:0])["global_pool"].shape == (0, 32)
+
+
+def test_in_graph_pooling_equals_mean_of_feature_map(tiny_ckpt, tiny_model: CheckpointModel) -> None:
+    import mxnet as mx
+
+    x = np.stack([tiny_model.prepare(_photo(i)) for i in range(2)])
+    sym = mx.sym.load(str(tiny_ckpt[0])).get_internals()["ch_concat_4e_chconcat_output"]
+    loaded = mx.nd.load(str(tiny_ckpt[1]))
+    args = {k[4:]: v for k, v in loaded.items() if k.startswith("arg:")}
+    aux = {k[4:]: v for k, v in loaded.items() if k.startswith("aux:")}
+    args["data"] = mx.nd.array(x)
+    ex = sym.bind(mx.cpu(), {k: v for k, v in args.items() if k in sym.list_arguments()}, aux_states=aux)
+    fmap = ex.forward(is_train=False)[0].asnumpy()
+    np.testing.assert_allclose(
+        tiny_model.forward(x)["ch_concat_4e_chconcat"], fmap.mean(axis=(2, 3)), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_unknown_tap_lists_layers(tiny_ckpt) -> None:
+    with pytest.raises(NotFoundError) as exc:
+        CheckpointModel.load(*tiny_ckpt, Preprocess(), ["pool5"])
+    assert "pool5" in str(exc.value) and "global_pool" in str(exc.value)
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelFilesMissingError) as exc:
+        CheckpointModel.load(
+            tmp_path / "Inception-symbol.json",
+            tmp_path / "Inception-0009.params",
+            Preprocess(),
+            ["global_pool"],
+        )
+    assert "Inception-symbol.json" in str(exc.value) and "Inception-0009.params" in str(exc.value)
+
+
+def test_params_that_do_not_match_symbol(tmp_path: Path, tiny_ckpt) -> None:
+    _, other_params = build_tiny_inception_checkpoint(tmp_path / "other", num_classes=5)
+    with pytest.raises(InvalidInputError, match="does not match.*fc1_weight"):
+        CheckpointModel.load(tiny_ckpt[0], other_params, Preprocess(), ["fc1"])
+    junk = tmp_path / "junk.params"
+    junk.write_bytes(b"not params")
+    with pytest.raises(InvalidInputError, match="junk.params"):
+        CheckpointModel.load(tiny_ckpt[0], junk, Preprocess(), ["global_pool"])
+
+
+def test_preprocess_center_crop_bgr_and_params() -> None:
+    img = Image.new("RGB", (400, 200))
+    img.paste((255, 0, 0), (0, 0, 100, 200))  # red band on the left: cropped away
+    img.paste((0, 0, 255), (100, 0, 300, 200))  # blue centre
+    pre = Preprocess(
+        size=(64, 64), resize="center-crop", mean=(10.0, 20.0, 30.0), std=(2.0, 2.0, 2.0), channels="BGR"
+    )
+    arr = pre.apply(img)
+    assert arr.shape == (3, 64, 64) and arr.dtype == np.float32
+    # channel 0 is blue after BGR reordering: (255 - 10) / 2
+    np.testing.assert_allclose(arr[:, 32, 32], [(255 - 10) / 2, (0 - 20) / 2, (0 - 30) / 2])
+    assert pre.to_params() == {
+        "size": [64, 64],
+        "resize": "center-crop",
+        "mean": [10.0, 20.0, 30.0],
+        "std": [2.0, 2.0, 2.0],
+        "channels": "BGR",
+    }
+    with pytest.raises(InvalidInputError):
+        Preprocess(resize="squash")  # type: ignore[arg-type]
+
+
+def test_cnn_extractor_outputs_and_compute(tiny_model: CheckpointModel) -> None:
+    ext = CNNExtractor(
+        "inception21k", tiny_model, INCEPTION_TAPS[::-1], default_tap="global_pool", lineage={"sha256": "abc"}
+    )
+    specs = ext.outputs()
+    assert [s.name for s in specs] == [
+        "inception21k",
+        "inception21k.ch_concat_3c_chconcat",
+        "inception21k.ch_concat_4e_chconcat",
+        "inception21k.ch_concat_5b_chconcat",
+    ]
+    assert specs[0].kind == "cnn" and specs[0].dim == 32
+    assert specs[0].params["model"] == "inception21k" and specs[0].params["layer"] == "global_pool"
+    assert specs[0].params["sha256"] == "abc" and specs[0].params["preprocess"]["mean"] == [117.0] * 3
+    prepared = [ext.prepare(_photo(i)) for i in range(3)]
+    out = ext.compute(prepared)
+    assert {k: v.shape for k, v in out.items()} == {s.name: (3, s.dim) for s in specs}
+    with pytest.raises(NotFoundError):
+        CNNExtractor("inception21k", tiny_model, ["fc1"])
+
+
+def test_spec_files_for_user_checkpoints(tmp_path: Path) -> None:
+    sym, params = model_files(BUILTIN_MODELS["inception21k"], tmp_path)
+    assert (sym.name, params.name) == ("Inception-symbol.json", "Inception-0009.params")
+    assert BUILTIN_MODELS["inception-bn"].params_file == "Inception-BN-0126.params"
+    assert BUILTIN_MODELS["efficientnet-lite0"].taps[0] == "global_pool"
+
+
+def test_imagenet_class_names() -> None:
+    names = CLASSES.read_text(encoding="utf-8").splitlines()
+    assert len(names) == 1000
+    assert names[281] == "tabby, tabby cat" and names[967] == "espresso" and names[504] == "coffee mug"
+
+
+# ---------------------------------------------------------------- real EfficientNet-Lite0
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory: pytest.TempPathFactory) -> CheckpointModel:
+    from featurestore.features.cnn.efficientnet import EFFICIENTNET_LITE0_PREPROCESS
+
+    spec = BUILTIN_MODELS["efficientnet-lite0"]
+    sym, params = model_files(spec, tmp_path_factory.mktemp("models"))
+    return CheckpointModel.load(sym, params, EFFICIENTNET_LITE0_PREPROCESS, spec.taps + ["fc"], batch_size=8)
+
+
+@pytest.mark.realmodel
+def test_efficientnet_conversion_is_cached(tmp_path: Path) -> None:
+    from featurestore.features.cnn.efficientnet import ensure_efficientnet_lite0
+
+    sym, params = ensure_efficientnet_lite0(tmp_path / "cache")
+    mtimes = (sym.stat().st_mtime_ns, params.stat().st_mtime_ns)
+    assert ensure_efficientnet_lite0(tmp_path / "cache") == (sym, params)
+    assert (sym.stat().st_mtime_ns, params.stat().st_mtime_ns) == mtimes
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.realmodel
+def test_efficientnet_taps_and_dims(lite0: CheckpointModel) -> None:
+    dims = lite0.tap_dims()
+    assert dims["global_pool"] == 1280 and dims["fc"] == 1000
+    assert [dims[f"block{i}_out"] for i in (0, 2, 4, 7, 10, 14, 15)] == [16, 24, 40, 80, 112, 192, 320]
+    layers = dict(lite0.layers())
+    assert layers["head_relu"] == (1280, 7, 7) and layers["stem_relu"] == (32, 112, 112)
+
+
+@pytest.mark.realmodel
+def test_efficientnet_classifies_sample_photos(lite0: CheckpointModel) -> None:
+    skdata = pytest.importorskip("skimage.data")
+    x = np.stack([lite0.prepare(Image.fromarray(a)) for a in (skdata.chelsea(), skdata.coffee())])
+    logits = lite0.forward(x)["fc"]
+    cat_top5, coffee_top5 = (set(np.argsort(-row)[:5].tolist()) for row in logits)
+    assert cat_top5 & set(range(281, 286)), cat_top5
+    assert coffee_top5 & {967, 968, 504}, coffee_top5
+    assert int(np.argmax(logits[1])) == 967  # espresso
