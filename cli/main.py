@@ -12,6 +12,7 @@ from cli import common
 from featurestore import __version__
 from featurestore.errors import FeatureStoreError
 
+
 class _Group(TyperGroup):
     """Turns FeatureStoreError into ``Error: ...`` on stderr and exit 1 (``--debug`` re-raises)."""
 
@@ -54,7 +55,8 @@ def root(
 ) -> None:
     """featurestore: a feature store and embedding database for image classification.
 
-    Example: fs ingest ./shoes && fs extract --rp 128 --model efficientnet-lite0 && fs train --features rp128,efficientnet-lite0
+    Example: fs ingest ./shoes && fs extract --rp 128 --model efficientnet-lite0
+    && fs train --features rp128,efficientnet-lite0
     """
     common.STATE.store = store
     common.STATE.debug = debug

@@ -183,9 +183,9 @@ def _store_batch(store: Store, dataset_id: int, results: list, seen: set[str], s
                 summary.duplicates += 1
                 continue
             seen.add(sha)
-            new_rows.append(dict(sha256=sha, source_path=str(c.path.resolve()), width=w, height=h,
-                                 format=fmt, mode=mode, bytes=nbytes, label=c.label,
-                                 superclass=c.superclass, dataset_id=dataset_id, ingested_at=now))
+            new_rows.append({"sha256": sha, "source_path": str(c.path.resolve()), "width": w, "height": h,
+                                 "format": fmt, "mode": mode, "bytes": nbytes, "label": c.label,
+                                 "superclass": c.superclass, "dataset_id": dataset_id, "ingested_at": now})
         if new_rows:
             ids = s.scalars(insert(Image).returning(Image.id), new_rows).all()
             summary.new += len(new_rows)

@@ -170,7 +170,7 @@ class Store:
                 q = q.where(Image.label.is_not(None))
             rows = [tuple(r) for r in s.execute(q)]
         if image_ids is not None:
-            wanted = set(int(i) for i in image_ids)
+            wanted = {int(i) for i in image_ids}
             rows = [r for r in rows if r[0] in wanted]
         return rows  # type: ignore[return-value]
 
@@ -307,8 +307,7 @@ class Store:
         with self.engine.connect() as conn:
             for fs in sets:
                 rows = conn.exec_driver_sql(
-                    "SELECT image_id, shard_id, row FROM feature_rows WHERE feature_set_id = %s"
-                    % int(fs.id)
+                    f"SELECT image_id, shard_id, row FROM feature_rows WHERE feature_set_id = {int(fs.id)}"
                 ).fetchall()
                 arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
                 pos = np.array([index_of.get(int(i), -1) for i in arr[:, 0]], dtype=np.int64)
