@@ -1,0 +1,84 @@
+"""Right-flow extraction speed on real images (issue 4).
+
+    python -m bench.bench_extract_cnn [--images 2000] [--gluon-images 512]
+
+Prints, side by side in one run, for efficientnet-lite0 (batch 32, 2 cores):
+  (a) forward-only images/s of our symbolic executor (mx.mod.Module + MKLDNN fusion)
+      on pre-decoded, pre-normalised tensors of the real images,
+  (b) the same network as a hybridized Gluon SymbolBlock (static_alloc, static_shape)
+      on the same tensors (a subset: it is slow),
+  (c) end-to-end `fs extract --model efficientnet-lite0` (decode, resize, normalise,
+      infer, write shards) on the same files.
+Targets: (c) >= 80% of (a); (a) not slower than (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.bench_cnn_forward import bench_gluon
+from bench.common import fashion_images, image_files, row
+from featurestore.config import Settings
+from featurestore.extract import extract
+from featurestore.images import load_rgb
+from featurestore.ingest import ingest
+from featurestore.models import cnn_extractor, load_model
+from featurestore.store import Store
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--gluon-images", type=int, default=512)
+    ap.add_argument("--size", default="224x224", help="size of the exported JPEGs")
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    w, h = (int(v) for v in args.size.split("x"))
+    root = fashion_images(args.images, (w, h))
+    files = image_files(root)
+    n = len(files)
+    tmp = Path(tempfile.mkdtemp(prefix="fs-bench-cnn-"))
+    try:
+        store = Store.open(Settings.from_env(store=tmp / ".fs"), create=True)
+        with store.writing():
+            ingest(store, root)
+            model, row_ = load_model(store, "efficientnet-lite0", batch_size=args.batch)
+        symbol, params = store.root / row_.symbol_path, store.root / row_.params_path
+        tensors = np.stack([model.prepare(load_rgb(p)) for p in files])
+        batches = [tensors[i : i + args.batch] for i in range(0, n, args.batch)]
+        model.forward(batches[0])  # warm-up
+        t = time.perf_counter()
+        for b in batches:
+            model.forward(b)
+        fwd = time.perf_counter() - t
+        g = min(args.gluon_images, n)
+        gluon_rate = bench_gluon(symbol, params, "global_pool", [tensors[i : i + args.batch] for i in range(
+            0, g, args.batch)], args.batch)
+        del tensors, batches
+        with store.writing():
+            ex = cnn_extractor(store, "efficientnet-lite0", batch_size=args.batch)
+            t = time.perf_counter()
+            summary = extract(store, [ex], batch_size=args.batch)
+            e2e = time.perf_counter() - t
+        assert summary.processed == n, summary
+        store.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = n / fwd
+    print(f"{n} real images ({args.size} JPEG), batch {args.batch}, {os.cpu_count()} cores")
+    print(row("(a) forward only, symbolic Module (MKLDNN)", n, fwd))
+    print(row("(b) forward only, hybridized Gluon", g, g / gluon_rate, base))
+    print(row("(c) fs extract --model efficientnet-lite0", n, e2e, base))
+    print(f"end-to-end / forward-only = {fwd / e2e:.2f} (target >= 0.80); "
+          f"Module / Gluon = {base / gluon_rate:.2f} (target >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Fit time of the Two-Flow model next to a plain Random Forest, in one run.
+
+The Two-Flow model fits two selector forests (one per block) before its
+200-tree forest, so it could be slower than a plain 200-tree forest on all
+columns. It is kept cheaper by (a) selector forests of fewer trees than the
+final one, (b) max_features="sqrt" in the selectors, and (c) the final forest
+seeing 455 columns instead of 1408 (sqrt(455) = 21 candidate features per
+split instead of 37). Target: Two-Flow fit time <= 1.5x the plain forest.
+
+    python bench/bench_train.py --synthetic 5000
+    python bench/bench_train.py --synthetic 5000 --selector-trees 50 --selector-max-samples 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.datasets import make_classification
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.model_selection import train_test_split
+
+try:
+    from featurestore.training.model import SELECTOR_TREES, TwoFlowClassifier
+except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from featurestore.training.model import SELECTOR_TREES, TwoFlowClassifier
+
+RP_DIM = 128
+CNN_DIM = 1280
+
+
+def synthetic(n: int, n_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``n`` rows of RP-like + CNN-like columns with informative features in both blocks.
+
+    Returns ``X`` (float32, ``n x (128 + 1280)``), ``y`` and the blocks mapping.
+    """
+    # One problem, informative columns spread over both blocks; the CNN block
+    # carries most of the signal, as in the paper.
+    n_inf, n_red = 72, 72
+    X, y = make_classification(
+        n_samples=n,
+        n_features=RP_DIM + CNN_DIM,
+        n_informative=n_inf,
+        n_redundant=n_red,
+        n_classes=n_classes,
+        n_clusters_per_class=2,
+        class_sep=2.0,
+        flip_y=0.02,
+        shuffle=False,
+        random_state=seed,
+    )
+    # With shuffle=False the columns are [informative | redundant | noise].
+    informative = np.arange(n_inf + n_red)
+    noise = np.arange(n_inf + n_red, X.shape[1])
+    rp_cols = np.concatenate([informative[:12], informative[n_inf : n_inf + 12], noise[: RP_DIM - 24]])
+    cnn_cols = np.setdiff1d(np.arange(X.shape[1]), rp_cols)
+    rng = np.random.RandomState(seed)
+    rp = X[:, rng.permutation(rp_cols)]
+    cnn = X[:, rng.permutation(cnn_cols)]
+    X = np.hstack([rp, cnn]).astype(np.float32)
+    blocks = {"rp128": (0, RP_DIM), "cnn": (RP_DIM, RP_DIM + CNN_DIM)}
+    return X, y, blocks
+
+
+def _timed_fit(estimator: Any, X: np.ndarray, y: np.ndarray) -> float:
+    start = time.perf_counter()
+    estimator.fit(X, y)
+    return time.perf_counter() - start
+
+
+def run(
+    X: np.ndarray,
+    y: np.ndarray,
+    blocks: dict[str, tuple[int, int]],
+    select: dict[str, Any] | None = None,
+    trees: int = 200,
+    selector_trees: int = SELECTOR_TREES,
+    selector_max_features: Any = "sqrt",
+    selector_max_samples: float | None = None,
+    seed: int = 0,
+    n_jobs: int = -1,
+    repeats: int = 1,
+) -> dict[str, Any]:
+    """Fit both models on a 90% split (``repeats`` times each, alternating) and time them.
+
+    Returns a dict with the best fit seconds of each model, their ratio
+    (Two-Flow / plain), holdout accuracies, and the kept-feature counts.
+    """
+    select = select if select is not None else {"rp128": 55, "cnn": 400}
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.1, random_state=seed, stratify=y)
+    plain_times: list[float] = []
+    two_flow_times: list[float] = []
+    for _ in range(repeats):
+        plain = RandomForestClassifier(n_estimators=trees, random_state=seed, n_jobs=n_jobs)
+        plain_times.append(_timed_fit(plain, X_train, y_train))
+        two_flow = TwoFlowClassifier(
+            blocks=blocks,
+            select=select,
+            trees=trees,
+            selector_trees=selector_trees,
+            selector_max_features=selector_max_features,
+            selector_max_samples=selector_max_samples,
+            random_state=seed,
+            n_jobs=n_jobs,
+        )
+        two_flow_times.append(_timed_fit(two_flow, X_train, y_train))
+
+    # Time of the selectors alone, to show where the Two-Flow time goes.
+    select_step = two_flow.pipeline_.named_steps["select"]
+    selector_seconds = 0.0
+    for _name, step, cols in select_step.transformers:
+        if step != "passthrough":
+            selector_seconds += _timed_fit(step.estimator, X_train[:, cols], y_train)
+
+    plain_s, two_flow_s = min(plain_times), min(two_flow_times)
+    return {
+        "n_train": int(X_train.shape[0]),
+        "n_features": int(X.shape[1]),
+        "n_classes": int(np.unique(y).size),
+        "trees": trees,
+        "selector_trees": selector_trees,
+        "selector_max_features": selector_max_features,
+        "selector_max_samples": selector_max_samples,
+        "plain_rf_fit_s": round(plain_s, 3),
+        "two_flow_fit_s": round(two_flow_s, 3),
+        "two_flow_selectors_s": round(selector_seconds, 3),
+        "ratio": round(two_flow_s / plain_s, 3),
+        "plain_rf_accuracy": round(float(plain.score(X_test, y_test)), 4),
+        "two_flow_accuracy": round(float(two_flow.score(X_test, y_test)), 4),
+        "kept": {k: int(v.size) for k, v in two_flow.kept_features_.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="N",
+        required=True,
+        help="generate N synthetic rows (128 RP + 1280 CNN columns)",
+    )
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--trees", type=int, default=200)
+    parser.add_argument("--selector-trees", type=int, default=SELECTOR_TREES)
+    parser.add_argument("--selector-max-features", default="sqrt", help='"sqrt", "log2", an int or a float fraction')
+    parser.add_argument("--selector-max-samples", type=float, default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="fits per model; the best time is kept")
+    parser.add_argument("--n-jobs", type=int, default=-1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+
+    mf: Any = args.selector_max_features
+    if mf not in ("sqrt", "log2"):
+        mf = float(mf) if "." in mf else int(mf)
+    X, y, blocks = synthetic(args.synthetic, n_classes=args.classes, seed=args.seed)
+    figures = run(
+        X,
+        y,
+        blocks,
+        trees=args.trees,
+        selector_trees=args.selector_trees,
+        selector_max_features=mf,
+        selector_max_samples=args.selector_max_samples,
+        seed=args.seed,
+        n_jobs=args.n_jobs,
+        repeats=args.repeats,
+    )
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(
+            f"data: {figures['n_train']} training rows x {figures['n_features']} columns, "
+            f"{figures['n_classes']} classes"
+        )
+        print(
+            f"plain RF ({figures['trees']} trees, all columns): fit {figures['plain_rf_fit_s']:.2f} s, "
+            f"holdout accuracy {figures['plain_rf_accuracy']:.3f}"
+        )
+        print(
+            f"Two-Flow (selectors {figures['selector_trees']} trees, max_features "
+            f"{figures['selector_max_features']}, max_samples {figures['selector_max_samples']}; "
+            f"kept {figures['kept']}): fit {figures['two_flow_fit_s']:.2f} s "
+            f"(selectors alone {figures['two_flow_selectors_s']:.2f} s), "
+            f"holdout accuracy {figures['two_flow_accuracy']:.3f}"
+        )
+        print(f"ratio Two-Flow / plain RF: {figures['ratio']:.2f}x (target <= 1.5x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

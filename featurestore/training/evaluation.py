@@ -1,0 +1,286 @@
+"""Accuracy by repeated random train/test splits (the paper's protocol).
+
+The paper reports accuracy as mean ± std over repeated random 90/10 splits.
+:func:`make_splits` draws the splits (stratified when the labels allow it),
+:func:`splits_fingerprint` identifies them so that two runs are compared with
+a paired test only when they saw the very same splits of the same images, and
+:func:`evaluate` fits a fresh estimator per split and records the metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
+
+from featurestore.errors import InvalidInputError
+
+Split = tuple[np.ndarray, np.ndarray]
+
+STRATIFIED = "stratified"
+RANDOM = "random"
+
+
+def _n_test(n_samples: int, test_size: float | int) -> int:
+    # Same rounding as scikit-learn's ShuffleSplit: ceil for a fraction.
+    if isinstance(test_size, float):
+        return math.ceil(test_size * n_samples)
+    return int(test_size)
+
+
+def make_splits(
+    y: np.ndarray | Sequence[Any],
+    n_splits: int = 10,
+    test_size: float | int = 0.1,
+    seed: int = 0,
+) -> tuple[list[Split], str]:
+    """Repeated random train/test splits, stratified when possible.
+
+    Stratified splits (``StratifiedShuffleSplit``) are used when every class
+    has at least 2 members and both the test and the training part have at
+    least one row per class (``n_test >= n_classes`` and ``n_train >=
+    n_classes``), which is what scikit-learn needs to place each class on both
+    sides. Otherwise the splits are plain ``ShuffleSplit`` ("random"), and a
+    rare class may then be missing from a training part.
+
+    Parameters
+    ----------
+    y : array-like of shape (n_samples,)
+        Labels, in the row order of ``X``.
+    n_splits : int
+        Number of repetitions.
+    test_size : float or int
+        Fraction (``0 < test_size < 1``) or number of test rows.
+    seed : int
+        Same ``seed`` and same ``y`` give the same splits.
+
+    Returns
+    -------
+    splits : list of (train_indices, test_indices)
+        Row indices into ``y`` (int arrays).
+    scheme : {"stratified", "random"}
+        Which splitter was used.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise InvalidInputError(f"labels must be one-dimensional, got shape {y.shape}")
+    n_samples = y.shape[0]
+    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
+        raise InvalidInputError(f"n_splits must be a positive integer, got {n_splits!r}")
+    if isinstance(test_size, float):
+        if not 0.0 < test_size < 1.0:
+            raise InvalidInputError(f"test_size must be between 0 and 1 when a fraction, got {test_size}")
+    elif isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1:
+        raise InvalidInputError(f"test_size must be a fraction or a positive count, got {test_size!r}")
+    n_test = _n_test(n_samples, test_size)
+    n_train = n_samples - n_test
+    if n_samples < 2 or n_test < 1 or n_train < 1:
+        raise InvalidInputError(
+            f"cannot split {n_samples} image(s) with test_size={test_size}: "
+            "need at least one training and one test image"
+        )
+
+    _classes, counts = np.unique(y, return_counts=True)
+    n_classes = counts.size
+    stratify = counts.min() >= 2 and n_test >= n_classes and n_train >= n_classes
+    splitter: ShuffleSplit | StratifiedShuffleSplit
+    if stratify:
+        splitter = StratifiedShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=seed)
+        scheme = STRATIFIED
+    else:
+        splitter = ShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=seed)
+        scheme = RANDOM
+    splits = [
+        (train.astype(np.int64), test.astype(np.int64)) for train, test in splitter.split(np.zeros((n_samples, 1)), y)
+    ]
+    return splits, scheme
+
+
+def splits_fingerprint(image_ids: Sequence[int] | np.ndarray, splits: Sequence[Split]) -> str:
+    """Identify a set of splits over a set of images.
+
+    Two runs may be paired (compared with a paired t-test) only when their
+    fingerprints are equal: same number of splits, in the same order, and
+    each split puts the same image ids in its test part and in its training
+    part. Within a split the ids are sorted (a split is a set of images), so
+    the fingerprint does not depend on the row order inside one part.
+
+    Parameters
+    ----------
+    image_ids : sequence of int
+        Catalog id of each row of ``X`` (``image_ids[i]`` is row ``i``).
+    splits : sequence of (train_indices, test_indices)
+        As returned by :func:`make_splits`.
+
+    Returns
+    -------
+    str
+        sha256 hex digest.
+    """
+    ids = np.asarray(image_ids, dtype=np.int64)
+    if ids.ndim != 1:
+        raise InvalidInputError(f"image ids must be one-dimensional, got shape {ids.shape}")
+    digest = hashlib.sha256(b"featurestore-splits-v1\0")
+    digest.update(np.int64(len(splits)).astype("<i8").tobytes())
+    for i, (train, test) in enumerate(splits):
+        for part, idx in (("train", train), ("test", test)):
+            idx = np.asarray(idx, dtype=np.int64)
+            if idx.size and (idx.min() < 0 or idx.max() >= ids.size):
+                raise InvalidInputError(f"split {i} {part} indices go outside the {ids.size} image ids given")
+            part_ids = np.sort(ids[idx]).astype("<i8")
+            digest.update(part.encode() + b"\0")
+            digest.update(np.int64(part_ids.size).astype("<i8").tobytes())
+            digest.update(part_ids.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class SplitResult:
+    """Metrics of one train/test split."""
+
+    index: int
+    n_train: int
+    n_test: int
+    accuracy: float
+    train_accuracy: float
+    macro_f1: float
+    superclass_accuracy: float | None
+    fit_seconds: float
+    predict_seconds: float
+
+
+@dataclass
+class MetricSummary:
+    """Mean and sample standard deviation (ddof=1; ``None`` with one split)."""
+
+    mean: float
+    std: float | None
+    min: float
+    max: float
+    n: int
+
+
+METRICS = ("accuracy", "train_accuracy", "macro_f1", "superclass_accuracy", "fit_seconds", "predict_seconds")
+
+
+@dataclass
+class EvaluationResult:
+    """Per-split records and their summary (metric -> mean ± std)."""
+
+    splits: list[SplitResult]
+    summary: dict[str, MetricSummary] = field(default_factory=dict)
+
+    def values(self, metric: str) -> list[float]:
+        """One metric over the splits, in split order (for paired tests)."""
+        if metric not in METRICS:
+            raise InvalidInputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        return [getattr(s, metric) for s in self.splits if getattr(s, metric) is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (plain floats, ints, ``None``)."""
+        return {
+            "n_splits": len(self.splits),
+            "splits": [asdict(s) for s in self.splits],
+            "summary": {k: asdict(v) for k, v in self.summary.items()},
+        }
+
+
+def summarize(values: Sequence[float]) -> MetricSummary:
+    """Mean, sample std (ddof=1), min and max of per-split values."""
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        raise InvalidInputError("no values to summarize")
+    std = float(arr.std(ddof=1)) if arr.size > 1 else None
+    return MetricSummary(mean=float(arr.mean()), std=std, min=float(arr.min()), max=float(arr.max()), n=int(arr.size))
+
+
+def evaluate(
+    make_estimator: Callable[[], Any],
+    X: np.ndarray,
+    y: np.ndarray | Sequence[Any],
+    splits: Sequence[Split],
+    superclass_of: Mapping[Any, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvaluationResult:
+    """Fit a fresh estimator on each training part and score it on the test part.
+
+    Everything the estimator learns, feature selection included, is fitted on
+    the training rows of the split only.
+
+    Parameters
+    ----------
+    make_estimator : callable
+        Returns a new unfitted estimator (called once per split).
+    X : ndarray of shape (n_samples, n_features)
+    y : array-like of shape (n_samples,)
+    splits : sequence of (train_indices, test_indices)
+    superclass_of : mapping, optional
+        Class label -> superclass. When given, ``superclass_accuracy`` is the
+        accuracy after mapping the true and the predicted class to their
+        superclass. Every label of ``y`` must be mapped.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each split.
+
+    Returns
+    -------
+    EvaluationResult
+        Per-split metrics and their summary; ``superclass_accuracy`` is
+        ``None`` (and not summarized) without ``superclass_of``.
+    """
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise InvalidInputError(f"X must be (n_samples, n_features) and y (n_samples,); got {X.shape} and {y.shape}")
+    if not splits:
+        raise InvalidInputError("no splits given: build them with make_splits()")
+    to_super = None
+    if superclass_of is not None:
+        missing = sorted(map(str, set(np.unique(y).tolist()) - set(superclass_of)))
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise InvalidInputError(f"{len(missing)} class(es) have no superclass: {shown}")
+        to_super = np.vectorize(lambda label: superclass_of[label], otypes=[object])
+
+    records: list[SplitResult] = []
+    for i, (train, test) in enumerate(splits):
+        train = np.asarray(train)
+        test = np.asarray(test)
+        estimator = make_estimator()
+        start = time.perf_counter()
+        estimator.fit(X[train], y[train])
+        fit_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        predicted = estimator.predict(X[test])
+        predict_seconds = time.perf_counter() - start
+        train_predicted = estimator.predict(X[train])
+        records.append(
+            SplitResult(
+                index=i,
+                n_train=int(train.size),
+                n_test=int(test.size),
+                accuracy=float(accuracy_score(y[test], predicted)),
+                train_accuracy=float(accuracy_score(y[train], train_predicted)),
+                macro_f1=float(f1_score(y[test], predicted, average="macro", zero_division=0)),
+                superclass_accuracy=(
+                    None if to_super is None else float(np.mean(to_super(y[test]) == to_super(predicted)))
+                ),
+                fit_seconds=fit_seconds,
+                predict_seconds=predict_seconds,
+            )
+        )
+        if progress is not None:
+            progress(i + 1, len(splits))
+
+    result = EvaluationResult(splits=records)
+    for metric in METRICS:
+        values = result.values(metric)
+        if values:
+            result.summary[metric] = summarize(values)
+    return result
