@@ -207,3 +207,43 @@ def projection_extractor(
         if not path.is_file():
             projection.save(path)
     return RandomProjectionExtractor(projection, size=size, rule=rule, name=name)
+
+
+def extractor_for(store: Store, feature_set: str, batch_size: int = 32) -> Extractor:
+    """An extractor that reproduces a stored feature set exactly (same projection, model, preprocessing).
+
+    Used to featurize new images for prediction and search. Refuses when the
+    rebuilt extractor's params differ from those the feature set recorded.
+    """
+    from featurestore.errors import FeatureStoreError
+
+    fs = store.feature_set(feature_set)
+    p = dict(fs.params)
+    ex: Extractor
+    if fs.kind == "random_projection":
+        ex = projection_extractor(store, int(p["k"]), (int(p["size"][0]), int(p["size"][1])),
+                                  p["resize_rule"], int(p["seed"]), name=fs.name)
+    elif fs.kind == "pixels":
+        from featurestore.features.pixels import PixelsExtractor
+
+        ex = PixelsExtractor((int(p["size"][0]), int(p["size"][1])), rule=p["resize_rule"], name=fs.name)
+    elif fs.kind == "lowlevel":
+        from featurestore.features.lowlevel import LowLevelExtractor
+
+        ex = LowLevelExtractor(rule=p["resize_rule"], name=fs.name)
+    elif fs.kind == "cnn":
+        from featurestore.models import cnn_extractor
+
+        ex = cnn_extractor(store, p["model"], [p["layer"]], batch_size=batch_size)
+    else:
+        raise FeatureStoreError(f"feature set {fs.name} has kind {fs.kind!r}, which cannot be recomputed")
+    specs = {s.name: s for s in ex.outputs()}
+    spec = specs.get(fs.name)
+    from featurestore.store import _jsonable
+
+    if spec is None or _jsonable(spec.params) != p or spec.dim != fs.dim:
+        raise FeatureStoreError(
+            f"feature set {fs.name} cannot be reproduced with this featurestore/model (its recorded params "
+            f"differ); re-extract it with `fs extract ... --replace`"
+        )
+    return ex

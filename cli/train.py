@@ -1,0 +1,252 @@
+"""``fs train``, ``fs evaluate``, ``fs compare``, ``fs predict`` and ``fs runs``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from cli import common
+from featurestore.errors import InvalidInputError
+from featurestore.runs import TrainConfig
+
+
+def _features(value: str) -> list[str]:
+    names = [f.strip() for f in value.split(",") if f.strip()]
+    if not names:
+        raise typer.BadParameter("give feature sets like rp128,efficientnet-lite0", param_hint="--features")
+    return names
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return ""
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if std is not None else f"{100 * mean:.1f}"
+
+
+TARGET = typer.Option("label", "--target", help="What to predict: label (class) or superclass.")
+SELECT = typer.Option(None, "--select", help="Per-set RF-importance selection: NAME=K|auto|none,... or "
+                      "auto/none for all. Default: none for one set, auto for several (Two-Flow).")
+CLASSIFIER = typer.Option("rf", "--classifier", help="Final classifier: rf (paper), logreg or hgb.")
+TREES = typer.Option(200, "--trees", help="Trees of the final Random Forest (hgb: boosting rounds).")
+SPLITS = typer.Option(10, "--splits", help="Repeated random train/test splits.")
+TEST_SIZE = typer.Option(0.1, "--test-size", help="Test fraction of each split.")
+SEED = typer.Option(0, "--seed", help="Seed of the splits and the forests.")
+DATASET = typer.Option(None, "--dataset", "-d", help="Only images of this dataset.")
+SKIP = typer.Option(False, "--skip-missing", help="Leave out images lacking a feature set instead of failing.")
+
+
+def _cfg(features: list[str], target: str, select: str | None, classifier: str, trees: int, splits: int,
+         test_size: float, seed: int, dataset: str | None, skip_missing: bool) -> TrainConfig:
+    cfg = TrainConfig(features, target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing)
+    try:
+        cfg.check()
+    except InvalidInputError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return cfg
+
+
+def train(
+    features: str = typer.Option(..., "--features", help="Comma-separated feature sets to stack."),
+    target: str = TARGET, select: str | None = SELECT, classifier: str = CLASSIFIER, trees: int = TREES,
+    splits: int = SPLITS, test_size: float = TEST_SIZE, seed: int = SEED, dataset: str | None = DATASET,
+    skip_missing: bool = SKIP,
+    fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
+) -> None:
+    """Evaluate a feature combination on repeated splits, then fit the final model on all labelled images.
+
+    Per-split scores, the run's settings and the model's sha256 are stored; predict with `fs predict --run ID`.
+
+    Example: fs train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400
+    """
+    from featurestore.runs import train as run_train
+
+    cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
+               skip_missing)
+    store = common.open_store()
+    try:
+        with store.writing(), common.progress("splits") as tick:
+            out = run_train(store, cfg, progress=tick)
+    finally:
+        store.close()
+    s = out.evaluation.summary
+    result = {"run": out.run_id, "features": ",".join(cfg.features), "images": out.n_images,
+              "classes": out.n_classes, "splits": f"{cfg.n_splits} x {cfg.test_size:g} ({out.split_scheme})",
+              "accuracy": _pm(s["accuracy"].mean, s["accuracy"].std),
+              "macro_f1": _pm(s["macro_f1"].mean, s["macro_f1"].std),
+              "superclass_accuracy": _pm(s["superclass_accuracy"].mean, s["superclass_accuracy"].std)
+              if "superclass_accuracy" in s else "",
+              "kept": ", ".join(f"{k}={v}" for k, v in out.kept.items())}
+    if fmt == common.Format.json:
+        typer.echo(json.dumps({**result, "evaluation": out.evaluation.to_dict()}, indent=2))
+        return
+    common.emit([result], fmt)
+    common.err(f"run {out.run_id} stored; splits were {out.split_scheme}; predict with "
+               f"`fs predict --run {out.run_id} --unlabelled`")
+
+
+def evaluate(
+    features: list[str] = typer.Option(..., "--features", help="A combination (comma-separated); repeat the "
+                                       "option for each row of the table. The first row is the baseline."),
+    target: str = TARGET, select: str | None = SELECT, classifier: str = CLASSIFIER, trees: int = TREES,
+    splits: int = SPLITS, test_size: float = TEST_SIZE, seed: int = SEED, dataset: str | None = DATASET,
+    skip_missing: bool = SKIP,
+    fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
+) -> None:
+    """Evaluate several feature combinations on the same splits and print a Table-1-style comparison.
+
+    Each row is stored as a run (no final model is fitted; use `fs train` for that) and
+    can be paired with `fs compare`.
+
+    Example: fs evaluate --features rp128 --features efficientnet-lite0 --features rp128,efficientnet-lite0
+    """
+    from featurestore.runs import evaluate_many
+
+    combos = [_features(f) for f in features]
+    cfg = _cfg(combos[0], target, select if select in (None, "auto", "none") else None, classifier, trees, splits,
+               test_size, seed, dataset, skip_missing)
+    if select not in (None, "auto", "none"):
+        raise typer.BadParameter("fs evaluate takes --select auto|none (per-set K: use fs train)")
+    cfg.select = select
+    store = common.open_store()
+    try:
+        with store.writing(), common.progress("evaluate") as tick:
+            outs = evaluate_many(store, combos, cfg, progress=lambda label, d, t: tick(d, t))
+    finally:
+        store.close()
+    base = outs[0].evaluation.summary["accuracy"].mean
+    rows = []
+    for combo, o in zip(combos, outs, strict=True):
+        s = o.evaluation.summary
+        rows.append({"run": o.run_id, "features": "+".join(combo),
+                     "accuracy": _pm(s["accuracy"].mean, s["accuracy"].std),
+                     "gain": f"{100 * (s['accuracy'].mean - base):+.1f}",
+                     "macro_f1": _pm(s["macro_f1"].mean, s["macro_f1"].std),
+                     "superclass_accuracy": _pm(s["superclass_accuracy"].mean, s["superclass_accuracy"].std)
+                     if "superclass_accuracy" in s else ""})
+    common.emit(rows, fmt)
+    common.err(f"{outs[0].n_images} images, {outs[0].n_classes} classes, {splits} x {test_size:g} splits "
+               f"({outs[0].split_scheme}), classifier {classifier}, selection {select or 'default'}")
+
+
+def compare(
+    run_a: int = typer.Argument(..., help="First run id."),
+    run_b: int = typer.Argument(..., help="Second run id."),
+    confidence: float = typer.Option(0.95, "--confidence", help="Confidence level of the interval."),
+    fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
+) -> None:
+    """Paired two-sided t-test of two runs' test accuracy over the same splits (A - B).
+
+    Example: fs compare 3 1
+    """
+    from featurestore.runs import compare as run_compare
+
+    store = common.open_store()
+    try:
+        c = run_compare(store, run_a, run_b, confidence)
+    finally:
+        store.close()
+    t = c.test
+    row = {"run_a": run_a, "features_a": ",".join(c.run_a.features), "run_b": run_b,
+           "features_b": ",".join(c.run_b.features), "mean_diff": t.mean_diff, "ci_low": t.ci_low,
+           "ci_high": t.ci_high, "statistic": t.statistic, "pvalue": t.pvalue, "n": t.n}
+    common.emit([row], fmt)
+    verdict = "significant" if t.pvalue < 1 - confidence else "not significant"
+    common.err(f"A - B = {100 * t.mean_diff:+.2f} points, {int(confidence * 100)}% CI "
+               f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}], t = {t.statistic:.3f}, p = {t.pvalue:.4g} "
+               f"({verdict} at {1 - confidence:g})")
+
+
+def predict(
+    run: int = typer.Option(..., "--run", help="Run whose final model predicts."),
+    paths: list[Path] = typer.Argument(None, help="Image files or folders (ingested and featurized first)."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Predict every image of this dataset."),
+    unlabelled: bool = typer.Option(False, "--unlabelled", help="Predict every image without a label."),
+    ingest_dataset: str = typer.Option("predict", "--into", help="Dataset name for ingested PATHs."),
+    batch: int = typer.Option(32, "--batch", help="Images per extraction batch."),
+    fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
+    show: int = typer.Option(20, "--show", help="Rows to print (all are stored)."),
+) -> None:
+    """Predict with a run's model and store one row per image in the predictions table.
+
+    Re-predicting replaces the run's rows for those images. Query them with `fs sql`.
+
+    Example: fs predict --run 1 --unlabelled
+    """
+    from featurestore.ingest import ingest
+    from featurestore.runs import predict as run_predict
+
+    if sum(bool(x) for x in (paths, dataset, unlabelled)) != 1:
+        raise typer.BadParameter("give exactly one of PATH..., --dataset NAME or --unlabelled")
+    store = common.open_store()
+    try:
+        with store.writing():
+            ids: list[int] = []
+            if paths:
+                for p in paths:
+                    summary = ingest(store, p, dataset=ingest_dataset, labels="none")
+                    for fp, reason in summary.failed:
+                        common.err(f"  skipped: {fp}: {reason}")
+                    ids += _ids_for(store, p)
+            else:
+                rows = store.select_images(dataset=dataset)
+                ids = [r[0] for r in rows if not unlabelled or r[2] is None]
+            with common.progress("predict"):
+                out = run_predict(store, run, ids, batch_size=batch)
+            paths_of = {r[0]: r[1] for r in store.select_images(image_ids=[r["image_id"] for r in out.rows])}
+    finally:
+        store.close()
+    for fp, reason in out.skipped:
+        common.err(f"  skipped: {fp}: {reason}")
+    shown = [{"image_id": r["image_id"], "path": paths_of.get(r["image_id"]), "label": r["label"],
+              "probability": r["probability"]} for r in out.rows[:show]]
+    common.emit(shown, fmt)
+    common.err(f"{out.predicted} predictions stored for run {out.run_id} (table predictions)")
+
+
+def _ids_for(store, path: Path) -> list[int]:  # type: ignore[no-untyped-def]
+    """Image ids whose content matches the files under ``path`` (duplicates map to the stored copy)."""
+    import hashlib
+
+    from sqlalchemy import select
+
+    from featurestore.catalog.models import Image
+    from featurestore.ingest import scan
+
+    shas = []
+    for c in scan(path, "none"):
+        try:
+            shas.append(hashlib.sha256(c.path.read_bytes()).hexdigest())
+        except OSError:
+            continue
+    with store.session() as s:
+        return list(s.scalars(select(Image.id).where(Image.sha256.in_(shas))))
+
+
+def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format.")) -> None:
+    """List training and evaluation runs with their scores.
+
+    Example: fs runs --format csv
+    """
+    from featurestore.runs import list_runs
+
+    store = common.open_store()
+    try:
+        rows = [{"run": r.id, "created": r.created_at.strftime("%Y-%m-%d %H:%M"), "features": ",".join(r.features),
+                 "classifier": r.classifier, "target": r.target, "images": r.n_images,
+                 "splits": f"{r.n_splits}x{r.test_size:g}", "accuracy": _pm(r.accuracy_mean, r.accuracy_std),
+                 "macro_f1": _pm(r.macro_f1_mean, None), "model": "yes" if r.artifact_path else "",
+                 "group": (r.comparison_group or "")[:8]} for r in list_runs(store)]
+    finally:
+        store.close()
+    common.emit(rows, fmt, ["run", "created", "features", "classifier", "target", "images", "splits", "accuracy",
+                            "macro_f1", "model", "group"])
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("compare")(compare)
+    app.command("predict")(predict)
+    app.command("runs")(runs)

@@ -1,0 +1,386 @@
+"""Training runs: assemble features from the store, evaluate on repeated splits, fit, predict.
+
+A run records everything needed to reproduce and pair it: the feature sets
+and their params, the selection, the classifier and its params, the seed,
+the split scheme and a fingerprint of the exact splits (image ids), library
+versions, timings, per-split scores (``run_splits``) and the sha256 of the
+final model's artifact, checked before every load.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, insert, select
+
+from featurestore import __version__
+from featurestore.catalog.models import Prediction, Run, RunSplit
+from featurestore.errors import FeatureStoreError, InvalidInputError, NotFoundError
+from featurestore.store import FeatureMatrix, Store
+from featurestore.training.artifacts import load_artifact, save_artifact
+from featurestore.training.evaluation import EvaluationResult, evaluate, make_splits, splits_fingerprint
+from featurestore.training.model import TwoFlowClassifier, build_model, describe_model
+from featurestore.training.stats import PairedTTest, paired_ttest
+
+Progress = Callable[[int, int], None]
+CLASSIFIERS = ("rf", "logreg", "hgb")
+TARGETS = ("label", "superclass")
+
+
+@dataclass
+class TrainConfig:
+    """What to train and how to evaluate it (the CLI's options)."""
+
+    features: list[str]
+    target: str = "label"
+    select: str | None = None
+    classifier: str = "rf"
+    trees: int = 200
+    n_splits: int = 10
+    test_size: float = 0.1
+    seed: int = 0
+    dataset: str | None = None
+    skip_missing: bool = False
+
+    def check(self) -> None:
+        if not self.features:
+            raise InvalidInputError("give feature sets, e.g. --features rp128,efficientnet-lite0")
+        if len(set(self.features)) != len(self.features):
+            raise InvalidInputError(f"a feature set is listed twice in {','.join(self.features)}")
+        if self.target not in TARGETS:
+            raise InvalidInputError(f"--target must be one of {', '.join(TARGETS)}")
+        if self.classifier not in CLASSIFIERS:
+            raise InvalidInputError(f"--classifier must be one of {', '.join(CLASSIFIERS)}")
+        if self.trees < 1:
+            raise InvalidInputError("--trees must be at least 1")
+        if self.n_splits < 2:
+            raise InvalidInputError("--splits must be at least 2 (a paired t-test needs two)")
+        if not 0 < self.test_size < 1:
+            raise InvalidInputError("--test-size must be between 0 and 1, e.g. 0.1")
+
+
+def parse_select(spec: str | None, features: Sequence[str]) -> dict[str, int | str | None]:
+    """``--select`` -> per feature set: K (cap), None (auto: above-mean, no cap) or "none".
+
+    Default: with one feature set no selection ("none": the plain classifier);
+    with several, "auto" for each (the Two-Flow model). ``none`` everywhere is
+    the naive stacking the paper warns about.
+    """
+    if spec is None or spec == "":
+        return {f: ("none" if len(features) == 1 else None) for f in features}
+    if spec in ("auto", "none"):
+        return dict.fromkeys(features, None if spec == "auto" else "none")
+    out: dict[str, int | str | None] = dict.fromkeys(features)
+    for part in spec.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or name not in out:
+            raise InvalidInputError(
+                f"--select {spec!r}: expected NAME=K|auto|none for the feature sets {', '.join(features)}"
+            )
+        if value in ("auto", "none"):
+            out[name] = None if value == "auto" else "none"
+        else:
+            try:
+                k = int(value)
+                if k < 1:
+                    raise ValueError
+            except ValueError:
+                raise InvalidInputError(f"--select {name}={value}: K must be a positive integer") from None
+            out[name] = k
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import h5py
+    import scipy
+    import sklearn
+
+    return {"featurestore": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__, "scipy": scipy.__version__, "h5py": h5py.__version__}
+
+
+def _targets(fm: FeatureMatrix, target: str) -> tuple[np.ndarray, dict[str, str] | None]:
+    y = fm.labels if target == "label" else fm.superclasses
+    if any(v is None for v in y):
+        raise FeatureStoreError(
+            "some labelled images have no superclass; train with --target label or label them with "
+            "superclass/class folders"
+        )
+    superclass_of: dict[str, str] | None = None
+    if target == "label" and len(fm.superclasses) and all(s is not None for s in fm.superclasses):
+        pairs = set(zip(fm.labels.tolist(), fm.superclasses.tolist(), strict=True))
+        if len({lb for lb, _ in pairs}) == len(pairs):  # each label in exactly one superclass
+            superclass_of = dict(pairs)
+    return np.asarray(y, dtype=object).astype(str), superclass_of
+
+
+@dataclass
+class RunOutcome:
+    run_id: int
+    evaluation: EvaluationResult
+    split_scheme: str
+    n_images: int
+    n_classes: int
+    kept: dict[str, int] = field(default_factory=dict)
+
+
+def _estimator(cfg: TrainConfig, blocks: dict[str, tuple[int, int]]) -> TwoFlowClassifier:
+    return TwoFlowClassifier(blocks=blocks, select=parse_select(cfg.select, list(blocks)),
+                             classifier=cfg.classifier, trees=cfg.trees, random_state=cfg.seed, n_jobs=-1)
+
+
+def _describe_unfitted(cfg: TrainConfig, blocks: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    return describe_model(build_model(blocks, parse_select(cfg.select, list(blocks)), cfg.classifier, cfg.trees,
+                                      cfg.seed))
+
+
+def _load_matrix(store: Store, cfg: TrainConfig, features: Sequence[str]) -> FeatureMatrix:
+    fm = store.read_matrix(features, dataset=cfg.dataset, labelled_only=True, skip_missing=cfg.skip_missing)
+    if len(fm.image_ids) < 4:
+        raise FeatureStoreError(
+            f"only {len(fm.image_ids)} labelled images have {', '.join(features)}; ingest labelled images "
+            "(folders superclass/class/*.jpg) and run `fs extract`"
+        )
+    return fm
+
+
+def _record(store: Store, cfg: TrainConfig, features: Sequence[str], fm: FeatureMatrix, scheme: str,
+            fingerprint: str, ev: EvaluationResult, model_desc: dict[str, Any], timings: dict[str, float],
+            artifact: tuple[str, str] | None, group: str | None) -> int:
+    sets = {name: store.feature_set(name) for name in features}
+    s_ = ev.summary
+    with store.session() as s:
+        run = Run(
+            status="complete",
+            features=list(features),
+            feature_params={n: {"kind": f.kind, "dim": f.dim, "params": f.params} for n, f in sets.items()},
+            target=cfg.target,
+            selection=dict(parse_select(cfg.select, list(features)).items()),
+            classifier=cfg.classifier,
+            classifier_params=model_desc,
+            seed=cfg.seed,
+            n_splits=cfg.n_splits,
+            test_size=cfg.test_size,
+            split_scheme=scheme,
+            splits_fingerprint=fingerprint,
+            n_images=len(fm.image_ids),
+            dataset=cfg.dataset,
+            accuracy_mean=s_["accuracy"].mean,
+            accuracy_std=s_["accuracy"].std,
+            macro_f1_mean=s_["macro_f1"].mean,
+            superclass_accuracy_mean=s_["superclass_accuracy"].mean if "superclass_accuracy" in s_ else None,
+            versions=_versions(),
+            timings=timings,
+            artifact_path=artifact[0] if artifact else None,
+            artifact_sha256=artifact[1] if artifact else None,
+            comparison_group=group,
+        )
+        s.add(run)
+        s.flush()
+        s.execute(insert(RunSplit), [
+            {"run_id": run.id, "split": r.index, "test_accuracy": r.accuracy, "train_accuracy": r.train_accuracy,
+             "macro_f1": r.macro_f1, "superclass_accuracy": r.superclass_accuracy, "fit_seconds": r.fit_seconds,
+             "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits])
+        return run.id
+
+
+def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_final: bool = True
+          ) -> RunOutcome:
+    """Evaluate ``cfg`` on repeated splits, fit the final model on all labelled images, record the run."""
+    cfg.check()
+    t0 = time.perf_counter()
+    fm = _load_matrix(store, cfg, cfg.features)
+    y, superclass_of = _targets(fm, cfg.target)
+    n_classes = len(set(y))
+    if n_classes < 2:
+        raise FeatureStoreError(f"all {len(y)} labelled images have the same {cfg.target}; need two classes")
+    assembled = time.perf_counter() - t0
+    splits, scheme = make_splits(y, cfg.n_splits, cfg.test_size, cfg.seed)
+    fingerprint = splits_fingerprint(fm.image_ids, splits)
+    t1 = time.perf_counter()
+    ev = evaluate(lambda: _estimator(cfg, fm.blocks), fm.X, y, splits, superclass_of, progress)
+    evaluated = time.perf_counter() - t1
+    artifact = None
+    final_seconds = 0.0
+    model_desc: dict[str, Any] = _describe_unfitted(cfg, fm.blocks)
+    kept: dict[str, int] = {}
+    if fit_final:
+        t2 = time.perf_counter()
+        final = _estimator(cfg, fm.blocks).fit(fm.X, y)
+        final_seconds = time.perf_counter() - t2
+        model_desc = describe_model(final)
+        kept = {k: len(v) for k, v in final.kept_features_.items()}
+        rel = f"artifacts/{uuid.uuid4().hex}.pkl"
+        sha = save_artifact(final, store.root / rel)
+        artifact = (rel, sha)
+    timings = {"assemble_seconds": assembled, "evaluate_seconds": evaluated, "final_fit_seconds": final_seconds}
+    run_id = _record(store, cfg, cfg.features, fm, scheme, fingerprint, ev, model_desc, timings, artifact, None)
+    return RunOutcome(run_id, ev, scheme, len(fm.image_ids), n_classes, kept)
+
+
+def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfig,
+                  progress: Callable[[str, int, int], None] | None = None) -> list[RunOutcome]:
+    """Evaluate several feature combinations on the same images and splits; one run each.
+
+    The images are those that have every feature set of every combination
+    (with --skip-missing) so all rows share one split fingerprint and can be
+    compared pairwise with ``fs compare``.
+    """
+    if not combos:
+        raise InvalidInputError("give at least one --features combination")
+    union = list(dict.fromkeys(f for c in combos for f in c))
+    base = TrainConfig(**{**cfg.__dict__, "features": union})
+    base.check()
+    fm = _load_matrix(store, base, union)
+    y, superclass_of = _targets(fm, cfg.target)
+    splits, scheme = make_splits(y, cfg.n_splits, cfg.test_size, cfg.seed)
+    fingerprint = splits_fingerprint(fm.image_ids, splits)
+    group = uuid.uuid4().hex
+    outcomes = []
+    for combo in combos:
+        ccfg = TrainConfig(**{**cfg.__dict__, "features": list(combo)})
+        ccfg.check()
+        cols = np.concatenate([np.arange(*fm.blocks[f]) for f in combo])
+        blocks, start = {}, 0
+        for f in combo:
+            width = fm.blocks[f][1] - fm.blocks[f][0]
+            blocks[f] = (start, start + width)
+            start += width
+        X = fm.X[:, cols]
+        sub = FeatureMatrix(fm.image_ids, X, blocks, fm.labels, fm.superclasses, fm.paths)
+        t1 = time.perf_counter()
+        label = ",".join(combo)
+        ev = evaluate(lambda ccfg=ccfg, blocks=blocks: _estimator(ccfg, blocks), X, y, splits, superclass_of,
+                      (lambda d, t, label=label: progress(label, d, t)) if progress else None)
+        timings = {"evaluate_seconds": time.perf_counter() - t1}
+        run_id = _record(store, ccfg, combo, sub, scheme, fingerprint, ev,
+                         _describe_unfitted(ccfg, blocks), timings, None, group)
+        outcomes.append(RunOutcome(run_id, ev, scheme, len(fm.image_ids), len(set(y))))
+    return outcomes
+
+
+def get_run(store: Store, run_id: int) -> Run:
+    with store.session() as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            ids = [str(i) for i in s.scalars(select(Run.id).order_by(Run.id))]
+            raise NotFoundError("run", str(run_id), ids, "See `fs runs`")
+        return run
+
+
+def split_scores(store: Store, run_id: int) -> list[float]:
+    with store.session() as s:
+        return list(s.scalars(select(RunSplit.test_accuracy).where(RunSplit.run_id == run_id)
+                              .order_by(RunSplit.split)))
+
+
+@dataclass
+class Comparison:
+    run_a: Run
+    run_b: Run
+    test: PairedTTest
+
+
+def compare(store: Store, a: int, b: int, confidence: float = 0.95) -> Comparison:
+    """Paired two-sided t-test of two runs' per-split test accuracy (A - B)."""
+    ra, rb = get_run(store, a), get_run(store, b)
+    if a == b:
+        raise InvalidInputError("compare needs two different runs")
+    reasons = []
+    if ra.n_images != rb.n_images:
+        reasons.append(f"run {a} used {ra.n_images} images, run {b} {rb.n_images}")
+    for attr in ("seed", "n_splits", "test_size", "target"):
+        if getattr(ra, attr) != getattr(rb, attr):
+            reasons.append(f"{attr}: {getattr(ra, attr)} vs {getattr(rb, attr)}")
+    if ra.splits_fingerprint != rb.splits_fingerprint and not reasons:
+        reasons.append("the splits contain different images (the image sets differ)")
+    if reasons:
+        raise FeatureStoreError(
+            f"runs {a} and {b} were not evaluated on the same splits ({'; '.join(reasons)}), so a paired test "
+            "does not apply; evaluate both with `fs evaluate --features ... --features ...` or the same "
+            "--seed/--splits on the same images"
+        )
+    return Comparison(ra, rb, paired_ttest(split_scores(store, a), split_scores(store, b), confidence))
+
+
+def load_run_model(store: Store, run: Run) -> TwoFlowClassifier:
+    if not run.artifact_path or not run.artifact_sha256:
+        raise FeatureStoreError(
+            f"run {run.id} has no final model (it came from `fs evaluate`); train one with "
+            f"`fs train --features {','.join(run.features)}`"
+        )
+    model: TwoFlowClassifier = load_artifact(store.root / run.artifact_path, run.artifact_sha256)
+    return model
+
+
+def check_features_unchanged(store: Store, run: Run) -> None:
+    for name in run.features:
+        fs = store.feature_set(name)
+        recorded = run.feature_params.get(name, {})
+        if recorded.get("params") != fs.params or recorded.get("dim") != fs.dim:
+            raise FeatureStoreError(
+                f"feature set {name} was recomputed with other params since run {run.id} was trained; "
+                f"retrain with `fs train --features {','.join(run.features)}`"
+            )
+
+
+@dataclass
+class PredictSummary:
+    run_id: int
+    predicted: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def predict(store: Store, run_id: int, image_ids: Sequence[int], batch_size: int = 32,
+            progress: Progress | None = None) -> PredictSummary:
+    """Featurize what is missing, predict, and replace this run's prediction rows for those images.
+
+    Call under ``store.writing()``.
+    """
+    from featurestore.extract import extract, extractor_for
+
+    run = get_run(store, run_id)
+    check_features_unchanged(store, run)
+    model = load_run_model(store, run)
+    ids = sorted({int(i) for i in image_ids})
+    if not ids:
+        raise InvalidInputError("no images to predict: give --dataset, --unlabelled or image paths")
+    skipped: list[tuple[str, str]] = []
+    lacking = sorted(set().union(*(store.images_lacking(f, ids) for f in run.features)))
+    if lacking:
+        extractors = [extractor_for(store, f, batch_size) for f in run.features]
+        summary = extract(store, extractors, image_ids=lacking, batch_size=batch_size)
+        skipped = summary.failed
+    fm = store.read_matrix(run.features, image_ids=ids, skip_missing=True)
+    if len(fm.image_ids) == 0:
+        raise FeatureStoreError("none of the images could be featurized; see the skipped files above")
+    proba = np.asarray(model.predict_proba(fm.X))
+    classes = np.asarray(model.classes_)
+    order = np.argsort(-proba, axis=1)[:, :5]
+    rows = []
+    for i, image_id in enumerate(fm.image_ids):
+        top = [{"label": str(classes[j]), "probability": float(proba[i, j])} for j in order[i]]
+        rows.append({"run_id": run.id, "image_id": int(image_id), "label": top[0]["label"],
+                     "probability": top[0]["probability"], "top5": top})
+    with store.session() as s:
+        s.execute(delete(Prediction).where(Prediction.run_id == run.id,
+                                           Prediction.image_id.in_([r["image_id"] for r in rows])))
+        s.execute(insert(Prediction), rows)
+    return PredictSummary(run.id, len(rows), skipped, rows)
+
+
+def list_runs(store: Store) -> list[Run]:
+    with store.session() as s:
+        return list(s.scalars(select(Run).order_by(Run.id)))
+
+
+def artifact_path(store: Store, run: Run) -> Path | None:
+    return store.root / run.artifact_path if run.artifact_path else None
