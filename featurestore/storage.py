@@ -75,38 +75,39 @@ def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with h5py.File(path, "r") as fh:
             return fh["image_ids"][...], fh["vectors"][...]
     except (OSError, KeyError) as exc:
-        raise IntegrityError(
-            f"feature shard {path} is missing or unreadable ({exc}); run `fs status` and re-extract"
-        ) from None
+        raise _open_error(path, exc) from None
 
 
-def read_into(path: Path, out: np.ndarray, positions: np.ndarray, rows: np.ndarray, cols: slice) -> None:
-    """Copy ``vectors[rows]`` of a shard into ``out[positions, cols]``.
+def _open_error(path: Path, exc: Exception) -> IntegrityError:
+    return IntegrityError(f"feature shard {path} is missing or unreadable ({exc}); run `fs status` and re-extract")
 
-    When the shard is read whole and lands on a contiguous run of output rows
-    the copy goes straight from HDF5 into ``out``; otherwise the shard is read
-    once and gathered.
-    """
+
+def read_image_ids(path: Path) -> np.ndarray:
+    """The ``image_ids`` of a shard (small: one int64 per row)."""
     try:
         with h5py.File(path, "r") as fh:
-            ds = fh["vectors"]
-            n = ds.shape[0]
-            if ds.shape[1] != cols.stop - cols.start:
-                raise DimensionMismatchError(
-                    f"feature shard {path} has dim {ds.shape[1]}, catalog says {cols.stop - cols.start}"
-                )
-            contiguous_rows = len(rows) == n and np.array_equal(rows, np.arange(n))
-            p0 = int(positions[0]) if len(positions) else 0
-            contiguous_pos = len(positions) > 0 and np.array_equal(positions, np.arange(p0, p0 + n))
-            if contiguous_rows and contiguous_pos and out.flags.c_contiguous:
-                ds.read_direct(out, dest_sel=np.s_[p0 : p0 + n, cols])
-                return
-            block = ds[...]
+            return fh["image_ids"][...]
     except (OSError, KeyError) as exc:
-        raise IntegrityError(
-            f"feature shard {path} is missing or unreadable ({exc}); run `fs status` and re-extract"
-        ) from None
-    out[positions, cols] = block[rows]
+        raise _open_error(path, exc) from None
+
+
+def read_vectors(path: Path) -> np.ndarray:
+    """A shard's whole matrix in one contiguous read (faster than any strided selection)."""
+    try:
+        with h5py.File(path, "r") as fh:
+            return fh["vectors"][...]
+    except (OSError, KeyError) as exc:
+        raise _open_error(path, exc) from None
+
+
+def place(out: np.ndarray, block: np.ndarray, positions: np.ndarray, rows: np.ndarray, cols: slice) -> None:
+    """``out[positions, cols] = block[rows]``, as one block copy when both sides are contiguous runs."""
+    n = block.shape[0]
+    p0 = int(positions[0]) if len(positions) else 0
+    if len(rows) == n and np.array_equal(rows, np.arange(n)) and np.array_equal(positions, np.arange(p0, p0 + n)):
+        out[p0 : p0 + n, cols] = block
+    else:
+        out[positions, cols] = block[rows]
 
 
 def remove_orphans(folder: Path, registered: Iterable[str]) -> list[Path]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ from featurestore.errors import (
 )
 from featurestore.features.base import FeatureSpec
 from featurestore.lock import write_lock
-from featurestore.storage import read_into, read_shard, remove_orphans, write_shard
+from featurestore.storage import place, read_shard, remove_orphans, write_shard
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
@@ -163,12 +164,19 @@ class Store:
     ) -> list[tuple[int, str, str | None, str | None]]:
         """(id, source_path, label, superclass) of the selected images, by id."""
         q = select(Image.id, Image.source_path, Image.label, Image.superclass).order_by(Image.id)
-        with self.session() as s:
-            if dataset is not None:
+        if dataset is not None:
+            with self.session() as s:
                 q = q.where(Image.dataset_id == self.dataset_id(s, dataset))
-            if labelled_only:
-                q = q.where(Image.label.is_not(None))
-            rows = [tuple(r) for r in s.execute(q)]
+        if labelled_only:
+            q = q.where(Image.label.is_not(None))
+        # Plain DB-API tuples: ORM/Row objects cost seconds per million images. The only
+        # bound values are integers we produced, so rendering them inline is safe.
+        sql = str(q.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
+        with self.engine.connect() as conn:
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            cur.execute(sql)
+            rows = cur.fetchall()
+            cur.close()
         if image_ids is not None:
             wanted = {int(i) for i in image_ids}
             rows = [r for r in rows if r[0] in wanted]
@@ -301,47 +309,51 @@ class Store:
         sets = [self.feature_set(n) for n in feature_sets]
         images = self.select_images(dataset=dataset, labelled_only=labelled_only, image_ids=image_ids)
         ids = np.array([r[0] for r in images], dtype=np.int64)
-        index_of = {int(i): k for k, i in enumerate(ids)}
-        locations: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        keep = np.ones(len(ids), dtype=bool)
         with self.engine.connect() as conn:
-            for fs in sets:
-                rows = conn.exec_driver_sql(
-                    f"SELECT image_id, shard_id, row FROM feature_rows WHERE feature_set_id = {int(fs.id)}"
-                ).fetchall()
-                arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
-                pos = np.array([index_of.get(int(i), -1) for i in arr[:, 0]], dtype=np.int64)
-                sel = pos >= 0
-                arr, pos = arr[sel], pos[sel]
-                present = np.zeros(len(ids), dtype=bool)
-                present[pos] = True
-                if not present.all() and not skip_missing:
-                    raise MissingFeaturesError(fs.name, int((~present).sum()), _extract_hint(fs))
-                keep &= present
-                locations[fs.id] = (pos, arr[:, 1], arr[:, 2])
-            shard_paths = dict(conn.exec_driver_sql("SELECT id, path FROM feature_shards").fetchall())
-        # Renumber positions to the kept rows.
-        new_pos = np.cumsum(keep) - 1
-        n = int(keep.sum())
-        total = sum(fs.dim for fs in sets)
-        X = np.empty((n, total), dtype=np.float32)
+            plans = {fs.id: self._shard_plan(conn, fs.id) for fs in sets}
+        # One pass: every shard is opened once, its ids and vectors read together and placed
+        # by image id. Rows are dropped afterwards only if some image lacks a set.
+        X = np.empty((len(ids), sum(fs.dim for fs in sets)), dtype=np.float32)
+        present = {fs.id: np.zeros(len(ids), dtype=bool) for fs in sets}
         blocks: dict[str, tuple[int, int]] = {}
+        jobs = []
         col = 0
         for fs in sets:
-            pos, shard_ids, rows = locations[fs.id]
-            m = keep[pos]
-            pos, shard_ids, rows = new_pos[pos[m]], shard_ids[m], rows[m]
             cols = slice(col, col + fs.dim)
-            order = np.lexsort((rows, shard_ids))
-            pos, shard_ids, rows = pos[order], shard_ids[order], rows[order]
-            bounds = np.flatnonzero(np.diff(shard_ids)) + 1
-            for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(shard_ids)], strict=True):
-                if start == stop:
-                    continue
-                path = self.root / shard_paths[int(shard_ids[start])]
-                read_into(path, X, pos[start:stop], rows[start:stop], cols)
+            jobs += [(fs.id, path, shard_ids, rows, cols) for path, shard_ids, rows in plans[fs.id]]
             blocks[fs.name] = (col, col + fs.dim)
             col += fs.dim
+
+        def load(fs_id: int, path: Path, shard_ids: np.ndarray | None, rows: np.ndarray | None, cols: slice) -> None:
+            file_ids, block = read_shard(path)
+            if block.shape[1] != cols.stop - cols.start:
+                raise DimensionMismatchError(
+                    f"feature shard {path} has dim {block.shape[1]}, catalog says {cols.stop - cols.start}"
+                )
+            if rows is None:
+                shard_ids, rows = file_ids, np.arange(len(file_ids))
+            assert shard_ids is not None
+            if not len(ids):
+                return
+            pos = np.minimum(np.searchsorted(ids, shard_ids), len(ids) - 1)
+            hit = ids[pos] == shard_ids
+            if not hit.all():
+                pos, rows = pos[hit], rows[hit]
+            present[fs_id][pos] = True
+            place(X, block, pos, rows, cols)
+
+        # HDF5 reads are serial (h5py holds a global lock) but numpy copies release the GIL:
+        # two workers each read a shard and place it, so one copies while the other reads.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for future in [pool.submit(load, *job) for job in jobs]:
+                future.result()
+        keep = np.ones(len(ids), dtype=bool)
+        for fs in sets:
+            if not present[fs.id].all() and not skip_missing:
+                raise MissingFeaturesError(fs.name, int((~present[fs.id]).sum()), _extract_hint(fs))
+            keep &= present[fs.id]
+        if not keep.all():
+            X = X[keep]
         kept = [r for r, k in zip(images, keep, strict=True) if k]
         return FeatureMatrix(
             image_ids=ids[keep],
@@ -351,6 +363,30 @@ class Store:
             superclasses=np.array([r[3] for r in kept], dtype=object),
             paths=[r[1] for r in kept],
         )
+
+    def _shard_plan(self, conn: Any, feature_set_id: int) -> list[tuple[Path, np.ndarray | None, np.ndarray | None]]:
+        """(path, image ids, rows) of the live rows of each shard of a feature set.
+
+        When the catalog points at every row of a shard (the normal case) ids and
+        rows are None: the shard's own ``image_ids`` are used, which is much faster
+        than fetching one catalog row per vector. Otherwise the catalog's rows
+        for that shard are returned.
+        """
+        fid = int(feature_set_id)
+        shards = conn.execute(select(FeatureShard.id, FeatureShard.path, FeatureShard.rows).where(
+            FeatureShard.feature_set_id == fid).order_by(FeatureShard.id)).all()
+        counts = dict(conn.execute(select(FeatureRow.shard_id, func.count()).where(
+            FeatureRow.feature_set_id == fid).group_by(FeatureRow.shard_id)).all())
+        plan: list[tuple[Path, np.ndarray | None, np.ndarray | None]] = []
+        for shard_id, rel, nrows in shards:
+            live = counts.get(shard_id, 0)
+            if live == nrows:
+                plan.append((self.root / rel, None, None))
+            elif live:
+                rows = np.array(conn.execute(select(FeatureRow.image_id, FeatureRow.row).where(
+                    FeatureRow.shard_id == shard_id)).all(), dtype=np.int64).reshape(-1, 2)
+                plan.append((self.root / rel, rows[:, 0], rows[:, 1]))
+        return plan
 
     def iter_shards(self, feature_set: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(image_ids, vectors) per shard, only rows the catalog points at."""
