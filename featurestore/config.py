@@ -37,6 +37,17 @@ def _env_float(name: str, default: float) -> float:
         raise InvalidInputError(f"{name}={raw!r} is not a number; unset it or give a number") from None
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = (os.environ.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInputError(f"{name}={raw!r} is not a boolean; use 1/true or 0/false")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where the store lives and how hard it may work.
@@ -60,6 +71,16 @@ class Settings:
     search_memory_mb:
         Memory budget of an in-memory search index; larger feature sets are
         streamed shard by shard. ``FS_SEARCH_MEMORY_MB``; default 1024.
+    api_token:
+        Bearer token of the HTTP service (`fs serve`); when set, every request
+        but the health check must carry it. ``FS_API_TOKEN``; default none.
+    max_upload_mb:
+        Largest image upload the HTTP service accepts, in MiB.
+        ``FS_MAX_UPLOAD_MB``; default 20.
+    allow_writes:
+        Whether the HTTP service accepts requests that write to the store
+        (also needs ``api_token``). ``FS_ALLOW_WRITES`` (1/true); set by
+        `fs serve --allow-writes`; default false.
     """
 
     store: Path = field(default_factory=lambda: Path(".fs"))
@@ -68,6 +89,9 @@ class Settings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     max_image_pixels: int = 89_478_485
     search_memory_mb: int = 1024
+    api_token: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
+    max_upload_mb: int = 20
+    allow_writes: bool = False
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -79,6 +103,9 @@ class Settings:
             workers=max(1, _env_int("FS_WORKERS", os.cpu_count() or 2)),
             max_image_pixels=_env_int("FS_MAX_IMAGE_PIXELS", 89_478_485),
             search_memory_mb=_env_int("FS_SEARCH_MEMORY_MB", 1024),
+            api_token=os.environ.get("FS_API_TOKEN") or None,
+            max_upload_mb=_env_int("FS_MAX_UPLOAD_MB", 20),
+            allow_writes=_env_bool("FS_ALLOW_WRITES", False),
         )
         clean = {k: v for k, v in overrides.items() if v is not None}
         if "store" in clean:

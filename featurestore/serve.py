@@ -1,0 +1,752 @@
+"""The store as an HTTP service: a FastAPI app over one :class:`~featurestore.store.Store`.
+
+``fs serve`` runs :func:`create_app` under uvicorn; the OpenAPI description is at
+``/openapi.json`` and interactive docs at ``/docs``. All resources live under
+``/v1`` and speak JSON; every error is ``{"error": "..."}`` with a 4xx status
+saying what was wrong with the request (5xx only for a broken store).
+
+Safety
+------
+* Read-only by default. Requests that write (``POST /v1/runs/{id}/predict``
+  with ``store=true``) need the server started with ``allow_writes`` (``fs serve
+  --allow-writes``) and the bearer token ``FS_API_TOKEN``; otherwise 403.
+* When ``FS_API_TOKEN`` is set, every request except ``/v1/health`` must carry
+  ``Authorization: Bearer <token>`` (compared in constant time); otherwise 401.
+  :func:`check_bind` refuses to listen beyond loopback without a token.
+* Filters (``label``, ``dataset``) reach SQL only as bound parameters.
+* Uploads are limited to ``FS_MAX_UPLOAD_MB`` while the body is received, and
+  decoded with the store's pixel limit (decompression bombs are refused).
+
+Consistency: every catalog read is its own short transaction, and new shards
+become visible only once registered, so the service can run while ``fs
+extract`` or ``fs ingest`` write. The in-memory search indexes are keyed by the
+feature set's shard list (see :mod:`featurestore.search`) and reload when it
+changes. Extractors and fitted run models are cached per feature set / run
+(keyed by params and artifact sha256, so a replaced set or run is reloaded).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from featurestore import __version__
+from featurestore.catalog.models import Dataset, FeatureRow, FeatureSet, Image, Run
+from featurestore.config import Settings
+from featurestore.errors import (
+    DimensionMismatchError,
+    FeatureStoreError,
+    IntegrityError,
+    InvalidInputError,
+    MissingFeaturesError,
+    NotFoundError,
+    StoreBusyError,
+)
+from featurestore.images import ImageDecodeError, decode_bytes
+from featurestore.store import Store, _extract_hint
+
+log = logging.getLogger("featurestore.serve")
+
+MAX_ID = 2**63 - 1  # SQL BIGINT; larger ids cannot exist and would overflow the driver
+MAX_K = 1000
+# Room for the multipart framing and the small form fields around one file.
+MULTIPART_OVERHEAD = 64 * 1024
+# Pillow format -> file extension that `fs ingest` accepts.
+UPLOAD_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
+ENABLE_WRITES = (
+    "this server is read-only: restart it with `fs serve --allow-writes` and FS_API_TOKEN set, "
+    "then send `Authorization: Bearer <token>`"
+)
+
+Metric = Literal["cosine", "l2"]
+
+
+# -- response models (they also document the API in /openapi.json) ----------------------------
+class ErrorOut(BaseModel):
+    error: str
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+    allow_writes: bool
+
+
+class DatasetOut(BaseModel):
+    name: str
+    images: int
+    created_at: datetime | None
+
+
+class FeatureSetOut(BaseModel):
+    name: str
+    kind: str
+    dim: int
+    images: int
+    coverage: float
+    shards: int
+
+
+class ImageOut(BaseModel):
+    id: int
+    sha256: str
+    path: str
+    dataset: str
+    label: str | None
+    superclass: str | None
+    width: int
+    height: int
+    format: str
+    mode: str
+    bytes: int
+    ingested_at: datetime | None
+    feature_sets: list[str]
+
+
+class VectorOut(BaseModel):
+    feature_set: str
+    image_id: int
+    dim: int
+    vector: list[float | None]
+
+
+class SearchHit(BaseModel):
+    rank: int
+    image_id: int
+    path: str
+    label: str | None
+    score: float
+
+
+class UploadInfo(BaseModel):
+    sha256: str
+    width: int
+    height: int
+    format: str
+
+
+class SearchOut(BaseModel):
+    feature_set: str
+    metric: str
+    image_id: int | None = None
+    upload: UploadInfo | None = None
+    results: list[SearchHit]
+
+
+class RunOut(BaseModel):
+    id: int
+    created_at: datetime | None
+    status: str
+    features: list[str]
+    classifier: str
+    target: str
+    n_images: int
+    n_splits: int
+    test_size: float
+    accuracy_mean: float | None
+    accuracy_std: float | None
+    macro_f1_mean: float | None
+    superclass_accuracy_mean: float | None
+    has_model: bool
+    comparison_group: str | None
+
+
+class RunDetailOut(RunOut):
+    split_accuracies: list[float]
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class PredictOut(BaseModel):
+    run_id: int
+    label: str
+    probability: float
+    top: list[LabelProbability]
+    upload: UploadInfo
+    stored: bool
+    image_id: int | None = None
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in [(401, "missing or wrong bearer token"), (404, "unknown feature set, image, run or dataset"),
+                       (409, "the image lacks a vector in this feature set"), (422, "invalid parameters")]
+}
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    413: {"model": ErrorOut, "description": "upload too large or decompression bomb"},
+    415: {"model": ErrorOut, "description": "the upload is not an image"},
+}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **UPLOAD_ERRORS,
+    403: {"model": ErrorOut, "description": "writes are disabled on this server"},
+    503: {"model": ErrorOut, "description": "another process is writing to the store"},
+}
+
+
+# -- binding and error mapping -----------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ``::1``."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, settings: Settings) -> None:
+    """Refuse configurations that would expose the store without a token.
+
+    Raises
+    ------
+    InvalidInputError
+        ``host`` is not loopback and ``FS_API_TOKEN`` is unset, or writes are
+        allowed without ``FS_API_TOKEN``.
+    """
+    if settings.allow_writes and not settings.api_token:
+        raise InvalidInputError("--allow-writes needs FS_API_TOKEN: set it to a long random secret and restart")
+    if not is_loopback(host) and not settings.api_token:
+        raise InvalidInputError(
+            f"refusing to listen on {host} without FS_API_TOKEN: set it to a long random secret "
+            "(clients send `Authorization: Bearer <token>`) or bind to 127.0.0.1"
+        )
+
+
+def status_for(exc: FeatureStoreError) -> int:
+    """The HTTP status of a library error."""
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, InvalidInputError | DimensionMismatchError):
+        return 422
+    if isinstance(exc, MissingFeaturesError):
+        return 409
+    if isinstance(exc, IntegrityError):
+        return 500
+    if isinstance(exc, StoreBusyError):
+        return 503
+    return 400
+
+
+class HTTPError(FeatureStoreError):
+    """An error with an explicit HTTP status (raised by the endpoints themselves)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("query", "path", "body", "header")]
+        where = ".".join(loc) or "request"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts) if parts else "invalid request"
+
+
+# -- upload size limit -------------------------------------------------------------------------
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes while they are received.
+
+    A declared ``Content-Length`` over the limit is answered with 413 before any
+    byte is read; otherwise bytes are counted as they arrive and the request
+    fails with 413 as soon as the count passes the limit, so nothing unbounded
+    is buffered or spooled to disk.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    def _message(self) -> str:
+        return f"request body larger than the upload limit of {self.limit - MULTIPART_OVERHEAD:,} bytes " \
+               "(FS_MAX_UPLOAD_MB on the server)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.limit:
+                    await _error(413, self._message())(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+
+# -- the service -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Upload:
+    """A decoded upload: its bytes (for storing) and RGB pixels."""
+
+    data: bytes
+    sha256: str
+    width: int
+    height: int
+    format: str
+    image: Any  # PIL.Image.Image
+
+    def info(self) -> UploadInfo:
+        return UploadInfo(sha256=self.sha256, width=self.width, height=self.height, format=self.format)
+
+
+class Service:
+    """What the endpoints share: the store and the caches (thread-safe)."""
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.max_upload = max(0, int(settings.max_upload_mb)) * 2**20
+        self._lock = threading.Lock()
+        self._extractors: dict[tuple[Any, ...], tuple[Any, threading.Lock]] = {}
+        self._models: dict[tuple[int, str], Any] = {}
+
+    # -- lookups
+    def feature_set(self, name: str) -> FeatureSet:
+        _no_nul(name, "feature set name")
+        return self.store.feature_set(name)
+
+    def require_vector(self, fs: FeatureSet, image_id: int) -> None:
+        """404 for an unknown image, 409 when it has no vector in ``fs``."""
+        with self.store.engine.connect() as conn:
+            known = conn.execute(select(Image.id).where(Image.id == image_id)).first() is not None
+            has = known and conn.execute(select(FeatureRow.image_id).where(
+                FeatureRow.feature_set_id == fs.id, FeatureRow.image_id == image_id)).first() is not None
+        if not known:
+            raise HTTPError(404, f"no image with id {image_id} in the catalog")
+        if not has:
+            raise HTTPError(409, f"image {image_id} has no vector in {fs.name}: run `{_extract_hint(fs)}` first")
+
+    def allowed_ids(self, label: str | None, dataset: str | None) -> np.ndarray | None:
+        """Ids passing the label/dataset filters (bound parameters only), or None without filters."""
+        if label is None and dataset is None:
+            return None
+        q = select(Image.id)
+        with self.store.engine.connect() as conn:
+            if dataset is not None:
+                _no_nul(dataset, "dataset")
+                ds = conn.execute(select(Dataset.id).where(Dataset.name == dataset)).scalar()
+                if ds is None:
+                    raise NotFoundError("dataset", dataset, conn.execute(select(Dataset.name)).scalars())
+                q = q.where(Image.dataset_id == ds)
+            if label is not None:
+                _no_nul(label, "label")
+                q = q.where(Image.label == label)
+            ids = conn.execute(q).scalars().all()
+        return np.fromiter((int(i) for i in ids), dtype=np.int64, count=len(ids))
+
+    def describe(self, ids: list[int]) -> dict[int, tuple[str, str | None]]:
+        if not ids:
+            return {}
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(select(Image.id, Image.source_path, Image.label).where(Image.id.in_(ids)))
+            return {int(i): (str(p), lb) for i, p, lb in rows}
+
+    # -- search
+    def search(self, fs: FeatureSet, vec: np.ndarray, k: int, metric: str, exclude: set[int],
+               allowed: np.ndarray | None) -> list[SearchHit]:
+        from featurestore import search as fsearch
+
+        if allowed is not None and allowed.size == 0:
+            return []
+        for attempt in range(2):
+            shards = fsearch._shards(self.store, fs)
+            if not shards:
+                return []
+            try:
+                if fsearch._set_bytes(fs, shards) <= fsearch._budget_bytes(self.store):
+                    index = fsearch._index(self.store, fs, metric, shards)
+                    hits = index.search(vec, k, exclude_ids=exclude or None, allowed_ids=allowed)
+                else:
+                    hits = fsearch.top_k(vec, self.store.iter_shards(fs.name), k=k, metric=metric,
+                                         exclude_ids=exclude or None, allowed_ids=allowed)
+                break
+            except IntegrityError:
+                # `fs compact` may have replaced a shard between listing and reading it: list again once.
+                if attempt:
+                    raise
+        info = self.describe([h.image_id for h in hits])
+        return [SearchHit(rank=r, image_id=h.image_id, path=info.get(h.image_id, ("", None))[0],
+                          label=info.get(h.image_id, ("", None))[1], score=float(h.score))
+                for r, h in enumerate(hits, start=1)]
+
+    # -- uploads
+    def read_upload(self, file: UploadFile) -> Upload:
+        """Read at most the upload limit (413 beyond) and decode it (415/413/422 when it is no image)."""
+        data = file.file.read(self.max_upload + 1)
+        if len(data) > self.max_upload:
+            raise HTTPError(413, f"upload larger than the limit of {self.settings.max_upload_mb} MiB "
+                                 "(FS_MAX_UPLOAD_MB on the server)")
+        try:
+            decoded = decode_bytes(data, self.settings.max_image_pixels)
+        except ImageDecodeError as exc:
+            msg = str(exc)
+            if msg.startswith("decompression bomb"):
+                status = 413
+            elif msg.startswith(("not an image", "empty file")):
+                status = 415
+            else:
+                status = 422
+            name = f" {file.filename}" if file.filename else ""
+            raise HTTPError(status, f"upload{name}: {msg}") from None
+        return Upload(data, decoded.sha256, decoded.width, decoded.height, decoded.format, decoded.image)
+
+    # -- prediction
+    def extractor(self, name: str) -> tuple[Any, threading.Lock]:
+        from featurestore.extract import extractor_for
+
+        fs = self.store.feature_set(name)
+        key = (fs.id, fs.name, json.dumps(fs.params, sort_keys=True, default=str))
+        with self._lock:
+            hit = self._extractors.get(key)
+        if hit is None:
+            hit = (extractor_for(self.store, name, batch_size=1), threading.Lock())
+            with self._lock:
+                hit = self._extractors.setdefault(key, hit)
+        return hit
+
+    def model(self, run: Run) -> Any:
+        from featurestore.runs import load_run_model
+
+        key = (int(run.id), str(run.artifact_sha256))
+        with self._lock:
+            model = self._models.get(key)
+        if model is None:
+            model = load_run_model(self.store, run)  # verifies the artifact's sha256 before unpickling
+            with self._lock:
+                model = self._models.setdefault(key, model)
+        return model
+
+    def features_of(self, run: Run, image: Any) -> np.ndarray:
+        """The run's feature vector of one RGB image, blocks in the run's order (as read_matrix builds it)."""
+        parts = []
+        for name in run.features:
+            ex, lock = self.extractor(name)
+            prepared = ex.prepare(image)
+            with lock:
+                out = ex.compute([prepared])[name]
+            parts.append(np.asarray(out, dtype=np.float32).reshape(1, -1))
+        return np.hstack(parts)
+
+    def store_upload(self, up: Upload, run_id: int) -> int:
+        """Save the upload under uploads/, ingest it into dataset "uploads" and store its prediction row."""
+        from featurestore.fsutil import write_bytes_atomic
+        from featurestore.ingest import ingest
+        from featurestore.runs import predict
+
+        ext = UPLOAD_EXTENSIONS.get(up.format)
+        if ext is None:
+            raise HTTPError(415, f"{up.format} images cannot be stored; upload JPEG, PNG, WebP, BMP, GIF or TIFF")
+        path = self.store.root / "uploads" / f"{up.sha256}.{ext}"
+
+        def stored_id() -> int | None:
+            with self.store.engine.connect() as conn:
+                return conn.execute(select(Image.id).where(Image.sha256 == up.sha256)).scalar()
+
+        with self.store.writing():
+            image_id = stored_id()
+            if image_id is None:  # content already in the store is not saved twice
+                if not path.is_file():
+                    write_bytes_atomic(path, up.data)
+                summary = ingest(self.store, path, dataset="uploads", labels="none")
+                if summary.failed:
+                    raise HTTPError(422, f"upload could not be ingested: {summary.failed[0][1]}")
+                image_id = stored_id()
+            if image_id is None:  # ingest succeeded, so the row exists
+                raise FeatureStoreError(f"uploaded image {up.sha256} is missing from the catalog after ingest")
+            predict(self.store, run_id, [int(image_id)], batch_size=1)
+        return int(image_id)
+
+
+def _no_nul(value: str, what: str) -> None:
+    # NUL cannot be stored in PostgreSQL text and never occurs in names the store accepts.
+    if "\x00" in value:
+        raise InvalidInputError(f"{what} contains a NUL character")
+
+
+def _run_out(run: Run) -> dict[str, Any]:
+    return {"id": run.id, "created_at": run.created_at, "status": run.status, "features": list(run.features),
+            "classifier": run.classifier, "target": run.target, "n_images": run.n_images,
+            "n_splits": run.n_splits, "test_size": run.test_size, "accuracy_mean": run.accuracy_mean,
+            "accuracy_std": run.accuracy_std, "macro_f1_mean": run.macro_f1_mean,
+            "superclass_accuracy_mean": run.superclass_accuracy_mean, "has_model": bool(run.artifact_path),
+            "comparison_group": run.comparison_group}
+
+
+# -- the app -----------------------------------------------------------------------------------
+ImageId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="Image id (see GET /v1/images/{id}).")]
+RunId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="Run id (see GET /v1/runs).")]
+SetName = Annotated[str, PathParam(max_length=200, description="Feature set name (see GET /v1/feature-sets).")]
+Label = Annotated[str | None, Query(max_length=200, description="Only images with this label.")]
+DatasetName = Annotated[str | None, Query(max_length=200, description="Only images of this dataset.")]
+TopK = Annotated[int, Query(ge=1, le=MAX_K, description="Number of results.")]
+
+_bearer = HTTPBearer(auto_error=False, description="FS_API_TOKEN of the server, when it has one.")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The FastAPI app serving the store at ``settings.store`` (opened now, closed on shutdown).
+
+    Parameters
+    ----------
+    settings : Settings
+        Store location, ``api_token`` (FS_API_TOKEN), ``max_upload_mb``
+        (FS_MAX_UPLOAD_MB), ``allow_writes`` and ``max_image_pixels``.
+
+    Returns
+    -------
+    FastAPI
+
+    Raises
+    ------
+    FeatureStoreError
+        There is no store at ``settings.store`` (or its schema is outdated), or
+        writes are allowed without a token.
+    """
+    if settings.allow_writes and not settings.api_token:
+        raise InvalidInputError("--allow-writes needs FS_API_TOKEN: set it to a long random secret and restart")
+    store = Store.open(settings)
+    svc = Service(settings, store)
+    token = settings.api_token.encode() if settings.api_token else None
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            store.close()
+
+    def authenticate(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if token is None:
+            return
+        given = creds.credentials.encode("utf-8", "surrogateescape") if creds else b""
+        if not hmac.compare_digest(given, token):
+            raise HTTPError(401, "missing or wrong bearer token: send `Authorization: Bearer <FS_API_TOKEN>`")
+
+    def require_writes() -> None:
+        if not settings.allow_writes:
+            raise HTTPError(403, ENABLE_WRITES)
+
+    app = FastAPI(
+        title="featurestore",
+        version=__version__,
+        description="A feature store and embedding database for image classification: datasets, feature sets, "
+                    "similarity search and predictions of trained runs.",
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+    app.add_middleware(BodyLimit, limit=svc.max_upload + MULTIPART_OVERHEAD)
+
+    @app.exception_handler(FeatureStoreError)
+    async def _store_error(_: Request, exc: FeatureStoreError) -> JSONResponse:
+        status = exc.status if isinstance(exc, HTTPError) else status_for(exc)
+        if status >= 500:
+            log.error("%s: %s", type(exc).__name__, exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return _error(status, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _validation_message(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    auth = [Depends(authenticate)]
+    get = _route(app.get, auth)
+    post = _route(app.post, auth)
+
+    @app.get("/v1/health", tags=["service"])
+    def health() -> HealthOut:
+        """Liveness, version and whether writes are enabled (no token needed)."""
+        return HealthOut(status="ok", version=__version__, allow_writes=settings.allow_writes)
+
+    @get("/v1/datasets", tags=["catalog"])
+    def datasets() -> list[DatasetOut]:
+        """Datasets with their image counts."""
+        with store.session() as s:
+            rows = s.execute(select(Dataset.name, func.count(Image.id), Dataset.created_at)
+                             .join(Image, Image.dataset_id == Dataset.id, isouter=True)
+                             .group_by(Dataset.id, Dataset.name, Dataset.created_at).order_by(Dataset.name)).all()
+        return [DatasetOut(name=n, images=c, created_at=t) for n, c, t in rows]
+
+    @get("/v1/feature-sets", tags=["catalog"])
+    def feature_sets() -> list[FeatureSetOut]:
+        """Feature sets with their coverage (images with a vector / all images) and shard counts."""
+        with store.session() as s:
+            total = s.scalar(select(func.count(Image.id))) or 0
+        return [FeatureSetOut(name=n, kind=kd, dim=d, images=c, coverage=c / total if total else 0.0, shards=sh)
+                for n, kd, d, c, sh in store.coverage()]
+
+    @get("/v1/images/{image_id}", tags=["catalog"], responses=ERRORS)
+    def image(image_id: ImageId) -> ImageOut:
+        """One image's catalog row and the feature sets it has a vector in."""
+        with store.session() as s:
+            row = s.execute(select(Image, Dataset.name).join(Dataset, Dataset.id == Image.dataset_id)
+                            .where(Image.id == image_id)).first()
+            if row is None:
+                raise HTTPError(404, f"no image with id {image_id} in the catalog")
+            img, ds = row
+            sets = list(s.scalars(select(FeatureSet.name).join(FeatureRow, FeatureRow.feature_set_id == FeatureSet.id)
+                                  .where(FeatureRow.image_id == image_id).order_by(FeatureSet.name)))
+        return ImageOut(id=img.id, sha256=img.sha256, path=img.source_path, dataset=ds, label=img.label,
+                        superclass=img.superclass, width=img.width, height=img.height, format=img.format,
+                        mode=img.mode, bytes=img.bytes, ingested_at=img.ingested_at, feature_sets=sets)
+
+    @get("/v1/feature-sets/{name}/vectors/{image_id}", tags=["feature sets"], responses=ERRORS)
+    def vector(name: SetName, image_id: ImageId) -> VectorOut:
+        """One image's stored vector in a feature set (non-finite values are null)."""
+        from featurestore.search import stored_vector
+
+        fs = svc.feature_set(name)
+        svc.require_vector(fs, image_id)
+        vec = stored_vector(store, fs.name, image_id)
+        raw: list[float] = vec.astype(float).tolist()
+        values: list[float | None] = [v if math.isfinite(v) else None for v in raw]
+        return VectorOut(feature_set=fs.name, image_id=image_id, dim=int(fs.dim), vector=values)
+
+    @get("/v1/feature-sets/{name}/search", tags=["feature sets"], responses=ERRORS)
+    def search_by_id(
+        name: SetName,
+        image_id: Annotated[int, Query(ge=1, le=MAX_ID, description="Query image (excluded from the results).")],
+        k: TopK = 10,
+        label: Label = None,
+        dataset: DatasetName = None,
+        metric: Annotated[Metric, Query(description="cosine: similarity, higher is better; l2: distance, "
+                                                    "lower is better.")] = "cosine",
+    ) -> SearchOut:
+        """Images nearest to a stored image (exact search), optionally only those with a label / in a dataset."""
+        from featurestore.search import stored_vector
+
+        fs = svc.feature_set(name)
+        svc.require_vector(fs, image_id)
+        allowed = svc.allowed_ids(label, dataset)
+        vec = stored_vector(store, fs.name, image_id)
+        hits = svc.search(fs, vec, k, metric, {image_id}, allowed)
+        return SearchOut(feature_set=fs.name, metric=metric, image_id=image_id, results=hits)
+
+    @post("/v1/feature-sets/{name}/search", tags=["feature sets"], responses=UPLOAD_ERRORS)
+    def search_by_upload(
+        name: SetName,
+        file: Annotated[UploadFile, File(description="Query image (any size and mode; not stored).")],
+        k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
+        label: Annotated[str | None, Form(max_length=200)] = None,
+        dataset: Annotated[str | None, Form(max_length=200)] = None,
+        metric: Annotated[Metric, Form()] = "cosine",
+    ) -> SearchOut:
+        """Images nearest to an uploaded image, embedded like the feature set's stored vectors."""
+        from featurestore.search import embedder_for
+
+        fs = svc.feature_set(name)
+        allowed = svc.allowed_ids(label, dataset)
+        up = svc.read_upload(file)
+        vec = embedder_for(store, fs.name)(up.image)
+        hits = svc.search(fs, vec, k, metric, set(), allowed)
+        return SearchOut(feature_set=fs.name, metric=metric, upload=up.info(), results=hits)
+
+    @get("/v1/runs", tags=["runs"])
+    def runs() -> list[RunOut]:
+        """Training and evaluation runs with their mean scores over the splits."""
+        from featurestore.runs import list_runs
+
+        return [RunOut(**_run_out(r)) for r in list_runs(store)]
+
+    @get("/v1/runs/{run_id}", tags=["runs"], responses=ERRORS)
+    def run(run_id: RunId) -> RunDetailOut:
+        """One run with its per-split test accuracy."""
+        from featurestore.runs import get_run, split_scores
+
+        r = get_run(store, run_id)
+        return RunDetailOut(**_run_out(r), split_accuracies=split_scores(store, run_id))
+
+    @post("/v1/runs/{run_id}/predict", tags=["runs"], responses=WRITE_ERRORS)
+    def predict(
+        run_id: RunId,
+        file: Annotated[UploadFile, File(description="Image to classify.")],
+        k: Annotated[int, Form(ge=1, le=MAX_K, description="Number of labels returned.")] = 5,
+        store_prediction: Annotated[bool, Form(alias="store", description="Also ingest the image (dataset "
+                                               "'uploads') and store the prediction row; needs writes.")] = False,
+    ) -> PredictOut:
+        """Classify an uploaded image with a run's final model (top-k labels with probabilities)."""
+        from featurestore.runs import check_features_unchanged, get_run
+
+        if store_prediction:
+            require_writes()
+        r = get_run(store, run_id)
+        check_features_unchanged(store, r)
+        model = svc.model(r)
+        up = svc.read_upload(file)
+        X = svc.features_of(r, up.image)
+        proba = np.asarray(model.predict_proba(X))[0]
+        classes = np.asarray(model.classes_)
+        order = np.argsort(-proba, kind="stable")[:k]
+        top = [LabelProbability(label=str(classes[j]), probability=float(proba[j])) for j in order]
+        image_id = svc.store_upload(up, r.id) if store_prediction else None
+        return PredictOut(run_id=r.id, label=top[0].label, probability=top[0].probability, top=top,
+                          upload=up.info(), stored=store_prediction, image_id=image_id)
+
+    return app
+
+
+def _route(method: Callable[..., Any], dependencies: list[Any]) -> Callable[..., Any]:
+    def decorator(path: str, **kwargs: Any) -> Any:
+        return method(path, dependencies=dependencies, **kwargs)
+
+    return decorator
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for uvicorn workers: ``Settings.from_env()`` (``fs serve`` exports its options)."""
+    settings = Settings.from_env()
+    return create_app(settings)
+
