@@ -11,6 +11,7 @@ unreadable since ingest are reported and skipped.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -209,41 +210,91 @@ def projection_extractor(
     return RandomProjectionExtractor(projection, size=size, rule=rule, name=name)
 
 
+def _canonical(params: Any) -> Any:
+    """Params as the catalog's JSON column gives them back (tuples -> lists, numpy -> Python)."""
+    return json.loads(json.dumps(params, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def _build_extractor(store: Store, fs: Any, batch_size: int = 32) -> Extractor:
+    """The extractor that produced ``fs``, rebuilt from its catalog row."""
+    from featurestore.errors import FeatureStoreError
+
+    p: dict[str, Any] = dict(fs.params or {})
+    try:
+        if fs.kind == "random_projection":
+            return projection_extractor(
+                store, k=int(p["k"]), size=(int(p["size"][0]), int(p["size"][1])),
+                rule=p["resize_rule"], seed=int(p["seed"]), name=fs.name,
+            )
+        if fs.kind == "pixels":
+            from featurestore.features.pixels import PixelsExtractor
+
+            return PixelsExtractor((int(p["size"][0]), int(p["size"][1])), rule=p["resize_rule"], name=fs.name)
+        if fs.kind == "lowlevel":
+            from featurestore.features.lowlevel import LowLevelExtractor
+
+            # Rebuild every recorded setting (defaults when absent); outputs() is compared below.
+            kwargs: dict[str, Any] = {"rule": p["resize_rule"], "name": fs.name}
+            if "working_size" in p:
+                kwargs["working_size"] = tuple(p["working_size"])
+            hsv, hog, gist = p.get("hsv", {}), p.get("hog", {}), p.get("gist", {})
+            if "bins" in hsv:
+                kwargs["hsv_bins"] = tuple(hsv["bins"])
+            if "orientations" in hog:
+                kwargs["hog_orientations"] = hog["orientations"]
+            if "grid" in hog:
+                kwargs["hog_grid"] = tuple(hog["grid"])
+            if "size" in gist:
+                kwargs["gist_size"] = tuple(gist["size"])
+            if "frequencies" in gist:
+                kwargs["gist_frequencies"] = tuple(gist["frequencies"])
+            if "orientations" in gist:
+                kwargs["gist_orientations"] = gist["orientations"]
+            if "grid" in gist:
+                kwargs["gist_grid"] = tuple(gist["grid"])
+            return LowLevelExtractor(**kwargs)
+        if fs.kind == "cnn":
+            from featurestore.models import cnn_extractor
+
+            return cnn_extractor(store, p["model"], [p["layer"]], batch_size=batch_size)
+    except KeyError as exc:
+        raise FeatureStoreError(
+            f"feature set {fs.name!r} ({fs.kind}) does not record {exc.args[0]!r} in its params, so new "
+            f"images cannot be embedded like its stored ones; recompute it with `fs extract ... --replace`"
+        ) from None
+    raise InvalidInputError(
+        f"feature set {fs.name!r} has kind {fs.kind!r}, which cannot featurize new images; "
+        "use images already in the store (e.g. search by --id)"
+    )
+
+
 def extractor_for(store: Store, feature_set: str, batch_size: int = 32) -> Extractor:
     """An extractor that reproduces a stored feature set exactly (same projection, model, preprocessing).
 
-    Used to featurize new images for prediction and search. Refuses when the
-    rebuilt extractor's params differ from those the feature set recorded.
+    Used to featurize new images for prediction and search. The extractor is
+    rebuilt from the feature set's catalog row and its output params compared
+    with the stored ones, so a changed library or model cannot silently
+    produce other vectors.
     """
     from featurestore.errors import FeatureStoreError
 
     fs = store.feature_set(feature_set)
-    p = dict(fs.params)
-    ex: Extractor
-    if fs.kind == "random_projection":
-        ex = projection_extractor(store, int(p["k"]), (int(p["size"][0]), int(p["size"][1])),
-                                  p["resize_rule"], int(p["seed"]), name=fs.name)
-    elif fs.kind == "pixels":
-        from featurestore.features.pixels import PixelsExtractor
-
-        ex = PixelsExtractor((int(p["size"][0]), int(p["size"][1])), rule=p["resize_rule"], name=fs.name)
-    elif fs.kind == "lowlevel":
-        from featurestore.features.lowlevel import LowLevelExtractor
-
-        ex = LowLevelExtractor(rule=p["resize_rule"], name=fs.name)
-    elif fs.kind == "cnn":
-        from featurestore.models import cnn_extractor
-
-        ex = cnn_extractor(store, p["model"], [p["layer"]], batch_size=batch_size)
-    else:
-        raise FeatureStoreError(f"feature set {fs.name} has kind {fs.kind!r}, which cannot be recomputed")
-    specs = {s.name: s for s in ex.outputs()}
+    ex = _build_extractor(store, fs, batch_size)
+    specs = {spec.name: spec for spec in ex.outputs()}
     spec = specs.get(fs.name)
-    from featurestore.store import _jsonable
-
-    if spec is None or _jsonable(spec.params) != p or spec.dim != fs.dim:
+    if spec is None:
         raise FeatureStoreError(
-            f"feature set {fs.name} cannot be reproduced with this featurestore/model (its recorded params "
-            f"differ); re-extract it with `fs extract ... --replace`"
+            f"the {fs.kind} extractor rebuilt for {fs.name!r} produces {', '.join(sorted(specs))}, not "
+            f"{fs.name!r}; recompute the feature set with `fs extract ... --replace`"
+        )
+    stored, rebuilt = _canonical(fs.params), _canonical(spec.params)
+    if stored != rebuilt or spec.dim != fs.dim or spec.kind != fs.kind:
+        diff = sorted(k for k in set(stored) | set(rebuilt) if stored.get(k) != rebuilt.get(k))
+        if spec.dim != fs.dim:
+            diff.append(f"dim (stored {fs.dim} vs now {spec.dim})")
+        raise FeatureStoreError(
+            f"new images cannot be featurized like the stored vectors of {fs.name!r}: the extractor now "
+            f"records different parameters ({', '.join(diff) or 'kind'}); recompute the set with "
+            f"`fs extract ... --replace`"
         )
     return ex

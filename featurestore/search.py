@@ -597,64 +597,6 @@ def near_duplicate_groups(
 Embedder = Callable[["PILImage.Image"], np.ndarray]
 
 
-def _canonical(params: Any) -> Any:
-    """Params as the catalog's JSON column gives them back (tuples -> lists, numpy -> Python)."""
-    return json.loads(json.dumps(params, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-
-
-def _build_extractor(store: Store, fs: FeatureSet) -> Any:
-    """The extractor that produced ``fs``, rebuilt from its catalog row."""
-    p: dict[str, Any] = dict(fs.params or {})
-    try:
-        if fs.kind == "random_projection":
-            from featurestore.extract import projection_extractor
-
-            return projection_extractor(
-                store, k=int(p["k"]), size=(int(p["size"][0]), int(p["size"][1])),
-                rule=p["resize_rule"], seed=int(p["seed"]), name=fs.name,
-            )
-        if fs.kind == "pixels":
-            from featurestore.features.pixels import PixelsExtractor
-
-            return PixelsExtractor((int(p["size"][0]), int(p["size"][1])), rule=p["resize_rule"], name=fs.name)
-        if fs.kind == "lowlevel":
-            from featurestore.features.lowlevel import LowLevelExtractor
-
-            # Rebuild every recorded setting (defaults when absent); outputs() is compared below.
-            kwargs: dict[str, Any] = {"rule": p["resize_rule"], "name": fs.name}
-            if "working_size" in p:
-                kwargs["working_size"] = tuple(p["working_size"])
-            hsv, hog, gist = p.get("hsv", {}), p.get("hog", {}), p.get("gist", {})
-            if "bins" in hsv:
-                kwargs["hsv_bins"] = tuple(hsv["bins"])
-            if "orientations" in hog:
-                kwargs["hog_orientations"] = hog["orientations"]
-            if "grid" in hog:
-                kwargs["hog_grid"] = tuple(hog["grid"])
-            if "size" in gist:
-                kwargs["gist_size"] = tuple(gist["size"])
-            if "frequencies" in gist:
-                kwargs["gist_frequencies"] = tuple(gist["frequencies"])
-            if "orientations" in gist:
-                kwargs["gist_orientations"] = gist["orientations"]
-            if "grid" in gist:
-                kwargs["gist_grid"] = tuple(gist["grid"])
-            return LowLevelExtractor(**kwargs)
-        if fs.kind == "cnn":
-            from featurestore.models import cnn_extractor
-
-            return cnn_extractor(store, p["model"], [p["layer"]], batch_size=1)
-    except KeyError as exc:
-        raise FeatureStoreError(
-            f"feature set {fs.name!r} ({fs.kind}) does not record {exc.args[0]!r} in its params, so new "
-            f"images cannot be embedded like its stored ones; recompute it with `fs extract ... --replace`"
-        ) from None
-    raise InvalidInputError(
-        f"feature set {fs.name!r} has kind {fs.kind!r}, which cannot embed new images; "
-        "search it by --id (a stored image) instead"
-    )
-
-
 def embedder_for(store: Store, feature_set_name: str) -> Embedder:
     """A function embedding a new image exactly like the vectors of a stored feature set.
 
@@ -692,24 +634,9 @@ def embedder_for(store: Store, feature_set_name: str) -> Embedder:
         hit = cache.embedders.get(key)
     if hit is not None:
         return hit
-    ex = _build_extractor(store, fs)
-    specs = {spec.name: spec for spec in ex.outputs()}
-    spec = specs.get(fs.name)
-    if spec is None:
-        raise FeatureStoreError(
-            f"the {fs.kind} extractor rebuilt for {fs.name!r} produces {', '.join(sorted(specs))}, not "
-            f"{fs.name!r}; recompute the feature set with `fs extract ... --replace`"
-        )
-    stored, rebuilt = _canonical(fs.params), _canonical(spec.params)
-    if stored != rebuilt or spec.dim != fs.dim or spec.kind != fs.kind:
-        diff = sorted(k for k in set(stored) | set(rebuilt) if stored.get(k) != rebuilt.get(k))
-        if spec.dim != fs.dim:
-            diff.append(f"dim (stored {fs.dim} vs now {spec.dim})")
-        raise FeatureStoreError(
-            f"new images cannot be embedded like the stored vectors of {fs.name!r}: the extractor now "
-            f"records different parameters ({', '.join(diff) or 'kind'}); recompute the set with "
-            f"`fs extract ... --replace` or search by --id"
-        )
+    from featurestore.extract import extractor_for
+
+    ex = extractor_for(store, fs.name, batch_size=1)
     from featurestore.images import to_rgb
 
     lock = threading.Lock()

@@ -172,7 +172,7 @@ def test_id_errors(vec_store):
         store.append_vectors(fs, ids[:2], np.ones((2, DIM), np.float32))
     with pytest.raises(InvalidInputError, match=rf"image {int(ids[5])} has no vector in partial: run `fs extract"):
         search(store, "partial", int(ids[5]))
-    with pytest.raises(InvalidInputError, match="cannot embed new images"):
+    with pytest.raises(InvalidInputError, match="cannot featurize new images"):
         embedder_for(store, "emb")
 
 
