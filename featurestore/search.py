@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featurestore.errors import DimensionMismatchError, FeatureStoreError, InvalidInputError
+from featurestore.errors import DimensionMismatchError, FeatureStoreError, IntegrityError, InvalidInputError
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -997,6 +997,7 @@ def search(
     where: str | None = None,
     metric: str = "cosine",
     exclude_ids: Iterable[int] | None = None,
+    allowed_ids: np.ndarray | None = None,
 ) -> list[SearchResult]:
     """Exact top-``k`` images of a feature set nearest to ``query`` (recall 1.0).
 
@@ -1019,6 +1020,9 @@ def search(
         Cosine similarity (higher is better) or Euclidean distance (lower is better).
     exclude_ids : iterable of int, optional
         Image ids never returned.
+    allowed_ids : ndarray of int, optional
+        Only these image ids are candidates (combined with ``where``); for callers
+        that filter with bound parameters instead of an SQL condition.
 
     Returns
     -------
@@ -1041,16 +1045,27 @@ def search(
     if self_id is not None:
         excl.add(self_id)
     allowed = where_ids(store, where) if where is not None else None
+    if allowed_ids is not None:
+        given = np.asarray(allowed_ids, dtype=np.int64)
+        allowed = given if allowed is None else np.intersect1d(allowed, given)
     if allowed is not None and allowed.size == 0:
         return []
-    shards = _shards(store, fs)
-    if not shards:
-        return []
-    if _set_bytes(fs, shards) <= _budget_bytes(store):
-        hits = _index(store, fs, metric, shards).search(vec, k, exclude_ids=excl or None, allowed_ids=allowed)
-    else:
-        hits = top_k(vec, store.iter_shards(fs.name), k=k, metric=metric, exclude_ids=excl or None,
-                     allowed_ids=allowed)
+    for attempt in range(2):
+        shards = _shards(store, fs)
+        if not shards:
+            return []
+        try:
+            if _set_bytes(fs, shards) <= _budget_bytes(store):
+                index = _index(store, fs, metric, shards)
+                hits = index.search(vec, k, exclude_ids=excl or None, allowed_ids=allowed)
+            else:
+                hits = top_k(vec, store.iter_shards(fs.name), k=k, metric=metric, exclude_ids=excl or None,
+                             allowed_ids=allowed)
+            break
+        except IntegrityError:
+            # `fs compact` may have replaced a shard between listing and reading it: list again once.
+            if attempt:
+                raise
     info = _describe(store, [h.image_id for h in hits])
     return [
         SearchResult(rank, h.image_id, *info.get(h.image_id, ("", None)), score=h.score)

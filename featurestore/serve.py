@@ -389,30 +389,11 @@ class Service:
     # -- search
     def search(self, fs: FeatureSet, vec: np.ndarray, k: int, metric: str, exclude: set[int],
                allowed: np.ndarray | None) -> list[SearchHit]:
-        from featurestore import search as fsearch
+        from featurestore.search import search
 
-        if allowed is not None and allowed.size == 0:
-            return []
-        for attempt in range(2):
-            shards = fsearch._shards(self.store, fs)
-            if not shards:
-                return []
-            try:
-                if fsearch._set_bytes(fs, shards) <= fsearch._budget_bytes(self.store):
-                    index = fsearch._index(self.store, fs, metric, shards)
-                    hits = index.search(vec, k, exclude_ids=exclude or None, allowed_ids=allowed)
-                else:
-                    hits = fsearch.top_k(vec, self.store.iter_shards(fs.name), k=k, metric=metric,
-                                         exclude_ids=exclude or None, allowed_ids=allowed)
-                break
-            except IntegrityError:
-                # `fs compact` may have replaced a shard between listing and reading it: list again once.
-                if attempt:
-                    raise
-        info = self.describe([h.image_id for h in hits])
-        return [SearchHit(rank=r, image_id=h.image_id, path=info.get(h.image_id, ("", None))[0],
-                          label=info.get(h.image_id, ("", None))[1], score=float(h.score))
-                for r, h in enumerate(hits, start=1)]
+        results = search(self.store, fs.name, vec, k, metric=metric, exclude_ids=exclude, allowed_ids=allowed)
+        return [SearchHit(rank=r.rank, image_id=r.image_id, path=r.path, label=r.label, score=float(r.score))
+                for r in results]
 
     # -- uploads
     def read_upload(self, file: UploadFile) -> Upload:

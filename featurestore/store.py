@@ -409,6 +409,12 @@ class Store:
                 ids, vecs = ids[idx], vecs[idx]
             yield ids, vecs
 
+    def search(self, feature_set: str, query: Any, k: int = 10, **kwargs: Any) -> list[Any]:
+        """Exact nearest images in a feature set (``where=``, ``metric=``...); see :func:`featurestore.search.search`."""
+        from featurestore.search import search
+
+        return search(self, feature_set, query, k, **kwargs)
+
     # -- maintenance ---------------------------------------------------------------
     def compact(self, feature_set: str | None = None, min_rows: int = 10_000) -> list[tuple[str, int, int]]:
         """Merge shards smaller than ``min_rows`` of each set into one. Call under :meth:`writing`.

@@ -295,3 +295,17 @@ def test_rows_no_longer_live_are_skipped(vec_store, metric):
         assert_same(res, brute(mat[1], ids[keep], mat[keep], 20, metric))
         if s is not store:
             s.close()
+
+
+def test_store_search_method_matches_function(store, image_tree) -> None:  # type: ignore[no-untyped-def]
+    from featurestore.extract import extract, projection_extractor
+    from featurestore.ingest import ingest
+    from featurestore.search import search
+
+    with store.writing():
+        ingest(store, image_tree)
+        extract(store, [projection_extractor(store, 8, (16, 12))])
+    first = store.select_images()[0][0]
+    assert store.search("rp8", first, k=3, where="label = 'sandal'") == search(
+        store, "rp8", first, 3, where="label = 'sandal'")
+    assert all(r.label == "sandal" for r in store.search("rp8", first, k=3, where="label = 'sandal'"))
