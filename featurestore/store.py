@@ -410,7 +410,7 @@ class Store:
             yield ids, vecs
 
     def search(self, feature_set: str, query: Any, k: int = 10, **kwargs: Any) -> list[Any]:
-        """Exact nearest images in a feature set (``where=``, ``metric=``...); see :func:`featurestore.search.search`."""
+        """Exact nearest images in a feature set; see :func:`featurestore.search.search`."""
         from featurestore.search import search
 
         return search(self, feature_set, query, k, **kwargs)
