@@ -27,7 +27,7 @@ set -x
 "$FS" ingest ./holdout --dataset holdout
 "$FS" predict --run 3 --dataset holdout --show 5
 # predictions are SQL rows: accuracy per superclass, most confused pairs, least confident images
-"$FS" sql "SELECT i.superclass, count(*) AS n, round(avg(p.label = i.label), 3) AS accuracy
+"$FS" sql "SELECT i.superclass, count(*) AS n, round(avg(CASE WHEN p.label = i.label THEN 1.0 ELSE 0 END), 3) AS accuracy
   FROM predictions p JOIN images i ON i.id = p.image_id JOIN datasets d ON d.id = i.dataset_id
   WHERE p.run_id = 3 AND d.name = 'holdout' GROUP BY i.superclass ORDER BY accuracy"
 "$FS" sql "SELECT i.label AS truth, p.label AS predicted, count(*) AS n

@@ -138,10 +138,10 @@ def test_cli_train_predict_sql(trained_store: Store) -> None:
     result = runner.invoke(app, ["predict", "--run", "1", "--dataset", "imgs"])
     assert result.exit_code == 0, result.output
     assert "30 predictions stored for run 1" in result.output
-    q = runner.invoke(app, ["sql", "SELECT count(*) AS n, sum(p.label = i.label) AS right FROM predictions p "
-                            "JOIN images i ON i.id = p.image_id", "-f", "json"])
+    q = runner.invoke(app, ["sql", "SELECT count(*) AS n, sum(CASE WHEN p.label = i.label THEN 1 ELSE 0 END) "
+                            "AS correct FROM predictions p JOIN images i ON i.id = p.image_id", "-f", "json"])
     rows = json.loads(q.stdout)
-    assert rows[0]["n"] == 30 and rows[0]["right"] >= 27
+    assert rows[0]["n"] == 30 and rows[0]["correct"] >= 27
     ev = runner.invoke(app, ["evaluate", "--features", "a", "--features", "a,b", "--splits", "4", "--trees",
                              "20"])
     assert ev.exit_code == 0, ev.output

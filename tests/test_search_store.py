@@ -150,7 +150,7 @@ def test_where_cannot_write(vec_store, cond):
 
 def test_where_bad_sql_is_one_line_error(vec_store):
     store, _, mat = vec_store
-    with pytest.raises(InvalidInputError, match="no such column: colour") as info:
+    with pytest.raises(InvalidInputError, match="colour") as info:
         search(store, "emb", mat[0], where="colour = 'red'")
     assert "\n" not in str(info.value)
     with pytest.raises(InvalidInputError, match="needs a SQL condition"):
