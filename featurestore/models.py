@@ -95,10 +95,10 @@ def add_model(
     base = spec.preprocess if spec else Preprocess()
     pre = Preprocess(
         size=(size, size) if size else base.size,
-        resize=resize or base.resize,
-        mean=tuple(mean) if mean else base.mean,
-        std=tuple(std) if std else base.std,
-        channels=channels or base.channels,
+        resize=resize or base.resize,  # type: ignore[arg-type]  # validated by Preprocess
+        mean=mean or base.mean,
+        std=std or base.std,
+        channels=channels or base.channels,  # type: ignore[arg-type]
     )
     tap_list = taps or (_spec_taps(spec) if spec else ["global_pool"])
     default = default_tap or (spec.default_tap if spec else tap_list[0])

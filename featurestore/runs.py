@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -257,8 +258,8 @@ def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfi
         sub = FeatureMatrix(fm.image_ids, X, blocks, fm.labels, fm.superclasses, fm.paths)
         t1 = time.perf_counter()
         label = ",".join(combo)
-        ev = evaluate(lambda ccfg=ccfg, blocks=blocks: _estimator(ccfg, blocks), X, y, splits, superclass_of,
-                      (lambda d, t, label=label: progress(label, d, t)) if progress else None)
+        ev = evaluate(partial(_estimator, ccfg, blocks), X, y, splits, superclass_of,
+                      partial(progress, label) if progress else None)
         timings = {"evaluate_seconds": time.perf_counter() - t1}
         run_id = _record(store, ccfg, combo, sub, scheme, fingerprint, ev,
                          _describe_unfitted(ccfg, blocks), timings, None, group)

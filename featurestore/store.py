@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from featurestore.catalog import database
@@ -261,7 +261,7 @@ class Store:
                 s.add(shard)
                 s.flush()
                 s.execute(
-                    FeatureRow.__table__.insert(),
+                    insert(FeatureRow),
                     [
                         {"feature_set_id": feature_set.id, "image_id": int(i), "shard_id": shard.id, "row": r}
                         for r, i in enumerate(ids)
@@ -434,12 +434,12 @@ class Store:
                 continue
             small_ids = {sid for sid, _ in small}
             parts_ids, parts_vecs = [], []
-            wanted = {}
+            wanted: dict[int, list[tuple[int, int]]] = {}
             for image_id, shard_id, row in live:
                 if shard_id in small_ids:
                     wanted.setdefault(shard_id, []).append((row, image_id))
-            for shard_id, path in small:
-                ids, vecs = read_shard(self.root / path)
+            for shard_id, rel_old in small:
+                ids, vecs = read_shard(self.root / rel_old)
                 pairs = sorted(wanted.get(shard_id, []))
                 if pairs:
                     idx = np.array([r for r, _ in pairs])
@@ -457,7 +457,7 @@ class Store:
                     s.add(shard)
                     s.flush()
                     s.execute(delete(FeatureRow).where(FeatureRow.shard_id.in_(small_ids)))
-                    s.execute(FeatureRow.__table__.insert(), [
+                    s.execute(insert(FeatureRow), [
                         {"feature_set_id": fs.id, "image_id": int(i), "shard_id": shard.id, "row": r}
                         for r, i in enumerate(all_ids)])
                     s.execute(delete(FeatureShard).where(FeatureShard.id.in_(small_ids)))
