@@ -139,13 +139,20 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--synthetic",
         type=int,
         metavar="N",
-        required=True,
         help="generate N synthetic rows (128 RP + 1280 CNN columns)",
     )
+    source.add_argument(
+        "--store",
+        metavar="PATH",
+        help="read real features from a store (e.g. 5,000 Fashion-MNIST images after "
+        "`fs extract --rp 128 --model efficientnet-lite0`)",
+    )
+    parser.add_argument("--features", default="rp128,efficientnet-lite0", help="with --store: the two flows")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--trees", type=int, default=200)
     parser.add_argument("--selector-trees", type=int, default=SELECTOR_TREES)
@@ -160,11 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     mf: Any = args.selector_max_features
     if mf not in ("sqrt", "log2"):
         mf = float(mf) if "." in mf else int(mf)
-    X, y, blocks = synthetic(args.synthetic, n_classes=args.classes, seed=args.seed)
+    select = None
+    if args.store:
+        from featurestore.config import Settings
+        from featurestore.store import Store
+
+        left, right = args.features.split(",")
+        store = Store.open(Settings.from_env(store=args.store))
+        t = time.perf_counter()
+        fm = store.read_matrix([left, right], labelled_only=True)
+        print(f"assembled {fm.X.shape[0]} x {fm.X.shape[1]} from {args.store} in {time.perf_counter() - t:.2f} s")
+        X, y, blocks = fm.X, fm.labels.astype(str), fm.blocks
+        select = {left: 55, right: 400}
+    else:
+        X, y, blocks = synthetic(args.synthetic, n_classes=args.classes, seed=args.seed)
     figures = run(
         X,
         y,
         blocks,
+        select=select,
         trees=args.trees,
         selector_trees=args.selector_trees,
         selector_max_features=mf,

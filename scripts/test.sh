@@ -7,4 +7,5 @@ bash scripts/setup.sh --with-postgres
 source scripts/pg.sh start
 trap 'bash scripts/pg.sh stop' EXIT
 .venv/bin/ruff check .
+.venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
