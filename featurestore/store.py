@@ -49,6 +49,7 @@ from featurestore.errors import (
     ParamsMismatchError,
 )
 from featurestore.features.base import FeatureSpec
+from featurestore.fsutil import TMP_PREFIX
 from featurestore.lock import write_lock
 from featurestore.storage import place, read_shard, remove_orphans, write_shard
 
@@ -143,6 +144,19 @@ class Store:
         for folder in features.iterdir() if features.exists() else []:
             if folder.is_dir():
                 remove_orphans(folder, names)
+        # Half-written files of other writers (projections, model conversions, artifacts) and
+        # artifacts whose run was never recorded because the writer died first.
+        from featurestore.catalog.models import Run
+
+        with self.session() as s:
+            artifacts = {Path(p).name for p in s.scalars(select(Run.artifact_path)) if p}
+        sweep = [self.root / "projections", self.root / "artifacts", *(self.root / "models").glob("*/")]
+        for folder in sweep:
+            for path in folder.iterdir() if folder.is_dir() else []:
+                temp = path.name.startswith(".") and (path.name.startswith(TMP_PREFIX) or path.suffix == ".tmp")
+                lost = folder.name == "artifacts" and path.suffix == ".pkl" and path.name not in artifacts
+                if path.is_file() and (temp or lost):
+                    path.unlink(missing_ok=True)
 
     # -- datasets and images -----------------------------------------------------
     def dataset_id(self, s: Session, name: str, create: bool = False) -> int:
@@ -163,7 +177,12 @@ class Store:
         image_ids: Sequence[int] | None = None,
     ) -> list[tuple[int, str, str | None, str | None]]:
         """(id, source_path, label, superclass) of the selected images, by id."""
-        q = select(Image.id, Image.source_path, Image.label, Image.superclass).order_by(Image.id)
+        return self._image_rows(dataset, labelled_only, image_ids, ids_only=False)
+
+    def _image_rows(self, dataset: str | None, labelled_only: bool, image_ids: Sequence[int] | None,
+                    ids_only: bool) -> list[Any]:
+        cols = [Image.id] if ids_only else [Image.id, Image.source_path, Image.label, Image.superclass]
+        q = select(*cols).order_by(Image.id)
         if dataset is not None:
             with self.session() as s:
                 q = q.where(Image.dataset_id == self.dataset_id(s, dataset))
@@ -307,8 +326,8 @@ class Store:
         if not feature_sets:
             raise InvalidInputError("no feature sets given; list them like --features rp128,efficientnet-lite0")
         sets = [self.feature_set(n) for n in feature_sets]
-        images = self.select_images(dataset=dataset, labelled_only=labelled_only, image_ids=image_ids)
-        ids = np.array([r[0] for r in images], dtype=np.int64)
+        ids = np.array([r[0] for r in self._image_rows(dataset, labelled_only, image_ids, ids_only=True)],
+                       dtype=np.int64)
         with self.engine.connect() as conn:
             plans = {fs.id: self._shard_plan(conn, fs.id) for fs in sets}
         # One pass: every shard is opened once, its ids and vectors read together and placed
@@ -344,9 +363,15 @@ class Store:
 
         # HDF5 reads are serial (h5py holds a global lock) but numpy copies release the GIL:
         # two workers each read a shard and place it, so one copies while the other reads.
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        # The images' paths and labels are fetched by a third thread meanwhile.
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            meta = pool.submit(self.select_images, dataset, labelled_only, image_ids)
             for future in [pool.submit(load, *job) for job in jobs]:
                 future.result()
+            images = meta.result()
+        if len(images) != len(ids):  # an ingest committed in between: keep the rows we placed
+            by_id = {r[0]: r for r in images}
+            images = [by_id.get(int(i), (int(i), "", None, None)) for i in ids]
         keep = np.ones(len(ids), dtype=bool)
         for fs in sets:
             if not present[fs.id].all() and not skip_missing:

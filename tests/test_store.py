@@ -112,9 +112,17 @@ def test_orphans_removed_by_next_writer(store: Store) -> None:
     folder.mkdir(parents=True)
     (folder / ".tmp-123-abcd-x.h5").write_bytes(b"partial")
     (folder / "x-unregistered.h5").write_bytes(b"renamed but never registered")
+    (store.root / "artifacts" / ".abc.pkl.x1y2.tmp").write_bytes(b"half an artifact")
+    (store.root / "artifacts" / "lost.pkl").write_bytes(b"saved, but its run was never recorded")
+    (store.root / "projections").mkdir(exist_ok=True)
+    (store.root / "projections" / ".tmp-1-ab-rp8.npz").write_bytes(b"half a matrix")
+    keep = store.root / "projections" / "rp8-0123.npz"
+    keep.write_bytes(b"a finished matrix")
     with store.writing():
         pass
     assert list(folder.iterdir()) == []
+    assert list((store.root / "artifacts").iterdir()) == []
+    assert list((store.root / "projections").iterdir()) == [keep]
 
 
 def _hold_lock(store_path: str, ready, release) -> None:  # type: ignore[no-untyped-def]
