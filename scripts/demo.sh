@@ -35,5 +35,5 @@ set -x
   WHERE p.run_id = 3 AND p.label <> i.label GROUP BY 1, 2 ORDER BY n DESC LIMIT 5"
 "$FS" sql "SELECT p.image_id, i.label, p.label AS predicted, round(p.probability, 3) AS p
   FROM predictions p JOIN images i ON i.id = p.image_id WHERE p.run_id = 3 ORDER BY p.probability LIMIT 5"
-# visually similar products to image 1 among the same superclass
-"$FS" search --features efficientnet-lite0 --id 1 -k 5 --where "superclass = 'footwear'"
+# visually similar products to image 1 among the held-out photos
+"$FS" search --features efficientnet-lite0 --id 1 -k 5 --where "dataset = 'holdout'"
