@@ -270,22 +270,28 @@ class Store:
             raise DimensionMismatchError(
                 f"vectors for {feature_set.name} have shape {vecs.shape}, expected (n, {feature_set.dim})"
             )
-        ids = np.asarray(image_ids, dtype=np.int64)
-        folder = self.root / "features" / feature_set.name
-        path = write_shard(folder, feature_set.name, feature_set.kind, feature_set.params, ids, vecs)
-        rel = str(path.relative_to(self.root))
+        return self._write_and_register(feature_set, np.asarray(image_ids, dtype=np.int64), vecs)
+
+    def _write_and_register(self, fs: FeatureSet, ids: np.ndarray, vecs: np.ndarray,
+                            replaces: set[int] | None = None) -> Path:
+        """Write a shard, then register it and its rows (dropping the ``replaces`` shards) in one transaction.
+
+        If registration fails the new file is removed; if the process dies first
+        the file is an orphan that the next writer removes.
+        """
+        path = write_shard(self.root / "features" / fs.name, fs.name, fs.kind, fs.params, ids, vecs)
         try:
             with self.session() as s:
-                shard = FeatureShard(feature_set_id=feature_set.id, path=rel, rows=len(ids))
+                shard = FeatureShard(feature_set_id=fs.id, path=str(path.relative_to(self.root)), rows=len(ids))
                 s.add(shard)
                 s.flush()
-                s.execute(
-                    insert(FeatureRow),
-                    [
-                        {"feature_set_id": feature_set.id, "image_id": int(i), "shard_id": shard.id, "row": r}
-                        for r, i in enumerate(ids)
-                    ],
-                )
+                if replaces:
+                    s.execute(delete(FeatureRow).where(FeatureRow.shard_id.in_(replaces)))
+                s.execute(insert(FeatureRow), [
+                    {"feature_set_id": fs.id, "image_id": int(i), "shard_id": shard.id, "row": r}
+                    for r, i in enumerate(ids)])
+                if replaces:
+                    s.execute(delete(FeatureShard).where(FeatureShard.id.in_(replaces)))
         except Exception:
             path.unlink(missing_ok=True)
             raise
@@ -473,22 +479,7 @@ class Store:
             all_ids = np.concatenate(parts_ids)
             order = np.argsort(all_ids, kind="stable")
             all_ids, all_vecs = all_ids[order], np.concatenate(parts_vecs)[order]
-            folder = self.root / "features" / fs.name
-            path = write_shard(folder, fs.name, fs.kind, fs.params, all_ids, all_vecs)
-            rel = str(path.relative_to(self.root))
-            try:
-                with self.session() as s:
-                    shard = FeatureShard(feature_set_id=fs.id, path=rel, rows=len(all_ids))
-                    s.add(shard)
-                    s.flush()
-                    s.execute(delete(FeatureRow).where(FeatureRow.shard_id.in_(small_ids)))
-                    s.execute(insert(FeatureRow), [
-                        {"feature_set_id": fs.id, "image_id": int(i), "shard_id": shard.id, "row": r}
-                        for r, i in enumerate(all_ids)])
-                    s.execute(delete(FeatureShard).where(FeatureShard.id.in_(small_ids)))
-            except Exception:
-                path.unlink(missing_ok=True)
-                raise
+            self._write_and_register(fs, all_ids, all_vecs, replaces=small_ids)
             for _, old in small:
                 (self.root / old).unlink(missing_ok=True)
             done.append((fs.name, len(small), len(all_ids)))
