@@ -7,26 +7,7 @@ import pytest
 
 from featurestore.errors import DimensionMismatchError, InvalidInputError
 from featurestore.search import Hit, VectorIndex, near_duplicate_groups, top_k
-
-
-def brute(query, ids, mat, k, metric, exclude=(), allowed=None):
-    """Reference: score every row in float64, sort by (score, id)."""
-    x = mat.astype(np.float64)
-    q = np.asarray(query, dtype=np.float64)
-    if metric == "cosine":
-        norms = np.linalg.norm(x, axis=1)
-        safe = np.where(norms > 0, norms, 1.0)
-        scores = np.where(norms > 0, x @ q / safe / np.linalg.norm(q), 0.0)
-        key = -scores
-    else:
-        scores = np.linalg.norm(x - q, axis=1)
-        key = scores
-    ok = ~np.isin(ids, list(exclude))
-    if allowed is not None:
-        ok &= np.isin(ids, allowed)
-    idx = np.flatnonzero(ok)
-    order = idx[np.lexsort((ids[idx], key[idx]))][:k]
-    return ids[order].tolist(), scores[order]
+from helpers import brute
 
 
 def split_chunks(ids, mat, sizes):

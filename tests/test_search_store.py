@@ -23,27 +23,9 @@ from featurestore.search import (
     where_ids,
 )
 from featurestore.store import Store
-from helpers import make_image
+from helpers import brute, make_image
 
 DIM = 12
-
-
-def brute(query, ids, mat, k, metric, exclude=(), allowed=None):
-    """Reference: score every row in float64, sort by (score, id)."""
-    x = mat.astype(np.float64)
-    q = np.asarray(query, dtype=np.float64)
-    if metric == "cosine":
-        scores = x @ q / np.linalg.norm(x, axis=1) / np.linalg.norm(q)
-        key = -scores
-    else:
-        scores = np.linalg.norm(x - q, axis=1)
-        key = scores
-    ok = ~np.isin(ids, list(exclude))
-    if allowed is not None:
-        ok &= np.isin(ids, allowed)
-    idx = np.flatnonzero(ok)
-    order = idx[np.lexsort((ids[idx], key[idx]))][:k]
-    return ids[order].tolist(), scores[order]
 
 
 @pytest.fixture
