@@ -95,7 +95,8 @@ def _ingest(store: Store, features: str, image: Path, dataset: str | None, vecto
         summary = run_ingest(store, image, dataset=dataset)
         if summary.failed:
             return f"not ingested: {summary.failed[0][0]}: {summary.failed[0][1]}"
-        image_id, wrote = add_image(store, features, image, vector)
+        image_id = summary.image_ids[0]
+        wrote = add_image(store, features, image_id, vector)
     state = "new image" if summary.new else "already in the store"
     vec = f"vector added to {features}" if wrote else f"already has a vector in {features}"
     return f"ingested {image} as image {image_id} ({state}; {vec})"

@@ -188,7 +188,7 @@ def predict(
                     summary = ingest(store, p, dataset=ingest_dataset, labels="none")
                     for fp, reason in summary.failed:
                         common.err(f"  skipped: {fp}: {reason}")
-                    ids += _ids_for(store, p)
+                    ids += summary.image_ids
             else:
                 rows = store.select_images(dataset=dataset)
                 ids = [r[0] for r in rows if not unlabelled or r[2] is None]
@@ -203,25 +203,6 @@ def predict(
               "probability": r["probability"]} for r in out.rows[:show]]
     common.emit(shown, fmt)
     common.err(f"{out.predicted} predictions stored for run {out.run_id} (table predictions)")
-
-
-def _ids_for(store, path: Path) -> list[int]:  # type: ignore[no-untyped-def]
-    """Image ids whose content matches the files under ``path`` (duplicates map to the stored copy)."""
-    import hashlib
-
-    from sqlalchemy import select
-
-    from featurestore.catalog.models import Image
-    from featurestore.ingest import scan
-
-    shas = []
-    for c in scan(path, "none"):
-        try:
-            shas.append(hashlib.sha256(c.path.read_bytes()).hexdigest())
-        except OSError:
-            continue
-    with store.session() as s:
-        return list(s.scalars(select(Image.id).where(Image.sha256.in_(shas))))
 
 
 def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format.")) -> None:

@@ -42,7 +42,8 @@ class IngestSummary:
     new: int = 0
     duplicates: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
-    new_ids: list[int] = field(default_factory=list)
+    image_ids: list[int] = field(default_factory=list)
+    """Catalog id of every readable file, in scan order (a duplicate maps to the stored copy)."""
 
     @property
     def readable(self) -> int:
@@ -134,7 +135,7 @@ def ingest(
         )
     with store.session() as s:
         dataset_id = store.dataset_id(s, name, create=True)
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     max_pixels = store.settings.max_image_pixels
     done = 0
 
@@ -165,31 +166,37 @@ def ingest(
     return summary
 
 
-def _store_batch(store: Store, dataset_id: int, results: list, seen: set[str], summary: IngestSummary) -> None:
+def _store_batch(store: Store, dataset_id: int, results: list, seen: dict[str, int], summary: IngestSummary
+                 ) -> None:
+    """Insert one batch in one transaction; ``seen`` maps the sha256s met so far to their image ids."""
     with store.session() as s:
         shas = [r[0] for _, r in results if not isinstance(r, Exception)]
-        existing = set(s.scalars(select(Image.sha256).where(Image.sha256.in_(shas)))) if shas else set()
+        if shas:
+            seen.update(s.execute(select(Image.sha256, Image.id).where(Image.sha256.in_(shas))).all())
         paths = [str(c.path) for c, _ in results]
         now = utcnow()
         s.execute(delete(IngestError).where(IngestError.path.in_(paths)))
         new_rows: list[dict] = []
+        readable: list[str] = []
         for c, r in results:
             if isinstance(r, Exception):
                 summary.failed.append((str(c.path), str(r)))
                 s.add(IngestError(path=str(c.path), reason=str(r), dataset_id=dataset_id))
                 continue
             sha, w, h, fmt, mode, nbytes = r
-            if sha in existing or sha in seen:
+            readable.append(sha)
+            if sha in seen:
                 summary.duplicates += 1
                 continue
-            seen.add(sha)
+            seen[sha] = -1  # inserted below; duplicates later in this batch resolve to its id
             new_rows.append({"sha256": sha, "source_path": str(c.path.resolve()), "width": w, "height": h,
-                                 "format": fmt, "mode": mode, "bytes": nbytes, "label": c.label,
-                                 "superclass": c.superclass, "dataset_id": dataset_id, "ingested_at": now})
+                             "format": fmt, "mode": mode, "bytes": nbytes, "label": c.label,
+                             "superclass": c.superclass, "dataset_id": dataset_id, "ingested_at": now})
         if new_rows:
             ids = s.scalars(insert(Image).returning(Image.id), new_rows).all()
+            seen.update(zip((r["sha256"] for r in new_rows), ids, strict=True))
             summary.new += len(new_rows)
-            summary.new_ids.extend(ids)
+        summary.image_ids.extend(seen[sha] for sha in readable)
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:

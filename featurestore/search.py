@@ -954,39 +954,17 @@ def query_vector(store: Store, feature_set: str, query: Any) -> tuple[np.ndarray
     )
 
 
-def add_image(
-    store: Store, feature_set: str, path: str | os.PathLike[str], vector: np.ndarray | None = None
-) -> tuple[int, bool]:
-    """Give an ingested image file its vector in ``feature_set``. Call under ``store.writing()``.
+def add_image(store: Store, feature_set: str, image_id: int, vector: np.ndarray) -> bool:
+    """Store ``vector`` as image ``image_id``'s row of ``feature_set`` unless it has one.
 
-    The image is found by the sha256 of the file's bytes (so ingest it first);
-    ``vector`` defaults to the file embedded with :func:`embedder_for`.
-
-    Returns
-    -------
-    (image_id, written)
-        ``written`` is False when the image already had a vector in the set.
+    For an image just ingested (``IngestSummary.image_ids``) whose vector was
+    computed for a query. Call under ``store.writing()``; returns whether it was written.
     """
-    import hashlib
-
-    from sqlalchemy import select
-
-    from featurestore.catalog.models import Image
-    from featurestore.images import load_rgb, read_bytes
-
     fs = store.feature_set(feature_set)
-    sha = hashlib.sha256(read_bytes(Path(path))).hexdigest()
-    with store.engine.connect() as conn:
-        image_id = conn.execute(select(Image.id).where(Image.sha256 == sha)).scalar()
-    if image_id is None:
-        raise FeatureStoreError(f"{path} is not in the catalog: run `fs ingest {path}` first")
     if not store.images_lacking(fs.name, [int(image_id)]):
-        return int(image_id), False
-    if vector is None:
-        vector = embedder_for(store, fs.name)(load_rgb(Path(path), store.settings.max_image_pixels))
-    vec = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-    store.append_vectors(fs, [int(image_id)], vec)
-    return int(image_id), True
+        return False
+    store.append_vectors(fs, [int(image_id)], np.asarray(vector, dtype=np.float32).reshape(1, -1))
+    return True
 
 
 def search(

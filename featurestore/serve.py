@@ -476,9 +476,7 @@ class Service:
                 summary = ingest(self.store, path, dataset="uploads", labels="none")
                 if summary.failed:
                     raise HTTPError(422, f"upload could not be ingested: {summary.failed[0][1]}")
-                image_id = stored_id()
-            if image_id is None:  # ingest succeeded, so the row exists
-                raise FeatureStoreError(f"uploaded image {up.sha256} is missing from the catalog after ingest")
+                image_id = summary.image_ids[0]
             predict(self.store, run_id, [int(image_id)], batch_size=1)
         return int(image_id)
 

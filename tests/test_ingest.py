@@ -51,7 +51,11 @@ def test_identical_content_stored_once(store: Store, tmp_path: Path) -> None:
     (tmp_path / "d" / "y" / "copy.png").write_bytes(a.read_bytes())
     with store.writing():
         s = ingest(store, tmp_path / "d")
+        again = ingest(store, tmp_path / "d" / "y")
     assert (s.new, s.duplicates) == (1, 1)
+    # every readable file maps to the one stored copy, also across runs
+    (only,) = [r[0] for r in store.select_images()]
+    assert s.image_ids == [only, only] and again.image_ids == [only]
 
 
 def test_every_kind_of_bad_file_is_recorded_and_skipped(
