@@ -39,8 +39,6 @@ Store level (second half)
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import os
 import threading
@@ -725,78 +723,6 @@ def _set_bytes(fs: FeatureSet, shards: list[tuple[int, str, int]]) -> int:
     return sum(n for _, _, n in shards) * int(fs.dim) * 4
 
 
-def _read_h5(path: Path, fn: Callable[[Any], Any]) -> Any:
-    import h5py
-
-    from featurestore.errors import IntegrityError
-
-    try:
-        with h5py.File(path, "r") as fh:
-            return fn(fh)
-    except (OSError, KeyError) as exc:
-        raise IntegrityError(
-            f"feature shard {path} is missing or unreadable ({exc}); run `fs status` and re-extract"
-        ) from None
-
-
-def _copy_rows(
-    fh: Any, rows: np.ndarray | None, count: int, mat: np.ndarray, ids: np.ndarray, pos: int, path: Path
-) -> None:
-    """Copy a shard's ``rows`` (sorted; ``None``: all ``count`` rows) into ``mat``/``ids`` from ``pos``."""
-    ds = fh["vectors"]
-    if ds.ndim != 2 or ds.shape[1] != mat.shape[1]:
-        raise DimensionMismatchError(f"feature shard {path} has shape {ds.shape}, catalog says dim {mat.shape[1]}")
-    if rows is None:  # the whole shard: straight from HDF5 into the matrix, no intermediate copy
-        if ds.shape[0] != count:
-            from featurestore.errors import IntegrityError
-
-            raise IntegrityError(
-                f"feature shard {path} has {ds.shape[0]} rows, the catalog expects {count}; "
-                "run `fs status` and re-extract that feature set"
-            )
-        ds.read_direct(mat, dest_sel=np.s_[pos : pos + count])
-        ids[pos : pos + count] = fh["image_ids"][...]
-    else:
-        mat[pos : pos + count] = ds[...][rows]
-        ids[pos : pos + count] = fh["image_ids"][...][rows]
-
-
-def _load_set(store: Store, fs: FeatureSet, shards: list[tuple[int, str, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, matrix)`` of every live row of ``fs``, read straight into one preallocated matrix."""
-    from sqlalchemy import func, select
-
-    from featurestore.catalog.models import FeatureRow
-
-    of_set = FeatureRow.feature_set_id == fs.id
-    with store.engine.connect() as conn:
-        counts = {int(sid): int(n) for sid, n in conn.execute(
-            select(FeatureRow.shard_id, func.count()).where(of_set).group_by(FeatureRow.shard_id))}
-        # Row numbers are only needed for shards some of whose rows are no longer live.
-        partial = [sid for sid, _, n in shards if 0 < counts.get(sid, 0) != n]
-        rows_of: dict[int, np.ndarray] = {}
-        if partial:
-            live = conn.execute(
-                select(FeatureRow.shard_id, FeatureRow.row).where(of_set, FeatureRow.shard_id.in_(partial))
-            ).all()
-            # fromiter over plain values: np.array() on Row objects is ~50x slower
-            arr = np.fromiter(itertools.chain.from_iterable(live), np.int64, 2 * len(live)).reshape(-1, 2)
-            for sid in partial:
-                rows_of[sid] = np.sort(arr[arr[:, 0] == sid, 1])
-    n = sum(counts.get(sid, 0) for sid, _, _ in shards)
-    ids = np.empty(n, dtype=np.int64)
-    mat = np.empty((n, int(fs.dim)), dtype=np.float32)
-    pos = 0
-    for sid, rel, _ in shards:
-        count = counts.get(sid, 0)
-        if count:
-            path = store.root / rel
-            copy = functools.partial(_copy_rows, rows=rows_of.get(sid), count=count, mat=mat, ids=ids,
-                                     pos=pos, path=path)
-            _read_h5(path, copy)
-            pos += count
-    return ids[:pos], mat[:pos]
-
-
 def _index(store: Store, fs: FeatureSet, metric: str, shards: list[tuple[int, str, int]]) -> VectorIndex:
     """The cached in-memory index of ``fs`` for ``metric``, (re)loaded when its shards changed."""
     cache = _cache(store)
@@ -808,7 +734,7 @@ def _index(store: Store, fs: FeatureSet, metric: str, shards: list[tuple[int, st
             cache.indexes.move_to_end(key)
             return entry[1]
         cache.indexes.pop(key, None)
-    ids, mat = _load_set(store, fs, shards)
+    ids, mat = store.read_set(fs.name)
     index = VectorIndex(ids, mat, metric, copy=False)
     del mat
     size = _set_bytes(fs, shards)
@@ -900,7 +826,9 @@ def stored_vector(store: Store, feature_set: str, image_id: int) -> np.ndarray:
             "or search with --image PATH"
         )
     path, row = store.root / loc[0], int(loc[1])
-    vec = _read_h5(path, lambda fh: fh["vectors"][row])
+    from featurestore.storage import read_row
+
+    vec = read_row(path, row)
     return np.asarray(vec, dtype=np.float32).reshape(-1)
 
 
@@ -1087,7 +1015,7 @@ def duplicates(
         )
     if not shards:
         return []
-    ids, mat = _load_set(store, fs, shards)
+    ids, mat = store.read_set(fs.name)
     if where is not None:
         keep = np.isin(ids, where_ids(store, where))
         ids, mat = ids[keep], mat[keep]

@@ -110,6 +110,40 @@ def place(out: np.ndarray, block: np.ndarray, positions: np.ndarray, rows: np.nd
         out[positions, cols] = block[rows]
 
 
+def read_row(path: Path, row: int) -> np.ndarray:
+    """One vector of a shard."""
+    try:
+        with h5py.File(path, "r") as fh:
+            return np.asarray(fh["vectors"][row], dtype=np.float32)
+    except (OSError, KeyError, IndexError) as exc:
+        raise _open_error(path, exc) from None
+
+
+def read_rows_into(path: Path, rows: np.ndarray | None, ids: np.ndarray, mat: np.ndarray, pos: int) -> None:
+    """Copy a shard's ``rows`` (``None``: all of them) into ``ids``/``mat`` from row ``pos`` on.
+
+    A whole shard goes straight from HDF5 into the contiguous rows of ``mat``.
+    """
+    try:
+        with h5py.File(path, "r") as fh:
+            ds = fh["vectors"]
+            if ds.ndim != 2 or ds.shape[1] != mat.shape[1]:
+                raise DimensionMismatchError(
+                    f"feature shard {path} has shape {ds.shape}, catalog says dim {mat.shape[1]}"
+                )
+            if rows is None:
+                n = ds.shape[0]
+                if pos + n > mat.shape[0]:
+                    raise IntegrityError(f"feature shard {path} has more rows than the catalog records; re-extract")
+                ds.read_direct(mat, dest_sel=np.s_[pos : pos + n])
+                ids[pos : pos + n] = fh["image_ids"][...]
+            else:
+                mat[pos : pos + len(rows)] = ds[...][rows]
+                ids[pos : pos + len(rows)] = fh["image_ids"][...][rows]
+    except (OSError, KeyError) as exc:
+        raise _open_error(path, exc) from None
+
+
 def remove_orphans(folder: Path, registered: Iterable[str]) -> list[Path]:
     """Delete temp files and shards the catalog does not know. Call under the write lock."""
     if not folder.exists():

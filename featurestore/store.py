@@ -51,7 +51,7 @@ from featurestore.errors import (
 from featurestore.features.base import FeatureSpec
 from featurestore.fsutil import TMP_PREFIX
 from featurestore.lock import write_lock
-from featurestore.storage import place, read_shard, remove_orphans, write_shard
+from featurestore.storage import place, read_rows_into, read_shard, remove_orphans, write_shard
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
@@ -62,6 +62,16 @@ def check_name(what: str, name: str) -> str:
             f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' (max 200 characters)"
         )
     return name
+
+
+@dataclass(frozen=True)
+class ShardPart:
+    """The live rows of one shard: all ``live`` rows when ``rows`` is None, else these (with their ids)."""
+
+    path: Path
+    live: int
+    ids: np.ndarray | None
+    rows: np.ndarray | None
 
 
 @dataclass
@@ -345,7 +355,7 @@ class Store:
         col = 0
         for fs in sets:
             cols = slice(col, col + fs.dim)
-            jobs += [(fs.id, path, shard_ids, rows, cols) for path, shard_ids, rows in plans[fs.id]]
+            jobs += [(fs.id, part.path, part.ids, part.rows, cols) for part in plans[fs.id]]
             blocks[fs.name] = (col, col + fs.dim)
             col += fs.dim
 
@@ -395,50 +405,59 @@ class Store:
             paths=[r[1] for r in kept],
         )
 
-    def _shard_plan(self, conn: Any, feature_set_id: int) -> list[tuple[Path, np.ndarray | None, np.ndarray | None]]:
-        """(path, image ids, rows) of the live rows of each shard of a feature set.
+    def _shard_plan(self, conn: Any, feature_set_id: int) -> list[ShardPart]:
+        """The live rows of each shard of a feature set, in shard order.
 
-        When the catalog points at every row of a shard (the normal case) ids and
-        rows are None: the shard's own ``image_ids`` are used, which is much faster
-        than fetching one catalog row per vector. Otherwise the catalog's rows
-        for that shard are returned.
+        When the catalog points at every row of a shard (the normal case) ``ids``
+        and ``rows`` are None: the shard's own ``image_ids`` are used, which is much
+        faster than fetching one catalog row per vector. Otherwise the catalog's
+        image ids and rows for that shard are given.
         """
         fid = int(feature_set_id)
         shards = conn.execute(select(FeatureShard.id, FeatureShard.path, FeatureShard.rows).where(
             FeatureShard.feature_set_id == fid).order_by(FeatureShard.id)).all()
         counts = dict(conn.execute(select(FeatureRow.shard_id, func.count()).where(
             FeatureRow.feature_set_id == fid).group_by(FeatureRow.shard_id)).all())
-        plan: list[tuple[Path, np.ndarray | None, np.ndarray | None]] = []
+        plan: list[ShardPart] = []
         for shard_id, rel, nrows in shards:
             live = counts.get(shard_id, 0)
             if live == nrows:
-                plan.append((self.root / rel, None, None))
+                plan.append(ShardPart(self.root / rel, live, None, None))
             elif live:
                 rows = np.array(conn.execute(select(FeatureRow.image_id, FeatureRow.row).where(
-                    FeatureRow.shard_id == shard_id)).all(), dtype=np.int64).reshape(-1, 2)
-                plan.append((self.root / rel, rows[:, 0], rows[:, 1]))
+                    FeatureRow.shard_id == shard_id).order_by(FeatureRow.row)).all(), dtype=np.int64)
+                plan.append(ShardPart(self.root / rel, live, rows[:, 0], rows[:, 1]))
         return plan
 
-    def iter_shards(self, feature_set: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(image_ids, vectors) per shard, only rows the catalog points at."""
+    def _plan(self, feature_set: str) -> list[ShardPart]:
         fs = self.feature_set(feature_set)
-        with self.session() as s:
-            shards = list(s.execute(select(FeatureShard.id, FeatureShard.path).where(
-                FeatureShard.feature_set_id == fs.id).order_by(FeatureShard.id)))
-            live = s.execute(select(FeatureRow.shard_id, FeatureRow.row).where(
-                FeatureRow.feature_set_id == fs.id)).all()
-        by_shard: dict[int, list[int]] = {}
-        for shard_id, row in live:
-            by_shard.setdefault(shard_id, []).append(row)
-        for shard_id, path in shards:
-            rows = by_shard.get(shard_id)
-            if not rows:
-                continue
-            ids, vecs = read_shard(self.root / path)
-            if len(rows) != len(ids):
-                idx = np.sort(np.array(rows))
-                ids, vecs = ids[idx], vecs[idx]
+        with self.engine.connect() as conn:
+            return self._shard_plan(conn, fs.id)
+
+    def iter_shards(self, feature_set: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(image_ids, vectors) per shard, only rows the catalog points at; one shard in memory at a time."""
+        for part in self._plan(feature_set):
+            ids, vecs = read_shard(part.path)
+            if part.rows is not None:
+                ids, vecs = ids[part.rows], vecs[part.rows]
             yield ids, vecs
+
+    def read_set(self, feature_set: str) -> tuple[np.ndarray, np.ndarray]:
+        """(image_ids, vectors) of every live row of one feature set, in shard order.
+
+        Read straight into one preallocated matrix (whole shards without an
+        intermediate copy), e.g. to load an in-memory search index.
+        """
+        fs = self.feature_set(feature_set)
+        plan = self._plan(feature_set)
+        n = sum(part.live for part in plan)
+        ids = np.empty(n, dtype=np.int64)
+        mat = np.empty((n, fs.dim), dtype=np.float32)
+        pos = 0
+        for part in plan:
+            read_rows_into(part.path, part.rows, ids, mat, pos)
+            pos += part.live
+        return ids, mat
 
     def search(self, feature_set: str, query: Any, k: int = 10, **kwargs: Any) -> list[Any]:
         """Exact nearest images in a feature set; see :func:`featurestore.search.search`."""
