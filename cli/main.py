@@ -24,6 +24,13 @@ class _Group(TyperGroup):
                 raise
             typer.echo(f"Error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except OSError as exc:  # a path the user gave that cannot be created, read or written
+            if common.STATE.debug:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"Error: {where}{exc.strerror or exc}; check the path and its permissions (or free disk space)",
+                       err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("Interrupted; everything written so far is kept.", err=True)
             raise typer.Exit(130) from None

@@ -78,6 +78,16 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "dir, none, csv:FILE" in flat
 
 
+def test_unusable_paths_are_one_line_errors(tmp_path: Path, image_tree: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = fs("--store", str(blocker / "store"), "ingest", str(image_tree))
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {blocker}") and "Traceback" not in result.output
+    result = fs("datasets", "export", "fashion-mnist", str(blocker / "out"), "--source", str(tmp_path))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
 def test_store_option_and_env(tmp_path: Path, image_tree: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     other = tmp_path / "elsewhere"
     assert fs("--store", str(other), "ingest", str(image_tree)).exit_code == 0
