@@ -16,21 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from bench.bench_cnn_forward import bench_gluon
-from bench.common import fashion_images, image_files, row
-from featurestore.config import Settings
+from bench.common import fashion_images, image_files, row, temp_store
 from featurestore.extract import extract
 from featurestore.images import load_rgb
 from featurestore.ingest import ingest
 from featurestore.models import cnn_extractor, load_model
-from featurestore.store import Store
 
 
 def main() -> None:
@@ -44,9 +39,7 @@ def main() -> None:
     root = fashion_images(args.images, (w, h))
     files = image_files(root)
     n = len(files)
-    tmp = Path(tempfile.mkdtemp(prefix="fs-bench-cnn-"))
-    try:
-        store = Store.open(Settings.from_env(store=tmp / ".fs"), create=True)
+    with temp_store("cnn") as store:
         with store.writing():
             ingest(store, root)
             model, row_ = load_model(store, "efficientnet-lite0", batch_size=args.batch)
@@ -68,9 +61,6 @@ def main() -> None:
             summary = extract(store, [ex], batch_size=args.batch)
             e2e = time.perf_counter() - t
         assert summary.processed == n, summary
-        store.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     base = n / fwd
     print(f"{n} real images ({args.size} JPEG), batch {args.batch}, {os.cpu_count()} cores")
     print(row("(a) forward only, symbolic Module (MKLDNN)", n, fwd))

@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import fashion_images, image_files, peak_rss_mb, row
+from bench.common import fashion_images, image_files, peak_rss_mb, row, temp_store
 
 SIZE = (640, 480)
 
@@ -59,25 +57,17 @@ def part_sklearn(files: list[Path], workers: int, k: int) -> float:
 
 
 def part_fs(root: Path, workers: int, k: int) -> float:
-    from featurestore.config import Settings
     from featurestore.extract import extract, projection_extractor
     from featurestore.ingest import ingest
-    from featurestore.store import Store
 
-    tmp = Path(tempfile.mkdtemp(prefix="fs-bench-rp-"))
-    try:
-        store = Store.open(Settings.from_env(store=tmp / ".fs", workers=workers), create=True)
-        with store.writing():
-            ingest(store, root)
-            ex = projection_extractor(store, k, SIZE)
-            t = time.perf_counter()
-            summary = extract(store, [ex])
-            elapsed = time.perf_counter() - t
-        assert summary.written.get(f"rp{k}") == summary.processed > 0, summary
-        store.close()
-        return elapsed
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with temp_store("rp", workers=workers) as store, store.writing():
+        ingest(store, root)
+        ex = projection_extractor(store, k, SIZE)
+        t = time.perf_counter()
+        summary = extract(store, [ex])
+        elapsed = time.perf_counter() - t
+    assert summary.written.get(f"rp{k}") == summary.processed > 0, summary
+    return elapsed
 
 
 def main() -> None:

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
-from bench.common import fashion_images, image_files, row
-from featurestore.config import Settings
+from bench.common import fashion_images, image_files, row, temp_store
 from featurestore.datasets import parse_size
 from featurestore.ingest import ingest
-from featurestore.store import Store
 
 
 def bare_decode(files: list[Path], workers: int) -> float:
@@ -40,18 +36,13 @@ def bare_decode(files: list[Path], workers: int) -> float:
 
 
 def fs_ingest(root: Path, workers: int) -> float:
-    tmp = Path(tempfile.mkdtemp(prefix="fs-bench-ingest-"))
-    try:
-        store = Store.open(Settings.from_env(store=tmp / ".fs", workers=workers), create=True)
+    with temp_store("ingest", workers=workers) as store:
         t = time.perf_counter()
         with store.writing():
             summary = ingest(store, root)
         elapsed = time.perf_counter() - t
-        store.close()
-        assert summary.new == summary.found, summary.line()
-        return elapsed
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    assert summary.new == summary.found, summary.line()
+    return elapsed
 
 
 def main() -> None:

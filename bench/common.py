@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from featurestore.datasets import export_fashion_mnist
 
@@ -70,3 +75,18 @@ def fake_store(root: Path, n: int, dims: dict[str, int], shard_rows: int = 10_00
                 chunk = ids[start : start + shard_rows]
                 store.append_vectors(fs, chunk, rng.standard_normal((len(chunk), dim), dtype=np.float32))
     return store
+
+
+@contextmanager
+def temp_store(prefix: str, **settings: Any) -> Iterator[Any]:
+    """A fresh store in a temp folder, closed and deleted afterwards."""
+    from featurestore.config import Settings
+    from featurestore.store import Store
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"fs-bench-{prefix}-"))
+    store = Store.open(Settings.from_env(store=tmp / ".fs", **settings), create=True)
+    try:
+        yield store
+    finally:
+        store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
