@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from featurestore.batching import prefetch_batches
 from featurestore.errors import InvalidInputError
 from featurestore.features.base import Extractor
 from featurestore.images import ImageDecodeError, decode_bytes, read_bytes
@@ -100,7 +101,7 @@ def extract(
     done = 0
     pending = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for batch in _prefetch(pool, prepare, todo, batch_size):
+        for batch in prefetch_batches(pool, prepare, todo, batch_size):
             ok = [(i, prep) for i, prep, err in batch if prep is not None]
             for i, _, err in batch:
                 if err is not None:
@@ -137,23 +138,6 @@ def _flush(store: Store, jobs: list[_Job], summary: ExtractSummary) -> None:
             if ids:
                 store.append_vectors(fs, ids, np.concatenate(vecs).astype(np.float32, copy=False))
                 summary.written[fs.name] = summary.written.get(fs.name, 0) + len(ids)
-
-
-def _prefetch(
-    pool: ThreadPoolExecutor, fn: Callable[[int], Any], items: list[int], batch_size: int
-) -> Iterator[list[Any]]:
-    """Yield results batch by batch while the next batch is already being prepared."""
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    futures: list[list[Future[Any]]] = []
-    lookahead = 2
-    for b in batches[:lookahead]:
-        futures.append([pool.submit(fn, i) for i in b])
-    for n in range(len(batches)):
-        current = futures[n]
-        if n + lookahead < len(batches):
-            futures.append([pool.submit(fn, i) for i in batches[n + lookahead]])
-        yield [f.result() for f in current]
-        futures[n] = []
 
 
 def projection_extractor(

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import delete, insert, select
 
+from featurestore.batching import prefetch_batches
 from featurestore.catalog.models import Image, IngestError, utcnow
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.images import ImageDecodeError, decode_bytes, is_image_path, read_bytes
@@ -151,14 +152,8 @@ def ingest(
             return c, ImageDecodeError(f"unexpected decoder error: {type(exc).__name__}: {exc}")
 
     with ThreadPoolExecutor(max_workers=store.settings.workers) as pool:
-        # Keep the decoders busy while the main thread writes the previous batch.
-        batches = list(_chunks(candidates, BATCH))
-        ahead = [[pool.submit(work, c) for c in b] for b in batches[:2]]
-        for n in range(len(batches)):
-            if n + 2 < len(batches):
-                ahead.append([pool.submit(work, c) for c in batches[n + 2]])
-            results = [f.result() for f in ahead[n]]
-            ahead[n] = []
+        # The decoders stay busy while the main thread writes the previous batch.
+        for results in prefetch_batches(pool, work, candidates, BATCH):
             _store_batch(store, dataset_id, results, seen, summary)
             done += len(results)
             if progress:
@@ -197,8 +192,3 @@ def _store_batch(store: Store, dataset_id: int, results: list, seen: dict[str, i
             seen.update(zip((r["sha256"] for r in new_rows), ids, strict=True))
             summary.new += len(new_rows)
         summary.image_ids.extend(seen[sha] for sha in readable)
-
-
-def _chunks(items: list, n: int) -> Iterator[list]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
