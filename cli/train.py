@@ -103,12 +103,10 @@ def evaluate(
     """
     from featurestore.runs import evaluate_many
 
-    combos = [_features(f) for f in features]
-    cfg = _cfg(combos[0], target, select if select in (None, "auto", "none") else None, classifier, trees, splits,
-               test_size, seed, dataset, skip_missing)
     if select not in (None, "auto", "none"):
-        raise typer.BadParameter("fs evaluate takes --select auto|none (per-set K: use fs train)")
-    cfg.select = select
+        raise typer.BadParameter("fs evaluate takes auto or none (per-set K: use fs train)", param_hint="--select")
+    combos = [_features(f) for f in features]
+    cfg = _cfg(combos[0], target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing)
     store = common.open_store()
     try:
         with store.writing(), common.progress("evaluate") as tick:
