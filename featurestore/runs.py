@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -381,7 +380,3 @@ def predict(store: Store, run_id: int, image_ids: Sequence[int], batch_size: int
 def list_runs(store: Store) -> list[Run]:
     with store.session() as s:
         return list(s.scalars(select(Run).order_by(Run.id)))
-
-
-def artifact_path(store: Store, run: Run) -> Path | None:
-    return store.root / run.artifact_path if run.artifact_path else None

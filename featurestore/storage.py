@@ -82,24 +82,6 @@ def _open_error(path: Path, exc: Exception) -> IntegrityError:
     return IntegrityError(f"feature shard {path} is missing or unreadable ({exc}); run `fs status` and re-extract")
 
 
-def read_image_ids(path: Path) -> np.ndarray:
-    """The ``image_ids`` of a shard (small: one int64 per row)."""
-    try:
-        with h5py.File(path, "r") as fh:
-            return fh["image_ids"][...]
-    except (OSError, KeyError) as exc:
-        raise _open_error(path, exc) from None
-
-
-def read_vectors(path: Path) -> np.ndarray:
-    """A shard's whole matrix in one contiguous read (faster than any strided selection)."""
-    try:
-        with h5py.File(path, "r") as fh:
-            return fh["vectors"][...]
-    except (OSError, KeyError) as exc:
-        raise _open_error(path, exc) from None
-
-
 def place(out: np.ndarray, block: np.ndarray, positions: np.ndarray, rows: np.ndarray, cols: slice) -> None:
     """``out[positions, cols] = block[rows]``, as one block copy when both sides are contiguous runs."""
     n = block.shape[0]
