@@ -22,10 +22,10 @@ import numpy as np
 
 from bench.bench_cnn_forward import bench_gluon
 from bench.common import fashion_images, image_files, row, temp_store
-from featurestore.extract import extract
-from featurestore.images import load_rgb
-from featurestore.ingest import ingest
-from featurestore.models import cnn_extractor, load_model
+from featurestore.features.cnn.registry import cnn_extractor, load_model
+from featurestore.io.images import load_rgb
+from featurestore.pipelines.extract import extract
+from featurestore.pipelines.ingest import ingest
 
 
 def main() -> None:

@@ -57,8 +57,8 @@ def part_sklearn(files: list[Path], workers: int, k: int) -> float:
 
 
 def part_fs(root: Path, workers: int, k: int) -> float:
-    from featurestore.extract import extract, projection_extractor
-    from featurestore.ingest import ingest
+    from featurestore.pipelines.extract import extract, projection_extractor
+    from featurestore.pipelines.ingest import ingest
 
     with temp_store("rp", workers=workers) as store, store.writing():
         ingest(store, root)

@@ -18,8 +18,8 @@ from pathlib import Path
 from PIL import Image
 
 from bench.common import fashion_images, image_files, row, temp_store
-from featurestore.datasets import parse_size
-from featurestore.ingest import ingest
+from featurestore.io.fashion_mnist import parse_size
+from featurestore.pipelines.ingest import ingest
 
 
 def bare_decode(files: list[Path], workers: int) -> float:

@@ -10,7 +10,7 @@ Store mode (``--store``) writes the same matrix into a temporary store (fake
 image rows bulk-inserted into the catalog, vectors appended in shards) and
 prints, side by side in one run:
 
-* p50/p95 of ``featurestore.search.search(store, ...)`` for single warm queries
+* p50/p95 of ``featurestore.search.service.search(store, ...)`` for single warm queries
   (the feature set loaded once into the cached index) next to the bare
   baseline on the same in-memory matrix; target p50 <= 2x bare;
 * the first (cold) query, which loads the set from HDF5 and builds the index,
@@ -35,10 +35,11 @@ import h5py
 import numpy as np
 from sqlalchemy import insert
 
-from featurestore.catalog.models import Dataset, Image, utcnow
+from featurestore.catalog.schema import Dataset, Image, utcnow
 from featurestore.config import Settings
 from featurestore.features.base import FeatureSpec
-from featurestore.search import VectorIndex, clear_cache, near_duplicate_groups, search
+from featurestore.search.kernel import VectorIndex, near_duplicate_groups
+from featurestore.search.service import clear_cache, search
 from featurestore.store import Store
 
 

@@ -6,7 +6,7 @@ starts `fs serve` on a free loopback port in a subprocess, and drives
 ``GET /v1/feature-sets/<set>/search?image_id=..&k=10`` from Python threads
 over keep-alive connections at concurrency 1 and 8 (a bounded number of
 requests; it stops by itself). Printed next to the p50 of the same query
-through ``featurestore.search.search`` in this process.
+through ``featurestore.search.service.search`` in this process.
 
 Target: service p50 at concurrency 1 within 2x in-process p50 + 2 ms.
 
@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert
 
-from featurestore.catalog.models import Dataset, Image, utcnow
+from featurestore.catalog.schema import Dataset, Image, utcnow
 from featurestore.config import Settings
 from featurestore.features.base import FeatureSpec
-from featurestore.search import search
+from featurestore.search.service import search
 from featurestore.store import Store
 
 SET = "bench"
@@ -79,7 +79,7 @@ def free_port() -> int:
 
 def start_server(root: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FS_")}
-    cmd = [sys.executable, "-m", "cli.main", "--store", str(root), "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "featurestore.cli.main", "--store", str(root), "serve", "--port", str(port),
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

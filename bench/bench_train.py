@@ -26,10 +26,10 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import train_test_split
 
 try:
-    from featurestore.training.model import SELECTOR_TREES, TwoFlowClassifier
+    from featurestore.training.twoflow import SELECTOR_TREES, TwoFlowClassifier
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from featurestore.training.model import SELECTOR_TREES, TwoFlowClassifier
+    from featurestore.training.twoflow import SELECTOR_TREES, TwoFlowClassifier
 
 RP_DIM = 128
 CNN_DIM = 1280

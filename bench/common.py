@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from featurestore.datasets import export_fashion_mnist
+from featurestore.io.fashion_mnist import export_fashion_mnist
 
 BENCH_DIR = Path(os.environ.get("FS_BENCH_DIR", "/tmp/featurestore-bench"))
 
@@ -52,7 +52,7 @@ def fake_store(root: Path, n: int, dims: dict[str, int], shard_rows: int = 10_00
     import numpy as np
     from sqlalchemy import insert
 
-    from featurestore.catalog.models import Dataset, Image
+    from featurestore.catalog.schema import Dataset, Image
     from featurestore.config import Settings
     from featurestore.features.base import FeatureSpec
     from featurestore.store import Store

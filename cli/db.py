@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from cli import common
 from featurestore.catalog import database
+from featurestore.cli import common
 
 app = typer.Typer(help="Manage the catalog schema (Alembic migrations).", no_args_is_help=True)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from cli import common
-from featurestore.extract import extract as run_extract
-from featurestore.extract import projection_extractor
+from featurestore.cli import common
 from featurestore.features.base import Extractor
+from featurestore.pipelines.extract import extract as run_extract
+from featurestore.pipelines.extract import projection_extractor
 
 
 def extract(
@@ -58,7 +58,7 @@ def extract(
 
                 extractors.append(LowLevelExtractor(rule=resize))
             if model:
-                from featurestore.models import cnn_extractor
+                from featurestore.features.cnn.registry import cnn_extractor
 
                 wanted = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
                 for name in model:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from cli import common
-from featurestore.ingest import ingest as run_ingest
-from featurestore.ingest import parse_labels
+from featurestore.cli import common
+from featurestore.pipelines.ingest import ingest as run_ingest
+from featurestore.pipelines.ingest import parse_labels
 
 
 def ingest(

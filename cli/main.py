@@ -8,8 +8,8 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from cli import common
 from featurestore import __version__
+from featurestore.cli import common
 from featurestore.errors import FeatureStoreError
 
 
@@ -70,7 +70,7 @@ def root(
 
 
 def _register() -> None:
-    from cli import datasets, db, ingest, status
+    from featurestore.cli import datasets, db, ingest, status
 
     app.add_typer(db.app, name="db")
     app.add_typer(datasets.app, name="datasets")
@@ -78,9 +78,9 @@ def _register() -> None:
     status.register(app)
     for optional in ("extract", "models", "train", "search", "serve"):
         try:
-            module = __import__(f"cli.{optional}", fromlist=["register"])
+            module = __import__(f"featurestore.cli.{optional}", fromlist=["register"])
         except ModuleNotFoundError as exc:
-            if exc.name != f"cli.{optional}":
+            if exc.name != f"featurestore.cli.{optional}":
                 raise
             continue
         module.register(app)

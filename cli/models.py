@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cli import common
+from featurestore.cli import common
 
 app = typer.Typer(help="List, inspect and register CNN models (MXNet checkpoints).", no_args_is_help=True)
 
@@ -32,7 +32,7 @@ def list_(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f
 
     Example: fs models list
     """
-    from featurestore.models import list_models
+    from featurestore.features.cnn.registry import list_models
 
     store = common.open_store(create=True)
     try:
@@ -51,7 +51,7 @@ def show(name: str = typer.Argument(..., help="Model name."),
 
     Example: fs models show efficientnet-lite0
     """
-    from featurestore.models import describe_layers
+    from featurestore.features.cnn.registry import describe_layers
 
     store = common.open_store(create=True)
     try:
@@ -85,7 +85,7 @@ def add(
 
     Example: fs models add inception21k --symbol Inception-symbol.json --params Inception-0009.params
     """
-    from featurestore.models import add_model
+    from featurestore.features.cnn.registry import add_model
 
     store = common.open_store(create=True)
     try:

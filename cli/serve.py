@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from cli import common
+from featurestore.cli import common
 
 
 def serve(
@@ -30,7 +30,7 @@ def serve(
     """
     import uvicorn
 
-    from featurestore.serve import check_bind, create_app
+    from featurestore.http.app import check_bind, create_app
 
     if not 0 < port < 65536:
         raise typer.BadParameter("must be between 1 and 65535", param_hint="--port")
@@ -54,7 +54,7 @@ def serve(
     if settings.database_url:
         os.environ["FS_DATABASE_URL"] = settings.database_url
     os.environ["FS_ALLOW_WRITES"] = "1" if settings.allow_writes else "0"
-    uvicorn.run("featurestore.serve:create_app_from_env", factory=True, host=host, port=port, workers=workers,
+    uvicorn.run("featurestore.http.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level)
 
 

@@ -8,8 +8,8 @@ import typer
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
-from cli import common
 from featurestore.catalog.database import make_readonly_engine
+from featurestore.cli import common
 from featurestore.errors import FeatureStoreError, InvalidInputError
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 
-from cli import common
+from featurestore.cli import common
 from featurestore.errors import InvalidInputError
-from featurestore.runs import TrainConfig
+from featurestore.pipelines.train import TrainConfig
 
 
 def _features(value: str) -> list[str]:
@@ -60,7 +60,7 @@ def train(
 
     Example: fs train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400
     """
-    from featurestore.runs import train as run_train
+    from featurestore.pipelines.train import train as run_train
 
     cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
                skip_missing)
@@ -101,7 +101,7 @@ def evaluate(
 
     Example: fs evaluate --features rp128 --features efficientnet-lite0 --features rp128,efficientnet-lite0
     """
-    from featurestore.runs import evaluate_many
+    from featurestore.pipelines.train import evaluate_many
 
     if select not in (None, "auto", "none"):
         raise typer.BadParameter("fs evaluate takes auto or none (per-set K: use fs train)", param_hint="--select")
@@ -138,7 +138,7 @@ def compare(
 
     Example: fs compare 3 1
     """
-    from featurestore.runs import compare as run_compare
+    from featurestore.pipelines.train import compare as run_compare
 
     store = common.open_store()
     try:
@@ -172,8 +172,8 @@ def predict(
 
     Example: fs predict --run 1 --unlabelled
     """
-    from featurestore.ingest import ingest
-    from featurestore.runs import predict as run_predict
+    from featurestore.pipelines.ingest import ingest
+    from featurestore.pipelines.train import predict as run_predict
 
     if sum(bool(x) for x in (paths, dataset, unlabelled)) != 1:
         raise typer.BadParameter("give exactly one of PATH..., --dataset NAME or --unlabelled")
@@ -208,7 +208,7 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
 
     Example: fs runs --format csv
     """
-    from featurestore.runs import list_runs
+    from featurestore.pipelines.train import list_runs
 
     store = common.open_store()
     try:

@@ -31,7 +31,7 @@ from sqlalchemy import Engine, delete, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from featurestore.catalog import database
-from featurestore.catalog.models import (
+from featurestore.catalog.schema import (
     Dataset,
     FeatureRow,
     FeatureSet,
@@ -49,9 +49,9 @@ from featurestore.errors import (
     ParamsMismatchError,
 )
 from featurestore.features.base import FeatureSpec
-from featurestore.fsutil import TMP_PREFIX
-from featurestore.lock import write_lock
-from featurestore.storage import place, read_rows_into, read_shard, remove_orphans, write_shard
+from featurestore.io.atomic import TMP_PREFIX
+from featurestore.io.lock import write_lock
+from featurestore.shards import place, read_rows_into, read_shard, remove_orphans, write_shard
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
@@ -156,7 +156,7 @@ class Store:
                 remove_orphans(folder, names)
         # Half-written files of other writers (projections, model conversions, artifacts) and
         # artifacts whose run was never recorded because the writer died first.
-        from featurestore.catalog.models import Run
+        from featurestore.catalog.schema import Run
 
         with self.session() as s:
             artifacts = {Path(p).name for p in s.scalars(select(Run.artifact_path)) if p}
@@ -462,8 +462,8 @@ class Store:
         return ids, mat
 
     def search(self, feature_set: str, query: Any, k: int = 10, **kwargs: Any) -> list[Any]:
-        """Exact nearest images in a feature set; see :func:`featurestore.search.search`."""
-        from featurestore.search import search
+        """Exact nearest images in a feature set; see :func:`featurestore.search.service.search`."""
+        from featurestore.search.service import search
 
         return search(self, feature_set, query, k, **kwargs)
 

@@ -11,7 +11,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 from featurestore.catalog.database import configure_sqlite
-from featurestore.catalog.models import Base
+from featurestore.catalog.schema import Base
 from featurestore.config import Settings
 
 config = context.config

@@ -25,5 +25,5 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/pip install -q ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import featurestore, mxnet, sklearn, h5py; print('featurestore', featurestore.__version__, 'mxnet', mxnet.__version__)" 2>/dev/null

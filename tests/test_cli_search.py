@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
+from featurestore.cli.main import app
 from helpers import make_image
 
 runner = CliRunner()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cli.main import app
+from featurestore.cli.main import app
 from helpers import make_image
 
 runner = CliRunner()

@@ -15,7 +15,7 @@ import pytest
 
 from featurestore.config import Settings
 from featurestore.features.base import FeatureSpec
-from featurestore.ingest import ingest
+from featurestore.pipelines.ingest import ingest
 from featurestore.store import Store
 from helpers import make_image
 
@@ -27,7 +27,7 @@ WRITER = textwrap.dedent(
     from featurestore.features.base import FeatureSpec
     from featurestore.store import Store
     import os, signal
-    import featurestore.storage as storage, featurestore.store as store_mod
+    import featurestore.shards as storage, featurestore.store as store_mod
     mode = sys.argv[2]
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -86,7 +86,7 @@ def test_kill_9_leaves_catalog_and_files_consistent(tmp_path: Path) -> None:
             with store.session() as s:
                 from sqlalchemy import select
 
-                from featurestore.catalog.models import FeatureShard
+                from featurestore.catalog.schema import FeatureShard
                 registered = {Path(p).name for p in s.scalars(select(FeatureShard.path))}
             assert registered <= on_disk
             if mode != "random":  # the crash left exactly the orphan it was placed to leave

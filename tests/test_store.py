@@ -16,7 +16,7 @@ from featurestore.errors import (
     StoreBusyError,
 )
 from featurestore.features.base import FeatureSpec
-from featurestore.ingest import ingest
+from featurestore.pipelines.ingest import ingest
 from featurestore.store import Store
 
 

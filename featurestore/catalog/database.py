@@ -78,7 +78,7 @@ def alembic_config(url: str) -> Any:
 
     # Config's default stdout is bound when alembic is first imported; pass the current one.
     cfg = Config(stdout=sys.stdout)
-    location = resources.files("migrations")
+    location = resources.files("featurestore.migrations")
     cfg.set_main_option("script_location", str(location))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg

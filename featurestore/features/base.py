@@ -1,6 +1,6 @@
 """The contract between the extract pipeline and the feature families.
 
-The pipeline (``featurestore.extract``) decodes each image once into an RGB
+The pipeline (``featurestore.pipelines.extract``) decodes each image once into an RGB
 ``PIL.Image`` and hands it to every requested extractor:
 
 * :meth:`Extractor.prepare` runs in a worker thread, once per image. It should do

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featurestore.datasets import (
+from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.io.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     FASHION_MNIST_SUPERCLASS,
@@ -19,7 +20,6 @@ from featurestore.datasets import (
     parse_size,
     read_idx,
 )
-from featurestore.errors import FeatureStoreError, InvalidInputError
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from sqlalchemy import delete, insert, select
 
-from featurestore.batching import prefetch_batches
-from featurestore.catalog.models import Image, IngestError, utcnow
+from featurestore.catalog.schema import Image, IngestError, utcnow
 from featurestore.errors import FeatureStoreError, InvalidInputError
-from featurestore.images import ImageDecodeError, decode_bytes, is_image_path, read_bytes
+from featurestore.io.batching import prefetch_batches
+from featurestore.io.images import ImageDecodeError, decode_bytes, is_image_path, read_bytes
 from featurestore.store import Store
 
 Progress = Callable[[int, int], None]

@@ -21,13 +21,13 @@ import numpy as np
 from sqlalchemy import delete, insert, select
 
 from featurestore import __version__
-from featurestore.catalog.models import Prediction, Run, RunSplit
+from featurestore.catalog.schema import Prediction, Run, RunSplit
 from featurestore.errors import FeatureStoreError, InvalidInputError, NotFoundError
 from featurestore.store import FeatureMatrix, Store
 from featurestore.training.artifacts import load_artifact, save_artifact
 from featurestore.training.evaluation import EvaluationResult, evaluate, make_splits, splits_fingerprint
-from featurestore.training.model import TwoFlowClassifier, build_model, describe_model
 from featurestore.training.stats import PairedTTest, paired_ttest
+from featurestore.training.twoflow import TwoFlowClassifier, build_model, describe_model
 
 Progress = Callable[[int, int], None]
 CLASSIFIERS = ("rf", "logreg", "hgb")
@@ -345,7 +345,7 @@ def predict(store: Store, run_id: int, image_ids: Sequence[int], batch_size: int
 
     Call under ``store.writing()``.
     """
-    from featurestore.extract import extract, extractor_for
+    from featurestore.pipelines.extract import extract, extractor_for
 
     run = get_run(store, run_id)
     check_features_unchanged(store, run)

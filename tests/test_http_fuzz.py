@@ -17,10 +17,10 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from featurestore.config import Settings  # noqa: E402
-from featurestore.extract import extract, projection_extractor  # noqa: E402
-from featurestore.ingest import ingest  # noqa: E402
-from featurestore.runs import TrainConfig, train  # noqa: E402
-from featurestore.serve import create_app  # noqa: E402
+from featurestore.http.app import create_app  # noqa: E402
+from featurestore.pipelines.extract import extract, projection_extractor  # noqa: E402
+from featurestore.pipelines.ingest import ingest  # noqa: E402
+from featurestore.pipelines.train import TrainConfig, train  # noqa: E402
 from featurestore.store import Store  # noqa: E402
 from helpers import make_image  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tests for featurestore.serve (the HTTP service) and `fs serve`."""
+"""Tests for featurestore.http.app (the HTTP service) and `fs serve`."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from cli.main import app as cli_app
+from featurestore.cli.main import app as cli_app
 from featurestore.config import Settings
-from featurestore.extract import extract, projection_extractor
-from featurestore.ingest import ingest
-from featurestore.runs import TrainConfig, train
-from featurestore.serve import check_bind, create_app, is_loopback
+from featurestore.http.app import check_bind, create_app, is_loopback
+from featurestore.pipelines.extract import extract, projection_extractor
+from featurestore.pipelines.ingest import ingest
+from featurestore.pipelines.train import TrainConfig, train
 from featurestore.store import Store
 from helpers import make_image
 
@@ -230,7 +230,7 @@ def test_predict_read_only(client: TestClient, built: Path) -> None:
     assert sum(t["probability"] for t in body["top"]) == pytest.approx(1.0)
     assert body["label"] == body["top"][0]["label"]
     # Same as the library's prediction of the stored vector.
-    from featurestore.runs import get_run, load_run_model
+    from featurestore.pipelines.train import get_run, load_run_model
 
     with Store.open(Settings(store=built)) as store:
         model = load_run_model(store, get_run(store, 1))
@@ -264,7 +264,7 @@ def test_predict_store_auth(writer: TestClient, store_path: Path) -> None:
     with Store.open(Settings(store=store_path)) as store:
         from sqlalchemy import select
 
-        from featurestore.catalog.models import Prediction
+        from featurestore.catalog.schema import Prediction
 
         with store.session() as s:
             rows = s.execute(select(Prediction.image_id, Prediction.label, Prediction.probability)).all()
@@ -388,7 +388,7 @@ def test_cli_starts_uvicorn(store_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("FS_ALLOW_WRITES", "0")  # restored after the test: the CLI exports it for workers
     result = CliRunner().invoke(cli_app, ["--store", str(store_path), "serve", "--allow-writes", "--workers", "2"])
     assert result.exit_code == 0, result.output
-    assert seen["app"] == "featurestore.serve:create_app_from_env" and seen["factory"] and seen["workers"] == 2
+    assert seen["app"] == "featurestore.http.app:create_app_from_env" and seen["factory"] and seen["workers"] == 2
 
 
 # --- consistency with concurrent writers --------------------------------------------------

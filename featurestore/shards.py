@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from featurestore.errors import DimensionMismatchError, IntegrityError
-from featurestore.fsutil import TMP_PREFIX, fsync_dir, publish, tmp_path_for
+from featurestore.io.atomic import TMP_PREFIX, fsync_dir, publish, tmp_path_for
 
 SHARD_FORMAT = "featurestore-shard/1"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from featurestore.catalog.models import Model
+from featurestore.catalog.schema import Model
 from featurestore.errors import (
     FeatureStoreError,
     IntegrityError,
@@ -26,7 +26,7 @@ from featurestore.errors import (
 )
 from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess
 from featurestore.features.cnn.specs import BUILTIN_MODELS, ModelSpec, model_files
-from featurestore.fsutil import fsync_dir, publish, sha256_file, tmp_path_for
+from featurestore.io.atomic import fsync_dir, publish, sha256_file, tmp_path_for
 from featurestore.store import Store, check_name
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from featurestore.errors import DimensionMismatchError, InvalidInputError
-from featurestore.search import Hit, VectorIndex, near_duplicate_groups, top_k
+from featurestore.search.kernel import Hit, VectorIndex, near_duplicate_groups, top_k
 from helpers import brute
 
 

@@ -10,10 +10,10 @@ from PIL import Image
 
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError, NotFoundError
-from featurestore.extract import extract, projection_extractor
 from featurestore.features.base import FeatureSpec
-from featurestore.ingest import ingest
-from featurestore.search import (
+from featurestore.pipelines.extract import extract, projection_extractor
+from featurestore.pipelines.ingest import ingest
+from featurestore.search.service import (
     SearchResult,
     _cache,
     duplicates,
@@ -205,7 +205,7 @@ def test_new_image_of_other_size_and_mode_is_embedded_like_stored(rp_store, tmp_
 def test_embedder_refuses_changed_params(rp_store):
     store, _ = rp_store
     with store.session() as s:
-        from featurestore.catalog.models import FeatureSet
+        from featurestore.catalog.schema import FeatureSet
 
         row = s.get(FeatureSet, store.feature_set("rp16").id)
         row.params = {**row.params, "generator": "something-else"}
@@ -244,7 +244,7 @@ def test_duplicates_finds_a_reencoded_copy(store: Store, tmp_path: Path):
 
 @pytest.mark.realmodel
 def test_cnn_embedder_matches_extract(store: Store, tmp_path: Path):
-    from featurestore.models import cnn_extractor
+    from featurestore.features.cnn.registry import cnn_extractor
 
     root = tmp_path / "imgs"
     for i in range(3):
@@ -263,8 +263,8 @@ def test_rows_no_longer_live_are_skipped(vec_store, metric):
     """An image deleted from the catalog leaves its row in the shard file; search must not return it."""
     from sqlalchemy import delete
 
-    from featurestore.catalog.models import FeatureRow
-    from featurestore.catalog.models import Image as ImageRow
+    from featurestore.catalog.schema import FeatureRow
+    from featurestore.catalog.schema import Image as ImageRow
 
     store, ids, mat = vec_store
     gone = [int(ids[1]), int(ids[6])]
@@ -280,9 +280,9 @@ def test_rows_no_longer_live_are_skipped(vec_store, metric):
 
 
 def test_store_search_method_matches_function(store, image_tree) -> None:  # type: ignore[no-untyped-def]
-    from featurestore.extract import extract, projection_extractor
-    from featurestore.ingest import ingest
-    from featurestore.search import search
+    from featurestore.pipelines.extract import extract, projection_extractor
+    from featurestore.pipelines.ingest import ingest
+    from featurestore.search.service import search
 
     with store.writing():
         ingest(store, image_tree)

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.batching import prefetch_batches
 from featurestore.errors import InvalidInputError
 from featurestore.features.base import Extractor
-from featurestore.images import ImageDecodeError, decode_bytes, read_bytes
+from featurestore.io.batching import prefetch_batches
+from featurestore.io.images import ImageDecodeError, decode_bytes, read_bytes
 from featurestore.store import Store
 
 Progress = Callable[[int, int], None]
@@ -238,7 +238,7 @@ def _build_extractor(store: Store, fs: Any, batch_size: int = 32) -> Extractor:
                 kwargs["gist_grid"] = tuple(gist["grid"])
             return LowLevelExtractor(**kwargs)
         if fs.kind == "cnn":
-            from featurestore.models import cnn_extractor
+            from featurestore.features.cnn.registry import cnn_extractor
 
             return cnn_extractor(store, p["model"], [p["layer"]], batch_size=batch_size)
     except KeyError as exc:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from featurestore.cli.main import app
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError
 from featurestore.features.base import FeatureSpec
-from featurestore.ingest import ingest
-from featurestore.runs import TrainConfig, compare, evaluate_many, get_run, parse_select, predict, train
+from featurestore.pipelines.ingest import ingest
+from featurestore.pipelines.train import TrainConfig, compare, evaluate_many, get_run, parse_select, predict, train
 from featurestore.store import Store
 from helpers import make_image
 

@@ -20,7 +20,7 @@ Safety
 Consistency: every catalog read is its own short transaction, and new shards
 become visible only once registered, so the service can run while ``fs
 extract`` or ``fs ingest`` write. The in-memory search indexes are keyed by the
-feature set's shard list (see :mod:`featurestore.search`) and reload when it
+feature set's shard list (see :mod:`featurestore.search.service`) and reload when it
 changes. Extractors and fitted run models are cached per feature set / run
 (keyed by params and artifact sha256, so a replaced set or run is reloaded).
 """
@@ -51,7 +51,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from featurestore import __version__
-from featurestore.catalog.models import Dataset, FeatureRow, FeatureSet, Image, Run
+from featurestore.catalog.schema import Dataset, FeatureRow, FeatureSet, Image, Run
 from featurestore.config import Settings
 from featurestore.errors import (
     DimensionMismatchError,
@@ -62,10 +62,10 @@ from featurestore.errors import (
     NotFoundError,
     StoreBusyError,
 )
-from featurestore.images import ImageDecodeError, decode_bytes
+from featurestore.io.images import ImageDecodeError, decode_bytes
 from featurestore.store import Store, _extract_hint
 
-log = logging.getLogger("featurestore.serve")
+log = logging.getLogger("featurestore.http.app")
 
 MAX_ID = 2**63 - 1  # SQL BIGINT; larger ids cannot exist and would overflow the driver
 MAX_K = 1000
@@ -389,7 +389,7 @@ class Service:
     # -- search
     def search(self, fs: FeatureSet, vec: np.ndarray, k: int, metric: str, exclude: set[int],
                allowed: np.ndarray | None) -> list[SearchHit]:
-        from featurestore.search import search
+        from featurestore.search.service import search
 
         results = search(self.store, fs.name, vec, k, metric=metric, exclude_ids=exclude, allowed_ids=allowed)
         return [SearchHit(rank=r.rank, image_id=r.image_id, path=r.path, label=r.label, score=float(r.score))
@@ -418,7 +418,7 @@ class Service:
 
     # -- prediction
     def extractor(self, name: str) -> tuple[Any, threading.Lock]:
-        from featurestore.extract import extractor_for
+        from featurestore.pipelines.extract import extractor_for
 
         fs = self.store.feature_set(name)
         key = (fs.id, fs.name, json.dumps(fs.params, sort_keys=True, default=str))
@@ -431,7 +431,7 @@ class Service:
         return hit
 
     def model(self, run: Run) -> Any:
-        from featurestore.runs import load_run_model
+        from featurestore.pipelines.train import load_run_model
 
         key = (int(run.id), str(run.artifact_sha256))
         with self._lock:
@@ -455,9 +455,9 @@ class Service:
 
     def store_upload(self, up: Upload, run_id: int) -> int:
         """Save the upload under uploads/, ingest it into dataset "uploads" and store its prediction row."""
-        from featurestore.fsutil import write_bytes_atomic
-        from featurestore.ingest import ingest
-        from featurestore.runs import predict
+        from featurestore.io.atomic import write_bytes_atomic
+        from featurestore.pipelines.ingest import ingest
+        from featurestore.pipelines.train import predict
 
         ext = UPLOAD_EXTENSIONS.get(up.format)
         if ext is None:
@@ -625,7 +625,7 @@ def create_app(settings: Settings) -> FastAPI:
     @get("/v1/feature-sets/{name}/vectors/{image_id}", tags=["feature sets"], responses=ERRORS)
     def vector(name: SetName, image_id: ImageId) -> VectorOut:
         """One image's stored vector in a feature set (non-finite values are null)."""
-        from featurestore.search import stored_vector
+        from featurestore.search.service import stored_vector
 
         fs = svc.feature_set(name)
         svc.require_vector(fs, image_id)
@@ -645,7 +645,7 @@ def create_app(settings: Settings) -> FastAPI:
                                                     "lower is better.")] = "cosine",
     ) -> SearchOut:
         """Images nearest to a stored image (exact search), optionally only those with a label / in a dataset."""
-        from featurestore.search import stored_vector
+        from featurestore.search.service import stored_vector
 
         fs = svc.feature_set(name)
         svc.require_vector(fs, image_id)
@@ -664,7 +664,7 @@ def create_app(settings: Settings) -> FastAPI:
         metric: Annotated[Metric, Form()] = "cosine",
     ) -> SearchOut:
         """Images nearest to an uploaded image, embedded like the feature set's stored vectors."""
-        from featurestore.search import embedder_for
+        from featurestore.search.service import embedder_for
 
         fs = svc.feature_set(name)
         allowed = svc.allowed_ids(label, dataset)
@@ -676,14 +676,14 @@ def create_app(settings: Settings) -> FastAPI:
     @get("/v1/runs", tags=["runs"])
     def runs() -> list[RunOut]:
         """Training and evaluation runs with their mean scores over the splits."""
-        from featurestore.runs import list_runs
+        from featurestore.pipelines.train import list_runs
 
         return [RunOut(**_run_out(r)) for r in list_runs(store)]
 
     @get("/v1/runs/{run_id}", tags=["runs"], responses=ERRORS)
     def run(run_id: RunId) -> RunDetailOut:
         """One run with its per-split test accuracy."""
-        from featurestore.runs import get_run, split_scores
+        from featurestore.pipelines.train import get_run, split_scores
 
         r = get_run(store, run_id)
         return RunDetailOut(**_run_out(r), split_accuracies=split_scores(store, run_id))
@@ -697,7 +697,7 @@ def create_app(settings: Settings) -> FastAPI:
                                                "'uploads') and store the prediction row; needs writes.")] = False,
     ) -> PredictOut:
         """Classify an uploaded image with a run's final model (top-k labels with probabilities)."""
-        from featurestore.runs import check_features_unchanged, get_run
+        from featurestore.pipelines.train import check_features_unchanged, get_run
 
         if store_prediction:
             require_writes()

@@ -25,8 +25,8 @@ from featurestore.training.evaluation import (
     make_splits,
     splits_fingerprint,
 )
-from featurestore.training.model import TwoFlowClassifier, build_model, describe_model, kept_features
 from featurestore.training.stats import paired_ttest
+from featurestore.training.twoflow import TwoFlowClassifier, build_model, describe_model, kept_features
 
 BLOCKS = {"rp": (0, 20), "cnn": (20, 60)}
 SMALL = {"trees": 15, "selector_trees": 15, "n_jobs": 1}

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from featurestore.catalog.models import Image as ImageRow
-from featurestore.catalog.models import IngestError
+from featurestore.catalog.schema import Image as ImageRow
+from featurestore.catalog.schema import IngestError
 from featurestore.errors import FeatureStoreError, InvalidInputError
-from featurestore.images import decode_bytes, to_rgb
-from featurestore.ingest import ingest, scan
+from featurestore.io.images import decode_bytes, to_rgb
+from featurestore.pipelines.ingest import ingest, scan
 from featurestore.store import Store
 from helpers import make_image
 

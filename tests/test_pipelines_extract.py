@@ -10,16 +10,16 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-import featurestore.extract as extract_mod
-from cli.main import app
-from featurestore.catalog.models import Model
+import featurestore.pipelines.extract as extract_mod
+from featurestore.catalog.schema import Model
+from featurestore.cli.main import app
 from featurestore.config import Settings
 from featurestore.errors import IntegrityError, InvalidInputError, ParamsMismatchError
-from featurestore.extract import extract, extractor_for, projection_extractor
 from featurestore.features.cnn.testing import build_tiny_inception_checkpoint
 from featurestore.features.lowlevel import LowLevelExtractor
 from featurestore.features.pixels import PixelsExtractor
-from featurestore.ingest import ingest
+from featurestore.pipelines.extract import extract, extractor_for, projection_extractor
+from featurestore.pipelines.ingest import ingest
 from featurestore.store import Store
 
 runner = CliRunner()
@@ -107,7 +107,7 @@ def test_extractor_for_reproduces_stored_vectors(store: Store, image_tree: Path)
         ingest(store, image_tree)
         extract(store, [_rp(store), LowLevelExtractor()])
     fm = store.read_matrix(["rp16", "lowlevel"])
-    from featurestore.images import load_rgb
+    from featurestore.io.images import load_rgb
 
     img = load_rgb(Path(fm.paths[0]))
     for name, (c0, c1) in fm.blocks.items():
