@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from featurestore.errors import DimensionMismatchError, IntegrityError
-from featurestore.io.atomic import TMP_PREFIX, fsync_dir, publish, tmp_path_for
+from featurestore.io.atomic import atomic_path, fsync_dir, is_temp
 
 SHARD_FORMAT = "featurestore-shard/1"
 
@@ -50,22 +50,17 @@ def write_shard(
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     final = folder / f"{feature_set}-{stamp}-{os.urandom(4).hex()}.h5"
-    tmp = tmp_path_for(final)
-    try:
-        with h5py.File(tmp, "w") as fh:
-            fh.create_dataset("image_ids", data=ids)
-            fh.create_dataset("vectors", data=vecs)
-            fh.attrs["format"] = SHARD_FORMAT
-            fh.attrs["feature_set"] = feature_set
-            fh.attrs["kind"] = kind
-            fh.attrs["params"] = json.dumps(params, sort_keys=True)
-            fh.attrs["dim"] = int(vecs.shape[1])
-            fh.attrs["dtype"] = "float32"
-            fh.attrs["rows"] = int(vecs.shape[0])
-            fh.attrs["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        publish(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(final) as tmp, h5py.File(tmp, "w") as fh:
+        fh.create_dataset("image_ids", data=ids)
+        fh.create_dataset("vectors", data=vecs)
+        fh.attrs["format"] = SHARD_FORMAT
+        fh.attrs["feature_set"] = feature_set
+        fh.attrs["kind"] = kind
+        fh.attrs["params"] = json.dumps(params, sort_keys=True)
+        fh.attrs["dim"] = int(vecs.shape[1])
+        fh.attrs["dtype"] = "float32"
+        fh.attrs["rows"] = int(vecs.shape[0])
+        fh.attrs["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return final
 
 
@@ -133,7 +128,7 @@ def remove_orphans(folder: Path, registered: Iterable[str]) -> list[Path]:
     keep = {Path(p).name for p in registered}
     removed = []
     for path in folder.iterdir():
-        if path.name.startswith(TMP_PREFIX) or (path.suffix == ".h5" and path.name not in keep):
+        if is_temp(path) or (path.suffix == ".h5" and path.name not in keep):
             path.unlink(missing_ok=True)
             removed.append(path)
     if removed:

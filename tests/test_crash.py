@@ -27,12 +27,12 @@ WRITER = textwrap.dedent(
     from featurestore.features.base import FeatureSpec
     from featurestore.store import Store
     import os, signal
-    import featurestore.shards as storage, featurestore.store as store_mod
+    import featurestore.io.atomic as atomic, featurestore.store as store_mod
     mode = sys.argv[2]
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     if mode == "before-rename":  # temp file fully written, not yet renamed
-        storage.publish = die
+        atomic._fsync_file = die
     elif mode == "after-rename":  # shard renamed into place, catalog not yet told
         original = store_mod.write_shard
         store_mod.write_shard = lambda *a, **k: (original(*a, **k), die())[0]

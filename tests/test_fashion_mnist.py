@@ -184,7 +184,7 @@ def test_rerun_skips_existing_and_rewrites_changed(source, tmp_path):
 
     # a missing file is recreated; an orphan temp file from a crash is removed
     victim.unlink()
-    orphan = victim.with_name(".train-00008.png.deadbeef.partial")
+    orphan = victim.with_name(".tmp-1234-deadbeef-train-00008.png")  # the atomic-write temp name
     orphan.write_bytes(b"half")
     third = export_fashion_mnist(dest, source=src)
     assert third.written == 1 and third.skipped_existing == 29
@@ -196,7 +196,7 @@ def test_rerun_skips_existing_and_rewrites_changed(source, tmp_path):
     assert sized.written == 30  # RGB now, every file differs
     back = export_fashion_mnist(dest, source=src)
     assert back.written == 30 and back.skipped_existing == 0
-    assert not list(dest.rglob("*.partial"))
+    assert not list(dest.rglob(".tmp-*"))
 
 
 def test_missing_dataset_message(tmp_path):

@@ -112,7 +112,7 @@ def test_orphans_removed_by_next_writer(store: Store) -> None:
     folder.mkdir(parents=True)
     (folder / ".tmp-123-abcd-x.h5").write_bytes(b"partial")
     (folder / "x-unregistered.h5").write_bytes(b"renamed but never registered")
-    (store.root / "artifacts" / ".abc.pkl.x1y2.tmp").write_bytes(b"half an artifact")
+    (store.root / "artifacts" / ".tmp-1-x1y2-abc.pkl").write_bytes(b"half an artifact")
     (store.root / "artifacts" / "lost.pkl").write_bytes(b"saved, but its run was never recorded")
     (store.root / "projections").mkdir(exist_ok=True)
     (store.root / "projections" / ".tmp-1-ab-rp8.npz").write_bytes(b"half a matrix")

@@ -48,7 +48,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from PIL import Image
 from featurestore.errors import DimensionMismatchError, IntegrityError, InvalidInputError
 from featurestore.features.base import Extractor, FeatureSpec
 from featurestore.features.resize import check_rule, check_size, resize_params, resize_rgb
+from featurestore.io.atomic import atomic_open
 
 FORMAT_VERSION = 1
 GENERATOR = "pcg64-raw32-rowmajor-v1"
@@ -333,27 +333,8 @@ class SparseRandomProjection:
             "indptr": m.indptr.astype(np.int64),
             "data": m.data.astype(np.float32),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        try:  # make the rename durable; not possible on every platform
-            dfd = os.open(path.parent, os.O_RDONLY)
-        except OSError:
-            return path
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+        with atomic_open(path, "wb") as f:
+            np.savez(f, **arrays)
         return path
 
     @classmethod

@@ -25,8 +25,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import uuid
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.io.atomic import TMP_PREFIX, write_bytes_atomic
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -90,7 +89,6 @@ _FILES = {
 SPLITS = ("train", "test", "all")
 FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "jpg": ("JPEG", "jpg")}
 JPEG_QUALITY = 90
-_TEMP_SUFFIX = ".partial"
 # Records the encoding parameters of the last export that finished in a folder.
 _STAMP = ".fashion-mnist-export.json"
 
@@ -272,19 +270,6 @@ def _encode(pixels: np.ndarray, size: tuple[int, int] | None, pil_format: str) -
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_TEMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_if_changed(path: Path, data: bytes) -> bool:
     """Write ``data`` atomically unless ``path`` already holds exactly it; True if written."""
     try:
@@ -292,7 +277,7 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
             return False
     except FileNotFoundError:
         pass
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data)
     return True
 
 
@@ -382,7 +367,7 @@ def export_fashion_mnist(
     class_dirs = {c: dest / FASHION_MNIST_SUPERCLASS[c] / c for c in FASHION_MNIST_CLASSES}
     for folder in class_dirs.values():
         folder.mkdir(parents=True, exist_ok=True)
-        for leftover in folder.glob(f".*{_TEMP_SUFFIX}"):
+        for leftover in folder.glob(f"{TMP_PREFIX}*"):
             leftover.unlink(missing_ok=True)
 
     per_class = dict.fromkeys(FASHION_MNIST_CLASSES, 0)
@@ -423,5 +408,5 @@ def export_fashion_mnist(
             for fut in pending:
                 fut.cancel()
             raise
-    _write_atomic(stamp, json.dumps(params).encode())
+    write_bytes_atomic(stamp, json.dumps(params).encode())
     return ExportSummary(written=written, skipped_existing=skipped, dest=dest, per_class=per_class)

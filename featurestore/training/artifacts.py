@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from featurestore.errors import IntegrityError, InvalidInputError, ModelFilesMissingError
+from featurestore.io.atomic import atomic_open, sha256_file
 
 PICKLE_PROTOCOL = 5
-TEMP_SUFFIX = ".tmp"
-"""Suffix of in-progress artifact files (``.<name>.<random>.tmp``); a crash can
-leave one behind, and it is safe to delete."""
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -37,20 +33,6 @@ class _HashingWriter:
     def write(self, data) -> int:
         self.sha.update(data)
         return self._f.write(data)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename durable on POSIX; directories cannot be opened on Windows.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_artifact(obj: Any, path: Path | str) -> str:
@@ -73,31 +55,15 @@ def save_artifact(obj: Any, path: Path | str) -> str:
     str
         sha256 hex digest of the bytes written, to record in the catalog.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer = _HashingWriter(f)
-            pickle.dump(obj, writer, protocol=PICKLE_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        pickle.dump(obj, writer, protocol=PICKLE_PROTOCOL)
     return writer.sha.hexdigest()
 
 
 def file_sha256(path: Path | str) -> str:
     """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def load_artifact(path: Path | str, expected_sha256: str) -> Any:

@@ -51,8 +51,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +61,7 @@ import numpy as np
 from featurestore.errors import InvalidInputError, ModelFilesMissingError
 from featurestore.features.cnn.mxnet_backend import Preprocess, import_mxnet
 from featurestore.features.cnn.torch_pth import load_legacy_state_dict
+from featurestore.io.atomic import atomic_open, atomic_path
 
 __all__ = [
     "EFFICIENTNET_LITE0_PREPROCESS",
@@ -268,13 +267,6 @@ def efficientnet_lite0_weights_path() -> Path:
     return path
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-
-
 def ensure_efficientnet_lite0(cache_dir: Path, weights_path: Path | None = None) -> tuple[Path, Path]:
     """Return ``(symbol_path, params_path)`` of the converted checkpoint, converting on first use.
 
@@ -301,23 +293,10 @@ def ensure_efficientnet_lite0(cache_dir: Path, weights_path: Path | None = None)
     cache_dir.mkdir(parents=True, exist_ok=True)
 
     # params first: the symbol's presence is not taken as "done" until both exist
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".params", dir=cache_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(params_path) as tmp:
         payload = {f"arg:{k}": mx.nd.array(v, dtype="float32") for k, v in arg.items()}
         payload.update({f"aux:{k}": mx.nd.array(v, dtype="float32") for k, v in aux.items()})
         mx.nd.save(str(tmp), payload)
-        _fsync_replace(tmp, params_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cache_dir)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(sym.tojson())
-        _fsync_replace(tmp, symbol_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(symbol_path, "w", encoding="utf-8") as fh:
+        fh.write(sym.tojson())
     return symbol_path, params_path

@@ -9,7 +9,6 @@ registered the same way.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from featurestore.errors import (
 )
 from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess
 from featurestore.features.cnn.specs import BUILTIN_MODELS, ModelSpec, model_files
-from featurestore.io.atomic import fsync_dir, publish, sha256_file, tmp_path_for
+from featurestore.io.atomic import copy_atomic, sha256_file
 from featurestore.store import Store, check_name
 
 
@@ -111,15 +110,11 @@ def add_model(
         if existing is not None and not replace:
             raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
     folder = store.root / "models" / name
-    folder.mkdir(parents=True, exist_ok=True)
     targets = []
     for src in (Path(symbol), Path(params)):
         dst = folder / src.name
-        tmp = tmp_path_for(dst)
-        shutil.copyfile(src, tmp)
-        publish(tmp, dst)
+        copy_atomic(src, dst)
         targets.append(dst)
-    fsync_dir(folder)
     sym_dst, par_dst = targets
     with store.session() as s:
         row = s.scalar(select(Model).where(Model.name == name)) or Model(name=name)
