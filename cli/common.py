@@ -40,6 +40,14 @@ def open_store(create: bool = False, **overrides: Any) -> Store:
     return Store.open(settings(**overrides), create=create)
 
 
+def open_existing_store(**overrides: Any) -> Store | None:
+    """The store if there is one (opened for reading), else None; never creates anything."""
+    s = settings(**overrides)
+    if not s.database_url and not (s.store / "catalog.db").is_file():
+        return None
+    return Store.open(s)
+
+
 class Format(str, Enum):
     table = "table"
     csv = "csv"

@@ -6,8 +6,11 @@ import typer
 
 from featurestore.cli import common
 from featurestore.features.base import Extractor
+from featurestore.features.cnn.registry import cnn_extractor
+from featurestore.features.lowlevel import LowLevelExtractor
+from featurestore.features.pixels import PixelsExtractor
+from featurestore.features.projection import projection_extractor
 from featurestore.pipelines.extract import extract as run_extract
-from featurestore.pipelines.extract import projection_extractor
 
 
 def extract(
@@ -50,16 +53,10 @@ def extract(
             if rp is not None:
                 extractors.append(projection_extractor(store, rp, wh, resize, seed, replace=replace))
             if pixels:
-                from featurestore.features.pixels import PixelsExtractor
-
                 extractors.append(PixelsExtractor(common.parse_size(pixels, "--pixels"), rule=resize))
             if lowlevel:
-                from featurestore.features.lowlevel import LowLevelExtractor
-
                 extractors.append(LowLevelExtractor(rule=resize))
             if model:
-                from featurestore.features.cnn.registry import cnn_extractor
-
                 wanted = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
                 for name in model:
                     extractors.append(cnn_extractor(store, name, wanted, batch_size=batch))

@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from featurestore import __version__
-from featurestore.cli import common
+from featurestore.cli import common, datasets, db, extract, ingest, models, search, serve, status, train
 from featurestore.errors import FeatureStoreError
 
 
@@ -70,19 +70,9 @@ def root(
 
 
 def _register() -> None:
-    from featurestore.cli import datasets, db, ingest, status
-
-    app.add_typer(db.app, name="db")
-    app.add_typer(datasets.app, name="datasets")
-    ingest.register(app)
-    status.register(app)
-    for optional in ("extract", "models", "train", "search", "serve"):
-        try:
-            module = __import__(f"featurestore.cli.{optional}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"featurestore.cli.{optional}":
-                raise
-            continue
+    for module in (datasets, db):
+        app.add_typer(module.app, name=module.__name__.rsplit(".", 1)[-1])
+    for module in (ingest, status, extract, models, train, search, serve):
         module.register(app)
 
 

@@ -34,12 +34,13 @@ def list_(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f
     """
     from featurestore.features.cnn.registry import list_models
 
-    store = common.open_store(create=True)
+    store = common.open_existing_store()  # a listing never creates or writes a store
     try:
         rows = [{"name": m.name, "status": m.status, "default_tap": m.default_tap, "taps": ",".join(m.taps),
                  "description": m.description} for m in list_models(store)]
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     common.emit(rows, fmt, ["name", "status", "default_tap", "taps", "description"])
 
 
@@ -53,12 +54,12 @@ def show(name: str = typer.Argument(..., help="Model name."),
     """
     from featurestore.features.cnn.registry import describe_layers
 
-    store = common.open_store(create=True)
+    store = common.open_existing_store()  # never writes: a built-in model is converted to a temp folder
     try:
-        with store.writing():  # a built-in model may be converted on first use
-            row, layers = describe_layers(store, name)
+        row, layers = describe_layers(store, name)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     common.err(f"{row.name}: default tap {row.default_tap}; taps {', '.join(row.taps)}; "
                f"input {row.preprocess}")
     rows = [{"layer": n, "shape": "x".join(str(d) for d in shape),

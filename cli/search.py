@@ -46,8 +46,8 @@ def search(
 ) -> None:
     """Find the images nearest to a query image in a feature set (exact search).
 
-    Prints rank, image id, path, label and score (cosine similarity, or L2 distance
-    with --metric l2).
+    Prints rank, image id, path, label, distance (lower is better: 1 - cosine
+    similarity, or the L2 distance with --metric l2) and, for cosine, similarity.
 
     Example: fs search --features efficientnet-lite0 --image shoe.jpg -k 5 --where "label != 'sandal'"
     """
@@ -76,11 +76,9 @@ def search(
             added = _ingest(store, features, image, dataset, query)
     finally:
         store.close()
-    rows = [
-        {"rank": r.rank, "image_id": r.image_id, "path": r.path, "label": r.label, "score": r.score}
-        for r in results
-    ]
-    common.emit(rows, fmt, ["rank", "image_id", "path", "label", "score"])
+    rows = [r.as_dict() for r in results]
+    cols = ["rank", "image_id", "path", "label", "distance"] + (["similarity"] if metric == Metric.cosine else [])
+    common.emit(rows, fmt, cols)
     if not rows and where:
         common.err(f"no results: no other image with a vector in {features} matches --where")
     if ingest:

@@ -173,7 +173,7 @@ def predict(
     Example: fs predict --run 1 --unlabelled
     """
     from featurestore.pipelines.ingest import ingest
-    from featurestore.pipelines.train import predict as run_predict
+    from featurestore.pipelines.predict import predict as run_predict
 
     if sum(bool(x) for x in (paths, dataset, unlabelled)) != 1:
         raise typer.BadParameter("give exactly one of PATH..., --dataset NAME or --unlabelled")
@@ -190,8 +190,8 @@ def predict(
             else:
                 rows = store.select_images(dataset=dataset)
                 ids = [r[0] for r in rows if not unlabelled or r[2] is None]
-            with common.progress("predict"):
-                out = run_predict(store, run, ids, batch_size=batch)
+            with common.progress("featurize") as tick:
+                out = run_predict(store, run, ids, batch_size=batch, progress=tick)
             paths_of = {r[0]: r[1] for r in store.select_images(image_ids=[r["image_id"] for r in out.rows])}
     finally:
         store.close()

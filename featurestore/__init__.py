@@ -1,3 +1,42 @@
-"""featurestore: a feature store and embedding database for image classification."""
+"""featurestore: a feature store and embedding database for image classification.
+
+    import featurestore
+
+    store = featurestore.connect(".fs")
+    hits = store.feature_set("efficientnet-lite0").search("shoe.jpg", k=10, where="label = 'sneaker'")
+    for hit in hits:
+        print(hit.rank, hit.image_id, hit.label, hit.distance, hit.similarity)
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from typing import Any
 
 __version__ = "0.1.0"
+
+from featurestore.config import Settings  # noqa: E402
+from featurestore.store import FeatureSet, Store  # noqa: E402
+
+__all__ = ["FeatureSet", "Settings", "Store", "__version__", "connect"]
+
+
+def connect(path: str | PathLike[str] = ".fs", *, create: bool = False, **settings: Any) -> Store:
+    """Open the store at ``path`` (like ``sqlite_utils.Database(path)`` or ``lancedb.connect(uri)``).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store folder (``fs --store``); default ``./.fs``.
+    create : bool
+        Create the folder and catalog if they do not exist (readers get an error instead).
+    **settings
+        Any :class:`Settings` field, e.g. ``database_url="postgresql://..."`` or
+        ``search_memory_mb=4096``; unset fields come from ``FS_*`` variables.
+
+    Returns
+    -------
+    Store
+        Use it as a context manager, or call ``close()``, to release the catalog connection.
+    """
+    return Store.open(Settings(store=path, **settings), create=create)

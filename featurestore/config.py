@@ -1,55 +1,24 @@
-"""Settings: the only place that reads ``FS_*`` environment variables.
+"""Settings: the only reader of ``FS_*`` environment variables (pydantic-settings).
 
-Precedence is option > environment > default: the CLI passes explicit options as
-overrides, everything else falls back to the environment, then to the defaults
-below.
+Precedence is option > environment > default: the CLI passes explicit options
+as keyword arguments, everything else falls back to ``FS_<FIELD>`` in the
+environment, then to the defaults below. Nothing in featurestore writes into
+the environment.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from featurestore.errors import InvalidInputError
 
-ENV_PREFIX = "FS_"
 
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidInputError(f"{name}={raw!r} is not an integer; unset it or give a number") from None
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidInputError(f"{name}={raw!r} is not a number; unset it or give a number") from None
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = (os.environ.get(name) or "").strip().lower()
-    if raw == "":
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise InvalidInputError(f"{name}={raw!r} is not a boolean; use 1/true or 0/false")
-
-
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
     """Where the store lives and how hard it may work.
 
     Attributes
@@ -79,38 +48,50 @@ class Settings:
         ``FS_MAX_UPLOAD_MB``; default 20.
     allow_writes:
         Whether the HTTP service accepts requests that write to the store
-        (also needs ``api_token``). ``FS_ALLOW_WRITES`` (1/true); set by
-        `fs serve --allow-writes`; default false.
+        (also needs ``api_token``). ``FS_ALLOW_WRITES`` (1/true); default false.
+    host, port:
+        Where `fs serve` listens. ``FS_HOST`` (default 127.0.0.1) and
+        ``FS_PORT`` (default 8000).
     """
 
-    store: Path = field(default_factory=lambda: Path(".fs"))
+    model_config = SettingsConfigDict(env_prefix="FS_", frozen=True, extra="ignore")
+
+    store: Path = Path(".fs")
     database_url: str | None = None
     lock_timeout: float = 5.0
-    workers: int = field(default_factory=lambda: os.cpu_count() or 2)
-    max_image_pixels: int = 89_478_485
-    search_memory_mb: int = 1024
-    api_token: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
-    max_upload_mb: int = 20
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1)
+    max_image_pixels: int = Field(default=89_478_485, ge=1)
+    search_memory_mb: int = Field(default=1024, ge=0)
+    api_token: str | None = Field(default=None, repr=False)  # a secret: kept out of repr()
+    max_upload_mb: int = Field(default=20, ge=0)
     allow_writes: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    def __init__(self, **values: Any):
+        # An empty variable means "unset", as for most command-line tools.
+        for key in list(os.environ):
+            if key.startswith("FS_") and os.environ[key] == "" and key[3:].lower() not in values:
+                values[key[3:].lower()] = None
+        clean = {k: v for k, v in values.items() if v is not None}
+        try:
+            super().__init__(**clean)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first.get("loc") else "setting"
+            given = first.get("input")
+            raise InvalidInputError(
+                f"FS_{field.upper()}={given!r} is invalid ({first['msg'].lower()}); unset it or give a valid value"
+            ) from None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
-        """Build settings from ``FS_*`` variables, then apply non-None overrides."""
-        base = cls(
-            store=Path(os.environ.get("FS_STORE") or ".fs"),
-            database_url=os.environ.get("FS_DATABASE_URL") or None,
-            lock_timeout=_env_float("FS_LOCK_TIMEOUT", 5.0),
-            workers=max(1, _env_int("FS_WORKERS", os.cpu_count() or 2)),
-            max_image_pixels=_env_int("FS_MAX_IMAGE_PIXELS", 89_478_485),
-            search_memory_mb=_env_int("FS_SEARCH_MEMORY_MB", 1024),
-            api_token=os.environ.get("FS_API_TOKEN") or None,
-            max_upload_mb=_env_int("FS_MAX_UPLOAD_MB", 20),
-            allow_writes=_env_bool("FS_ALLOW_WRITES", False),
-        )
-        clean = {k: v for k, v in overrides.items() if v is not None}
-        if "store" in clean:
-            clean["store"] = Path(clean["store"])
-        return replace(base, **clean)
+        """Settings from ``FS_*`` variables with the non-None ``overrides`` applied on top."""
+        return cls(**overrides)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied (None values are ignored)."""
+        return self.model_copy(update={k: v for k, v in changes.items() if v is not None})
 
     @property
     def catalog_url(self) -> str:

@@ -47,18 +47,19 @@ def test_search_by_id_table_and_json(rp_tree: Path) -> None:
     table = fs("search", "--features", "rp16", "--id", str(qid), "-k", "3")
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["rank", "image_id", "path", "label", "score"]
+    assert lines[0].split() == ["rank", "image_id", "path", "label", "distance", "similarity"]
     assert len(lines) == 2 + 3
     js = fs("search", "--features", "rp16", "--id", str(qid), "-k", "5", "--format", "json")
     assert js.exit_code == 0, js.output
     rows = json.loads(js.stdout)
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     assert qid not in [r["image_id"] for r in rows]
-    assert set(rows[0]) == {"rank", "image_id", "path", "label", "score"}
-    scores = [r["score"] for r in rows]
+    assert set(rows[0]) == {"rank", "image_id", "path", "label", "distance", "similarity"}
+    scores = [r["similarity"] for r in rows]
     assert scores == sorted(scores, reverse=True)
+    assert [r["distance"] for r in rows] == sorted(r["distance"] for r in rows)
     l2 = fs("search", "-F", "rp16", "--id", str(qid), "--metric", "l2", "--format", "json")
-    dists = [r["score"] for r in json.loads(l2.stdout)]
+    dists = [r["distance"] for r in json.loads(l2.stdout)]
     assert dists == sorted(dists) and len(dists) == 10
 
 
@@ -72,7 +73,7 @@ def test_search_by_new_image_and_where(rp_tree: Path, tmp_path: Path) -> None:
     assert len(rows) == 4 and {r["label"] for r in rows} == {"sneaker"}
     exact = fs("search", "-F", "rp16", "--image", str(src), "-k", "1", "--format", "json")
     top = json.loads(exact.stdout)[0]
-    assert top["image_id"] == ids_by_name()["sneaker2.jpg"] and top["score"] == pytest.approx(1.0, abs=1e-6)
+    assert top["image_id"] == ids_by_name()["sneaker2.jpg"] and top["similarity"] == pytest.approx(1.0, abs=1e-6)
     # searching never stores the query image
     assert len(ids_by_name()) == 12
 

@@ -8,7 +8,6 @@ import struct
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,9 @@ from typer.testing import CliRunner
 
 from featurestore.cli.main import app as cli_app
 from featurestore.config import Settings
+from featurestore.features.projection import projection_extractor
 from featurestore.http.app import check_bind, create_app, is_loopback
-from featurestore.pipelines.extract import extract, projection_extractor
+from featurestore.pipelines.extract import extract
 from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.train import TrainConfig, train
 from featurestore.store import Store
@@ -82,7 +82,7 @@ def store_path(built: Path, tmp_path: Path) -> Path:
 
 @contextmanager
 def _serving(path: Path, **settings: Any) -> Iterator[TestClient]:
-    app = create_app(replace(Settings(store=path, workers=2), **settings))
+    app = create_app(Settings(store=path, workers=2).replace(**settings))
     with TestClient(app, raise_server_exceptions=True) as client:
         yield client
 
@@ -156,8 +156,9 @@ def test_search_by_id_with_filters(client: TestClient) -> None:
     hits = body["results"]
     assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
     assert 1 not in [h["image_id"] for h in hits]
-    scores = [h["score"] for h in hits]
+    scores = [h["similarity"] for h in hits]
     assert scores == sorted(scores, reverse=True)
+    assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
 
     only = client.get("/v1/feature-sets/rp16/search", params={"image_id": 1, "k": 50, "label": "shirt"}).json()
     assert len(only["results"]) == 8 and {h["label"] for h in only["results"]} == {"shirt"}
@@ -167,7 +168,7 @@ def test_search_by_id_with_filters(client: TestClient) -> None:
                       params={"image_id": 1, "dataset": "extra", "label": "shirt"}).json()
     assert both["results"] == []
     l2 = client.get("/v1/feature-sets/rp16/search", params={"image_id": 1, "metric": "l2"}).json()
-    assert [h["score"] for h in l2["results"]] == sorted(h["score"] for h in l2["results"])
+    assert [h["distance"] for h in l2["results"]] == sorted(h["distance"] for h in l2["results"])
 
 
 def test_search_filters_are_not_sql(client: TestClient) -> None:
@@ -201,7 +202,7 @@ def test_search_by_upload(client: TestClient, built: Path) -> None:
     body = r.json()
     assert body["upload"]["format"] == "PNG" and body["image_id"] is None
     # The same content as image 4 is its own nearest neighbour.
-    assert body["results"][0]["image_id"] == 4 and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert body["results"][0]["image_id"] == 4 and body["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
     _error(client.post("/v1/feature-sets/nope/search", files={"file": ("q.png", data)}), 404)
     _error(client.post("/v1/feature-sets/rp16/search"), 422)
 
@@ -230,10 +231,10 @@ def test_predict_read_only(client: TestClient, built: Path) -> None:
     assert sum(t["probability"] for t in body["top"]) == pytest.approx(1.0)
     assert body["label"] == body["top"][0]["label"]
     # Same as the library's prediction of the stored vector.
-    from featurestore.pipelines.train import get_run, load_run_model
+    from featurestore.pipelines.train import get_run
 
     with Store.open(Settings(store=built)) as store:
-        model = load_run_model(store, get_run(store, 1))
+        model = store.run_model(get_run(store, 1))
         X = store.read_matrix(["rp16"], image_ids=[image_id]).X
         proba = model.predict_proba(X)[0]
     assert body["probability"] == pytest.approx(float(proba.max()), abs=1e-6)

@@ -17,8 +17,9 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from featurestore.config import Settings  # noqa: E402
+from featurestore.features.projection import projection_extractor  # noqa: E402
 from featurestore.http.app import create_app  # noqa: E402
-from featurestore.pipelines.extract import extract, projection_extractor  # noqa: E402
+from featurestore.pipelines.extract import extract  # noqa: E402
 from featurestore.pipelines.ingest import ingest  # noqa: E402
 from featurestore.pipelines.train import TrainConfig, train  # noqa: E402
 from featurestore.store import Store  # noqa: E402

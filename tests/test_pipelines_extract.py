@@ -18,7 +18,9 @@ from featurestore.errors import IntegrityError, InvalidInputError, ParamsMismatc
 from featurestore.features.cnn.testing import build_tiny_inception_checkpoint
 from featurestore.features.lowlevel import LowLevelExtractor
 from featurestore.features.pixels import PixelsExtractor
-from featurestore.pipelines.extract import extract, extractor_for, projection_extractor
+from featurestore.features.projection import projection_extractor
+from featurestore.features.registry import extractor_for
+from featurestore.pipelines.extract import extract
 from featurestore.pipelines.ingest import ingest
 from featurestore.store import Store
 

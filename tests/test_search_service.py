@@ -11,11 +11,11 @@ from PIL import Image
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError, NotFoundError
 from featurestore.features.base import FeatureSpec
-from featurestore.pipelines.extract import extract, projection_extractor
+from featurestore.features.projection import projection_extractor
+from featurestore.pipelines.extract import extract
 from featurestore.pipelines.ingest import ingest
 from featurestore.search.service import (
     SearchResult,
-    _cache,
     duplicates,
     embedder_for,
     search,
@@ -44,7 +44,10 @@ def vec_store(store: Store, image_tree: Path):
 def assert_same(results, ref):
     ref_ids, ref_scores = ref
     assert [r.image_id for r in results] == ref_ids
-    assert np.allclose([r.score for r in results], ref_scores, atol=1e-5)
+    # cosine results carry the similarity (and distance = 1 - similarity); l2 results the distance
+    got = [r.similarity if r.similarity is not None else r.distance for r in results]
+    assert np.allclose(got, ref_scores, atol=1e-5)
+    assert all(r.similarity is None or abs(r.distance - (1 - r.similarity)) < 1e-9 for r in results)
     assert [r.rank for r in results] == list(range(1, len(ref_ids) + 1))
 
 
@@ -60,13 +63,13 @@ def test_results_equal_brute_force_in_memory_and_streaming(vec_store, metric):
     for k in (1, 5, 50):
         res = search(store, "emb", q, k=k, metric=metric)
         assert_same(res, brute(q, ids, mat, k, metric))
-    assert _cache(store).indexes  # loaded once and kept for the next call
+    assert store._indexes  # loaded once and kept for the next call
     streaming = _streaming(store)
     try:
         for k in (1, 5, 50):
             res = search(streaming, "emb", q, k=k, metric=metric)
             assert_same(res, brute(q, ids, mat, k, metric))
-        assert not _cache(streaming).indexes  # over budget: nothing loaded
+        assert not streaming._indexes  # over budget: nothing loaded
     finally:
         streaming.close()
 
@@ -76,7 +79,8 @@ def test_results_carry_path_and_label(vec_store):
     res = search(store, "emb", mat[0], k=1)
     assert isinstance(res[0], SearchResult)
     path, label = {r[0]: (r[1], r[2]) for r in store.select_images()}[int(ids[0])]
-    assert res[0] == SearchResult(1, int(ids[0]), path, label, pytest.approx(1.0))
+    assert res[0] == SearchResult(1, int(ids[0]), path, label, distance=pytest.approx(0.0, abs=1e-6),
+                                  similarity=pytest.approx(1.0))
 
 
 @pytest.mark.parametrize("memory_mb", [None, 0])
@@ -161,14 +165,14 @@ def test_id_errors(vec_store):
 def test_cache_reloads_when_shards_change(vec_store):
     store, ids, mat = vec_store
     search(store, "emb", mat[0], k=1)
-    before = next(iter(_cache(store).indexes.values()))[1]
+    before = next(iter(store._indexes.values()))[1]
     assert search(store, "emb", mat[1], k=1)[0].image_id == int(ids[1])
-    assert next(iter(_cache(store).indexes.values()))[1] is before  # reused
+    assert next(iter(store._indexes.values()))[1] is before  # reused
     with store.writing():
         store.compact("emb", min_rows=100)  # same rows, one new shard
     assert_same(search(store, "emb", mat[3], k=3), brute(mat[3], ids, mat, 3, "cosine"))
-    assert len(_cache(store).indexes) == 1
-    assert next(iter(_cache(store).indexes.values()))[1] is not before
+    assert len(store._indexes) == 1
+    assert next(iter(store._indexes.values()))[1] is not before
 
 
 @pytest.fixture
@@ -190,7 +194,7 @@ def test_new_image_of_other_size_and_mode_is_embedded_like_stored(rp_store, tmp_
     # the same file as a path and as a PIL image gives exactly the stored vector
     assert np.allclose(embedder_for(store, "rp16")(Image.open(src)), stored, atol=1e-6)
     res = search(store, "rp16", src, k=1)
-    assert res[0].image_id == img_id and res[0].score == pytest.approx(1.0, abs=1e-6)
+    assert res[0].image_id == img_id and res[0].similarity == pytest.approx(1.0, abs=1e-6)
     # bigger, grayscale-with-alpha, different format: still works and finds the original first
     other = tmp_path / "query.webp"
     Image.open(src).resize((200, 150)).convert("LA").save(other)
@@ -279,15 +283,14 @@ def test_rows_no_longer_live_are_skipped(vec_store, metric):
             s.close()
 
 
-def test_store_search_method_matches_function(store, image_tree) -> None:  # type: ignore[no-untyped-def]
-    from featurestore.pipelines.extract import extract, projection_extractor
+def test_feature_set_handle_search_matches_function(store, image_tree) -> None:  # type: ignore[no-untyped-def]
     from featurestore.pipelines.ingest import ingest
-    from featurestore.search.service import search
 
     with store.writing():
         ingest(store, image_tree)
         extract(store, [projection_extractor(store, 8, (16, 12))])
     first = store.select_images()[0][0]
-    assert store.search("rp8", first, k=3, where="label = 'sandal'") == search(
+    handle = store.feature_set("rp8")
+    assert handle.search(first, k=3, where="label = 'sandal'") == search(
         store, "rp8", first, 3, where="label = 'sandal'")
-    assert all(r.label == "sandal" for r in store.search("rp8", first, k=3, where="label = 'sandal'"))
+    assert all(r.label == "sandal" for r in handle.search(first, k=3, where="label = 'sandal'"))

@@ -111,6 +111,11 @@ def upgrade(engine: Engine, url: str, revision: str = "head") -> tuple[str | Non
     return before, current_revision(engine) or ""
 
 
+def is_current(engine: Engine, url: str) -> bool:
+    """Whether the catalog is at this featurestore's schema head (no migration needed)."""
+    return current_revision(engine) == head_revision(url)
+
+
 def ensure_schema(engine: Engine, url: str, create: bool) -> None:
     """Create the schema on first use; refuse an outdated or foreign catalog.
 

@@ -124,6 +124,23 @@ class LowLevelExtractor(Extractor):
 
     kind = "lowlevel"
 
+    @classmethod
+    def from_params(cls, name: str, p: dict[str, Any]) -> LowLevelExtractor:
+        """Rebuild from recorded params (defaults for settings absent from older records)."""
+        kwargs: dict[str, Any] = {"rule": p["resize_rule"], "name": name}
+        if "working_size" in p:
+            kwargs["working_size"] = tuple(p["working_size"])
+        hsv, hog, gist = p.get("hsv", {}), p.get("hog", {}), p.get("gist", {})
+        for key, block, field_name, as_tuple in [
+            ("hsv_bins", hsv, "bins", True), ("hog_orientations", hog, "orientations", False),
+            ("hog_grid", hog, "grid", True), ("gist_size", gist, "size", True),
+            ("gist_frequencies", gist, "frequencies", True), ("gist_orientations", gist, "orientations", False),
+            ("gist_grid", gist, "grid", True),
+        ]:
+            if field_name in block:
+                kwargs[key] = tuple(block[field_name]) if as_tuple else block[field_name]
+        return cls(**kwargs)
+
     def __init__(
         self,
         working_size: tuple[int, int] = (256, 256),

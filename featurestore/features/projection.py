@@ -56,7 +56,13 @@ import numpy as np
 import scipy.sparse as sp
 from PIL import Image
 
-from featurestore.errors import DimensionMismatchError, IntegrityError, InvalidInputError
+from featurestore.errors import (
+    DimensionMismatchError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    ParamsMismatchError,
+)
 from featurestore.features.base import Extractor, FeatureSpec
 from featurestore.features.resize import check_rule, check_size, resize_params, resize_rgb
 from featurestore.io.atomic import atomic_open
@@ -476,3 +482,53 @@ class RandomProjectionExtractor(Extractor):
         if not prepared:
             return {self.name: np.zeros((0, self.projection.n_components), dtype=np.float32)}
         return {self.name: self.projection.transform(np.stack(prepared))}
+
+
+def projection_extractor(
+    store: Any,
+    k: int,
+    size: tuple[int, int] = (640, 480),
+    rule: str = "stretch",
+    seed: int = 0,
+    replace: bool = False,
+    name: str | None = None,
+) -> Extractor:
+    """The ``rp<K>`` extractor, with its projection matrix persisted in the store.
+
+    The matrix is generated from ``seed`` once and saved under
+    ``<store>/projections/``; later runs (next month's images, a newer
+    library) load that file, checked against the sha256 the feature set
+    records, so every image of a feature set is projected identically.
+    """
+    if k < 1:
+        raise InvalidInputError(f"--rp must be a positive number of dimensions, got {k}")
+    check_size(size)
+    check_rule(rule)
+    name = name or f"rp{k}"
+    folder = store.root / "projections"
+    requested = {"k": k, "size": [size[0], size[1]], "resize_rule": rule, "seed": seed}
+    existing = None
+    if not replace:
+        try:
+            existing = store.feature_set(name)
+        except NotFoundError:
+            existing = None
+    if existing is not None:
+        stored = {key: existing.params.get(key) for key in requested}
+        if stored != requested:
+            raise ParamsMismatchError(name, stored, requested)
+        sha = existing.params["projection_sha256"]
+        path = folder / f"{name}-{sha[:16]}.npz"
+        if not path.is_file():
+            raise IntegrityError(
+                f"the projection matrix of {name} ({path}) is missing; without it new images cannot be "
+                f"projected like the stored ones: run `fs extract --rp {k} --replace` to recompute all"
+            )
+        projection = SparseRandomProjection.load(path, expected_sha256=sha)
+    else:
+        projection = SparseRandomProjection.generate(size[0] * size[1] * 3, k, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}-{projection.sha256()[:16]}.npz"
+        if not path.is_file():
+            projection.save(path)
+    return RandomProjectionExtractor(projection, size=size, rule=rule, name=name)

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
 import math
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -51,7 +49,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from featurestore import __version__
-from featurestore.catalog.schema import Dataset, FeatureRow, FeatureSet, Image, Run
+from featurestore.catalog.schema import Dataset, FeatureRow, Image, Run
 from featurestore.config import Settings
 from featurestore.errors import (
     DimensionMismatchError,
@@ -62,8 +60,10 @@ from featurestore.errors import (
     NotFoundError,
     StoreBusyError,
 )
-from featurestore.io.images import ImageDecodeError, decode_bytes
-from featurestore.store import Store, _extract_hint
+from featurestore.features.registry import extract_hint as _extract_hint
+from featurestore.io.images import DecodedImage, ImageDecodeError, decode_bytes
+from featurestore.pipelines.predict import predict_upload
+from featurestore.store import FeatureSet, Store
 
 log = logging.getLogger("featurestore.http.app")
 
@@ -135,7 +135,8 @@ class SearchHit(BaseModel):
     image_id: int
     path: str
     label: str | None
-    score: float
+    distance: float
+    similarity: float | None = None
 
 
 class UploadInfo(BaseModel):
@@ -324,14 +325,15 @@ class Upload:
     """A decoded upload: its bytes (for storing) and RGB pixels."""
 
     data: bytes
-    sha256: str
-    width: int
-    height: int
-    format: str
-    image: Any  # PIL.Image.Image
+    decoded: DecodedImage
+
+    @property
+    def image(self) -> Any:
+        return self.decoded.image
 
     def info(self) -> UploadInfo:
-        return UploadInfo(sha256=self.sha256, width=self.width, height=self.height, format=self.format)
+        d = self.decoded
+        return UploadInfo(sha256=d.sha256, width=d.width, height=d.height, format=d.format)
 
 
 class Service:
@@ -341,9 +343,6 @@ class Service:
         self.settings = settings
         self.store = store
         self.max_upload = max(0, int(settings.max_upload_mb)) * 2**20
-        self._lock = threading.Lock()
-        self._extractors: dict[tuple[Any, ...], tuple[Any, threading.Lock]] = {}
-        self._models: dict[tuple[int, str], Any] = {}
 
     # -- lookups
     def feature_set(self, name: str) -> FeatureSet:
@@ -392,7 +391,7 @@ class Service:
         from featurestore.search.service import search
 
         results = search(self.store, fs.name, vec, k, metric=metric, exclude_ids=exclude, allowed_ids=allowed)
-        return [SearchHit(rank=r.rank, image_id=r.image_id, path=r.path, label=r.label, score=float(r.score))
+        return [SearchHit(**r.as_dict())
                 for r in results]
 
     # -- uploads
@@ -414,71 +413,7 @@ class Service:
                 status = 422
             name = f" {file.filename}" if file.filename else ""
             raise HTTPError(status, f"upload{name}: {msg}") from None
-        return Upload(data, decoded.sha256, decoded.width, decoded.height, decoded.format, decoded.image)
-
-    # -- prediction
-    def extractor(self, name: str) -> tuple[Any, threading.Lock]:
-        from featurestore.pipelines.extract import extractor_for
-
-        fs = self.store.feature_set(name)
-        key = (fs.id, fs.name, json.dumps(fs.params, sort_keys=True, default=str))
-        with self._lock:
-            hit = self._extractors.get(key)
-        if hit is None:
-            hit = (extractor_for(self.store, name, batch_size=1), threading.Lock())
-            with self._lock:
-                hit = self._extractors.setdefault(key, hit)
-        return hit
-
-    def model(self, run: Run) -> Any:
-        from featurestore.pipelines.train import load_run_model
-
-        key = (int(run.id), str(run.artifact_sha256))
-        with self._lock:
-            model = self._models.get(key)
-        if model is None:
-            model = load_run_model(self.store, run)  # verifies the artifact's sha256 before unpickling
-            with self._lock:
-                model = self._models.setdefault(key, model)
-        return model
-
-    def features_of(self, run: Run, image: Any) -> np.ndarray:
-        """The run's feature vector of one RGB image, blocks in the run's order (as read_matrix builds it)."""
-        parts = []
-        for name in run.features:
-            ex, lock = self.extractor(name)
-            prepared = ex.prepare(image)
-            with lock:
-                out = ex.compute([prepared])[name]
-            parts.append(np.asarray(out, dtype=np.float32).reshape(1, -1))
-        return np.hstack(parts)
-
-    def store_upload(self, up: Upload, run_id: int) -> int:
-        """Save the upload under uploads/, ingest it into dataset "uploads" and store its prediction row."""
-        from featurestore.io.atomic import write_bytes_atomic
-        from featurestore.pipelines.ingest import ingest
-        from featurestore.pipelines.train import predict
-
-        ext = UPLOAD_EXTENSIONS.get(up.format)
-        if ext is None:
-            raise HTTPError(415, f"{up.format} images cannot be stored; upload JPEG, PNG, WebP, BMP, GIF or TIFF")
-        path = self.store.root / "uploads" / f"{up.sha256}.{ext}"
-
-        def stored_id() -> int | None:
-            with self.store.engine.connect() as conn:
-                return conn.execute(select(Image.id).where(Image.sha256 == up.sha256)).scalar()
-
-        with self.store.writing():
-            image_id = stored_id()
-            if image_id is None:  # content already in the store is not saved twice
-                if not path.is_file():
-                    write_bytes_atomic(path, up.data)
-                summary = ingest(self.store, path, dataset="uploads", labels="none")
-                if summary.failed:
-                    raise HTTPError(422, f"upload could not be ingested: {summary.failed[0][1]}")
-                image_id = summary.image_ids[0]
-            predict(self.store, run_id, [int(image_id)], batch_size=1)
-        return int(image_id)
+        return Upload(data, decoded)
 
 
 def _no_nul(value: str, what: str) -> None:
@@ -610,14 +545,10 @@ def create_app(settings: Settings) -> FastAPI:
     @get("/v1/images/{image_id}", tags=["catalog"], responses=ERRORS)
     def image(image_id: ImageId) -> ImageOut:
         """One image's catalog row and the feature sets it has a vector in."""
-        with store.session() as s:
-            row = s.execute(select(Image, Dataset.name).join(Dataset, Dataset.id == Image.dataset_id)
-                            .where(Image.id == image_id)).first()
-            if row is None:
-                raise HTTPError(404, f"no image with id {image_id} in the catalog")
-            img, ds = row
-            sets = list(s.scalars(select(FeatureSet.name).join(FeatureRow, FeatureRow.feature_set_id == FeatureSet.id)
-                                  .where(FeatureRow.image_id == image_id).order_by(FeatureSet.name)))
+        found = store.catalog.image_detail(image_id)
+        if found is None:
+            raise HTTPError(404, f"no image with id {image_id} in the catalog")
+        img, ds, sets = found
         return ImageOut(id=img.id, sha256=img.sha256, path=img.source_path, dataset=ds, label=img.label,
                         superclass=img.superclass, width=img.width, height=img.height, format=img.format,
                         mode=img.mode, bytes=img.bytes, ingested_at=img.ingested_at, feature_sets=sets)
@@ -683,10 +614,8 @@ def create_app(settings: Settings) -> FastAPI:
     @get("/v1/runs/{run_id}", tags=["runs"], responses=ERRORS)
     def run(run_id: RunId) -> RunDetailOut:
         """One run with its per-split test accuracy."""
-        from featurestore.pipelines.train import get_run, split_scores
-
-        r = get_run(store, run_id)
-        return RunDetailOut(**_run_out(r), split_accuracies=split_scores(store, run_id))
+        r = store.catalog.run(run_id)
+        return RunDetailOut(**_run_out(r), split_accuracies=store.catalog.split_scores(run_id))
 
     @post("/v1/runs/{run_id}/predict", tags=["runs"], responses=WRITE_ERRORS)
     def predict(
@@ -697,22 +626,16 @@ def create_app(settings: Settings) -> FastAPI:
                                                "'uploads') and store the prediction row; needs writes.")] = False,
     ) -> PredictOut:
         """Classify an uploaded image with a run's final model (top-k labels with probabilities)."""
-        from featurestore.pipelines.train import check_features_unchanged, get_run
-
         if store_prediction:
             require_writes()
-        r = get_run(store, run_id)
-        check_features_unchanged(store, r)
-        model = svc.model(r)
         up = svc.read_upload(file)
-        X = svc.features_of(r, up.image)
-        proba = np.asarray(model.predict_proba(X))[0]
-        classes = np.asarray(model.classes_)
-        order = np.argsort(-proba, kind="stable")[:k]
-        top = [LabelProbability(label=str(classes[j]), probability=float(proba[j])) for j in order]
-        image_id = svc.store_upload(up, r.id) if store_prediction else None
-        return PredictOut(run_id=r.id, label=top[0].label, probability=top[0].probability, top=top,
-                          upload=up.info(), stored=store_prediction, image_id=image_id)
+        try:
+            out = predict_upload(store, run_id, up.decoded, up.data, k=k, keep=store_prediction)
+        except InvalidInputError as exc:
+            raise HTTPError(415 if "cannot be stored" in str(exc) else 422, str(exc)) from None
+        top = [LabelProbability(**t) for t in out.top]
+        return PredictOut(run_id=out.run_id, label=top[0].label, probability=top[0].probability, top=top,
+                          upload=up.info(), stored=store_prediction, image_id=out.image_id)
 
     return app
 

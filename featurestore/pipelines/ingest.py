@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import delete, insert, select
-
-from featurestore.catalog.schema import Image, IngestError, utcnow
+from featurestore.catalog.repository import check_name
+from featurestore.catalog.schema import utcnow
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.io.batching import prefetch_batches
 from featurestore.io.images import ImageDecodeError, decode_bytes, is_image_path, read_bytes
@@ -134,8 +133,9 @@ def ingest(
         raise FeatureStoreError(
             f"no image files under {root} (looked for jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
         )
-    with store.session() as s:
-        dataset_id = store.dataset_id(s, name, create=True)
+    check_name("dataset", name)
+    with store.catalog.session() as s:
+        dataset_id = store.catalog.dataset_id(s, name, create=True)
     seen: dict[str, int] = {}
     max_pixels = store.settings.max_image_pixels
     done = 0
@@ -164,19 +164,19 @@ def ingest(
 def _store_batch(store: Store, dataset_id: int, results: list, seen: dict[str, int], summary: IngestSummary
                  ) -> None:
     """Insert one batch in one transaction; ``seen`` maps the sha256s met so far to their image ids."""
-    with store.session() as s:
+    catalog = store.catalog
+    with catalog.session() as s:
         shas = [r[0] for _, r in results if not isinstance(r, Exception)]
         if shas:
-            seen.update(s.execute(select(Image.sha256, Image.id).where(Image.sha256.in_(shas))).all())
-        paths = [str(c.path) for c, _ in results]
+            seen.update(catalog.image_ids_by_sha256(s, shas))
         now = utcnow()
-        s.execute(delete(IngestError).where(IngestError.path.in_(paths)))
+        failed = [(str(c.path), str(r)) for c, r in results if isinstance(r, Exception)]
+        catalog.record_ingest_errors(s, dataset_id, [str(c.path) for c, _ in results], failed)
+        summary.failed.extend(failed)
         new_rows: list[dict] = []
         readable: list[str] = []
         for c, r in results:
             if isinstance(r, Exception):
-                summary.failed.append((str(c.path), str(r)))
-                s.add(IngestError(path=str(c.path), reason=str(r), dataset_id=dataset_id))
                 continue
             sha, w, h, fmt, mode, nbytes = r
             readable.append(sha)
@@ -188,7 +188,7 @@ def _store_batch(store: Store, dataset_id: int, results: list, seen: dict[str, i
                              "format": fmt, "mode": mode, "bytes": nbytes, "label": c.label,
                              "superclass": c.superclass, "dataset_id": dataset_id, "ingested_at": now})
         if new_rows:
-            ids = s.scalars(insert(Image).returning(Image.id), new_rows).all()
+            ids = catalog.add_images(s, new_rows)
             seen.update(zip((r["sha256"] for r in new_rows), ids, strict=True))
             summary.new += len(new_rows)
         summary.image_ids.extend(seen[sha] for sha in readable)

@@ -18,13 +18,12 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, insert, select
 
 from featurestore import __version__
-from featurestore.catalog.schema import Prediction, Run, RunSplit
-from featurestore.errors import FeatureStoreError, InvalidInputError, NotFoundError
+from featurestore.catalog.schema import Run
+from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.store import FeatureMatrix, Store
-from featurestore.training.artifacts import load_artifact, save_artifact
+from featurestore.training.artifacts import save_artifact
 from featurestore.training.evaluation import EvaluationResult, evaluate, make_splits, splits_fingerprint
 from featurestore.training.stats import PairedTTest, paired_ttest
 from featurestore.training.twoflow import TwoFlowClassifier, build_model, describe_model
@@ -156,39 +155,35 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], fm: Feature
             artifact: tuple[str, str] | None, group: str | None) -> int:
     sets = {name: store.feature_set(name) for name in features}
     s_ = ev.summary
-    with store.session() as s:
-        run = Run(
-            status="complete",
-            features=list(features),
-            feature_params={n: {"kind": f.kind, "dim": f.dim, "params": f.params} for n, f in sets.items()},
-            target=cfg.target,
-            selection=dict(parse_select(cfg.select, list(features)).items()),
-            classifier=cfg.classifier,
-            classifier_params=model_desc,
-            seed=cfg.seed,
-            n_splits=cfg.n_splits,
-            test_size=cfg.test_size,
-            split_scheme=scheme,
-            splits_fingerprint=fingerprint,
-            n_images=len(fm.image_ids),
-            dataset=cfg.dataset,
-            accuracy_mean=s_["accuracy"].mean,
-            accuracy_std=s_["accuracy"].std,
-            macro_f1_mean=s_["macro_f1"].mean,
-            superclass_accuracy_mean=s_["superclass_accuracy"].mean if "superclass_accuracy" in s_ else None,
-            versions=_versions(),
-            timings=timings,
-            artifact_path=artifact[0] if artifact else None,
-            artifact_sha256=artifact[1] if artifact else None,
-            comparison_group=group,
-        )
-        s.add(run)
-        s.flush()
-        s.execute(insert(RunSplit), [
-            {"run_id": run.id, "split": r.index, "test_accuracy": r.accuracy, "train_accuracy": r.train_accuracy,
-             "macro_f1": r.macro_f1, "superclass_accuracy": r.superclass_accuracy, "fit_seconds": r.fit_seconds,
-             "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits])
-        return run.id
+    run = Run(
+        status="complete",
+        features=list(features),
+        feature_params={n: {"kind": f.kind, "dim": f.dim, "params": f.params} for n, f in sets.items()},
+        target=cfg.target,
+        selection=dict(parse_select(cfg.select, list(features)).items()),
+        classifier=cfg.classifier,
+        classifier_params=model_desc,
+        seed=cfg.seed,
+        n_splits=cfg.n_splits,
+        test_size=cfg.test_size,
+        split_scheme=scheme,
+        splits_fingerprint=fingerprint,
+        n_images=len(fm.image_ids),
+        dataset=cfg.dataset,
+        accuracy_mean=s_["accuracy"].mean,
+        accuracy_std=s_["accuracy"].std,
+        macro_f1_mean=s_["macro_f1"].mean,
+        superclass_accuracy_mean=s_["superclass_accuracy"].mean if "superclass_accuracy" in s_ else None,
+        versions=_versions(),
+        timings=timings,
+        artifact_path=artifact[0] if artifact else None,
+        artifact_sha256=artifact[1] if artifact else None,
+        comparison_group=group,
+    )
+    return store.catalog.add_run(run, [
+        {"split": r.index, "test_accuracy": r.accuracy, "train_accuracy": r.train_accuracy,
+         "macro_f1": r.macro_f1, "superclass_accuracy": r.superclass_accuracy, "fit_seconds": r.fit_seconds,
+         "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits])
 
 
 def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_final: bool = True
@@ -267,18 +262,8 @@ def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfi
 
 
 def get_run(store: Store, run_id: int) -> Run:
-    with store.session() as s:
-        run = s.get(Run, run_id)
-        if run is None:
-            ids = [str(i) for i in s.scalars(select(Run.id).order_by(Run.id))]
-            raise NotFoundError("run", str(run_id), ids, "See `fs runs`")
-        return run
-
-
-def split_scores(store: Store, run_id: int) -> list[float]:
-    with store.session() as s:
-        return list(s.scalars(select(RunSplit.test_accuracy).where(RunSplit.run_id == run_id)
-                              .order_by(RunSplit.split)))
+    """The run ``run_id`` (NotFoundError lists the existing ids)."""
+    return store.catalog.run(run_id)
 
 
 @dataclass
@@ -307,17 +292,7 @@ def compare(store: Store, a: int, b: int, confidence: float = 0.95) -> Compariso
             "does not apply; evaluate both with `fs evaluate --features ... --features ...` or the same "
             "--seed/--splits on the same images"
         )
-    return Comparison(ra, rb, paired_ttest(split_scores(store, a), split_scores(store, b), confidence))
-
-
-def load_run_model(store: Store, run: Run) -> TwoFlowClassifier:
-    if not run.artifact_path or not run.artifact_sha256:
-        raise FeatureStoreError(
-            f"run {run.id} has no final model (it came from `fs evaluate`); train one with "
-            f"`fs train --features {','.join(run.features)}`"
-        )
-    model: TwoFlowClassifier = load_artifact(store.root / run.artifact_path, run.artifact_sha256)
-    return model
+    return Comparison(ra, rb, paired_ttest(store.catalog.split_scores(a), store.catalog.split_scores(b), confidence))
 
 
 def check_features_unchanged(store: Store, run: Run) -> None:
@@ -331,52 +306,6 @@ def check_features_unchanged(store: Store, run: Run) -> None:
             )
 
 
-@dataclass
-class PredictSummary:
-    run_id: int
-    predicted: int
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-
-def predict(store: Store, run_id: int, image_ids: Sequence[int], batch_size: int = 32,
-            progress: Progress | None = None) -> PredictSummary:
-    """Featurize what is missing, predict, and replace this run's prediction rows for those images.
-
-    Call under ``store.writing()``.
-    """
-    from featurestore.pipelines.extract import extract, extractor_for
-
-    run = get_run(store, run_id)
-    check_features_unchanged(store, run)
-    model = load_run_model(store, run)
-    ids = sorted({int(i) for i in image_ids})
-    if not ids:
-        raise InvalidInputError("no images to predict: give --dataset, --unlabelled or image paths")
-    skipped: list[tuple[str, str]] = []
-    lacking = sorted(set().union(*(store.images_lacking(f, ids) for f in run.features)))
-    if lacking:
-        extractors = [extractor_for(store, f, batch_size) for f in run.features]
-        summary = extract(store, extractors, image_ids=lacking, batch_size=batch_size)
-        skipped = summary.failed
-    fm = store.read_matrix(run.features, image_ids=ids, skip_missing=True)
-    if len(fm.image_ids) == 0:
-        raise FeatureStoreError("none of the images could be featurized; see the skipped files above")
-    proba = np.asarray(model.predict_proba(fm.X))
-    classes = np.asarray(model.classes_)
-    order = np.argsort(-proba, axis=1)[:, :5]
-    rows = []
-    for i, image_id in enumerate(fm.image_ids):
-        top = [{"label": str(classes[j]), "probability": float(proba[i, j])} for j in order[i]]
-        rows.append({"run_id": run.id, "image_id": int(image_id), "label": top[0]["label"],
-                     "probability": top[0]["probability"], "top5": top})
-    with store.session() as s:
-        s.execute(delete(Prediction).where(Prediction.run_id == run.id,
-                                           Prediction.image_id.in_([r["image_id"] for r in rows])))
-        s.execute(insert(Prediction), rows)
-    return PredictSummary(run.id, len(rows), skipped, rows)
-
-
 def list_runs(store: Store) -> list[Run]:
-    with store.session() as s:
-        return list(s.scalars(select(Run).order_by(Run.id)))
+    """Every run, oldest first."""
+    return store.catalog.runs()

@@ -7,110 +7,55 @@ a new image (embedded on the fly with the set's recorded extractor, see
 into a :class:`~featurestore.search.kernel.VectorIndex` cached by the store;
 larger ones are streamed shard by shard through
 :func:`~featurestore.search.kernel.top_k`. Both are exact.
+
+Every result carries ``distance`` (lower is better, whatever the metric:
+``1 - cosine similarity`` for cosine, the Euclidean distance for l2) and, for
+cosine, ``similarity``; the CLI, the HTTP API and Python use these names.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy.exc import DBAPIError, StatementError
 
+from featurestore.catalog.database import make_readonly_engine
 from featurestore.errors import DimensionMismatchError, FeatureStoreError, IntegrityError, InvalidInputError
-from featurestore.search.kernel import VectorIndex, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
+from featurestore.features.registry import extract_hint
+from featurestore.io.images import load_rgb, to_rgb
+from featurestore.search.kernel import Hit, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
+from featurestore.shards import read_row
 
 if TYPE_CHECKING:
-    from PIL import Image as PILImage
+    from featurestore.store import FeatureSet, Store
 
-    from featurestore.catalog.schema import FeatureSet
-    from featurestore.store import Store
-
-
-# ---------------------------------------------------------------------------
-# store level: embedding new images like the stored ones
-
-
-Embedder = Callable[["PILImage.Image"], np.ndarray]
-
-
-def embedder_for(store: Store, feature_set_name: str) -> Embedder:
-    """A function embedding a new image exactly like the vectors of a stored feature set.
-
-    The extractor is rebuilt from the feature set's catalog row (random
-    projection: the persisted matrix, checked against its sha256; pixels;
-    low-level descriptors; CNN: the registered checkpoint, sha256-verified, and
-    the recorded layer), and its output params are compared with the stored
-    ones, so a changed library or model cannot silently produce other vectors.
-    The function accepts a ``PIL.Image`` of any size and mode (it is converted
-    to RGB like at ingest, then resized by the extractor) and returns a float32
-    vector of shape ``(dim,)``. It is thread-safe. Embedders are cached on the
-    store object per feature set.
-
-    Parameters
-    ----------
-    store : Store
-    feature_set_name : str
-
-    Returns
-    -------
-    callable
-        ``PIL.Image -> ndarray of shape (dim,)``.
-
-    Raises
-    ------
-    NotFoundError
-        No such feature set (the message lists the existing ones).
-    FeatureStoreError
-        The extractor cannot be rebuilt, or its params differ from the stored ones.
-    """
-    fs = store.feature_set(feature_set_name)
-    cache = _cache(store)
-    key = (fs.id, fs.name, json.dumps(fs.params, sort_keys=True, default=str))
-    with cache.lock:
-        hit = cache.embedders.get(key)
-    if hit is not None:
-        return hit
-    from featurestore.pipelines.extract import extractor_for
-
-    ex = extractor_for(store, fs.name, batch_size=1)
-    from featurestore.io.images import to_rgb
-
-    lock = threading.Lock()
-    name, dim = fs.name, fs.dim
-
-    def embed(image: PILImage.Image) -> np.ndarray:
-        prepared = ex.prepare(to_rgb(image))
-        with lock:  # CNN executors are not safe to call from several threads at once
-            out = ex.compute([prepared])[name]
-        vec = np.asarray(out, dtype=np.float32).reshape(-1)
-        if vec.shape[0] != dim:
-            raise DimensionMismatchError(f"{name}: the extractor gave {vec.shape[0]} values, expected {dim}")
-        return vec
-
-    with cache.lock:
-        cache.embedders[key] = embed
-    return embed
-
-
-# ---------------------------------------------------------------------------
-# store level: cache, filters, loading
+Embedder = Callable[[PILImage.Image], np.ndarray]
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    """One hit of :func:`search`, with the catalog facts a person needs (score: see module docstring)."""
+    """One hit of :func:`search`, with the catalog facts a person needs.
+
+    ``distance`` is lower-is-better for every metric; ``similarity`` is the
+    cosine similarity (None for l2).
+    """
 
     rank: int
     image_id: int
     path: str
     label: str | None
-    score: float
+    distance: float
+    similarity: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "image_id": self.image_id, "path": self.path, "label": self.label,
+                "distance": self.distance, "similarity": self.similarity}
 
 
 @dataclass(frozen=True)
@@ -123,72 +68,42 @@ class DuplicateImage:
     label: str | None
 
 
-class _SearchCache:
-    """Per-store cache: loaded indexes (LRU, bounded by the memory budget) and embedders."""
+def embedder_for(store: Store, feature_set_name: str) -> Embedder:
+    """A function embedding a new image exactly like the vectors of a stored feature set.
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.indexes: OrderedDict[tuple[int, str], tuple[tuple[Any, ...], VectorIndex, int]] = OrderedDict()
-        self.embedders: dict[tuple[Any, ...], Embedder] = {}
+    The extractor comes from the store's cache (rebuilt from the feature set's
+    catalog row by :func:`featurestore.features.registry.extractor_for`, its
+    params checked against the stored ones). The function accepts a
+    ``PIL.Image`` of any size and mode and returns a float32 vector of shape
+    ``(dim,)``; it is thread-safe.
+    """
+    fs = store.feature_set(feature_set_name)
+    ex, lock = store.extractor(fs.name)
+    name, dim = fs.name, fs.dim
+
+    def embed(image: PILImage.Image) -> np.ndarray:
+        prepared = ex.prepare(to_rgb(image))
+        with lock:  # CNN executors are not safe to call from several threads at once
+            out = ex.compute([prepared])[name]
+        vec = np.asarray(out, dtype=np.float32).reshape(-1)
+        if vec.shape[0] != dim:
+            raise DimensionMismatchError(f"{name}: the extractor gave {vec.shape[0]} values, expected {dim}")
+        return vec
+
+    return embed
 
 
-def _cache(store: Store) -> _SearchCache:
-    cache = store.__dict__.get("_search_cache")
-    if cache is None:
-        cache = store.__dict__.setdefault("_search_cache", _SearchCache())
-    return cache
+def _index_key(store: Store, fs: FeatureSet) -> tuple[tuple[Any, ...], int]:
+    """(cache key of the set's current shards, bytes its vectors need in memory)."""
+    shards = store.catalog.shards(fs.id)
+    # Shard row counts bound the live rows from above (compaction may orphan a few).
+    size = sum(sh.rows for sh in shards) * int(fs.dim) * 4
+    return (fs.name, tuple((sh.id, sh.rows) for sh in shards)), size
 
 
 def clear_cache(store: Store) -> None:
-    """Drop the indexes and embedders cached on ``store`` (frees their memory)."""
-    store.__dict__.pop("_search_cache", None)
-
-
-def _shards(store: Store, fs: FeatureSet) -> list[tuple[int, str, int]]:
-    from sqlalchemy import select
-
-    from featurestore.catalog.schema import FeatureShard
-
-    with store.engine.connect() as conn:
-        rows = conn.execute(
-            select(FeatureShard.id, FeatureShard.path, FeatureShard.rows)
-            .where(FeatureShard.feature_set_id == fs.id)
-            .order_by(FeatureShard.id)
-        ).all()
-    return [(int(i), str(p), int(n)) for i, p, n in rows]
-
-
-def _budget_bytes(store: Store) -> int:
-    return max(0, int(store.settings.search_memory_mb)) * 2**20
-
-
-def _set_bytes(fs: FeatureSet, shards: list[tuple[int, str, int]]) -> int:
-    # Shard row counts bound the live rows from above (compaction may orphan a few).
-    return sum(n for _, _, n in shards) * int(fs.dim) * 4
-
-
-def _index(store: Store, fs: FeatureSet, metric: str, shards: list[tuple[int, str, int]]) -> VectorIndex:
-    """The cached in-memory index of ``fs`` for ``metric``, (re)loaded when its shards changed."""
-    cache = _cache(store)
-    key = (int(fs.id), metric)
-    shard_key = (fs.name, tuple((i, n) for i, _, n in shards))
-    with cache.lock:
-        entry = cache.indexes.get(key)
-        if entry is not None and entry[0] == shard_key:
-            cache.indexes.move_to_end(key)
-            return entry[1]
-        cache.indexes.pop(key, None)
-    ids, mat = store.read_set(fs.name)
-    index = VectorIndex(ids, mat, metric, copy=False)
-    del mat
-    size = _set_bytes(fs, shards)
-    with cache.lock:
-        budget = _budget_bytes(store)
-        # Least recently used indexes go first so the cache stays within the budget.
-        while cache.indexes and sum(e[2] for e in cache.indexes.values()) + size > budget:
-            cache.indexes.popitem(last=False)
-        cache.indexes[key] = (shard_key, index, size)
-    return index
+    """Drop the indexes and extractors cached by ``store`` (frees their memory)."""
+    store.clear_caches()
 
 
 _WHERE_SQL = (
@@ -212,10 +127,6 @@ def where_ids(store: Store, condition: str) -> np.ndarray:
         The condition is empty, not valid SQL, or tries to write (the message
         is the database's, on one line).
     """
-    from sqlalchemy.exc import DBAPIError, StatementError
-
-    from featurestore.catalog.database import make_readonly_engine
-
     cond = (condition or "").strip().rstrip(";").strip()
     if not cond:
         raise InvalidInputError("--where needs a SQL condition, e.g. label = 'sneaker'")
@@ -245,56 +156,20 @@ def stored_vector(store: Store, feature_set: str, image_id: int) -> np.ndarray:
         No image has this id, or it has no vector in the set (the message names
         the ``fs extract`` command to run).
     """
-    from sqlalchemy import select
-
-    from featurestore.catalog.schema import FeatureRow, FeatureShard, Image
-    from featurestore.store import _extract_hint
-
     fs = store.feature_set(feature_set)
     image_id = int(image_id)
-    with store.engine.connect() as conn:
-        exists = conn.execute(select(Image.id).where(Image.id == image_id)).first()
-        loc = conn.execute(
-            select(FeatureShard.path, FeatureRow.row)
-            .join(FeatureShard, FeatureShard.id == FeatureRow.shard_id)
-            .where(FeatureRow.feature_set_id == fs.id, FeatureRow.image_id == image_id)
-        ).first()
-    if exists is None:
+    if not 1 <= image_id <= 2**63 - 1 or not store.catalog.image_exists(image_id):
         raise InvalidInputError(
             f"no image with id {image_id} in the catalog; list ids with "
             '`fs sql "SELECT id, source_path, label FROM images"`'
         )
+    loc = store.catalog.vector_location(fs.id, image_id)
     if loc is None:
         raise InvalidInputError(
-            f"image {image_id} has no vector in {fs.name}: run `{_extract_hint(fs)}` first, "
+            f"image {image_id} has no vector in {fs.name}: run `{extract_hint(fs)}` first, "
             "or search with --image PATH"
         )
-    path, row = store.root / loc[0], int(loc[1])
-    from featurestore.shards import read_row
-
-    vec = read_row(path, row)
-    return np.asarray(vec, dtype=np.float32).reshape(-1)
-
-
-def _describe(store: Store, image_ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
-    from sqlalchemy import select
-
-    from featurestore.catalog.schema import Image
-
-    out: dict[int, tuple[str, str | None]] = {}
-    ids = [int(i) for i in image_ids]
-    with store.engine.connect() as conn:
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            for i, p, lb in conn.execute(
-                select(Image.id, Image.source_path, Image.label).where(Image.id.in_(chunk))
-            ):
-                out[int(i)] = (str(p), lb)
-    return out
-
-
-# ---------------------------------------------------------------------------
-# store level: search and duplicates
+    return np.asarray(read_row(store.root / loc[0], loc[1]), dtype=np.float32).reshape(-1)
 
 
 def query_vector(store: Store, feature_set: str, query: Any) -> tuple[np.ndarray, int | None]:
@@ -313,13 +188,9 @@ def query_vector(store: Store, feature_set: str, query: Any) -> tuple[np.ndarray
         vec = _as_query(np.asarray(query, dtype=np.float64), int(fs.dim))
         return vec, None
     if isinstance(query, str | os.PathLike):
-        from featurestore.io.images import load_rgb
-
         image = load_rgb(Path(query), store.settings.max_image_pixels)
         return embedder_for(store, fs.name)(image), None
-    from PIL import Image as PILImageModule
-
-    if isinstance(query, PILImageModule.Image):
+    if isinstance(query, PILImage.Image):
         return embedder_for(store, fs.name)(query), None
     raise InvalidInputError(
         f"the query must be an image id, a vector, a PIL image or an image path, not {type(query).__name__}"
@@ -401,12 +272,12 @@ def search(
     if allowed is not None and allowed.size == 0:
         return []
     for attempt in range(2):
-        shards = _shards(store, fs)
-        if not shards:
+        shard_key, size = _index_key(store, fs)
+        if not shard_key[1]:
             return []
         try:
-            if _set_bytes(fs, shards) <= _budget_bytes(store):
-                index = _index(store, fs, metric, shards)
+            if size <= store.settings.search_memory_mb * 2**20:
+                index = store.vector_index(fs, metric, shard_key, size)
                 hits = index.search(vec, k, exclude_ids=excl or None, allowed_ids=allowed)
             else:
                 hits = top_k(vec, store.iter_shards(fs.name), k=k, metric=metric, exclude_ids=excl or None,
@@ -416,11 +287,19 @@ def search(
             # `fs compact` may have replaced a shard between listing and reading it: list again once.
             if attempt:
                 raise
-    info = _describe(store, [h.image_id for h in hits])
-    return [
-        SearchResult(rank, h.image_id, *info.get(h.image_id, ("", None)), score=h.score)
-        for rank, h in enumerate(hits, start=1)
-    ]
+    return _results(store, hits, metric)
+
+
+def _results(store: Store, hits: list[Hit], metric: str) -> list[SearchResult]:
+    info = store.catalog.image_paths_labels([h.image_id for h in hits])
+    out = []
+    for rank, h in enumerate(hits, start=1):
+        path, label = info.get(h.image_id, ("", None))
+        if metric == "cosine":
+            out.append(SearchResult(rank, h.image_id, path, label, distance=1.0 - h.score, similarity=h.score))
+        else:
+            out.append(SearchResult(rank, h.image_id, path, label, distance=h.score))
+    return out
 
 
 def duplicates(
@@ -446,25 +325,26 @@ def duplicates(
         The set is larger than the memory budget (the message gives the size).
     """
     fs = store.feature_set(feature_set)
-    shards = _shards(store, fs)
-    need, budget = _set_bytes(fs, shards), _budget_bytes(store)
+    keep_ids = where_ids(store, where) if where is not None else None
+    shard_key, need = _index_key(store, fs)
+    if keep_ids is not None:
+        # the budget applies to what is compared: the rows --where keeps
+        need = min(need, int(keep_ids.size) * int(fs.dim) * 4)
+    budget = store.settings.search_memory_mb * 2**20
     if need > budget:
         raise FeatureStoreError(
             f"feature set {fs.name!r} needs {need / 2**20:,.0f} MiB in memory to look for duplicates, more "
             f"than the search memory budget of {store.settings.search_memory_mb} MiB; duplicate search does "
             "not stream: raise FS_SEARCH_MEMORY_MB (or --memory-mb), or narrow it with --where"
-            if where is None else
-            f"feature set {fs.name!r} needs {need / 2**20:,.0f} MiB in memory, more than the search memory "
-            f"budget of {store.settings.search_memory_mb} MiB; raise FS_SEARCH_MEMORY_MB (or --memory-mb)"
         )
-    if not shards:
+    if not shard_key[1]:
         return []
     ids, mat = store.read_set(fs.name)
-    if where is not None:
-        keep = np.isin(ids, where_ids(store, where))
+    if keep_ids is not None:
+        keep = np.isin(ids, keep_ids)
         ids, mat = ids[keep], mat[keep]
     groups = near_duplicate_groups(ids, mat, threshold=threshold)
-    info = _describe(store, [i for g in groups for i in g])
+    info = store.catalog.image_paths_labels([i for g in groups for i in g])
     return [
         DuplicateImage(n, i, *info.get(i, ("", None)))
         for n, group in enumerate(groups, start=1)

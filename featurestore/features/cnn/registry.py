@@ -9,11 +9,10 @@ registered the same way.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import select
+from typing import TYPE_CHECKING, Any
 
 from featurestore.catalog.schema import Model
 from featurestore.errors import (
@@ -26,7 +25,10 @@ from featurestore.errors import (
 from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess
 from featurestore.features.cnn.specs import BUILTIN_MODELS, ModelSpec, model_files
 from featurestore.io.atomic import copy_atomic, sha256_file
-from featurestore.store import Store, check_name
+
+if TYPE_CHECKING:
+    from featurestore.store import Store
+from featurestore.catalog.repository import check_name
 
 
 @dataclass
@@ -43,15 +45,14 @@ def _spec_taps(spec: ModelSpec) -> list[str]:
     return list(spec.taps) or [spec.default_tap]
 
 
-def list_models(store: Store) -> list[ModelInfo]:
+def list_models(store: Store | None) -> list[ModelInfo]:
     """Built-in and registered models with their status (ready / files missing)."""
-    with store.session() as s:
-        rows = {m.name: m for m in s.scalars(select(Model))}
+    rows = store.catalog.models() if store is not None else {}
     out = []
     for name in sorted(set(BUILTIN_MODELS) | set(rows)):
         spec = BUILTIN_MODELS.get(name)
         row = rows.get(name)
-        if row is not None:
+        if row is not None and store is not None:
             ok = (store.root / row.symbol_path).is_file() and (store.root / row.params_path).is_file()
             status = "ready" if ok else "files missing"
             out.append(ModelInfo(name, status, list(row.taps), row.default_tap, row.source,
@@ -105,10 +106,8 @@ def add_model(
         tap_list = [default] + tap_list
     # Load from the given files first: a bad checkpoint is refused before anything is copied.
     CheckpointModel.load(symbol, params, pre, tap_list, batch_size=1)
-    with store.session() as s:
-        existing = s.scalar(select(Model).where(Model.name == name))
-        if existing is not None and not replace:
-            raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
+    if store.catalog.model(name) is not None and not replace:
+        raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
     folder = store.root / "models" / name
     targets = []
     for src in (Path(symbol), Path(params)):
@@ -116,50 +115,42 @@ def add_model(
         copy_atomic(src, dst)
         targets.append(dst)
     sym_dst, par_dst = targets
-    with store.session() as s:
-        row = s.scalar(select(Model).where(Model.name == name)) or Model(name=name)
-        row.symbol_path = str(sym_dst.relative_to(store.root))
-        row.params_path = str(par_dst.relative_to(store.root))
-        row.symbol_sha256 = sha256_file(sym_dst)
-        row.params_sha256 = sha256_file(par_dst)
-        row.preprocess = pre.to_params()
-        row.taps = tap_list
-        row.default_tap = default
-        row.source = f"added from {Path(params).resolve()}"
-        s.add(row)
-        s.flush()
-        return row
+    return store.catalog.save_model(
+        name,
+        symbol_path=str(sym_dst.relative_to(store.root)),
+        params_path=str(par_dst.relative_to(store.root)),
+        symbol_sha256=sha256_file(sym_dst),
+        params_sha256=sha256_file(par_dst),
+        preprocess=pre.to_params(),
+        taps=tap_list,
+        default_tap=default,
+        source=f"added from {Path(params).resolve()}",
+    )
 
 
 def _register_builtin(store: Store, spec: ModelSpec) -> Model:
     symbol, params = model_files(spec, store.root / "models" / spec.name)
-    with store.session() as s:
-        row = Model(
-            name=spec.name,
-            symbol_path=str(Path(symbol).relative_to(store.root)),
-            params_path=str(Path(params).relative_to(store.root)),
-            symbol_sha256=sha256_file(symbol),
-            params_sha256=sha256_file(params),
-            preprocess=spec.preprocess.to_params(),
-            taps=_spec_taps(spec),
-            default_tap=spec.default_tap,
-            source=spec.source,
-        )
-        s.add(row)
-        s.flush()
-        return row
+    return store.catalog.save_model(
+        spec.name,
+        symbol_path=str(Path(symbol).relative_to(store.root)),
+        params_path=str(Path(params).relative_to(store.root)),
+        symbol_sha256=sha256_file(symbol),
+        params_sha256=sha256_file(params),
+        preprocess=spec.preprocess.to_params(),
+        taps=_spec_taps(spec),
+        default_tap=spec.default_tap,
+        source=spec.source,
+    )
 
 
 def model_record(store: Store, name: str) -> Model:
     """The registered model, converting a built-in one on first use."""
-    with store.session() as s:
-        row = s.scalar(select(Model).where(Model.name == name))
+    row = store.catalog.model(name)
     if row is not None:
         return row
     spec = BUILTIN_MODELS.get(name)
     if spec is None:
-        with store.session() as s:
-            names = set(s.scalars(select(Model.name))) | set(BUILTIN_MODELS)
+        names = set(store.catalog.models()) | set(BUILTIN_MODELS)
         raise NotFoundError("model", name, names, "Register a checkpoint with `fs models add NAME ...`")
     if spec.builtin:
         return _register_builtin(store, spec)
@@ -211,7 +202,26 @@ def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batc
     )
 
 
-def describe_layers(store: Store, name: str) -> tuple[Model, list[tuple[str, tuple[int, ...]]]]:
-    """All tap-able layers of a model with their output shapes."""
-    model, row = load_model(store, name, None, batch_size=1)
-    return row, model.layers()
+def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[str, tuple[int, ...]]]]:
+    """All tap-able layers of a model with their output shapes; never writes to the store.
+
+    A built-in model that the store has not converted yet (or without a store)
+    is converted into a temporary folder for the look and discarded.
+    """
+    row = store.catalog.model(name) if store is not None else None
+    if row is not None:
+        assert store is not None
+        symbol, params = verify_files(store, row)
+        return row, CheckpointModel.load(symbol, params, _preprocess(row), [row.default_tap], batch_size=1).layers()
+    spec = BUILTIN_MODELS.get(name)
+    if spec is None or not spec.builtin:
+        if store is None and spec is None:
+            raise NotFoundError("model", name, BUILTIN_MODELS, "Register a checkpoint with `fs models add NAME ...`")
+        model_record(store, name) if store is not None else None  # raises the helpful error
+        raise ModelFilesMissingError(f"model {name} is not registered: run `fs models add {name} ...`")
+    with tempfile.TemporaryDirectory(prefix="fs-model-") as tmp:
+        symbol, params = model_files(spec, Path(tmp))
+        model = CheckpointModel.load(symbol, params, spec.preprocess, [spec.default_tap], batch_size=1)
+        info = Model(name=spec.name, taps=_spec_taps(spec), default_tap=spec.default_tap,
+                     preprocess=spec.preprocess.to_params(), source=spec.source)
+        return info, model.layers()

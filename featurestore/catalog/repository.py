@@ -1,0 +1,400 @@
+"""The catalog repository: every SQL statement featurestore runs on its own tables.
+
+:class:`Catalog` wraps the engine of one catalog (SQLite or PostgreSQL) and
+offers the queries the rest of the library needs, each in its own short
+transaction unless a session is passed in. Nothing outside ``featurestore.catalog``
+builds SQL; user-written SQL (``fs sql``, ``--where``) runs on a separate
+read-only connection, never through this class.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from featurestore.catalog.schema import (
+    Dataset,
+    FeatureRow,
+    FeatureSet,
+    FeatureShard,
+    Image,
+    IngestError,
+    Model,
+    Prediction,
+    Run,
+    RunSplit,
+    utcnow,
+)
+from featurestore.errors import InvalidInputError, NotFoundError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
+# Bound parameters per statement: SQLite allows 32,766, PostgreSQL 65,535.
+CHUNK = 5_000
+# A few requested ids are picked by the database; more are filtered after reading.
+_PICK_IN_SQL = 10_000
+
+
+def chunks(values: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A registered shard: id, path relative to the store, and how many rows it holds."""
+
+    id: int
+    path: str
+    rows: int
+
+
+class Catalog:
+    """All queries on the catalog tables."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error."""
+        with self._sessions.begin() as s:
+            yield s
+
+    def _raw_rows(self, query: Any) -> list[tuple[Any, ...]]:
+        """Rows as plain DB-API tuples (ORM rows cost seconds per million images).
+
+        Only for queries whose bound values are integers or names we produced,
+        which are rendered inline.
+        """
+        sql = str(query.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
+        with self.engine.connect() as conn:
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            cur.execute(sql)
+            rows = cur.fetchall()
+            cur.close()
+        return rows  # type: ignore[no-any-return]
+
+    # -- datasets ------------------------------------------------------------------
+    def dataset_id(self, s: Session, name: str, create: bool = False) -> int:
+        ds = s.scalar(select(Dataset).where(Dataset.name == name))
+        if ds is None:
+            if not create:
+                raise NotFoundError("dataset", name, s.scalars(select(Dataset.name)))
+            ds = Dataset(name=name)
+            s.add(ds)
+            s.flush()
+        return ds.id
+
+    def dataset_counts(self) -> list[tuple[str, int, Any]]:
+        """(name, images, created_at) per dataset, by name."""
+        with self.session() as s:
+            rows = s.execute(select(Dataset.name, func.count(Image.id), Dataset.created_at)
+                             .join(Image, Image.dataset_id == Dataset.id, isouter=True)
+                             .group_by(Dataset.id, Dataset.name, Dataset.created_at).order_by(Dataset.name)).all()
+        return [(str(n), int(c), t) for n, c, t in rows]
+
+    # -- images ----------------------------------------------------------------------
+    def image_rows(self, dataset: str | None, labelled_only: bool, image_ids: Sequence[int] | None,
+                   ids_only: bool) -> list[Any]:
+        """(id,) or (id, source_path, label, superclass) of the selected images, by id."""
+        cols = [Image.id] if ids_only else [Image.id, Image.source_path, Image.label, Image.superclass]
+        q = select(*cols).order_by(Image.id)
+        if dataset is not None:
+            with self.session() as s:
+                q = q.where(Image.dataset_id == self.dataset_id(s, dataset))
+        if labelled_only:
+            q = q.where(Image.label.is_not(None))
+        wanted = {int(i) for i in image_ids} if image_ids is not None else None
+        if wanted is not None and len(wanted) <= _PICK_IN_SQL:
+            q = q.where(Image.id.in_(sorted(wanted)))
+        rows = self._raw_rows(q)
+        if wanted is not None and len(wanted) > _PICK_IN_SQL:
+            rows = [r for r in rows if r[0] in wanted]
+        return rows
+
+    def image_count(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count(Image.id))) or 0)
+
+    def image_exists(self, image_id: int) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(Image.id).where(Image.id == int(image_id))).first() is not None
+
+    def image_id_by_sha256(self, sha256: str) -> int | None:
+        with self.engine.connect() as conn:
+            found = conn.execute(select(Image.id).where(Image.sha256 == sha256)).scalar()
+        return None if found is None else int(found)
+
+    def image_paths_labels(self, image_ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
+        """image id -> (source path, label)."""
+        out: dict[int, tuple[str, str | None]] = {}
+        ids = [int(i) for i in image_ids]
+        with self.engine.connect() as conn:
+            for part in chunks(ids, 500):
+                for i, p, lb in conn.execute(select(Image.id, Image.source_path, Image.label)
+                                             .where(Image.id.in_(part))):
+                    out[int(i)] = (str(p), lb)
+        return out
+
+    def image_detail(self, image_id: int) -> tuple[Image, str, list[str]] | None:
+        """The image row, its dataset's name and the feature sets it has a vector in."""
+        with self.session() as s:
+            row = s.execute(select(Image, Dataset.name).join(Dataset, Dataset.id == Image.dataset_id)
+                            .where(Image.id == image_id)).first()
+            if row is None:
+                return None
+            sets = list(s.scalars(select(FeatureSet.name).join(FeatureRow, FeatureRow.feature_set_id == FeatureSet.id)
+                                  .where(FeatureRow.image_id == image_id).order_by(FeatureSet.name)))
+            return row[0], str(row[1]), sets
+
+    def image_ids_where(self, label: str | None = None, dataset: str | None = None) -> np.ndarray:
+        """Ids of the images with ``label`` and/or in ``dataset`` (bound parameters only)."""
+        q = select(Image.id)
+        with self.session() as s:
+            if dataset is not None:
+                q = q.where(Image.dataset_id == self.dataset_id(s, dataset))
+            if label is not None:
+                q = q.where(Image.label == label)
+            ids = s.scalars(q).all()
+        return np.fromiter((int(i) for i in ids), dtype=np.int64, count=len(ids))
+
+    def unlabelled_image_ids(self) -> list[int]:
+        with self.session() as s:
+            return [int(i) for i in s.scalars(select(Image.id).where(Image.label.is_(None)).order_by(Image.id))]
+
+    def add_images(self, s: Session, rows: list[dict[str, Any]]) -> list[int]:
+        """Insert new image rows (one per distinct content); returns their ids in order."""
+        return [int(i) for i in s.scalars(insert(Image).returning(Image.id), rows).all()]
+
+    def image_ids_by_sha256(self, s: Session, shas: Sequence[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for part in chunks(list(shas)):
+            out.update((str(h), int(i)) for h, i in s.execute(select(Image.sha256, Image.id)
+                                                              .where(Image.sha256.in_(part))))
+        return out
+
+    def record_ingest_errors(self, s: Session, dataset_id: int, attempted: Sequence[str],
+                             failed: Sequence[tuple[str, str]]) -> None:
+        """Keep only the latest attempt per path: clear ``attempted``, record ``failed`` (path, reason)."""
+        for part in chunks(list(attempted)):
+            s.execute(delete(IngestError).where(IngestError.path.in_(part)))
+        for path, reason in failed:
+            s.add(IngestError(path=path, reason=reason, dataset_id=dataset_id))
+
+    def status(self) -> dict[str, Any]:
+        """Datasets, label counts, ingest failures and the number of images."""
+        with self.session() as s:
+            datasets = [{"dataset": name, "images": n} for name, n in s.execute(
+                select(Dataset.name, func.count(Image.id)).join(Image, Image.dataset_id == Dataset.id, isouter=True)
+                .group_by(Dataset.name).order_by(Dataset.name))]
+            labels = [{"superclass": sc, "label": lb, "images": n} for sc, lb, n in s.execute(
+                select(Image.superclass, Image.label, func.count()).group_by(Image.superclass, Image.label)
+                .order_by(Image.superclass, Image.label))]
+            errors = [{"path": p, "reason": r} for p, r in s.execute(
+                select(IngestError.path, IngestError.reason).order_by(IngestError.path))]
+            total = int(s.scalar(select(func.count(Image.id))) or 0)
+        return {"images": total, "datasets": datasets, "labels": labels, "ingest_errors": errors}
+
+    # -- feature sets ------------------------------------------------------------------
+    def feature_set(self, name: str) -> FeatureSet:
+        with self.session() as s:
+            fs = s.scalar(select(FeatureSet).where(FeatureSet.name == name))
+            if fs is None:
+                names = list(s.scalars(select(FeatureSet.name)))
+                raise NotFoundError(
+                    "feature set", name, names, "Create it with `fs extract` (see `fs extract --help`)"
+                )
+            return fs
+
+    def find_feature_set(self, s: Session, name: str) -> FeatureSet | None:
+        return s.scalar(select(FeatureSet).where(FeatureSet.name == name))
+
+    def feature_sets(self) -> list[FeatureSet]:
+        with self.session() as s:
+            return list(s.scalars(select(FeatureSet).order_by(FeatureSet.name)))
+
+    def add_feature_set(self, s: Session, name: str, kind: str, params: dict[str, Any], dim: int,
+                        dtype: str) -> FeatureSet:
+        fs = FeatureSet(name=name, kind=kind, params=params, dim=dim, dtype=dtype)
+        s.add(fs)
+        s.flush()
+        return fs
+
+    def delete_feature_set(self, s: Session, fs: FeatureSet) -> list[str]:
+        """Delete a feature set's rows, shards and record; returns its shard paths (delete them after commit)."""
+        paths = list(s.scalars(select(FeatureShard.path).where(FeatureShard.feature_set_id == fs.id)))
+        s.execute(delete(FeatureRow).where(FeatureRow.feature_set_id == fs.id))
+        s.execute(delete(FeatureShard).where(FeatureShard.feature_set_id == fs.id))
+        s.delete(fs)
+        s.flush()
+        return [str(p) for p in paths]
+
+    def image_ids_with_vector(self, feature_set: str) -> set[int]:
+        with self.session() as s:
+            fs_id = s.scalar(select(FeatureSet.id).where(FeatureSet.name == feature_set))
+            if fs_id is None:
+                return set()
+            return {int(i) for i in s.scalars(select(FeatureRow.image_id).where(FeatureRow.feature_set_id == fs_id))}
+
+    def all_image_ids(self) -> list[int]:
+        with self.session() as s:
+            return [int(i) for i in s.scalars(select(Image.id).order_by(Image.id))]
+
+    def has_vector(self, feature_set_id: int, image_id: int) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(FeatureRow.image_id).where(
+                FeatureRow.feature_set_id == feature_set_id, FeatureRow.image_id == int(image_id))).first() is not None
+
+    def vector_location(self, feature_set_id: int, image_id: int) -> tuple[str, int] | None:
+        """(shard path, row) of one image's vector, or None."""
+        with self.engine.connect() as conn:
+            loc = conn.execute(
+                select(FeatureShard.path, FeatureRow.row)
+                .join(FeatureShard, FeatureShard.id == FeatureRow.shard_id)
+                .where(FeatureRow.feature_set_id == feature_set_id, FeatureRow.image_id == int(image_id))
+            ).first()
+        return None if loc is None else (str(loc[0]), int(loc[1]))
+
+    def coverage(self) -> list[tuple[str, str, int, int, int]]:
+        """(name, kind, dim, images with a vector, shards) per feature set."""
+        with self.session() as s:
+            rows = s.execute(select(
+                FeatureSet.name, FeatureSet.kind, FeatureSet.dim,
+                select(func.count()).where(FeatureRow.feature_set_id == FeatureSet.id).scalar_subquery(),
+                select(func.count()).where(FeatureShard.feature_set_id == FeatureSet.id).scalar_subquery(),
+            ).order_by(FeatureSet.name))
+            return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    # -- shards ---------------------------------------------------------------------------
+    def shard_paths(self) -> set[str]:
+        """Paths of every registered shard (relative to the store)."""
+        with self.session() as s:
+            return {str(p) for p in s.scalars(select(FeatureShard.path))}
+
+    def shards(self, feature_set_id: int, max_rows: int | None = None) -> list[ShardRef]:
+        """The shards of a feature set in id order (only those with fewer than ``max_rows`` rows if given)."""
+        q = select(FeatureShard.id, FeatureShard.path, FeatureShard.rows).where(
+            FeatureShard.feature_set_id == int(feature_set_id)).order_by(FeatureShard.id)
+        if max_rows is not None:
+            q = q.where(FeatureShard.rows < max_rows)
+        with self.engine.connect() as conn:
+            return [ShardRef(int(i), str(p), int(n)) for i, p, n in conn.execute(q)]
+
+    def live_row_counts(self, feature_set_id: int) -> dict[int, int]:
+        """shard id -> rows the catalog points at."""
+        with self.engine.connect() as conn:
+            return {int(k): int(v) for k, v in conn.execute(select(FeatureRow.shard_id, func.count()).where(
+                FeatureRow.feature_set_id == int(feature_set_id)).group_by(FeatureRow.shard_id))}
+
+    def live_rows_of_shard(self, shard_id: int) -> np.ndarray:
+        """(image_id, row) pairs of one shard the catalog points at, by row."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(FeatureRow.image_id, FeatureRow.row).where(
+                FeatureRow.shard_id == int(shard_id)).order_by(FeatureRow.row)).all()
+        return np.array(rows, dtype=np.int64).reshape(-1, 2)
+
+    def register_shard(self, feature_set_id: int, path: str, image_ids: np.ndarray,
+                       replaces: set[int] | None = None) -> int:
+        """Register a written shard and point its images' rows at it, in one transaction.
+
+        ``replaces``: shards whose rows this one takes over (compaction); they
+        are unregistered in the same transaction. Returns the new shard's id.
+        """
+        with self.session() as s:
+            shard = FeatureShard(feature_set_id=feature_set_id, path=path, rows=len(image_ids))
+            s.add(shard)
+            s.flush()
+            if replaces:
+                s.execute(delete(FeatureRow).where(FeatureRow.shard_id.in_(replaces)))
+            s.execute(insert(FeatureRow), [
+                {"feature_set_id": feature_set_id, "image_id": int(i), "shard_id": shard.id, "row": r}
+                for r, i in enumerate(image_ids.tolist())])
+            if replaces:
+                s.execute(delete(FeatureShard).where(FeatureShard.id.in_(replaces)))
+            return int(shard.id)
+
+    # -- models ----------------------------------------------------------------------------
+    def models(self) -> dict[str, Model]:
+        with self.session() as s:
+            return {m.name: m for m in s.scalars(select(Model))}
+
+    def model(self, name: str) -> Model | None:
+        with self.session() as s:
+            return s.scalar(select(Model).where(Model.name == name))
+
+    def save_model(self, name: str, **fields: Any) -> Model:
+        """Insert or update the model named ``name``."""
+        with self.session() as s:
+            row = s.scalar(select(Model).where(Model.name == name)) or Model(name=name)
+            for key, value in fields.items():
+                setattr(row, key, value)
+            s.add(row)
+            s.flush()
+            return row
+
+    # -- runs ------------------------------------------------------------------------------
+    def add_run(self, run: Run, splits: list[dict[str, Any]]) -> int:
+        with self.session() as s:
+            s.add(run)
+            s.flush()
+            s.execute(insert(RunSplit), [{"run_id": run.id, **row} for row in splits])
+            return int(run.id)
+
+    def run(self, run_id: int) -> Run:
+        with self.session() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                ids = [str(i) for i in s.scalars(select(Run.id).order_by(Run.id))]
+                raise NotFoundError("run", str(run_id), ids, "See `fs runs`")
+            return run
+
+    def runs(self) -> list[Run]:
+        with self.session() as s:
+            return list(s.scalars(select(Run).order_by(Run.id)))
+
+    def artifact_paths(self) -> set[str]:
+        with self.session() as s:
+            return {str(p) for p in s.scalars(select(Run.artifact_path)) if p}
+
+    def split_scores(self, run_id: int) -> list[float]:
+        with self.session() as s:
+            return [float(x) for x in s.scalars(select(RunSplit.test_accuracy).where(RunSplit.run_id == run_id)
+                                                .order_by(RunSplit.split))]
+
+    def replace_predictions(self, run_id: int, rows: list[dict[str, Any]]) -> None:
+        """Replace this run's prediction rows for the images in ``rows``, in one transaction."""
+        ids = [int(r["image_id"]) for r in rows]
+        now = utcnow()
+        with self.session() as s:
+            for part in chunks(ids):
+                s.execute(delete(Prediction).where(Prediction.run_id == run_id, Prediction.image_id.in_(part)))
+            for part in chunks(rows, 1_000):
+                s.execute(insert(Prediction), [{**r, "predicted_at": now} for r in part])
+
+
+def check_ids(ids: Iterable[int], what: str = "image id") -> list[int]:
+    """Ids as ints within SQL BIGINT range (a larger one cannot exist and would overflow the driver)."""
+    out = []
+    for i in ids:
+        value = int(i)
+        if not 1 <= value <= 2**63 - 1:
+            raise InvalidInputError(f"{what} {value} is out of range; ids are positive integers below 2**63")
+        out.append(value)
+    return out
+
+
+def check_name(what: str, name: str) -> str:
+    """``name`` if it is a valid dataset / feature set / model name (letters, digits, '.', '_', '+', '-')."""
+    if not NAME_RE.match(name):
+        raise InvalidInputError(
+            f"invalid {what} name {name!r}: use letters, digits, '.', '_', '+' or '-' (max 200 characters)"
+        )
+    return name

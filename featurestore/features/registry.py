@@ -1,0 +1,145 @@
+"""The feature registry: feature kind -> extractor class, and rebuilding an extractor from its catalog row.
+
+Every stored feature set records its ``kind`` and the ``params`` needed to
+reproduce its vectors. :func:`extractor_for` is the one way to rebuild the
+extractor of a stored set (extract continues it, search embeds a new image
+with it, predict and the HTTP service featurize uploads with it); it checks
+that the rebuilt extractor records exactly the stored params, so a changed
+library or model cannot silently produce other vectors.
+
+A new feature kind is one module with an :class:`~featurestore.features.base.Extractor`
+subclass plus one :func:`register` call below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.features import lowlevel, pixels, projection
+from featurestore.features.base import Extractor
+from featurestore.features.cnn import registry as cnn_registry
+from featurestore.io.params import canonical
+
+if TYPE_CHECKING:
+    from featurestore.store import Store
+
+
+class StoredSet(Protocol):
+    """What the registry needs of a stored feature set (a catalog row or a store handle)."""
+
+    name: str
+    kind: str
+    dim: int
+    params: dict[str, Any]
+
+
+Builder = Callable[["Store", str, dict[str, Any], int], Extractor]
+Hint = Callable[[str, dict[str, Any], int], str]
+
+
+@dataclass(frozen=True)
+class FeatureKind:
+    """One feature family: how to rebuild its extractor and which command computes it."""
+
+    kind: str
+    extractor: type[Extractor]
+    build: Builder
+    command: Hint
+
+
+KINDS: dict[str, FeatureKind] = {}
+
+
+def register(kind: FeatureKind) -> None:
+    KINDS[kind.kind] = kind
+
+
+def _size(p: dict[str, Any]) -> tuple[int, int]:
+    return int(p["size"][0]), int(p["size"][1])
+
+
+register(FeatureKind(
+    "random_projection", projection.RandomProjectionExtractor,
+    lambda store, name, p, batch: projection.projection_extractor(
+        store, k=int(p["k"]), size=_size(p), rule=p["resize_rule"], seed=int(p["seed"]), name=name),
+    lambda name, p, dim: f"fs extract --rp {p.get('k', dim)}",
+))
+register(FeatureKind(
+    "pixels", pixels.PixelsExtractor,
+    lambda store, name, p, batch: pixels.PixelsExtractor(_size(p), rule=p["resize_rule"], name=name),
+    lambda name, p, dim: "fs extract --pixels {}x{}".format(*p.get("size", ["W", "H"])),
+))
+register(FeatureKind(
+    "lowlevel", lowlevel.LowLevelExtractor,
+    lambda store, name, p, batch: lowlevel.LowLevelExtractor.from_params(name, p),
+    lambda name, p, dim: "fs extract --lowlevel",
+))
+register(FeatureKind(
+    "cnn", cnn_registry.CNNExtractor,
+    lambda store, name, p, batch: cnn_registry.cnn_extractor(store, p["model"], [p["layer"]], batch_size=batch),
+    lambda name, p, dim: "fs extract --model {}{}".format(
+        p.get("model", name),
+        f" --layers {p['layer']}" if p.get("layer") and name != p.get("model", name) else ""),
+))
+
+
+def extract_hint(fs: StoredSet) -> str:
+    """The ``fs extract`` command that computes ``fs`` (for messages)."""
+    kind = KINDS.get(fs.kind)
+    return kind.command(fs.name, dict(fs.params or {}), fs.dim) if kind else "fs extract"
+
+
+def build_extractor(store: Store, fs: StoredSet, batch_size: int = 32) -> Extractor:
+    """The extractor that produced ``fs``, rebuilt from its kind and params (not yet checked)."""
+    kind = KINDS.get(fs.kind)
+    if kind is None:
+        raise InvalidInputError(
+            f"feature set {fs.name!r} has kind {fs.kind!r}, which cannot featurize new images; "
+            "use images already in the store (e.g. search by --id)"
+        )
+    try:
+        return kind.build(store, fs.name, dict(fs.params or {}), batch_size)
+    except KeyError as exc:
+        raise FeatureStoreError(
+            f"feature set {fs.name!r} ({fs.kind}) does not record {exc.args[0]!r} in its params, so new "
+            f"images cannot be embedded like its stored ones; recompute it with `fs extract ... --replace`"
+        ) from None
+
+
+def extractor_for(store: Store, fs: StoredSet | str, batch_size: int = 32) -> Extractor:
+    """An extractor that reproduces a stored feature set exactly (same projection, model, preprocessing).
+
+    The extractor is rebuilt from the set's catalog row and its output params
+    compared with the stored ones.
+
+    Raises
+    ------
+    NotFoundError
+        No such feature set.
+    FeatureStoreError
+        The extractor cannot be rebuilt, or it now records other params.
+    """
+    if isinstance(fs, str):
+        fs = store.feature_set(fs)
+    ex = build_extractor(store, fs, batch_size)
+    specs = {spec.name: spec for spec in ex.outputs()}
+    spec = specs.get(fs.name)
+    if spec is None:
+        raise FeatureStoreError(
+            f"the {fs.kind} extractor rebuilt for {fs.name!r} produces {', '.join(sorted(specs))}, not "
+            f"{fs.name!r}; recompute the feature set with `fs extract ... --replace`"
+        )
+    stored, rebuilt = canonical(fs.params), canonical(spec.params)
+    if stored != rebuilt or spec.dim != fs.dim or spec.kind != fs.kind:
+        diff = sorted(k for k in set(stored) | set(rebuilt) if stored.get(k) != rebuilt.get(k))
+        if spec.dim != fs.dim:
+            diff.append(f"dim (stored {fs.dim} vs now {spec.dim})")
+        raise FeatureStoreError(
+            f"new images cannot be featurized like the stored vectors of {fs.name!r}: the extractor now "
+            f"records different parameters ({', '.join(diff) or 'kind'}); recompute the set with "
+            f"`fs extract ... --replace`"
+        )
+    return ex
