@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from featurestore.cli import common
+from featurestore.io import fashion_mnist as datasets
 
 app = typer.Typer(help="Export bundled real datasets as image folders.", no_args_is_help=True)
 
@@ -29,8 +30,6 @@ def export(
 
     Example: fs datasets export fashion-mnist ./fmnist --limit 5000 --size 640x480 --format jpeg
     """
-    from featurestore.io import fashion_mnist as datasets
-
     if name != "fashion-mnist":
         raise typer.BadParameter(f"unknown dataset {name!r}; available: fashion-mnist", param_hint="NAME")
     if fmt not in ("png", "jpeg", "jpg"):

@@ -10,6 +10,7 @@ from featurestore.features.cnn.registry import cnn_extractor
 from featurestore.features.lowlevel import LowLevelExtractor
 from featurestore.features.pixels import PixelsExtractor
 from featurestore.features.projection import projection_extractor
+from featurestore.pipelines.extract import ExtractSummary
 from featurestore.pipelines.extract import extract as run_extract
 
 
@@ -46,20 +47,19 @@ def extract(
     if layers and not model:
         raise typer.BadParameter("--layers needs --model", param_hint="--layers")
     wh = common.parse_size(size, "--size")
+    pixel_size = common.parse_size(pixels, "--pixels") if pixels else None
+    wanted = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
     store = common.open_store()
     try:
         with store.writing():
             extractors: list[Extractor] = []
             if rp is not None:
                 extractors.append(projection_extractor(store, rp, wh, resize, seed, replace=replace))
-            if pixels:
-                extractors.append(PixelsExtractor(common.parse_size(pixels, "--pixels"), rule=resize))
+            if pixel_size:
+                extractors.append(PixelsExtractor(pixel_size, rule=resize))
             if lowlevel:
                 extractors.append(LowLevelExtractor(rule=resize))
-            if model:
-                wanted = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
-                for name in model:
-                    extractors.append(cnn_extractor(store, name, wanted, batch_size=batch))
+            extractors += [cnn_extractor(store, name, wanted, batch_size=batch) for name in model]
             if not extractors:
                 raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME")
             with common.progress("extract") as tick:
@@ -67,6 +67,10 @@ def extract(
                                       progress=tick)
     finally:
         store.close()
+    _report(summary)
+
+
+def _report(summary: ExtractSummary) -> None:
     for path, reason in summary.failed:
         common.err(f"  skipped: {path}: {reason}")
     for name in summary.up_to_date:

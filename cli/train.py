@@ -9,7 +9,11 @@ import typer
 
 from featurestore.cli import common
 from featurestore.errors import InvalidInputError
-from featurestore.pipelines.train import TrainConfig
+from featurestore.pipelines.ingest import ingest
+from featurestore.pipelines.predict import predict as run_predict
+from featurestore.pipelines.train import TrainConfig, evaluate_many, list_runs
+from featurestore.pipelines.train import compare as run_compare
+from featurestore.pipelines.train import train as run_train
 
 
 def _features(value: str) -> list[str]:
@@ -60,8 +64,6 @@ def train(
 
     Example: fs train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400
     """
-    from featurestore.pipelines.train import train as run_train
-
     cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
                skip_missing)
     store = common.open_store()
@@ -101,8 +103,6 @@ def evaluate(
 
     Example: fs evaluate --features rp128 --features efficientnet-lite0 --features rp128,efficientnet-lite0
     """
-    from featurestore.pipelines.train import evaluate_many
-
     if select not in (None, "auto", "none"):
         raise typer.BadParameter("fs evaluate takes auto or none (per-set K: use fs train)", param_hint="--select")
     combos = [_features(f) for f in features]
@@ -138,8 +138,6 @@ def compare(
 
     Example: fs compare 3 1
     """
-    from featurestore.pipelines.train import compare as run_compare
-
     store = common.open_store()
     try:
         c = run_compare(store, run_a, run_b, confidence)
@@ -172,9 +170,6 @@ def predict(
 
     Example: fs predict --run 1 --unlabelled
     """
-    from featurestore.pipelines.ingest import ingest
-    from featurestore.pipelines.predict import predict as run_predict
-
     if sum(bool(x) for x in (paths, dataset, unlabelled)) != 1:
         raise typer.BadParameter("give exactly one of PATH..., --dataset NAME or --unlabelled")
     store = common.open_store()
@@ -208,8 +203,6 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
 
     Example: fs runs --format csv
     """
-    from featurestore.pipelines.train import list_runs
-
     store = common.open_store()
     try:
         rows = [{"run": r.id, "created": r.created_at.strftime("%Y-%m-%d %H:%M"), "features": ",".join(r.features),

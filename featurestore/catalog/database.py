@@ -8,6 +8,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 
@@ -74,8 +78,6 @@ def make_readonly_engine(url: str) -> Engine:
 
 def alembic_config(url: str) -> Any:
     """An Alembic config pointing at the migrations shipped inside the package."""
-    from alembic.config import Config
-
     # Config's default stdout is bound when alembic is first imported; pass the current one.
     cfg = Config(stdout=sys.stdout)
     location = resources.files("featurestore.migrations")
@@ -85,24 +87,18 @@ def alembic_config(url: str) -> Any:
 
 
 def head_revision(url: str) -> str:
-    from alembic.script import ScriptDirectory
-
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     assert head is not None
     return head
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def upgrade(engine: Engine, url: str, revision: str = "head") -> tuple[str | None, str]:
     """Run migrations up to ``revision``; returns (before, after) revisions."""
-    from alembic import command
-
     before = current_revision(engine)
     cfg = alembic_config(url)
     with engine.begin() as conn:
@@ -142,8 +138,6 @@ def ensure_schema(engine: Engine, url: str, create: bool) -> None:
             )
         upgrade(engine, url)
         return
-    from alembic.script import ScriptDirectory
-
     script = ScriptDirectory.from_config(alembic_config(url))
     known = {rev.revision for rev in script.walk_revisions()}
     if current not in known:

@@ -180,7 +180,12 @@ class LowLevelExtractor(Extractor):
                 f"pooling grids must fit in the {w}x{h} working size and {gw}x{gh} GIST size"
             )
         self.name = name
+        self._precompute()
 
+    def _precompute(self) -> None:
+        """Lookup tables, pooling cells, the GIST filter bank and the block layout."""
+        w, h = self.working_size
+        gw, gh = self.gist_size
         self._lbp_table = _uniform_lbp_table()
         self._lbp_bins = int(self._lbp_table.max()) + 1
         self._hog_cells = _cell_index(h, w, self.hog_grid)
@@ -201,10 +206,7 @@ class LowLevelExtractor(Extractor):
             "hsv": int(np.prod(self.hsv_bins)),
             "lbp": self._lbp_bins,
             "hog": self.hog_grid[0] * self.hog_grid[1] * self.hog_orientations,
-            "gist": len(self.gist_frequencies)
-            * self.gist_orientations
-            * self.gist_grid[0]
-            * self.gist_grid[1],
+            "gist": len(self.gist_frequencies) * self.gist_orientations * self.gist_grid[0] * self.gist_grid[1],
         }
         self.blocks: dict[str, tuple[int, int]] = {}
         start = 0

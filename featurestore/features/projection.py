@@ -379,25 +379,9 @@ class SparseRandomProjection:
                 a = {key: z[key] for key in _NPZ_KEYS}
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise bad(str(exc)) from exc
-        version = int(a["format_version"])
-        if version != FORMAT_VERSION:
-            raise bad(f"format version {version}, this featurestore reads {FORMAT_VERSION}")
-        shape = a["shape"]
-        if shape.shape != (2,) or (shape < 1).any():
-            raise bad(f"shape {shape.tolist()}")
-        d, k = int(shape[0]), int(shape[1])
+        _check_arrays(a, bad)
+        d, k = (int(x) for x in a["shape"])
         indptr, indices, data = a["indptr"], a["indices"], a["data"]
-        if indptr.shape != (k + 1,) or indptr[0] != 0 or (np.diff(indptr) < 0).any():
-            raise bad("indptr")
-        nnz = int(indptr[-1])
-        if indices.shape != (nnz,) or data.shape != (nnz,) or data.dtype != np.float32:
-            raise bad("indices/data length or dtype")
-        if nnz and (indices.min() < 0 or indices.max() >= d):
-            raise bad("row index out of range")
-        if nnz > 1:
-            cols = np.repeat(np.arange(k), np.diff(indptr))
-            if not ((np.diff(indices) > 0) | (cols[1:] != cols[:-1])).all():
-                raise bad("row indices not strictly increasing within a column")
         seed = int(a["seed"])
         try:
             proj = cls(
@@ -413,6 +397,29 @@ class SparseRandomProjection:
                 f"{expected_sha256}; restore the original file or recompute the feature set"
             )
         return proj
+
+
+def _check_arrays(a: dict[str, np.ndarray], bad: Any) -> None:
+    """Raise ``bad(why)`` unless the arrays form a valid CSC projection of the current format."""
+    version = int(a["format_version"])
+    if version != FORMAT_VERSION:
+        raise bad(f"format version {version}, this featurestore reads {FORMAT_VERSION}")
+    shape = a["shape"]
+    if shape.shape != (2,) or (shape < 1).any():
+        raise bad(f"shape {shape.tolist()}")
+    d, k = int(shape[0]), int(shape[1])
+    indptr, indices, data = a["indptr"], a["indices"], a["data"]
+    if indptr.shape != (k + 1,) or indptr[0] != 0 or (np.diff(indptr) < 0).any():
+        raise bad("indptr")
+    nnz = int(indptr[-1])
+    if indices.shape != (nnz,) or data.shape != (nnz,) or data.dtype != np.float32:
+        raise bad("indices/data length or dtype")
+    if nnz and (indices.min() < 0 or indices.max() >= d):
+        raise bad("row index out of range")
+    if nnz > 1:
+        cols = np.repeat(np.arange(k), np.diff(indptr))
+        if not ((np.diff(indices) > 0) | (cols[1:] != cols[:-1])).all():
+            raise bad("row indices not strictly increasing within a column")
 
 
 class RandomProjectionExtractor(Extractor):

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -335,16 +336,7 @@ def export_fashion_mnist(
     even being re-encoded, which makes a re-run nearly free; the record is
     removed as soon as an export with other parameters starts.
     """
-    if fmt not in FORMATS:
-        raise InvalidInputError(f"unknown image format {fmt!r}; available: png, jpeg")
-    if limit is not None and (isinstance(limit, bool) or limit < 1):
-        raise InvalidInputError(f"limit must be a positive number of images, got {limit!r}")
-    if workers < 1:
-        raise InvalidInputError(f"workers must be at least 1, got {workers}")
-    if size is not None:
-        size = (int(size[0]), int(size[1]))
-        if min(size) < 1:
-            raise InvalidInputError(f"size must be positive, got {size[0]}x{size[1]}")
+    size = _check_export_args(fmt, limit, workers, size)
     pil_format, ext = FORMATS[fmt]
     data = load_fashion_mnist(split, source)
 
@@ -355,8 +347,47 @@ def export_fashion_mnist(
     chosen = np.arange(labels.size) if limit is None else _balanced_sample(labels, limit, seed)
 
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     params = {"format": pil_format, "size": list(size) if size else None}
+    trusted, class_dirs = _prepare_dest(dest, params)
+    per_class = dict.fromkeys(FASHION_MNIST_CLASSES, 0)
+    jobs = []
+    for pos in chosen.tolist():
+        name, images, _ = data[split_of[pos]]
+        cls = FASHION_MNIST_CLASSES[labels[pos]]
+        per_class[cls] += 1
+        jobs.append((class_dirs[cls] / f"{name}-{index_of[pos]:05d}.{ext}", images[index_of[pos]]))
+
+    def work(job: tuple[Path, np.ndarray]) -> bool:
+        path, pixels = job
+        if trusted and path.exists():
+            return False
+        return _write_if_changed(path, _encode(pixels, size, pil_format))
+
+    written = _run_bounded(work, jobs, workers, progress)
+    write_bytes_atomic(dest / _STAMP, json.dumps(params).encode())
+    skipped = len(jobs) - written
+    return ExportSummary(written=written, skipped_existing=skipped, dest=dest, per_class=per_class)
+
+
+def _check_export_args(fmt: str, limit: int | None, workers: int, size: tuple[int, int] | None
+                       ) -> tuple[int, int] | None:
+    if fmt not in FORMATS:
+        raise InvalidInputError(f"unknown image format {fmt!r}; available: png, jpeg")
+    if limit is not None and (isinstance(limit, bool) or limit < 1):
+        raise InvalidInputError(f"limit must be a positive number of images, got {limit!r}")
+    if workers < 1:
+        raise InvalidInputError(f"workers must be at least 1, got {workers}")
+    if size is None:
+        return None
+    size = (int(size[0]), int(size[1]))
+    if min(size) < 1:
+        raise InvalidInputError(f"size must be positive, got {size[0]}x{size[1]}")
+    return size
+
+
+def _prepare_dest(dest: Path, params: dict) -> tuple[bool, dict[str, Path]]:
+    """Create the class folders, remove leftover temp files; whether existing files can be trusted."""
+    dest.mkdir(parents=True, exist_ok=True)
     stamp = dest / _STAMP
     try:
         trusted = json.loads(stamp.read_text()) == params
@@ -369,23 +400,13 @@ def export_fashion_mnist(
         folder.mkdir(parents=True, exist_ok=True)
         for leftover in folder.glob(f"{TMP_PREFIX}*"):
             leftover.unlink(missing_ok=True)
+    return trusted, class_dirs
 
-    per_class = dict.fromkeys(FASHION_MNIST_CLASSES, 0)
-    jobs = []
-    for pos in chosen.tolist():
-        name, images, _ = data[split_of[pos]]
-        cls = FASHION_MNIST_CLASSES[labels[pos]]
-        per_class[cls] += 1
-        path = class_dirs[cls] / f"{name}-{index_of[pos]:05d}.{ext}"
-        jobs.append((path, images[index_of[pos]]))
 
-    def work(job: tuple[Path, np.ndarray]) -> bool:
-        path, pixels = job
-        if trusted and path.exists():
-            return False
-        return _write_if_changed(path, _encode(pixels, size, pil_format))
-
-    written = skipped = 0
+def _run_bounded(work: Callable[[Any], bool], jobs: list, workers: int,
+                 progress: Callable[[int, int], None] | None) -> int:
+    """Run ``work`` over ``jobs`` in a thread pool with a bounded window; how many returned True."""
+    written = 0
     total = len(jobs)
     window = max(4, workers * 8)  # bounded in flight, so a failure stops the export promptly
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -398,15 +419,11 @@ def export_fashion_mnist(
                     if job is None:
                         break
                     pending.append(pool.submit(work, job))
-                if pending.popleft().result():
-                    written += 1
-                else:
-                    skipped += 1
+                written += bool(pending.popleft().result())
                 if progress is not None:
                     progress(done, total)
         except BaseException:
             for fut in pending:
                 fut.cancel()
             raise
-    write_bytes_atomic(stamp, json.dumps(params).encode())
-    return ExportSummary(written=written, skipped_existing=skipped, dest=dest, per_class=per_class)
+    return written

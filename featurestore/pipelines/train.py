@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import h5py
 import numpy as np
+import scipy
+import sklearn
 
 from featurestore import __version__
 from featurestore.catalog.schema import Run
@@ -97,10 +100,6 @@ def parse_select(spec: str | None, features: Sequence[str]) -> dict[str, int | s
 
 
 def _versions() -> dict[str, str]:
-    import h5py
-    import scipy
-    import sklearn
-
     return {"featurestore": __version__, "python": platform.python_version(), "numpy": np.__version__,
             "scikit-learn": sklearn.__version__, "scipy": scipy.__version__, "h5py": h5py.__version__}
 
