@@ -6,6 +6,6 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$repo/.venv/bin/pip" install -q --no-deps --target "$tmp/site" "$repo" >"$tmp/pip.log" 2>&1 \
+"$repo/.venv/bin/pip" install -q --no-deps --no-build-isolation --target "$tmp/site" "$repo" >"$tmp/pip.log" 2>&1 \
   || { cat "$tmp/pip.log" >&2; exit 1; }
 cd "$tmp" && PYTHONPATH="$tmp/site" "$repo/.venv/bin/lint-imports" "$repo/pyproject.toml" --no-cache

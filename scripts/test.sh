@@ -8,4 +8,5 @@ source scripts/pg.sh start
 trap 'bash scripts/pg.sh stop' EXIT
 .venv/bin/ruff check .
 .venv/bin/mypy
+bash scripts/lint-imports.sh
 .venv/bin/python -m pytest -q "$@"

@@ -110,10 +110,60 @@ def test_crash_between_rename_and_registration(tmp_path: Path, monkeypatch: pyte
         def boom(*a: object, **k: object) -> None:
             raise RuntimeError("simulated crash during registration")
 
-        monkeypatch.setattr(type(store), "session", lambda self: boom())
+        monkeypatch.setattr(type(store.catalog), "session", lambda self: boom())
         with pytest.raises(RuntimeError):
             store.append_vectors(fs, [1], np.zeros((1, 2)))
     monkeypatch.undo()
     assert list((tmp_path / ".fs" / "features" / "v").glob("*.h5")) == []
     assert store.images_lacking("v") == [1]
     store.close()
+
+
+REPLACER = textwrap.dedent(
+    """
+    import sys, os, signal
+    from pathlib import Path
+    from featurestore.config import Settings
+    from featurestore.features.base import FeatureSpec
+    from featurestore.store import Store
+    def die(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+    Store._discard_files = die  # the catalog has committed; the old files are not deleted yet
+    store = Store.open(Settings(store=Path(sys.argv[1])))
+    with store.writing():
+        store.ensure_feature_set(FeatureSpec("v", "test", 3, {"version": 2}), replace=True)
+    """
+)
+
+
+def test_kill_between_replace_commit_and_file_delete(tmp_path: Path) -> None:
+    """`--replace` commits first and deletes after: a kill in between never leaves rows pointing at missing files."""
+    root = tmp_path / ".fs"
+    store = Store.open(Settings(store=root), create=True)
+    for k in range(6):
+        make_image(tmp_path / "imgs" / "c" / f"{k}.png", size=(8, 8), seed=k)
+    with store.writing():
+        ingest(store, tmp_path / "imgs")
+        fs = store.ensure_feature_set(FeatureSpec("v", "test", 3, {"version": 1}))
+        for i in range(1, 7):
+            store.append_vectors(fs, [i], np.full((1, 3), i, dtype=np.float32))
+    store.close()
+    old = sorted((root / "features" / "v").glob("*.h5"))
+    assert len(old) == 6
+    script = tmp_path / "replacer.py"
+    script.write_text(REPLACER)
+    proc = subprocess.run([sys.executable, str(script), str(root)], env={**os.environ,
+                          "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    store = Store.open(Settings(store=root))
+    try:
+        # The catalog already holds the new, empty set: no row points at the old files left on disk.
+        assert store.feature_set("v").params == {"version": 2}
+        assert store.coverage() == [("v", "test", 3, 0, 0)]
+        assert store.images_lacking("v") == [1, 2, 3, 4, 5, 6]
+        assert all(p.exists() for p in old)  # orphans until the next writer
+        with store.writing():
+            pass
+        assert list((root / "features" / "v").glob("*.h5")) == []
+    finally:
+        store.close()

@@ -155,3 +155,93 @@ def test_second_writer_gets_store_is_busy(tmp_path: Path) -> None:
 def test_reader_without_store_gets_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FeatureStoreError, match="no store at .*run `fs ingest PATH`"):
         Store.open(Settings.from_env(store=tmp_path / "nothing"))
+
+
+def test_reader_replans_when_compaction_replaced_its_shards(store: Store, image_tree: Path) -> None:
+    """A read planned before `fs compact` and executed after it re-plans instead of reporting corruption."""
+    ids = _ingested(store, image_tree)
+    with store.writing():
+        for name in ("c", "d"):  # one shard per image: compaction has work to do
+            fs = store.ensure_feature_set(FeatureSpec(name, "test", 2, {}))
+            for i in ids:
+                store.append_vectors(fs, [i], np.full((1, 2), i, dtype=np.float32))
+    expected = np.repeat(np.array(ids, dtype=np.float32)[:, None], 2, axis=1)
+    real_plan = Store._plan
+    compacted: dict[str, object] = {}
+
+    def plan_then_compact(self: Store, fs_handle):  # type: ignore[no-untyped-def]
+        plan = real_plan(self, fs_handle)
+        if fs_handle.name not in compacted:  # the first plan goes stale: compaction deletes its shards
+            compacted[fs_handle.name] = "running"
+            with self.writing():
+                compacted[fs_handle.name] = self.compact(fs_handle.name)
+        return plan
+
+    Store._plan = plan_then_compact  # type: ignore[method-assign]
+    try:
+        np.testing.assert_array_equal(store.read_matrix(["c"]).X, expected)
+        got_ids, got = store.read_set("d")
+    finally:
+        Store._plan = real_plan  # type: ignore[method-assign]
+    assert compacted == {"c": [("c", len(ids), len(ids))], "d": [("d", len(ids), len(ids))]}
+    assert sorted(got_ids.tolist()) == ids
+    np.testing.assert_array_equal(got[np.argsort(got_ids)], expected)
+
+
+def test_replace_deletes_old_files_after_the_commit(store: Store, image_tree: Path) -> None:
+    ids = _ingested(store, image_tree)
+    with store.writing():
+        fs = store.ensure_feature_set(FeatureSpec("r", "test", 2, {"v": 1}))
+        store.append_vectors(fs, ids, np.ones((len(ids), 2)))
+        old = list((store.root / "features" / "r").glob("*.h5"))
+        seen: list[bool] = []
+        real = store.catalog.delete_feature_set
+
+        def delete_then_check(s, row):  # type: ignore[no-untyped-def]
+            paths = real(s, row)
+            seen.append(all(p.exists() for p in old))  # still on disk while the transaction is open
+            return paths
+
+        store.catalog.delete_feature_set = delete_then_check  # type: ignore[method-assign]
+        store.ensure_feature_set(FeatureSpec("r", "test", 2, {"v": 2}), replace=True)
+    assert seen == [True] and old and not any(p.exists() for p in old)
+    assert store.images_lacking("r") == ids
+
+
+def test_models_list_and_show_never_create_a_store(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from featurestore.cli.main import app
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models", "list", "--format", "json"])
+    assert listed.exit_code == 0, listed.output
+    assert "efficientnet-lite0" in listed.stdout
+    assert not (tmp_path / ".fs").exists()
+    shown = runner.invoke(app, ["models", "show", "efficientnet-lite0", "--format", "csv"])
+    assert shown.exit_code == 0, shown.output
+    assert "global_pool" in shown.stdout
+    assert not (tmp_path / ".fs").exists()
+
+
+@pytest.mark.postgres
+def test_two_first_ingests_on_an_empty_postgres_catalog(tmp_path: Path, image_tree: Path) -> None:
+    """Migrations run under the write lock: two first writers never race on alembic_version."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PG_URL, _pg_database
+
+    if not PG_URL:
+        pytest.skip("FS_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    for url in _pg_database():
+        env = {**os.environ, "FS_DATABASE_URL": url, "FS_STORE": str(tmp_path / ".fs"), "FS_LOCK_TIMEOUT": "60"}
+        cmd = [sys.executable, "-m", "featurestore.cli.main", "ingest", str(image_tree)]
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=180) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert all("Traceback" not in err for _, err in outs)
+        with Store.open(Settings(store=tmp_path / ".fs", database_url=url)) as store:
+            assert len(store.select_images()) == 12
