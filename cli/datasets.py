@@ -1,7 +1,8 @@
-"""``fs datasets``: real image collections to try the tool on."""
+"""``fs datasets``: the store's datasets (collections of images), and real image collections to try the tool on."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -9,7 +10,57 @@ import typer
 from featurestore.cli import common
 from featurestore.io import fashion_mnist as datasets
 
-app = typer.Typer(help="Export bundled real datasets as image folders.", no_args_is_help=True)
+app = typer.Typer(help="List the store's datasets and their overlaps; export bundled real datasets as image "
+                  "folders.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format.")) -> None:
+    """List the datasets with their image counts (an image can belong to several datasets).
+
+    Example: fs datasets list --format csv
+    """
+    with common.open_store() as store:
+        rows = [{"dataset": n, "images": c, "created": t} for n, c, t in store.catalog.dataset_counts()]
+    common.emit(rows, fmt, ["dataset", "images", "created"])
+
+
+@app.command("show")
+def show(name: str = typer.Argument(..., help="Dataset name (see `fs datasets list`)."),
+         fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format.")) -> None:
+    """Show a dataset's image counts per label and its overlap with the other datasets.
+
+    Example: fs datasets show test
+    """
+    with common.open_store() as store:
+        labels = store.catalog.dataset_labels(name)
+        overlaps = store.catalog.dataset_overlaps(name)
+    rows = [{"superclass": sc, "label": lb, "images": n} for sc, lb, n in labels]
+    if fmt == common.Format.json:
+        typer.echo(json.dumps({"dataset": name, "images": sum(n for *_, n in labels), "labels": rows,
+                               "overlap": [{"dataset": d, "images": n} for d, n in overlaps]}, indent=2))
+        return
+    common.emit(rows, fmt, ["superclass", "label", "images"])
+    common.err(f"{name}: {sum(n for *_, n in labels)} images")
+    for other, n in overlaps:
+        common.err(f"  {n} of them also in {other} (`fs datasets overlap {name} {other}`)")
+
+
+@app.command("overlap")
+def overlap(a: str = typer.Argument(..., help="A dataset."), b: str = typer.Argument(..., help="Another dataset."),
+            ids: bool = typer.Option(False, "--ids", help="Also print the ids of the shared images, one a line.")
+            ) -> None:
+    """Count the images that belong to both datasets (e.g. a train list and a test list).
+
+    Example: fs datasets overlap train test
+    """
+    with common.open_store() as store:
+        n = store.catalog.dataset_overlap(a, b)
+        shared = sorted(store.catalog.dataset_image_ids(a) & store.catalog.dataset_image_ids(b)) if ids else []
+    typer.echo(str(n))
+    for i in shared:
+        typer.echo(str(i))
+    common.err(f"{n} image(s) are in both {a} and {b}")
 
 
 @app.command("export")
@@ -43,4 +94,6 @@ def export(
             dest, limit=limit, size=wh, fmt="jpeg" if fmt == "jpg" else fmt, split=split, seed=seed,
             progress=tick, **kwargs,
         )
-    common.err(f"wrote {summary.written} images to {summary.dest} ({summary.skipped_existing} already there)")
+    split_text = {"all": "the train and test splits", "train": "the train split", "test": "the test split"}[split]
+    common.err(f"wrote {summary.written} images from {split_text} to {summary.dest} "
+               f"({summary.skipped_existing} already there)")

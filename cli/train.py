@@ -39,11 +39,16 @@ TEST_SIZE = typer.Option(0.1, "--test-size", help="Test fraction of each split."
 SEED = typer.Option(0, "--seed", help="Seed of the splits and the forests.")
 DATASET = typer.Option(None, "--dataset", "-d", help="Only images of this dataset.")
 SKIP = typer.Option(False, "--skip-missing", help="Leave out images lacking a feature set instead of failing.")
+TEST_DATASET = typer.Option(None, "--test-dataset", help="Score on this fixed held-out dataset (one split: "
+                            "train on the selected images, test on it) instead of repeated random splits. "
+                            "Images in both are left out of training, and counted.")
 
 
 def _cfg(features: list[str], target: str, select: str | None, classifier: str, trees: int, splits: int,
-         test_size: float, seed: int, dataset: str | None, skip_missing: bool) -> TrainConfig:
-    cfg = TrainConfig(features, target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing)
+         test_size: float, seed: int, dataset: str | None, skip_missing: bool,
+         test_dataset: str | None = None) -> TrainConfig:
+    cfg = TrainConfig(features, target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
+                      test_dataset)
     try:
         cfg.check()
     except InvalidInputError as exc:
@@ -55,17 +60,20 @@ def train(
     features: str = typer.Option(..., "--features", help="Comma-separated feature sets to stack."),
     target: str = TARGET, select: str | None = SELECT, classifier: str = CLASSIFIER, trees: int = TREES,
     splits: int = SPLITS, test_size: float = TEST_SIZE, seed: int = SEED, dataset: str | None = DATASET,
-    skip_missing: bool = SKIP,
+    skip_missing: bool = SKIP, test_dataset: str | None = TEST_DATASET,
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
 ) -> None:
     """Evaluate a feature combination on repeated splits, then fit the final model on all labelled images.
+
+    With --test-dataset: train on the selected images (minus any that are also in the
+    test dataset), score on the test dataset, and keep that model.
 
     Per-split scores, the run's settings and the model's sha256 are stored; predict with `fs predict --run ID`.
 
     Example: fs train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400
     """
     cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
-               skip_missing)
+               skip_missing, test_dataset)
     store = common.open_store()
     try:
         with store.writing(), common.progress("splits") as tick:
@@ -74,7 +82,7 @@ def train(
         store.close()
     s = out.evaluation.summary
     result = {"run": out.run_id, "features": ",".join(cfg.features), "images": out.n_images,
-              "classes": out.n_classes, "splits": f"{cfg.n_splits} x {cfg.test_size:g} ({out.split_scheme})",
+              "classes": out.n_classes, "splits": _scheme(cfg, out.split_scheme),
               "accuracy": _pm(s["accuracy"].mean, s["accuracy"].std),
               "macro_f1": _pm(s["macro_f1"].mean, s["macro_f1"].std),
               "superclass_accuracy": _pm(s["superclass_accuracy"].mean, s["superclass_accuracy"].std)
@@ -84,6 +92,7 @@ def train(
         typer.echo(json.dumps({**result, "evaluation": out.evaluation.to_dict()}, indent=2))
         return
     common.emit([result], fmt)
+    _overlap_note(cfg, out.excluded)
     common.err(f"run {out.run_id} stored; splits were {out.split_scheme}; predict with "
                f"`fs predict --run {out.run_id} --unlabelled`")
 
@@ -93,7 +102,7 @@ def evaluate(
                                        "option for each row of the table. The first row is the baseline."),
     target: str = TARGET, select: str | None = SELECT, classifier: str = CLASSIFIER, trees: int = TREES,
     splits: int = SPLITS, test_size: float = TEST_SIZE, seed: int = SEED, dataset: str | None = DATASET,
-    skip_missing: bool = SKIP,
+    skip_missing: bool = SKIP, test_dataset: str | None = TEST_DATASET,
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
 ) -> None:
     """Evaluate several feature combinations on the same splits and print a Table-1-style comparison.
@@ -106,7 +115,8 @@ def evaluate(
     if select not in (None, "auto", "none"):
         raise typer.BadParameter("fs evaluate takes auto or none (per-set K: use fs train)", param_hint="--select")
     combos = [_features(f) for f in features]
-    cfg = _cfg(combos[0], target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing)
+    cfg = _cfg(combos[0], target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
+               test_dataset)
     store = common.open_store()
     try:
         with store.writing(), common.progress("evaluate") as tick:
@@ -124,8 +134,22 @@ def evaluate(
                      "superclass_accuracy": _pm(s["superclass_accuracy"].mean, s["superclass_accuracy"].std)
                      if "superclass_accuracy" in s else ""})
     common.emit(rows, fmt)
-    common.err(f"{outs[0].n_images} images, {outs[0].n_classes} classes, {splits} x {test_size:g} splits "
-               f"({outs[0].split_scheme}), classifier {classifier}, selection {select or 'default'}")
+    _overlap_note(cfg, outs[0].excluded)
+    common.err(f"{outs[0].n_images} images, {outs[0].n_classes} classes, {_scheme(cfg, outs[0].split_scheme)}, "
+               f"classifier {classifier}, selection {select or 'default'}")
+
+
+def _scheme(cfg: TrainConfig, scheme: str) -> str:
+    if cfg.test_dataset is not None:
+        return f"fixed test dataset {cfg.test_dataset}"
+    return f"{cfg.n_splits} x {cfg.test_size:g} splits ({scheme})"
+
+
+def _overlap_note(cfg: TrainConfig, excluded: int) -> None:
+    if cfg.test_dataset is not None and excluded:
+        where = f"--dataset {cfg.dataset}" if cfg.dataset else "the labelled images"
+        common.err(f"{excluded} image(s) of {where} are also in the test dataset {cfg.test_dataset}: "
+                   "left out of training (stored with the run as n_test_overlap)")
 
 
 def compare(

@@ -130,7 +130,7 @@ def test_datasets_and_feature_sets(client: TestClient) -> None:
 
 def test_image_metadata(client: TestClient) -> None:
     body = client.get("/v1/images/1").json()
-    assert body["id"] == 1 and body["dataset"] == "shoes" and body["label"] in {"sneaker", "sandal", "shirt"}
+    assert body["id"] == 1 and body["datasets"] == ["shoes"] and body["label"] in {"sneaker", "sandal", "shirt"}
     assert body["feature_sets"] == ["rp16"] and len(body["sha256"]) == 64
     assert "no image with id 999" in _error(client.get("/v1/images/999"), 404)
     _error(client.get("/v1/images/0"), 422)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from featurestore.catalog.schema import (
     Dataset,
+    DatasetMember,
     FeatureRow,
     FeatureSet,
     FeatureShard,
@@ -94,12 +95,49 @@ class Catalog:
         return ds.id
 
     def dataset_counts(self) -> list[tuple[str, int, Any]]:
-        """(name, images, created_at) per dataset, by name."""
+        """(name, member images, created_at) per dataset, by name."""
         with self.session() as s:
-            rows = s.execute(select(Dataset.name, func.count(Image.id), Dataset.created_at)
-                             .join(Image, Image.dataset_id == Dataset.id, isouter=True)
+            rows = s.execute(select(Dataset.name, func.count(DatasetMember.image_id), Dataset.created_at)
+                             .join(DatasetMember, DatasetMember.dataset_id == Dataset.id, isouter=True)
                              .group_by(Dataset.id, Dataset.name, Dataset.created_at).order_by(Dataset.name)).all()
         return [(str(n), int(c), t) for n, c, t in rows]
+
+    def dataset_labels(self, name: str) -> list[tuple[str | None, str | None, int]]:
+        """(superclass, label, images) of one dataset's members."""
+        with self.session() as s:
+            ds = self.dataset_id(s, name)
+            rows = s.execute(select(Image.superclass, Image.label, func.count())
+                             .join(DatasetMember, DatasetMember.image_id == Image.id)
+                             .where(DatasetMember.dataset_id == ds)
+                             .group_by(Image.superclass, Image.label).order_by(Image.superclass, Image.label)).all()
+        return [(sc, lb, int(n)) for sc, lb, n in rows]
+
+    def dataset_overlaps(self, name: str) -> list[tuple[str, int]]:
+        """(other dataset, images in both) for every dataset sharing images with ``name``."""
+        other = DatasetMember.__table__.alias("other")
+        with self.session() as s:
+            ds = self.dataset_id(s, name)
+            rows = s.execute(select(Dataset.name, func.count())
+                             .select_from(DatasetMember)
+                             .join(other, other.c.image_id == DatasetMember.image_id)
+                             .join(Dataset, Dataset.id == other.c.dataset_id)
+                             .where(DatasetMember.dataset_id == ds, other.c.dataset_id != ds)
+                             .group_by(Dataset.name).order_by(Dataset.name)).all()
+        return [(str(n), int(c)) for n, c in rows]
+
+    def dataset_overlap(self, a: str, b: str) -> int:
+        """How many images belong to both datasets."""
+        other = DatasetMember.__table__.alias("other")
+        with self.session() as s:
+            ida, idb = self.dataset_id(s, a), self.dataset_id(s, b)
+            return int(s.scalar(select(func.count()).select_from(DatasetMember)
+                                .join(other, other.c.image_id == DatasetMember.image_id)
+                                .where(DatasetMember.dataset_id == ida, other.c.dataset_id == idb)) or 0)
+
+    def dataset_image_ids(self, name: str) -> set[int]:
+        with self.session() as s:
+            ds = self.dataset_id(s, name)
+            return {int(i) for i in s.scalars(select(DatasetMember.image_id).where(DatasetMember.dataset_id == ds))}
 
     # -- images ----------------------------------------------------------------------
     def image_rows(self, dataset: str | None, labelled_only: bool, image_ids: Sequence[int] | None,
@@ -109,7 +147,8 @@ class Catalog:
         q = select(*cols).order_by(Image.id)
         if dataset is not None:
             with self.session() as s:
-                q = q.where(Image.dataset_id == self.dataset_id(s, dataset))
+                ds = self.dataset_id(s, dataset)
+            q = q.join(DatasetMember, DatasetMember.image_id == Image.id).where(DatasetMember.dataset_id == ds)
         if labelled_only:
             q = q.where(Image.label.is_not(None))
         wanted = {int(i) for i in image_ids} if image_ids is not None else None
@@ -144,23 +183,25 @@ class Catalog:
                     out[int(i)] = (str(p), lb)
         return out
 
-    def image_detail(self, image_id: int) -> tuple[Image, str, list[str]] | None:
-        """The image row, its dataset's name and the feature sets it has a vector in."""
+    def image_detail(self, image_id: int) -> tuple[Image, list[str], list[str]] | None:
+        """The image row, the datasets it belongs to and the feature sets it has a vector in."""
         with self.session() as s:
-            row = s.execute(select(Image, Dataset.name).join(Dataset, Dataset.id == Image.dataset_id)
-                            .where(Image.id == image_id)).first()
-            if row is None:
+            img = s.get(Image, image_id)
+            if img is None:
                 return None
+            datasets = list(s.scalars(select(Dataset.name).join(DatasetMember, DatasetMember.dataset_id == Dataset.id)
+                                      .where(DatasetMember.image_id == image_id).order_by(Dataset.name)))
             sets = list(s.scalars(select(FeatureSet.name).join(FeatureRow, FeatureRow.feature_set_id == FeatureSet.id)
                                   .where(FeatureRow.image_id == image_id).order_by(FeatureSet.name)))
-            return row[0], str(row[1]), sets
+            return img, datasets, sets
 
     def image_ids_where(self, label: str | None = None, dataset: str | None = None) -> np.ndarray:
         """Ids of the images with ``label`` and/or in ``dataset`` (bound parameters only)."""
         q = select(Image.id)
         with self.session() as s:
             if dataset is not None:
-                q = q.where(Image.dataset_id == self.dataset_id(s, dataset))
+                q = q.join(DatasetMember, DatasetMember.image_id == Image.id).where(
+                    DatasetMember.dataset_id == self.dataset_id(s, dataset))
             if label is not None:
                 q = q.where(Image.label == label)
             ids = s.scalars(q).all()
@@ -174,12 +215,31 @@ class Catalog:
         """Insert new image rows (one per distinct content); returns their ids in order."""
         return [int(i) for i in s.scalars(insert(Image).returning(Image.id), rows).all()]
 
-    def image_ids_by_sha256(self, s: Session, shas: Sequence[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for part in chunks(list(shas)):
-            out.update((str(h), int(i)) for h, i in s.execute(select(Image.sha256, Image.id)
-                                                              .where(Image.sha256.in_(part))))
+    def stored_contents(self, s: Session, shas: Sequence[str], dataset_id: int
+                        ) -> dict[str, tuple[int, str | None, str | None, str, bool]]:
+        """sha256 -> (image id, label, superclass, source path, member of ``dataset_id``) of stored contents."""
+        out: dict[str, tuple[int, str | None, str | None, str, bool]] = {}
+        member = select(DatasetMember.image_id).where(DatasetMember.dataset_id == dataset_id,
+                                                      DatasetMember.image_id == Image.id).exists()
+        for part in chunks(list(dict.fromkeys(shas))):
+            for sha, i, lb, sc, path, is_member in s.execute(
+                    select(Image.sha256, Image.id, Image.label, Image.superclass, Image.source_path, member)
+                    .where(Image.sha256.in_(part))):
+                out[str(sha)] = (int(i), lb, sc, str(path), bool(is_member))
         return out
+
+    def add_members(self, s: Session, dataset_id: int, members: Sequence[tuple[int, str]], now: Any) -> None:
+        """Make the images (image id, path it was ingested from) members of a dataset."""
+        if members:
+            s.execute(insert(DatasetMember), [{"dataset_id": dataset_id, "image_id": i, "source_path": p,
+                                               "added_at": now} for i, p in members])
+
+    def set_labels(self, s: Session, labels: dict[int, tuple[str, str | None]]) -> None:
+        """Give unlabelled images their (label, superclass)."""
+        for image_id, (label, superclass) in labels.items():
+            img = s.get(Image, image_id)
+            if img is not None and img.label is None:
+                img.label, img.superclass = label, superclass
 
     def record_ingest_errors(self, s: Session, dataset_id: int, attempted: Sequence[str],
                              failed: Sequence[tuple[str, str]]) -> None:
@@ -193,7 +253,8 @@ class Catalog:
         """Datasets, label counts, ingest failures and the number of images."""
         with self.session() as s:
             datasets = [{"dataset": name, "images": n} for name, n in s.execute(
-                select(Dataset.name, func.count(Image.id)).join(Image, Image.dataset_id == Dataset.id, isouter=True)
+                select(Dataset.name, func.count(DatasetMember.image_id))
+                .join(DatasetMember, DatasetMember.dataset_id == Dataset.id, isouter=True)
                 .group_by(Dataset.name).order_by(Dataset.name))]
             labels = [{"superclass": sc, "label": lb, "images": n} for sc, lb, n in s.execute(
                 select(Image.superclass, Image.label, func.count()).group_by(Image.superclass, Image.label)

@@ -65,8 +65,25 @@ class Image(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     superclass: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The dataset the content was first ingested into; membership is in dataset_members.
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
     ingested_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class DatasetMember(Base):
+    """An image's membership of a dataset, with the path it was ingested from there.
+
+    One stored image (one content) can belong to several datasets: the same
+    product photo in two catalogues, or a benchmark's train and test lists.
+    """
+
+    __tablename__ = "dataset_members"
+    __table_args__ = (Index("ix_dataset_members_image_id", "image_id"),)
+
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    source_path: Mapped[str] = mapped_column(Text)
+    added_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class IngestError(Base):
@@ -159,6 +176,9 @@ class Run(Base):
     splits_fingerprint: Mapped[str] = mapped_column(String(64))
     n_images: Mapped[int] = mapped_column(Integer)
     dataset: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The fixed-test protocol: the held-out dataset, and how many selected images it took out of training.
+    test_dataset: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    n_test_overlap: Mapped[int | None] = mapped_column(Integer, nullable=True)
     accuracy_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy_std: Mapped[float | None] = mapped_column(Float, nullable=True)
     macro_f1_mean: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from featurestore import __version__
-from featurestore.catalog.schema import Dataset, FeatureRow, Image, Run
+from featurestore.catalog.schema import FeatureRow, Image, Run
 from featurestore.config import Settings
 from featurestore.errors import (
     DimensionMismatchError,
@@ -111,7 +111,7 @@ class ImageOut(BaseModel):
     id: int
     sha256: str
     path: str
-    dataset: str
+    datasets: list[str]
     label: str | None
     superclass: str | None
     width: int
@@ -364,19 +364,10 @@ class Service:
         """Ids passing the label/dataset filters (bound parameters only), or None without filters."""
         if label is None and dataset is None:
             return None
-        q = select(Image.id)
-        with self.store.engine.connect() as conn:
-            if dataset is not None:
-                _no_nul(dataset, "dataset")
-                ds = conn.execute(select(Dataset.id).where(Dataset.name == dataset)).scalar()
-                if ds is None:
-                    raise NotFoundError("dataset", dataset, conn.execute(select(Dataset.name)).scalars())
-                q = q.where(Image.dataset_id == ds)
-            if label is not None:
-                _no_nul(label, "label")
-                q = q.where(Image.label == label)
-            ids = conn.execute(q).scalars().all()
-        return np.fromiter((int(i) for i in ids), dtype=np.int64, count=len(ids))
+        for value, what in ((label, "label"), (dataset, "dataset")):
+            if value is not None:
+                _no_nul(value, what)
+        return self.store.catalog.image_ids_where(label=label, dataset=dataset)
 
     def describe(self, ids: list[int]) -> dict[int, tuple[str, str | None]]:
         if not ids:
@@ -528,11 +519,7 @@ def create_app(settings: Settings) -> FastAPI:
     @get("/v1/datasets", tags=["catalog"])
     def datasets() -> list[DatasetOut]:
         """Datasets with their image counts."""
-        with store.session() as s:
-            rows = s.execute(select(Dataset.name, func.count(Image.id), Dataset.created_at)
-                             .join(Image, Image.dataset_id == Dataset.id, isouter=True)
-                             .group_by(Dataset.id, Dataset.name, Dataset.created_at).order_by(Dataset.name)).all()
-        return [DatasetOut(name=n, images=c, created_at=t) for n, c, t in rows]
+        return [DatasetOut(name=n, images=c, created_at=t) for n, c, t in store.catalog.dataset_counts()]
 
     @get("/v1/feature-sets", tags=["catalog"])
     def feature_sets() -> list[FeatureSetOut]:
@@ -548,8 +535,8 @@ def create_app(settings: Settings) -> FastAPI:
         found = store.catalog.image_detail(image_id)
         if found is None:
             raise HTTPError(404, f"no image with id {image_id} in the catalog")
-        img, ds, sets = found
-        return ImageOut(id=img.id, sha256=img.sha256, path=img.source_path, dataset=ds, label=img.label,
+        img, datasets, sets = found
+        return ImageOut(id=img.id, sha256=img.sha256, path=img.source_path, datasets=datasets, label=img.label,
                         superclass=img.superclass, width=img.width, height=img.height, format=img.format,
                         mode=img.mode, bytes=img.bytes, ingested_at=img.ingested_at, feature_sets=sets)
 

@@ -40,17 +40,21 @@ class IngestSummary:
     dataset: str
     found: int = 0
     new: int = 0
+    added: int = 0
+    """Files whose content was already stored (from another dataset): added to this dataset."""
     duplicates: int = 0
+    """Files whose content is already in this dataset (a re-ingest, or identical files)."""
     failed: list[tuple[str, str]] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)
-    """Catalog id of every readable file, in scan order (a duplicate maps to the stored copy)."""
+    """Catalog id of every readable file, in scan order (stored content maps to the stored image)."""
 
     @property
     def readable(self) -> int:
-        return self.new + self.duplicates
+        return self.new + self.added + self.duplicates
 
     def line(self) -> str:
-        return f"{self.new} new, {self.duplicates} duplicates, {len(self.failed)} failed"
+        added = f"{self.added} already stored (added to {self.dataset}), " if self.added else ""
+        return f"{self.new} new, {added}{self.duplicates} duplicates, {len(self.failed)} failed"
 
 
 def parse_labels(spec: str) -> tuple[str, Path | None]:
@@ -136,7 +140,7 @@ def ingest(
     check_name("dataset", name)
     with store.catalog.session() as s:
         dataset_id = store.catalog.dataset_id(s, name, create=True)
-    seen: dict[str, int] = {}
+    seen = _Seen()
     max_pixels = store.settings.max_image_pixels
     done = 0
 
@@ -161,34 +165,71 @@ def ingest(
     return summary
 
 
-def _store_batch(store: Store, dataset_id: int, results: list, seen: dict[str, int], summary: IngestSummary
-                 ) -> None:
-    """Insert one batch in one transaction; ``seen`` maps the sha256s met so far to their image ids."""
+@dataclass
+class _Seen:
+    """What the ingest knows of each content met so far: its image id, label and first path."""
+
+    ids: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, tuple[str | None, str | None, str]] = field(default_factory=dict)
+    members: set[str] = field(default_factory=set)  # contents already in this dataset
+
+
+def _label_conflict(stored: tuple[str | None, str | None, str], c: Candidate) -> str | None:
+    """The reason to refuse ``c`` when its label contradicts the stored image's, else None."""
+    label, superclass, path = stored
+    if c.label is None or label is None or (label, superclass) == (c.label, c.superclass):
+        return None
+    return (f"same image as {path}, which is labelled {label!r}, here {c.label!r}: an image has one label; "
+            "fix the label or remove one of the copies")
+
+
+def _store_batch(store: Store, dataset_id: int, results: list, seen: _Seen, summary: IngestSummary) -> None:
+    """Insert one batch in one transaction: new images, memberships, labels filled in, failures."""
     catalog = store.catalog
     with catalog.session() as s:
-        shas = [r[0] for _, r in results if not isinstance(r, Exception)]
-        if shas:
-            seen.update(catalog.image_ids_by_sha256(s, shas))
+        shas = [r[0] for _, r in results if not isinstance(r, Exception) and r[0] not in seen.ids]
+        for sha, (image_id, label, superclass, path, member) in catalog.stored_contents(s, shas, dataset_id).items():
+            seen.ids[sha] = image_id
+            seen.labels[sha] = (label, superclass, path)
+            if member:
+                seen.members.add(sha)
         now = utcnow()
         failed = [(str(c.path), str(r)) for c, r in results if isinstance(r, Exception)]
-        catalog.record_ingest_errors(s, dataset_id, [str(c.path) for c, _ in results], failed)
-        summary.failed.extend(failed)
         new_rows: list[dict] = []
+        joins: list[tuple[str, str]] = []
+        relabel: dict[str, tuple[str, str | None]] = {}
         readable: list[str] = []
         for c, r in results:
             if isinstance(r, Exception):
                 continue
             sha, w, h, fmt, mode, nbytes = r
+            conflict = _label_conflict(seen.labels[sha], c) if sha in seen.labels else None
+            if conflict:
+                failed.append((str(c.path), conflict))
+                continue
             readable.append(sha)
-            if sha in seen:
+            if sha in seen.members:
                 summary.duplicates += 1
                 continue
-            seen[sha] = -1  # inserted below; duplicates later in this batch resolve to its id
+            seen.members.add(sha)
+            if sha in seen.ids:  # stored from another dataset: this dataset gains a member
+                summary.added += 1
+                joins.append((sha, str(c.path.resolve())))
+                if seen.labels[sha][0] is None and c.label is not None:  # an unlabelled image gets its label
+                    relabel[sha] = (c.label, c.superclass)
+                    seen.labels[sha] = (c.label, c.superclass, seen.labels[sha][2])
+                continue
+            seen.labels[sha] = (c.label, c.superclass, str(c.path))
             new_rows.append({"sha256": sha, "source_path": str(c.path.resolve()), "width": w, "height": h,
                              "format": fmt, "mode": mode, "bytes": nbytes, "label": c.label,
                              "superclass": c.superclass, "dataset_id": dataset_id, "ingested_at": now})
+        catalog.record_ingest_errors(s, dataset_id, [str(c.path) for c, _ in results], failed)
+        summary.failed.extend(failed)
         if new_rows:
             ids = catalog.add_images(s, new_rows)
-            seen.update(zip((r["sha256"] for r in new_rows), ids, strict=True))
+            seen.ids.update(zip((r["sha256"] for r in new_rows), ids, strict=True))
+            joins += [(r["sha256"], r["source_path"]) for r in new_rows]
             summary.new += len(new_rows)
-        summary.image_ids.extend(seen[sha] for sha in readable)
+        catalog.add_members(s, dataset_id, [(seen.ids[sha], path) for sha, path in joins], now)
+        catalog.set_labels(s, {seen.ids[sha]: lab for sha, lab in relabel.items()})
+        summary.image_ids.extend(seen.ids[sha] for sha in readable)

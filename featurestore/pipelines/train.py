@@ -50,6 +50,8 @@ class TrainConfig:
     seed: int = 0
     dataset: str | None = None
     skip_missing: bool = False
+    test_dataset: str | None = None
+    """Score on this fixed held-out dataset (one split) instead of repeated random splits."""
 
     def check(self) -> None:
         if not self.features:
@@ -62,8 +64,10 @@ class TrainConfig:
             raise InvalidInputError(f"--classifier must be one of {', '.join(CLASSIFIERS)}")
         if self.trees < 1:
             raise InvalidInputError("--trees must be at least 1")
-        if self.n_splits < 2:
+        if self.n_splits < 2 and self.test_dataset is None:
             raise InvalidInputError("--splits must be at least 2 (a paired t-test needs two)")
+        if self.test_dataset is not None and self.test_dataset == self.dataset:
+            raise InvalidInputError("--test-dataset must differ from --dataset: an image cannot test what it trained")
         if not 0 < self.test_size < 1:
             raise InvalidInputError("--test-size must be between 0 and 1, e.g. 0.1")
 
@@ -127,6 +131,7 @@ class RunOutcome:
     n_images: int
     n_classes: int
     kept: dict[str, int] = field(default_factory=dict)
+    excluded: int = 0
 
 
 def _estimator(cfg: TrainConfig, blocks: dict[str, tuple[int, int]]) -> TwoFlowClassifier:
@@ -149,9 +154,9 @@ def _load_matrix(store: Store, cfg: TrainConfig, features: Sequence[str]) -> Fea
     return fm
 
 
-def _record(store: Store, cfg: TrainConfig, features: Sequence[str], fm: FeatureMatrix, scheme: str,
-            fingerprint: str, ev: EvaluationResult, model_desc: dict[str, Any], timings: dict[str, float],
-            artifact: tuple[str, str] | None, group: str | None) -> int:
+def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prepared, ev: EvaluationResult,
+            model_desc: dict[str, Any], timings: dict[str, float], artifact: tuple[str, str] | None,
+            group: str | None) -> int:
     sets = {name: store.feature_set(name) for name in features}
     s_ = ev.summary
     run = Run(
@@ -163,11 +168,13 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], fm: Feature
         classifier=cfg.classifier,
         classifier_params=model_desc,
         seed=cfg.seed,
-        n_splits=cfg.n_splits,
-        test_size=cfg.test_size,
-        split_scheme=scheme,
-        splits_fingerprint=fingerprint,
-        n_images=len(fm.image_ids),
+        n_splits=len(prep.splits),
+        test_size=cfg.test_size if cfg.test_dataset is None else len(prep.splits[0][1]) / len(prep.fm.image_ids),
+        split_scheme=prep.scheme,
+        splits_fingerprint=prep.fingerprint,
+        n_images=len(prep.fm.image_ids),
+        test_dataset=cfg.test_dataset,
+        n_test_overlap=prep.excluded if cfg.test_dataset is not None else None,
         dataset=cfg.dataset,
         accuracy_mean=s_["accuracy"].mean,
         accuracy_std=s_["accuracy"].std,
@@ -185,29 +192,69 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], fm: Feature
          "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits])
 
 
+@dataclass
+class _Prepared:
+    """The assembled matrix, targets and splits a run is evaluated on."""
+
+    fm: FeatureMatrix
+    y: np.ndarray
+    superclass_of: dict[str, str] | None
+    splits: list[Any]
+    scheme: str
+    fingerprint: str
+    excluded: int = 0  # images of the selection left out of training because they are in the test dataset
+
+
+def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepared:
+    """Assemble the features and cut the splits: repeated random ones, or one fixed train/test split."""
+    if cfg.test_dataset is None:
+        fm = _load_matrix(store, cfg, features)
+        y, superclass_of = _targets(fm, cfg.target)
+        splits, scheme = make_splits(y, cfg.n_splits, cfg.test_size, cfg.seed)
+        return _Prepared(fm, y, superclass_of, splits, scheme, splits_fingerprint(fm.image_ids, splits))
+    test_ids = store.catalog.dataset_image_ids(cfg.test_dataset)
+    selected = {int(r[0]) for r in store.catalog.image_rows(cfg.dataset, True, None, ids_only=True)}
+    excluded = len(selected & test_ids)
+    fm = store.read_matrix(features, labelled_only=True, image_ids=sorted(selected | test_ids),
+                           skip_missing=cfg.skip_missing)
+    is_test = np.isin(fm.image_ids, np.fromiter(test_ids, dtype=np.int64, count=len(test_ids)))
+    train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    if len(train_idx) < 2 or len(test_idx) < 1:
+        raise FeatureStoreError(
+            f"the fixed split has {len(train_idx)} labelled training and {len(test_idx)} labelled test images "
+            f"with {', '.join(features)}; ingest labelled images into both datasets and run `fs extract`"
+        )
+    y, superclass_of = _targets(fm, cfg.target)
+    splits = [(train_idx, test_idx)]
+    return _Prepared(fm, y, superclass_of, splits, "fixed-test", splits_fingerprint(fm.image_ids, splits), excluded)
+
+
 def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_final: bool = True
           ) -> RunOutcome:
-    """Evaluate ``cfg`` on repeated splits, fit the final model on all labelled images, record the run."""
+    """Evaluate ``cfg`` (repeated splits or the fixed test dataset), fit the final model, record the run.
+
+    The final model is fitted on every labelled image of the selection, except
+    those of the test dataset when there is one.
+    """
     cfg.check()
     t0 = time.perf_counter()
-    fm = _load_matrix(store, cfg, cfg.features)
-    y, superclass_of = _targets(fm, cfg.target)
+    prep = _prepare(store, cfg, cfg.features)
+    fm, y = prep.fm, prep.y
     n_classes = len(set(y))
     if n_classes < 2:
         raise FeatureStoreError(f"all {len(y)} labelled images have the same {cfg.target}; need two classes")
     assembled = time.perf_counter() - t0
-    splits, scheme = make_splits(y, cfg.n_splits, cfg.test_size, cfg.seed)
-    fingerprint = splits_fingerprint(fm.image_ids, splits)
     t1 = time.perf_counter()
-    ev = evaluate(lambda: _estimator(cfg, fm.blocks), fm.X, y, splits, superclass_of, progress)
+    ev = evaluate(lambda: _estimator(cfg, fm.blocks), fm.X, y, prep.splits, prep.superclass_of, progress)
     evaluated = time.perf_counter() - t1
     artifact = None
     final_seconds = 0.0
     model_desc: dict[str, Any] = _describe_unfitted(cfg, fm.blocks)
     kept: dict[str, int] = {}
     if fit_final:
+        rows = prep.splits[0][0] if cfg.test_dataset is not None else slice(None)
         t2 = time.perf_counter()
-        final = _estimator(cfg, fm.blocks).fit(fm.X, y)
+        final = _estimator(cfg, fm.blocks).fit(fm.X[rows], y[rows])
         final_seconds = time.perf_counter() - t2
         model_desc = describe_model(final)
         kept = {k: len(v) for k, v in final.kept_features_.items()}
@@ -215,8 +262,19 @@ def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_
         sha = save_artifact(final, store.root / rel)
         artifact = (rel, sha)
     timings = {"assemble_seconds": assembled, "evaluate_seconds": evaluated, "final_fit_seconds": final_seconds}
-    run_id = _record(store, cfg, cfg.features, fm, scheme, fingerprint, ev, model_desc, timings, artifact, None)
-    return RunOutcome(run_id, ev, scheme, len(fm.image_ids), n_classes, kept)
+    run_id = _record(store, cfg, cfg.features, prep, ev, model_desc, timings, artifact, None)
+    return RunOutcome(run_id, ev, prep.scheme, len(fm.image_ids), n_classes, kept, prep.excluded)
+
+
+def _columns(fm: FeatureMatrix, combo: Sequence[str]) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """The columns of ``combo``'s blocks in ``fm`` and their block layout in the sub-matrix."""
+    cols = np.concatenate([np.arange(*fm.blocks[f]) for f in combo])
+    blocks, start = {}, 0
+    for f in combo:
+        width = fm.blocks[f][1] - fm.blocks[f][0]
+        blocks[f] = (start, start + width)
+        start += width
+    return cols, blocks
 
 
 def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfig,
@@ -232,31 +290,25 @@ def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfi
     union = list(dict.fromkeys(f for c in combos for f in c))
     base = TrainConfig(**{**cfg.__dict__, "features": union})
     base.check()
-    fm = _load_matrix(store, base, union)
-    y, superclass_of = _targets(fm, cfg.target)
-    splits, scheme = make_splits(y, cfg.n_splits, cfg.test_size, cfg.seed)
-    fingerprint = splits_fingerprint(fm.image_ids, splits)
+    prep = _prepare(store, base, union)
+    fm = prep.fm
     group = uuid.uuid4().hex
     outcomes = []
     for combo in combos:
         ccfg = TrainConfig(**{**cfg.__dict__, "features": list(combo)})
         ccfg.check()
-        cols = np.concatenate([np.arange(*fm.blocks[f]) for f in combo])
-        blocks, start = {}, 0
-        for f in combo:
-            width = fm.blocks[f][1] - fm.blocks[f][0]
-            blocks[f] = (start, start + width)
-            start += width
+        cols, blocks = _columns(fm, combo)
         X = fm.X[:, cols]
-        sub = FeatureMatrix(fm.image_ids, X, blocks, fm.labels, fm.superclasses, fm.paths)
+        sub = _Prepared(FeatureMatrix(fm.image_ids, X, blocks, fm.labels, fm.superclasses, fm.paths), prep.y,
+                        prep.superclass_of, prep.splits, prep.scheme, prep.fingerprint, prep.excluded)
         t1 = time.perf_counter()
         label = ",".join(combo)
-        ev = evaluate(partial(_estimator, ccfg, blocks), X, y, splits, superclass_of,
+        ev = evaluate(partial(_estimator, ccfg, blocks), X, prep.y, prep.splits, prep.superclass_of,
                       partial(progress, label) if progress else None)
         timings = {"evaluate_seconds": time.perf_counter() - t1}
-        run_id = _record(store, ccfg, combo, sub, scheme, fingerprint, ev,
-                         _describe_unfitted(ccfg, blocks), timings, None, group)
-        outcomes.append(RunOutcome(run_id, ev, scheme, len(fm.image_ids), len(set(y))))
+        run_id = _record(store, ccfg, combo, sub, ev, _describe_unfitted(ccfg, blocks), timings, None, group)
+        outcomes.append(RunOutcome(run_id, ev, prep.scheme, len(fm.image_ids), len(set(prep.y)),
+                                   excluded=prep.excluded))
     return outcomes
 
 
@@ -277,6 +329,13 @@ def compare(store: Store, a: int, b: int, confidence: float = 0.95) -> Compariso
     ra, rb = get_run(store, a), get_run(store, b)
     if a == b:
         raise InvalidInputError("compare needs two different runs")
+    fixed = [r.id for r in (ra, rb) if r.split_scheme == "fixed-test"]
+    if fixed:
+        raise FeatureStoreError(
+            f"run {fixed[0]} was scored on a fixed test dataset (one score), so a paired t-test over splits does "
+            "not apply; compare fixed-test runs by their accuracy on the same test dataset (`fs runs`), and "
+            "repeated-split runs with `fs compare`"
+        )
     reasons = []
     if ra.n_images != rb.n_images:
         reasons.append(f"run {a} used {ra.n_images} images, run {b} {rb.n_images}")

@@ -106,9 +106,11 @@ def clear_cache(store: Store) -> None:
     store.clear_caches()
 
 
+# The images as --where sees them: one row per dataset an image belongs to, plus `dataset` (its name).
 _WHERE_SQL = (
-    "SELECT images.id FROM (SELECT images.*, datasets.name AS dataset FROM images "
-    "JOIN datasets ON datasets.id = images.dataset_id) AS images WHERE {cond}"
+    "SELECT DISTINCT images.id FROM (SELECT i.id, i.sha256, i.source_path, i.width, i.height, i.format, i.mode, "
+    "i.bytes, i.label, i.superclass, m.dataset_id, i.ingested_at, d.name AS dataset FROM images i "
+    "JOIN dataset_members m ON m.image_id = i.id JOIN datasets d ON d.id = m.dataset_id) AS images WHERE {cond}"
 )
 
 
