@@ -53,7 +53,8 @@ class Image(Base):
     """One distinct image content (by sha256); duplicates are stored once."""
 
     __tablename__ = "images"
-    __table_args__ = (Index("ix_images_label", "label"), Index("ix_images_dataset_id", "dataset_id"))
+    __table_args__ = (Index("ix_images_label", "label"), Index("ix_images_dataset_id", "dataset_id"),
+                      Index("ix_images_superclass", "superclass"))  # migration 0005 (web app filter)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
