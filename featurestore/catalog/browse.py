@@ -19,7 +19,16 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, not_, select
 from sqlalchemy.sql import ColumnElement, Select
 
-from featurestore.catalog.schema import Dataset, FeatureRow, FeatureSet, FeatureShard, Image, Prediction, Run
+from featurestore.catalog.schema import (
+    Dataset,
+    FeatureRow,
+    FeatureSet,
+    FeatureShard,
+    Image,
+    Prediction,
+    Run,
+    RunSplit,
+)
 from featurestore.errors import InvalidInputError, NotFoundError
 
 MAX_PAGE = 500
@@ -37,10 +46,12 @@ class ImageFilter:
     predicted: str | None = None
     correct: bool | None = None
     below: float | None = None  # the run's top probability is below this
+    held_out: bool = False  # only images the run's training selection cannot have held
 
     def check(self) -> None:
         needs_run = [name for name, value in (("predicted label", self.predicted), ("correct/incorrect", self.correct),
-                                              ("probability below", self.below)) if value is not None]
+                                              ("probability below", self.below),
+                                              ("held-out", True if self.held_out else None)) if value is not None]
         if needs_run and self.run is None:
             raise InvalidInputError(f"the {', '.join(needs_run)} filter needs a run: pick one")
         if self.below is not None and not 0.0 <= self.below <= 1.0:
@@ -128,6 +139,8 @@ def _filtered(f: ImageFilter, run: RunFacts | None, columns: Sequence[Any]) -> t
             q = q.where(truth.is_not(None), Prediction.label != truth)
         if f.below is not None:
             q = q.where(Prediction.probability < f.below)
+        if f.held_out:
+            q = q.where(not_(_seen_in_training(run)))
     else:
         q = q.select_from(Image)
     if f.dataset is not None:
@@ -202,13 +215,21 @@ def facets(engine: Engine, run_id: int | None = None) -> Facets:
                 select(Image.label, func.count()).where(Image.label.is_not(None)).group_by(Image.label)
                 .order_by(Image.label))],
         )
-        counts = dict(conn.execute(select(Prediction.run_id, func.count()).group_by(Prediction.run_id)).all())
+    counts = prediction_counts(engine)
+    with engine.connect() as conn:
         out.runs = [(int(i), ",".join(feats), int(counts.get(i, 0)))
                     for i, feats in conn.execute(select(Run.id, Run.features).order_by(Run.id.desc()))]
         if run_id is not None:
             out.predicted = list(conn.execute(select(Prediction.label).where(Prediction.run_id == run_id)
                                               .distinct().order_by(Prediction.label)).scalars())
     return out
+
+
+def prediction_counts(engine: Engine) -> dict[int, int]:
+    """Stored prediction rows per run id."""
+    with engine.connect() as conn:
+        return {int(r): int(n) for r, n in conn.execute(select(Prediction.run_id, func.count())
+                                                         .group_by(Prediction.run_id))}
 
 
 # -- one image ----------------------------------------------------------------------------------
@@ -283,6 +304,24 @@ def run_predictions_of(engine: Engine, run_id: int, image_ids: Iterable[int]) ->
 # -- runs: confusion matrix from stored predictions -----------------------------------------------
 
 
+@dataclass(frozen=True)
+class SplitRow:
+    split: int
+    test_accuracy: float
+    train_accuracy: float
+    macro_f1: float
+    n_train: int
+    n_test: int
+
+
+def run_splits(engine: Engine, run_id: int) -> list[SplitRow]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(RunSplit.split, RunSplit.test_accuracy, RunSplit.train_accuracy, RunSplit.macro_f1,
+                                   RunSplit.n_train, RunSplit.n_test).where(RunSplit.run_id == run_id)
+                            .order_by(RunSplit.split))
+        return [SplitRow(int(a), float(b), float(c), float(d), int(e), int(f)) for a, b, c, d, e, f in rows]
+
+
 def _seen_in_training(run: RunFacts) -> ColumnElement[bool]:
     """Images the run's training selection may have held: labelled, in its dataset, ingested before it."""
     cond = and_(Image.label.is_not(None), Image.ingested_at <= run.created_at)
@@ -326,13 +365,16 @@ def prediction_coverage(engine: Engine, run: RunFacts) -> PredictionCoverage:
     return PredictionCoverage(int(stored), int(labelled), int(seen))
 
 
-def confident_mistakes(engine: Engine, run: RunFacts, limit: int = 12) -> list[tuple[int, str, str, float]]:
+def confident_mistakes(engine: Engine, run: RunFacts, limit: int = 12, held_out_only: bool = False
+                       ) -> list[tuple[int, str, str, float]]:
     """(image id, truth, predicted, probability) of the run's most confident wrong predictions."""
     truth = _truth(run.target)
     q = (select(Image.id, truth, Prediction.label, Prediction.probability).select_from(Prediction)
          .join(Image, Image.id == Prediction.image_id)
          .where(Prediction.run_id == run.id, truth.is_not(None), Prediction.label != truth)
          .order_by(Prediction.probability.desc(), Image.id).limit(limit))
+    if held_out_only:
+        q = q.where(not_(_seen_in_training(run)))
     with engine.connect() as conn:
         return [(int(i), str(t), str(p), float(pr)) for i, t, p, pr in conn.execute(q)]
 

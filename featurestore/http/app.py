@@ -28,7 +28,6 @@ changes. Extractors and fitted run models are cached per feature set / run
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -43,7 +42,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,6 +60,9 @@ from featurestore.errors import (
     StoreBusyError,
 )
 from featurestore.features.registry import extract_hint as _extract_hint
+from featurestore.http.access import is_loopback, paths_visible
+from featurestore.http.errors import status_for
+from featurestore.http.routes import media, ui
 from featurestore.io.images import DecodedImage, ImageDecodeError, decode_bytes
 from featurestore.pipelines.predict import predict_upload
 from featurestore.store import FeatureSet, Store
@@ -107,10 +109,14 @@ class FeatureSetOut(BaseModel):
     shards: int
 
 
+PATH_DOC = ("Absolute path of the image file on the server; null unless the caller is authenticated (or, on a "
+            "server without FS_API_TOKEN, connects from loopback).")
+
+
 class ImageOut(BaseModel):
     id: int
     sha256: str
-    path: str
+    path: str | None = Field(description=PATH_DOC)
     datasets: list[str]
     label: str | None
     superclass: str | None
@@ -133,7 +139,7 @@ class VectorOut(BaseModel):
 class SearchHit(BaseModel):
     rank: int
     image_id: int
-    path: str
+    path: str | None = Field(description=PATH_DOC)
     label: str | None
     distance: float
     similarity: float | None = None
@@ -209,17 +215,6 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 # -- binding and error mapping -----------------------------------------------------------------
-def is_loopback(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ``::1``."""
-    h = host.strip().strip("[]").lower()
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
-
-
 def check_bind(host: str, settings: Settings) -> None:
     """Refuse configurations that would expose the store without a token.
 
@@ -236,21 +231,6 @@ def check_bind(host: str, settings: Settings) -> None:
             f"refusing to listen on {host} without FS_API_TOKEN: set it to a long random secret "
             "(clients send `Authorization: Bearer <token>`) or bind to 127.0.0.1"
         )
-
-
-def status_for(exc: FeatureStoreError) -> int:
-    """The HTTP status of a library error."""
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, InvalidInputError | DimensionMismatchError):
-        return 422
-    if isinstance(exc, MissingFeaturesError):
-        return 409
-    if isinstance(exc, IntegrityError):
-        return 500
-    if isinstance(exc, StoreBusyError):
-        return 503
-    return 400
 
 
 class HTTPError(FeatureStoreError):
@@ -378,12 +358,11 @@ class Service:
 
     # -- search
     def search(self, fs: FeatureSet, vec: np.ndarray, k: int, metric: str, exclude: set[int],
-               allowed: np.ndarray | None) -> list[SearchHit]:
+               allowed: np.ndarray | None, show_paths: bool) -> list[SearchHit]:
         from featurestore.search.service import search
 
         results = search(self.store, fs.name, vec, k, metric=metric, exclude_ids=exclude, allowed_ids=allowed)
-        return [SearchHit(**r.as_dict())
-                for r in results]
+        return [SearchHit(**{**r.as_dict(), "path": r.path if show_paths else None}) for r in results]
 
     # -- uploads
     def read_upload(self, file: UploadFile) -> Upload:
@@ -530,13 +509,14 @@ def create_app(settings: Settings) -> FastAPI:
                 for n, kd, d, c, sh in store.coverage()]
 
     @get("/v1/images/{image_id}", tags=["catalog"], responses=ERRORS)
-    def image(image_id: ImageId) -> ImageOut:
+    def image(image_id: ImageId, request: Request) -> ImageOut:
         """One image's catalog row and the feature sets it has a vector in."""
         found = store.catalog.image_detail(image_id)
         if found is None:
             raise HTTPError(404, f"no image with id {image_id} in the catalog")
         img, datasets, sets = found
-        return ImageOut(id=img.id, sha256=img.sha256, path=img.source_path, datasets=datasets, label=img.label,
+        path = img.source_path if paths_visible(request) else None
+        return ImageOut(id=img.id, sha256=img.sha256, path=path, datasets=datasets, label=img.label,
                         superclass=img.superclass, width=img.width, height=img.height, format=img.format,
                         mode=img.mode, bytes=img.bytes, ingested_at=img.ingested_at, feature_sets=sets)
 
@@ -554,6 +534,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @get("/v1/feature-sets/{name}/search", tags=["feature sets"], responses=ERRORS)
     def search_by_id(
+        request: Request,
         name: SetName,
         image_id: Annotated[int, Query(ge=1, le=MAX_ID, description="Query image (excluded from the results).")],
         k: TopK = 10,
@@ -569,11 +550,12 @@ def create_app(settings: Settings) -> FastAPI:
         svc.require_vector(fs, image_id)
         allowed = svc.allowed_ids(label, dataset)
         vec = stored_vector(store, fs.name, image_id)
-        hits = svc.search(fs, vec, k, metric, {image_id}, allowed)
+        hits = svc.search(fs, vec, k, metric, {image_id}, allowed, paths_visible(request))
         return SearchOut(feature_set=fs.name, metric=metric, image_id=image_id, results=hits)
 
     @post("/v1/feature-sets/{name}/search", tags=["feature sets"], responses=UPLOAD_ERRORS)
     def search_by_upload(
+        request: Request,
         name: SetName,
         file: Annotated[UploadFile, File(description="Query image (any size and mode; not stored).")],
         k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
@@ -588,7 +570,7 @@ def create_app(settings: Settings) -> FastAPI:
         allowed = svc.allowed_ids(label, dataset)
         up = svc.read_upload(file)
         vec = embedder_for(store, fs.name)(up.image)
-        hits = svc.search(fs, vec, k, metric, set(), allowed)
+        hits = svc.search(fs, vec, k, metric, set(), allowed, paths_visible(request))
         return SearchOut(feature_set=fs.name, metric=metric, upload=up.info(), results=hits)
 
     @get("/v1/runs", tags=["runs"])
@@ -624,6 +606,8 @@ def create_app(settings: Settings) -> FastAPI:
         return PredictOut(run_id=out.run_id, label=top[0].label, probability=top[0].probability, top=top,
                           upload=up.info(), stored=store_prediction, image_id=out.image_id)
 
+    app.include_router(media.router)  # issue 15: thumbnails and files of catalogued images (JSON API rules)
+    app.include_router(ui.router)  # issue 15: the web app's pages under /ui (and / -> /ui/browse)
     return app
 
 

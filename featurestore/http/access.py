@@ -1,0 +1,101 @@
+"""Who may see and do what over HTTP: the bearer token, the web app's session cookie, and server paths.
+
+* With ``FS_API_TOKEN`` set, a request is authenticated by ``Authorization: Bearer
+  <token>`` or, for the web app's pages, thumbnails and files, by the session cookie
+  that ``/ui/login`` sets after the token was typed in. The cookie holds an HMAC of
+  the token (not the token itself), is ``HttpOnly`` and ``SameSite=Strict`` (so
+  another site cannot make the browser send it), and stops working when the token
+  changes.
+* Absolute server paths (``source_path``) are shown only to callers that may know
+  the server's file layout: with a token, authenticated callers; without one (the
+  server then listens on loopback only), clients whose address is loopback. Behind a
+  reverse proxy on the same machine, uvicorn takes the client's address from
+  ``X-Forwarded-For`` (it trusts proxy headers from 127.0.0.1), so remote users of
+  the proxy do not see paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import Request
+from starlette.exceptions import HTTPException
+
+COOKIE = "fs_session"
+COOKIE_MAX_AGE = 12 * 3600
+_SESSION_CONTEXT = b"featurestore web app session v1"
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ``::1``."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def settings_of(request: Request) -> Any:
+    """The server's :class:`~featurestore.config.Settings`."""
+    return request.app.state.service.settings
+
+
+def session_value(token: str) -> str:
+    """What the session cookie holds for ``token`` (an HMAC, so the cookie never reveals the token)."""
+    return hmac.new(token.encode("utf-8", "surrogateescape"), _SESSION_CONTEXT, hashlib.sha256).hexdigest()
+
+
+def token_matches(given: str, token: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape"))
+
+
+def is_authenticated(request: Request) -> bool:
+    """True when the server has a token and the request carries it (bearer header or session cookie)."""
+    token = settings_of(request).api_token
+    if not token:
+        return False
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token_matches(given.strip(), token):
+        return True
+    cookie = request.cookies.get(COOKIE, "")
+    return bool(cookie) and hmac.compare_digest(cookie.encode("ascii", "replace"), session_value(token).encode())
+
+
+def paths_visible(request: Request) -> bool:
+    """Whether responses to this request may contain absolute server paths (see the module docstring)."""
+    if settings_of(request).api_token:
+        return is_authenticated(request)
+    client = request.client
+    return client is not None and is_loopback(client.host)
+
+
+def writes_allowed(request: Request) -> bool:
+    """The server accepts writes (``--allow-writes``, which needs a token) and this request is authenticated."""
+    return bool(settings_of(request).allow_writes) and is_authenticated(request)
+
+
+def require_api_access(request: Request) -> None:
+    """Dependency of the JSON/media routes: 401 when the server has a token and the request lacks it."""
+    if settings_of(request).api_token and not is_authenticated(request):
+        raise HTTPException(401, "missing or wrong bearer token: send `Authorization: Bearer <FS_API_TOKEN>` "
+                                 "(or log in at /ui/login)", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_page_access(request: Request) -> None:
+    """Dependency of the web pages: without the token, send the browser to the login page (303)."""
+    if settings_of(request).api_token and not is_authenticated(request):
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise HTTPException(303, "log in first", headers={"Location": f"/ui/login?next={quote(target, safe='')}"})
+
+
+def safe_next(target: str | None) -> str:
+    """A same-site path to go to after logging in (anything else goes to the grid)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/ui/browse"
+    return target

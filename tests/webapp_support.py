@@ -1,0 +1,105 @@
+"""A small store for the web-app tests, and `fs serve` on a free loopback port (tests and bench share it)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from featurestore.config import Settings
+from featurestore.pipelines.extract import extract, projection_extractor
+from featurestore.pipelines.ingest import ingest
+from featurestore.pipelines.train import TrainConfig, evaluate_many, predict, train
+from featurestore.store import Store
+
+CLASSES = [("footwear", "sneaker"), ("footwear", "sandal"), ("tops", "shirt")]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def class_image(path: Path, cls: int, seed: int, size: tuple[int, int] = (64, 48)) -> Path:
+    """A picture whose colour and stripes depend on its class (so features can tell classes apart)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.array([(200, 60, 60), (60, 160, 70), (60, 80, 200)][cls % 3], dtype=np.float64)
+    y, x = np.mgrid[0:h, 0:w]
+    stripes = ((x if cls % 2 else y) // (4 + cls)) % 2
+    arr = base + 50 * stripes[..., None] + rng.normal(0, 25, (h, w, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB").save(path)
+    return path
+
+
+def build_store(base: Path, per_class: int = 8) -> Path:
+    """shoes/<superclass>/<class>/*.png, rp16 and pixels8x6, a trained run (1) with stored predictions of
+    every image, and two evaluated runs (2, 3) on the same splits."""
+    root = base / "shoes"
+    seed = 0
+    for k, (sc, cls) in enumerate(CLASSES):
+        for i in range(per_class):
+            class_image(root / sc / cls / f"{cls}{i}.png", k, seed)
+            seed += 1
+    settings = Settings(store=base / ".fs", workers=2)
+    with Store.open(settings, create=True) as store, store.writing():
+        ingest(store, root, dataset="shoes")
+        extract(store, [projection_extractor(store, 16, (32, 24))])
+        from featurestore.features.pixels import PixelsExtractor
+
+        extract(store, [PixelsExtractor((8, 6))])
+        run = train(store, TrainConfig(["rp16"], n_splits=3, trees=10)).run_id
+        predict(store, run, [r[0] for r in store.select_images()])
+        evaluate_many(store, [["rp16"], ["pixels8x6"]], TrainConfig(["rp16"], n_splits=3, trees=10))
+    return base / ".fs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serving(store: Path, *, token: str | None = None, allow_writes: bool = False, log: Path | None = None
+            ) -> Iterator[str]:
+    """`fs serve` in a subprocess on a free loopback port; yields its base URL, stops it afterwards."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FS_")}
+    if token:
+        env["FS_API_TOKEN"] = token
+    cmd = [sys.executable, "-m", "featurestore.cli.main", "--store", str(store), "serve", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning"] + (["--allow-writes"] if allow_writes else [])
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/v1/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fs serve did not start (exit code {proc.poll()}); see {log}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]
