@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from featurestore import __version__
-from featurestore.cli import common, datasets, db, extract, ingest, models, search, serve, status, train
+from featurestore.cli import common, datasets, db, extract, ingest, models, report, search, serve, status, train
 from featurestore.errors import FeatureStoreError
 
 
@@ -72,7 +72,7 @@ def root(
 def _register() -> None:
     for module in (datasets, db):
         app.add_typer(module.app, name=module.__name__.rsplit(".", 1)[-1])
-    for module in (ingest, status, extract, models, train, search, serve):
+    for module in (ingest, status, extract, models, train, search, serve, report):
         module.register(app)
 
 

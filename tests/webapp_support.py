@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from featurestore.config import Settings
+from featurestore.features.pixels import PixelsExtractor
 from featurestore.pipelines.extract import extract, projection_extractor
 from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.train import TrainConfig, evaluate_many, predict, train
@@ -41,24 +42,30 @@ def class_image(path: Path, cls: int, seed: int, size: tuple[int, int] = (64, 48
 
 
 def build_store(base: Path, per_class: int = 8) -> Path:
-    """shoes/<superclass>/<class>/*.png, rp16 and pixels8x6, a trained run (1) with stored predictions of
-    every image, and two evaluated runs (2, 3) on the same splits."""
-    root = base / "shoes"
+    """A store of ``3 * per_class`` labelled images (dataset "shoes", superclass/class folders) with rp16 and
+    pixels8x6; run 1 trained on them (rp16, final model) and two evaluated runs (2, 3) on the same splits.
+    Then dataset "later" (ingested after the runs): 2 images per class plus 3 whose label disagrees with
+    their content (so run 1 gets them wrong). Run 1's predictions of every image are stored."""
     seed = 0
     for k, (sc, cls) in enumerate(CLASSES):
         for i in range(per_class):
-            class_image(root / sc / cls / f"{cls}{i}.png", k, seed)
+            class_image(base / "shoes" / sc / cls / f"{cls}{i}.png", k, seed)
             seed += 1
+        for i in range(2):
+            class_image(base / "later" / sc / cls / f"later-{cls}{i}.png", k, 1000 + seed + i)
+        # content of the next class, labelled as this one
+        class_image(base / "later" / sc / cls / f"odd-{cls}.png", (k + 1) % 3, 2000 + seed)
     settings = Settings(store=base / ".fs", workers=2)
     with Store.open(settings, create=True) as store, store.writing():
-        ingest(store, root, dataset="shoes")
-        extract(store, [projection_extractor(store, 16, (32, 24))])
-        from featurestore.features.pixels import PixelsExtractor
-
-        extract(store, [PixelsExtractor((8, 6))])
+        ingest(store, base / "shoes", dataset="shoes")
+        rp16 = projection_extractor(store, 16, (32, 24))
+        pixels = PixelsExtractor((8, 6))
+        extract(store, [rp16, pixels])
         run = train(store, TrainConfig(["rp16"], n_splits=3, trees=10)).run_id
-        predict(store, run, [r[0] for r in store.select_images()])
         evaluate_many(store, [["rp16"], ["pixels8x6"]], TrainConfig(["rp16"], n_splits=3, trees=10))
+        ingest(store, base / "later", dataset="later")
+        extract(store, [rp16, pixels])
+        predict(store, run, [r[0] for r in store.select_images()])
     return base / ".fs"
 
 
