@@ -184,7 +184,7 @@ def browse_page(engine: Engine, f: ImageFilter, *, after: int | None = None, bef
             q = q.where(key > after)
         q = q.order_by(key)
     with engine.connect() as conn:
-        rows = conn.execute(q.limit(limit + 1)).all()
+        rows = list(conn.execute(q.limit(limit + 1)).all())
     more = len(rows) > limit
     rows = rows[:limit]
     if backwards:

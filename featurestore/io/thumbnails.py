@@ -86,13 +86,13 @@ def render_thumbnail(data: bytes, size: int, max_pixels: int) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageDecodeError(f"decompression bomb: {w}x{h} pixels exceeds the limit of {max_pixels:,}")
             orientation = img.getexif().get(0x0112, 1)
             if img.format == "JPEG":
-                img.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale when that is still >= size
+                img.draft("RGB", (size, size))  # type: ignore[attr-defined]  # decode at 1/2, 1/4 or 1/8 scale when that is still >= size
             img.load()
             if orientation not in (0, 1):
                 img = ImageOps.exif_transpose(img) or img

@@ -93,8 +93,8 @@ async def image_thumbnail(
         return cached
     settings = request.app.state.service.settings
     try:
-        jpeg = await run_in_threadpool(thumbnail, settings.store, Path(found.source_path), found.sha256, found.bytes, size,
-                                       settings.max_image_pixels)
+        jpeg = await run_in_threadpool(thumbnail, settings.store, Path(found.source_path), found.sha256,
+                                       found.bytes, size, settings.max_image_pixels)
     except (SourceUnavailableError, SourceChangedError, ImageDecodeError) as exc:
         raise _failed(exc) from None
     return Response(jpeg, media_type="image/jpeg", headers={"ETag": etag, "Cache-Control": CACHE,

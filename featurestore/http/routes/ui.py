@@ -76,7 +76,8 @@ class PageRoute(APIRoute):
             try:
                 return await handler(request)
             except FeatureStoreError as exc:
-                return _error_page(request, status_for(exc), str(exc))
+                # The API's HTTPError carries its own status (e.g. 413/415 for uploads).
+                return _error_page(request, getattr(exc, "status", None) or status_for(exc), str(exc))
             except HTTPException as exc:
                 if exc.status_code < 400:
                     raise
@@ -321,42 +322,44 @@ def search_upload(request: Request, svc: Svc, file: Annotated[UploadFile | None,
                   store: Annotated[str, Form(max_length=10)] = "") -> HTMLResponse:
     """The upload is decoded once, embedded once per feature set, and stored only if asked and allowed."""
     choices = _search_choices(svc)
-    chosen = {"features": _text(features), "k": _int(k, "k", 1, 100) or NEIGHBOURS, "run": _int(run, "run"),
-              "store": bool(_text(store))}
+    k_value = _int(k, "k", 1, 100) or NEIGHBOURS
+    run_id = _int(run, "run")
+    want_store = bool(_text(store))
     if file is None or not file.filename:
         raise InvalidInputError("choose or drop an image file to search with")
-    if chosen["store"] and not writes_allowed(request):
+    if want_store and not writes_allowed(request):
         raise HTTPException(403, "this server does not store uploads: it needs `fs serve --allow-writes`, "
                                  "FS_API_TOKEN, and you logged in")
+    name = _text(features) or (choices["feature_sets"][0] if choices["feature_sets"] else None)
+    if name is None:
+        raise InvalidInputError("the store has no feature sets to search: run `fs extract` first")
     up = svc.read_upload(file)
     vectors: dict[str, np.ndarray] = {}
 
-    def vector(name: str) -> np.ndarray:
-        if name not in vectors:
-            vectors[name] = embedder_for(svc.store, name)(up.image)
-        return vectors[name]
+    def vector(feature_set: str) -> np.ndarray:
+        if feature_set not in vectors:
+            vectors[feature_set] = embedder_for(svc.store, feature_set)(up.image)
+        return vectors[feature_set]
 
-    name = chosen["features"] or (choices["feature_sets"][0] if choices["feature_sets"] else None)
-    if name is None:
-        raise InvalidInputError("the store has no feature sets to search: run `fs extract` first")
-    hits = search(svc.store, name, vector(name), k=chosen["k"])
+    hits = search(svc.store, name, vector(name), k=k_value)
     prediction, stored_id = None, None
-    if chosen["run"] is not None:
-        r = get_run(svc.store, chosen["run"])
+    if run_id is not None:
+        r = get_run(svc.store, run_id)
         check_features_unchanged(svc.store, r)
         model = svc.model(r)
         proba = np.asarray(model.predict_proba(np.hstack([vector(f) for f in r.features]).reshape(1, -1)))[0]
         classes = np.asarray(model.classes_)
         prediction = {"run": r, "top": [(str(classes[j]), float(proba[j]))
                                         for j in np.argsort(-proba, kind="stable")[:5]]}
-        if chosen["store"]:
+        if want_store:
             stored_id = svc.store_upload(up, r.id)
-    elif chosen["store"]:
+    elif want_store:
         raise InvalidInputError("storing an upload stores its prediction too: pick a run with a model")
+    chosen = {"features": name, "k": k_value, "run": run_id, "store": want_store}
     preview = base64.b64encode(render_thumbnail(up.data, 256, svc.settings.max_image_pixels)).decode()
     result = {"feature_set": name, "hits": hits, "prediction": prediction, "stored_id": stored_id,
               "upload": up.info(), "preview": f"data:image/jpeg;base64,{preview}", "filename": file.filename}
-    return _page(request, "search.html", "search", result=result, chosen={**chosen, "features": name}, **choices)
+    return _page(request, "search.html", "search", result=result, chosen=chosen, **choices)
 
 
 # -- runs -----------------------------------------------------------------------------------------
