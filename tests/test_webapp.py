@@ -255,6 +255,10 @@ def test_thumbnail_applies_exif_orientation(tmp_path: Path) -> None:
 
 def test_thumbnail_endpoint_caches_and_revalidates(store_path: Path, tmp_path: Path) -> None:
     _exif_rotated_jpeg(tmp_path / "rot" / "r.jpg")
+    crashed = store_path / "thumbnails" / "256" / "ab" / ".tmp-1-dead-x.jpg"  # a writer killed mid-write
+    crashed.parent.mkdir(parents=True)
+    crashed.write_bytes(b"half")
+    os.utime(crashed, (1, 1))
     with Store.open(Settings(store=store_path)) as store, store.writing():
         (image_id,) = ingest(store, tmp_path / "rot", dataset="rot", labels="none").image_ids
         sha = store.select_images(image_ids=[image_id])[0]
@@ -267,7 +271,7 @@ def test_thumbnail_endpoint_caches_and_revalidates(store_path: Path, tmp_path: P
         assert found is not None and sha
         cached = thumbnail_path(store_path, found.sha256, 128)
         assert cached.read_bytes() == r.content
-        assert not list(cached.parent.glob(".tmp-*"))
+        assert not list(cached.parent.glob(".tmp-*")) and not crashed.exists()
         again = c.get(f"/v1/images/{image_id}/thumbnail", params={"size": 128},
                       headers={"If-None-Match": r.headers["etag"]})
         assert again.status_code == 304 and not again.content

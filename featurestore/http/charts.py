@@ -145,17 +145,17 @@ def class_scores(scores: Sequence[ClassScores], width: int = 640) -> Markup:
 
 
 def colour_for(values: Sequence[str | None], top: int = len(PALETTE)) -> tuple[list[str], list[tuple[str, str]]]:
-    """A colour per value (the ``top`` most frequent get palette colours, the rest grey) and the legend."""
+    """A colour per value (the ``top`` most frequent get palette colours, the rest and None grey) and the legend."""
     counts: dict[str, int] = {}
     for v in values:
-        key = "(none)" if v is None else v
-        counts[key] = counts.get(key, 0) + 1
-    ranked = sorted(counts, key=lambda k: (-counts[k], k))[:top]
-    colours = {k: PALETTE[i] for i, k in enumerate(sorted(ranked))}
-    legend = [(k, colours[k]) for k in sorted(ranked)]
-    if len(counts) > len(ranked):
-        legend.append(("other", OTHER))
-    return [colours.get("(none)" if v is None else v, OTHER) for v in values], legend
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    ranked = sorted(sorted(counts, key=lambda k: (-counts[k], k))[:top])
+    colours = {k: PALETTE[i] for i, k in enumerate(ranked)}
+    legend = [(k, colours[k]) for k in ranked]
+    if len(counts) > len(ranked) or any(v is None for v in values):
+        legend.append(("other / unlabelled" if len(counts) > len(ranked) else "unlabelled", OTHER))
+    return [OTHER if v is None else colours.get(v, OTHER) for v in values], legend
 
 
 def scatter(ids: np.ndarray, xy: np.ndarray, colours: Sequence[str], title: str,

@@ -143,10 +143,14 @@ def thumbnail(store_root: Path, source: Path, sha256: str, nbytes: int, size: in
 
 
 def sweep_temp_files(store_root: Path, older_than: float = 3600.0) -> int:
-    """Remove temp files that crashed thumbnail writers left (older than ``older_than`` seconds)."""
+    """Remove temp files that crashed cache writers left under ``thumbnails/`` and ``maps/``.
+
+    Only files older than ``older_than`` seconds go, so another process's write in progress is left alone.
+    """
     removed = 0
     limit = time.time() - older_than
-    for tmp in (store_root / FOLDER).glob(f"*/*/{TMP_PREFIX}*"):
+    temps = [*(store_root / FOLDER).glob(f"*/*/{TMP_PREFIX}*"), *(store_root / "maps").glob(f"*/{TMP_PREFIX}*")]
+    for tmp in temps:
         try:
             if tmp.is_file() and tmp.stat().st_mtime < limit:
                 tmp.unlink()

@@ -28,6 +28,7 @@ from featurestore.io.thumbnails import (
     SourceChangedError,
     SourceUnavailableError,
     read_source,
+    sweep_temp_files,
     thumbnail,
 )
 
@@ -35,6 +36,7 @@ MAX_ID = 2**63 - 1
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp",
                "GIF": "image/gif", "TIFF": "image/tiff", "MPO": "image/jpeg"}
 CACHE = "private, max-age=3600"
+_swept: set[Path] = set()
 
 router = APIRouter(tags=["images"], dependencies=[Depends(require_api_access)])
 
@@ -92,6 +94,9 @@ async def image_thumbnail(
     if (cached := _not_modified(request, etag)) is not None:
         return cached
     settings = request.app.state.service.settings
+    if settings.store not in _swept:  # once per process: temp files of cache writers that crashed
+        _swept.add(settings.store)
+        await run_in_threadpool(sweep_temp_files, settings.store)
     try:
         jpeg = await run_in_threadpool(thumbnail, settings.store, Path(found.source_path), found.sha256,
                                        found.bytes, size, settings.max_image_pixels)
