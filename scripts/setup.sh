@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: Debian packages (Fashion-MNIST, PostgreSQL for the tests)
+# Set up a fresh machine: Debian packages (Fashion-MNIST, Chromium and PostgreSQL for the tests)
 # and a virtualenv at .venv with featurestore installed (non-editable) plus test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+# the web app's browser tests drive Debian's headless Chromium with Playwright (no browser download)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ "${1:-}" = "--with-postgres" ] && ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then
   need_apt+=(postgresql)
 fi
