@@ -1,0 +1,237 @@
+"""Benchmark: the web app in headless Chromium on 10,000 stored images, beside static files as a floor.
+
+Builds a store of N Fashion-MNIST photos (64x64 JPEG, class folders), extracts rp64
+(random projection: quick), trains a small run and stores its predictions, starts
+`fs serve` on a loopback port and drives Debian's Chromium with Playwright:
+
+* warm grid: ``/ui/browse`` pages of 100 thumbnails (thumbnails already made on the
+  server, a fresh browser context each time, so the browser cache is cold): time from
+  navigation start to the ``load`` event, which waits for every image;
+* image page: ``/ui/images/{id}`` with the run's top-5 and 12 neighbours in each
+  feature set (24 thumbnails), once cold (thumbnails made on the fly) and warm;
+* baseline, same run: the same 100 (resp. 25) thumbnail files as plain static files
+  behind ``python -m http.server`` with a minimal HTML page: what the browser needs
+  with no database, templating or search at all.
+
+Then, without the browser, the server-side cost of one grid page (page + count +
+filter menus) on a 100,000-image catalogue for several filters, first page vs page
+500 (keyset paging keeps them equal).
+
+Targets (issue 15): warm grid of 100 < 1 s, image page with neighbours < 1 s.
+
+Run: python -m bench.bench_webapp [--n 10000] [--reps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import insert, select
+
+from bench.bench_serve import free_port, start_server
+from bench.common import fashion_images
+from featurestore.catalog.browse import ImageFilter, browse_page, count_images, facets
+from featurestore.catalog.schema import Image, Prediction, Run
+from featurestore.config import Settings
+from featurestore.pipelines.extract import extract, projection_extractor
+from featurestore.pipelines.ingest import ingest
+from featurestore.pipelines.train import TrainConfig, predict, train
+from featurestore.store import Store
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+LOAD_MS = "(() => { const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime; })()"
+ALL_IMAGES = "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+
+
+def build(root: Path, n: int) -> None:
+    photos = fashion_images(n, (64, 64), "jpeg")
+    t = time.perf_counter()
+    with Store.open(Settings(store=root), create=True) as store, store.writing():
+        ingest(store, photos, dataset="fashion")
+        extract(store, [projection_extractor(store, 64, (64, 64))])
+        extract(store, [projection_extractor(store, 16, (32, 32))])
+        run = train(store, TrainConfig(["rp64"], n_splits=2, trees=20)).run_id
+        predict(store, run, [r[0] for r in store.select_images()])
+    print(f"built {n:,} images (rp64, rp16, run 1 with {n:,} predictions) in {time.perf_counter() - t:.0f}s")
+
+
+def fetch_all(base: str, paths: list[str]) -> None:
+    def get(path: str) -> None:
+        with urllib.request.urlopen(base + path, timeout=120) as resp:
+            resp.read()
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(get, paths))
+
+
+def timed_load(browser: object, url: str) -> float:
+    """Seconds from navigation start to the load event (every image loaded), in a fresh context."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+    page = ctx.new_page()
+    failures: list[str] = []
+    page.on("response", lambda r: failures.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(url, wait_until="load")
+    assert page.evaluate(ALL_IMAGES), f"not every image loaded on {url}"
+    assert not failures, failures[:3]
+    ms = float(page.evaluate(LOAD_MS))
+    ctx.close()
+    return ms / 1000
+
+
+def static_copy(base: str, html_name: str, image_paths: list[str], dest: Path) -> str:
+    """A plain HTML page showing the same thumbnails as static files (the baseline)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tags = []
+    for k, path in enumerate(image_paths):
+        with urllib.request.urlopen(base + path) as resp:
+            (dest / f"{k}.jpg").write_bytes(resp.read())
+        tags.append(f'<a href="#"><img src="{k}.jpg" width="150" height="150"></a>')
+    (dest / html_name).write_text("<!doctype html><meta charset=utf-8><title>static</title>" + "".join(tags))
+    return html_name
+
+
+def grid_paths(html: str) -> list[str]:
+    return re.findall(r'src="(/v1/images/\d+/thumbnail\?size=\d+)"', html)
+
+
+def browser_figures(root: Path, n: int, reps: int) -> None:
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    proc = start_server(root, port)
+    base = f"http://127.0.0.1:{port}"
+    static_dir = Path(tempfile.mkdtemp(prefix="fs-bench-static-"))
+    static_port = free_port()
+    static = subprocess.Popen([sys.executable, "-m", "http.server", str(static_port), "--bind", "127.0.0.1",
+                               "--directory", str(static_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # The grid pages to time: the first `reps` keyset pages of 100, their thumbnails made once (warm).
+        grids, after = [], None
+        for _ in range(reps):
+            url = "/ui/browse" + (f"?after={after}" if after else "")
+            html = urllib.request.urlopen(base + url).read().decode()
+            fetch_all(base, grid_paths(html))
+            grids.append(url)
+            after = int(grid_paths(html)[-1].split("/")[3])
+        rng = np.random.default_rng(0)
+        images = [f"/ui/images/{int(i)}" for i in rng.choice(np.arange(1, n + 1), reps, replace=False)]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            timed_load(browser, base + grids[0])  # the server's first page view loads its caches
+            warm_grid = [timed_load(browser, base + g) for g in grids]
+            cold_image = [timed_load(browser, base + im) for im in images]  # neighbour thumbnails made now
+            warm_image = [timed_load(browser, base + im) for im in images]
+            first = urllib.request.urlopen(base + grids[0]).read().decode()
+            page_html = urllib.request.urlopen(base + images[0]).read().decode()
+            static_copy(base, "grid.html", grid_paths(first), static_dir / "grid")
+            static_copy(base, "image.html", grid_paths(page_html), static_dir / "image")
+            sbase = f"http://127.0.0.1:{static_port}"
+            static_grid = [timed_load(browser, f"{sbase}/grid/grid.html") for _ in range(reps)]
+            static_image = [timed_load(browser, f"{sbase}/image/image.html") for _ in range(reps)]
+            browser.close()
+        print(f"\nChromium, {n:,} stored images, {reps} page loads each (fresh browser context: browser cache cold)")
+        print(f"{'':<58}{'p50 s':>8}{'max s':>8}")
+        rows = [("grid of 100 thumbnails, warm server (/ui/browse)", warm_grid),
+                ("  baseline: same 100 JPEGs as static files", static_grid),
+                ("image page + 2x12 neighbours, thumbnails made now", cold_image),
+                ("image page + 2x12 neighbours, warm", warm_image),
+                ("  baseline: same 25 JPEGs as static files", static_image)]
+        for name, values in rows:
+            print(f"{name:<58}{statistics.median(values):8.3f}{max(values):8.3f}")
+        for name, values in (("warm grid", warm_grid), ("warm image page", warm_image)):
+            verdict = "met" if statistics.median(values) < 1.0 else "MISSED"
+            print(f"target {name} < 1 s (p50): {verdict}")
+    finally:
+        static.terminate()
+        proc.terminate()
+        proc.wait(timeout=30)
+        static.wait(timeout=30)
+        shutil.rmtree(static_dir, ignore_errors=True)
+
+
+def big_catalogue(root: Path, n: int) -> None:
+    """A catalogue of ``n`` images (no files) and one run with a prediction per image, for the SQL figures."""
+    rng = np.random.default_rng(0)
+    with Store.open(Settings(store=root), create=True) as store, store.writing():
+        with store.session() as s:
+            ds = store.dataset_id(s, "big", create=True)
+            for start in range(0, n, 20_000):
+                s.execute(insert(Image), [
+                    {"sha256": f"{i:064x}", "source_path": f"/nonexistent/{i}.jpg", "width": 64, "height": 64,
+                     "format": "JPEG", "mode": "RGB", "bytes": 1, "label": f"class{i % 10}",
+                     "superclass": f"group{i % 10 // 3}", "dataset_id": ds}
+                    for i in range(start, min(n, start + 20_000))])
+            run = Run(status="complete", features=["x"], feature_params={}, target="label", selection={},
+                      classifier="rf", classifier_params={}, seed=0, n_splits=2, test_size=0.1, split_scheme="x",
+                      splits_fingerprint="x", n_images=n, versions={}, timings={})
+            s.add(run)
+            s.flush()
+            ids = list(s.scalars(select(Image.id).order_by(Image.id)))
+            probs = rng.random(len(ids))
+            for start in range(0, len(ids), 20_000):
+                s.execute(insert(Prediction), [
+                    {"run_id": run.id, "image_id": i, "label": f"class{(k + (k % 7 == 0)) % 10}",  # 1/7 wrong
+                     "probability": float(probs[k]), "top5": []}
+                    for k, i in enumerate(ids[start:start + 20_000], start=start)])
+
+
+def sql_figures(n: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="fs-bench-webapp-sql-") as tmp:
+        root = Path(tmp) / ".fs"
+        t = time.perf_counter()
+        big_catalogue(root, n)
+        print(f"\ngrid queries on a {n:,}-image catalogue (built in {time.perf_counter() - t:.0f}s), "
+              "median of 5, page + count + filter menus:")
+        with Store.open(Settings(store=root)) as store:
+            engine = store.engine
+            middle = n // 2
+            cases = [("no filter", ImageFilter()), ("label", ImageFilter(label="class3")),
+                     ("superclass", ImageFilter(superclass="group1")), ("dataset", ImageFilter(dataset="big")),
+                     ("run, incorrect", ImageFilter(run=1, correct=False)),
+                     ("run, probability < 0.1", ImageFilter(run=1, below=0.1)),
+                     ("run, true class3 predicted class4", ImageFilter(run=1, label="class3", predicted="class4"))]
+            print(f"{'filter':<38}{'page 1 ms':>10}{'page ~500 ms':>14}{'count+menus ms':>16}{'matches':>10}")
+            for name, f in cases:
+                def timed(fn: object) -> float:
+                    times = []
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        fn()  # type: ignore[operator]
+                        times.append(time.perf_counter() - t0)
+                    return 1000 * statistics.median(times)
+
+                first = timed(lambda f=f: browse_page(engine, f, limit=100))
+                deep = timed(lambda f=f: browse_page(engine, f, after=middle, limit=100))
+                rest = timed(lambda f=f: (count_images(engine, f), facets(engine, f.run)))
+                print(f"{name:<38}{first:10.1f}{deep:14.1f}{rest:16.1f}{count_images(engine, f):10,}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=10_000, help="stored images for the browser figures")
+    ap.add_argument("--reps", type=int, default=10, help="page loads per figure")
+    ap.add_argument("--catalogue", type=int, default=100_000, help="catalogue size for the SQL figures (0: skip)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fs-bench-webapp-") as tmp:
+        root = Path(tmp) / ".fs"
+        build(root, args.n)
+        browser_figures(root, args.n, args.reps)
+    if args.catalogue:
+        sql_figures(args.catalogue)
+
+
+if __name__ == "__main__":
+    main()
