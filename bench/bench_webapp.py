@@ -44,9 +44,11 @@ from bench.common import fashion_images
 from featurestore.catalog.browse import ImageFilter, browse_page, count_images, facets
 from featurestore.catalog.schema import Image, Prediction, Run
 from featurestore.config import Settings
-from featurestore.pipelines.extract import extract, projection_extractor
+from featurestore.features.projection import projection_extractor
+from featurestore.pipelines.extract import extract
 from featurestore.pipelines.ingest import ingest
-from featurestore.pipelines.train import TrainConfig, predict, train
+from featurestore.pipelines.predict import predict
+from featurestore.pipelines.train import TrainConfig, train
 from featurestore.store import Store
 
 CHROMIUM = "/usr/bin/chromium"

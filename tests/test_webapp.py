@@ -11,7 +11,6 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from html import unescape
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ def store_path(built: Path, tmp_path: Path) -> Path:
 
 @contextmanager
 def _serving(path: Path, client: tuple[str, int] = LOOPBACK, **settings: Any) -> Iterator[TestClient]:
-    app = create_app(replace(Settings(store=path, workers=2), **settings))
+    app = create_app(Settings(store=path, workers=2).replace(**settings))
     with TestClient(app, client=client) as c:
         yield c
 

@@ -8,6 +8,7 @@ HTTP error answer. Screenshots go to test-artefacts/browser/ (gitignored; CI kee
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,21 @@ def _shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTEFACTS / f"{name}.png"), full_page=True)
 
 
-def _all_images_loaded(page: Any) -> bool:
-    return bool(page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"))
+ALL_IMAGES = "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+
+
+def _wait_until(page: Any, expression: str, timeout: float = 30.0) -> None:
+    """Poll a JS expression from the test side (page.wait_for_function would need the CSP to allow eval)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
 
 
 def test_grid_filter_keyboard_open_and_hop(page: Any) -> None:
     page.goto("/ui/browse")
     assert page.locator("a.tile").count() == 33
-    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    _wait_until(page, ALL_IMAGES)
     page.select_option('select[name="label"]', "shirt")  # applies on change
     page.wait_for_url(re.compile(r"label=shirt"))
     captions = page.locator("a.tile .cap").all_inner_texts()
@@ -93,7 +101,7 @@ def test_grid_filter_keyboard_open_and_hop(page: Any) -> None:
     assert page.locator("h1").inner_text().startswith(f"Image {second}")
     neighbours = page.locator('section[data-feature-set="rp16"] a.nb')
     assert neighbours.count() == 12
-    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    _wait_until(page, ALL_IMAGES)
     _shot(page, "image-page")
     target = neighbours.first.get_attribute("data-id")
     neighbours.first.click()
@@ -146,7 +154,7 @@ def test_upload_a_photo(page: Any, tmp_path: Path) -> None:
     assert page.locator("#prediction li .lb").first.inner_text() == "shirt"
     stored = page.locator("#stored a")
     assert stored.count() == 1
-    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    _wait_until(page, ALL_IMAGES)
     _shot(page, "search-by-photo")
     stored.click()
     page.wait_for_url(re.compile(r"/ui/images/\d+"))
@@ -166,8 +174,8 @@ def test_embedding_map_hover_and_click(page: Any) -> None:
     tip = page.locator("#tip")
     tip.wait_for(state="visible")
     assert tip.locator("span").inner_text().startswith(f"#{image_id}")
-    page.wait_for_function("document.querySelector('#tip img').complete && "
-                           "document.querySelector('#tip img').naturalWidth > 0")
+    _wait_until(page, "document.querySelector('#tip img').complete && "
+                      "document.querySelector('#tip img').naturalWidth > 0")
     _shot(page, "embedding-map")
     target.click(force=True)
     page.wait_for_url(f"**/ui/images/{image_id}")

@@ -17,9 +17,11 @@ from PIL import Image
 
 from featurestore.config import Settings
 from featurestore.features.pixels import PixelsExtractor
-from featurestore.pipelines.extract import extract, projection_extractor
+from featurestore.features.projection import projection_extractor
+from featurestore.pipelines.extract import extract
 from featurestore.pipelines.ingest import ingest
-from featurestore.pipelines.train import TrainConfig, evaluate_many, predict, train
+from featurestore.pipelines.predict import predict
+from featurestore.pipelines.train import TrainConfig, evaluate_many, train
 from featurestore.store import Store
 
 CLASSES = [("footwear", "sneaker"), ("footwear", "sandal"), ("tops", "shirt")]

@@ -6,7 +6,9 @@ and ``fs report`` need is in this one module, so the lead can move it as one sec
 All filters reach SQL as bound parameters. Pages are keyset-paged on the image id
 (``id > :after ORDER BY id LIMIT n``), never with OFFSET, so page 1,000 costs what
 page 1 costs; the filters use the indexes on ``images.label``, ``images.dataset_id``,
-``images.superclass`` (migration 0005) and ``predictions (run_id, image_id)``.
+``images.superclass`` (migration 0005), ``dataset_members (dataset_id, image_id)`` and
+``predictions (run_id, image_id)``. Datasets are collections: "in dataset D" means a row in
+``dataset_members``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from sqlalchemy.sql import ColumnElement, Select
 
 from featurestore.catalog.schema import (
     Dataset,
+    DatasetMember,
     FeatureRow,
-    FeatureSet,
     FeatureShard,
     Image,
     Prediction,
@@ -96,6 +98,7 @@ class RunFacts:
     id: int
     target: str
     dataset: str | None
+    test_dataset: str | None
     created_at: datetime
 
 
@@ -112,11 +115,18 @@ class Facets:
 
 def run_facts(engine: Engine, run_id: int) -> RunFacts:
     with engine.connect() as conn:
-        row = conn.execute(select(Run.id, Run.target, Run.dataset, Run.created_at).where(Run.id == run_id)).first()
+        row = conn.execute(select(Run.id, Run.target, Run.dataset, Run.test_dataset, Run.created_at)
+                           .where(Run.id == run_id)).first()
         if row is None:
             ids = [str(i) for i in conn.execute(select(Run.id).order_by(Run.id)).scalars()]
             raise NotFoundError("run", str(run_id), ids, "See `fs runs`")
-    return RunFacts(int(row[0]), str(row[1]), row[2], row[3])
+    return RunFacts(int(row[0]), str(row[1]), row[2], row[3], row[4])
+
+
+def _members(dataset: str) -> Any:
+    """Ids of the images in a dataset (membership), as a subquery."""
+    return select(DatasetMember.image_id).where(
+        DatasetMember.dataset_id == select(Dataset.id).where(Dataset.name == dataset).scalar_subquery())
 
 
 def _truth(target: str) -> Any:
@@ -144,7 +154,8 @@ def _filtered(f: ImageFilter, run: RunFacts | None, columns: Sequence[Any]) -> t
     else:
         q = q.select_from(Image)
     if f.dataset is not None:
-        q = q.where(Image.dataset_id == select(Dataset.id).where(Dataset.name == f.dataset).scalar_subquery())
+        q = q.join(DatasetMember, and_(DatasetMember.image_id == key, DatasetMember.dataset_id == select(Dataset.id)
+                                       .where(Dataset.name == f.dataset).scalar_subquery()))
     if f.superclass is not None:
         q = q.where(Image.superclass == f.superclass)
     if f.label is not None:
@@ -253,18 +264,6 @@ def image_file(engine: Engine, image_id: int) -> ImageFile | None:
     return None if row is None else ImageFile(int(row[0]), str(row[1]), str(row[2]), int(row[3]), str(row[4]))
 
 
-def image_detail(engine: Engine, image_id: int) -> dict[str, Any] | None:
-    """The image's catalog row plus ``dataset`` (its name) and ``feature_sets`` (sets holding a vector of it)."""
-    with engine.connect() as conn:
-        row = conn.execute(select(Image.__table__, Dataset.name.label("dataset"))
-                           .join(Dataset, Dataset.id == Image.dataset_id).where(Image.id == image_id)).first()
-        if row is None:
-            return None
-        sets = list(conn.execute(select(FeatureSet.name).join(FeatureRow, FeatureRow.feature_set_id == FeatureSet.id)
-                                 .where(FeatureRow.image_id == image_id).order_by(FeatureSet.name)).scalars())
-    return {**row._mapping, "feature_sets": sets}
-
-
 def image_predictions(engine: Engine, image_id: int) -> dict[int, tuple[str, float, list[Any], datetime]]:
     """Stored predictions of one image, per run id: (label, probability, top5, predicted_at)."""
     # From runs, so each run's (run_id, image_id) unique index is probed (predictions has no image_id index).
@@ -323,11 +322,13 @@ def run_splits(engine: Engine, run_id: int) -> list[SplitRow]:
 
 
 def _seen_in_training(run: RunFacts) -> ColumnElement[bool]:
-    """Images the run's training selection may have held: labelled, in its dataset, ingested before it."""
+    """Images the run's training selection may have held: labelled, in its dataset, ingested before it,
+    and not in its fixed test dataset (those are never trained on)."""
     cond = and_(Image.label.is_not(None), Image.ingested_at <= run.created_at)
     if run.dataset is not None:
-        cond = and_(cond, Image.dataset_id == select(Dataset.id).where(Dataset.name == run.dataset)
-                    .scalar_subquery())
+        cond = and_(cond, Image.id.in_(_members(run.dataset)))
+    if run.test_dataset is not None:
+        cond = and_(cond, Image.id.not_in(_members(run.test_dataset)))
     return cond
 
 

@@ -51,13 +51,8 @@ from featurestore import __version__
 from featurestore.catalog.schema import FeatureRow, Image, Run
 from featurestore.config import Settings
 from featurestore.errors import (
-    DimensionMismatchError,
     FeatureStoreError,
-    IntegrityError,
     InvalidInputError,
-    MissingFeaturesError,
-    NotFoundError,
-    StoreBusyError,
 )
 from featurestore.features.registry import extract_hint as _extract_hint
 from featurestore.http.access import is_loopback, paths_visible

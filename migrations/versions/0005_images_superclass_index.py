@@ -1,14 +1,14 @@
 """Index images.superclass (the web app's superclass filter, keyset-paged)
 
 Revision ID: 0005
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-02
 """
 from alembic import op
 
 
 revision = '0005'
-down_revision = '0002'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 

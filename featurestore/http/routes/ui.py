@@ -49,6 +49,7 @@ from featurestore.http.errors import status_for
 from featurestore.http.templating import render
 from featurestore.io.thumbnails import render_thumbnail
 from featurestore.pipelines.embedding_map import MAX_POINTS, METHODS, embedding_map
+from featurestore.pipelines.predict import predict_upload
 from featurestore.pipelines.run_view import run_view
 from featurestore.pipelines.train import check_features_unchanged, compare, get_run, list_runs
 from featurestore.search.service import embedder_for, search, stored_vector
@@ -261,7 +262,7 @@ def _predictions(svc: Any, image_id: int, sets: list[str]) -> list[dict[str, Any
             live += 1
             try:
                 check_features_unchanged(svc.store, run)
-                model = svc.model(run)
+                model = svc.store.run_model(run)
                 x = np.hstack([stored_vector(svc.store, name, image_id) for name in run.features]).reshape(1, -1)
                 proba = np.asarray(model.predict_proba(x))[0]
                 classes = np.asarray(model.classes_)
@@ -290,11 +291,12 @@ def _neighbours(svc: Any, image_id: int, sets: list[str]) -> list[dict[str, Any]
 def image_page(request: Request, svc: Svc,
                image_id: Annotated[int, PathParam(ge=1, le=MAX_ID)]) -> HTMLResponse:
     """One image: metadata, label, each run's top-5 prediction and its nearest neighbours in each feature set."""
-    detail = q.image_detail(svc.store.engine, image_id)
-    if detail is None:
+    found = svc.store.catalog.image_detail(image_id)
+    if found is None:
         raise HTTPException(404, f"no image with id {image_id} in the catalog")
-    sets = detail["feature_sets"]
-    return _page(request, "image.html", "browse", image=detail, show_path=paths_visible(request),
+    image, datasets, sets = found
+    return _page(request, "image.html", "browse", image=image, datasets=datasets, sets=sets,
+                 show_path=paths_visible(request),
                  predictions=_predictions(svc, image_id, sets), neighbours=_neighbours(svc, image_id, sets))
 
 
@@ -333,26 +335,13 @@ def search_upload(request: Request, svc: Svc, file: Annotated[UploadFile | None,
     name = _text(features) or (choices["feature_sets"][0] if choices["feature_sets"] else None)
     if name is None:
         raise InvalidInputError("the store has no feature sets to search: run `fs extract` first")
-    up = svc.read_upload(file)
-    vectors: dict[str, np.ndarray] = {}
-
-    def vector(feature_set: str) -> np.ndarray:
-        if feature_set not in vectors:
-            vectors[feature_set] = embedder_for(svc.store, feature_set)(up.image)
-        return vectors[feature_set]
-
-    hits = search(svc.store, name, vector(name), k=k_value)
+    up = svc.read_upload(file)  # decoded once; the run's prediction reuses the decoded image
+    hits = search(svc.store, name, embedder_for(svc.store, name)(up.image), k=k_value)
     prediction, stored_id = None, None
     if run_id is not None:
-        r = get_run(svc.store, run_id)
-        check_features_unchanged(svc.store, r)
-        model = svc.model(r)
-        proba = np.asarray(model.predict_proba(np.hstack([vector(f) for f in r.features]).reshape(1, -1)))[0]
-        classes = np.asarray(model.classes_)
-        prediction = {"run": r, "top": [(str(classes[j]), float(proba[j]))
-                                        for j in np.argsort(-proba, kind="stable")[:5]]}
-        if want_store:
-            stored_id = svc.store_upload(up, r.id)
+        out = predict_upload(svc.store, run_id, up.decoded, up.data, k=5, keep=want_store)
+        prediction = {"run": get_run(svc.store, run_id), "top": [(t["label"], t["probability"]) for t in out.top]}
+        stored_id = out.image_id
     elif want_store:
         raise InvalidInputError("storing an upload stores its prediction too: pick a run with a model")
     chosen = {"features": name, "k": k_value, "run": run_id, "store": want_store}
