@@ -42,7 +42,7 @@ from sqlalchemy import insert, select
 from bench.bench_serve import free_port, start_server
 from bench.common import fashion_images
 from featurestore.catalog.browse import ImageFilter, browse_page, count_images, facets
-from featurestore.catalog.schema import Image, Prediction, Run
+from featurestore.catalog.schema import DatasetMember, Image, Prediction, Run
 from featurestore.config import Settings
 from featurestore.features.projection import projection_extractor
 from featurestore.pipelines.extract import extract
@@ -169,7 +169,7 @@ def big_catalogue(root: Path, n: int) -> None:
     rng = np.random.default_rng(0)
     with Store.open(Settings(store=root), create=True) as store, store.writing():
         with store.session() as s:
-            ds = store.dataset_id(s, "big", create=True)
+            ds = store.catalog.dataset_id(s, "big", create=True)
             for start in range(0, n, 20_000):
                 s.execute(insert(Image), [
                     {"sha256": f"{i:064x}", "source_path": f"/nonexistent/{i}.jpg", "width": 64, "height": 64,
@@ -182,6 +182,9 @@ def big_catalogue(root: Path, n: int) -> None:
             s.add(run)
             s.flush()
             ids = list(s.scalars(select(Image.id).order_by(Image.id)))
+            for start in range(0, len(ids), 20_000):
+                s.execute(insert(DatasetMember), [{"dataset_id": ds, "image_id": i, "source_path": f"/nonexistent/{i}"}
+                                                  for i in ids[start:start + 20_000]])
             probs = rng.random(len(ids))
             for start in range(0, len(ids), 20_000):
                 s.execute(insert(Prediction), [

@@ -89,17 +89,22 @@ async def image_thumbnail(
     """A JPEG thumbnail of a catalogued image, made with Pillow on first use and cached in the store."""
     if size not in THUMBNAIL_SIZES:
         raise HTTPException(422, f"size must be one of {', '.join(map(str, THUMBNAIL_SIZES))}")
-    found = await run_in_threadpool(_catalogued, request, image_id)
+    # One thread-pool hop for the catalog lookup and the (usually cached) file: a grid asks for 100 at once.
+    return await run_in_threadpool(_thumbnail_response, request, image_id, size)
+
+
+def _thumbnail_response(request: Request, image_id: int, size: int) -> Response:
+    found = _catalogued(request, image_id)
     etag = f'"{found.sha256[:32]}-{size}"'
     if (cached := _not_modified(request, etag)) is not None:
         return cached
     settings = request.app.state.service.settings
     if settings.store not in _swept:  # once per process: temp files of cache writers that crashed
         _swept.add(settings.store)
-        await run_in_threadpool(sweep_temp_files, settings.store)
+        sweep_temp_files(settings.store)
     try:
-        jpeg = await run_in_threadpool(thumbnail, settings.store, Path(found.source_path), found.sha256,
-                                       found.bytes, size, settings.max_image_pixels)
+        jpeg = thumbnail(settings.store, Path(found.source_path), found.sha256, found.bytes, size,
+                         settings.max_image_pixels)
     except (SourceUnavailableError, SourceChangedError, ImageDecodeError) as exc:
         raise _failed(exc) from None
     return Response(jpeg, media_type="image/jpeg", headers={"ETag": etag, "Cache-Control": CACHE,
