@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import sys
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -14,8 +13,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
-from featurestore.errors import FeatureStoreError, SchemaOutdatedError
+from featurestore.errors import CatalogCorruptError, FeatureStoreError, SchemaOutdatedError
 
 
 def configure_sqlite(engine: Engine) -> None:
@@ -49,30 +49,6 @@ def make_engine(url: str) -> Engine:
     """An engine for the catalog; SQLite gets WAL and foreign keys."""
     engine = create_engine(url, future=True, pool_pre_ping=url.startswith("postgresql"))
     configure_sqlite(engine)
-    return engine
-
-
-def make_readonly_engine(url: str) -> Engine:
-    """An engine that cannot write: SQLite opened ``mode=ro``; PostgreSQL read-only sessions."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        path = Path(parsed.database or "").resolve()
-
-        def _connect() -> sqlite3.Connection:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-            conn.execute("PRAGMA query_only=ON")
-            return conn
-
-        return create_engine("sqlite://", creator=_connect, future=True)
-    engine = create_engine(url, future=True, execution_options={"postgresql_readonly": True})
-
-    @event.listens_for(engine, "connect")
-    def _ro(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-        cur.close()
-        dbapi_conn.commit()
-
     return engine
 
 
@@ -121,7 +97,7 @@ def ensure_schema(engine: Engine, url: str, create: bool) -> None:
         Whether an empty database may be initialised (writers may, readers
         report that there is nothing yet).
     """
-    current = current_revision(engine)
+    current = _current_or_corrupt(engine, url)
     head = head_revision(url)
     if current == head:
         return
@@ -149,6 +125,18 @@ def ensure_schema(engine: Engine, url: str, create: bool) -> None:
         f"the catalog at {_safe(url)} is at revision {current}, older than this featurestore "
         f"(head {head}): run `fs db upgrade`"
     )
+
+
+def _current_or_corrupt(engine: Engine, url: str) -> str | None:
+    """The schema revision; a SQLite file that is not a database gets an error naming it."""
+    try:
+        return current_revision(engine)
+    except DBAPIError as exc:
+        orig = exc.orig
+        msg = str(orig).strip() if orig is not None else ""
+        if isinstance(orig, sqlite3.DatabaseError) and ("not a database" in msg or "malformed" in msg):
+            raise CatalogCorruptError(make_url(url).database, msg) from None
+        raise
 
 
 def _safe(url: str) -> str:
