@@ -178,31 +178,7 @@ def read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     ever read.
     """
     try:
-        st = os.stat(path)  # follows symlinks: a link to /dev/zero is a character device
-        if stat.S_ISDIR(st.st_mode):
-            raise ImageDecodeError("is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise _not_regular(st.st_mode)
-        if st.st_size > max_bytes:
-            raise _too_large(st.st_size, max_bytes)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _not_regular(st.st_mode)
-            chunks: list[bytes] = []
-            size = 0
-            while size <= max_bytes:
-                chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-        finally:
-            os.close(fd)
-        if size > max_bytes:  # grew after the stat
-            raise _too_large(size, max_bytes)
-        return b"".join(chunks)
+        return _read_regular(path, max_bytes)
     except ImageDecodeError:
         raise
     except FileNotFoundError:
@@ -217,6 +193,36 @@ def read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise ImageDecodeError(f"unreadable: {exc.strerror or exc}") from None
     except ValueError as exc:  # e.g. a NUL byte in the path
         raise ImageDecodeError(f"invalid path: {exc}") from None
+
+
+def _check_regular(mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise ImageDecodeError("is a directory")
+    if not stat.S_ISREG(mode):
+        raise _not_regular(mode)
+
+
+def _read_regular(path: Path, max_bytes: int) -> bytes:
+    st = os.stat(path)  # follows symlinks: a link to /dev/zero is a character device
+    _check_regular(st.st_mode)
+    if st.st_size > max_bytes:
+        raise _too_large(st.st_size, max_bytes)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        _check_regular(os.fstat(fd).st_mode)  # the same file as stat()ed, not one swapped in since
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > max_bytes:  # grew after the stat
+        raise _too_large(size, max_bytes)
+    return b"".join(chunks)
 
 
 def load_rgb(path: Path, max_pixels: int = 89_478_485, max_bytes: int = MAX_FILE_BYTES) -> Image.Image:
