@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from featurestore.cli import common
+from featurestore.features.registry import extract_hint
 from featurestore.pipelines.verify import unregister
 from featurestore.pipelines.verify import verify as run_verify
-from featurestore.store import _extract_hint
 
 
 def verify(
@@ -42,7 +42,7 @@ def verify(
             return
         hints = {}
         for name in sorted({p.feature_set for p in report.problems}):
-            hints[name] = _extract_hint(store.feature_set(name))
+            hints[name] = extract_hint(store.feature_set(name))
         if not repair:
             common.err("next: `fs verify --repair` unregisters the damaged shards, then "
                        + "; ".join(f"`{h}`" for h in hints.values()) + " recomputes their images")

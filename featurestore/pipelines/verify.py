@@ -15,9 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import delete, func, select
 
-from featurestore.catalog.schema import FeatureRow, FeatureSet, FeatureShard
 from featurestore.errors import IntegrityError
 from featurestore.shards import check_shard
 from featurestore.store import Store
@@ -53,24 +51,6 @@ class VerifyReport:
         return not self.problems
 
 
-def _registered(store: Store, feature_set: str | None) -> list[tuple[str, int, int, str, int]]:
-    # SQL of this module; to move into catalog/repository.py with the rest (issue 10).
-    q = (select(FeatureSet.name, FeatureSet.dim, FeatureShard.id, FeatureShard.path, FeatureShard.rows)
-         .join(FeatureShard, FeatureShard.feature_set_id == FeatureSet.id)
-         .order_by(FeatureSet.name, FeatureShard.id))
-    if feature_set is not None:
-        store.feature_set(feature_set)  # NotFoundError listing the sets
-        q = q.where(FeatureSet.name == feature_set)
-    with store.engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(q)]  # type: ignore[misc]
-
-
-def _catalog_rows(store: Store, shard_id: int) -> np.ndarray:
-    with store.engine.connect() as conn:
-        pairs = conn.execute(select(FeatureRow.image_id, FeatureRow.row).where(FeatureRow.shard_id == shard_id)).all()
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
-
-
 def _mismatch(ids: np.ndarray, pairs: np.ndarray) -> str | None:
     """Why the catalog's (image_id, row) pairs do not match the shard's ids, or None."""
     if not len(pairs):
@@ -90,7 +70,8 @@ def verify(store: Store, feature_set: str | None = None, progress: Progress | No
 
     Reads only; safe beside other readers. See the module docstring for the checks.
     """
-    shards = _registered(store, feature_set)
+    sets = [store.feature_set(feature_set)] if feature_set is not None else store.feature_sets()
+    shards = [(fs.name, fs.dim, sh.id, sh.path, sh.rows) for fs in sets for sh in store.catalog.shards(fs.id)]
     report = VerifyReport(feature_sets=len({s[0] for s in shards}), shards=len(shards))
     for k, (name, dim, shard_id, rel, rows) in enumerate(shards, start=1):
         path = store.root / rel
@@ -110,7 +91,7 @@ def verify(store: Store, feature_set: str | None = None, progress: Progress | No
             else:
                 if not check.checksummed:
                     report.unchecked.append(rel)
-                why = _mismatch(check.image_ids, _catalog_rows(store, shard_id))
+                why = _mismatch(check.image_ids, store.catalog.live_rows_of_shard(shard_id))
                 if why:
                     problem("mismatch", why)
         if progress:
@@ -126,18 +107,9 @@ def unregister(store: Store, problems: Sequence[ShardProblem]) -> tuple[int, dic
     next writer deletes. Returns the number of shards removed and of vectors
     dropped per feature set.
     """
-    by_id = {p.shard_id: p for p in problems}
+    removed = store.catalog.unregister_shards({p.shard_id: p.path for p in problems})
     dropped: dict[str, int] = {}
-    if not by_id:
-        return 0, dropped
-    with store.session() as s:
-        current = dict(s.execute(select(FeatureShard.id, FeatureShard.path).where(FeatureShard.id.in_(by_id))).all())
-        ids = [i for i, p in by_id.items() if current.get(i) == p.path]
-        if not ids:
-            return 0, dropped
-        for i in ids:
-            n = s.scalar(select(func.count()).select_from(FeatureRow).where(FeatureRow.shard_id == i)) or 0
-            dropped[by_id[i].feature_set] = dropped.get(by_id[i].feature_set, 0) + n
-        s.execute(delete(FeatureRow).where(FeatureRow.shard_id.in_(ids)))
-        s.execute(delete(FeatureShard).where(FeatureShard.id.in_(ids)))
-    return len(ids), dropped
+    by_id = {p.shard_id: p.feature_set for p in problems}
+    for shard_id, rows in removed.items():
+        dropped[by_id[shard_id]] = dropped.get(by_id[shard_id], 0) + rows
+    return len(removed), dropped
