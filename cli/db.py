@@ -58,10 +58,11 @@ def create_readonly_role(
 
     The role gets CONNECT on the database, USAGE on the catalog's schema and SELECT on
     the catalog tables, nothing else; its sessions are read-only with a statement
-    timeout. Without --login it cannot log in: set FS_READONLY_ROLE=NAME and user
-    queries switch to it (SET LOCAL ROLE; the connecting user is made a member).
-    With --login set FS_READONLY_DATABASE_URL to a URL logging in as it. Run it
-    again after `fs db upgrade` adds tables.
+    timeout. With --login set FS_READONLY_DATABASE_URL to a URL logging in as it:
+    the strongest setting, the database itself refuses any write. Without --login
+    it cannot log in: set FS_READONLY_ROLE=NAME and user queries switch to it (SET
+    ROLE; the connecting user is made a member). Run it again after `fs db upgrade`
+    adds tables.
 
     Example: fs db create-readonly-role fs_reader && export FS_READONLY_ROLE=fs_reader
     """

@@ -60,8 +60,8 @@ class Settings(BaseSettings):
         e.g. logging in as a role made by `fs db create-readonly-role NAME
         --login`. ``FS_READONLY_DATABASE_URL``; default none.
     readonly_role:
-        PostgreSQL role user queries switch to (``SET LOCAL ROLE``), e.g. one
-        made by `fs db create-readonly-role NAME`. ``FS_READONLY_ROLE``.
+        PostgreSQL role user queries switch to (``SET ROLE``), e.g. one made
+        by `fs db create-readonly-role NAME`. ``FS_READONLY_ROLE``.
     max_file_mb:
         Image files larger than this many MiB are refused unread (ingest,
         extract, search by file). ``FS_MAX_FILE_MB``; default 200.

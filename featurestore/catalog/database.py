@@ -69,8 +69,16 @@ def head_revision(url: str) -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    """The catalog's schema revision; a SQLite file that is not a database gets an error naming it."""
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except DBAPIError as exc:
+        orig = exc.orig
+        msg = str(orig).strip() if orig is not None else ""
+        if isinstance(orig, sqlite3.DatabaseError) and ("not a database" in msg or "malformed" in msg):
+            raise CatalogCorruptError(engine.url.database, msg) from None
+        raise
 
 
 def upgrade(engine: Engine, url: str, revision: str = "head") -> tuple[str | None, str]:
@@ -97,7 +105,7 @@ def ensure_schema(engine: Engine, url: str, create: bool) -> None:
         Whether an empty database may be initialised (writers may, readers
         report that there is nothing yet).
     """
-    current = _current_or_corrupt(engine, url)
+    current = current_revision(engine)
     head = head_revision(url)
     if current == head:
         return
@@ -125,18 +133,6 @@ def ensure_schema(engine: Engine, url: str, create: bool) -> None:
         f"the catalog at {_safe(url)} is at revision {current}, older than this featurestore "
         f"(head {head}): run `fs db upgrade`"
     )
-
-
-def _current_or_corrupt(engine: Engine, url: str) -> str | None:
-    """The schema revision; a SQLite file that is not a database gets an error naming it."""
-    try:
-        return current_revision(engine)
-    except DBAPIError as exc:
-        orig = exc.orig
-        msg = str(orig).strip() if orig is not None else ""
-        if isinstance(orig, sqlite3.DatabaseError) and ("not a database" in msg or "malformed" in msg):
-            raise CatalogCorruptError(make_url(url).database, msg) from None
-        raise
 
 
 def _safe(url: str) -> str:

@@ -23,8 +23,11 @@ independent layers each refuse a write on their own:
    a ``READ ONLY`` transaction with ``standard_conforming_strings`` on, the
    query run through ``DECLARE CURSOR`` (which the server accepts only for a
    plain query), optionally as a role that can only ``SELECT`` the catalog
-   tables (:func:`create_readonly_role`; ``FS_READONLY_DATABASE_URL`` logs in
-   as it, ``FS_READONLY_ROLE`` switches to it with ``SET LOCAL ROLE``).
+   tables (:func:`create_readonly_role`). ``FS_READONLY_DATABASE_URL`` logs in
+   as such a role: the database then refuses writes whatever text reaches it.
+   ``FS_READONLY_ROLE`` only switches to it with ``SET ROLE`` on the catalog's
+   own connection, which narrows what one statement may touch but could be
+   undone by a second statement (``RESET ROLE``) if one ever got past layer 1.
 3. **Time.** A deadline (``timeout`` seconds; SQLite: a progress handler,
    PostgreSQL: ``statement_timeout`` set to the time left before each fetch)
    and Ctrl-C (or SIGTERM turned into ``KeyboardInterrupt``) cancels the
@@ -190,6 +193,10 @@ def _describe(node: exp.Expr) -> str:
             return name
     if isinstance(node, exp.Command):
         return str(node.this).upper()
+    if isinstance(node, exp.GenerateSeries):  # sqlglot writes FROM generate_series(...) as unnest(...)
+        return "function generate_series()"
+    if isinstance(node, exp.Unnest | exp.Explode) and node.expressions:
+        return _describe(node.expressions[0])
     if isinstance(node, exp.Anonymous):
         return f"function {node.name}()"
     if isinstance(node, exp.Func):
@@ -239,16 +246,24 @@ def _parse_error(label: str, exc: Exception) -> ReadOnlySQLError:
     return ReadOnlySQLError(f"{label}: SQL error: {first[0] if first else type(exc).__name__}")
 
 
-def _regenerate(tree: exp.Expr, dialect: str, label: str) -> str:
-    """SQL text of a checked tree; it must parse back to the same single tree."""
+def _regenerate(tree: exp.Expr, dialect: str, label: str, tables: frozenset[str]) -> str:
+    """SQL text of a checked tree, itself re-checked as the database will read it.
+
+    The text must parse back to exactly one statement that passes the same
+    allow-lists and generates the same text again (a fixpoint), so what runs
+    is what was checked even where sqlglot normalises (``round(1.5, 0)`` gains
+    a cast on PostgreSQL).
+    """
     sql = tree.sql(dialect=dialect, comments=False)
     try:
         again = [t for t in sqlglot.parse(sql, read=dialect) if t is not None]
     except (ParseError, TokenError):
         again = []
-    if len(again) != 1 or again[0] != tree:
+    if len(again) != 1 or not isinstance(again[0], _QUERY_ROOTS) \
+            or again[0].sql(dialect=dialect, comments=False) != sql:
         raise ReadOnlySQLError(f"{label}: the query cannot be checked reliably (it does not round-trip through "
                                "the SQL parser); rewrite it more plainly")
+    _check_tree(again[0], label, tables)
     return sql
 
 
@@ -289,7 +304,7 @@ def check_query(sql: str, dialect: str, label: str = "read-only SQL", tables: It
             raise _refuse(label, _describe(tree))
         raise ReadOnlySQLError(f"{label}: SQL error: not a query: {sql.strip()[:80]!r}")
     _check_tree(tree, label, allowed)
-    return _regenerate(tree, dialect, label)
+    return _regenerate(tree, dialect, label, allowed)
 
 
 # Images as --where sees them: one row per dataset an image belongs to (dataset_members), with the
@@ -332,7 +347,7 @@ def where_query(condition: str, dialect: str, label: str = "--where") -> str:
               .join(exp.table_("datasets", alias="d"), on=named))
     query = (exp.select(exp.column("id", table="images")).distinct()
              .from_(images.subquery("images")).where(tree))
-    return _regenerate(query, dialect, bad)
+    return _regenerate(query, dialect, bad, catalog_tables())
 
 
 # ---------------------------------------------------------------------------
@@ -371,8 +386,8 @@ class ReadOnlyCatalog:
         PostgreSQL only: connect with this URL instead, e.g. as a role made by
         :func:`create_readonly_role` (``FS_READONLY_DATABASE_URL``).
     role : str, optional
-        PostgreSQL only: ``SET LOCAL ROLE`` to this SELECT-only role inside the
-        read-only transaction (``FS_READONLY_ROLE``).
+        PostgreSQL only: ``SET ROLE`` to this SELECT-only role before the query
+        (``FS_READONLY_ROLE``); weaker than ``readonly_url``, see the module docstring.
     timeout : float
         Seconds a query may run before it is stopped (``FS_SQL_TIMEOUT``).
     """
@@ -567,7 +582,8 @@ class _PostgresRunner:
             cur.execute("SET LOCAL standard_conforming_strings = on")  # backslashes are not escapes
             cur.execute(f"SET LOCAL lock_timeout = {self._ms(deadline)}")
             if self.role:
-                cur.execute(f'SET LOCAL ROLE "{self.role}"')
+                # Session-level (not LOCAL): a COMMIT does not drop it; the connection is closed afterwards.
+                cur.execute(f'SET ROLE "{self.role}"')
             # A named cursor is DECLARE ... CURSOR FOR <query>: the server itself accepts only a plain
             # query there (no second statement, no data-modifying WITH). Fetch in batches, each under
             # the time left, so the whole query is bounded by the timeout.

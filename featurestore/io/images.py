@@ -160,9 +160,13 @@ def _not_regular(mode: int) -> ImageDecodeError:
     return ImageDecodeError(f"{what}; only regular image files are read")
 
 
+def _human(n: float) -> str:
+    return f"{n / 2**20:,.4g} MiB" if n >= 2**20 else f"{n / 2**10:,.4g} KiB"
+
+
 def _too_large(size: int, max_bytes: int) -> ImageDecodeError:
     return ImageDecodeError(
-        f"file is larger than the {max_bytes / 2**20:g} MiB limit ({size / 2**20:.1f} MiB or more); "
+        f"file is larger than the {_human(max_bytes)} limit ({_human(size)} or more); "
         "raise FS_MAX_FILE_MB if it is a genuine image"
     )
 
