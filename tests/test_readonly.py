@@ -137,7 +137,7 @@ def test_where_conditions_cannot_leave_their_expression(dialect: str, cond: str)
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_where_condition_is_embedded_as_a_tree(dialect: str) -> None:
     sql = where_query("label = 'sneaker' AND id IN (SELECT image_id FROM predictions WHERE run_id = 3)", dialect)
-    assert sql.startswith("SELECT images.id FROM (SELECT i.id")
+    assert sql.startswith("SELECT DISTINCT images.id FROM (SELECT i.id")
     assert sql.endswith("WHERE label = 'sneaker' AND id IN (SELECT image_id FROM predictions WHERE run_id = 3)")
 
 
