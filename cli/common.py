@@ -22,6 +22,10 @@ STORE_OPTION = typer.Option(
 )
 
 
+# Catalog ids are positive SQL BIGINTs: a larger number is a usage error (exit 2), not a driver OverflowError.
+ID_RANGE: dict[str, Any] = {"min": 1, "max": 2**63 - 1}
+
+
 class State:
     """What the root callback learned from global options."""
 

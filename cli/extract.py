@@ -8,8 +8,9 @@ from featurestore.cli import common
 from featurestore.features.base import Extractor
 from featurestore.features.cnn.registry import cnn_extractor
 from featurestore.features.lowlevel import LowLevelExtractor
-from featurestore.features.pixels import PixelsExtractor
-from featurestore.features.projection import projection_extractor
+from featurestore.features.pixels import PixelsExtractor, check_pixels
+from featurestore.features.projection import check_projection, projection_extractor
+from featurestore.features.resize import check_size
 from featurestore.pipelines.extract import ExtractSummary
 from featurestore.pipelines.extract import extract as run_extract
 
@@ -48,6 +49,12 @@ def extract(
         raise typer.BadParameter("--layers needs --model", param_hint="--layers")
     wh = common.parse_size(size, "--size")
     pixel_size = common.parse_size(pixels, "--pixels") if pixels else None
+    # Bounds from the memory and time the options need, checked before the store is opened or locked.
+    if rp is not None and rp >= 1:
+        check_size(wh)
+        check_projection(wh[0] * wh[1] * 3, rp)
+    if pixel_size:
+        check_pixels(pixel_size, batch)
     wanted = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
     store = common.open_store()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,29 @@ import typer
 from typer.core import TyperGroup
 
 from featurestore import __version__
-from featurestore.cli import common, datasets, db, extract, ingest, models, report, search, serve, status, train
+from featurestore.cli import (
+    common,
+    datasets,
+    db,
+    extract,
+    ingest,
+    models,
+    report,
+    search,
+    serve,
+    status,
+    train,
+    verify,
+)
 from featurestore.errors import FeatureStoreError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up runs (locks released, queries cancelled)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 class _Group(TyperGroup):
@@ -31,7 +53,10 @@ class _Group(TyperGroup):
             typer.echo(f"Error: {where}{exc.strerror or exc}; check the path and its permissions (or free disk space)",
                        err=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Terminated):
+                typer.echo("Terminated (SIGTERM); everything written so far is kept.", err=True)
+                raise typer.Exit(143) from None
             typer.echo("Interrupted; everything written so far is kept.", err=True)
             raise typer.Exit(130) from None
 
@@ -72,7 +97,7 @@ def root(
 def _register() -> None:
     for module in (datasets, db):
         app.add_typer(module.app, name=module.__name__.rsplit(".", 1)[-1])
-    for module in (ingest, status, extract, models, train, search, serve, report):
+    for module in (ingest, status, extract, models, train, search, serve, report, verify):
         module.register(app)
 
 
@@ -81,6 +106,7 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _on_sigterm)  # `kill PID`: a message and exit 143, like Ctrl-C's 130
     app()
 
 

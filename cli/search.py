@@ -36,7 +36,7 @@ def search(
     image: Path | None = typer.Option(None, "--image", "-i", help="Query with a new image file, embedded "
                                       "like the feature set's stored vectors (any size or mode)."),
     image_id: int | None = typer.Option(None, "--id", help="Query with an image already in the store "
-                                        "(excluded from the results)."),
+                                        "(excluded from the results).", **common.ID_RANGE),
     k: int = typer.Option(10, "-k", "--top", help="Number of results."),
     where: str | None = typer.Option(None, "--where", "-w", help=WHERE_HELP),
     metric: Metric = typer.Option(Metric.cosine, "--metric", help="cosine: similarity, higher is better; "

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 
 import typer
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
-from featurestore.catalog.database import make_readonly_engine
+from featurestore.catalog.readonly import ReadOnlyCatalog
 from featurestore.cli import common
-from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.errors import FeatureStoreError
 
 
 def status(
@@ -46,37 +44,31 @@ def status(
 
 
 def sql(
-    query: str = typer.Argument(..., help="One read-only SQL statement (SELECT/WITH)."),
+    query: str = typer.Argument(..., help="One read-only query: SELECT, WITH ... SELECT, UNION or VALUES."),
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Stop the query after this many seconds "
+                                         "(default FS_SQL_TIMEOUT or 30).", show_default=False),
 ) -> None:
-    """Run a read-only SQL query on the catalog and print the result.
+    """Run one read-only query on the catalog and print the result.
 
-    The catalog is opened read-only (SQLite mode=ro; PostgreSQL read-only
-    transaction), so writes are refused. Tables: datasets, images, ingest_errors,
-    feature_sets, feature_shards, feature_rows, models, runs, run_splits, predictions.
+    Exactly one query over the catalog tables (datasets, images, ingest_errors,
+    feature_sets, feature_shards, feature_rows, models, runs, run_splits,
+    predictions), with plain functions only (aggregates, string, math, date,
+    JSON); anything else (several statements, COPY, SELECT INTO, writes, file or
+    setting functions, PRAGMA, ATTACH) is refused before it reaches the
+    database. It runs read-only (SQLite opened mode=ro; PostgreSQL a READ ONLY
+    transaction, as FS_READONLY_DATABASE_URL / FS_READONLY_ROLE when set) and is
+    stopped after --timeout seconds or on Ctrl-C.
 
     Example: fs sql "SELECT label, count(*) AS n FROM images GROUP BY label" --format csv
     """
+    if timeout is not None and not timeout > 0:
+        raise typer.BadParameter("must be a positive number of seconds", param_hint="--timeout")
     s = common.settings()
     if not s.database_url and not (s.store / "catalog.db").exists():
         raise FeatureStoreError(f"no catalog at {s.store}: run `fs ingest PATH` first, or pass --store")
-    engine = make_readonly_engine(s.catalog_url)
-    try:
-        with engine.connect() as conn:
-            result = conn.execute(text(query))
-            if not result.returns_rows:
-                raise InvalidInputError("fs sql runs read-only queries only; the statement returned no rows")
-            cols = list(result.keys())
-            rows = [dict(zip(cols, r, strict=True)) for r in result]
-            conn.rollback()
-    except (OperationalError, ProgrammingError, DBAPIError) as exc:
-        msg = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        if "readonly" in msg.replace(" ", "").lower() or "read-only" in msg.lower():
-            raise InvalidInputError(f"fs sql is read-only: the statement tries to write ({msg})") from None
-        raise InvalidInputError(f"SQL error: {msg}") from None
-    finally:
-        engine.dispose()
-    common.emit(rows, fmt, cols)
+    result = ReadOnlyCatalog.from_settings(s, timeout=timeout).query(query, label="fs sql")
+    common.emit([dict(zip(result.columns, r, strict=True)) for r in result.rows], fmt, result.columns)
 
 
 def compact(

@@ -153,8 +153,8 @@ def _overlap_note(cfg: TrainConfig, excluded: int) -> None:
 
 
 def compare(
-    run_a: int = typer.Argument(..., help="First run id."),
-    run_b: int = typer.Argument(..., help="Second run id."),
+    run_a: int = typer.Argument(..., help="First run id.", **common.ID_RANGE),
+    run_b: int = typer.Argument(..., help="Second run id.", **common.ID_RANGE),
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence level of the interval."),
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
 ) -> None:
@@ -179,7 +179,7 @@ def compare(
 
 
 def predict(
-    run: int = typer.Option(..., "--run", help="Run whose final model predicts."),
+    run: int = typer.Option(..., "--run", help="Run whose final model predicts.", **common.ID_RANGE),
     paths: list[Path] = typer.Argument(None, help="Image files or folders (ingested and featurized first)."),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Predict every image of this dataset."),
     unlabelled: bool = typer.Option(False, "--unlabelled", help="Predict every image without a label."),

@@ -52,6 +52,19 @@ class Settings(BaseSettings):
     host, port:
         Where `fs serve` listens. ``FS_HOST`` (default 127.0.0.1) and
         ``FS_PORT`` (default 8000).
+    sql_timeout:
+        Seconds a user query (`fs sql`, ``--where``) may run before it is
+        stopped. ``FS_SQL_TIMEOUT``; default 30.
+    readonly_database_url:
+        PostgreSQL URL used for user queries instead of ``database_url``,
+        e.g. logging in as a role made by `fs db create-readonly-role NAME
+        --login`. ``FS_READONLY_DATABASE_URL``; default none.
+    readonly_role:
+        PostgreSQL role user queries switch to (``SET ROLE``), e.g. one made
+        by `fs db create-readonly-role NAME`. ``FS_READONLY_ROLE``.
+    max_file_mb:
+        Image files larger than this many MiB are refused unread (ingest,
+        extract, search by file). ``FS_MAX_FILE_MB``; default 200.
     """
 
     model_config = SettingsConfigDict(env_prefix="FS_", frozen=True, extra="ignore")
@@ -67,6 +80,11 @@ class Settings(BaseSettings):
     allow_writes: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    # issue 11: user SQL, file size cap
+    sql_timeout: float = Field(default=30.0, gt=0)
+    readonly_database_url: str | None = Field(default=None, repr=False)  # may hold a password
+    readonly_role: str | None = None
+    max_file_mb: float = Field(default=200.0, gt=0)
 
     def __init__(self, **values: Any):
         # An empty variable means "unset", as for most command-line tools.
@@ -92,6 +110,11 @@ class Settings(BaseSettings):
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied (None values are ignored)."""
         return self.model_copy(update={k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def max_file_bytes(self) -> int:
+        """``max_file_mb`` in bytes."""
+        return int(self.max_file_mb * 1024 * 1024)
 
     @property
     def catalog_url(self) -> str:

@@ -79,3 +79,14 @@ class IntegrityError(FeatureStoreError, RuntimeError):
 
 class ModelFilesMissingError(FeatureStoreError, FileNotFoundError):
     """A model's checkpoint files are not available."""
+
+
+class CatalogCorruptError(FeatureStoreError, RuntimeError):
+    """The catalog's SQLite file is not a database (overwritten, truncated or another file)."""
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(
+            f"the catalog {path} is not a readable SQLite database ({reason}); move it aside "
+            f"(mv {path} {path}.bad) and restore it from a backup, or point --store/FS_STORE at another store"
+        )
+        self.path = path

@@ -8,6 +8,14 @@ A shard is one file ``features/<feature_set>/<feature_set>-<stamp>.h5`` with
   ``format`` and ``created_at``, so ``h5dump`` or plain h5py users can read it
   without featurestore.
 
+Both datasets are chunked (about 1 MiB per chunk) with HDF5's Fletcher-32
+checksum filter: every read of a chunk verifies it, so bytes scrambled on disk
+raise :class:`~featurestore.errors.IntegrityError` naming the file instead of
+returning other vectors. Shards written before checksums were added (no
+filter) are still read, unverified; :func:`check_shard` reports them as
+unchecked, and recomputing the set (``fs extract ... --replace``) rewrites them
+with checksums.
+
 Shards are written to a temp file in the same folder, fsynced and renamed;
 only then does the caller register them in the catalog (one transaction). A
 crash leaves at most a temp file or an unregistered shard, both removed by
@@ -21,7 +29,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -30,6 +38,7 @@ from featurestore.errors import DimensionMismatchError, IntegrityError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp
 
 SHARD_FORMAT = "featurestore-shard/1"
+_CHUNK_BYTES = 1 << 20
 
 
 def write_shard(
@@ -50,9 +59,14 @@ def write_shard(
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     final = folder / f"{feature_set}-{stamp}-{os.urandom(4).hex()}.h5"
+    n, dim = vecs.shape
     with atomic_path(final) as tmp, h5py.File(tmp, "w") as fh:
-        fh.create_dataset("image_ids", data=ids)
-        fh.create_dataset("vectors", data=vecs)
+        # Fletcher-32 needs chunks; ~1 MiB of rows keeps single-row reads cheap. An empty shard
+        # needs an extensible shape for its (non-empty) chunk.
+        fh.create_dataset("image_ids", data=ids, chunks=(max(1, min(n, _CHUNK_BYTES // 8)),),
+                          maxshape=(None,) if n == 0 else None, fletcher32=True)
+        fh.create_dataset("vectors", data=vecs, chunks=(max(1, min(n, _CHUNK_BYTES // max(1, 4 * dim))), max(1, dim)),
+                          maxshape=(None, dim) if n == 0 else None, fletcher32=True)
         fh.attrs["format"] = SHARD_FORMAT
         fh.attrs["feature_set"] = feature_set
         fh.attrs["kind"] = kind
@@ -74,7 +88,60 @@ def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _open_error(path: Path, exc: Exception) -> IntegrityError:
-    return IntegrityError(f"feature shard {path} is missing or unreadable ({exc}); run `fs status` and re-extract")
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if not Path(path).exists():
+        return IntegrityError(f"feature shard {path} is missing or unreadable (no such file); run `fs verify` to "
+                              "list the damaged shards and repair the catalog")
+    if _is_checksum_failure(exc):
+        return IntegrityError(f"feature shard {path} is corrupt: its Fletcher-32 checksum does not match the data "
+                              "on disk; run `fs verify` to list the damaged shards and repair the catalog")
+    return IntegrityError(f"feature shard {path} is missing or unreadable ({reason}); run `fs verify` to list "
+                          "the damaged shards and repair the catalog")
+
+
+def _is_checksum_failure(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "checksum" in text or "filter returned failure" in text or "data error detected" in text
+
+
+class ShardCheck(NamedTuple):
+    """What :func:`check_shard` found in a readable shard."""
+
+    image_ids: np.ndarray
+    checksummed: bool
+
+
+def check_shard(path: Path, rows: int, dim: int, block_bytes: int = 64 << 20) -> ShardCheck:
+    """Read a whole shard, verifying its layout against the catalog and every chunk's checksum.
+
+    Parameters
+    ----------
+    rows, dim : int
+        What the catalog records for the shard and its feature set.
+    block_bytes : int
+        Vectors are read in blocks of about this size (memory stays bounded).
+
+    Raises
+    ------
+    IntegrityError
+        Missing, unreadable, corrupt (checksum), or a shape the catalog does
+        not record; the message names the file.
+    """
+    try:
+        with h5py.File(path, "r") as fh:
+            ids_ds, vec_ds = fh["image_ids"], fh["vectors"]
+            if vec_ds.ndim != 2 or vec_ds.shape != (rows, dim) or ids_ds.shape != (rows,):
+                raise IntegrityError(
+                    f"feature shard {path} holds {ids_ds.shape[0]} ids and vectors of shape {vec_ds.shape}; the "
+                    f"catalog records {rows} x {dim}"
+                )
+            ids = ids_ds[...]
+            step = max(1, block_bytes // max(1, 4 * dim))
+            for start in range(0, rows, step):
+                vec_ds[start : start + step]  # every chunk read is checked by the Fletcher-32 filter
+            return ShardCheck(np.asarray(ids, dtype=np.int64), bool(vec_ds.fletcher32 and ids_ds.fletcher32))
+    except (OSError, KeyError, ValueError) as exc:
+        raise _open_error(path, exc) from None
 
 
 def place(out: np.ndarray, block: np.ndarray, positions: np.ndarray, rows: np.ndarray, cols: slice) -> None:

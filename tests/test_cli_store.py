@@ -48,7 +48,7 @@ def test_sql_refuses_writes_and_reports_errors(image_tree: Path) -> None:
     assert "Error: fs sql is read-only" in result.output
     assert json.loads(fs("sql", "SELECT count(*) AS n FROM images", "-f", "json").stdout) == [{"n": 12}]
     bad = fs("sql", "SELEC nothing")
-    assert bad.exit_code == 1 and "Error: SQL error" in bad.output
+    assert bad.exit_code == 1 and "Error: fs sql: SQL error" in bad.output
 
 
 def test_ingest_failures_listed_and_exit_codes(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -76,14 +77,14 @@ def test_every_kind_of_bad_file_is_recorded_and_skipped(
     (root / "bomb.png").write_bytes(_huge_png(30000, 30000))
     (root / "dangling.jpg").symlink_to(tmp_path / "does-not-exist.jpg")
     locked = make_image(root / "locked.png", seed=5)
-    original = Path.read_bytes
+    original = os.open
 
-    def deny(self: Path) -> bytes:
-        if self.name == locked.name:
-            raise PermissionError(13, "Permission denied")
-        return original(self)
+    def deny(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if Path(str(path)).name == locked.name:  # tests run as root: chmod 000 would not stop the read
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(os, "open", deny)
     with store.writing():
         summary = ingest(store, tmp_path / "mixed")
     reasons = {Path(p).name: r for p, r in summary.failed}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import sys
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -14,8 +13,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
-from featurestore.errors import FeatureStoreError, SchemaOutdatedError
+from featurestore.errors import CatalogCorruptError, FeatureStoreError, SchemaOutdatedError
 
 
 def configure_sqlite(engine: Engine) -> None:
@@ -52,30 +52,6 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def make_readonly_engine(url: str) -> Engine:
-    """An engine that cannot write: SQLite opened ``mode=ro``; PostgreSQL read-only sessions."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        path = Path(parsed.database or "").resolve()
-
-        def _connect() -> sqlite3.Connection:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-            conn.execute("PRAGMA query_only=ON")
-            return conn
-
-        return create_engine("sqlite://", creator=_connect, future=True)
-    engine = create_engine(url, future=True, execution_options={"postgresql_readonly": True})
-
-    @event.listens_for(engine, "connect")
-    def _ro(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-        cur.close()
-        dbapi_conn.commit()
-
-    return engine
-
-
 def alembic_config(url: str) -> Any:
     """An Alembic config pointing at the migrations shipped inside the package."""
     # Config's default stdout is bound when alembic is first imported; pass the current one.
@@ -93,8 +69,16 @@ def head_revision(url: str) -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    """The catalog's schema revision; a SQLite file that is not a database gets an error naming it."""
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except DBAPIError as exc:
+        orig = exc.orig
+        msg = str(orig).strip() if orig is not None else ""
+        if isinstance(orig, sqlite3.DatabaseError) and ("not a database" in msg or "malformed" in msg):
+            raise CatalogCorruptError(engine.url.database, msg) from None
+        raise
 
 
 def upgrade(engine: Engine, url: str, revision: str = "head") -> tuple[str | None, str]:

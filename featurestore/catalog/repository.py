@@ -382,6 +382,24 @@ class Catalog:
                 s.execute(delete(FeatureShard).where(FeatureShard.id.in_(replaces)))
             return int(shard.id)
 
+    def unregister_shards(self, paths: dict[int, str]) -> dict[int, int]:
+        """Unregister shards (id -> expected path) and their rows in one transaction (``fs verify --repair``).
+
+        A shard is removed only if it is still registered under that path.
+        Returns shard id -> catalog rows dropped.
+        """
+        with self.session() as s:
+            current = dict(s.execute(select(FeatureShard.id, FeatureShard.path).where(
+                FeatureShard.id.in_(list(paths)))).all())
+            ids = [i for i, p in paths.items() if current.get(i) == p]
+            if not ids:
+                return {}
+            counts = {int(k): int(v) for k, v in s.execute(select(FeatureRow.shard_id, func.count()).where(
+                FeatureRow.shard_id.in_(ids)).group_by(FeatureRow.shard_id))}
+            s.execute(delete(FeatureRow).where(FeatureRow.shard_id.in_(ids)))
+            s.execute(delete(FeatureShard).where(FeatureShard.id.in_(ids)))
+        return {i: counts.get(i, 0) for i in ids}
+
     # -- models ----------------------------------------------------------------------------
     def models(self) -> dict[str, Model]:
         with self.session() as s:

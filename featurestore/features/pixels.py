@@ -11,8 +11,44 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from featurestore.errors import InvalidInputError
 from featurestore.features.base import Extractor, FeatureSpec
 from featurestore.features.resize import check_rule, check_size, resize_params, resize_rgb
+
+MAX_VECTOR_BYTES = 64 * 2**20
+"""Largest pixels vector, ``W * H * 3`` float32 values: 64 MiB (about 5.6 million pixels, e.g. 2560x2160)."""
+
+MAX_BATCH_BYTES = 2 * 2**30
+"""Largest batch (resized bytes plus float32 vectors of ``batch_size`` images): 2 GiB."""
+
+
+def check_pixels(size: Any, batch_size: int = 1) -> tuple[int, int]:
+    """Validate a pixels size against the memory it needs, before any work.
+
+    Raises
+    ------
+    InvalidInputError
+        The vector of one image would exceed :data:`MAX_VECTOR_BYTES`, or a
+        batch of ``batch_size`` images :data:`MAX_BATCH_BYTES`; the message
+        gives the largest size (or batch) that fits.
+    """
+    w, h = check_size(size)
+    vector = w * h * 3 * 4
+    if vector > MAX_VECTOR_BYTES:
+        raise InvalidInputError(
+            f"pixels{w}x{h} vectors would hold {w * h * 3:,} float32 values = {vector / 2**20:,.0f} MiB per "
+            f"image; the limit is {MAX_VECTOR_BYTES / 2**20:g} MiB per vector (at most "
+            f"{MAX_VECTOR_BYTES // 12:,} pixels, e.g. 2560x2160), since vectors are held in memory and shards; "
+            "use a smaller size or a random projection (--rp)"
+        )
+    per_image = vector + w * h * 3
+    if batch_size * per_image > MAX_BATCH_BYTES:
+        raise InvalidInputError(
+            f"a batch of {batch_size} pixels{w}x{h} images needs {batch_size * per_image / 2**30:,.1f} GiB; the "
+            f"limit is {MAX_BATCH_BYTES / 2**30:g} GiB per batch: use a batch of at most "
+            f"{max(1, MAX_BATCH_BYTES // per_image)}"
+        )
+    return w, h
 
 
 class PixelsExtractor(Extractor):
@@ -45,7 +81,7 @@ class PixelsExtractor(Extractor):
     kind = "pixels"
 
     def __init__(self, size: tuple[int, int] = (640, 480), rule: str = "stretch", name: str | None = None):
-        self.size = check_size(size)
+        self.size = check_pixels(size)
         self.rule = check_rule(rule)
         w, h = self.size
         self.name = name or f"pixels{w}x{h}"

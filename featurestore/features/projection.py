@@ -78,6 +78,50 @@ def default_density(n_features: int) -> float:
     return 1.0 / math.sqrt(n_features)
 
 
+MAX_PROJECTION_BYTES = 4 * 2**30
+"""Largest projection to generate, by the memory it needs at its peak: 4 GiB."""
+
+MAX_PROJECTION_DRAWS = 2**35
+"""Most random words drawn to generate a projection (``D * K``, about 3.4e10: several minutes)."""
+
+_BYTES_PER_NONZERO = 104  # measured peak while generating: indices, signs, sort orders, CSC arrays
+
+
+def check_projection(n_features: int, n_components: int, density: float | None = None) -> None:
+    """Refuse a projection too large to generate, before any work.
+
+    Generation draws one random word per cell (``D * K``) and keeps about
+    ``D * K * density`` non-zeros; both are bounded
+    (:data:`MAX_PROJECTION_DRAWS`, :data:`MAX_PROJECTION_BYTES`), and ``K`` may
+    not exceed ``D`` (a projection reduces dimensions).
+
+    Raises
+    ------
+    InvalidInputError
+        The message gives what it would need, the limit, and the largest ``K``
+        that fits at this input size.
+    """
+    d, k = int(n_features), int(n_components)
+    if d < 1 or k < 1:
+        raise InvalidInputError(f"projection needs n_features >= 1 and n_components >= 1, got {d}, {k}")
+    density = default_density(d) if density is None else float(density)
+    if k > d:
+        raise InvalidInputError(
+            f"a random projection of {d:,} input values to {k:,} dimensions would not reduce them; K must be at "
+            f"most {d:,} (typical: 64 to 1,024)"
+        )
+    nonzeros = d * k * density
+    need = nonzeros * _BYTES_PER_NONZERO
+    if need > MAX_PROJECTION_BYTES or d * k > MAX_PROJECTION_DRAWS:
+        k_max = int(min(d, MAX_PROJECTION_BYTES / (_BYTES_PER_NONZERO * d * density), MAX_PROJECTION_DRAWS // d))
+        raise InvalidInputError(
+            f"a random projection of {d:,} input values to {k:,} dimensions would draw {d * k:,.0f} random numbers "
+            f"and hold about {nonzeros:,.0f} non-zeros ({need / 2**30:,.1f} GiB while generating); the limits are "
+            f"{MAX_PROJECTION_DRAWS:,} draws (minutes of work) and {MAX_PROJECTION_BYTES / 2**30:g} GiB, so at this "
+            f"input size K can be at most {k_max:,} (typical: 64 to 1,024; or use a smaller --size)"
+        )
+
+
 def _scale(density: float, n_components: int) -> np.float32:
     return np.float32(math.sqrt(1.0 / density) / math.sqrt(n_components))
 
@@ -157,10 +201,7 @@ class SparseRandomProjection:
         SparseRandomProjection
         """
         n_features, n_components = int(n_features), int(n_components)
-        if n_features < 1 or n_components < 1:
-            raise InvalidInputError(
-                f"projection needs n_features >= 1 and n_components >= 1, got {n_features}, {n_components}"
-            )
+        check_projection(n_features, n_components, density)
         if isinstance(seed, bool) or int(seed) != seed or seed < 0:
             raise InvalidInputError(f"projection seed must be a non-negative integer, got {seed!r}")
         seed = int(seed)
@@ -509,8 +550,9 @@ def projection_extractor(
     """
     if k < 1:
         raise InvalidInputError(f"--rp must be a positive number of dimensions, got {k}")
-    check_size(size)
+    w, h = check_size(size)
     check_rule(rule)
+    check_projection(w * h * 3, k)
     name = name or f"rp{k}"
     folder = store.root / "projections"
     requested = {"k": k, "size": [size[0], size[1]], "resize_rule": rule, "seed": seed}

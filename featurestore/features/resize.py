@@ -39,14 +39,24 @@ RESIZE_FILTER = "bilinear"
 
 _PIL_FILTER = Image.Resampling.BILINEAR
 
+MAX_IMAGE_BYTES = 64 * 2**20
+"""Largest resized image a pixel-based family works on, ``W * H * 3`` bytes: 64 MiB (4096x4096 is 48 MiB).
 
-def check_size(size: Any) -> tuple[int, int]:
+Every image of a batch (and of the batches decoded ahead) is held resized in
+memory, so a size such as 100000x100000 (28 GiB per image) is refused before
+any work instead of running until the machine runs out of memory.
+"""
+
+
+def check_size(size: Any, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[int, int]:
     """Validate a ``(width, height)`` pair and return it as a tuple of ints.
 
     Parameters
     ----------
     size : sequence of two positive ints
         Target width and height in pixels.
+    max_bytes : int
+        Largest ``W * H * 3`` allowed (:data:`MAX_IMAGE_BYTES`).
 
     Returns
     -------
@@ -56,7 +66,8 @@ def check_size(size: Any) -> tuple[int, int]:
     Raises
     ------
     InvalidInputError
-        If ``size`` is not two positive integers.
+        If ``size`` is not two positive integers, or the resized image would
+        exceed ``max_bytes``.
     """
     try:
         w, h = size
@@ -69,6 +80,12 @@ def check_size(size: Any) -> tuple[int, int]:
         ) from None
     if w < 1 or h < 1:
         raise InvalidInputError(f"image size must be positive, got {w}x{h}")
+    if w * h * 3 > max_bytes:
+        raise InvalidInputError(
+            f"image size {w}x{h} is {w * h * 3 / 2**20:,.0f} MiB of RGB pixels per image; the limit is "
+            f"{max_bytes / 2**20:g} MiB per resized image (e.g. 4096x4096), since every image of a batch is "
+            "held resized in memory"
+        )
     return w, h
 
 

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +82,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_pillow_limit_lock = threading.Lock()
+
+
+def _allow_pixels(max_pixels: int) -> None:
+    """Let Pillow open images up to ``max_pixels`` (our own check below enforces the limit).
+
+    Pillow refuses images over twice ``Image.MAX_IMAGE_PIXELS`` in ``Image.open``
+    whatever the caller wants; a larger ``FS_MAX_IMAGE_PIXELS`` raises Pillow's
+    process-wide limit to match. It only ever goes up, so a concurrent caller
+    with a smaller limit is still held to its own by :func:`_open_checked`.
+    """
+    with _pillow_limit_lock:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and max_pixels > current:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    if max_pixels < 1:
+        raise InvalidInputError(f"the pixel limit must be positive, got {max_pixels} (FS_MAX_IMAGE_PIXELS)")
+    _allow_pixels(max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -117,15 +140,54 @@ def decode_bytes(data: bytes, max_pixels: int = 89_478_485) -> DecodedImage:
     return DecodedImage(digest, rgb.width, rgb.height, fmt, mode, len(data), rgb)
 
 
-def read_bytes(path: Path) -> bytes:
-    """Read a file, turning OS errors into a one-line reason."""
+MAX_FILE_BYTES = 200 * 1024 * 1024
+"""Default largest image file read (``FS_MAX_FILE_MB``, 200 MiB)."""
+
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    for test, name in _SPECIAL:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _not_regular(mode: int) -> ImageDecodeError:
+    kind = _kind(mode)
+    what = kind if kind == "not a regular file" else f"not a regular file: {kind}"
+    return ImageDecodeError(f"{what}; only regular image files are read")
+
+
+def _human(n: float) -> str:
+    return f"{n / 2**20:,.4g} MiB" if n >= 2**20 else f"{n / 2**10:,.4g} KiB"
+
+
+def _too_large(size: int, max_bytes: int) -> ImageDecodeError:
+    return ImageDecodeError(
+        f"file is larger than the {_human(max_bytes)} limit ({_human(size)} or more); "
+        "raise FS_MAX_FILE_MB if it is a genuine image"
+    )
+
+
+def read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Read an image file: regular files only, at most ``max_bytes``; OS errors become a one-line reason.
+
+    FIFOs, devices, sockets and symlinks to them are refused from ``os.stat``
+    before anything is opened (opening a FIFO blocks until a writer appears;
+    reading ``/dev/zero`` never ends). The file is opened with ``O_NONBLOCK``
+    and checked again on the open descriptor, so a file swapped for a FIFO in
+    between cannot block either, and no more than ``max_bytes + 1`` bytes are
+    ever read.
+    """
     try:
-        if path.is_symlink() and not path.exists():
-            raise ImageDecodeError("broken symlink")
-        return path.read_bytes()
+        return _read_regular(path, max_bytes)
     except ImageDecodeError:
         raise
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageDecodeError("broken symlink") from None
         raise ImageDecodeError("file not found (moved or deleted since it was listed)") from None
     except PermissionError:
         raise ImageDecodeError("permission denied") from None
@@ -133,11 +195,43 @@ def read_bytes(path: Path) -> bytes:
         raise ImageDecodeError("is a directory") from None
     except OSError as exc:
         raise ImageDecodeError(f"unreadable: {exc.strerror or exc}") from None
+    except ValueError as exc:  # e.g. a NUL byte in the path
+        raise ImageDecodeError(f"invalid path: {exc}") from None
 
 
-def load_rgb(path: Path, max_pixels: int = 89_478_485) -> Image.Image:
+def _check_regular(mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise ImageDecodeError("is a directory")
+    if not stat.S_ISREG(mode):
+        raise _not_regular(mode)
+
+
+def _read_regular(path: Path, max_bytes: int) -> bytes:
+    st = os.stat(path)  # follows symlinks: a link to /dev/zero is a character device
+    _check_regular(st.st_mode)
+    if st.st_size > max_bytes:
+        raise _too_large(st.st_size, max_bytes)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        _check_regular(os.fstat(fd).st_mode)  # the same file as stat()ed, not one swapped in since
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > max_bytes:  # grew after the stat
+        raise _too_large(size, max_bytes)
+    return b"".join(chunks)
+
+
+def load_rgb(path: Path, max_pixels: int = 89_478_485, max_bytes: int = MAX_FILE_BYTES) -> Image.Image:
     """Decode the file at ``path`` to RGB; errors name the file."""
     try:
-        return decode_bytes(read_bytes(path), max_pixels).image
+        return decode_bytes(read_bytes(path, max_bytes), max_pixels).image
     except ImageDecodeError as exc:
         raise ImageDecodeError(f"{path}: {exc}") from None

@@ -115,10 +115,11 @@ def extract(
         return summary
     start = time.perf_counter()
     max_pixels = store.settings.max_image_pixels
+    max_bytes = store.settings.max_file_bytes  # issue 11: regular files only, size-capped
 
     def prepare(image_id: int) -> tuple[int, list[Any] | None, str | None]:
         try:
-            img = decode_bytes(read_bytes(Path(path_of[image_id])), max_pixels).image
+            img = decode_bytes(read_bytes(Path(path_of[image_id]), max_bytes), max_pixels).image
             return image_id, [j.extractor.prepare(img) if image_id in j.needed else None for j in jobs], None
         except ImageDecodeError as exc:
             return image_id, None, str(exc)

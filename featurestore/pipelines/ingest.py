@@ -10,7 +10,9 @@ one transaction, so an interrupted ingest keeps whole rows only.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,9 +74,9 @@ def scan(root: Path, labels: str = "dir") -> list[Candidate]:
     if mode == "csv":
         assert manifest is not None
         return _from_manifest(manifest, root)
-    if not root.exists():
+    if not root.exists() and not root.is_symlink():
         raise InvalidInputError(f"{root} does not exist; give a folder of images or an image file")
-    if root.is_file() or (root.is_symlink() and not root.exists()):
+    if not root.is_dir():  # one file: read_bytes reports it if it is not a regular file (FIFO, device...)
         return [Candidate(root, None, None)] if is_image_path(root) else []
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -93,28 +95,50 @@ def scan(root: Path, labels: str = "dir") -> list[Candidate]:
     return out
 
 
-def _from_manifest(manifest: Path, root: Path) -> list[Candidate]:
+def _manifest_text(manifest: Path) -> str:
+    """The manifest decoded as UTF-8 (a BOM is dropped); a bad byte is reported by line."""
     try:
-        text = manifest.read_text(encoding="utf-8-sig")
+        data = manifest.read_bytes()
     except OSError as exc:
-        raise InvalidInputError(f"cannot read label manifest {manifest}: {exc.strerror}") from None
-    rows = list(csv.reader(text.splitlines()))
-    if rows and rows[0] and rows[0][0].strip().lower() == "path":
-        rows = rows[1:]
+        raise InvalidInputError(f"cannot read label manifest {manifest}: {exc.strerror or exc}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InvalidInputError(
+            f"{manifest} line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the CSV as UTF-8"
+        ) from None
+
+
+def _from_manifest(manifest: Path, root: Path) -> list[Candidate]:
+    text = _manifest_text(manifest)
+    # csv.reader on the text itself (newline=''): a quoted field may hold a newline or a \r.
+    reader = csv.reader(io.StringIO(text, newline=""))
     base = root if root.is_dir() else manifest.parent
     out = []
-    for n, row in enumerate(rows, start=1):
-        if not row or not any(c.strip() for c in row):
-            continue
-        if len(row) < 2:
-            raise InvalidInputError(
-                f"{manifest} line {n}: expected path,label[,superclass], got {','.join(row)!r}"
-            )
-        p = Path(row[0].strip())
-        path = p if p.is_absolute() else base / p
-        label = row[1].strip() or None
-        superclass = (row[2].strip() or None) if len(row) > 2 else None
-        out.append(Candidate(path, label, superclass))
+    first = True
+    try:
+        for row in reader:
+            n = reader.line_num
+            if first and row and row[0].strip().lower() == "path":
+                first = False
+                continue
+            first = False
+            if not row or not any(c.strip() for c in row):
+                continue
+            if len(row) < 2:
+                raise InvalidInputError(f"{manifest} line {n}: expected path,label[,superclass], got {','.join(row)!r}")
+            if any("\0" in c for c in row):
+                raise InvalidInputError(f"{manifest} line {n}: a field contains a NUL byte (0x00); remove it")
+            # Only spaces and tabs around the path are dropped: a quoted path keeps its newlines.
+            p = Path(row[0].strip(" \t"))
+            path = p if p.is_absolute() else base / p
+            label = row[1].strip() or None
+            superclass = (row[2].strip() or None) if len(row) > 2 else None
+            out.append(Candidate(path, label, superclass))
+    except csv.Error as exc:
+        raise InvalidInputError(f"{manifest} line {reader.line_num}: not valid CSV ({exc})") from None
     return out
 
 
@@ -142,11 +166,12 @@ def ingest(
         dataset_id = store.catalog.dataset_id(s, name, create=True)
     seen = _Seen()
     max_pixels = store.settings.max_image_pixels
+    max_bytes = store.settings.max_file_bytes
     done = 0
 
     def work(c: Candidate) -> tuple[Candidate, object]:
         try:
-            decoded = decode_bytes(read_bytes(c.path), max_pixels)
+            decoded = decode_bytes(read_bytes(c.path, max_bytes), max_pixels)
             # Keep metadata only: pixels are not needed after validation.
             return c, (decoded.sha256, decoded.width, decoded.height, decoded.format, decoded.mode,
                        decoded.nbytes)

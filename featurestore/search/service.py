@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy.exc import DBAPIError, StatementError
 
-from featurestore.catalog.database import make_readonly_engine
+from featurestore.catalog.readonly import ReadOnlyCatalog
 from featurestore.errors import DimensionMismatchError, FeatureStoreError, IntegrityError, InvalidInputError
 from featurestore.features.registry import extract_hint
 from featurestore.io.images import load_rgb, to_rgb
@@ -106,47 +105,28 @@ def clear_cache(store: Store) -> None:
     store.clear_caches()
 
 
-# The images as --where sees them: one row per dataset an image belongs to, plus `dataset` (its name).
-_WHERE_SQL = (
-    "SELECT DISTINCT images.id FROM (SELECT i.id, i.sha256, i.source_path, i.width, i.height, i.format, i.mode, "
-    "i.bytes, i.label, i.superclass, m.dataset_id, i.ingested_at, d.name AS dataset FROM images i "
-    "JOIN dataset_members m ON m.image_id = i.id JOIN datasets d ON d.id = m.dataset_id) AS images WHERE {cond}"
-)
-
-
 def where_ids(store: Store, condition: str) -> np.ndarray:
-    """Ids of the images matching a SQL condition, run on a read-only catalog connection.
+    """Ids of the images matching a SQL condition, run read-only under the SQL timeout.
 
     The condition is evaluated on the columns of the ``images`` table (``id``,
     ``sha256``, ``source_path``, ``width``, ``height``, ``format``, ``mode``,
-    ``bytes``, ``label``, ``superclass``, ``dataset_id``, ``ingested_at``) plus
-    ``dataset``, the dataset's name, e.g. ``label = 'sandal' AND dataset = 'spring'``.
-    The connection cannot write (SQLite ``mode=ro``; PostgreSQL read-only session).
+    ``bytes``, ``label``, ``superclass``, ``ingested_at``) plus ``dataset_id``
+    and ``dataset`` (the name) of each dataset the image belongs to, e.g.
+    ``label = 'sandal' AND dataset = 'spring'``. It is parsed as one expression and checked by
+    :mod:`featurestore.catalog.readonly` (the owner of user SQL), which runs it
+    read-only within ``Settings.sql_timeout`` seconds.
 
     Raises
     ------
     InvalidInputError
-        The condition is empty, not valid SQL, or tries to write (the message
-        is the database's, on one line).
+        The condition is empty, not valid SQL, not allowed, or tries to write
+        (one line naming the condition).
+    QueryTimeoutError
+        It ran longer than the timeout.
     """
-    cond = (condition or "").strip().rstrip(";").strip()
-    if not cond:
-        raise InvalidInputError("--where needs a SQL condition, e.g. label = 'sneaker'")
-    engine = make_readonly_engine(store.settings.catalog_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.exec_driver_sql(_WHERE_SQL.format(cond=cond)).fetchall()
-            conn.rollback()
-    except (DBAPIError, StatementError) as exc:
-        orig = getattr(exc, "orig", None)
-        lines = str(orig if orig is not None else exc).strip().splitlines()
-        msg = lines[0] if lines else type(exc).__name__
-        if "readonly" in msg.replace(" ", "").lower() or "read-only" in msg.lower():
-            raise InvalidInputError(f"--where is read-only: the condition tries to write ({msg})") from None
-        raise InvalidInputError(f"bad --where condition {cond!r}: {msg}") from None
-    finally:
-        engine.dispose()
-    return np.fromiter((int(r[0]) for r in rows), dtype=np.int64, count=len(rows))
+    # hook (issue 11): user SQL goes through catalog.readonly only
+    ids = ReadOnlyCatalog.from_settings(store.settings).image_ids_where(condition)
+    return np.asarray(ids, dtype=np.int64)
 
 
 def stored_vector(store: Store, feature_set: str, image_id: int) -> np.ndarray:
@@ -190,7 +170,7 @@ def query_vector(store: Store, feature_set: str, query: Any) -> tuple[np.ndarray
         vec = _as_query(np.asarray(query, dtype=np.float64), int(fs.dim))
         return vec, None
     if isinstance(query, str | os.PathLike):
-        image = load_rgb(Path(query), store.settings.max_image_pixels)
+        image = load_rgb(Path(query), store.settings.max_image_pixels, store.settings.max_file_bytes)
         return embedder_for(store, fs.name)(image), None
     if isinstance(query, PILImage.Image):
         return embedder_for(store, fs.name)(query), None

@@ -1,0 +1,115 @@
+"""Check every registered shard against the catalog (``fs verify``), and unregister the damaged ones.
+
+For each shard the catalog lists: the file exists, opens, has the shape the
+catalog records (rows x the set's dim), every chunk passes its Fletcher-32
+checksum (the whole file is read), and the catalog's rows point at the image
+ids the shard actually holds. A damaged shard's vectors cannot be trusted or
+read; :func:`unregister` removes it from the catalog in one transaction, so
+coverage drops to the truth and the next ``fs extract`` recomputes just those
+images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from featurestore.errors import IntegrityError
+from featurestore.shards import check_shard
+from featurestore.store import Store
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    """One damaged shard: ``problem`` is ``missing``, ``corrupt`` or ``mismatch``."""
+
+    feature_set: str
+    shard_id: int
+    path: str
+    rows: int
+    problem: str
+    detail: str
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found."""
+
+    feature_sets: int = 0
+    shards: int = 0
+    rows: int = 0
+    problems: list[ShardProblem] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    """Readable shards written before checksums were added (not verifiable byte for byte)."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _mismatch(ids: np.ndarray, pairs: np.ndarray) -> str | None:
+    """Why the catalog's (image_id, row) pairs do not match the shard's ids, or None."""
+    if not len(pairs):
+        return None
+    rows = pairs[:, 1]
+    outside = int(((rows < 0) | (rows >= len(ids))).sum())
+    if outside:
+        return f"{outside} catalog row(s) point past the shard's {len(ids)} rows"
+    wrong = int((ids[rows] != pairs[:, 0]).sum())
+    if wrong:
+        return f"{wrong} catalog row(s) name an image id the shard does not hold at that row"
+    return None
+
+
+def verify(store: Store, feature_set: str | None = None, progress: Progress | None = None) -> VerifyReport:
+    """Check every registered shard (of one feature set, or all) by reading it fully.
+
+    Reads only; safe beside other readers. See the module docstring for the checks.
+    """
+    sets = [store.feature_set(feature_set)] if feature_set is not None else store.feature_sets()
+    shards = [(fs.name, fs.dim, sh.id, sh.path, sh.rows) for fs in sets for sh in store.catalog.shards(fs.id)]
+    report = VerifyReport(feature_sets=len({s[0] for s in shards}), shards=len(shards))
+    for k, (name, dim, shard_id, rel, rows) in enumerate(shards, start=1):
+        path = store.root / rel
+        report.rows += rows
+
+        def problem(kind: str, detail: str, name: str = name, shard_id: int = shard_id, rel: str = rel,
+                    rows: int = rows) -> None:
+            report.problems.append(ShardProblem(name, shard_id, rel, rows, kind, detail))
+
+        if not path.exists():
+            problem("missing", f"{path} does not exist")
+        else:
+            try:
+                check = check_shard(path, rows, dim)
+            except IntegrityError as exc:
+                problem("corrupt", str(exc))
+            else:
+                if not check.checksummed:
+                    report.unchecked.append(rel)
+                why = _mismatch(check.image_ids, store.catalog.live_rows_of_shard(shard_id))
+                if why:
+                    problem("mismatch", why)
+        if progress:
+            progress(k, len(shards))
+    return report
+
+
+def unregister(store: Store, problems: Sequence[ShardProblem]) -> tuple[int, dict[str, int]]:
+    """Remove damaged shards and their rows from the catalog in one transaction; call under ``store.writing()``.
+
+    Only shards still registered under the same path are removed (a concurrent
+    ``fs compact`` may have replaced them). Their files become orphans that the
+    next writer deletes. Returns the number of shards removed and of vectors
+    dropped per feature set.
+    """
+    removed = store.catalog.unregister_shards({p.shard_id: p.path for p in problems})
+    dropped: dict[str, int] = {}
+    by_id = {p.shard_id: p.feature_set for p in problems}
+    for shard_id, rows in removed.items():
+        dropped[by_id[shard_id]] = dropped.get(by_id[shard_id], 0) + rows
+    return len(removed), dropped
