@@ -90,3 +90,29 @@ class CatalogCorruptError(FeatureStoreError, RuntimeError):
             f"(mv {path} {path}.bad) and restore it from a backup, or point --store/FS_STORE at another store"
         )
         self.path = path
+
+
+class UnsupportedMediaError(InvalidInputError):
+    """Bytes that are not an image, or an image in a format the store cannot keep (HTTP 415)."""
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """An upload over the size limit, or an image over the pixel limit (HTTP 413)."""
+
+
+class ImageNotFoundError(NotFoundError, InvalidInputError):
+    """No image has this id (also an :class:`InvalidInputError`: the id was given by the user)."""
+
+    def __init__(self, image_id: int, hint: str = ""):
+        FeatureStoreError.__init__(self, f"no image with id {image_id} in the catalog" + (f"; {hint}" if hint else ""))
+        self.name = str(image_id)
+        self.available = []
+
+
+class NoVectorError(MissingFeaturesError, InvalidInputError):
+    """One image has no vector in a feature set (HTTP 409: run `fs extract` first)."""
+
+    def __init__(self, image_id: int, feature_set: str, command: str, hint: str = ""):
+        msg = f"image {image_id} has no vector in {feature_set}: run `{command}` first"
+        FeatureStoreError.__init__(self, msg + (f", {hint}" if hint else ""))
+        self.missing = 1

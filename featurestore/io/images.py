@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from featurestore.errors import InvalidInputError
+from featurestore.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -39,7 +39,20 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class ImageDecodeError(InvalidInputError):
-    """A file that is not a readable image; the message is the reason only."""
+    """A file that is not a readable image; the message is the reason only.
+
+    The subclasses say what kind of failure it was (the HTTP service answers
+    415 / 413 by type); a plain ``ImageDecodeError`` is a corrupt, truncated or
+    unreadable file.
+    """
+
+
+class NotAnImageError(ImageDecodeError, UnsupportedMediaError):
+    """Empty, or bytes Pillow cannot identify as any image format."""
+
+
+class ImageTooLargeError(ImageDecodeError, PayloadTooLargeError):
+    """A decompression bomb: more pixels than the limit."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +121,14 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
-            raise ImageDecodeError("decompression bomb: image exceeds the pixel limit") from None
+            raise ImageTooLargeError("decompression bomb: image exceeds the pixel limit") from None
         except UnidentifiedImageError:
-            raise ImageDecodeError("not an image (Pillow cannot identify the format)") from None
+            raise NotAnImageError("not an image (Pillow cannot identify the format)") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # a format's header that Pillow cannot parse
+            raise ImageDecodeError(f"corrupt image header: {exc}") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageDecodeError(
+        raise ImageTooLargeError(
             f"decompression bomb: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
             "(raise FS_MAX_IMAGE_PIXELS if the image is genuine)"
         )
@@ -123,7 +138,7 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
 def decode_bytes(data: bytes, max_pixels: int = 89_478_485) -> DecodedImage:
     """Fully decode ``data`` (validating it) and return metadata plus RGB pixels."""
     if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
+        raise NotAnImageError("empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
     img = _open_checked(data, max_pixels)
     fmt = img.format or "unknown"
@@ -234,4 +249,4 @@ def load_rgb(path: Path, max_pixels: int = 89_478_485, max_bytes: int = MAX_FILE
     try:
         return decode_bytes(read_bytes(path, max_bytes), max_pixels).image
     except ImageDecodeError as exc:
-        raise ImageDecodeError(f"{path}: {exc}") from None
+        raise type(exc)(f"{path}: {exc}") from None  # keeps the kind

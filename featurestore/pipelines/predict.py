@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from featurestore.catalog.schema import Run
-from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.errors import FeatureStoreError, InvalidInputError, UnsupportedMediaError
 from featurestore.io.atomic import write_bytes_atomic
 from featurestore.io.images import DecodedImage
 from featurestore.pipelines.extract import extract
@@ -122,7 +122,9 @@ def _store_upload(store: Store, run: Run, upload: DecodedImage, data: bytes, vec
     """Save the upload under uploads/, ingest it (dataset "uploads"), add its vectors and prediction row."""
     ext = UPLOAD_EXTENSIONS.get(upload.format)
     if ext is None:
-        raise InvalidInputError(f"{upload.format} images cannot be stored; upload JPEG, PNG, WebP, BMP, GIF or TIFF")
+        raise UnsupportedMediaError(
+            f"{upload.format} images cannot be stored; upload JPEG, PNG, WebP, BMP, GIF or TIFF"
+        )
     path = Path(store.root) / "uploads" / f"{upload.sha256}.{ext}"
     with store.writing():
         image_id = store.catalog.image_id_by_sha256(upload.sha256)

@@ -25,7 +25,14 @@ import numpy as np
 from PIL import Image as PILImage
 
 from featurestore.catalog.readonly import ReadOnlyCatalog
-from featurestore.errors import DimensionMismatchError, FeatureStoreError, IntegrityError, InvalidInputError
+from featurestore.errors import (
+    DimensionMismatchError,
+    FeatureStoreError,
+    ImageNotFoundError,
+    IntegrityError,
+    InvalidInputError,
+    NoVectorError,
+)
 from featurestore.features.registry import extract_hint
 from featurestore.io.images import load_rgb, to_rgb
 from featurestore.search.kernel import Hit, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
@@ -134,23 +141,20 @@ def stored_vector(store: Store, feature_set: str, image_id: int) -> np.ndarray:
 
     Raises
     ------
-    InvalidInputError
-        No image has this id, or it has no vector in the set (the message names
-        the ``fs extract`` command to run).
+    ImageNotFoundError
+        No image has this id.
+    NoVectorError
+        The image has no vector in the set (the message names the ``fs extract``
+        command to run).
     """
     fs = store.feature_set(feature_set)
     image_id = int(image_id)
+    # Typed errors (HTTP answers 404 / 409 by type); both are also InvalidInputError.
     if not 1 <= image_id <= 2**63 - 1 or not store.catalog.image_exists(image_id):
-        raise InvalidInputError(
-            f"no image with id {image_id} in the catalog; list ids with "
-            '`fs sql "SELECT id, source_path, label FROM images"`'
-        )
+        raise ImageNotFoundError(image_id, 'list ids with `fs sql "SELECT id, source_path, label FROM images"`')
     loc = store.catalog.vector_location(fs.id, image_id)
     if loc is None:
-        raise InvalidInputError(
-            f"image {image_id} has no vector in {fs.name}: run `{extract_hint(fs)}` first, "
-            "or search with --image PATH"
-        )
+        raise NoVectorError(image_id, fs.name, extract_hint(fs), "or search with --image PATH")
     return np.asarray(read_row(store.root / loc[0], loc[1]), dtype=np.float32).reshape(-1)
 
 
