@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 
 from featurestore.cli import common
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
 
 def serve(
-    host: str = typer.Option("127.0.0.1", "--host", envvar="FS_HOST", help="Address to listen on. Anything but "
-                             "loopback (127.0.0.0/8, ::1, localhost) needs FS_API_TOKEN."),
-    port: int = typer.Option(8000, "--port", "-p", envvar="FS_PORT", help="TCP port."),
-    workers: int = typer.Option(1, "--workers", "-w", help="Worker processes (each loads its own search "
-                                "indexes and models)."),
+    host: str | None = typer.Option(None, "--host", help="Address to listen on [default: FS_HOST or 127.0.0.1]. "
+                                    "Anything but loopback (127.0.0.0/8, ::1, localhost) needs FS_API_TOKEN.",
+                                    show_default=False),
+    port: int | None = typer.Option(None, "--port", "-p", help="TCP port [default: FS_PORT or 8000].",
+                                    show_default=False),
+    workers: int = typer.Option(1, "--workers", "-w", help="Worker processes sharing the port (each loads its "
+                                "own search indexes and models)."),
     allow_writes: bool = typer.Option(False, "--allow-writes", help="Accept requests that write to the store "
                                       "(predict with store=true). Needs FS_API_TOKEN; clients send "
                                       "`Authorization: Bearer <token>`."),
@@ -24,38 +26,29 @@ def serve(
     """Serve the store over HTTP: JSON under /v1, OpenAPI at /openapi.json, docs at /docs.
 
     Read-only unless started with --allow-writes. With FS_API_TOKEN set, every
-    request except /v1/health needs `Authorization: Bearer $FS_API_TOKEN`.
+    request except /v1/health (the docs included) needs `Authorization: Bearer $FS_API_TOKEN`.
+    SIGINT or SIGTERM stops every worker gracefully.
 
-    Example: fs serve --port 8000 & curl 'localhost:8000/v1/feature-sets/rp128/search?image_id=1&k=5'
+    Example: fs serve --port 8000 & curl 'localhost:8000/v1/feature-sets/rp16/search?image_id=1&k=5'
     """
-    import uvicorn
+    from featurestore.http import server  # fastapi and uvicorn load only for this command
 
-    from featurestore.http.app import check_bind, create_app
-
-    if not 0 < port < 65536:
+    if port is not None and not 0 < port < 65536:
         raise typer.BadParameter("must be between 1 and 65535", param_hint="--port")
     if workers < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--workers")
-    levels = ("critical", "error", "warning", "info", "debug", "trace")
-    if log_level not in levels:
-        raise typer.BadParameter(f"must be one of {', '.join(levels)}", param_hint="--log-level")
-    settings = common.settings(allow_writes=True if allow_writes else None)
-    check_bind(host, settings)
-    app = create_app(settings)  # opens the store now: a missing store fails before listening
-    common.err(f"serving {settings.store.resolve()} on http://{_url_host(host)}:{port} "
-               f"({'writes allowed' if settings.allow_writes else 'read-only'}; docs at /docs)")
-    if workers == 1:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
-        return
-    # Worker processes import the app factory and rebuild Settings from the environment:
-    # hand them the options this process resolved.
-    app.state.service.store.close()
-    os.environ["FS_STORE"] = str(settings.store.resolve())
-    if settings.database_url:
-        os.environ["FS_DATABASE_URL"] = settings.database_url
-    os.environ["FS_ALLOW_WRITES"] = "1" if settings.allow_writes else "0"
-    uvicorn.run("featurestore.http.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level)
+    if log_level not in LOG_LEVELS:
+        raise typer.BadParameter(f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    settings = common.settings(host=host, port=port, allow_writes=True if allow_writes else None)
+    if settings.port == 0:
+        raise typer.BadParameter("must be between 1 and 65535", param_hint="FS_PORT")
+    server.prepare(settings)  # an unsafe bind or a missing store fails before listening
+    how = "writes allowed" if settings.allow_writes else "read-only"
+    common.err(f"serving {settings.store.resolve()} on http://{_url_host(settings.host)}:{settings.port} "
+               f"({how}; {workers} worker{'s' if workers > 1 else ''}; docs at /docs)")
+    server.serve(settings, workers=workers, log_level=log_level)
+    if workers > 1:
+        common.err("stopped")
 
 
 def _url_host(host: str) -> str:

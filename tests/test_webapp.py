@@ -284,7 +284,7 @@ def test_file_endpoint_serves_only_unchanged_catalogued_files(client: TestClient
     assert r.status_code == 200 and r.content == Path(path).read_bytes()
     assert r.headers["content-type"] == "image/png" and r.headers["x-content-type-options"] == "nosniff"
     assert "missing or" not in client.get("/v1/images/999/file").text
-    assert client.get("/v1/images/999/file").json() == {"error": "no image with id 999 in the catalog"}
+    assert client.get("/v1/images/999/file").json() == {"detail": "no image with id 999 in the catalog"}
     assert client.get("/v1/images/0/file").status_code == 422
     # The file was replaced since ingest (here by a symlink to another file): refused, nothing sent.
     other = Path(path).with_name("elsewhere.txt")
@@ -292,14 +292,14 @@ def test_file_endpoint_serves_only_unchanged_catalogued_files(client: TestClient
     os.replace(path, str(path) + ".bak")
     os.symlink(other, path)
     changed = client.get("/v1/images/3/file")
-    assert changed.status_code == 409 and "changed since it was ingested" in changed.json()["error"]
+    assert changed.status_code == 409 and "changed since it was ingested" in changed.json()["detail"]
     assert "secret" not in changed.text
     os.unlink(path)
     os.mkfifo(path)  # a FIFO must not hang the server
     assert client.get("/v1/images/3/thumbnail").status_code == 404
     os.unlink(path)
     gone = client.get("/v1/images/3/file")
-    assert gone.status_code == 404 and "missing" in gone.json()["error"]
+    assert gone.status_code == 404 and "missing" in gone.json()["detail"]
 
 
 # -- access: token, cookie, writes, path hiding ------------------------------------------------

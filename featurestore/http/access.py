@@ -12,6 +12,10 @@
   reverse proxy on the same machine, uvicorn takes the client's address from
   ``X-Forwarded-For`` (it trusts proxy headers from 127.0.0.1), so remote users of
   the proxy do not see paths.
+* Binding (:func:`check_bind`): read-only by default, writes need ``allow_writes``
+  and ``FS_API_TOKEN``; listening beyond loopback needs ``FS_API_TOKEN``. With a
+  token, every route but ``/v1/health`` (``/docs``, ``/redoc`` and
+  ``/openapi.json`` included) needs it; tokens are compared in constant time.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from urllib.parse import quote
 
 from fastapi import Request
 from starlette.exceptions import HTTPException
+
+from featurestore.config import Settings
+from featurestore.errors import InvalidInputError
 
 COOKIE = "fs_session"
 COOKIE_MAX_AGE = 12 * 3600
@@ -41,9 +48,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_writes(settings: Settings) -> None:
+    """Refuse ``allow_writes`` without a token (:class:`InvalidInputError`)."""
+    if settings.allow_writes and not settings.api_token:
+        raise InvalidInputError("--allow-writes needs FS_API_TOKEN: set it to a long random secret and restart")
+
+
+def check_bind(host: str, settings: Settings) -> None:
+    """Refuse configurations that would expose the store without a token.
+
+    Raises
+    ------
+    InvalidInputError
+        ``host`` is not loopback and ``FS_API_TOKEN`` is unset, or writes are
+        allowed without ``FS_API_TOKEN``.
+    """
+    check_writes(settings)
+    if not is_loopback(host) and not settings.api_token:
+        raise InvalidInputError(
+            f"refusing to listen on {host} without FS_API_TOKEN: set it to a long random secret "
+            "(clients send `Authorization: Bearer <token>`) or bind to 127.0.0.1"
+        )
+
+
 def settings_of(request: Request) -> Any:
-    """The server's :class:`~featurestore.config.Settings`."""
-    return request.app.state.service.settings
+    """The server's :class:`~featurestore.config.Settings` (kept in ``app.state`` by ``create_app``)."""
+    return request.app.state.settings
 
 
 def session_value(token: str) -> str:
@@ -58,8 +88,11 @@ def token_matches(given: str, token: str) -> bool:
 def is_authenticated(request: Request) -> bool:
     """True when the server has a token and the request carries it (bearer header or session cookie)."""
     token = settings_of(request).api_token
-    if not token:
-        return False
+    return bool(token) and carries_token(request, token)
+
+
+def carries_token(request: Request, token: str) -> bool:
+    """Whether the request carries ``token``: ``Authorization: Bearer`` or the web app's session cookie."""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token_matches(given.strip(), token):
         return True
@@ -78,13 +111,6 @@ def paths_visible(request: Request) -> bool:
 def writes_allowed(request: Request) -> bool:
     """The server accepts writes (``--allow-writes``, which needs a token) and this request is authenticated."""
     return bool(settings_of(request).allow_writes) and is_authenticated(request)
-
-
-def require_api_access(request: Request) -> None:
-    """Dependency of the JSON/media routes: 401 when the server has a token and the request lacks it."""
-    if settings_of(request).api_token and not is_authenticated(request):
-        raise HTTPException(401, "missing or wrong bearer token: send `Authorization: Bearer <FS_API_TOKEN>` "
-                                 "(or log in at /ui/login)", headers={"WWW-Authenticate": "Bearer"})
 
 
 def require_page_access(request: Request) -> None:

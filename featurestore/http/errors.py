@@ -1,6 +1,21 @@
-"""HTTP status of each library error (one mapping, used by the JSON API and the web pages)."""
+"""Exception handlers and the HTTP status of each library error (one mapping, for the JSON API and the web pages).
+
+Every JSON error is ``{"detail": "<message>"}``, its status chosen by the error's type.
+
+Library errors (:class:`~featurestore.errors.FeatureStoreError` subclasses)
+map to a status through :data:`STATUS`, looked up along the exception's MRO so
+the most specific class wins (``NotAnImageError`` is an ``InvalidInputError``
+but answers 415). Messages are never inspected.
+"""
 
 from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from featurestore.errors import (
     DimensionMismatchError,
@@ -9,20 +24,101 @@ from featurestore.errors import (
     InvalidInputError,
     MissingFeaturesError,
     NotFoundError,
+    ParamsMismatchError,
+    PayloadTooLargeError,
+    SchemaOutdatedError,
     StoreBusyError,
+    UnsupportedMediaError,
 )
 
+log = logging.getLogger("featurestore.http")
 
-def status_for(exc: FeatureStoreError) -> int:
-    """The HTTP status of a library error."""
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, InvalidInputError | DimensionMismatchError):
-        return 422
-    if isinstance(exc, MissingFeaturesError):
-        return 409
-    if isinstance(exc, IntegrityError):
-        return 500
-    if isinstance(exc, StoreBusyError):
-        return 503
-    return 400
+
+class UnauthorizedError(FeatureStoreError, PermissionError):
+    """The request lacks the server's bearer token (401)."""
+
+    def __init__(self) -> None:
+        super().__init__("missing or wrong bearer token: send `Authorization: Bearer <FS_API_TOKEN>` "
+                         "(or log in at /ui/login)")
+
+
+class WritesDisabledError(FeatureStoreError, PermissionError):
+    """The request would write, and the server is read-only (403)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this server is read-only: restart it with `fs serve --allow-writes` and FS_API_TOKEN set, "
+            "then send `Authorization: Bearer <token>`"
+        )
+
+
+STATUS: dict[type[BaseException], int] = {
+    UnauthorizedError: 401,
+    WritesDisabledError: 403,
+    NotFoundError: 404,
+    MissingFeaturesError: 409,
+    ParamsMismatchError: 409,
+    PayloadTooLargeError: 413,
+    UnsupportedMediaError: 415,
+    InvalidInputError: 422,
+    DimensionMismatchError: 422,
+    IntegrityError: 500,
+    SchemaOutdatedError: 500,
+    StoreBusyError: 503,
+}
+DEFAULT_STATUS = 400  # any other FeatureStoreError: the request asked for something the store cannot do
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status of a library error: that of the nearest class in its MRO listed in :data:`STATUS`."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return DEFAULT_STATUS
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The body of every error, in FastAPI's usual shape."""
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """One line naming each invalid parameter, e.g. ``invalid request: k: Input should be less than ...``."""
+    parts = []
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("query", "path", "body", "header")]
+        where = ".".join(loc) or "request"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts) if parts else "invalid request"
+
+
+async def store_error(_: Request, exc: Exception) -> JSONResponse:
+    status = status_for(exc)
+    if status >= 500:
+        log.error("%s: %s", type(exc).__name__, exc)
+    return error_response(status, str(exc))
+
+
+async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, validation_message(exc))
+
+
+async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error", exc_info=exc)
+    return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app`` (also on an app that mounts a single router, in tests)."""
+    app.add_exception_handler(FeatureStoreError, store_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

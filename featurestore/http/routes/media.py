@@ -15,13 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from featurestore.catalog.browse import ImageFile, image_file
-from featurestore.http.access import require_api_access
+from featurestore.errors import ImageNotFoundError
+from featurestore.http.deps import Authenticated, get_settings, get_store
+from featurestore.http.schemas import ErrorOut
 from featurestore.io.images import ImageDecodeError
 from featurestore.io.thumbnails import (
     THUMBNAIL_SIZES,
@@ -38,14 +40,13 @@ MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "
 CACHE = "private, max-age=3600"
 _swept: set[Path] = set()
 
-router = APIRouter(tags=["images"], dependencies=[Depends(require_api_access)])
+router = APIRouter(tags=["images"], dependencies=[Authenticated])
 
 ImageId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="Image id (see GET /v1/images/{id}).")]
 
 
 def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
+    return {"model": ErrorOut, "description": description}
 
 
 MEDIA_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -57,9 +58,9 @@ MEDIA_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _catalogued(request: Request, image_id: int) -> ImageFile:
-    found = image_file(request.app.state.service.store.engine, image_id)
+    found = image_file(get_store(request).engine, image_id)
     if found is None:
-        raise HTTPException(404, f"no image with id {image_id} in the catalog")
+        raise ImageNotFoundError(image_id)
     return found
 
 
@@ -98,7 +99,7 @@ def _thumbnail_response(request: Request, image_id: int, size: int) -> Response:
     etag = f'"{found.sha256[:32]}-{size}"'
     if (cached := _not_modified(request, etag)) is not None:
         return cached
-    settings = request.app.state.service.settings
+    settings = get_settings(request)
     if settings.store not in _swept:  # once per process: temp files of cache writers that crashed
         _swept.add(settings.store)
         sweep_temp_files(settings.store)

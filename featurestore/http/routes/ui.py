@@ -20,6 +20,7 @@ import base64
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException
 
 from featurestore import __version__
 from featurestore.catalog import browse as q
+from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.http import charts
 from featurestore.http.access import (
@@ -47,7 +49,9 @@ from featurestore.http.access import (
     token_matches,
     writes_allowed,
 )
+from featurestore.http.deps import SettingsDep, StoreDep, Upload, decode_upload
 from featurestore.http.errors import status_for
+from featurestore.http.schemas import UploadInfo
 from featurestore.http.templating import render
 from featurestore.io.thumbnails import render_thumbnail
 from featurestore.pipelines.embedding_map import MAX_POINTS, METHODS, embedding_map
@@ -55,6 +59,7 @@ from featurestore.pipelines.predict import predict_upload
 from featurestore.pipelines.run_view import run_view
 from featurestore.pipelines.train import check_features_unchanged, compare, get_run, list_runs
 from featurestore.search.service import embedder_for, search, stored_vector
+from featurestore.store import Store
 
 MAX_ID = 2**63 - 1
 PAGE_SIZES = (25, 50, 100, 200)
@@ -79,8 +84,8 @@ class PageRoute(APIRoute):
             try:
                 return await handler(request)
             except FeatureStoreError as exc:
-                # The API's HTTPError carries its own status (e.g. 413/415 for uploads).
-                return _error_page(request, getattr(exc, "status", None) or status_for(exc), str(exc))
+                # The status follows the error's type, as in the JSON API (e.g. 413/415 for uploads).
+                return _error_page(request, status_for(exc), str(exc))
             except HTTPException as exc:
                 if exc.status_code < 400:
                     raise
@@ -93,12 +98,22 @@ router = APIRouter(include_in_schema=False)
 pages = APIRouter(include_in_schema=False, route_class=PageRoute, dependencies=[Depends(require_page_access)])
 
 
-def service(request: Request) -> Any:
-    """The app's shared :class:`~featurestore.http.app.Service` (store, settings, model cache, uploads)."""
-    return request.app.state.service
+@dataclass(frozen=True)
+class Service:
+    """What the pages use: the store (its caches), the settings, and upload decoding (as the JSON API)."""
+
+    store: Store
+    settings: Settings
+
+    def read_upload(self, file: UploadFile) -> Upload:
+        return decode_upload(file, self.settings)
 
 
-Svc = Annotated[Any, Depends(service)]
+def service(store: StoreDep, settings: SettingsDep) -> Service:
+    return Service(store, settings)
+
+
+Svc = Annotated[Service, Depends(service)]
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -368,7 +383,8 @@ def search_upload(request: Request, svc: Svc, file: Annotated[UploadFile | None,
     chosen = {"features": name, "k": k_value, "run": run_id, "store": want_store}
     preview = base64.b64encode(render_thumbnail(up.data, 256, svc.settings.max_image_pixels)).decode()
     result = {"feature_set": name, "hits": hits, "prediction": prediction, "stored_id": stored_id,
-              "upload": up.info(), "preview": f"data:image/jpeg;base64,{preview}", "filename": file.filename}
+              "upload": UploadInfo.from_decoded(up.decoded), "preview": f"data:image/jpeg;base64,{preview}",
+              "filename": file.filename}
     return _page(request, "search.html", "search", result=result, chosen=chosen, **choices)
 
 

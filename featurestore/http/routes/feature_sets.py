@@ -1,0 +1,87 @@
+"""``/v1/feature-sets``: the sets with their coverage, stored vectors, and search by image id or by upload.
+
+Search is :func:`featurestore.search.service.search` (exact, cached index); the
+label / dataset filters reach SQL only as bound parameters
+(:meth:`~featurestore.catalog.repository.Catalog.image_ids_where`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from featurestore.http.access import paths_visible
+from featurestore.http.deps import Authenticated, StoreDep, UploadDep
+from featurestore.http.params import (
+    DatasetName,
+    FormDataset,
+    FormLabel,
+    FormMetric,
+    FormTopK,
+    ImageId,
+    Label,
+    MetricQuery,
+    QueryImageId,
+    SetName,
+    TopK,
+)
+from featurestore.http.schemas import (
+    AUTH_ERRORS,
+    ERRORS,
+    UPLOAD_ERRORS,
+    FeatureSetOut,
+    SearchHit,
+    SearchOut,
+    UploadInfo,
+    VectorOut,
+)
+from featurestore.search.service import search, stored_vector
+from featurestore.store import Store
+
+router = APIRouter(prefix="/v1/feature-sets", dependencies=[Authenticated], responses=AUTH_ERRORS)
+
+
+def _allowed(store: Store, label: str | None, dataset: str | None) -> np.ndarray | None:
+    """Ids passing the label / dataset filters, or None without filters (unknown dataset: 404)."""
+    if label is None and dataset is None:
+        return None
+    return store.catalog.image_ids_where(label=label, dataset=dataset)
+
+
+@router.get("", tags=["catalog"])
+def list_feature_sets(store: StoreDep) -> list[FeatureSetOut]:
+    """Feature sets with their coverage (images with a vector / all images) and shard counts."""
+    total = store.catalog.image_count()
+    return [FeatureSetOut(name=n, kind=kd, dim=d, images=c, coverage=c / total if total else 0.0, shards=sh)
+            for n, kd, d, c, sh in store.coverage()]
+
+
+@router.get("/{name}/vectors/{image_id}", tags=["feature sets"], responses=ERRORS)
+def get_vector(name: SetName, image_id: ImageId, store: StoreDep) -> VectorOut:
+    """One image's stored vector in a feature set (non-finite values are null)."""
+    fs = store.feature_set(name)
+    vec = stored_vector(store, fs.name, image_id)
+    return VectorOut(feature_set=fs.name, image_id=image_id, dim=fs.dim,
+                     vector=VectorOut.finite_or_none(vec.astype(float).tolist()))
+
+
+@router.get("/{name}/search", tags=["feature sets"], responses=ERRORS)
+def search_by_id(request: Request, name: SetName, image_id: QueryImageId, store: StoreDep, k: TopK = 10,
+                 label: Label = None, dataset: DatasetName = None, metric: MetricQuery = "cosine") -> SearchOut:
+    """Images nearest to a stored image (exact search), optionally only those with a label / in a dataset."""
+    fs = store.feature_set(name)
+    allowed = _allowed(store, label, dataset)
+    hits = search(store, fs.name, image_id, k, metric=metric, allowed_ids=allowed)
+    return SearchOut(feature_set=fs.name, metric=metric, image_id=image_id,
+                     results=[SearchHit.from_result(h, paths_visible(request)) for h in hits])
+
+
+@router.post("/{name}/search", tags=["feature sets"], responses=UPLOAD_ERRORS)
+def search_by_upload(request: Request, name: SetName, store: StoreDep, upload: UploadDep, k: FormTopK = 10,
+                     label: FormLabel = None, dataset: FormDataset = None, metric: FormMetric = "cosine") -> SearchOut:
+    """Images nearest to an uploaded image (not stored), embedded like the feature set's stored vectors."""
+    fs = store.feature_set(name)
+    allowed = _allowed(store, label, dataset)
+    hits = search(store, fs.name, upload.decoded.image, k, metric=metric, allowed_ids=allowed)
+    return SearchOut(feature_set=fs.name, metric=metric, upload=UploadInfo.from_decoded(upload.decoded),
+                     results=[SearchHit.from_result(h, paths_visible(request)) for h in hits])
