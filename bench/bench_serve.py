@@ -1,16 +1,24 @@
-"""Benchmark: `fs serve` search-by-id latency and throughput vs the in-process Python API.
+"""Benchmark: `fs serve` search-by-id latency vs the in-process Python API, and predict with / without storing.
 
-Builds a temporary store of N fake images with one feature set of random
-vectors (rows inserted with SQLAlchemy Core, vectors appended in shards),
-starts `fs serve` on a free loopback port in a subprocess, and drives
+Search: builds a temporary store of N fake images with one feature set of
+random vectors (rows inserted with SQLAlchemy Core, vectors appended in
+shards), starts `fs serve` on a free loopback port in a subprocess, and drives
 ``GET /v1/feature-sets/<set>/search?image_id=..&k=10`` from Python threads
 over keep-alive connections at concurrency 1 and 8 (a bounded number of
 requests; it stops by itself). Printed next to the p50 of the same query
 through ``featurestore.search.service.search`` in this process.
-
 Target: service p50 at concurrency 1 within 2x in-process p50 + 2 ms.
 
-Run: python -m bench.bench_serve [--n 100000] [--dim 256] [--requests 1000]
+Predict (issue 10): a real store of Fashion-MNIST photos (224x224 JPEG) with
+``rp128`` (default 640x480 canvas) and a run trained with the defaults (random
+forest, 200 trees), served with ``--allow-writes``; ``POST /v1/runs/1/predict``
+with photos that are not in the store, alternating ``store=false`` and
+``store=true`` (each stored request ingests a new image, writes its vector
+shard and its prediction row), one connection, in the same run.
+Target: p50 with store=true <= 1.3x p50 without storing.
+
+Run: python -m bench.bench_serve [--n 100000] [--dim 256] [--requests 1000] [--predict-requests 200]
+     [--part all|search|predict]
 """
 
 from __future__ import annotations
@@ -31,13 +39,19 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert
 
+from bench.common import fashion_images, image_files
 from featurestore.catalog.schema import Dataset, Image, utcnow
 from featurestore.config import Settings
 from featurestore.features.base import FeatureSpec
+from featurestore.features.projection import projection_extractor
+from featurestore.pipelines.extract import extract
+from featurestore.pipelines.ingest import ingest
+from featurestore.pipelines.train import TrainConfig, train
 from featurestore.search.service import search
 from featurestore.store import Store
 
 SET = "bench"
+TOKEN = "bench-token"
 
 
 def build(root: Path, n: int, dim: int, shard_rows: int = 10_000) -> None:
@@ -77,10 +91,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(root: Path, port: int) -> subprocess.Popen:
+def start_server(root: Path, port: int, allow_writes: bool = False) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FS_")}
     cmd = [sys.executable, "-m", "featurestore.cli.main", "--store", str(root), "serve", "--port", str(port),
            "--log-level", "warning"]
+    if allow_writes:
+        env["FS_API_TOKEN"] = TOKEN
+        cmd.append("--allow-writes")
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -131,12 +148,7 @@ def load(port: int, paths: list[str], concurrency: int) -> tuple[float, float, f
     return len(latencies) / wall, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=100_000, help="stored vectors")
-    ap.add_argument("--dim", type=int, default=256, help="vector dimension")
-    ap.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
-    args = ap.parse_args()
+def bench_search(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(1)
     queries = [int(i) for i in rng.integers(1, args.n + 1, size=args.requests)]
     with tempfile.TemporaryDirectory(prefix="fs-bench-serve-") as tmp:
@@ -171,6 +183,96 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def build_predict_store(root: Path, photos: list[Path]) -> None:
+    """Ingest ``photos`` (folders give the labels), extract rp128, train run 1 with the CLI's defaults."""
+    t = time.perf_counter()
+    src = photos[0].parents[2]
+    with Store.open(Settings(store=root), create=True) as store, store.writing():
+        ingest(store, src, dataset="train")
+        extract(store, [projection_extractor(store, 128)])
+        train(store, TrainConfig(["rp128"], n_splits=2))
+    print(f"built a store of {len(photos)} photos (rp128, run 1: rf, 200 trees) in {time.perf_counter() - t:.1f}s")
+
+
+def multipart(data: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
+    boundary = "fsbench" + hashlib.sha256(data).hexdigest()[:16]
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="q.jpg"\r\n'
+                 "Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def post_predict(conn: http.client.HTTPConnection, data: bytes, keep: bool) -> tuple[float, dict]:
+    body, ctype = multipart(data, {"k": "3", "store": "true" if keep else "false"})
+    headers = {"Content-Type": ctype, "Authorization": f"Bearer {TOKEN}"}
+    t = time.perf_counter()
+    conn.request("POST", "/v1/runs/1/predict", body=body, headers=headers)
+    resp = conn.getresponse()
+    out = resp.read()
+    elapsed = time.perf_counter() - t
+    if resp.status != 200:
+        raise SystemExit(f"predict failed: {resp.status} {out[:300]!r}")
+    return elapsed, json.loads(out)
+
+
+def bench_predict(args: argparse.Namespace) -> None:
+    stored = {p.relative_to(p.parents[2]) for p in image_files(fashion_images(500, (224, 224)))}
+    pool = [p for p in image_files(fashion_images(2000, (224, 224))) if p.relative_to(p.parents[2]) not in stored]
+    need = 2 * args.predict_requests + 10
+    if len(pool) < need:
+        raise SystemExit(f"only {len(pool)} photos outside the store; lower --predict-requests")
+    uploads = [pool[i] for i in np.random.default_rng(2).permutation(len(pool))[:need]]
+    with tempfile.TemporaryDirectory(prefix="fs-bench-predict-") as tmp:
+        root = Path(tmp) / ".fs"
+        build_predict_store(root, image_files(fashion_images(500, (224, 224))))
+        port = free_port()
+        proc = start_server(root, port, allow_writes=True)
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            for path in uploads[:10]:  # warm-up: loads the model and the extractor
+                post_predict(conn, path.read_bytes(), keep=False)
+            plain, keep = [], []
+            for i in range(args.predict_requests):  # alternate, so drift and noise hit both equally
+                t, body = post_predict(conn, uploads[10 + 2 * i].read_bytes(), keep=False)
+                assert body["stored"] is False
+                plain.append(t)
+                t, body = post_predict(conn, uploads[11 + 2 * i].read_bytes(), keep=True)
+                assert body["stored"] is True and body["image_id"] > 500, body
+                keep.append(t)
+            conn.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        with Store.open(Settings(store=root)) as store:
+            added = len(store.select_images(dataset="uploads"))
+    assert added == args.predict_requests, f"{added} uploads stored, expected {args.predict_requests}"
+    p50_plain, p50_keep = float(np.percentile(plain, 50)), float(np.percentile(keep, 50))
+    print(f"\nPOST /v1/runs/1/predict, rp128 + rf 200 trees, {args.predict_requests} requests each, alternating")
+    print(f"{'':<34}{'p50 ms':>9}{'p95 ms':>9}")
+    for name, times in (("predict, store=false", plain), ("predict, store=true", keep)):
+        print(f"{name:<34}{1000 * np.percentile(times, 50):9.2f}{1000 * np.percentile(times, 95):9.2f}")
+    ratio = p50_keep / p50_plain
+    verdict = "met" if ratio <= 1.3 else "MISSED"
+    print(f"\ntarget p50(store=true) <= 1.3 x p50(store=false): {ratio:.2f}x: {verdict} "
+          f"({added} uploads stored, one shard each)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000, help="stored vectors (search)")
+    ap.add_argument("--dim", type=int, default=256, help="vector dimension (search)")
+    ap.add_argument("--requests", type=int, default=1000, help="requests per concurrency level (search)")
+    ap.add_argument("--predict-requests", type=int, default=200, help="predict requests per mode")
+    ap.add_argument("--part", choices=["all", "search", "predict"], default="all", help="which benchmark to run")
+    args = ap.parse_args()
+    if args.part in ("all", "search"):
+        bench_search(args)
+    if args.part in ("all", "predict"):
+        bench_predict(args)
 
 
 if __name__ == "__main__":

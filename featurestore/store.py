@@ -275,17 +275,22 @@ class Store:
         ids = image_ids if image_ids is not None else self.catalog.all_image_ids()
         return [int(i) for i in ids if int(i) not in have]
 
-    def append_vectors(self, feature_set: FeatureSet, image_ids: Sequence[int], vectors: np.ndarray) -> Path:
-        """Write one shard and register it with its rows in one transaction. Call under :meth:`writing`."""
+    def append_vectors(self, feature_set: FeatureSet, image_ids: Sequence[int], vectors: np.ndarray,
+                       session: Session | None = None) -> Path:
+        """Write one shard and register it with its rows in one transaction. Call under :meth:`writing`.
+
+        With ``session`` the rows join that open transaction (the caller commits;
+        if it rolls back, the file is an orphan the next writer removes).
+        """
         vecs = np.asarray(vectors, dtype=np.float32)
         if vecs.ndim != 2 or vecs.shape[1] != feature_set.dim:
             raise DimensionMismatchError(
                 f"vectors for {feature_set.name} have shape {vecs.shape}, expected (n, {feature_set.dim})"
             )
-        return self._write_and_register(feature_set, np.asarray(image_ids, dtype=np.int64), vecs)
+        return self._write_and_register(feature_set, np.asarray(image_ids, dtype=np.int64), vecs, session=session)
 
     def _write_and_register(self, fs: FeatureSet, ids: np.ndarray, vecs: np.ndarray,
-                            replaces: set[int] | None = None) -> Path:
+                            replaces: set[int] | None = None, session: Session | None = None) -> Path:
         """Write a shard, then register it (taking over the ``replaces`` shards) in one transaction.
 
         If registration fails the new file is removed; if the process dies first
@@ -293,7 +298,7 @@ class Store:
         """
         path = write_shard(self.root / "features" / fs.name, fs.name, fs.kind, fs.params, ids, vecs)
         try:
-            self.catalog.register_shard(fs.id, str(path.relative_to(self.root)), ids, replaces)
+            self.catalog.register_shard(fs.id, str(path.relative_to(self.root)), ids, replaces, s=session)
         except BaseException:
             path.unlink(missing_ok=True)
             raise

@@ -183,6 +183,7 @@ def _health(port: int) -> dict | None:
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker pids and environments from /proc")
 def test_two_workers_answer_and_stop_on_sigterm(store_path: Path) -> None:
     port = _free_port()
@@ -217,6 +218,7 @@ def test_two_workers_answer_and_stop_on_sigterm(store_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_worker_that_cannot_start_stops_the_service(tmp_path: Path) -> None:
     """A worker whose app cannot start (no store) exits; the parent stops the rest and says which."""
     settings = Settings(store=tmp_path / "missing", port=_free_port())

@@ -69,6 +69,15 @@ class Catalog:
         with self._sessions.begin() as s:
             yield s
 
+    @contextmanager
+    def _within(self, s: Session | None) -> Iterator[Session]:
+        """The caller's transaction ``s`` when given (it commits), else a new one of its own."""
+        if s is not None:
+            yield s
+        else:
+            with self.session() as new:
+                yield new
+
     def _raw_rows(self, query: Any) -> list[tuple[Any, ...]]:
         """Rows as plain DB-API tuples (ORM rows cost seconds per million images).
 
@@ -363,13 +372,13 @@ class Catalog:
         return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
     def register_shard(self, feature_set_id: int, path: str, image_ids: np.ndarray,
-                       replaces: set[int] | None = None) -> int:
-        """Register a written shard and point its images' rows at it, in one transaction.
+                       replaces: set[int] | None = None, s: Session | None = None) -> int:
+        """Register a written shard and point its images' rows at it, in one transaction (``s`` if given).
 
         ``replaces``: shards whose rows this one takes over (compaction); they
         are unregistered in the same transaction. Returns the new shard's id.
         """
-        with self.session() as s:
+        with self._within(s) as s:
             shard = FeatureShard(feature_set_id=feature_set_id, path=path, rows=len(image_ids))
             s.add(shard)
             s.flush()
@@ -448,11 +457,11 @@ class Catalog:
             return [float(x) for x in s.scalars(select(RunSplit.test_accuracy).where(RunSplit.run_id == run_id)
                                                 .order_by(RunSplit.split))]
 
-    def replace_predictions(self, run_id: int, rows: list[dict[str, Any]]) -> None:
-        """Replace this run's prediction rows for the images in ``rows``, in one transaction."""
+    def replace_predictions(self, run_id: int, rows: list[dict[str, Any]], s: Session | None = None) -> None:
+        """Replace this run's prediction rows for the images in ``rows``, in one transaction (``s`` if given)."""
         ids = [int(r["image_id"]) for r in rows]
         now = utcnow()
-        with self.session() as s:
+        with self._within(s) as s:
             for part in chunks(ids):
                 s.execute(delete(Prediction).where(Prediction.run_id == run_id, Prediction.image_id.in_(part)))
             for part in chunks(rows, 1_000):

@@ -8,6 +8,7 @@ images) and the store's cached, sha256-verified run model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from featurestore.catalog.schema import Run
+from featurestore.catalog.schema import Run, utcnow
 from featurestore.errors import FeatureStoreError, InvalidInputError, UnsupportedMediaError
 from featurestore.io.atomic import write_bytes_atomic
 from featurestore.io.images import DecodedImage
 from featurestore.pipelines.extract import extract
-from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.train import check_features_unchanged
 from featurestore.store import Store
 
@@ -101,42 +101,92 @@ def predict_upload(store: Store, run_id: int, upload: DecodedImage, data: bytes,
                    keep: bool = False) -> UploadPrediction:
     """Classify one decoded upload; with ``keep``, also ingest it and store its vectors and prediction row.
 
-    The upload is decoded once (by the caller) and featurized once; the write
-    lock is held only while the image, its vectors and the row are written.
+    The upload is decoded once (by the caller) and featurized once. With
+    ``keep`` the storing runs beside the classification (see :class:`_UploadWriter`):
+    the file is saved while the image is featurized, the image row and vector
+    shard are written while the model predicts, and the image, its vectors and
+    the prediction row are committed in one transaction. The write lock is held
+    only while those are written.
     """
     run = store.catalog.run(run_id)
     check_features_unchanged(store, run)
     model = store.run_model(run)
-    vectors = featurize(store, run, upload.image)
-    X = np.hstack([vectors[name] for name in run.features])
-    proba = np.asarray(model.predict_proba(X))
-    rows = _top(run, model, proba, [0], k=max(k, TOP))
-    result = UploadPrediction(run.id, rows[0]["top5"][:k])
-    if keep:
-        result.image_id = _store_upload(store, run, upload, data, vectors, rows[0])
-    return result
+    writer = _UploadWriter(store, run, upload, data) if keep else None
+    try:
+        vectors = featurize(store, run, upload.image)
+        if writer:
+            writer.vectors.set_result(vectors)
+        X = np.hstack([vectors[name] for name in run.features])
+        row = _top(run, model, np.asarray(model.predict_proba(X)), [0], k=max(k, TOP))[0]
+    except BaseException:
+        if writer:
+            writer.abandon()
+        raise
+    image_id = writer.finish(row) if writer else None
+    return UploadPrediction(run.id, row["top5"][:k], image_id=image_id)
 
 
-def _store_upload(store: Store, run: Run, upload: DecodedImage, data: bytes, vectors: dict[str, np.ndarray],
-                  row: dict[str, Any]) -> int:
-    """Save the upload under uploads/, ingest it (dataset "uploads"), add its vectors and prediction row."""
-    ext = UPLOAD_EXTENSIONS.get(upload.format)
-    if ext is None:
-        raise UnsupportedMediaError(
-            f"{upload.format} images cannot be stored; upload JPEG, PNG, WebP, BMP, GIF or TIFF"
-        )
-    path = Path(store.root) / "uploads" / f"{upload.sha256}.{ext}"
-    with store.writing():
-        image_id = store.catalog.image_id_by_sha256(upload.sha256)
-        if image_id is None:  # content already in the store is not saved twice
-            if not path.is_file():
-                write_bytes_atomic(path, data)
-            summary = ingest(store, path, dataset="uploads", labels="none")
-            if summary.failed:
-                raise InvalidInputError(f"upload could not be ingested: {summary.failed[0][1]}")
-            image_id = summary.image_ids[0]
-        for name, vec in vectors.items():
-            if store.images_lacking(name, [image_id]):
-                store.append_vectors(store.feature_set(name), [image_id], vec)
-        store.catalog.replace_predictions(run.id, [{**row, "image_id": int(image_id), "top5": row["top5"][:TOP]}])
-    return int(image_id)
+class _UploadWriter:
+    """Stores one upload in a thread of its own while the caller featurizes and classifies it.
+
+    The caller hands over the vectors (``vectors.set_result``), then the
+    prediction row (:meth:`finish`). The thread saves ``uploads/<sha256>.<ext>``
+    (atomically; no lock needed, the name is the content), then under the
+    store's write lock inserts the image row (dataset "uploads"), writes the
+    vector shards, and commits them with the prediction row in one transaction
+    once the row arrives. If the caller fails, :meth:`abandon` makes the thread
+    roll back (a written shard is an orphan the next writer removes).
+    """
+
+    def __init__(self, store: Store, run: Run, upload: DecodedImage, data: bytes):
+        ext = UPLOAD_EXTENSIONS.get(upload.format)
+        if ext is None:
+            raise UnsupportedMediaError(
+                f"{upload.format} images cannot be stored; upload JPEG, PNG, WebP, BMP, GIF or TIFF"
+            )
+        self.path = Path(store.root) / "uploads" / f"{upload.sha256}.{ext}"
+        self.vectors: Future[dict[str, np.ndarray]] = Future()
+        self.row: Future[dict[str, Any]] = Future()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fs-store-upload")
+        self._done = self._pool.submit(self._store, store, run, upload, data)
+
+    def finish(self, row: dict[str, Any]) -> int:
+        """Hand over the prediction row and wait for the commit; the stored image's id."""
+        self.row.set_result(row)
+        try:
+            return self._done.result()
+        finally:
+            self._pool.shutdown()
+
+    def abandon(self) -> None:
+        """The caller failed: roll back whatever the thread wrote, and wait until it has."""
+        for pending in (self.vectors, self.row):
+            if not pending.done():
+                pending.set_exception(FeatureStoreError("the prediction failed; the upload was not stored"))
+        wait([self._done])
+        self._pool.shutdown()
+
+    def _store(self, store: Store, run: Run, upload: DecodedImage, data: bytes) -> int:
+        catalog = store.catalog
+        if catalog.image_id_by_sha256(upload.sha256) is None and not self.path.is_file():
+            write_bytes_atomic(self.path, data)  # content already in the store is not saved twice
+        vectors = self.vectors.result()
+        with store.writing(), catalog.session() as s:
+            image_id = catalog.image_ids_by_sha256(s, [upload.sha256]).get(upload.sha256)
+            if image_id is None:
+                image_id = catalog.add_images(s, [_image_row(upload, self.path, catalog.dataset_id(
+                    s, "uploads", create=True))])[0]
+            for name, vec in vectors.items():
+                fs = store.feature_set(name)
+                if not catalog.has_vector(fs.id, image_id):
+                    store.append_vectors(fs, [image_id], vec, session=s)
+            row = self.row.result()
+            catalog.replace_predictions(run.id, [{**row, "image_id": int(image_id), "top5": row["top5"][:TOP]}], s=s)
+        return int(image_id)
+
+
+def _image_row(upload: DecodedImage, path: Path, dataset_id: int) -> dict[str, Any]:
+    """The catalog row of an upload saved at ``path``, as `fs ingest` writes it (unlabelled)."""
+    return {"sha256": upload.sha256, "source_path": str(path.resolve()), "width": upload.width,
+            "height": upload.height, "format": upload.format, "mode": upload.mode, "bytes": upload.nbytes,
+            "label": None, "superclass": None, "dataset_id": dataset_id, "ingested_at": utcnow()}
