@@ -183,12 +183,17 @@ class Store:
             yield s
 
     @contextmanager
-    def writing(self) -> Iterator[None]:
-        """Hold the store's write lock; clean up what a crashed or finished writer left."""
+    def writing(self, sweep: bool = True) -> Iterator[None]:
+        """Hold the store's write lock; clean up what a crashed or finished writer left.
+
+        ``sweep=False`` skips the clean-up (it lists every shard): for small,
+        frequent writes such as one stored upload; the next sweeping writer does it.
+        """
         for sub in ("features", "models", "artifacts"):
             (self.root / sub).mkdir(exist_ok=True)
         with write_lock(self.root, self.settings.lock_timeout):
-            self._remove_orphans()
+            if sweep:
+                self._remove_orphans()
             yield
 
     def _remove_orphans(self) -> None:

@@ -135,7 +135,8 @@ class _UploadWriter:
     store's write lock inserts the image row (dataset "uploads"), writes the
     vector shards, and commits them with the prediction row in one transaction
     once the row arrives. If the caller fails, :meth:`abandon` makes the thread
-    roll back (a written shard is an orphan the next writer removes).
+    roll back (a written shard is an orphan that the next sweeping writer, e.g.
+    `fs extract`, removes).
     """
 
     def __init__(self, store: Store, run: Run, upload: DecodedImage, data: bytes):
@@ -171,7 +172,7 @@ class _UploadWriter:
         if catalog.image_id_by_sha256(upload.sha256) is None and not self.path.is_file():
             write_bytes_atomic(self.path, data)  # content already in the store is not saved twice
         vectors = self.vectors.result()
-        with store.writing(), catalog.session() as s:
+        with store.writing(sweep=False), catalog.session() as s:  # sweeping lists every shard: not per upload
             image_id = catalog.image_ids_by_sha256(s, [upload.sha256]).get(upload.sha256)
             if image_id is None:
                 image_id = catalog.add_images(s, [_image_row(upload, self.path, catalog.dataset_id(
