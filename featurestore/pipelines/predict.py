@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from sqlalchemy.orm import Session
 
+from featurestore.catalog.repository import Catalog
 from featurestore.catalog.schema import Run, utcnow
 from featurestore.errors import FeatureStoreError, InvalidInputError, UnsupportedMediaError
 from featurestore.io.atomic import write_bytes_atomic
@@ -173,10 +175,9 @@ class _UploadWriter:
             write_bytes_atomic(self.path, data)  # content already in the store is not saved twice
         vectors = self.vectors.result()
         with store.writing(sweep=False), catalog.session() as s:  # sweeping lists every shard: not per upload
-            image_id = catalog.image_ids_by_sha256(s, [upload.sha256]).get(upload.sha256)
+            image_id = catalog.image_id_by_sha256(upload.sha256)  # under the lock: no writer can add it now
             if image_id is None:
-                image_id = catalog.add_images(s, [_image_row(upload, self.path, catalog.dataset_id(
-                    s, "uploads", create=True))])[0]
+                image_id = _add_upload(catalog, s, upload, self.path)
             for name, vec in vectors.items():
                 fs = store.feature_set(name)
                 if not catalog.has_vector(fs.id, image_id):
@@ -186,8 +187,13 @@ class _UploadWriter:
         return int(image_id)
 
 
-def _image_row(upload: DecodedImage, path: Path, dataset_id: int) -> dict[str, Any]:
-    """The catalog row of an upload saved at ``path``, as `fs ingest` writes it (unlabelled)."""
-    return {"sha256": upload.sha256, "source_path": str(path.resolve()), "width": upload.width,
-            "height": upload.height, "format": upload.format, "mode": upload.mode, "bytes": upload.nbytes,
-            "label": None, "superclass": None, "dataset_id": dataset_id, "ingested_at": utcnow()}
+def _add_upload(catalog: Catalog, s: Session, upload: DecodedImage, path: Path) -> int:
+    """Insert the upload saved at ``path`` as `fs ingest` would (unlabelled, member of dataset "uploads")."""
+    dataset_id = catalog.dataset_id(s, "uploads", create=True)
+    now, source = utcnow(), str(path.resolve())
+    image_id = catalog.add_images(s, [{
+        "sha256": upload.sha256, "source_path": source, "width": upload.width, "height": upload.height,
+        "format": upload.format, "mode": upload.mode, "bytes": upload.nbytes, "label": None, "superclass": None,
+        "dataset_id": dataset_id, "ingested_at": now}])[0]
+    catalog.add_members(s, dataset_id, [(image_id, source)], now)
+    return image_id
