@@ -151,9 +151,9 @@ def test_legacy_reader_rejects_zip_format_and_garbage(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def lite0_pth() -> Path:
-    from featurestore.features.cnn.efficientnet import efficientnet_lite0_weights_path
+    from featurestore.features.cnn.efficientnet import EFFICIENTNET_LITE, efficientnet_lite_weights_path
 
-    return efficientnet_lite0_weights_path()
+    return efficientnet_lite_weights_path(EFFICIENTNET_LITE["efficientnet-lite0"])
 
 
 def test_legacy_reader_reads_real_efficientnet_weights(lite0_pth: Path) -> None:
@@ -311,43 +311,53 @@ def test_imagenet_class_names() -> None:
     assert names[281] == "tabby, tabby cat" and names[967] == "espresso" and names[504] == "coffee mug"
 
 
-# ---------------------------------------------------------------- real EfficientNet-Lite0
+# ---------------------------------------------------------------- real EfficientNet-Lite0/1/2
+
+# Per variant: input side, channels of the seven stage-end taps, (C, H, W) of stem_relu and head_relu.
+LITE_SHAPES = {
+    "efficientnet-lite0": (224, [16, 24, 40, 80, 112, 192, 320], (32, 112, 112), (1280, 7, 7)),
+    "efficientnet-lite1": (240, [16, 24, 40, 80, 112, 192, 320], (32, 120, 120), (1280, 8, 8)),
+    "efficientnet-lite2": (260, [16, 24, 48, 88, 120, 208, 352], (32, 130, 130), (1280, 9, 9)),
+}
 
 
-@pytest.fixture(scope="module")
-def lite0(tmp_path_factory: pytest.TempPathFactory) -> CheckpointModel:
-    from featurestore.features.cnn.efficientnet import EFFICIENTNET_LITE0_PREPROCESS
-
-    spec = BUILTIN_MODELS["efficientnet-lite0"]
+@pytest.fixture(scope="module", params=list(LITE_SHAPES))
+def lite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CheckpointModel:
+    spec = BUILTIN_MODELS[request.param]
     sym, params = model_files(spec, tmp_path_factory.mktemp("models"))
-    return CheckpointModel.load(sym, params, EFFICIENTNET_LITE0_PREPROCESS, spec.taps + ["fc"], batch_size=8)
+    return CheckpointModel.load(sym, params, spec.preprocess, spec.taps + ["fc"], batch_size=8)
 
 
 @pytest.mark.realmodel
 def test_efficientnet_conversion_is_cached(tmp_path: Path) -> None:
-    from featurestore.features.cnn.efficientnet import ensure_efficientnet_lite0
+    from featurestore.features.cnn.efficientnet import ensure_efficientnet_lite
 
-    sym, params = ensure_efficientnet_lite0(tmp_path / "cache")
+    sym, params = ensure_efficientnet_lite("efficientnet-lite0", tmp_path / "cache")
     mtimes = (sym.stat().st_mtime_ns, params.stat().st_mtime_ns)
-    assert ensure_efficientnet_lite0(tmp_path / "cache") == (sym, params)
+    assert ensure_efficientnet_lite("efficientnet-lite0", tmp_path / "cache") == (sym, params)
     assert (sym.stat().st_mtime_ns, params.stat().st_mtime_ns) == mtimes
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
 
 
 @pytest.mark.realmodel
-def test_efficientnet_taps_and_dims(lite0: CheckpointModel) -> None:
-    dims = lite0.tap_dims()
+def test_efficientnet_taps_and_dims(lite: CheckpointModel) -> None:
+    name = lite.symbol_path.name.removesuffix("-symbol.json")
+    side, stage_dims, stem, head = LITE_SHAPES[name]
+    assert lite.preprocess.size == (side, side)
+    dims = lite.tap_dims()
     assert dims["global_pool"] == 1280 and dims["fc"] == 1000
-    assert [dims[f"block{i}_out"] for i in (0, 2, 4, 7, 10, 14, 15)] == [16, 24, 40, 80, 112, 192, 320]
-    layers = dict(lite0.layers())
-    assert layers["head_relu"] == (1280, 7, 7) and layers["stem_relu"] == (32, 112, 112)
+    taps = BUILTIN_MODELS[name].taps
+    assert taps[0] == "global_pool" and len(taps) == 8
+    assert [dims[t] for t in taps[1:]] == stage_dims
+    layers = dict(lite.layers())
+    assert layers["head_relu"] == head and layers["stem_relu"] == stem
 
 
 @pytest.mark.realmodel
-def test_efficientnet_classifies_sample_photos(lite0: CheckpointModel) -> None:
+def test_efficientnet_classifies_sample_photos(lite: CheckpointModel) -> None:
     skdata = pytest.importorskip("skimage.data")
-    x = np.stack([lite0.prepare(Image.fromarray(a)) for a in (skdata.chelsea(), skdata.coffee())])
-    logits = lite0.forward(x)["fc"]
+    x = np.stack([lite.prepare(Image.fromarray(a)) for a in (skdata.chelsea(), skdata.coffee())])
+    logits = lite.forward(x)["fc"]
     cat_top5, coffee_top5 = (set(np.argsort(-row)[:5].tolist()) for row in logits)
     assert cat_top5 & set(range(281, 286)), cat_top5
     assert coffee_top5 & {967, 968, 504}, coffee_top5
