@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
@@ -31,6 +32,7 @@ from featurestore.features.cnn.torch_pth import (
     load_legacy_state_dict,
 )
 from featurestore.features.cnn.views import ViewsExtractor, variant_suffix
+from featurestore.http.app import create_app
 from featurestore.io.images import load_rgb
 from featurestore.pipelines.extract import extractor_for
 from featurestore.search.service import embedder_for
@@ -466,6 +468,7 @@ def test_tta_flip_end_to_end(tmp_path: Path, image_tree: Path, monkeypatch: pyte
         some = list(pairs)[:5]
         got = ex.compute([ex.prepare(load_rgb(Path(p))) for p in some])["tiny+flip"]
         np.testing.assert_array_equal(got, np.stack([avg[p] for p in some]))
+        store_ids = {int(r[0]): str(Path(r[1]).resolve()) for r in store.select_images()}
         query = embedder_for(store, "tiny+flip")(load_rgb(Path(some[0])))
         np.testing.assert_allclose(query, avg[some[0]], rtol=1e-5, atol=1e-6)
     finally:
@@ -473,6 +476,13 @@ def test_tta_flip_end_to_end(tmp_path: Path, image_tree: Path, monkeypatch: pyte
     hit = runner.invoke(app, ["search", "--features", "tiny+flip", "--image", some[0], "-k", "1", "--format", "json"])
     assert hit.exit_code == 0, hit.output
     assert json.loads(hit.stdout)[0]["path"] in (some[0], pairs[some[0]])
+    # over HTTP: the "+" of the name travels in the URL path
+    with TestClient(create_app(Settings.from_env())) as client:
+        r = client.post("/v1/feature-sets/tiny+flip/search", files={"file": ("q.png", Path(some[1]).read_bytes())},
+                        data={"k": "2"})
+        assert r.status_code == 200, r.text
+        assert {h["image_id"] for h in r.json()["results"]} == {
+            i for i, p in store_ids.items() if p in (some[1], pairs[some[1]])}
 
 
 def test_resize_rule_recorded_named_and_rebuilt(tmp_path: Path, image_tree: Path) -> None:
