@@ -32,11 +32,11 @@ from featurestore.features.cnn.torch_pth import (
     load_legacy_state_dict,
 )
 from featurestore.features.cnn.views import ViewsExtractor, variant_suffix
+from featurestore.features.registry import extract_hint, extractor_for
 from featurestore.http.app import create_app
 from featurestore.io.images import load_rgb
-from featurestore.pipelines.extract import extractor_for
 from featurestore.search.service import embedder_for
-from featurestore.store import Store, _extract_hint
+from featurestore.store import Store
 
 INCEPTION_TAPS = BUILTIN_MODELS["inception21k"].taps
 CLASSES = Path(__file__).resolve().parents[1] / "featurestore" / "data" / "imagenet_classes.txt"
@@ -479,7 +479,7 @@ def test_tta_flip_end_to_end(tmp_path: Path, image_tree: Path, monkeypatch: pyte
         for orig, mirror in pairs.items():
             np.testing.assert_array_equal(avg[orig], (one[orig] + one[mirror]) / 2)
             np.testing.assert_array_equal(avg[mirror], avg[orig])  # the mirror's mirror is the original
-        assert _extract_hint(fs) == "fs extract --model tiny --tta flip"
+        assert extract_hint(fs) == "fs extract --model tiny --tta flip"
 
         # search-by-image and predict rebuild the extractor from the params: same vectors
         ex = extractor_for(store, "tiny+flip")
@@ -525,7 +525,7 @@ def test_resize_rule_recorded_named_and_rebuilt(tmp_path: Path, image_tree: Path
         paths = list(vecs)[:4]
         got = ex.compute([ex.prepare(load_rgb(Path(p))) for p in paths])["tiny+center-crop"]
         np.testing.assert_allclose(got, np.stack([vecs[p] for p in paths]), rtol=1e-5, atol=1e-6)
-        assert _extract_hint(crop) == "fs extract --model tiny --resize center-crop"
+        assert extract_hint(crop) == "fs extract --model tiny --resize center-crop"
     finally:
         store.close()
 
