@@ -57,19 +57,19 @@ def bench_model(args: argparse.Namespace, name: str, root: Path, files: list[Pat
         tensors = np.stack([model.prepare(load_rgb(p)) for p in files])
         batches = [tensors[i : i + args.batch] for i in range(0, n, args.batch)]
         model.forward(batches[0])  # warm-up
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for b in batches:
             model.forward(b)
-        fwd = time.perf_counter() - t
+        fwd, fwd_cpu = time.perf_counter() - t, time.process_time() - c
         g = min(args.gluon_images, n) if name == "efficientnet-lite0" else 0
         gluon_rate = bench_gluon(symbol, params, "global_pool", [tensors[i : i + args.batch] for i in range(
             0, g, args.batch)], args.batch) if g else 0.0
         del tensors, batches
         with store.writing():
             ex = cnn_extractor(store, name, batch_size=args.batch)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             summary = extract(store, [ex], batch_size=args.batch)
-            e2e = time.perf_counter() - t
+            e2e, e2e_cpu = time.perf_counter() - t, time.process_time() - c
         assert summary.processed == n, summary
     base = n / fwd
     side = model.preprocess.size[0]
@@ -79,6 +79,8 @@ def bench_model(args: argparse.Namespace, name: str, root: Path, files: list[Pat
     print(row(f"(c) fs extract --model {name}", n, e2e, base))
     print(f"{name}: end-to-end / forward-only = {fwd / e2e:.2f} (target >= 0.80)"
           + (f"; Module / Gluon = {base / gluon_rate:.2f} (target >= 1.0)" if g else ""))
+    # CPU time (all threads) per image: steadier than wall time when other jobs share the cores.
+    print(f"{name}: CPU per image: forward only {1e3 * fwd_cpu / n:.0f} ms, end-to-end {1e3 * e2e_cpu / n:.0f} ms")
 
 
 if __name__ == "__main__":
