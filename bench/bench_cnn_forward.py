@@ -79,9 +79,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.symbol is None:
-            from featurestore.features.cnn.efficientnet import ensure_efficientnet_lite0
+            from featurestore.features.cnn.efficientnet import ensure_efficientnet_lite
 
-            args.symbol, args.params = ensure_efficientnet_lite0(Path(tmp))
+            args.symbol, args.params = ensure_efficientnet_lite("efficientnet-lite0", Path(tmp))
         batches = make_batches(args.images, args.batch)
         mx = import_mxnet()
         print(

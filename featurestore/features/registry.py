@@ -21,6 +21,7 @@ from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.features import lowlevel, pixels, projection
 from featurestore.features.base import Extractor
 from featurestore.features.cnn import registry as cnn_registry
+from featurestore.features.cnn import views as cnn_views
 from featurestore.io.params import canonical
 
 if TYPE_CHECKING:
@@ -79,10 +80,9 @@ register(FeatureKind(
 ))
 register(FeatureKind(
     "cnn", cnn_registry.CNNExtractor,
-    lambda store, name, p, batch: cnn_registry.cnn_extractor(store, p["model"], [p["layer"]], batch_size=batch),
-    lambda name, p, dim: "fs extract --model {}{}".format(
-        p.get("model", name),
-        f" --layers {p['layer']}" if p.get("layer") and name != p.get("model", name) else ""),
+    # issue 16: the model, layer, resize rule and TTA (+center-crop / +flip sets) all come from the params.
+    lambda store, name, p, batch: cnn_registry.cnn_extractor_from_params(store, p, batch_size=batch),
+    lambda name, p, dim: cnn_views.extract_command(name, p),
 ))
 
 

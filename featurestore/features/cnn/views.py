@@ -1,0 +1,144 @@
+"""How a CNN sees an image: the resize rule and test-time augmentation (TTA).
+
+Both options change the vectors, so both are recorded in the feature set's
+params and show in its name.
+
+Resize rule (``fs extract --model NAME --resize stretch|center-crop``)
+    ``stretch`` resizes to the network input ignoring the aspect ratio;
+    ``center-crop`` scales the shorter side to the input and crops the centre
+    (see :class:`~featurestore.features.cnn.mxnet_backend.Preprocess`). The
+    default is the model's own rule, recorded when it was registered
+    (``stretch`` for every built-in model). The rule is recorded in
+    ``params["preprocess"]["resize"]``, as before.
+TTA (``--tta flip``)
+    The embedding of every tap is the average of the embeddings of the image
+    and of its horizontal mirror, ``(v(image) + v(mirror(image))) / 2``. The
+    mirror is taken of the decoded image, before resizing, so it is exactly
+    "the embedding of the mirrored image" under every resize rule. Both views
+    come from the same decode and go through the network in the same batch
+    (as two consecutive rows). Recorded as ``params["tta"] = "flip"``; the key
+    is absent without TTA, so sets stored before the option existed still
+    match their rebuilt extractor.
+
+Naming rule, one feature set per tap::
+
+    <model>[.<layer>][+<resize rule>][+flip]
+
+``.<layer>`` for a tap other than the model's default tap (as before);
+``+<resize rule>`` only when the rule differs from the model's own, so the
+default-rule set keeps its plain name (``efficientnet-lite0``) and a set with
+another rule can never be mistaken for it (``efficientnet-lite0+center-crop``);
+``+flip`` with ``--tta flip``. Examples: ``efficientnet-lite0+flip``,
+``efficientnet-lite2.block19_out+center-crop+flip``. ``+`` is the only
+character feature-set names allow beyond model and dataset names, so a plain
+name never contains it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Literal, cast
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from featurestore.errors import InvalidInputError
+from featurestore.features.base import Extractor, FeatureSpec
+
+__all__ = [
+    "CNN_RESIZE_RULES",
+    "TTA_MODES",
+    "ViewsExtractor",
+    "check_cnn_resize",
+    "check_tta",
+    "extract_command",
+    "variant_suffix",
+]
+
+CNN_RESIZE_RULES: tuple[str, ...] = ("stretch", "center-crop")
+TTA_MODES: tuple[str, ...] = ("none", "flip")
+
+
+def check_cnn_resize(rule: str) -> Literal["stretch", "center-crop"]:
+    """Return ``rule`` if a CNN input can be resized that way, else raise ``InvalidInputError``."""
+    if rule not in CNN_RESIZE_RULES:
+        raise InvalidInputError(
+            f"unknown CNN resize rule {rule!r}; choose one of: {', '.join(CNN_RESIZE_RULES)}"
+        )
+    return cast(Literal["stretch", "center-crop"], rule)
+
+
+def check_tta(tta: str) -> str:
+    """Return ``tta`` if it is one of :data:`TTA_MODES`, else raise ``InvalidInputError``."""
+    if tta not in TTA_MODES:
+        raise InvalidInputError(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_MODES)}")
+    return tta
+
+
+def variant_suffix(resize: str, model_resize: str, tta: str) -> str:
+    """The name suffix of a CNN feature set: ``""``, ``"+center-crop"``, ``"+flip"``, ``"+center-crop+flip"``..."""
+    parts = []
+    if check_cnn_resize(resize) != model_resize:
+        parts.append(resize)
+    if check_tta(tta) == "flip":
+        parts.append("flip")
+    return "".join(f"+{p}" for p in parts)
+
+
+def extract_command(name: str, params: dict[str, Any]) -> str:
+    """The ``fs extract`` command that computes the stored CNN set ``name`` (for messages).
+
+    ``--layers`` for a tap other than the default, ``--resize RULE`` when the
+    name carries the rule, ``--tta flip`` when the params record it.
+    """
+    base, *suffixes = name.split("+")
+    model = params.get("model", base)
+    parts = ["fs extract --model", str(model)]
+    if params.get("layer") and base != model:
+        parts += ["--layers", str(params["layer"])]
+    rule = (params.get("preprocess") or {}).get("resize")
+    if rule and rule in suffixes:
+        parts += ["--resize", str(rule)]
+    if params.get("tta") == "flip":
+        parts += ["--tta", "flip"]
+    return " ".join(parts)
+
+
+class ViewsExtractor(Extractor):
+    """A CNN extractor under another name suffix and, with ``flip``, averaged with the mirrored view.
+
+    Parameters
+    ----------
+    inner
+        The plain extractor (one row in, one row out per prepared image).
+    suffix
+        Appended to every feature-set name of ``inner`` (:func:`variant_suffix`).
+    flip
+        Average each image's vectors with those of its horizontal mirror.
+    """
+
+    def __init__(self, inner: Extractor, suffix: str = "", flip: bool = False):
+        self.inner = inner
+        self.suffix = suffix
+        self.flip = flip
+
+    def outputs(self) -> list[FeatureSpec]:
+        extra = {"tta": "flip"} if self.flip else {}
+        return [
+            replace(spec, name=spec.name + self.suffix, params={**spec.params, **extra})
+            for spec in self.inner.outputs()
+        ]
+
+    def prepare(self, image: Image.Image) -> Any:
+        if not self.flip:
+            return self.inner.prepare(image)
+        return self.inner.prepare(image), self.inner.prepare(ImageOps.mirror(image))
+
+    def compute(self, prepared: list[Any]) -> dict[str, np.ndarray]:
+        if not self.flip:
+            out = self.inner.compute(prepared)
+        else:
+            # [image 0, mirror 0, image 1, mirror 1, ...]: one batch, each pair side by side.
+            both = self.inner.compute([view for pair in prepared for view in pair])
+            out = {name: (v[0::2] + v[1::2]) / np.float32(2) for name, v in both.items()}
+        return {name + self.suffix: np.asarray(v, dtype=np.float32) for name, v in out.items()}
