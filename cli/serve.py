@@ -14,7 +14,7 @@ def serve(
                              "loopback (127.0.0.0/8, ::1, localhost) needs FS_API_TOKEN."),
     port: int = typer.Option(8000, "--port", "-p", envvar="FS_PORT", help="TCP port."),
     workers: int = typer.Option(1, "--workers", "-w", help="Worker processes (each loads its own search "
-                                "indexes and models)."),
+                                "indexes and models, and gets FS_WORKERS/N of the threads)."),
     allow_writes: bool = typer.Option(False, "--allow-writes", help="Accept requests that write to the store "
                                       "(predict with store=true). Needs FS_API_TOKEN; clients send "
                                       "`Authorization: Bearer <token>`."),
@@ -54,6 +54,9 @@ def serve(
     if settings.database_url:
         os.environ["FS_DATABASE_URL"] = settings.database_url
     os.environ["FS_ALLOW_WRITES"] = "1" if settings.allow_writes else "0"
+    # The FS_WORKERS thread budget (default: every core) is shared by the processes, so N
+    # onnxruntime sessions do not each start one thread per core.
+    os.environ["FS_WORKERS"] = str(max(1, settings.workers // workers))
     uvicorn.run("featurestore.http.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level)
 

@@ -90,3 +90,7 @@ class CatalogCorruptError(FeatureStoreError, RuntimeError):
             f"(mv {path} {path}.bad) and restore it from a backup, or point --store/FS_STORE at another store"
         )
         self.path = path
+
+
+class RuntimeUnavailableError(FeatureStoreError, RuntimeError):
+    """A model cannot run on the requested runtime (e.g. its graph could not be exported to ONNX)."""
