@@ -12,8 +12,13 @@ efficientnet-lite0 (batch 32, FS_WORKERS threads, default all cores):
   (d) forward only on MXNet's symbolic executor (mx.mod.Module + MKLDNN fusion),
   (e) optionally (--gluon-images N) the same network as a hybridized Gluon block.
 Targets: (b) >= 0.85x (a) and >= 1.7x (c) (issue 12); (c) >= 0.80x (d) (issue 4).
-Also printed: the cores busy during (b) (process CPU time / wall time) and the
-largest difference between the vectors of (b) and (c).
+Also printed: the cores busy during (b) and (c) (process CPU time / wall time) and
+the largest difference between the vectors of (b) and (c).
+
+The rows are measured in turn, --repeat times (default 2), and each row reports
+its best pass, so a burst of load from other processes on a shared machine
+does not land on one row only. End-to-end times exclude building the extractor
+(loading the model, about a second on either runtime), as in a long extract.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ def _end_to_end(store, runtime: str, batch: int, n: int) -> tuple[float, float, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=2, help="passes over every row; each row reports its best")
     ap.add_argument("--gluon-images", type=int, default=0, help="also time hybridized Gluon on N images")
     ap.add_argument("--size", default="224x224", help="size of the exported JPEGs")
     ap.add_argument("--batch", type=int, default=32)
@@ -72,19 +78,22 @@ def main() -> None:
         with store.writing():
             ingest(store, root)
             onnx_model, _ = load_onnx_model(store, "efficientnet-lite0", batch_size=args.batch)
+            mx_model, row_ = load_model(store, "efficientnet-lite0", batch_size=args.batch)
         tensors = np.stack([onnx_model.prepare(load_rgb(p)) for p in files])
         batches = [tensors[i : i + args.batch] for i in range(0, n, args.batch)]
-        ort_fwd = _forward(onnx_model, batches)
-        del onnx_model
-
-        ort_e2e, ort_cores, ort_vecs = _end_to_end(store, "onnxruntime", args.batch, n)
-        mx_e2e, mx_cores, mx_vecs = _end_to_end(store, "mxnet", args.batch, n)
-        diff = float(np.abs(ort_vecs - mx_vecs).max())
-
-        with store.writing():
-            mx_model, row_ = load_model(store, "efficientnet-lite0", batch_size=args.batch)
-        mx_fwd = _forward(mx_model, batches)
-        del mx_model
+        ort_fwd = ort_e2e = mx_e2e = mx_fwd = float("inf")
+        ort_cores = mx_cores = diff = 0.0
+        for _ in range(max(1, args.repeat)):
+            ort_fwd = min(ort_fwd, _forward(onnx_model, batches))
+            seconds, cores, ort_vecs = _end_to_end(store, "onnxruntime", args.batch, n)
+            if seconds < ort_e2e:
+                ort_e2e, ort_cores = seconds, cores
+            seconds, cores, mx_vecs = _end_to_end(store, "mxnet", args.batch, n)
+            if seconds < mx_e2e:
+                mx_e2e, mx_cores = seconds, cores
+            diff = max(diff, float(np.abs(ort_vecs - mx_vecs).max()))
+            mx_fwd = min(mx_fwd, _forward(mx_model, batches))
+        del onnx_model, mx_model
         g = min(args.gluon_images, n)
         gluon_rate = None
         if g:
@@ -92,9 +101,9 @@ def main() -> None:
             gluon_rate = bench_gluon(symbol, params, "global_pool", batches[: -(-g // args.batch)], args.batch)
     base = n / ort_fwd
     print(f"{n} real images ({args.size} JPEG), batch {args.batch}, {os.cpu_count()} cores, "
-          f"FS_WORKERS={os.environ.get('FS_WORKERS', '(all cores)')}")
+          f"FS_WORKERS={os.environ.get('FS_WORKERS', '(all cores)')}, best of {max(1, args.repeat)}")
     print(row("(a) forward only, onnxruntime", n, ort_fwd))
-    print(row("(b) fs extract --model efficientnet-lite0 (onnxruntime)", n, ort_e2e, base))
+    print(row("(b) fs extract --model efficientnet-lite0", n, ort_e2e, base))
     print(row("(c) fs extract ... --runtime mxnet", n, mx_e2e, base))
     print(row("(d) forward only, MXNet Module (MKLDNN)", n, mx_fwd, base))
     if gluon_rate:
