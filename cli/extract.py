@@ -73,7 +73,8 @@ def extract(
                 extractors.append(PixelsExtractor(pixel_size, rule=resize))
             if lowlevel:
                 extractors.append(LowLevelExtractor(rule=resize))
-            extractors += [cnn_extractor(store, name, wanted, batch_size=batch, runtime=runtime) for name in model]
+            extractors += [cnn_extractor(store, name, wanted, batch_size=batch, runtime=runtime, save_export=True)
+                           for name in model]
             if not extractors:
                 raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME")
             with common.progress("extract") as tick:

@@ -10,10 +10,10 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import select, update
+from sqlalchemy import select
 from typer.testing import CliRunner
 
-from featurestore.catalog.schema import FeatureShard, Model
+from featurestore.catalog.schema import FeatureShard
 from featurestore.cli.main import app
 from featurestore.config import Settings
 from featurestore.errors import (
@@ -29,7 +29,8 @@ from featurestore.features.cnn.onnx_export import ONNX_OPSET, export_onnx, read_
 from featurestore.features.cnn.registry import add_model, cnn_extractor, model_record
 from featurestore.features.cnn.specs import BUILTIN_MODELS
 from featurestore.features.cnn.testing import TINY_INCEPTION_DIMS, build_tiny_inception_checkpoint
-from featurestore.pipelines.extract import extract, extractor_for
+from featurestore.features.registry import extractor_for
+from featurestore.pipelines.extract import extract
 from featurestore.pipelines.ingest import ingest
 from featurestore.search.service import embedder_for
 from featurestore.store import Store
@@ -227,17 +228,23 @@ def test_export_checked_before_use(store: Store, tiny_ckpt) -> None:
     assert cnn_extractor(store, "inception21k", runtime="onnxruntime").runtime == "onnxruntime"
 
 
-def test_model_registered_before_exports_is_exported_on_first_use(store: Store, tiny_ckpt) -> None:
+def test_model_registered_before_exports_gets_one(store: Store, tiny_ckpt) -> None:
+    """A catalog upgraded from before exports: readers export in memory, `fs extract` stores the export."""
     with store.writing():
         add_model(store, "inception21k", *tiny_ckpt)
-    with store.session() as s:  # as a catalog upgraded from revision 0002 has it
-        s.execute(update(Model).values(onnx_path=None, onnx_sha256=None))
-    for p in (store.root / "models" / "inception21k").glob("*.onnx"):
+    store.catalog.save_model("inception21k", onnx_path=None, onnx_sha256=None)
+    folder = store.root / "models" / "inception21k"
+    for p in folder.glob("*.onnx"):
         p.unlink()
-    ex = cnn_extractor(store, "inception21k", runtime="onnxruntime")
+    reader = cnn_extractor(store, "inception21k", runtime="onnxruntime")
+    assert reader.runtime == "onnxruntime" and not list(folder.glob("*.onnx"))
+    assert model_record(store, "inception21k").onnx_path is None  # a reader never writes
+    with store.writing():
+        writer = cnn_extractor(store, "inception21k", runtime="onnxruntime", save_export=True)
     row = model_record(store, "inception21k")
     assert row.onnx_path and hashlib.sha256((store.root / row.onnx_path).read_bytes()).hexdigest() == row.onnx_sha256
-    assert ex.runtime == "onnxruntime"
+    x = [reader.prepare(p) for p in _photos()]
+    assert np.array_equal(reader.compute(x)["inception21k"], writer.compute(x)["inception21k"])
 
 
 def test_layer_outside_registered_taps_is_exported_for_the_session(store: Store, tiny_ckpt) -> None:
@@ -298,12 +305,13 @@ def test_search_predict_serve_runtime_comes_from_settings(tmp_path: Path, image_
     assert extractor_for(store, "inception21k").runtime == "mxnet"
     store.close()
     monkeypatch.setenv("FS_CNN_RUNTIME", "tensorflow")
-    with pytest.raises(InvalidInputError, match="unknown CNN runtime 'tensorflow'; use onnxruntime or mxnet"):
+    with pytest.raises(InvalidInputError, match="FS_CNN_RUNTIME='tensorflow' is invalid .*'onnxruntime' or 'mxnet'"):
         Settings.from_env()
 
 
 def test_one_session_per_extractor(store: Store, image_tree: Path, tiny_ckpt,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Search by image, predict and serve share the store's cached extractor: one onnxruntime session."""
     import onnxruntime as ort
 
     with store.writing():
@@ -318,14 +326,13 @@ def test_one_session_per_extractor(store: Store, image_tree: Path, tiny_ckpt,
         return real(*a, **k)
 
     monkeypatch.setattr(ort, "InferenceSession", counting)
-    ex = extractor_for(store, "inception21k")
+    ex, _ = store.extractor("inception21k")
     for p in _photos():
         ex.compute([ex.prepare(p)])
-    assert len(sessions) == 1
-    embed = embedder_for(store, "inception21k")  # search by image keeps its embedder (and session)
+    assert len(sessions) == 1 and ex.runtime == "onnxruntime"
     for p in _photos():
-        embed(p)
-    assert embedder_for(store, "inception21k") is embed and len(sessions) == 2
+        embedder_for(store, "inception21k")(p)
+    assert store.extractor("inception21k")[0] is ex and len(sessions) == 1
 
 
 # ---------------------------------------------------------------- CLI

@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 
-from featurestore import __version__
 from featurestore.errors import InvalidInputError, ModelFilesMissingError, NotFoundError, RuntimeUnavailableError
 from featurestore.features.cnn.mxnet_backend import Preprocess, _split_params, import_mxnet
 from featurestore.io.atomic import sha256_file, write_bytes_atomic
@@ -200,7 +199,7 @@ def export_onnx(
     if absent:
         raise RuntimeUnavailableError(f"{symbol_path.name}: the exported graph lacks the outputs {absent}")
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
-                              producer_name="featurestore", producer_version=__version__)
+                              producer_name="featurestore")
     record = {
         "format": FORMAT,
         "taps": [asdict(t) for t in described],

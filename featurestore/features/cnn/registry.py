@@ -218,19 +218,22 @@ def load_model(store: Store, name: str, layers: list[str] | None = None, batch_s
 
 
 # --- onnxruntime (issue 12) -------------------------------------------------------------------------
-def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path) -> bytes:
-    """The model's ONNX export, checked against the sha256 recorded in the catalog.
+def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path, save_export: bool) -> tuple[bytes, str]:
+    """The model's ONNX export, checked against the sha256 recorded in the catalog, and its name.
 
-    A model registered before featurestore made exports gets its export now
-    (from its checkpoint ``symbol``/``params``, already verified), recorded like
-    one made at registration.
+    A model registered before featurestore made exports (``onnx_path`` NULL) is
+    exported now from its checkpoint ``symbol``/``params`` (already verified);
+    with ``save_export`` (writers, under ``store.writing()``) the export is
+    stored and recorded like one made at registration, else it is kept in memory.
     """
     if row.onnx_path is None:
         data = export_onnx(symbol, params, _preprocess(row), list(row.taps))
+        if not save_export:
+            return data, f"the ONNX export of {symbol.name}"
         path, sha = store_onnx(symbol.parent, row.name, data)
         row.onnx_path, row.onnx_sha256 = str(path.relative_to(store.root)), sha
         store.catalog.save_model(row.name, onnx_path=row.onnx_path, onnx_sha256=sha)
-        return data
+        return data, str(path)
     path = store.root / row.onnx_path
     if not path.is_file():
         raise ModelFilesMissingError(
@@ -243,25 +246,24 @@ def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path) -> bytes:
             f"{path} does not match the sha256 recorded when model {row.name} was registered; "
             f"it was modified: restore it or run `fs models add {row.name} ... --replace`"
         )
-    return data
+    return data, str(path)
 
 
-def load_onnx_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32
-                    ) -> tuple[OnnxModel, Model]:
+def load_onnx_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32,
+                    save_export: bool = False) -> tuple[OnnxModel, Model]:
     """A verified onnxruntime session with the requested taps (default: the model's default tap).
 
     Registered taps come from the stored export; other layers are exported from the
     verified checkpoint for this session only. The checkpoint files are verified
     too, whatever runs: the feature sets record them as their lineage.
-    Intra-op threads: ``FS_WORKERS``.
+    Intra-op threads: ``FS_WORKERS``. ``save_export``: see :func:`cnn_extractor`.
     """
     row = model_record(store, name)
     symbol, params = verify_files(store, row)
     taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
     try:
         if set(taps) <= set(row.taps):
-            data = _onnx_bytes(store, row, symbol, params)
-            where = str(store.root / str(row.onnx_path))
+            data, where = _onnx_bytes(store, row, symbol, params, save_export)
         else:
             data = export_onnx(symbol, params, _preprocess(row), taps)
             where = f"the ONNX export of {symbol.name}"
@@ -276,15 +278,17 @@ def load_onnx_model(store: Store, name: str, layers: list[str] | None = None, ba
 
 
 def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32,
-                  runtime: str | None = None) -> CNNExtractor:
+                  runtime: str | None = None, save_export: bool = False) -> CNNExtractor:
     """The extractor for ``fs extract --model NAME [--layers ...] [--runtime ...]``.
 
     ``runtime`` defaults to the store's ``cnn_runtime`` setting (``FS_CNN_RUNTIME``,
     default onnxruntime); the feature-set params are the same on both runtimes.
+    ``save_export`` (only under ``store.writing()``): a model registered before
+    featurestore made ONNX exports gets its export stored now; readers keep it in memory.
     """
     model: TapModel
     if check_cnn_runtime(runtime or store.settings.cnn_runtime) == "onnxruntime":
-        model, row = load_onnx_model(store, name, layers, batch_size)
+        model, row = load_onnx_model(store, name, layers, batch_size, save_export=save_export)
     else:
         model, row = load_model(store, name, layers, batch_size)
     return CNNExtractor(
