@@ -1,7 +1,7 @@
 """ONNX export of each model (path + sha256); runtime that computed each feature shard
 
 Revision ID: 0003_model_onnx
-Revises: 0003
+Revises: 0005
 Create Date: 2026-11-29
 """
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '0003_model_onnx'
-down_revision = '0003'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
