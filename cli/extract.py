@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from featurestore.cli import common
+from featurestore.config import CNN_RUNTIMES
 from featurestore.features.base import Extractor
 from featurestore.features.cnn.registry import cnn_extractor
 from featurestore.features.lowlevel import LowLevelExtractor
@@ -38,6 +39,10 @@ def extract(
                             "embedding averaged with the mirrored image's, same decode and batch; sets named "
                             "<model>[+<rule>]+flip), e.g. --model efficientnet-lite0 --tta flip gives "
                             "efficientnet-lite0+flip."),
+    runtime: str | None = typer.Option(None, "--runtime", help="What runs --model: onnxruntime (its ONNX "
+                                       "export, about 2x faster) or mxnet (the checkpoint; the reference). "
+                                       "Vectors agree within 1e-4, so either continues a set. "
+                                       "Default: FS_CNN_RUNTIME, else onnxruntime.", show_default=False),
     batch: int = typer.Option(32, "--batch", help="Images per batch."),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Only images of this dataset."),
     replace: bool = typer.Option(False, "--replace", help="Drop the named feature sets and recompute them."),
@@ -47,7 +52,7 @@ def extract(
     Only images lacking a feature set are processed; re-running is a no-op.
     Vectors are written in crash-safe shards as the pass goes.
 
-    Example: fs extract --rp 128 --lowlevel --model efficientnet-lite0
+    Example: fs extract --rp 128 --lowlevel --model efficientnet-lite0 --runtime onnxruntime
     """
     if batch < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--batch")
@@ -55,6 +60,8 @@ def extract(
     rule = resize or "stretch"  # --rp/--pixels/--lowlevel; a --model defaults to its own rule
     if layers and not model:
         raise typer.BadParameter("--layers needs --model", param_hint="--layers")
+    if runtime is not None and runtime not in CNN_RUNTIMES:
+        raise typer.BadParameter(f"use {' or '.join(CNN_RUNTIMES)}", param_hint="--runtime")
     wh = common.parse_size(size, "--size")
     pixel_size = common.parse_size(pixels, "--pixels") if pixels else None
     # Bounds from the memory and time the options need, checked before the store is opened or locked.
@@ -74,7 +81,8 @@ def extract(
                 extractors.append(PixelsExtractor(pixel_size, rule=rule))
             if lowlevel:
                 extractors.append(LowLevelExtractor(rule=rule))
-            extractors += [cnn_extractor(store, name, wanted, batch_size=batch, resize=resize, tta=tta)
+            extractors += [cnn_extractor(store, name, wanted, batch_size=batch, resize=resize, tta=tta,
+                                         runtime=runtime, save_export=True)
                            for name in model]
             if not extractors:
                 raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME")

@@ -96,6 +96,11 @@ def add(
         store.close()
     common.err(f"registered {row.name}: taps {', '.join(row.taps)} (default {row.default_tap}); "
                f"params sha256 {row.params_sha256[:12]}")
+    if row.onnx_path:
+        common.err(f"exported to ONNX for onnxruntime: {row.onnx_path} (sha256 {str(row.onnx_sha256)[:12]})")
+    else:
+        common.err(f"note: {row.name} could not be exported to ONNX; extract it with `--runtime mxnet` "
+                   f"(`fs extract --model {row.name}` says why)")
 
 
 def register(root: typer.Typer) -> None:

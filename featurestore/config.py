@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from featurestore.errors import InvalidInputError
+
+CnnRuntime = Literal["onnxruntime", "mxnet"]
+CNN_RUNTIMES: tuple[str, ...] = get_args(CnnRuntime)
+
+
+def check_cnn_runtime(value: str) -> str:
+    """``value`` if it names a CNN runtime, else an error listing them."""
+    if value not in CNN_RUNTIMES:
+        raise InvalidInputError(f"unknown CNN runtime {value!r}; use {' or '.join(CNN_RUNTIMES)}")
+    return value
 
 
 class Settings(BaseSettings):
@@ -33,7 +43,9 @@ class Settings(BaseSettings):
         Seconds a writer waits for another writer before failing with
         "store is busy". ``FS_LOCK_TIMEOUT``; default 5.
     workers:
-        Decode threads. ``FS_WORKERS``; default: number of CPUs.
+        Decode threads, and the intra-op threads of an onnxruntime session
+        (`fs serve --workers N` gives each process a share). ``FS_WORKERS``;
+        default: number of CPUs.
     max_image_pixels:
         Images with more pixels are refused as decompression bombs.
         ``FS_MAX_IMAGE_PIXELS``; default Pillow's limit (89,478,485).
@@ -65,6 +77,10 @@ class Settings(BaseSettings):
     max_file_mb:
         Image files larger than this many MiB are refused unread (ingest,
         extract, search by file). ``FS_MAX_FILE_MB``; default 200.
+    cnn_runtime:
+        What runs CNN models: ``onnxruntime`` (the model's ONNX export) or
+        ``mxnet`` (the checkpoint itself; the reference). Used by extraction,
+        search by image, predict and serve. ``FS_CNN_RUNTIME``; default onnxruntime.
     """
 
     model_config = SettingsConfigDict(env_prefix="FS_", frozen=True, extra="ignore")
@@ -85,6 +101,8 @@ class Settings(BaseSettings):
     readonly_database_url: str | None = Field(default=None, repr=False)  # may hold a password
     readonly_role: str | None = None
     max_file_mb: float = Field(default=200.0, gt=0)
+    # issue 12: what runs CNN models
+    cnn_runtime: CnnRuntime = "onnxruntime"
 
     def __init__(self, **values: Any):
         # An empty variable means "unset", as for most command-line tools.

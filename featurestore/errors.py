@@ -116,3 +116,7 @@ class NoVectorError(MissingFeaturesError, InvalidInputError):
         msg = f"image {image_id} has no vector in {feature_set}: run `{command}` first"
         FeatureStoreError.__init__(self, msg + (f", {hint}" if hint else ""))
         self.missing = 1
+
+
+class RuntimeUnavailableError(FeatureStoreError, RuntimeError):
+    """A model cannot run on the requested runtime (e.g. its graph could not be exported to ONNX)."""

@@ -5,7 +5,7 @@ A shard is one file ``features/<feature_set>/<feature_set>-<stamp>.h5`` with
 * ``image_ids``: int64 ``(n,)`` -- catalog ids of the images, in row order;
 * ``vectors``: float32 ``(n, dim)``;
 * attributes ``feature_set``, ``kind``, ``params`` (JSON), ``dim``, ``dtype``,
-  ``format`` and ``created_at``, so ``h5dump`` or plain h5py users can read it
+  ``format``, ``created_at`` and, for CNN sets, ``runtime``, so ``h5dump`` or plain h5py users can read it
   without featurestore.
 
 Both datasets are chunked (about 1 MiB per chunk) with HDF5's Fletcher-32
@@ -48,8 +48,9 @@ def write_shard(
     params: dict[str, Any],
     image_ids: np.ndarray,
     vectors: np.ndarray,
+    runtime: str | None = None,
 ) -> Path:
-    """Write one shard durably and return its final path."""
+    """Write one shard durably and return its final path (``runtime``: what computed the vectors)."""
     ids = np.asarray(image_ids, dtype=np.int64)
     vecs = np.ascontiguousarray(vectors, dtype=np.float32)
     if vecs.ndim != 2 or vecs.shape[0] != ids.shape[0]:
@@ -75,6 +76,8 @@ def write_shard(
         fh.attrs["dtype"] = "float32"
         fh.attrs["rows"] = int(vecs.shape[0])
         fh.attrs["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if runtime:
+            fh.attrs["runtime"] = runtime
     return final
 
 

@@ -281,29 +281,33 @@ class Store:
         return [int(i) for i in ids if int(i) not in have]
 
     def append_vectors(self, feature_set: FeatureSet, image_ids: Sequence[int], vectors: np.ndarray,
-                       session: Session | None = None) -> Path:
+                       session: Session | None = None, runtime: str | None = None) -> Path:
         """Write one shard and register it with its rows in one transaction. Call under :meth:`writing`.
 
         With ``session`` the rows join that open transaction (the caller commits;
-        if it rolls back, the file is an orphan the next writer removes).
+        if it rolls back, the file is an orphan the next writer removes). ``runtime``
+        (what computed the vectors, e.g. ``"onnxruntime"``) is recorded with the shard.
         """
         vecs = np.asarray(vectors, dtype=np.float32)
         if vecs.ndim != 2 or vecs.shape[1] != feature_set.dim:
             raise DimensionMismatchError(
                 f"vectors for {feature_set.name} have shape {vecs.shape}, expected (n, {feature_set.dim})"
             )
-        return self._write_and_register(feature_set, np.asarray(image_ids, dtype=np.int64), vecs, session=session)
+        return self._write_and_register(feature_set, np.asarray(image_ids, dtype=np.int64), vecs, session=session,
+                                        runtime=runtime)
 
     def _write_and_register(self, fs: FeatureSet, ids: np.ndarray, vecs: np.ndarray,
-                            replaces: set[int] | None = None, session: Session | None = None) -> Path:
+                            replaces: set[int] | None = None, session: Session | None = None,
+                            runtime: str | None = None) -> Path:
         """Write a shard, then register it (taking over the ``replaces`` shards) in one transaction.
 
         If registration fails the new file is removed; if the process dies first
         the file is an orphan that the next writer removes.
         """
-        path = write_shard(self.root / "features" / fs.name, fs.name, fs.kind, fs.params, ids, vecs)
+        path = write_shard(self.root / "features" / fs.name, fs.name, fs.kind, fs.params, ids, vecs, runtime)
         try:
-            self.catalog.register_shard(fs.id, str(path.relative_to(self.root)), ids, replaces, s=session)
+            self.catalog.register_shard(fs.id, str(path.relative_to(self.root)), ids, replaces, s=session,
+                                        runtime=runtime)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -535,7 +539,8 @@ class Store:
             all_ids = np.concatenate(parts_ids) if parts_ids else np.empty(0, dtype=np.int64)
             order = np.argsort(all_ids, kind="stable")
             all_vecs = np.concatenate(parts_vecs)[order] if parts_vecs else np.empty((0, fs.dim), np.float32)
-            self._write_and_register(fs, all_ids[order], all_vecs, replaces=small_ids)
+            runtime = ",".join(sorted({sh.runtime for sh in small if sh.runtime})) or None  # keeps them all
+            self._write_and_register(fs, all_ids[order], all_vecs, replaces=small_ids, runtime=runtime)
             for sh in small:
                 (self.root / sh.path).unlink(missing_ok=True)
             done.append((fs.name, len(small), len(all_ids)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -101,9 +102,13 @@ def test_db_upgrade_and_current(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "upgraded from empty" in result.output
     cur = fs("db", "current")
-    migrations = sorted(p.name[:4] for p in (Path(__file__).parents[1] / "migrations" / "versions").glob("0*.py"))
-    head = migrations[-1]  # the newest migration file is the head
-    assert f"current: {head}" in cur.stdout and f"head: {head}" in cur.stdout
+    down = {}  # revision -> the revision it revises, read from the files (ids need not follow file names)
+    for p in (Path(__file__).parents[1] / "migrations" / "versions").glob("0*.py"):
+        text = p.read_text()
+        down[re.search(r"^revision = '([^']+)'", text, re.M).group(1)] = re.search(  # type: ignore[union-attr]
+            r"^down_revision = '?([^'\n]+)'?", text, re.M).group(1)  # type: ignore[union-attr]
+    (head,) = set(down) - set(down.values())  # the one revision nothing revises
+    assert f"current: {head}\n" in cur.stdout and f"head: {head}\n" in cur.stdout
     assert "nothing to do" in fs("db", "upgrade").output
 
 

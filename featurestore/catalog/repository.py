@@ -54,6 +54,7 @@ class ShardRef:
     id: int
     path: str
     rows: int
+    runtime: str | None = None  # what computed the vectors (CNN sets)
 
 
 class Catalog:
@@ -351,12 +352,12 @@ class Catalog:
 
     def shards(self, feature_set_id: int, max_rows: int | None = None) -> list[ShardRef]:
         """The shards of a feature set in id order (only those with fewer than ``max_rows`` rows if given)."""
-        q = select(FeatureShard.id, FeatureShard.path, FeatureShard.rows).where(
+        q = select(FeatureShard.id, FeatureShard.path, FeatureShard.rows, FeatureShard.runtime).where(
             FeatureShard.feature_set_id == int(feature_set_id)).order_by(FeatureShard.id)
         if max_rows is not None:
             q = q.where(FeatureShard.rows < max_rows)
         with self.engine.connect() as conn:
-            return [ShardRef(int(i), str(p), int(n)) for i, p, n in conn.execute(q)]
+            return [ShardRef(int(i), str(p), int(n), r) for i, p, n, r in conn.execute(q)]
 
     def live_row_counts(self, feature_set_id: int) -> dict[int, int]:
         """shard id -> rows the catalog points at."""
@@ -372,14 +373,16 @@ class Catalog:
         return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
     def register_shard(self, feature_set_id: int, path: str, image_ids: np.ndarray,
-                       replaces: set[int] | None = None, s: Session | None = None) -> int:
+                       replaces: set[int] | None = None, s: Session | None = None,
+                       runtime: str | None = None) -> int:
         """Register a written shard and point its images' rows at it, in one transaction (``s`` if given).
 
         ``replaces``: shards whose rows this one takes over (compaction); they
-        are unregistered in the same transaction. Returns the new shard's id.
+        are unregistered in the same transaction. ``runtime``: what computed the
+        vectors. Returns the new shard's id.
         """
         with self._within(s) as s:
-            shard = FeatureShard(feature_set_id=feature_set_id, path=path, rows=len(image_ids))
+            shard = FeatureShard(feature_set_id=feature_set_id, path=path, rows=len(image_ids), runtime=runtime)
             s.add(shard)
             s.flush()
             if replaces:

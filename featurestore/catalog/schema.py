@@ -121,6 +121,9 @@ class FeatureShard(Base):
     feature_set_id: Mapped[int] = mapped_column(ForeignKey("feature_sets.id", ondelete="CASCADE"))
     path: Mapped[str] = mapped_column(Text, unique=True)
     rows: Mapped[int] = mapped_column(Integer)
+    # What computed the vectors (CNN sets: "onnxruntime" or "mxnet"; several joined by "," after
+    # `fs compact`); not part of the set's params, so a set may be continued on another runtime.
+    runtime: Mapped[str | None] = mapped_column(String(50), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -153,6 +156,10 @@ class Model(Base):
     taps: Mapped[list[Any]] = mapped_column(JSON)
     default_tap: Mapped[str] = mapped_column(String(200))
     source: Mapped[str] = mapped_column(Text)
+    # The checkpoint exported to ONNX with every tap as an output (for onnxruntime); NULL when the
+    # model was registered before featurestore made exports, or its graph cannot be exported.
+    onnx_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    onnx_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

@@ -39,6 +39,10 @@ class FeatureSpec:
 class Extractor(abc.ABC):
     """One feature family computed from decoded RGB images."""
 
+    #: What computed the vectors (e.g. ``"onnxruntime"``), recorded with each shard; not a feature-set
+    #: param, so a set may be continued on another runtime. None for plain numpy extractors.
+    runtime: str | None = None
+
     @abc.abstractmethod
     def outputs(self) -> list[FeatureSpec]:
         """Feature sets produced, in a stable order."""

@@ -54,6 +54,10 @@ def prepare(settings: Settings) -> None:
 
 def serve(settings: Settings, workers: int = 1, log_level: str = "info") -> None:
     """Serve the store on ``settings.host``:``settings.port`` until interrupted."""
+    if workers > 1:
+        # The FS_WORKERS thread budget (default: every core) is shared by the processes, so N
+        # onnxruntime sessions do not each start one thread per core.
+        settings = settings.replace(workers=max(1, settings.workers // workers))
     if workers <= 1:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
     else:

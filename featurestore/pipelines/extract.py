@@ -71,7 +71,7 @@ class _Job:
             ids = self.buf_ids.pop(fs.name, [])
             vecs = self.buf_vecs.pop(fs.name, [])
             if ids:
-                store.append_vectors(fs, ids, np.concatenate(vecs))
+                store.append_vectors(fs, ids, np.concatenate(vecs), runtime=self.extractor.runtime)
                 summary.written[fs.name] = summary.written.get(fs.name, 0) + len(ids)
         self.buffered_bytes = 0
 

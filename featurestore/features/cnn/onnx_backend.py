@@ -1,0 +1,197 @@
+"""Run a model exported by :mod:`featurestore.features.cnn.onnx_export` on onnxruntime.
+
+:class:`OnnxModel` offers what :class:`~featurestore.features.cnn.mxnet_backend.CNNExtractor`
+uses from :class:`~featurestore.features.cnn.mxnet_backend.CheckpointModel`
+(``preprocess``, ``taps``, ``tap_dims``, ``tap_pooling``, ``prepare``,
+``forward``), so one extractor runs on either runtime and gives the same vectors
+(within 1e-4; ``tests/test_onnx.py``). On 2 cores it is about twice as fast
+as MXNet's executor for EfficientNet-Lite0 (``bench/bench_extract_cnn.py``).
+
+The stored graph has every registered tap of the model as an output; the
+session is built from a copy pruned to the requested taps, because
+onnxruntime runs every node of a graph whatever outputs are fetched.
+
+Threads: the session uses ``threads`` intra-op threads (the store passes
+``FS_WORKERS``, default the core count; ``fs serve --workers N`` divides it
+among its processes) and does not spin between runs, so the decode threads of
+the extract pass get the cores while the network waits for the next batch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from featurestore.errors import InvalidInputError, NotFoundError
+from featurestore.features.cnn.mxnet_backend import Preprocess
+from featurestore.features.cnn.onnx_export import INPUT_NAME, OnnxTap, read_metadata
+
+__all__ = ["OnnxModel", "session_options"]
+
+
+def session_options(threads: int | None = None) -> Any:
+    """onnxruntime session options for feature extraction with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, int(threads or os.cpu_count() or 1))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads would otherwise busy-wait between runs, taking the cores from the
+    # threads that decode and resize the next batch.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
+    return so
+
+
+def _prune(model: Any, outputs: Sequence[str]) -> Any:
+    """A copy of ``model`` computing only ``outputs`` (nodes and weights nothing else needs dropped)."""
+    from onnx import helper
+
+    graph = model.graph
+    needed = set(outputs)
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    pruned = helper.make_graph(
+        kept, graph.name, list(graph.input), [o for o in graph.output if o.name in set(outputs)],
+        initializer=[t for t in graph.initializer if t.name in needed],
+    )
+    out = helper.make_model(pruned, opset_imports=list(model.opset_import), producer_name=model.producer_name,
+                            producer_version=model.producer_version)
+    out.ir_version = model.ir_version
+    return out
+
+
+class OnnxModel:
+    """An exported model bound in an onnxruntime session with a fixed set of taps.
+
+    Build it with :meth:`load`. :meth:`prepare` is thread-safe; :meth:`forward`
+    serialises calls with a lock (one session, ``threads`` cores).
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(self) -> None:  # use OnnxModel.load
+        self.preprocess: Preprocess
+        self.taps: list[str]
+        self.batch_size: int
+        self.threads: int
+        self._exported: dict[str, OnnxTap] = {}
+        self._outputs: list[str] = []
+        self._session: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        data: bytes,
+        preprocess: Preprocess,
+        taps: Sequence[str],
+        batch_size: int = 32,
+        threads: int | None = None,
+        where: str = "the ONNX model",
+    ) -> OnnxModel:
+        """Create a session for ``taps`` of a serialized model from :func:`export_onnx`.
+
+        Parameters
+        ----------
+        data
+            The model file's bytes (the caller checks their sha256 first).
+        preprocess
+            Input size and normalisation; the size must be the one the model was exported for.
+        taps
+            Layer names, a subset of the exported ones.
+        batch_size
+            Rows per ``session.run`` (the batch dimension is dynamic: no padding).
+        threads
+            Intra-op threads; default the core count.
+        where
+            How to name the model in error messages (e.g. its path).
+
+        Raises
+        ------
+        NotFoundError
+            A tap is not an output of the exported graph.
+        InvalidInputError
+            Not a featurestore export, exported for another input size, or unreadable.
+        """
+        import onnx
+        import onnxruntime as ort
+
+        self = cls()
+        self.preprocess, self.taps, self.batch_size = preprocess, list(dict.fromkeys(taps)), int(batch_size)
+        self.threads = max(1, int(threads or os.cpu_count() or 1))
+        if not self.taps:
+            raise InvalidInputError("at least one tap (layer name) is needed")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        try:
+            model = onnx.load_from_string(data)
+        except Exception as exc:  # DecodeError
+            raise InvalidInputError(f"{where} is not a readable ONNX model ({exc})") from None
+        described, record = read_metadata(model, where)
+        self._exported = {t.tap: t for t in described}
+        for tap in self.taps:
+            if tap not in self._exported:
+                raise NotFoundError("tap", tap, self._exported, hint=f"{where} was exported with these taps")
+        exported_size = tuple(record.get("preprocess", {}).get("size", ()))
+        if exported_size != tuple(preprocess.size):
+            raise InvalidInputError(
+                f"{where} was exported for {exported_size} input, not {tuple(preprocess.size)}; re-register the model"
+            )
+        self._outputs = [self._exported[t].output for t in self.taps]
+        if len(self._outputs) < len(model.graph.output):
+            model = _prune(model, self._outputs)
+        try:
+            self._session = ort.InferenceSession(
+                model.SerializeToString(), session_options(self.threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime's Fail / InvalidGraph
+            raise InvalidInputError(f"onnxruntime cannot load {where} ({exc})") from None
+        return self
+
+    def tap_dims(self) -> dict[str, int]:
+        """Feature dimension of each selected tap (channels for 4-D layers)."""
+        return {t: self._exported[t].dim for t in self.taps}
+
+    def tap_pooling(self) -> dict[str, str]:
+        """How each tap became a vector: ``global-average`` (4-D), ``flatten`` or ``none``."""
+        return {t: self._exported[t].pooling for t in self.taps}
+
+    def prepare(self, img: Image.Image) -> np.ndarray:
+        """Resize and normalise one RGB image to ``(3, H, W)`` float32; thread-safe."""
+        return self.preprocess.apply(img)
+
+    def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run prepared images ``(n, 3, H, W)`` through the network.
+
+        Returns
+        -------
+        dict
+            Tap -> ``(n, dim)`` float32 matrix, rows in input order.
+        """
+        w, h = self.preprocess.size
+        batch = np.asarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
+            raise InvalidInputError(f"expected a batch of shape (n, 3, {h}, {w}), got {batch.shape}")
+        chunks: dict[str, list[np.ndarray]] = {t: [] for t in self.taps}
+        with self._lock:
+            for start in range(0, batch.shape[0], self.batch_size):
+                part = np.ascontiguousarray(batch[start : start + self.batch_size])
+                outs = self._session.run(self._outputs, {INPUT_NAME: part})
+                for tap, out in zip(self.taps, outs, strict=True):
+                    chunks[tap].append(np.asarray(out, dtype=np.float32).reshape(part.shape[0], -1))
+        dims = self.tap_dims()
+        return {
+            t: np.concatenate(c) if c else np.zeros((0, dims[t]), np.float32) for t, c in chunks.items()
+        }
