@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     max_file_mb:
         Image files larger than this many MiB are refused unread (ingest,
         extract, search by file). ``FS_MAX_FILE_MB``; default 200.
+    ray_address:
+        Run `fs extract`, `fs evaluate` and `fs train` on a Ray cluster:
+        ``auto`` joins the cluster running on this machine (``ray start``),
+        ``local`` starts a private one on this machine, anything else is the
+        address of the head (``HOST:6379``). ``FS_RAY_ADDRESS``; default none
+        (run locally).
     """
 
     model_config = SettingsConfigDict(env_prefix="FS_", frozen=True, extra="ignore")
@@ -85,6 +91,7 @@ class Settings(BaseSettings):
     readonly_database_url: str | None = Field(default=None, repr=False)  # may hold a password
     readonly_role: str | None = None
     max_file_mb: float = Field(default=200.0, gt=0)
+    ray_address: str | None = None
 
     def __init__(self, **values: Any):
         # An empty variable means "unset", as for most command-line tools.

@@ -90,3 +90,7 @@ class CatalogCorruptError(FeatureStoreError, RuntimeError):
             f"(mv {path} {path}.bad) and restore it from a backup, or point --store/FS_STORE at another store"
         )
         self.path = path
+
+
+class ClusterError(FeatureStoreError, RuntimeError):
+    """A cluster (Ray) job cannot start or run: Ray missing, a node without the store, SQLite on several nodes."""
