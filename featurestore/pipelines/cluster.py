@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -83,7 +84,7 @@ INFLIGHT_PER_ACTOR = 2
 # A killed worker is restarted (and its tasks retried) this many times before the job fails.
 RETRIES = 3
 # Images per extraction task when not given: about 8 tasks per actor (so the last ones balance), within these bounds.
-MIN_TASK_ROWS, MAX_TASK_ROWS = 32, 1024
+MIN_TASK_ROWS, MAX_TASK_ROWS = 8, 1024
 
 
 def import_ray() -> Any:
@@ -122,7 +123,8 @@ def ray_session(address: str) -> Iterator[Any]:
     options: dict[str, Any] = {"address": address, "logging_level": logging.WARNING, "log_to_driver": False}
     temp = None
     if address == "local":
-        temp = tempfile.mkdtemp(prefix="fs-ray-")
+        # Ray's sockets live under it and a socket path must stay under 108 bytes: not under a long TMPDIR.
+        temp = tempfile.mkdtemp(prefix="fs-ray-", dir="/tmp" if os.access("/tmp", os.W_OK) else None)
         options.update(include_dashboard=False, _temp_dir=temp, _node_ip_address="127.0.0.1")
     try:
         ray.init(**options)
@@ -295,12 +297,12 @@ class Featurizer:
 def _node_address() -> str:
     import ray
 
-    return str(ray.util.get_node_ip_address())
+    return str(ray.util.get_node_ip_address()) if ray.is_initialized() else socket.gethostname()
 
 
 # -- extraction: the driver ----------------------------------------------------------------------------
 def cut_tasks(plan: ExtractPlan, actors: int, task_rows: int | None = None) -> list[Task]:
-    """The images to featurize, in tasks of ``task_rows`` (default: about 8 per actor, 32..1024 images).
+    """The images to featurize, in tasks of ``task_rows`` (default: about 8 per actor, 8..1024 images).
 
     A task's vectors stay under the local path's flush size (256 MB per task), so a
     worker's memory is bounded whatever the vector size.
@@ -319,7 +321,7 @@ def cut_tasks(plan: ExtractPlan, actors: int, task_rows: int | None = None) -> l
 
 
 @dataclass
-class _Registrar:
+class Registrar:
     """The driver's side of a task: register its shards once, each image once per feature set."""
 
     store: Store
@@ -332,19 +334,21 @@ class _Registrar:
         if result.task in self.done:  # a duplicate answer: its files are orphans, swept at the end
             return
         self.done.add(result.task)
-        self.summary.failed += result.failed
-        self.summary.processed += result.processed
+        shards = {}
         for name, (rel, rows) in result.shards.items():
-            fs = self.plan.sets[name]
             ids = read_shard_ids(self.store.root / rel)  # what the file holds, read by the driver itself
             if len(ids) != rows or not set(ids.tolist()) <= set(task.lacking.get(name, ())):
                 raise IntegrityError(f"shard {rel} written by node {result.node} does not hold the images of "
                                      f"task {task.index}; run `fs extract` again")
-            have = self.have.setdefault(name, set())
-            if have.intersection(ids.tolist()):  # tasks are disjoint: only a replayed task overlaps, whole
-                continue
-            self.store.catalog.register_shard(fs.id, rel, ids)
-            have.update(ids.tolist())
+            shards[name] = (rel, ids)
+        # Tasks are disjoint, so only a replayed task can hold images already registered (then all of them).
+        if any(self.have.get(name, set()).intersection(ids.tolist()) for name, (_, ids) in shards.items()):
+            return
+        self.summary.failed += result.failed
+        self.summary.processed += result.processed
+        for name, (rel, ids) in shards.items():
+            self.store.catalog.register_shard(self.plan.sets[name].id, rel, ids)
+            self.have.setdefault(name, set()).update(ids.tolist())
             self.summary.written[name] = self.summary.written.get(name, 0) + len(ids)
 
 
@@ -438,7 +442,7 @@ def _store_probe(store: Store, plan: ExtractPlan) -> Iterator[tuple[str, str]]:
         path.unlink(missing_ok=True)
 
 
-def _sweep(store: Store, plan: ExtractPlan) -> None:
+def sweep_orphans(store: Store, plan: ExtractPlan) -> None:
     """Remove the shards written by tasks that were replayed or cancelled (never registered). Under the lock."""
     registered = store.catalog.shard_paths()
     for name in plan.sets:
@@ -478,16 +482,17 @@ def extract_on_ray(
         if value < 1:
             raise InvalidInputError(f"{option} must be at least 1")
     summary = ExtractSummary()
-    plan = plan_extract(store, extractors, replace=replace, dataset=dataset, image_ids=image_ids, summary=summary)
-    if not plan.todo:
-        return summary
     start = time.perf_counter()
     with ray_session(address) as ray:
         nodes = alive_nodes(ray)
-        check_catalog(store.settings, nodes)
+        check_catalog(store.settings, nodes)  # before anything is registered
         size = pool_size(nodes, threads, workers)
+        plan = plan_extract(store, extractors, replace=replace, dataset=dataset, image_ids=image_ids,
+                            summary=summary)
+        if not plan.todo:
+            return summary
         tasks = cut_tasks(plan, size, task_rows)
-        registrar = _Registrar(store, plan, summary)
+        registrar = Registrar(store, plan, summary)
         with _store_probe(store, plan) as probe:
             pool = _Pool(ray, store, plan, min(size, len(tasks)), threads, batch_size, probe)
             try:
@@ -495,7 +500,7 @@ def extract_on_ray(
                 pool.run(tasks, registrar.accept, progress)
             finally:
                 pool.kill()
-                _sweep(store, plan)
+                sweep_orphans(store, plan)
     summary.seconds = time.perf_counter() - start
     return summary
 
