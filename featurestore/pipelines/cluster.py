@@ -129,19 +129,26 @@ def ray_session(address: str) -> Iterator[Any]:
     try:
         ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        if temp:
-            shutil.rmtree(temp, ignore_errors=True)
+        _stop(ray, temp)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClusterError(
             f"cannot connect to the Ray cluster at {address!r} ({first}); start one with `ray start --head` "
             "(then use --ray auto) or use --ray local"
         ) from None
+    except BaseException:  # Ctrl-C while the cluster starts
+        _stop(ray, temp)
+        raise
     try:
         yield ray
     finally:
-        ray.shutdown()
-        if temp:
-            shutil.rmtree(temp, ignore_errors=True)
+        _stop(ray, temp)
+
+
+def _stop(ray: Any, temp: str | None) -> None:
+    """Disconnect (and stop a cluster this process started); remove its temp folder."""
+    ray.shutdown()
+    if temp:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # -- the cluster's shape ---------------------------------------------------------------------------
