@@ -347,6 +347,7 @@ def test_catalog_and_pool_checks() -> None:
     with pytest.raises(ClusterError, match="names 127.0.0.1, which the other nodes"):
         cluster.check_catalog(Settings(database_url="postgresql+psycopg2://u@127.0.0.1/fs"), two)
     cluster.check_catalog(Settings(database_url="postgresql+psycopg2://u@db.internal/fs"), two)
+    cluster.check_catalog(Settings(database_url="postgresql+psycopg2://u@localhost/fs"), two[:1])  # one node
     assert cluster.pool_size(two, threads=1, workers=None) == 6
     assert cluster.pool_size(two, threads=2, workers=None) == 3  # actors x threads <= each node's cores
     assert cluster.pool_size(two, threads=4, workers=None) == 1

@@ -181,7 +181,7 @@ def check_catalog(settings: Settings, nodes: Sequence[Node]) -> None:
             "network filesystem shared by several machines is unsafe (its locking does not hold there); put the "
             "catalog in PostgreSQL: set FS_DATABASE_URL=postgresql+psycopg2://USER@HOST/DB and run `fs db upgrade`"
         )
-    remote_nodes = any(not _is_loopback(n.address) for n in nodes)
+    remote_nodes = len(nodes) > 1 and any(not _is_loopback(n.address) for n in nodes)
     if remote_nodes and url.get_backend_name() != "sqlite" and _is_loopback(url.host):
         raise ClusterError(
             f"FS_DATABASE_URL names {url.host or 'a local socket'}, which the other nodes of the Ray cluster cannot "
