@@ -373,7 +373,14 @@ class _Pool:
         self.actors = [actor.remote(settings, groups, threads, batch_size, probe) for _ in range(size)]
 
     def check(self) -> None:
-        for error in self.ray.get([a.ready.remote() for a in self.actors]):
+        try:
+            errors = self.ray.get([a.ready.remote() for a in self.actors])
+        except self.ray.exceptions.RayError as exc:
+            raise ClusterError(
+                f"the workers could not start on the Ray cluster ({_last_error_line(exc)}); every node needs the same "
+                "featurestore and Ray versions: pip install 'featurestore[ray]'"
+            ) from None
+        for error in errors:
             if error:
                 raise ClusterError(error)
 
@@ -424,6 +431,13 @@ def _result(ray: Any, ref: Any) -> Any:
         raise ClusterError(f"the Ray cluster lost a worker for good ({_first_line(exc)}); after {RETRIES} "
                            "restarts the job stops: see `ray status`, then run the command again "
                            "(what was registered is kept)") from None
+
+
+def _last_error_line(exc: BaseException) -> str:
+    """The innermost error of a remote traceback ("ModuleNotFoundError: ..."), else the first line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return errors[-1] if errors else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
