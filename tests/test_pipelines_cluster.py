@@ -358,7 +358,7 @@ def test_catalog_and_pool_checks() -> None:
 
 
 def test_worker_that_cannot_see_the_store_says_so(store: Store, tmp_path: Path) -> None:
-    settings = {"store": str(store.root.resolve()), "database_url": None, "max_image_pixels": 10**6}
+    settings = {"store": str(store.root.resolve()), "database_url": None, "max_image_pixels": 10**6, "max_file_mb": 1}
     worker = cluster.Featurizer(settings, [], 1, 4, (str(tmp_path / "nowhere" / ".tmp-check"), "token"))
     error = worker.ready()
     assert error and "is not visible here" in error and "mounts at the same path" in error

@@ -245,6 +245,7 @@ class Featurizer:
         self.node = _node_address()
         self.root = Path(settings["store"])
         self.max_pixels = int(settings["max_image_pixels"])
+        self.max_bytes = int(float(settings["max_file_mb"]) * 1024 * 1024)
         self.batch_size = batch_size
         self.sets = {r.name: r for group in groups for r in group}
         self.pool = ThreadPoolExecutor(max_workers=threads)
@@ -286,7 +287,7 @@ class Featurizer:
         failed: list[tuple[str, str]] = []
         processed = 0
         for out in featurize_batches(work, task.images, pool=self.pool, batch_size=self.batch_size,
-                                     max_pixels=self.max_pixels):
+                                     max_pixels=self.max_pixels, max_bytes=self.max_bytes):
             failed += [(path, f"{reason} (on node {self.node})") for path, reason in out.failed]
             processed += out.processed
             for name, part in out.ids.items():
@@ -366,7 +367,7 @@ class _Pool:
                  probe: tuple[str, str]):
         self.ray = ray
         settings = {"store": str(store.root.resolve()), "database_url": store.settings.database_url,
-                    "max_image_pixels": store.settings.max_image_pixels}
+                    "max_image_pixels": store.settings.max_image_pixels, "max_file_mb": store.settings.max_file_mb}
         groups = [[_record(plan.sets[name]) for name in w.lacking] for w in plan.work]
         actor = ray.remote(Featurizer).options(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES,
                                                scheduling_strategy="SPREAD")
