@@ -21,6 +21,13 @@ STORE_OPTION = typer.Option(
     None, "--store", envvar="FS_STORE", help="Store folder (default ./.fs).", show_default=False
 )
 
+RAY_OPTION = typer.Option(
+    None, "--ray", metavar="ADDRESS", show_default=False,
+    help="Run on a Ray cluster (pip install 'featurestore\\[ray]'): auto joins the cluster `ray start` runs on "
+         "this machine, local starts a private one here, HOST:PORT is a cluster's head. Default FS_RAY_ADDRESS; "
+         "unset runs here.",
+)
+
 
 # Catalog ids are positive SQL BIGINTs: a larger number is a usage error (exit 2), not a driver OverflowError.
 ID_RANGE: dict[str, Any] = {"min": 1, "max": 2**63 - 1}

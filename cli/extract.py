@@ -12,6 +12,7 @@ from featurestore.features.lowlevel import LowLevelExtractor
 from featurestore.features.pixels import PixelsExtractor, check_pixels
 from featurestore.features.projection import check_projection, projection_extractor
 from featurestore.features.resize import check_size
+from featurestore.pipelines.cluster import extract_on_ray
 from featurestore.pipelines.extract import ExtractSummary
 from featurestore.pipelines.extract import extract as run_extract
 
@@ -46,13 +47,20 @@ def extract(
     batch: int = typer.Option(32, "--batch", help="Images per batch."),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Only images of this dataset."),
     replace: bool = typer.Option(False, "--replace", help="Drop the named feature sets and recompute them."),
+    ray: str | None = common.RAY_OPTION,
+    ray_workers: int | None = typer.Option(None, "--ray-workers", help="With --ray: workers (actors) to start "
+                                           "(default: as many as the nodes' CPUs hold).", show_default=False),
+    ray_threads: int = typer.Option(1, "--ray-threads", help="With --ray: CPUs each worker reserves on its node "
+                                    "(its decode and math threads)."),
 ) -> None:
     """Compute feature sets in one pass: each image is decoded once and fed to every extractor.
 
     Only images lacking a feature set are processed; re-running is a no-op.
-    Vectors are written in crash-safe shards as the pass goes.
+    Vectors are written in crash-safe shards as the pass goes. With --ray the
+    images are cut into tasks for workers on a Ray cluster (the store folder on
+    storage every node mounts; with several nodes a PostgreSQL catalog).
 
-    Example: fs extract --rp 128 --lowlevel --model efficientnet-lite0 --runtime onnxruntime
+    Example: fs extract --rp 128 --lowlevel --model efficientnet-lite0 --runtime onnxruntime --ray auto
     """
     if batch < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--batch")
@@ -71,6 +79,7 @@ def extract(
     if pixel_size:
         check_pixels(pixel_size, batch)
     wanted = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
+    address = _ray_address(ray, ray_workers, ray_threads)
     store = common.open_store()
     try:
         with store.writing():
@@ -87,11 +96,28 @@ def extract(
             if not extractors:
                 raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME")
             with common.progress("extract") as tick:
-                summary = run_extract(store, extractors, replace=replace, dataset=dataset, batch_size=batch,
-                                      progress=tick)
+                if address:
+                    summary = extract_on_ray(store, extractors, address=address, replace=replace, dataset=dataset,
+                                             batch_size=batch, workers=ray_workers, threads=ray_threads,
+                                             progress=tick)
+                else:
+                    summary = run_extract(store, extractors, replace=replace, dataset=dataset, batch_size=batch,
+                                          progress=tick)
     finally:
         store.close()
     _report(summary)
+
+
+def _ray_address(ray: str | None, workers: int | None, threads: int) -> str | None:
+    """The Ray cluster to run on (--ray, else FS_RAY_ADDRESS), after checking the options that go with it."""
+    if workers is not None and workers < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--ray-workers")
+    if threads < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--ray-threads")
+    address = common.settings(ray_address=ray).ray_address
+    if (workers is not None or threads != 1) and not address:
+        raise typer.BadParameter("--ray-workers and --ray-threads need --ray ADDRESS (or FS_RAY_ADDRESS)")
+    return address
 
 
 def _report(summary: ExtractSummary) -> None:

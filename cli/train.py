@@ -62,6 +62,7 @@ def train(
     splits: int = SPLITS, test_size: float = TEST_SIZE, seed: int = SEED, dataset: str | None = DATASET,
     skip_missing: bool = SKIP, test_dataset: str | None = TEST_DATASET,
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
+    ray: str | None = common.RAY_OPTION,
 ) -> None:
     """Evaluate a feature combination on repeated splits, then fit the final model on all labelled images.
 
@@ -69,15 +70,16 @@ def train(
     test dataset), score on the test dataset, and keep that model.
 
     Per-split scores, the run's settings and the model's sha256 are stored; predict with `fs predict --run ID`.
+    With --ray the splits run in parallel on a Ray cluster (same scores).
 
     Example: fs train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400
     """
     cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
                skip_missing, test_dataset)
-    store = common.open_store()
+    store = common.open_store(ray_address=ray)
     try:
         with store.writing(), common.progress("splits") as tick:
-            out = run_train(store, cfg, progress=tick)
+            out = run_train(store, cfg, progress=tick, ray_address=store.settings.ray_address)
     finally:
         store.close()
     s = out.evaluation.summary
@@ -104,11 +106,14 @@ def evaluate(
     splits: int = SPLITS, test_size: float = TEST_SIZE, seed: int = SEED, dataset: str | None = DATASET,
     skip_missing: bool = SKIP, test_dataset: str | None = TEST_DATASET,
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
+    ray: str | None = common.RAY_OPTION,
 ) -> None:
     """Evaluate several feature combinations on the same splits and print a Table-1-style comparison.
 
     Each row is stored as a run (no final model is fitted; use `fs train` for that) and
     can be paired with `fs compare`.
+
+    With --ray every (combination, split) is a task on a Ray cluster, all in parallel (same scores).
 
     Example: fs evaluate --features rp128 --features efficientnet-lite0 --features rp128,efficientnet-lite0
     """
@@ -117,10 +122,11 @@ def evaluate(
     combos = [_features(f) for f in features]
     cfg = _cfg(combos[0], target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
                test_dataset)
-    store = common.open_store()
+    store = common.open_store(ray_address=ray)
     try:
         with store.writing(), common.progress("evaluate") as tick:
-            outs = evaluate_many(store, combos, cfg, progress=lambda label, d, t: tick(d, t))
+            outs = evaluate_many(store, combos, cfg, progress=lambda label, d, t: tick(d, t),
+                                 ray_address=store.settings.ray_address)
     finally:
         store.close()
     base = outs[0].evaluation.summary["accuracy"].mean

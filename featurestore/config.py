@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         What runs CNN models: ``onnxruntime`` (the model's ONNX export) or
         ``mxnet`` (the checkpoint itself; the reference). Used by extraction,
         search by image, predict and serve. ``FS_CNN_RUNTIME``; default onnxruntime.
+    ray_address:
+        Run `fs extract`, `fs evaluate` and `fs train` on a Ray cluster:
+        ``auto`` joins the cluster running on this machine (``ray start``),
+        ``local`` starts a private one on this machine, anything else is the
+        address of the head (``HOST:6379``). ``FS_RAY_ADDRESS``; default none
+        (run locally).
     """
 
     model_config = SettingsConfigDict(env_prefix="FS_", frozen=True, extra="ignore")
@@ -103,6 +109,7 @@ class Settings(BaseSettings):
     max_file_mb: float = Field(default=200.0, gt=0)
     # issue 12: what runs CNN models
     cnn_runtime: CnnRuntime = "onnxruntime"
+    ray_address: str | None = None
 
     def __init__(self, **values: Any):
         # An empty variable means "unset", as for most command-line tools.

@@ -120,3 +120,7 @@ class NoVectorError(MissingFeaturesError, InvalidInputError):
 
 class RuntimeUnavailableError(FeatureStoreError, RuntimeError):
     """A model cannot run on the requested runtime (e.g. its graph could not be exported to ONNX)."""
+
+
+class ClusterError(FeatureStoreError, RuntimeError):
+    """A cluster (Ray) job cannot start or run: Ray missing, a node without the store, SQLite on several nodes."""

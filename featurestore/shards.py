@@ -90,6 +90,15 @@ def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise _open_error(path, exc) from None
 
 
+def read_shard_ids(path: Path) -> np.ndarray:
+    """The ``image_ids`` of one shard, without reading its vectors."""
+    try:
+        with h5py.File(path, "r") as fh:
+            return fh["image_ids"][...]
+    except (OSError, KeyError) as exc:
+        raise _open_error(path, exc) from None
+
+
 def _open_error(path: Path, exc: Exception) -> IntegrityError:
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if not Path(path).exists():

@@ -8,12 +8,15 @@ that the rebuilt extractor records exactly the stored params, so a changed
 library or model cannot silently produce other vectors.
 
 A new feature kind is one module with an :class:`~featurestore.features.base.Extractor`
-subclass plus one :func:`register` call below.
+subclass plus one :func:`register` call below. A kind whose one extractor
+produces several sets in one pass (the taps of a CNN) also gives ``build_many``,
+so :func:`extractor_for_sets` rebuilds them as one extractor (the cluster path's
+workers use it: one forward pass per image, as on the local path).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,16 +42,22 @@ class StoredSet(Protocol):
 
 Builder = Callable[["Store", str, dict[str, Any], int], Extractor]
 Hint = Callable[[str, dict[str, Any], int], str]
+ManyBuilder = Callable[["Store", Sequence[StoredSet], int], Extractor]
 
 
 @dataclass(frozen=True)
 class FeatureKind:
-    """One feature family: how to rebuild its extractor and which command computes it."""
+    """One feature family: how to rebuild its extractor and which command computes it.
+
+    ``build_many`` (optional) rebuilds one extractor producing several stored
+    sets of this kind at once.
+    """
 
     kind: str
     extractor: type[Extractor]
     build: Builder
     command: Hint
+    build_many: ManyBuilder | None = None
 
 
 KINDS: dict[str, FeatureKind] = {}
@@ -83,6 +92,10 @@ register(FeatureKind(
     # issue 16: the model, layer, resize rule and TTA (+center-crop / +flip sets) all come from the params.
     lambda store, name, p, batch: cnn_registry.cnn_extractor_from_params(store, p, batch_size=batch),
     lambda name, p, dim: cnn_views.extract_command(name, p),
+    # one extractor for several taps of the same model, resize rule and TTA (the cluster path)
+    lambda store, sets, batch: cnn_registry.cnn_extractor(
+        store, sets[0].params["model"], [fs.params["layer"] for fs in sets], batch_size=batch,
+        resize=sets[0].params["preprocess"]["resize"], tta=sets[0].params.get("tta", "none")),
 ))
 
 
@@ -125,6 +138,42 @@ def extractor_for(store: Store, fs: StoredSet | str, batch_size: int = 32) -> Ex
     if isinstance(fs, str):
         fs = store.feature_set(fs)
     ex = build_extractor(store, fs, batch_size)
+    _check_rebuilt(ex, fs)
+    return ex
+
+
+def extractor_for_sets(store: Store, sets: Sequence[StoredSet], batch_size: int = 32) -> Extractor:
+    """One extractor that reproduces every set of ``sets`` exactly (the sets one extractor produced together).
+
+    Several taps of one CNN are rebuilt as one network with several outputs, so
+    each image still goes through it once. Every rebuilt output is checked
+    against its stored params as in :func:`extractor_for`.
+
+    Raises
+    ------
+    FeatureStoreError
+        The sets are of different kinds or models, or cannot be rebuilt as stored.
+    """
+    if len(sets) == 1:
+        return extractor_for(store, sets[0], batch_size)
+    names = ", ".join(fs.name for fs in sets)
+    kind = KINDS.get(sets[0].kind)
+    if kind is None or kind.build_many is None or any(fs.kind != kind.kind for fs in sets):
+        raise FeatureStoreError(f"the feature sets {names} are not produced by one extractor; rebuild them one by one")
+    try:
+        ex = kind.build_many(store, sets, batch_size)
+    except KeyError as exc:
+        raise FeatureStoreError(
+            f"feature sets {names} ({kind.kind}) do not record {exc.args[0]!r} in their params; recompute them "
+            "with `fs extract ... --replace`"
+        ) from None
+    for fs in sets:
+        _check_rebuilt(ex, fs)
+    return ex
+
+
+def _check_rebuilt(ex: Extractor, fs: StoredSet) -> None:
+    """Refuse an extractor that does not produce ``fs`` with exactly its stored kind, dim and params."""
     specs = {spec.name: spec for spec in ex.outputs()}
     spec = specs.get(fs.name)
     if spec is None:
@@ -142,4 +191,3 @@ def extractor_for(store: Store, fs: StoredSet | str, batch_size: int = 32) -> Ex
             f"records different parameters ({', '.join(diff) or 'kind'}); recompute the set with "
             f"`fs extract ... --replace`"
         )
-    return ex

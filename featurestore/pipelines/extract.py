@@ -8,12 +8,17 @@ every ``flush_rows`` images or ``flush_bytes`` bytes, whichever comes first,
 each shard registered in one transaction, so memory stays bounded whatever the
 vector size and a crash loses at most the unflushed tail. Images whose file
 vanished or became unreadable since ingest are reported and skipped.
+
+The per-batch work (:func:`featurize_batches`: decode once, prepare for and
+compute every extractor, keep the vectors of the images that lack each set)
+is shared with the cluster path (``featurestore.pipelines.cluster``), whose
+workers run it on their share of the images and write one shard per task.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,48 +50,121 @@ class ExtractSummary:
 
 
 @dataclass
-class _Job:
-    """One extractor's share of the pass: its feature sets and the vectors waiting to be written."""
+class Work:
+    """One extractor's share of the pass: per feature set it produces, the image ids lacking that set."""
 
     extractor: Extractor
-    sets: list[FeatureSet]
-    needed: set[int]  # image ids lacking at least one of the outputs
-    lacking: dict[str, set[int]]  # per output name: image ids lacking it
-    buf_ids: dict[str, list[int]] = field(default_factory=dict)
-    buf_vecs: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    buffered_bytes: int = 0
+    lacking: dict[str, set[int]]
 
-    def add(self, ids: np.ndarray, out: dict[str, np.ndarray]) -> None:
-        """Buffer the computed vectors of the images that lack each set."""
-        for fs in self.sets:
-            mask = np.fromiter((int(i) in self.lacking[fs.name] for i in ids), bool, len(ids))
-            if mask.any():
-                vecs = np.asarray(out[fs.name], dtype=np.float32)[mask]
-                self.buf_ids.setdefault(fs.name, []).extend(ids[mask].tolist())
-                self.buf_vecs.setdefault(fs.name, []).append(vecs)
-                self.buffered_bytes += vecs.nbytes
-
-    def flush(self, store: Store, summary: ExtractSummary) -> None:
-        for fs in self.sets:
-            ids = self.buf_ids.pop(fs.name, [])
-            vecs = self.buf_vecs.pop(fs.name, [])
-            if ids:
-                store.append_vectors(fs, ids, np.concatenate(vecs), runtime=self.extractor.runtime)
-                summary.written[fs.name] = summary.written.get(fs.name, 0) + len(ids)
-        self.buffered_bytes = 0
+    def __post_init__(self) -> None:
+        self.needed: set[int] = set().union(*self.lacking.values()) if self.lacking else set()
 
 
-def _plan_jobs(store: Store, extractors: list[Extractor], all_ids: list[int], replace: bool,
-               summary: ExtractSummary) -> list[_Job]:
-    jobs: list[_Job] = []
+@dataclass
+class Featurized:
+    """What one batch gave: per feature set the ids and vectors of the images that lacked it, and failures."""
+
+    ids: dict[str, np.ndarray]
+    vectors: dict[str, np.ndarray]
+    failed: list[tuple[str, str]]
+    processed: int  # images decoded and featurized
+    seen: int  # images in the batch, failed ones included
+
+
+def featurize_batches(work: Sequence[Work], images: Sequence[tuple[int, str]], *, pool: ThreadPoolExecutor,
+                      batch_size: int, max_pixels: int, max_bytes: int) -> Iterator[Featurized]:
+    """Decode each of ``images`` ((id, path), in order) once and feed it to every extractor that needs it.
+
+    Decoding and ``prepare`` run in ``pool`` a batch or two ahead of the batched
+    ``compute`` in the calling thread. A file that cannot be read or decoded (or
+    is not a regular file, or is larger than ``max_bytes``) is reported as
+    (path, reason) and the pass goes on.
+    """
+    path_of = dict(images)
+
+    def prepare(image_id: int) -> tuple[int, list[Any] | None, str | None]:
+        try:
+            img = decode_bytes(read_bytes(Path(path_of[image_id]), max_bytes), max_pixels).image
+            return image_id, [w.extractor.prepare(img) if image_id in w.needed else None for w in work], None
+        except ImageDecodeError as exc:
+            return image_id, None, str(exc)
+        except Exception as exc:  # a broken file must not stop the pass
+            return image_id, None, f"{type(exc).__name__}: {exc}"
+
+    for batch in prefetch_batches(pool, prepare, [i for i, _ in images], batch_size):
+        failed = [(path_of[i], err) for i, _, err in batch if err is not None]
+        ok = [(i, prep) for i, prep, _ in batch if prep is not None]
+        out = Featurized({}, {}, failed, len(ok), len(batch))
+        for k, w in enumerate(work):
+            rows = [(i, prep[k]) for i, prep in ok if prep[k] is not None]
+            if not rows:
+                continue
+            ids = np.array([i for i, _ in rows], dtype=np.int64)
+            computed = w.extractor.compute([p for _, p in rows])
+            for name, lacking in w.lacking.items():
+                mask = np.fromiter((int(i) in lacking for i in ids), bool, len(ids))
+                if mask.any():
+                    out.ids[name] = ids[mask]
+                    out.vectors[name] = np.asarray(computed[name], dtype=np.float32)[mask]
+        yield out
+
+
+@dataclass
+class ExtractPlan:
+    """The images to featurize and, per extractor, what each lacks (shared with the cluster path)."""
+
+    work: list[Work]
+    sets: dict[str, FeatureSet]
+    todo: list[tuple[int, str]]  # (image id, source path) of every image lacking a requested set
+    runtimes: dict[str, str | None] = field(default_factory=dict)  # what computes each set, kept per shard
+
+
+def plan_extract(store: Store, extractors: list[Extractor], *, replace: bool, dataset: str | None,
+                 image_ids: list[int] | None, summary: ExtractSummary) -> ExtractPlan:
+    """Register (or check) every extractor's feature sets and find the images lacking them. Under the lock."""
+    if not extractors:
+        raise InvalidInputError("nothing to extract: give --rp K, --pixels WxH, --lowlevel or --model NAME")
+    images = store.select_images(dataset=dataset, image_ids=image_ids)
+    path_of = {r[0]: r[1] for r in images}
+    all_ids = list(path_of)
+    work: list[Work] = []
+    sets: dict[str, FeatureSet] = {}
     for ex in extractors:
-        sets = [store.ensure_feature_set(spec, replace=replace) for spec in ex.outputs()]
-        lacking = {fs.name: set(store.images_lacking(fs.name, all_ids)) for fs in sets}
-        needed = set().union(*lacking.values()) if lacking else set()
-        summary.up_to_date += [fs.name for fs in sets if not lacking[fs.name]]
-        if needed:
-            jobs.append(_Job(ex, sets, needed, lacking))
-    return jobs
+        handles = [store.ensure_feature_set(spec, replace=replace) for spec in ex.outputs()]
+        lacking = {fs.name: set(store.images_lacking(fs.name, all_ids)) for fs in handles}
+        summary.up_to_date += [fs.name for fs in handles if not lacking[fs.name]]
+        if any(lacking.values()):
+            work.append(Work(ex, lacking))
+            sets.update((fs.name, fs) for fs in handles)
+    todo = [(i, p) for i, p in path_of.items() if any(i in w.needed for w in work)]
+    runtimes = {name: w.extractor.runtime for w in work for name in w.lacking}
+    return ExtractPlan(work, sets, todo, runtimes)
+
+
+@dataclass
+class _Buffer:
+    """Vectors waiting to be written, per feature set."""
+
+    ids: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    vectors: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    images: int = 0
+    nbytes: int = 0
+
+    def add(self, out: Featurized) -> None:
+        for name, ids in out.ids.items():
+            self.ids.setdefault(name, []).append(ids)
+            self.vectors.setdefault(name, []).append(out.vectors[name])
+            self.nbytes += out.vectors[name].nbytes
+        self.images += out.processed
+
+    def flush(self, store: Store, plan: ExtractPlan, summary: ExtractSummary) -> None:
+        for name, fs in plan.sets.items():
+            ids = self.ids.pop(name, [])
+            if ids:
+                store.append_vectors(fs, np.concatenate(ids), np.concatenate(self.vectors.pop(name)),
+                                     runtime=plan.runtimes.get(name))
+                summary.written[name] = summary.written.get(name, 0) + sum(len(i) for i in ids)
+        self.images = self.nbytes = 0
 
 
 def extract(
@@ -102,55 +180,27 @@ def extract(
     progress: Progress | None = None,
 ) -> ExtractSummary:
     """Compute the missing vectors of every extractor's feature sets. Call under ``store.writing()``."""
-    if not extractors:
-        raise InvalidInputError("nothing to extract: give --rp K, --pixels WxH, --lowlevel or --model NAME")
     if batch_size < 1:
         raise InvalidInputError("--batch must be at least 1")
     summary = ExtractSummary()
-    images = store.select_images(dataset=dataset, image_ids=image_ids)
-    path_of = {r[0]: r[1] for r in images}
-    jobs = _plan_jobs(store, extractors, list(path_of), replace, summary)
-    todo = [i for i in path_of if any(i in j.needed for j in jobs)]
-    if not todo:
+    plan = plan_extract(store, extractors, replace=replace, dataset=dataset, image_ids=image_ids, summary=summary)
+    if not plan.todo:
         return summary
     start = time.perf_counter()
-    max_pixels = store.settings.max_image_pixels
-    max_bytes = store.settings.max_file_bytes  # issue 11: regular files only, size-capped
-
-    def prepare(image_id: int) -> tuple[int, list[Any] | None, str | None]:
-        try:
-            img = decode_bytes(read_bytes(Path(path_of[image_id]), max_bytes), max_pixels).image
-            return image_id, [j.extractor.prepare(img) if image_id in j.needed else None for j in jobs], None
-        except ImageDecodeError as exc:
-            return image_id, None, str(exc)
-        except Exception as exc:  # a broken file must not stop the pass
-            return image_id, None, f"{type(exc).__name__}: {exc}"
-
-    done = pending = 0
+    buffer = _Buffer()
+    done = 0
     with ThreadPoolExecutor(max_workers=store.settings.workers) as pool:
-        for batch in prefetch_batches(pool, prepare, todo, batch_size):
-            summary.failed += [(path_of[i], err) for i, _, err in batch if err is not None]
-            ok = [(i, prep) for i, prep, _ in batch if prep is not None]
-            _compute(jobs, ok)
-            summary.processed += len(ok)
-            pending += len(ok)
-            done += len(batch)
-            if pending >= flush_rows or sum(j.buffered_bytes for j in jobs) >= flush_bytes:
-                for job in jobs:
-                    job.flush(store, summary)
-                pending = 0
+        for out in featurize_batches(plan.work, plan.todo, pool=pool, batch_size=batch_size,
+                                     max_pixels=store.settings.max_image_pixels,
+                                     max_bytes=store.settings.max_file_bytes):
+            summary.failed += out.failed
+            summary.processed += out.processed
+            buffer.add(out)
+            done += out.seen
+            if buffer.images >= flush_rows or buffer.nbytes >= flush_bytes:
+                buffer.flush(store, plan, summary)
             if progress:
-                progress(done, len(todo))
-    for job in jobs:
-        job.flush(store, summary)
+                progress(done, len(plan.todo))
+    buffer.flush(store, plan, summary)
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _compute(jobs: list[_Job], ok: list[tuple[int, list[Any]]]) -> None:
-    """Run each extractor's batch computation on the images prepared for it."""
-    for k, job in enumerate(jobs):
-        rows = [(i, prep[k]) for i, prep in ok if prep[k] is not None]
-        if rows:
-            out = job.extractor.compute([p for _, p in rows])
-            job.add(np.array([i for i, _ in rows], dtype=np.int64), out)

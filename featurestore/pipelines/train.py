@@ -25,6 +25,7 @@ import sklearn
 from featurestore import __version__
 from featurestore.catalog.schema import Run
 from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.pipelines import cluster
 from featurestore.store import FeatureMatrix, Store
 from featurestore.training.artifacts import save_artifact
 from featurestore.training.evaluation import EvaluationResult, evaluate, make_splits, splits_fingerprint
@@ -229,12 +230,14 @@ def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepar
     return _Prepared(fm, y, superclass_of, splits, "fixed-test", splits_fingerprint(fm.image_ids, splits), excluded)
 
 
-def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_final: bool = True
-          ) -> RunOutcome:
+def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_final: bool = True,
+          ray_address: str | None = None) -> RunOutcome:
     """Evaluate ``cfg`` (repeated splits or the fixed test dataset), fit the final model, record the run.
 
     The final model is fitted on every labelled image of the selection, except
-    those of the test dataset when there is one.
+    those of the test dataset when there is one. With ``ray_address`` the splits
+    run as parallel tasks on that Ray cluster (:mod:`featurestore.pipelines.cluster`;
+    same scores); the final model is fitted here.
     """
     cfg.check()
     t0 = time.perf_counter()
@@ -245,7 +248,12 @@ def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_
         raise FeatureStoreError(f"all {len(y)} labelled images have the same {cfg.target}; need two classes")
     assembled = time.perf_counter() - t0
     t1 = time.perf_counter()
-    ev = evaluate(lambda: _estimator(cfg, fm.blocks), fm.X, y, prep.splits, prep.superclass_of, progress)
+    make = partial(_estimator, cfg, fm.blocks)
+    if ray_address:
+        ev = cluster.evaluate_on_ray([cluster.EvalJob(make)], fm.X, y, prep.splits, prep.superclass_of,
+                                     address=ray_address, progress=progress)[0]
+    else:
+        ev = evaluate(make, fm.X, y, prep.splits, prep.superclass_of, progress)
     evaluated = time.perf_counter() - t1
     artifact = None
     final_seconds = 0.0
@@ -278,12 +286,15 @@ def _columns(fm: FeatureMatrix, combo: Sequence[str]) -> tuple[np.ndarray, dict[
 
 
 def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfig,
-                  progress: Callable[[str, int, int], None] | None = None) -> list[RunOutcome]:
+                  progress: Callable[[str, int, int], None] | None = None,
+                  ray_address: str | None = None) -> list[RunOutcome]:
     """Evaluate several feature combinations on the same images and splits; one run each.
 
     The images are those that have every feature set of every combination
     (with --skip-missing) so all rows share one split fingerprint and can be
-    compared pairwise with ``fs compare``.
+    compared pairwise with ``fs compare``. With ``ray_address`` every
+    (combination, split) is a task on that Ray cluster, all in parallel (the
+    matrix is shipped once; same scores as here).
     """
     if not combos:
         raise InvalidInputError("give at least one --features combination")
@@ -293,22 +304,35 @@ def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfi
     prep = _prepare(store, base, union)
     fm = prep.fm
     group = uuid.uuid4().hex
-    outcomes = []
+    plans = []
     for combo in combos:
         ccfg = TrainConfig(**{**cfg.__dict__, "features": list(combo)})
         ccfg.check()
         cols, blocks = _columns(fm, combo)
-        X = fm.X[:, cols]
-        sub = _Prepared(FeatureMatrix(fm.image_ids, X, blocks, fm.labels, fm.superclasses, fm.paths), prep.y,
-                        prep.superclass_of, prep.splits, prep.scheme, prep.fingerprint, prep.excluded)
-        t1 = time.perf_counter()
-        label = ",".join(combo)
-        ev = evaluate(partial(_estimator, ccfg, blocks), X, prep.y, prep.splits, prep.superclass_of,
-                      partial(progress, label) if progress else None)
-        timings = {"evaluate_seconds": time.perf_counter() - t1}
-        run_id = _record(store, ccfg, combo, sub, ev, _describe_unfitted(ccfg, blocks), timings, None, group)
+        plans.append((combo, ccfg, blocks, cols))
+    outcomes = []
+
+    def record(combo: Sequence[str], ccfg: TrainConfig, blocks: dict[str, tuple[int, int]], ev: EvaluationResult,
+               seconds: float) -> None:
+        run_id = _record(store, ccfg, combo, prep, ev, _describe_unfitted(ccfg, blocks),
+                         {"evaluate_seconds": seconds}, None, group)
         outcomes.append(RunOutcome(run_id, ev, prep.scheme, len(fm.image_ids), len(set(prep.y)),
                                    excluded=prep.excluded))
+
+    if ray_address:
+        t1 = time.perf_counter()
+        jobs = [cluster.EvalJob(partial(_estimator, ccfg, blocks), cols) for _, ccfg, blocks, cols in plans]
+        evs = cluster.evaluate_on_ray(jobs, fm.X, prep.y, prep.splits, prep.superclass_of, address=ray_address,
+                                      progress=partial(progress, "all") if progress else None)
+        seconds = time.perf_counter() - t1  # they ran together: each run records the whole evaluation's time
+        for (combo, ccfg, blocks, _), ev in zip(plans, evs, strict=True):
+            record(combo, ccfg, blocks, ev, seconds)
+        return outcomes
+    for combo, ccfg, blocks, cols in plans:  # each run is recorded as soon as it is evaluated
+        t1 = time.perf_counter()
+        ev = evaluate(partial(_estimator, ccfg, blocks), fm.X[:, cols], prep.y, prep.splits, prep.superclass_of,
+                      partial(progress, ",".join(combo)) if progress else None)
+        record(combo, ccfg, blocks, ev, time.perf_counter() - t1)
     return outcomes
 
 

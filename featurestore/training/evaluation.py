@@ -234,6 +234,18 @@ def evaluate(
         Per-split metrics and their summary; ``superclass_accuracy`` is
         ``None`` (and not summarized) without ``superclass_of``.
     """
+    X, y, to_super = check_inputs(X, y, splits, superclass_of)
+    records: list[SplitResult] = []
+    for i, (train, test) in enumerate(splits):
+        records.append(fit_and_score(make_estimator(), X, y, train, test, i, to_super))
+        if progress is not None:
+            progress(i + 1, len(splits))
+    return collect(records)
+
+
+def check_inputs(X: np.ndarray, y: np.ndarray | Sequence[Any], splits: Sequence[Split],
+                 superclass_of: Mapping[Any, Any] | None) -> tuple[np.ndarray, np.ndarray, Callable[..., Any] | None]:
+    """``X`` and ``y`` as arrays after checking their shapes, and the label -> superclass mapper (or None)."""
     X = np.asarray(X)
     y = np.asarray(y)
     if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
@@ -246,39 +258,45 @@ def evaluate(
         if missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
             raise InvalidInputError(f"{len(missing)} class(es) have no superclass: {shown}")
-        to_super = np.vectorize(lambda label: superclass_of[label], otypes=[object])
+        mapping = dict(superclass_of)
+        to_super = np.vectorize(lambda label: mapping[label], otypes=[object])
+    return X, y, to_super
 
-    records: list[SplitResult] = []
-    for i, (train, test) in enumerate(splits):
-        train = np.asarray(train)
-        test = np.asarray(test)
-        estimator = make_estimator()
-        start = time.perf_counter()
-        estimator.fit(X[train], y[train])
-        fit_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        predicted = estimator.predict(X[test])
-        predict_seconds = time.perf_counter() - start
-        train_predicted = estimator.predict(X[train])
-        records.append(
-            SplitResult(
-                index=i,
-                n_train=int(train.size),
-                n_test=int(test.size),
-                accuracy=float(accuracy_score(y[test], predicted)),
-                train_accuracy=float(accuracy_score(y[train], train_predicted)),
-                macro_f1=float(f1_score(y[test], predicted, average="macro", zero_division=0)),
-                superclass_accuracy=(
-                    None if to_super is None else float(np.mean(to_super(y[test]) == to_super(predicted)))
-                ),
-                fit_seconds=fit_seconds,
-                predict_seconds=predict_seconds,
-            )
-        )
-        if progress is not None:
-            progress(i + 1, len(splits))
 
-    result = EvaluationResult(splits=records)
+def fit_and_score(estimator: Any, X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, index: int,
+                  to_super: Callable[..., Any] | None = None) -> SplitResult:
+    """Fit ``estimator`` on the ``train`` rows and score it on the ``test`` rows (one split).
+
+    The one implementation of a split's work, run in a loop by :func:`evaluate`
+    and as one Ray task per split by the cluster path.
+    """
+    train = np.asarray(train)
+    test = np.asarray(test)
+    start = time.perf_counter()
+    estimator.fit(X[train], y[train])
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    predicted = estimator.predict(X[test])
+    predict_seconds = time.perf_counter() - start
+    train_predicted = estimator.predict(X[train])
+    return SplitResult(
+        index=index,
+        n_train=int(train.size),
+        n_test=int(test.size),
+        accuracy=float(accuracy_score(y[test], predicted)),
+        train_accuracy=float(accuracy_score(y[train], train_predicted)),
+        macro_f1=float(f1_score(y[test], predicted, average="macro", zero_division=0)),
+        superclass_accuracy=(
+            None if to_super is None else float(np.mean(to_super(y[test]) == to_super(predicted)))
+        ),
+        fit_seconds=fit_seconds,
+        predict_seconds=predict_seconds,
+    )
+
+
+def collect(records: Sequence[SplitResult]) -> EvaluationResult:
+    """Per-split records (in split order) and their summary."""
+    result = EvaluationResult(splits=sorted(records, key=lambda r: r.index))
     for metric in METRICS:
         values = result.values(metric)
         if values:

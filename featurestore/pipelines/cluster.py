@@ -1,0 +1,580 @@
+"""Extraction and evaluation on a Ray cluster: the local pipelines' work, spread over the nodes.
+
+Ray is an optional extra (``pip install "featurestore[ray]"``), imported inside
+functions only. ``address`` is ``"local"`` (start a private cluster on this
+machine: its own temp folder, no dashboard, loopback only), ``"auto"`` (join
+the cluster started on this machine with ``ray start``) or the head's
+``HOST:PORT``. A Ray connection already open in this process (a notebook, the
+tests) is used as it is.
+
+Extraction (:func:`extract_on_ray`)
+    The driver (the process running ``fs extract --ray``) holds the store's
+    write lock and plans the pass exactly as the local path does
+    (:func:`~featurestore.pipelines.extract.plan_extract`: same feature sets,
+    same images lacking them), then cuts those images into tasks. A pool of
+    actors, each reserving ``threads`` CPUs of its node (so actors x threads
+    never exceeds a node's cores), rebuilds the extractors once from the
+    feature sets' catalog rows through the registry (so vectors are those of
+    the local path), runs the shared
+    :func:`~featurestore.pipelines.extract.featurize_batches` on each task
+    (decode once, feed every extractor) and writes one shard per feature set
+    per task into the store folder (temp -> fsync -> rename). Only the driver
+    registers shards in the catalog, one transaction each, with the image ids
+    it reads back from the file.
+
+Failures
+    A killed worker process is restarted and its tasks retried by Ray. A task
+    that died after writing its shard leaves an unregistered file: the driver
+    registers each task once and each image once per set, and removes orphan
+    files under the lock when the job ends (the next writer does if the driver
+    itself dies). An image file a node cannot read is reported by path and
+    node, and the job goes on. Ctrl-C kills the actors; every registered shard
+    is complete, so the store stays consistent.
+
+Evaluation (:func:`evaluate_on_ray`)
+    The assembled matrix goes into Ray's object store once; each (combination,
+    split) is one task running
+    :func:`~featurestore.training.evaluation.fit_and_score` with the estimator
+    and seed of the local path, so per-split scores are identical.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy.engine import make_url
+
+from featurestore.config import Settings
+from featurestore.errors import ClusterError, FeatureStoreError, IntegrityError, InvalidInputError
+from featurestore.features.base import Extractor
+from featurestore.features.registry import extractor_for_sets
+from featurestore.io.atomic import tmp_path_for
+from featurestore.pipelines.extract import (
+    FLUSH_BYTES,
+    ExtractPlan,
+    ExtractSummary,
+    Progress,
+    Work,
+    featurize_batches,
+    plan_extract,
+)
+from featurestore.shards import read_shard_ids, remove_orphans, write_shard
+from featurestore.store import Store
+from featurestore.training.evaluation import EvaluationResult, Split, check_inputs, collect, fit_and_score
+
+# Tasks in flight per actor: one running, one queued behind it so the actor never waits for the driver.
+INFLIGHT_PER_ACTOR = 2
+# A killed worker is restarted (and its tasks retried) this many times before the job fails.
+RETRIES = 3
+# Images per extraction task when not given: about 8 tasks per actor (so the last ones balance), within these bounds.
+MIN_TASK_ROWS, MAX_TASK_ROWS = 8, 1024
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("--ray needs Ray, which is not installed: pip install 'featurestore[ray]'") from None
+    return ray
+
+
+def _local_ray_environment() -> None:
+    """Settings a private loopback cluster needs before Ray is imported (Ray reads them from the environment).
+
+    Ray otherwise advertises (and binds) the machine's network address even for
+    a one-machine cluster; its processes inherit these variables. A value the
+    user set wins.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # "no multi-node": use 127.0.0.1
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for new clusters, set to silence its warning
+
+
+@contextmanager
+def ray_session(address: str) -> Iterator[Any]:
+    """``ray``, connected to the cluster at ``address`` for the block (disconnected after it).
+
+    A connection already open in this process is used as it is and left open.
+    """
+    if "ray" not in sys.modules and address == "local":
+        _local_ray_environment()
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    options: dict[str, Any] = {"address": address, "logging_level": logging.WARNING, "log_to_driver": False}
+    temp = None
+    if address == "local":
+        # Ray's sockets live under it and a socket path must stay under 108 bytes: not under a long TMPDIR.
+        temp = tempfile.mkdtemp(prefix="fs-ray-", dir="/tmp" if os.access("/tmp", os.W_OK) else None)
+        options.update(include_dashboard=False, _temp_dir=temp, _node_ip_address="127.0.0.1")
+    try:
+        ray.init(**options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        _stop(ray, temp)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at {address!r} ({first}); start one with `ray start --head` "
+            "(then use --ray auto) or use --ray local"
+        ) from None
+    except BaseException:  # Ctrl-C while the cluster starts
+        _stop(ray, temp)
+        raise
+    try:
+        yield ray
+    finally:
+        _stop(ray, temp)
+
+
+def _stop(ray: Any, temp: str | None) -> None:
+    """Disconnect (and stop a cluster this process started); remove its temp folder."""
+    ray.shutdown()
+    if temp:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# -- the cluster's shape ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Node:
+    address: str
+    cpus: int
+
+
+def alive_nodes(ray: Any) -> list[Node]:
+    return [Node(str(n["NodeManagerAddress"]), int(n.get("Resources", {}).get("CPU", 0)))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_catalog(settings: Settings, nodes: Sequence[Node]) -> None:
+    """Refuse a catalog that the nodes of this cluster cannot share safely."""
+    url = make_url(settings.catalog_url)
+    if len(nodes) > 1 and url.get_backend_name() == "sqlite":
+        raise ClusterError(
+            f"the catalog is SQLite ({url.database}) but the Ray cluster has {len(nodes)} nodes: SQLite on a "
+            "network filesystem shared by several machines is unsafe (its locking does not hold there); put the "
+            "catalog in PostgreSQL: set FS_DATABASE_URL=postgresql+psycopg2://USER@HOST/DB and run `fs db upgrade`"
+        )
+    remote_nodes = len(nodes) > 1 and any(not _is_loopback(n.address) for n in nodes)
+    if remote_nodes and url.get_backend_name() != "sqlite" and _is_loopback(url.host):
+        raise ClusterError(
+            f"FS_DATABASE_URL names {url.host or 'a local socket'}, which the other nodes of the Ray cluster cannot "
+            "reach; use the database server's network address"
+        )
+
+
+def pool_size(nodes: Sequence[Node], threads: int, workers: int | None) -> int:
+    """How many actors of ``threads`` CPUs each to start: ``workers``, or as many as the nodes hold."""
+    capacity = sum(n.cpus // threads for n in nodes)
+    shape = ", ".join(f"{n.address}: {n.cpus} CPU" for n in nodes) or "no nodes"
+    if capacity < 1:
+        raise ClusterError(f"no node of the Ray cluster has {threads} CPU(s) for one worker ({shape}); "
+                           "lower --ray-threads")
+    if workers is not None and workers > capacity:
+        raise ClusterError(f"{workers} workers of {threads} thread(s) do not fit on the Ray cluster ({shape}: "
+                           f"room for {capacity}); lower --ray-workers or --ray-threads")
+    return workers or capacity
+
+
+# -- extraction: the actor ---------------------------------------------------------------------------
+@dataclass
+class SetRecord:
+    """A feature set's catalog facts, as shipped to the workers (the registry's ``StoredSet``)."""
+
+    name: str
+    kind: str
+    dim: int
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Task:
+    index: int
+    images: list[tuple[int, str]]
+    lacking: dict[str, list[int]]  # per feature set: the ids of this task's images that lack it
+
+
+@dataclass
+class TaskResult:
+    task: int
+    shards: dict[str, tuple[str, int]]  # feature set -> (shard path relative to the store, rows)
+    failed: list[tuple[str, str]]
+    processed: int
+    node: str
+
+
+class Featurizer:
+    """The work of one Ray actor: a job's extractors, built once, applied task after task.
+
+    Runs inside a Ray worker process (``ray.remote(Featurizer)``); construction
+    errors are kept and reported by :meth:`ready`, so the driver prints them as
+    one line instead of a dead actor's traceback.
+    """
+
+    def __init__(self, settings: dict[str, Any], groups: list[list[SetRecord]], threads: int, batch_size: int,
+                 probe: tuple[str, str]):
+        # Before any numerical library starts its thread pool (mxnet is imported when a CNN is built below).
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(threads)
+        self.node = _node_address()
+        self.root = Path(settings["store"])
+        self.max_pixels = int(settings["max_image_pixels"])
+        self.max_bytes = int(float(settings["max_file_mb"]) * 1024 * 1024)
+        self.batch_size = batch_size
+        self.sets = {r.name: r for group in groups for r in group}
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        self.extractors: list[tuple[Extractor, list[str]]] = []
+        self.error: str | None = None
+        try:
+            self._check_probe(*probe)
+            with Store.open(Settings(**settings, workers=threads)) as store:
+                self.extractors = [(extractor_for_sets(store, group, batch_size), [r.name for r in group])
+                                   for group in groups]
+        except FeatureStoreError as exc:
+            self.error = f"on node {self.node}: {exc}"
+        except Exception as exc:  # reported to the driver as one line
+            self.error = f"on node {self.node}: {type(exc).__name__}: {exc}"
+
+    def _check_probe(self, path: str, token: str) -> None:
+        try:
+            seen = Path(path).read_text()
+        except OSError:
+            seen = None
+        if seen != token:
+            raise ClusterError(
+                f"the store folder {self.root} is not visible here (the check file {path} the driver wrote is "
+                "missing); put the store on storage every node mounts at the same path (e.g. NFS) and pass that "
+                "path as --store / FS_STORE"
+            )
+
+    def ready(self) -> str | None:
+        """None when the extractors are built, else why not."""
+        return self.error
+
+    def run(self, task: Task) -> TaskResult:
+        """Featurize the task's images and write one shard per feature set."""
+        if self.error:
+            raise ClusterError(self.error)
+        work = [Work(ex, {name: set(task.lacking.get(name, ())) for name in names}) for ex, names in self.extractors]
+        ids: dict[str, list[np.ndarray]] = {}
+        vecs: dict[str, list[np.ndarray]] = {}
+        failed: list[tuple[str, str]] = []
+        processed = 0
+        for out in featurize_batches(work, task.images, pool=self.pool, batch_size=self.batch_size,
+                                     max_pixels=self.max_pixels, max_bytes=self.max_bytes):
+            failed += [(path, f"{reason} (on node {self.node})") for path, reason in out.failed]
+            processed += out.processed
+            for name, part in out.ids.items():
+                ids.setdefault(name, []).append(part)
+                vecs.setdefault(name, []).append(out.vectors[name])
+        shards = {}
+        for name, parts in ids.items():
+            rec = self.sets[name]
+            path = write_shard(self.root / "features" / name, name, rec.kind, rec.params, np.concatenate(parts),
+                               np.concatenate(vecs[name]))
+            shards[name] = (str(path.relative_to(self.root)), sum(len(p) for p in parts))
+        return TaskResult(task.index, shards, failed, processed, self.node)
+
+
+def _node_address() -> str:
+    import ray
+
+    return str(ray.util.get_node_ip_address()) if ray.is_initialized() else socket.gethostname()
+
+
+# -- extraction: the driver ----------------------------------------------------------------------------
+def cut_tasks(plan: ExtractPlan, actors: int, task_rows: int | None = None) -> list[Task]:
+    """The images to featurize, in tasks of ``task_rows`` (default: about 8 per actor, 8..1024 images).
+
+    A task's vectors stay under the local path's flush size (256 MB per task), so a
+    worker's memory is bounded whatever the vector size.
+    """
+    n = len(plan.todo)
+    rows = task_rows or min(MAX_TASK_ROWS, max(MIN_TASK_ROWS, math.ceil(n / (actors * 8))))
+    per_image = sum(4 * fs.dim for fs in plan.sets.values()) or 1
+    rows = max(1, min(rows, FLUSH_BYTES // per_image))
+    lacking = {name: ids for w in plan.work for name, ids in w.lacking.items()}
+    tasks = []
+    for k, start in enumerate(range(0, n, rows)):
+        images = plan.todo[start : start + rows]
+        mine = {i for i, _ in images}
+        tasks.append(Task(k, images, {name: sorted(mine & ids) for name, ids in lacking.items() if mine & ids}))
+    return tasks
+
+
+@dataclass
+class Registrar:
+    """The driver's side of a task: register its shards once, each image once per feature set."""
+
+    store: Store
+    plan: ExtractPlan
+    summary: ExtractSummary
+    done: set[int] = field(default_factory=set)
+    have: dict[str, set[int]] = field(default_factory=dict)
+
+    def accept(self, result: TaskResult, task: Task) -> None:
+        if result.task in self.done:  # a duplicate answer: its files are orphans, swept at the end
+            return
+        self.done.add(result.task)
+        shards = {}
+        for name, (rel, rows) in result.shards.items():
+            ids = read_shard_ids(self.store.root / rel)  # what the file holds, read by the driver itself
+            if len(ids) != rows or not set(ids.tolist()) <= set(task.lacking.get(name, ())):
+                raise IntegrityError(f"shard {rel} written by node {result.node} does not hold the images of "
+                                     f"task {task.index}; run `fs extract` again")
+            shards[name] = (rel, ids)
+        # Tasks are disjoint, so only a replayed task can hold images already registered (then all of them).
+        if any(self.have.get(name, set()).intersection(ids.tolist()) for name, (_, ids) in shards.items()):
+            return
+        self.summary.failed += result.failed
+        self.summary.processed += result.processed
+        for name, (rel, ids) in shards.items():
+            self.store.catalog.register_shard(self.plan.sets[name].id, rel, ids,
+                                                   runtime=self.plan.runtimes.get(name))
+            self.have.setdefault(name, set()).update(ids.tolist())
+            self.summary.written[name] = self.summary.written.get(name, 0) + len(ids)
+
+
+class _Pool:
+    """The actors of one extraction job and the loop that keeps them busy."""
+
+    def __init__(self, ray: Any, store: Store, plan: ExtractPlan, size: int, threads: int, batch_size: int,
+                 probe: tuple[str, str]):
+        self.ray = ray
+        settings = {"store": str(store.root.resolve()), "database_url": store.settings.database_url,
+                    "max_image_pixels": store.settings.max_image_pixels, "max_file_mb": store.settings.max_file_mb}
+        groups = [[_record(plan.sets[name]) for name in w.lacking] for w in plan.work]
+        actor = ray.remote(Featurizer).options(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES,
+                                               scheduling_strategy="SPREAD")
+        self.actors = [actor.remote(settings, groups, threads, batch_size, probe) for _ in range(size)]
+
+    def check(self) -> None:
+        try:
+            errors = self.ray.get([a.ready.remote() for a in self.actors])
+        except self.ray.exceptions.RayError as exc:
+            raise ClusterError(
+                f"the workers could not start on the Ray cluster ({_last_error_line(exc)}); every node needs the same "
+                "featurestore and Ray versions: pip install 'featurestore[ray]'"
+            ) from None
+        for error in errors:
+            if error:
+                raise ClusterError(error)
+
+    def run(self, tasks: Sequence[Task], accept: Callable[[TaskResult, Task], None],
+            progress: Progress | None) -> None:
+        queue = deque(tasks)
+        inflight: dict[Any, tuple[int, Task]] = {}
+
+        def submit(k: int) -> None:
+            task = queue.popleft()
+            inflight[self.actors[k].run.remote(task)] = (k, task)
+
+        for k in range(len(self.actors)):
+            for _ in range(INFLIGHT_PER_ACTOR):
+                if queue:
+                    submit(k)
+        total = sum(len(t.images) for t in tasks)
+        done = 0
+        while inflight:
+            ready, _ = self.ray.wait(list(inflight), num_returns=1)
+            k, task = inflight.pop(ready[0])
+            accept(_result(self.ray, ready[0]), task)
+            done += len(task.images)
+            if progress:
+                progress(done, total)
+            if queue:
+                submit(k)
+
+    def kill(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a, no_restart=True)
+
+
+def _record(fs: Any) -> SetRecord:
+    return SetRecord(fs.name, fs.kind, fs.dim, dict(fs.params))
+
+
+def _result(ray: Any, ref: Any) -> Any:
+    """``ray.get(ref)``, with a failure turned into a one-line error (the worker's own error if it is ours)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, FeatureStoreError):
+            raise cause from None
+        raise ClusterError(f"a task failed on the Ray cluster: {_first_line(cause or exc)}") from None
+    except ray.exceptions.RayError as exc:
+        raise ClusterError(f"the Ray cluster lost a worker for good ({_first_line(exc)}); after {RETRIES} "
+                           "restarts the job stops: see `ray status`, then run the command again "
+                           "(what was registered is kept)") from None
+
+
+def _last_error_line(exc: BaseException) -> str:
+    """The innermost error of a remote traceback ("ModuleNotFoundError: ..."), else the first line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return errors[-1] if errors else _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def _store_probe(store: Store, plan: ExtractPlan) -> Iterator[tuple[str, str]]:
+    """A file the workers must be able to read to prove they see the store folder (removed afterwards).
+
+    It has a temp name inside a feature set's folder, so if the driver dies the
+    next writer's orphan sweep removes it.
+    """
+    folder = store.root.resolve() / "features" / next(iter(plan.sets))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = tmp_path_for(folder / "ray-check")
+    token = uuid.uuid4().hex
+    path.write_text(token)
+    try:
+        yield str(path), token
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def sweep_orphans(store: Store, plan: ExtractPlan) -> None:
+    """Remove the shards written by tasks that were replayed or cancelled (never registered). Under the lock."""
+    registered = store.catalog.shard_paths()
+    for name in plan.sets:
+        remove_orphans(store.root / "features" / name, registered)
+
+
+def extract_on_ray(
+    store: Store,
+    extractors: list[Extractor],
+    *,
+    address: str,
+    replace: bool = False,
+    dataset: str | None = None,
+    image_ids: list[int] | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    threads: int = 1,
+    task_rows: int | None = None,
+    progress: Progress | None = None,
+) -> ExtractSummary:
+    """:func:`~featurestore.pipelines.extract.extract` on a Ray cluster. Call under ``store.writing()``.
+
+    Parameters
+    ----------
+    address : str
+        ``"local"``, ``"auto"`` or the head's ``HOST:PORT`` (see the module docstring).
+    workers : int, optional
+        Actors to start (default: as many as the nodes' CPUs hold at ``threads`` each).
+    threads : int
+        CPUs each actor reserves on its node: its decode threads and its
+        numerical libraries' threads.
+    task_rows : int, optional
+        Images per task, i.e. per shard written (default: about 8 tasks per actor).
+    """
+    for value, option in ((batch_size, "--batch"), (threads, "--ray-threads"), (workers or 1, "--ray-workers"),
+                          (task_rows or 1, "task_rows")):
+        if value < 1:
+            raise InvalidInputError(f"{option} must be at least 1")
+    summary = ExtractSummary()
+    start = time.perf_counter()
+    with ray_session(address) as ray:
+        nodes = alive_nodes(ray)
+        check_catalog(store.settings, nodes)  # before anything is registered
+        size = pool_size(nodes, threads, workers)
+        plan = plan_extract(store, extractors, replace=replace, dataset=dataset, image_ids=image_ids,
+                            summary=summary)
+        if not plan.todo:
+            return summary
+        tasks = cut_tasks(plan, size, task_rows)
+        registrar = Registrar(store, plan, summary)
+        with _store_probe(store, plan) as probe:
+            pool = _Pool(ray, store, plan, min(size, len(tasks)), threads, batch_size, probe)
+            try:
+                pool.check()
+                pool.run(tasks, registrar.accept, progress)
+            finally:
+                pool.kill()
+                sweep_orphans(store, plan)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalJob:
+    """One feature combination to evaluate: a fresh-estimator factory and its columns of the matrix."""
+
+    make_estimator: Callable[[], Any]
+    columns: np.ndarray | None = None
+
+
+def fit_split(job: EvalJob, X: np.ndarray, y: np.ndarray, split: Split, index: int,
+              superclass_of: dict[Any, Any] | None, threads: int) -> Any:
+    """One (combination, split) task: the local path's :func:`fit_and_score` on the job's columns."""
+    if job.columns is not None:
+        X = X[:, job.columns]
+    X, y, to_super = check_inputs(X, y, [split], superclass_of)
+    estimator = job.make_estimator()
+    if "n_jobs" in estimator.get_params():  # the task's CPUs, not the node's; results do not depend on it
+        estimator.set_params(n_jobs=threads)
+    return fit_and_score(estimator, X, y, split[0], split[1], index, to_super)
+
+
+def evaluate_on_ray(jobs: Sequence[EvalJob], X: np.ndarray, y: np.ndarray, splits: Sequence[Split],
+                    superclass_of: dict[Any, Any] | None, *, address: str,
+                    progress: Progress | None = None) -> list[EvaluationResult]:
+    """Evaluate every job on every split, one Ray task each, all in parallel; results in ``jobs`` order.
+
+    ``X`` and ``y`` are put into the object store once and shared by all tasks.
+    """
+    X, y, _ = check_inputs(X, y, splits, superclass_of)
+    total = len(jobs) * len(splits)
+    with ray_session(address) as ray:
+        nodes = alive_nodes(ray)
+        cpus = sum(n.cpus for n in nodes)
+        threads = max(1, min(min((n.cpus for n in nodes if n.cpus), default=1), cpus // max(total, 1)))
+        task = ray.remote(fit_split).options(num_cpus=threads, max_retries=RETRIES)
+        X_ref, y_ref = ray.put(X), ray.put(y)
+        refs = {task.remote(job, X_ref, y_ref, split, i, superclass_of, threads): j
+                for j, job in enumerate(jobs) for i, split in enumerate(splits)}
+        records: list[list[Any]] = [[] for _ in jobs]
+        pending = list(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                records[refs[ready[0]]].append(_result(ray, ready[0]))
+                if progress:
+                    progress(total - len(pending), total)
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+    return [collect(r) for r in records]
