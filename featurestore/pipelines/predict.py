@@ -176,11 +176,12 @@ class _UploadWriter:
         vectors = self.vectors.result()
         with store.writing(sweep=False), catalog.session() as s:  # sweeping lists every shard: not per upload
             image_id = catalog.image_id_by_sha256(upload.sha256)  # under the lock: no writer can add it now
+            new = image_id is None
             if image_id is None:
                 image_id = _add_upload(catalog, s, upload, self.path)
             for name, vec in vectors.items():
                 fs = store.feature_set(name)
-                if not catalog.has_vector(fs.id, image_id):
+                if new or not catalog.has_vector(fs.id, image_id):
                     store.append_vectors(fs, [image_id], vec, session=s)
             row = self.row.result()
             catalog.replace_predictions(run.id, [{**row, "image_id": int(image_id), "top5": row["top5"][:TOP]}], s=s)
