@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,34 @@ def test_killed_worker_is_retried_exactly_one_vector_per_image(ray_cluster: Any,
     for path, vec in ours.items():
         np.testing.assert_array_equal(vec, theirs[path])
     local.close()
+    store.close()
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_the_workers_and_leaves_the_store_consistent(ray_cluster: Any, pg_url: str,
+                                                                  tmp_path: Path) -> None:
+    store = Store.open(Settings(), create=True)
+    with store.writing():
+        ingest(store, _images(tmp_path / "imgs", 30))
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with store.writing(), pytest.raises(KeyboardInterrupt):
+        cluster.extract_on_ray(store, [projection_extractor(store, 16, SMALL)], address=ray_cluster.address,
+                               task_rows=3, progress=interrupt)
+    deadline = time.monotonic() + 30
+    while _worker_pids() and time.monotonic() < deadline:  # the workers were killed, not left running
+        time.sleep(0.2)
+    assert not _worker_pids()
+    # What is registered is complete and every file in the folder is registered (the rest was swept).
+    registered = {Path(p).name for p in store.catalog.shard_paths()}
+    assert {p.name for p in (store.root / "features" / "rp16").iterdir()} == registered
+    assert 1 <= len(registered) < 10 and store.read_matrix(["rp16"], skip_missing=True).X.shape[0] == 3
+    with store.writing():
+        rest = cluster.extract_on_ray(store, [projection_extractor(store, 16, SMALL)], address=ray_cluster.address)
+    assert rest.written == {"rp16": 27}
+    assert _rows_per_image(store, "rp16") == [1] * 30
     store.close()
 
 
