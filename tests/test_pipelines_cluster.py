@@ -162,6 +162,22 @@ def test_cluster_extract_equals_local_and_is_incremental(ray_cluster: Any, pg_ur
     ref.close()
 
 
+@pytest.mark.ray
+def test_workers_run_the_drivers_cnn_runtime(ray_cluster: Any, pg_url: str, tmp_path: Path) -> None:
+    checkpoint = build_tiny_inception_checkpoint(tmp_path / "ckpt" / "Inception")
+    store = Store.open(Settings(), create=True)
+    with store.writing():
+        ingest(store, _images(tmp_path / "imgs", 6))
+        add_model(store, "inception21k", checkpoint[0], checkpoint[1])
+        assert store.settings.cnn_runtime == "onnxruntime"  # the default: mxnet must travel to the workers
+        summary = cluster.extract_on_ray(store, [cnn_extractor(store, "inception21k", batch_size=3, runtime="mxnet")],
+                                         address=ray_cluster.address, task_rows=3)
+    assert summary.written == {"inception21k": 6}
+    shards = store.catalog.shards(store.feature_set("inception21k").id)
+    assert len(shards) == 2 and {sh.runtime for sh in shards} == {"mxnet"}  # as the workers report it
+    store.close()
+
+
 def _worker_pids(name: str = "ray::Featurizer") -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
