@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,22 @@ def test_cluster_extract_equals_local_and_is_incremental(ray_cluster: Any, pg_ur
     ref.close()
 
 
+@pytest.mark.ray
+def test_workers_run_the_drivers_cnn_runtime(ray_cluster: Any, pg_url: str, tmp_path: Path) -> None:
+    checkpoint = build_tiny_inception_checkpoint(tmp_path / "ckpt" / "Inception")
+    store = Store.open(Settings(), create=True)
+    with store.writing():
+        ingest(store, _images(tmp_path / "imgs", 6))
+        add_model(store, "inception21k", checkpoint[0], checkpoint[1])
+        assert store.settings.cnn_runtime == "onnxruntime"  # the default: mxnet must travel to the workers
+        summary = cluster.extract_on_ray(store, [cnn_extractor(store, "inception21k", batch_size=3, runtime="mxnet")],
+                                         address=ray_cluster.address, task_rows=3)
+    assert summary.written == {"inception21k": 6}
+    shards = store.catalog.shards(store.feature_set("inception21k").id)
+    assert len(shards) == 2 and {sh.runtime for sh in shards} == {"mxnet"}  # as the workers report it
+    store.close()
+
+
 def _worker_pids(name: str = "ray::Featurizer") -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
@@ -212,6 +229,34 @@ def test_killed_worker_is_retried_exactly_one_vector_per_image(ray_cluster: Any,
     for path, vec in ours.items():
         np.testing.assert_array_equal(vec, theirs[path])
     local.close()
+    store.close()
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_the_workers_and_leaves_the_store_consistent(ray_cluster: Any, pg_url: str,
+                                                                  tmp_path: Path) -> None:
+    store = Store.open(Settings(), create=True)
+    with store.writing():
+        ingest(store, _images(tmp_path / "imgs", 30))
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with store.writing(), pytest.raises(KeyboardInterrupt):
+        cluster.extract_on_ray(store, [projection_extractor(store, 16, SMALL)], address=ray_cluster.address,
+                               task_rows=3, progress=interrupt)
+    deadline = time.monotonic() + 30
+    while _worker_pids() and time.monotonic() < deadline:  # the workers were killed, not left running
+        time.sleep(0.2)
+    assert not _worker_pids()
+    # What is registered is complete and every file in the folder is registered (the rest was swept).
+    registered = {Path(p).name for p in store.catalog.shard_paths()}
+    assert {p.name for p in (store.root / "features" / "rp16").iterdir()} == registered
+    assert 1 <= len(registered) < 10 and store.read_matrix(["rp16"], skip_missing=True).X.shape[0] == 3
+    with store.writing():
+        rest = cluster.extract_on_ray(store, [projection_extractor(store, 16, SMALL)], address=ray_cluster.address)
+    assert rest.written == {"rp16": 27}
+    assert _rows_per_image(store, "rp16") == [1] * 30
     store.close()
 
 

@@ -227,6 +227,7 @@ class TaskResult:
     failed: list[tuple[str, str]]
     processed: int
     node: str
+    runtimes: dict[str, str | None] = field(default_factory=dict)  # feature set -> what computed it (CNN sets)
 
 
 class Featurizer:
@@ -238,7 +239,7 @@ class Featurizer:
     """
 
     def __init__(self, settings: dict[str, Any], groups: list[list[SetRecord]], threads: int, batch_size: int,
-                 probe: tuple[str, str]):
+                 probe: tuple[str, str], runtimes: list[str | None] | None = None):
         # Before any numerical library starts its thread pool (mxnet is imported when a CNN is built below).
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = str(threads)
@@ -253,13 +254,22 @@ class Featurizer:
         self.error: str | None = None
         try:
             self._check_probe(*probe)
-            with Store.open(Settings(**settings, workers=threads)) as store:
-                self.extractors = [(extractor_for_sets(store, group, batch_size), [r.name for r in group])
-                                   for group in groups]
+            self._build(settings, groups, runtimes or [None] * len(groups), threads)
         except FeatureStoreError as exc:
             self.error = f"on node {self.node}: {exc}"
         except Exception as exc:  # reported to the driver as one line
             self.error = f"on node {self.node}: {type(exc).__name__}: {exc}"
+
+    def _build(self, settings: dict[str, Any], groups: list[list[SetRecord]], runtimes: list[str | None],
+               threads: int) -> None:
+        """Rebuild each group's extractor from the catalog, on the runtime the driver's extractor uses."""
+        for group, runtime in zip(groups, runtimes, strict=True):
+            with Store.open(Settings(**settings, workers=threads, cnn_runtime=runtime)) as store:
+                ex = extractor_for_sets(store, group, self.batch_size)
+            if ex.runtime != runtime:  # each shard records what computed it: it must be what the driver says
+                raise ClusterError(f"the {', '.join(r.name for r in group)} extractor runs on {ex.runtime} here, "
+                                   f"not on {runtime} as on the driver")
+            self.extractors.append((ex, [r.name for r in group]))
 
     def _check_probe(self, path: str, token: str) -> None:
         try:
@@ -299,7 +309,8 @@ class Featurizer:
             path = write_shard(self.root / "features" / name, name, rec.kind, rec.params, np.concatenate(parts),
                                np.concatenate(vecs[name]))
             shards[name] = (str(path.relative_to(self.root)), sum(len(p) for p in parts))
-        return TaskResult(task.index, shards, failed, processed, self.node)
+        runtimes = {name: ex.runtime for ex, names in self.extractors for name in names}
+        return TaskResult(task.index, shards, failed, processed, self.node, runtimes)
 
 
 def _node_address() -> str:
@@ -355,8 +366,8 @@ class Registrar:
         self.summary.failed += result.failed
         self.summary.processed += result.processed
         for name, (rel, ids) in shards.items():
-            self.store.catalog.register_shard(self.plan.sets[name].id, rel, ids,
-                                                   runtime=self.plan.runtimes.get(name))
+            # What the worker says computed it (the driver's runtime: the workers are built with it).
+            self.store.catalog.register_shard(self.plan.sets[name].id, rel, ids, runtime=result.runtimes.get(name))
             self.have.setdefault(name, set()).update(ids.tolist())
             self.summary.written[name] = self.summary.written.get(name, 0) + len(ids)
 
@@ -372,7 +383,8 @@ class _Pool:
         groups = [[_record(plan.sets[name]) for name in w.lacking] for w in plan.work]
         actor = ray.remote(Featurizer).options(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES,
                                                scheduling_strategy="SPREAD")
-        self.actors = [actor.remote(settings, groups, threads, batch_size, probe) for _ in range(size)]
+        runtimes = [w.extractor.runtime for w in plan.work]  # recorded per shard (plan.runtimes): use the same
+        self.actors = [actor.remote(settings, groups, threads, batch_size, probe, runtimes) for _ in range(size)]
 
     def check(self) -> None:
         try:
