@@ -184,25 +184,7 @@ class CheckpointModel:
             raise InvalidInputError("at least one tap (layer name) is needed")
         if self.batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
-        missing = [str(p) for p in (self.symbol_path, self.params_path) if not p.is_file()]
-        if missing:
-            raise ModelFilesMissingError(
-                f"model files not found: {', '.join(missing)}; put the checkpoint's -symbol.json and "
-                ".params files there (or point the model directory at them)"
-            )
-        try:
-            sym = mx.sym.load(str(self.symbol_path))
-        except Exception as exc:  # MXNetError, JSON errors
-            raise InvalidInputError(f"{self.symbol_path}: not a readable MXNet symbol file ({exc})") from None
-        try:
-            arg_params, aux_params = _split_params(mx.nd.load(str(self.params_path)), self.params_path)
-        except InvalidInputError:
-            raise
-        except Exception as exc:
-            raise InvalidInputError(f"{self.params_path}: not a readable MXNet params file ({exc})") from None
-        if "data" not in sym.list_arguments():
-            raise InvalidInputError(f"{self.symbol_path}: the symbol has no 'data' input")
-
+        sym, arg_params, aux_params = self._read_files(mx)
         w, h = preprocess.size
         data_shape = (self.batch_size, 3, h, w)
         internals = sym.get_internals()
@@ -227,19 +209,7 @@ class CheckpointModel:
                     hint=f"see the layers of {self.symbol_path.name} (CheckpointModel.layers())",
                 )
 
-        outputs = []
-        for tap in self.taps:
-            out = internals[tap + "_output"]
-            shape = shapes[tap]
-            if len(shape) == 3:  # (C, H, W): global average pool in the graph
-                out = mx.sym.mean(out, axis=(2, 3), name=f"{tap}__gap")
-                self._tap_dims[tap], self._tap_pooling[tap] = shape[0], "global-average"
-            elif len(shape) == 1:
-                self._tap_dims[tap], self._tap_pooling[tap] = shape[0], "none"
-            else:
-                out = mx.sym.flatten(out, name=f"{tap}__flat")
-                self._tap_dims[tap], self._tap_pooling[tap] = int(np.prod(shape)), "flatten"
-            outputs.append(out)
+        outputs = [self._tap_output(mx, internals, tap, shapes[tap]) for tap in self.taps]
         group = mx.sym.Group(outputs)
         self._check_params(group, arg_params, aux_params, (1, 3, h, w))
 
@@ -258,6 +228,41 @@ class CheckpointModel:
             ) from None
         self._module = mod
         return self
+
+    def _read_files(self, mx: Any) -> tuple[Any, dict, dict]:
+        """The symbol and its arg/aux params, with a one-line error naming the file that is wrong."""
+        missing = [str(p) for p in (self.symbol_path, self.params_path) if not p.is_file()]
+        if missing:
+            raise ModelFilesMissingError(
+                f"model files not found: {', '.join(missing)}; put the checkpoint's -symbol.json and "
+                ".params files there (or point the model directory at them)"
+            )
+        try:
+            sym = mx.sym.load(str(self.symbol_path))
+        except Exception as exc:  # MXNetError, JSON errors
+            raise InvalidInputError(f"{self.symbol_path}: not a readable MXNet symbol file ({exc})") from None
+        try:
+            arg_params, aux_params = _split_params(mx.nd.load(str(self.params_path)), self.params_path)
+        except InvalidInputError:
+            raise
+        except Exception as exc:
+            raise InvalidInputError(f"{self.params_path}: not a readable MXNet params file ({exc})") from None
+        if "data" not in sym.list_arguments():
+            raise InvalidInputError(f"{self.symbol_path}: the symbol has no 'data' input")
+        return sym, arg_params, aux_params
+
+    def _tap_output(self, mx: Any, internals: Any, tap: str, shape: tuple[int, ...]) -> Any:
+        """The tap's output as a vector per image (4-D maps globally average-pooled in the graph)."""
+        out = internals[tap + "_output"]
+        if len(shape) == 3:  # (C, H, W): global average pool in the graph
+            out = mx.sym.mean(out, axis=(2, 3), name=f"{tap}__gap")
+            self._tap_dims[tap], self._tap_pooling[tap] = shape[0], "global-average"
+        elif len(shape) == 1:
+            self._tap_dims[tap], self._tap_pooling[tap] = shape[0], "none"
+        else:
+            out = mx.sym.flatten(out, name=f"{tap}__flat")
+            self._tap_dims[tap], self._tap_pooling[tap] = int(np.prod(shape)), "flatten"
+        return out
 
     def _check_params(self, group: Any, arg_params: dict, aux_params: dict, data_shape: tuple) -> None:
         """Compare the params file with what the symbol expects, with a readable message."""
