@@ -13,7 +13,8 @@ mkdir -p demo && cd demo
 rm -rf .fs
 export FS_STORE=$PWD/.fs
 set -x
-"$FS" datasets export fashion-mnist ./fashion --limit "$N" --size 640x480 --format jpeg
+# the training photos come from the train split: the held-out photos below come from the test split
+"$FS" datasets export fashion-mnist ./fashion --split train --limit "$N" --size 640x480 --format jpeg
 "$FS" ingest ./fashion --dataset fashion
 "$FS" extract --rp 128 --model efficientnet-lite0
 "$FS" status
@@ -25,10 +26,12 @@ set -x
 # held-out photos (Fashion-MNIST test split), labelled, predicted with run 3's model
 "$FS" datasets export fashion-mnist ./holdout --split test --limit 200 --seed 7 --size 640x480 --format jpeg
 "$FS" ingest ./holdout --dataset holdout
+"$FS" datasets overlap fashion holdout
 "$FS" predict --run 3 --dataset holdout --show 5
 # predictions are SQL rows: accuracy per superclass, most confused pairs, least confident images
 "$FS" sql "SELECT i.superclass, count(*) AS n, round(avg(CASE WHEN p.label = i.label THEN 1.0 ELSE 0 END), 3) AS accuracy
-  FROM predictions p JOIN images i ON i.id = p.image_id JOIN datasets d ON d.id = i.dataset_id
+  FROM predictions p JOIN images i ON i.id = p.image_id JOIN dataset_members m ON m.image_id = i.id
+  JOIN datasets d ON d.id = m.dataset_id
   WHERE p.run_id = 3 AND d.name = 'holdout' GROUP BY i.superclass ORDER BY accuracy"
 "$FS" sql "SELECT i.label AS truth, p.label AS predicted, count(*) AS n
   FROM predictions p JOIN images i ON i.id = p.image_id
