@@ -198,7 +198,13 @@ class Store:
 
     def _remove_orphans(self) -> None:
         """Delete temp files, unregistered shards and artifacts, and deleted sets' folders. Under the lock."""
-        names = {Path(p).name for p in self.catalog.shard_paths()}
+        refs = self.catalog.shard_refs()
+        # A registered shard whose file is gone (deleted by hand, a lost disk) is unregistered, so its
+        # images count as lacking and a plain `fs extract` recomputes them.
+        gone = {i: p for i, p in refs.items() if not (self.root / p).is_file()}
+        if gone:
+            self.catalog.unregister_shards(gone)
+        names = {Path(p).name for i, p in refs.items() if i not in gone}
         features = self.root / "features"
         for folder in features.iterdir() if features.exists() else []:
             if folder.is_dir():
@@ -314,8 +320,15 @@ class Store:
         return path
 
     def coverage(self) -> list[tuple[str, str, int, int, int]]:
-        """(name, kind, dim, images with a vector, shards) per feature set."""
-        return self.catalog.coverage()
+        """(name, kind, dim, images with a readable vector, shards present) per feature set.
+
+        Rows of a registered shard whose file is missing do not count (the next
+        writer unregisters such shards; `fs verify` also checks the bytes).
+        """
+        gone = [i for i, p in self.catalog.shard_refs().items() if not (self.root / p).is_file()]
+        lost = self.catalog.rows_in_shards(gone) if gone else {}
+        return [(n, k, d, c - lost.get(n, (0, 0))[0], sh - lost.get(n, (0, 0))[1])
+                for n, k, d, c, sh in self.catalog.coverage()]
 
     # -- reading -------------------------------------------------------------------
     def read_matrix(

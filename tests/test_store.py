@@ -245,3 +245,25 @@ def test_two_first_ingests_on_an_empty_postgres_catalog(tmp_path: Path, image_tr
         assert all("Traceback" not in err for _, err in outs)
         with Store.open(Settings(store=tmp_path / ".fs", database_url=url)) as store:
             assert len(store.select_images()) == 12
+
+
+def test_deleted_shard_is_lacking_and_a_plain_extract_repairs_it(tmp_path: Path, image_tree: Path) -> None:
+    """A shard file deleted by hand no longer counts as coverage; the next `fs extract` recomputes its images."""
+    from typer.testing import CliRunner
+
+    from featurestore.cli.main import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["ingest", str(image_tree)]).exit_code == 0
+    assert runner.invoke(app, ["extract", "--rp", "8", "--size", "16x12"]).exit_code == 0
+    shards = list((tmp_path / ".fs" / "features" / "rp8").glob("*.h5"))
+    assert len(shards) == 1
+    shards[0].unlink()
+    with Store.open(Settings(store=tmp_path / ".fs")) as store:
+        assert store.coverage() == [("rp8", "random_projection", 8, 0, 0)]
+    again = runner.invoke(app, ["extract", "--rp", "8", "--size", "16x12"])
+    assert again.exit_code == 0, again.output
+    assert "rp8: 12 vectors written" in again.output
+    with Store.open(Settings(store=tmp_path / ".fs")) as store:
+        assert store.coverage() == [("rp8", "random_projection", 8, 12, 1)]
+        assert store.read_matrix(["rp8"]).X.shape == (12, 8)

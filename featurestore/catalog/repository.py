@@ -345,6 +345,26 @@ class Catalog:
             return [tuple(r) for r in rows]  # type: ignore[misc]
 
     # -- shards ---------------------------------------------------------------------------
+    def shard_refs(self) -> dict[int, str]:
+        """Every registered shard: id -> path relative to the store."""
+        with self.session() as s:
+            return {int(i): str(p) for i, p in s.execute(select(FeatureShard.id, FeatureShard.path))}
+
+    def rows_in_shards(self, shard_ids: Sequence[int]) -> dict[str, tuple[int, int]]:
+        """feature set name -> (catalog rows, shards) among ``shard_ids``."""
+        out: dict[str, tuple[int, int]] = {}
+        with self.session() as s:
+            for part in chunks(list(shard_ids)):
+                for name, rows, shards in s.execute(
+                        select(FeatureSet.name, func.count(FeatureRow.image_id),
+                               func.count(func.distinct(FeatureShard.id)))
+                        .join(FeatureShard, FeatureShard.feature_set_id == FeatureSet.id)
+                        .join(FeatureRow, FeatureRow.shard_id == FeatureShard.id, isouter=True)
+                        .where(FeatureShard.id.in_(part)).group_by(FeatureSet.name)):
+                    r0, s0 = out.get(str(name), (0, 0))
+                    out[str(name)] = (r0 + int(rows), s0 + int(shards))
+        return out
+
     def shard_paths(self) -> set[str]:
         """Paths of every registered shard (relative to the store)."""
         with self.session() as s:
