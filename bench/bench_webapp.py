@@ -41,7 +41,7 @@ from sqlalchemy import insert, select
 
 from bench.bench_serve import free_port, start_server
 from bench.common import fashion_images
-from featurestore.catalog.browse import ImageFilter, browse_page, count_images, facets
+from featurestore.catalog.repository import ImageFilter, browse_page, count_images, facets
 from featurestore.catalog.schema import DatasetMember, Image, Prediction, Run
 from featurestore.config import Settings
 from featurestore.features.projection import projection_extractor

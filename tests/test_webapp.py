@@ -23,7 +23,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 from webapp_support import build_store, class_image
 
-from featurestore.catalog.browse import ImageFilter, browse_page, count_images, image_file
+from featurestore.catalog.repository import ImageFilter, browse_page, count_images, image_file
 from featurestore.cli.main import app as cli_app
 from featurestore.config import Settings
 from featurestore.features.pixels import PixelsExtractor

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from featurestore import __version__
-from featurestore.catalog.browse import image_file
+from featurestore.catalog.repository import image_file
 from featurestore.errors import FeatureStoreError
 from featurestore.http import charts
 from featurestore.http.templating import render

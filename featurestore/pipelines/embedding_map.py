@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featurestore.catalog.browse import live_image_ids, shard_fingerprint
+from featurestore.catalog.repository import live_image_ids, shard_fingerprint
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.io.atomic import write_bytes_atomic
 from featurestore.store import Store

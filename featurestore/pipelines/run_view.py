@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from featurestore.catalog.browse import (
+from featurestore.catalog.repository import (
     PredictionCoverage,
     RunFacts,
     SplitRow,

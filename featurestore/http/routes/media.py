@@ -20,7 +20,7 @@ from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from featurestore.catalog.browse import ImageFile, image_file
+from featurestore.catalog.repository import ImageFile, image_file
 from featurestore.errors import ImageNotFoundError
 from featurestore.http.deps import Authenticated, get_settings, get_store
 from featurestore.http.schemas import ErrorOut

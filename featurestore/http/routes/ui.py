@@ -33,7 +33,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from featurestore import __version__
-from featurestore.catalog import browse as q
+from featurestore.catalog import repository as q
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.http import charts
