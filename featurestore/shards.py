@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,34 +47,47 @@ def write_shard(
     kind: str,
     params: dict[str, Any],
     image_ids: np.ndarray,
-    vectors: np.ndarray,
+    vectors: np.ndarray | Sequence[np.ndarray],
     runtime: str | None = None,
 ) -> Path:
-    """Write one shard durably and return its final path (``runtime``: what computed the vectors)."""
+    """Write one shard durably and return its final path (``runtime``: what computed the vectors).
+
+    ``vectors`` may be a list of row blocks: they are written one after the
+    other, never concatenated in memory (large vectors, e.g. raw pixels).
+    """
     ids = np.asarray(image_ids, dtype=np.int64)
-    vecs = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vecs.ndim != 2 or vecs.shape[0] != ids.shape[0]:
+    blocks = [np.ascontiguousarray(b, dtype=np.float32) for b in
+              (vectors if isinstance(vectors, list) else [vectors])]
+    rows = sum(b.shape[0] for b in blocks)
+    if any(b.ndim != 2 or b.shape[1] != blocks[0].shape[1] for b in blocks) or rows != ids.shape[0]:
         raise DimensionMismatchError(
-            f"shard for {feature_set}: {ids.shape[0]} ids but vectors of shape {vecs.shape}"
+            f"shard for {feature_set}: {ids.shape[0]} ids but vectors of shape {[b.shape for b in blocks]}"
         )
+    vecs = blocks[0] if len(blocks) == 1 else None
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     final = folder / f"{feature_set}-{stamp}-{os.urandom(4).hex()}.h5"
-    n, dim = vecs.shape
+    n, dim = rows, blocks[0].shape[1]
     with atomic_path(final) as tmp, h5py.File(tmp, "w") as fh:
         # Fletcher-32 needs chunks; ~1 MiB of rows keeps single-row reads cheap. An empty shard
         # needs an extensible shape for its (non-empty) chunk.
         fh.create_dataset("image_ids", data=ids, chunks=(max(1, min(n, _CHUNK_BYTES // 8)),),
                           maxshape=(None,) if n == 0 else None, fletcher32=True)
-        fh.create_dataset("vectors", data=vecs, chunks=(max(1, min(n, _CHUNK_BYTES // max(1, 4 * dim))), max(1, dim)),
-                          maxshape=(None, dim) if n == 0 else None, fletcher32=True)
+        ds = fh.create_dataset("vectors", shape=(n, dim), dtype=np.float32, data=vecs,
+                               chunks=(max(1, min(n, _CHUNK_BYTES // max(1, 4 * dim))), max(1, dim)),
+                               maxshape=(None, dim) if n == 0 else None, fletcher32=True)
+        if vecs is None:
+            start = 0
+            for b in blocks:
+                ds[start : start + b.shape[0]] = b
+                start += b.shape[0]
         fh.attrs["format"] = SHARD_FORMAT
         fh.attrs["feature_set"] = feature_set
         fh.attrs["kind"] = kind
         fh.attrs["params"] = json.dumps(params, sort_keys=True)
-        fh.attrs["dim"] = int(vecs.shape[1])
+        fh.attrs["dim"] = int(dim)
         fh.attrs["dtype"] = "float32"
-        fh.attrs["rows"] = int(vecs.shape[0])
+        fh.attrs["rows"] = int(n)
         fh.attrs["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if runtime:
             fh.attrs["runtime"] = runtime

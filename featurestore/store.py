@@ -286,23 +286,29 @@ class Store:
         ids = image_ids if image_ids is not None else self.catalog.all_image_ids()
         return [int(i) for i in ids if int(i) not in have]
 
-    def append_vectors(self, feature_set: FeatureSet, image_ids: Sequence[int], vectors: np.ndarray,
-                       session: Session | None = None, runtime: str | None = None) -> Path:
+    def append_vectors(self, feature_set: FeatureSet, image_ids: Sequence[int],
+                       vectors: np.ndarray | list[np.ndarray], session: Session | None = None,
+                       runtime: str | None = None) -> Path:
         """Write one shard and register it with its rows in one transaction. Call under :meth:`writing`.
 
         With ``session`` the rows join that open transaction (the caller commits;
         if it rolls back, the file is an orphan the next writer removes). ``runtime``
         (what computed the vectors, e.g. ``"onnxruntime"``) is recorded with the shard.
         """
-        vecs = np.asarray(vectors, dtype=np.float32)
-        if vecs.ndim != 2 or vecs.shape[1] != feature_set.dim:
-            raise DimensionMismatchError(
-                f"vectors for {feature_set.name} have shape {vecs.shape}, expected (n, {feature_set.dim})"
-            )
-        return self._write_and_register(feature_set, np.asarray(image_ids, dtype=np.int64), vecs, session=session,
+        # a list of 2-D arrays is a list of row blocks (written one after the other, never concatenated)
+        is_blocks = isinstance(vectors, list) and bool(vectors) and all(
+            isinstance(b, np.ndarray) and b.ndim == 2 for b in vectors)
+        blocks = [np.asarray(b, dtype=np.float32) for b in (vectors if is_blocks else [vectors])]
+        for vecs in blocks:
+            if vecs.ndim != 2 or vecs.shape[1] != feature_set.dim:
+                raise DimensionMismatchError(
+                    f"vectors for {feature_set.name} have shape {vecs.shape}, expected (n, {feature_set.dim})"
+                )
+        rows: np.ndarray | list[np.ndarray] = blocks[0] if len(blocks) == 1 else blocks
+        return self._write_and_register(feature_set, np.asarray(image_ids, dtype=np.int64), rows, session=session,
                                         runtime=runtime)
 
-    def _write_and_register(self, fs: FeatureSet, ids: np.ndarray, vecs: np.ndarray,
+    def _write_and_register(self, fs: FeatureSet, ids: np.ndarray, vecs: np.ndarray | list[np.ndarray],
                             replaces: set[int] | None = None, session: Session | None = None,
                             runtime: str | None = None) -> Path:
         """Write a shard, then register it (taking over the ``replaces`` shards) in one transaction.

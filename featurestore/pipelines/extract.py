@@ -33,7 +33,7 @@ from featurestore.io.images import ImageDecodeError, decode_bytes, read_bytes
 from featurestore.store import FeatureSet, Store
 
 Progress = Callable[[int, int], None]
-FLUSH_BYTES = 256 * 2**20
+FLUSH_BYTES = 128 * 2**20
 
 
 @dataclass
@@ -105,7 +105,8 @@ def featurize_batches(work: Sequence[Work], images: Sequence[tuple[int, str]], *
                 mask = np.fromiter((int(i) in lacking for i in ids), bool, len(ids))
                 if mask.any():
                     out.ids[name] = ids[mask]
-                    out.vectors[name] = np.asarray(computed[name], dtype=np.float32)[mask]
+                    vecs = np.asarray(computed[name], dtype=np.float32)
+                    out.vectors[name] = vecs if mask.all() else vecs[mask]  # no copy in the usual case
         yield out
 
 
@@ -161,8 +162,8 @@ class _Buffer:
         for name, fs in plan.sets.items():
             ids = self.ids.pop(name, [])
             if ids:
-                store.append_vectors(fs, np.concatenate(ids), np.concatenate(self.vectors.pop(name)),
-                                     runtime=plan.runtimes.get(name))
+                # the blocks go to the shard one by one: no concatenated copy of large vectors
+                store.append_vectors(fs, np.concatenate(ids), self.vectors.pop(name), runtime=plan.runtimes.get(name))
                 summary.written[name] = summary.written.get(name, 0) + sum(len(i) for i in ids)
         self.images = self.nbytes = 0
 
