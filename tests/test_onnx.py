@@ -359,18 +359,21 @@ def test_cli_runtime_option_and_models_add(tmp_path: Path, image_tree: Path, tin
 
 
 def test_serve_shares_the_thread_budget_among_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fs serve --workers 2` with FS_WORKERS=4 gives each worker process 2 threads (no env writing)."""
     import os
 
-    import uvicorn
+    from featurestore.http import server
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.update(workers=os.environ.get("FS_WORKERS")))
+    monkeypatch.setattr(server, "run_workers", lambda settings, workers, *a, **k: seen.update(
+        workers=settings.workers, processes=workers))
     monkeypatch.setenv("FS_WORKERS", "4")
-    monkeypatch.setenv("FS_ALLOW_WRITES", "0")  # `fs serve` exports its settings to the environment
     Store.open(Settings.from_env(), create=True).close()
-    r = runner.invoke(app, ["serve", "--workers", "2"])
+    before = dict(os.environ)
+    r = runner.invoke(app, ["serve", "--workers", "2", "--port", "8765"])
     assert r.exit_code == 0, r.output
-    assert seen == {"workers": "2"}
+    assert seen == {"workers": 2, "processes": 2}
+    assert dict(os.environ) == before
 
 
 # ---------------------------------------------------------------- the built-in model
