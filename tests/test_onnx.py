@@ -361,6 +361,7 @@ def test_cli_runtime_option_and_models_add(tmp_path: Path, image_tree: Path, tin
 def test_serve_shares_the_thread_budget_among_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     """`fs serve --workers 2` with FS_WORKERS=4 gives each worker process 2 threads (no env writing)."""
     import os
+    import socket
 
     from featurestore.http import server
 
@@ -370,7 +371,10 @@ def test_serve_shares_the_thread_budget_among_workers(monkeypatch: pytest.Monkey
     monkeypatch.setenv("FS_WORKERS", "4")
     Store.open(Settings.from_env(), create=True).close()
     before = dict(os.environ)
-    r = runner.invoke(app, ["serve", "--workers", "2", "--port", "8765"])
+    with socket.socket() as sock:  # a port nothing listens on (other services may hold a fixed one)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = runner.invoke(app, ["serve", "--workers", "2", "--port", str(port)])
     assert r.exit_code == 0, r.output
     assert seen == {"workers": 2, "processes": 2}
     assert dict(os.environ) == before

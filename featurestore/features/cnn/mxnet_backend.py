@@ -102,11 +102,16 @@ class Preprocess:
             image = image.resize((rw, rh), Image.Resampling.BILINEAR)
             left, top = (rw - w) // 2, (rh - h) // 2
             image = image.crop((left, top, left + w, top + h))
-        arr = np.asarray(image, dtype=np.float32)
+        arr = np.asarray(image)  # (H, W, 3) uint8
         if self.channels == "BGR":
             arr = arr[:, :, ::-1]
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        # One float32 copy in (3, H, W) order, normalised in place: the same float32 operations as
+        # (arr - mean) / std on an HWC copy (bit-identical), a third of the time (issue 12).
+        out = np.empty((3, *arr.shape[:2]), dtype=np.float32)
+        out[...] = arr.transpose(2, 0, 1)
+        out -= np.asarray(self.mean, np.float32)[:, None, None]
+        out /= np.asarray(self.std, np.float32)[:, None, None]
+        return out
 
 
 def _split_params(loaded: dict[str, Any], params_path: Path) -> tuple[dict, dict]:
