@@ -138,6 +138,7 @@ class SearchHit(BaseModel):
     label: str | None
     distance: float
     similarity: float | None = None
+    method: Literal["index", "exact"] = "exact"  # issue 14: how this hit was found
 
 
 class UploadInfo(BaseModel):
@@ -153,6 +154,9 @@ class SearchOut(BaseModel):
     image_id: int | None = None
     upload: UploadInfo | None = None
     results: list[SearchHit]
+    # issue 14: "index" when the feature set's ANN index answered, else "exact"; note says more
+    method: Literal["index", "exact"] = "exact"
+    note: str = ""
 
 
 class RunOut(BaseModel):
@@ -353,11 +357,14 @@ class Service:
 
     # -- search
     def search(self, fs: FeatureSet, vec: np.ndarray, k: int, metric: str, exclude: set[int],
-               allowed: np.ndarray | None, show_paths: bool) -> list[SearchHit]:
+               allowed: np.ndarray | None, show_paths: bool, exact: bool = False) -> dict[str, Any]:
+        """The ``results``, ``method`` and ``note`` fields of a :class:`SearchOut`."""
         from featurestore.search.service import search
 
-        results = search(self.store, fs.name, vec, k, metric=metric, exclude_ids=exclude, allowed_ids=allowed)
-        return [SearchHit(**{**r.as_dict(), "path": r.path if show_paths else None}) for r in results]
+        results = search(self.store, fs.name, vec, k, metric=metric, exclude_ids=exclude, allowed_ids=allowed,
+                         exact=exact)
+        hits = [SearchHit(**{**r.as_dict(), "path": r.path if show_paths else None}) for r in results]
+        return {"results": hits, "method": results.method, "note": results.note}
 
     # -- uploads
     def read_upload(self, file: UploadFile) -> Upload:
@@ -537,16 +544,19 @@ def create_app(settings: Settings) -> FastAPI:
         dataset: DatasetName = None,
         metric: Annotated[Metric, Query(description="cosine: similarity, higher is better; l2: distance, "
                                                     "lower is better.")] = "cosine",
+        exact: Annotated[bool, Query(description="Score every vector even if the feature set has an ANN "
+                                                 "index.")] = False,
     ) -> SearchOut:
-        """Images nearest to a stored image (exact search), optionally only those with a label / in a dataset."""
+        """Images nearest to a stored image (through the set's ANN index if it has one, else exact), optionally
+        only those with a label / in a dataset."""
         from featurestore.search.service import stored_vector
 
         fs = svc.feature_set(name)
         svc.require_vector(fs, image_id)
         allowed = svc.allowed_ids(label, dataset)
         vec = stored_vector(store, fs.name, image_id)
-        hits = svc.search(fs, vec, k, metric, {image_id}, allowed, paths_visible(request))
-        return SearchOut(feature_set=fs.name, metric=metric, image_id=image_id, results=hits)
+        found = svc.search(fs, vec, k, metric, {image_id}, allowed, paths_visible(request), exact)
+        return SearchOut(feature_set=fs.name, metric=metric, image_id=image_id, **found)
 
     @post("/v1/feature-sets/{name}/search", tags=["feature sets"], responses=UPLOAD_ERRORS)
     def search_by_upload(
@@ -557,6 +567,7 @@ def create_app(settings: Settings) -> FastAPI:
         label: Annotated[str | None, Form(max_length=200)] = None,
         dataset: Annotated[str | None, Form(max_length=200)] = None,
         metric: Annotated[Metric, Form()] = "cosine",
+        exact: Annotated[bool, Form(description="Score every vector even if the set has an ANN index.")] = False,
     ) -> SearchOut:
         """Images nearest to an uploaded image, embedded like the feature set's stored vectors."""
         from featurestore.search.service import embedder_for
@@ -565,8 +576,8 @@ def create_app(settings: Settings) -> FastAPI:
         allowed = svc.allowed_ids(label, dataset)
         up = svc.read_upload(file)
         vec = embedder_for(store, fs.name)(up.image)
-        hits = svc.search(fs, vec, k, metric, set(), allowed, paths_visible(request))
-        return SearchOut(feature_set=fs.name, metric=metric, upload=up.info(), results=hits)
+        found = svc.search(fs, vec, k, metric, set(), allowed, paths_visible(request), exact)
+        return SearchOut(feature_set=fs.name, metric=metric, upload=up.info(), **found)
 
     @get("/v1/runs", tags=["runs"])
     def runs() -> list[RunOut]:
