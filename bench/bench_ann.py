@@ -59,7 +59,7 @@ K = 10
 RANK = 16
 THRESHOLD = 0.99
 FILTER = "label = 'class3'"
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: dataset memberships (issue 17)
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def prepare(work: Path, n: int, dim: int, n_queries: int, seed: int = 0) -> None
 def build_store(root: Path, data: np.ndarray, labels: np.ndarray, shard_rows: int = 10_000) -> None:
     from sqlalchemy import insert
 
-    from featurestore.catalog.schema import Dataset, Image, utcnow
+    from featurestore.catalog.schema import Dataset, DatasetMember, Image, utcnow
     from featurestore.config import Settings
     from featurestore.features.base import FeatureSpec
     from featurestore.store import Store
@@ -169,6 +169,8 @@ def build_store(root: Path, data: np.ndarray, labels: np.ndarray, shard_rows: in
                      "width": 64, "height": 64, "format": "JPEG", "mode": "RGB", "bytes": 1000,
                      "label": f"class{labels[i]}", "superclass": None, "dataset_id": ds, "ingested_at": now}
                     for i in range(start, min(n, start + 50_000))])
+                s.execute(insert(DatasetMember), [{"dataset_id": ds, "image_id": i + 1, "source_path": f"/fake/{i}.jpg"}
+                                                  for i in range(start, min(n, start + 50_000))])
         fs = store.ensure_feature_set(FeatureSpec(SET, "synthetic", dim, {"note": "gaussian mixture"}))
         for start in range(0, n, shard_rows):
             ids = np.arange(start + 1, min(n, start + shard_rows) + 1)

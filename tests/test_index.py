@@ -18,7 +18,7 @@ from sqlalchemy import func, insert, inspect, select
 from typer.testing import CliRunner
 
 from featurestore.catalog import vector_indexes as repo
-from featurestore.catalog.schema import Dataset, Image
+from featurestore.catalog.schema import Dataset, DatasetMember, Image
 from featurestore.cli.main import app
 from featurestore.config import Settings
 from featurestore.errors import IntegrityError, InvalidInputError, NotFoundError
@@ -55,8 +55,10 @@ def add_images(store: Store, n: int, labels: int = 10) -> np.ndarray:
             {"sha256": f"{start + i:064x}", "source_path": f"/img/{start + i}.jpg", "width": 1, "height": 1,
              "format": "JPEG", "mode": "RGB", "bytes": 1, "label": f"class{(start + i) % labels}",
              "superclass": None, "dataset_id": ds} for i in range(n)])
-    rows = store.select_images()
-    return np.array([r[0] for r in rows[-n:]], dtype=np.int64)
+        ids = s.scalars(select(Image.id).order_by(Image.id.desc()).limit(n)).all()
+        s.execute(insert(DatasetMember), [{"dataset_id": ds, "image_id": i, "source_path": f"/img/{i}.jpg"}
+                                          for i in ids])
+    return np.array(sorted(ids), dtype=np.int64)
 
 
 def clustered(n: int, dim: int = DIM, seed: int = 0, clusters: int = 20) -> np.ndarray:
@@ -84,10 +86,15 @@ def indexed(store: Store):  # type: ignore[no-untyped-def]
     return store, ids, mat
 
 
+def score(r):  # type: ignore[no-untyped-def]
+    """What helpers.brute scores: the cosine similarity, or the l2 distance."""
+    return r.similarity if r.similarity is not None else r.distance
+
+
 def same(results, ref, atol: float = 1e-4) -> None:  # type: ignore[no-untyped-def]
     ref_ids, ref_scores = ref
     assert [r.image_id for r in results] == ref_ids
-    assert np.allclose([r.score for r in results], ref_scores, atol=atol)
+    assert np.allclose([score(r) for r in results], ref_scores, atol=atol)
 
 
 # ---------------------------------------------------------------------------
@@ -124,7 +131,7 @@ def test_quantised_indexes_find_nearly_the_same(store: Store, dtype: str) -> Non
         got = search(store, "v", q, k=10)
         ref_ids, ref_scores = brute(q, ids, mat, 10, "cosine")
         recall.append(len({r.image_id for r in got} & set(ref_ids)) / 10)
-        assert np.allclose([r.score for r in got][:1], ref_scores[:1], atol=0.02)  # scores of quantised vectors
+        assert np.allclose([r.similarity for r in got][:1], ref_scores[:1], atol=0.02)  # scores of quantised vectors
     assert np.mean(recall) >= 0.9
 
 
@@ -410,8 +417,8 @@ BUILDER = textwrap.dedent(
         progress = lambda done, total: die() if done >= 4096 else None
     else:
         progress = None
-    if mode == "before-rename":  # temp file written, not renamed
-        ann.publish = die
+    if mode == "before-rename":  # temp file written (then hashed), not renamed
+        ann.sha256_file = die
     elif mode == "after-rename":  # file in place, catalog not told
         ann.repo.replace_index = die
     elif mode == "after-register":  # catalog points at the new file, the old one not yet deleted
@@ -498,7 +505,7 @@ def test_cli_index_build_list_search_drop(indexed) -> None:  # type: ignore[no-u
     assert json.loads(result.stdout)[0]["action"] == "extended"
     assert "v: added 20 vectors (1 new shard(s)); 2,020 in the index" in result.stderr
     result = fs_cli("search", "-F", "v", "--id", str(ids[0]), "-k", "3", "--format", "csv")
-    assert result.stdout.splitlines()[0] == "rank,image_id,path,label,score,method"
+    assert result.stdout.splitlines()[0] == "rank,image_id,path,label,distance,similarity,method"
     assert all(line.endswith(",index") for line in result.stdout.splitlines()[1:])
     result = fs_cli("search", "-F", "v", "--id", str(ids[0]), "-k", "3", "--exact")
     assert "search: exact (--exact)" in result.stderr and "method" not in result.stdout

@@ -54,7 +54,7 @@ import numpy as np
 from featurestore.catalog import vector_indexes as repo
 from featurestore.catalog.vector_indexes import IndexChangedError, IndexRecord, LiveShard
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError, NotFoundError
-from featurestore.io.atomic import TMP_PREFIX, fsync_dir, publish, sha256_file, tmp_path_for
+from featurestore.io.atomic import atomic_path, fsync_dir, is_temp, sha256_file
 from featurestore.search.kernel import (
     METRICS,
     Hit,
@@ -68,8 +68,7 @@ from featurestore.search.kernel import (
 from featurestore.shards import read_selected, read_shard
 
 if TYPE_CHECKING:
-    from featurestore.catalog.schema import FeatureSet
-    from featurestore.store import Store
+    from featurestore.store import FeatureSet, Store
 
 FOLDER = "indexes"
 SUFFIX = ".usearch"
@@ -451,18 +450,13 @@ def _save_and_register(store: Store, fs: FeatureSet, current: IndexRecord | None
                        params: IndexParams, covered: list[int]) -> tuple[Path, int]:
     """Write the index file atomically and register it, all under the write lock."""
     folder = store.root / FOLDER / fs.name
-    with store.writing():
-        remove_orphans(store)
+    with store.writing():  # which also removes what crashed builds left (remove_orphans)
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         final = folder / f"{fs.name}-{params.metric}-{params.dtype}-{stamp}-{os.urandom(4).hex()}{SUFFIX}"
-        tmp = tmp_path_for(final)
-        try:
+        with atomic_path(final) as tmp:  # temp name, fsync, rename, fsync the folder
             index.save(str(tmp))
             digest, nbytes = sha256_file(tmp), tmp.stat().st_size
-            publish(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
         try:
             old = repo.replace_index(
                 store.engine, fs.id, current.id if current is not None else None, params=params.to_json(),
@@ -490,13 +484,15 @@ def drop_index(store: Store, feature_set: str) -> Path:
         if rel is None:
             raise IndexNotFoundError(fs.name, [r.feature_set for r in repo.list_indexes(store.engine)])
         (store.root / rel).unlink(missing_ok=True)
-        remove_orphans(store)
     _forget(store, fs.id)
     return store.root / rel
 
 
 def remove_orphans(store: Store) -> list[Path]:
-    """Delete index files the catalog does not know (temp files of crashed builds). Call under the write lock."""
+    """Delete index files the catalog does not know (temp files of crashed builds, indexes of dropped sets).
+
+    Called by ``Store.writing()`` under the write lock, like the shard sweep.
+    """
     root = store.root / FOLDER
     if not root.is_dir():
         return []
@@ -506,7 +502,7 @@ def remove_orphans(store: Store) -> list[Path]:
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
-            temp = path.name.startswith(TMP_PREFIX)
+            temp = is_temp(path)
             if path.is_file() and (temp or (path.suffix == SUFFIX and path.resolve() not in keep)):
                 path.unlink(missing_ok=True)
                 removed.append(path)
@@ -530,17 +526,21 @@ class _Opened:
     key: tuple[int, str, str]  # (id, sha256, params JSON) as the catalog had them when opened
 
 
-class _Cache:
+class OpenedIndexes:
+    """The indexes a store has opened (memory-mapped), by feature set id; owned by the store."""
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.opened: dict[int, _Opened] = {}
 
+    def clear(self) -> None:
+        """Forget them all (each memory map is released once no search uses it)."""
+        with self.lock:
+            self.opened.clear()
 
-def _cache(store: Store) -> _Cache:
-    cache = store.__dict__.get("_ann_cache")
-    if cache is None:
-        cache = store.__dict__.setdefault("_ann_cache", _Cache())
-    return cache
+
+def _cache(store: Store) -> OpenedIndexes:
+    return store.ann_indexes
 
 
 def _forget(store: Store, feature_set_id: int) -> None:
@@ -551,7 +551,7 @@ def _forget(store: Store, feature_set_id: int) -> None:
 
 def clear_cache(store: Store) -> None:
     """Close the indexes opened for ``store`` (their memory maps are released once unused)."""
-    store.__dict__.pop("_ann_cache", None)
+    store.ann_indexes.clear()
 
 
 def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str, str]) -> _Opened:
