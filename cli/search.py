@@ -124,6 +124,8 @@ def duplicates(
                                          "must fit."),
     exact: bool = typer.Option(False, "--exact", help="Compare every pair even if the feature set has a cosine "
                                "index (`fs index build`)."),
+    expansion: int | None = typer.Option(None, "--expansion", help="With an index: candidates each vector's "
+                                         "query keeps (default 256); more finds more of the groups, slower."),
 ) -> None:
     """List groups of near-duplicate images (cosine similarity >= --threshold in a feature set).
 
@@ -137,11 +139,13 @@ def duplicates(
         raise typer.BadParameter("must be a cosine similarity in [-1, 1]", param_hint="--threshold")
     if memory_mb is not None and memory_mb < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--memory-mb")
+    if expansion is not None and not 1 <= expansion <= 65_536:
+        raise typer.BadParameter("must be between 1 and 65536", param_hint="--expansion")
     store = common.open_store(search_memory_mb=memory_mb)
     try:
         with common.progress(f"duplicates in {features}") as update:
             found = run_duplicates(store, features, threshold=threshold, where=where, exact=exact,
-                                   progress=update)
+                                   progress=update, expansion=expansion)
     finally:
         store.close()
     rows = [{"group": d.group, "image_id": d.image_id, "path": d.path, "label": d.label} for d in found]

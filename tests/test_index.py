@@ -532,6 +532,10 @@ def test_cli_errors(indexed) -> None:  # type: ignore[no-untyped-def]
     assert result.exit_code == 2
     result = fs_cli("index", "build", "-F", " , ")
     assert result.exit_code == 2 and "name at least one feature set" in result.output
+    result = fs_cli("duplicates", "-F", "v", "--expansion", "0")
+    assert result.exit_code == 2 and "must be between 1 and 65536" in result.output
+    result = fs_cli("duplicates", "-F", "v", "--expansion", "64", "--threshold", "0.9999", "--format", "json")
+    assert result.exit_code == 0 and "via the HNSW index of v" in result.stderr, result.output
     result = fs_cli("index", "drop", "nope")
     assert result.exit_code == 1 and "Error: unknown feature set 'nope'" in result.stderr
     assert fs_cli("index", "drop", "v").exit_code == 0

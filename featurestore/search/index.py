@@ -84,8 +84,11 @@ REBUILD_STALE_FRACTION = 0.2
 # Duplicates: neighbours asked per vector at first, and at most (dense groups ask again).
 DUP_NEIGHBOURS = 16
 DUP_NEIGHBOURS_MAX = 1_024
-# Candidate list while finding duplicates: near copies are found early, a short list is enough.
-DUP_EXPANSION = 32
+# Candidate list (ef) of each vector's query while finding duplicates. A stored vector is not
+# always found by its own query on clustered data: at 1M x 256 (M=16) it was missed 8.5 % of the
+# time with ef=32, 2.5 % with 128 and 0.85 % with 256 (bench/bench_ann.py data); the pair of a
+# near copy is lost only if both of its queries miss.
+DUP_EXPANSION = 256
 # Vectors added to / searched in the index per call while building or finding duplicates.
 BATCH_ROWS = 8_192
 
@@ -819,6 +822,7 @@ def duplicate_groups_indexed(
     threshold: float,
     allowed_ids: np.ndarray | None = None,
     progress: Progress | None = None,
+    expansion: int | None = None,
 ) -> IndexedGroups | None:
     """Near-duplicate groups (cosine similarity >= ``threshold``, transitive) through the set's index.
 
@@ -828,8 +832,9 @@ def duplicate_groups_indexed(
     :func:`~featurestore.search.kernel.near_duplicate_groups`. Vectors in shards
     the index does not cover also query it and are compared exactly among
     themselves. Memory: the union-find arrays (16 bytes per vector), one shard of
-    vectors at a time and the memory-mapped index. Returns None when the set has
-    no cosine index.
+    vectors at a time and the memory-mapped index. ``expansion`` is the candidate
+    list of each query (default :data:`DUP_EXPANSION`): more finds more of the
+    pairs, slower. Returns None when the set has no cosine index.
     """
     state = _current(store, fs)
     if state is None or state.opened.params.metric != "cosine":
@@ -843,8 +848,10 @@ def duplicate_groups_indexed(
     ids = np.sort(np.concatenate([_live_ids(store, s) for s in shards]) if shards else np.empty(0, np.int64))
     if allowed is not None:
         ids = ids[np.isin(ids, allowed)]
+    note = f"HNSW index of {fs.name} (usearch, {opened.params.dtype}, {len(opened.index):,} vectors)"
     if ids.size < 2:
-        return IndexedGroups([], "index")
+        return IndexedGroups([], note)
+    ef = int(expansion) if expansion is not None else DUP_EXPANSION
     uf = _UnionFind(ids.size)
     done = 0
     for _, sids, vecs in _read_shards(store, shards):
@@ -855,7 +862,7 @@ def duplicate_groups_indexed(
             sids, vecs = sids[keep], vecs[keep]
         for start in range(0, len(sids), BATCH_ROWS):
             _dup_edges(opened, uf, ids, sids[start : start + BATCH_ROWS], vecs[start : start + BATCH_ROWS],
-                       threshold, max(1, store.settings.workers))
+                       threshold, max(1, store.settings.workers), ef)
             done += min(BATCH_ROWS, len(sids) - start)
             report(done, ids.size)
     if uncovered:
@@ -866,14 +873,13 @@ def duplicate_groups_indexed(
     bounds = np.flatnonzero(np.r_[True, sroots[1:] != sroots[:-1], True])
     groups = [sids_sorted[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b - a >= 2]
     groups.sort()
-    note = f"HNSW index of {fs.name} (usearch, {opened.params.dtype}, {len(opened.index):,} vectors)"
     if uncovered:
         note += f"; {sum(s.live for s in uncovered):,} vector(s) written since the build compared exactly"
     return IndexedGroups(groups, note)
 
 
 def _dup_edges(opened: _Opened, uf: _UnionFind, ids: np.ndarray, qids: np.ndarray, vecs: np.ndarray,
-               threshold: float, threads: int) -> None:
+               threshold: float, threads: int, expansion: int) -> None:
     """Union every query with its index neighbours at or above ``threshold`` (both among ``ids``)."""
     count = DUP_NEIGHBOURS
     rows = np.arange(len(qids))
@@ -881,7 +887,7 @@ def _dup_edges(opened: _Opened, uf: _UnionFind, ids: np.ndarray, qids: np.ndarra
         count = min(count, len(opened.index))
         with opened.lock:
             saved = opened.index.expansion_search
-            opened.index.expansion_search = max(DUP_EXPANSION, count)
+            opened.index.expansion_search = max(expansion, count)
             try:
                 m = opened.index.search(vecs[rows], count, threads=threads)
             finally:

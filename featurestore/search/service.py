@@ -322,12 +322,13 @@ def duplicates(
     where: str | None = None,
     exact: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    expansion: int | None = None,
 ) -> Found:
     """Groups of near-duplicate images: cosine similarity >= ``threshold``, transitively.
 
     With a cosine ANN index (``fs index build``) and not ``exact``, every vector
-    asks the index for its neighbours (memory bounded, see
-    :func:`featurestore.search.index.duplicate_groups_indexed`). Otherwise the
+    asks the index for its neighbours (memory bounded, ``expansion`` candidates
+    per query, see :func:`featurestore.search.index.duplicate_groups_indexed`). Otherwise the
     feature set is loaded into memory (it must fit
     ``store.settings.search_memory_mb``; there is no streaming variant).
 
@@ -347,7 +348,7 @@ def duplicates(
     keep_ids = where_ids(store, where) if where is not None else None
     # --- ANN index hook (issue 14): near duplicates through the set's cosine index; see search/index.py ---
     if not exact:
-        indexed = ann.duplicate_groups_indexed(store, fs, threshold, keep_ids, progress)
+        indexed = ann.duplicate_groups_indexed(store, fs, threshold, keep_ids, progress, expansion)
         if indexed is not None:
             return Found(_duplicate_rows(store, indexed.groups), "index", indexed.note)
     # --- end of the ANN index hook ---
