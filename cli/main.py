@@ -15,6 +15,7 @@ from featurestore.cli import (
     datasets,
     db,
     extract,
+    index,
     ingest,
     models,
     report,
@@ -97,7 +98,7 @@ def root(
 def _register() -> None:
     for module in (datasets, db):
         app.add_typer(module.app, name=module.__name__.rsplit(".", 1)[-1])
-    for module in (ingest, status, extract, models, train, search, serve, report, verify):
+    for module in (ingest, status, extract, models, train, search, index, serve, report, verify):
         module.register(app)
 
 

@@ -10,7 +10,7 @@ import typer
 
 from featurestore.cli import common
 from featurestore.pipelines.ingest import ingest as run_ingest
-from featurestore.search.service import add_image, query_vector
+from featurestore.search.service import Found, add_image, query_vector
 from featurestore.search.service import duplicates as run_duplicates
 from featurestore.search.service import search as run_search
 from featurestore.store import Store
@@ -47,11 +47,16 @@ def search(
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Dataset for --ingest (default: the "
                                        "image's folder name)."),
     memory_mb: int | None = typer.Option(None, "--memory-mb", help=MEMORY_HELP),
+    exact: bool = typer.Option(False, "--exact", help="Score every vector even if the feature set has an index "
+                               "(`fs index build`); without one the search is always exact."),
 ) -> None:
-    """Find the images nearest to a query image in a feature set (exact search).
+    """Find the images nearest to a query image in a feature set.
 
-    Prints rank, image id, path, label, distance (lower is better: 1 - cosine
-    similarity, or the L2 distance with --metric l2) and, for cosine, similarity.
+    Uses the feature set's approximate index when it has one (`fs index build`),
+    else scores every vector; a line on stderr says which (and --format json/csv
+    carry a `method` field per hit: index or exact). Prints rank, image id, path,
+    label, distance (lower is better: 1 - cosine similarity, or the L2 distance
+    with --metric l2) and, for cosine, similarity.
 
     Example: fs search --features efficientnet-lite0 --image shoe.jpg -k 5 --where "label != 'sandal'"
     """
@@ -71,7 +76,7 @@ def search(
         if ingest:
             # embed once: the same vector is searched and then stored
             query = query_vector(store, features, image)[0]
-        results = run_search(store, features, query, k=k, where=where, metric=metric.value)
+        results = run_search(store, features, query, k=k, where=where, metric=metric.value, exact=exact)
         if ingest:
             assert image is not None and isinstance(query, np.ndarray)
             added = _ingest(store, features, image, dataset, query)
@@ -79,11 +84,21 @@ def search(
         store.close()
     rows = [r.as_dict() for r in results]
     cols = ["rank", "image_id", "path", "label", "distance"] + (["similarity"] if metric == Metric.cosine else [])
-    common.emit(rows, fmt, cols)
+    common.emit(rows, fmt, cols if fmt == common.Format.table else [*cols, "method"])
+    common.err(_how(results, exact))
     if not rows and where:
         common.err(f"no results: no other image with a vector in {features} matches --where")
     if ingest:
         common.err(added)
+
+
+def _how(found: Found, exact: bool) -> str:
+    """The stderr line saying whether the ANN index or exact search answered."""
+    if found.method == "index":
+        return f"search: {found.note}"
+    if exact:
+        return "search: exact (--exact)"
+    return f"search: exact ({found.note})" if found.note else "search: exact (no index; `fs index build` makes one)"
 
 
 def _ingest(store: Store, features: str, image: Path, dataset: str | None, vector: np.ndarray) -> str:
@@ -105,9 +120,18 @@ def duplicates(
     where: str | None = typer.Option(None, "--where", "-w", help=WHERE_HELP),
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
     memory_mb: int | None = typer.Option(None, "--memory-mb", help="Memory budget in MiB (default "
-                                         "FS_SEARCH_MEMORY_MB or 1024); the feature set must fit."),
+                                         "FS_SEARCH_MEMORY_MB or 1024); without an index the feature set "
+                                         "must fit."),
+    exact: bool = typer.Option(False, "--exact", help="Compare every pair even if the feature set has a cosine "
+                               "index (`fs index build`)."),
+    expansion: int | None = typer.Option(None, "--expansion", help="With an index: candidates each vector's "
+                                         "query keeps (default 256); more finds more of the groups, slower."),
 ) -> None:
     """List groups of near-duplicate images (cosine similarity >= --threshold in a feature set).
+
+    With a cosine index (`fs index build`) each vector asks the index for its
+    neighbours, so memory stays bounded at millions of vectors; without one
+    the whole set is compared in memory (exact).
 
     Example: fs duplicates --features rp128 --threshold 0.98 --format csv
     """
@@ -115,15 +139,20 @@ def duplicates(
         raise typer.BadParameter("must be a cosine similarity in [-1, 1]", param_hint="--threshold")
     if memory_mb is not None and memory_mb < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--memory-mb")
+    if expansion is not None and not 1 <= expansion <= 65_536:
+        raise typer.BadParameter("must be between 1 and 65536", param_hint="--expansion")
     store = common.open_store(search_memory_mb=memory_mb)
     try:
-        found = run_duplicates(store, features, threshold=threshold, where=where)
+        with common.progress(f"duplicates in {features}") as update:
+            found = run_duplicates(store, features, threshold=threshold, where=where, exact=exact,
+                                   progress=update, expansion=expansion)
     finally:
         store.close()
     rows = [{"group": d.group, "image_id": d.image_id, "path": d.path, "label": d.label} for d in found]
     common.emit(rows, fmt, ["group", "image_id", "path", "label"])
     groups = len({d.group for d in found})
-    common.err(f"{groups} group(s) of near duplicates, {len(found)} images (threshold {threshold})")
+    common.err(f"{groups} group(s) of near duplicates, {len(found)} images (threshold {threshold}); "
+               + (f"via the {found.note}" if found.method == "index" else "exact"))
 
 
 def register(app: typer.Typer) -> None:

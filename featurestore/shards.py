@@ -226,3 +226,20 @@ def remove_orphans(folder: Path, registered: Iterable[str]) -> list[Path]:
     if removed:
         fsync_dir(folder)
     return removed
+
+
+def read_selected(path: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(image_ids, vectors)`` of some rows of a shard (``rows`` ascending, no repeats).
+
+    A few rows are read as one point selection; more (h5py selects them one by
+    one, which is slow) by reading the whole shard and picking them.
+    """
+    sel = np.asarray(rows, dtype=np.int64)
+    try:
+        with h5py.File(path, "r") as fh:
+            ids_ds, vec_ds = fh["image_ids"], fh["vectors"]
+            if len(sel) > 32:
+                return ids_ds[...][sel], vec_ds[...][sel]
+            return ids_ds[...][sel], vec_ds[sel.tolist()] if len(sel) else vec_ds[:0]
+    except (OSError, KeyError) as exc:
+        raise _open_error(path, exc) from None

@@ -54,6 +54,7 @@ from featurestore.features.registry import extract_hint, extractor_for
 from featurestore.io.atomic import is_temp
 from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
+from featurestore.search import index as ann_index
 from featurestore.search import service as search_service
 from featurestore.search.kernel import VectorIndex
 from featurestore.shards import place, read_rows_into, read_shard, remove_orphans, write_shard
@@ -130,6 +131,7 @@ class Store:
         self._extractors: dict[tuple[Any, ...], tuple[Extractor, threading.Lock]] = {}
         self._models: dict[tuple[int, str], Any] = {}
         self._indexes: OrderedDict[tuple[int, str], tuple[tuple[Any, ...], VectorIndex, int]] = OrderedDict()
+        self.ann_indexes = ann_index.OpenedIndexes()  # issue 14: memory-mapped HNSW indexes (search/index.py)
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -216,6 +218,7 @@ class Store:
                 lost = folder.name == "artifacts" and path.suffix == ".pkl" and path.name not in artifacts
                 if path.is_file() and (is_temp(path) or lost):
                     path.unlink(missing_ok=True)
+        ann_index.remove_orphans(self)  # issue 14: index files of crashed builds and dropped sets
 
     # -- images ----------------------------------------------------------------------
     def select_images(
@@ -530,6 +533,7 @@ class Store:
             self._extractors.clear()
             self._models.clear()
             self._indexes.clear()
+        self.ann_indexes.clear()
 
     # -- maintenance ---------------------------------------------------------------
     def compact(self, feature_set: str | None = None, min_rows: int = 10_000) -> list[tuple[str, int, int]]:

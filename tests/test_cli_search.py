@@ -54,7 +54,9 @@ def test_search_by_id_table_and_json(rp_tree: Path) -> None:
     rows = json.loads(js.stdout)
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     assert qid not in [r["image_id"] for r in rows]
-    assert set(rows[0]) == {"rank", "image_id", "path", "label", "distance", "similarity"}
+    assert set(rows[0]) == {"rank", "image_id", "path", "label", "distance", "similarity", "method"}
+    assert {r["method"] for r in rows} == {"exact"}  # no index: `fs index build` makes one
+    assert "search: exact (no index" in js.stderr
     scores = [r["similarity"] for r in rows]
     assert scores == sorted(scores, reverse=True)
     assert [r["distance"] for r in rows] == sorted(r["distance"] for r in rows)

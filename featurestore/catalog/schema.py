@@ -223,3 +223,24 @@ class Prediction(Base):
     probability: Mapped[float] = mapped_column(Float)
     top5: Mapped[list[Any]] = mapped_column(JSON)
     predicted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AnnIndex(Base):
+    """An approximate nearest-neighbour (HNSW) index over a feature set (one per set; issue 14).
+
+    The index file lives under ``indexes/<feature_set>/`` (``path`` relative to
+    the store). ``shard_ids`` lists the feature shards whose live rows it holds;
+    vectors in other shards are searched exactly until the next ``fs index build``.
+    """
+
+    __tablename__ = "vector_indexes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feature_set_id: Mapped[int] = mapped_column(ForeignKey("feature_sets.id", ondelete="CASCADE"), unique=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    vectors: Mapped[int] = mapped_column(BigInteger)
+    shard_ids: Mapped[list[Any]] = mapped_column(JSON)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

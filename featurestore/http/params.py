@@ -41,3 +41,5 @@ FormTopK = Annotated[int, Form(ge=1, le=MAX_K, description="Number of results.")
 FormLabel = Annotated[str | None, Form(max_length=MAX_NAME, description="Only images with this label."), NoNul]
 FormDataset = Annotated[str | None, Form(max_length=MAX_NAME, description="Only images of this dataset."), NoNul]
 FormMetric = Annotated[Metric, Form(description="cosine or l2.")]
+ExactQuery = Annotated[bool, Query(description="Score every vector even if the feature set has an ANN index.")]
+FormExact = Annotated[bool, Form(description="Score every vector even if the feature set has an ANN index.")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -89,6 +89,8 @@ class SearchHit(BaseModel):
     label: str | None
     distance: float
     similarity: float | None = None
+    method: Literal["index", "exact"] = Field("exact", description="How this hit was found: through the "
+                                              "feature set's ANN index, or by scoring vectors exactly.")
 
     @classmethod
     def from_result(cls, r: SearchResult, show_path: bool) -> SearchHit:
@@ -112,6 +114,10 @@ class SearchOut(BaseModel):
     image_id: int | None = None
     upload: UploadInfo | None = None
     results: list[SearchHit]
+    method: Literal["index", "exact"] = Field("exact", description='"index" when the feature set\'s ANN index '
+                                              'answered (`fs index build`), else "exact".')
+    note: str = Field("", description="How the search ran, for a person: the index used, vectors added since "
+                                      "its build that were scored exactly, or why it was not used.")
 
 
 class RunOut(BaseModel):

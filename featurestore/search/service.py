@@ -35,6 +35,7 @@ from featurestore.errors import (
 )
 from featurestore.features.registry import extract_hint
 from featurestore.io.images import load_rgb, to_rgb
+from featurestore.search import index as ann
 from featurestore.search.kernel import Hit, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
 from featurestore.shards import read_row
 
@@ -58,10 +59,24 @@ class SearchResult:
     label: str | None
     distance: float
     similarity: float | None = None
+    method: str = "exact"  # issue 14: "index" when found through the feature set's ANN index
 
     def as_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "image_id": self.image_id, "path": self.path, "label": self.label,
-                "distance": self.distance, "similarity": self.similarity}
+                "distance": self.distance, "similarity": self.similarity, "method": self.method}
+
+
+class Found(list[Any]):
+    """Search results or duplicates (a list), plus how they were found (issue 14).
+
+    ``method`` is "index" when the feature set's ANN index was used, else "exact";
+    ``note`` says more (coverage, why the index was not used), for a person.
+    """
+
+    def __init__(self, items: Iterable[Any] = (), method: str = "exact", note: str = ""):
+        super().__init__(items)
+        self.method = method
+        self.note = note
 
 
 @dataclass(frozen=True)
@@ -205,8 +220,9 @@ def search(
     metric: str = "cosine",
     exclude_ids: Iterable[int] | None = None,
     allowed_ids: np.ndarray | None = None,
-) -> list[SearchResult]:
-    """Exact top-``k`` images of a feature set nearest to ``query`` (recall 1.0).
+    exact: bool = False,
+) -> Found:
+    """Top-``k`` images of a feature set nearest to ``query``: through its ANN index if it has one, else exact.
 
     Parameters
     ----------
@@ -230,11 +246,16 @@ def search(
     allowed_ids : ndarray of int, optional
         Only these image ids are candidates (combined with ``where``); for callers
         that filter with bound parameters instead of an SQL condition.
+    exact : bool
+        Ignore the feature set's ANN index (``fs index build``) and score every
+        row (recall 1.0). Without an index the search is always exact.
 
     Returns
     -------
-    list of SearchResult
+    Found of SearchResult
         Best first, ranks from 1; equal scores ordered by ascending image id.
+        ``.method`` is "index" or "exact", per hit too (see
+        :func:`featurestore.search.index.search_indexed`).
 
     Notes
     -----
@@ -256,11 +277,19 @@ def search(
         given = np.asarray(allowed_ids, dtype=np.int64)
         allowed = given if allowed is None else np.intersect1d(allowed, given)
     if allowed is not None and allowed.size == 0:
-        return []
+        return Found()
+    note = ""
+    # --- ANN index hook (issue 14): use the set's HNSW index when it has one; see search/index.py ---
+    if not exact:
+        indexed = ann.search_indexed(store, fs, vec, k, metric, excl, allowed)
+        if indexed is not None and indexed.hits is not None:
+            return Found(_results(store, indexed.hits, metric, indexed.methods), indexed.method, indexed.note)
+        note = indexed.note if indexed is not None else ""
+    # --- end of the ANN index hook ---
     for attempt in range(2):
         shard_key, size = _index_key(store, fs)
         if not shard_key[1]:
-            return []
+            return Found([], "exact", note)
         try:
             if size <= store.settings.search_memory_mb * 2**20:
                 index = store.vector_index(fs, metric, shard_key, size)
@@ -273,18 +302,20 @@ def search(
             # `fs compact` may have replaced a shard between listing and reading it: list again once.
             if attempt:
                 raise
-    return _results(store, hits, metric)
+    return Found(_results(store, hits, metric), "exact", note)
 
 
-def _results(store: Store, hits: list[Hit], metric: str) -> list[SearchResult]:
+def _results(store: Store, hits: list[Hit], metric: str, methods: list[str] | None = None) -> list[SearchResult]:
     info = store.catalog.image_paths_labels([h.image_id for h in hits])
     out = []
     for rank, h in enumerate(hits, start=1):
         path, label = info.get(h.image_id, ("", None))
+        how = methods[rank - 1] if methods is not None else "exact"
         if metric == "cosine":
-            out.append(SearchResult(rank, h.image_id, path, label, distance=1.0 - h.score, similarity=h.score))
+            out.append(SearchResult(rank, h.image_id, path, label, distance=1.0 - h.score, similarity=h.score,
+                                    method=how))
         else:
-            out.append(SearchResult(rank, h.image_id, path, label, distance=h.score))
+            out.append(SearchResult(rank, h.image_id, path, label, distance=h.score, method=how))
     return out
 
 
@@ -293,17 +324,24 @@ def duplicates(
     feature_set: str,
     threshold: float = 0.97,
     where: str | None = None,
-) -> list[DuplicateImage]:
+    exact: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    expansion: int | None = None,
+) -> Found:
     """Groups of near-duplicate images: cosine similarity >= ``threshold``, transitively.
 
-    The feature set is loaded into memory (it must fit
+    With a cosine ANN index (``fs index build``) and not ``exact``, every vector
+    asks the index for its neighbours (memory bounded, ``expansion`` candidates
+    per query, see :func:`featurestore.search.index.duplicate_groups_indexed`). Otherwise the
+    feature set is loaded into memory (it must fit
     ``store.settings.search_memory_mb``; there is no streaming variant).
 
     Returns
     -------
-    list of DuplicateImage
+    Found of DuplicateImage
         Members of every group of two or more images, group by group (numbered
-        from 1, ordered by their smallest image id), ids ascending within a group.
+        from 1, ordered by their smallest image id), ids ascending within a group;
+        ``.method`` is "index" or "exact".
 
     Raises
     ------
@@ -312,6 +350,12 @@ def duplicates(
     """
     fs = store.feature_set(feature_set)
     keep_ids = where_ids(store, where) if where is not None else None
+    # --- ANN index hook (issue 14): near duplicates through the set's cosine index; see search/index.py ---
+    if not exact:
+        indexed = ann.duplicate_groups_indexed(store, fs, threshold, keep_ids, progress, expansion)
+        if indexed is not None:
+            return Found(_duplicate_rows(store, indexed.groups), "index", indexed.note)
+    # --- end of the ANN index hook ---
     shard_key, need = _index_key(store, fs)
     if keep_ids is not None:
         # the budget applies to what is compared: the rows --where keeps
@@ -324,12 +368,16 @@ def duplicates(
             "not stream: raise FS_SEARCH_MEMORY_MB (or --memory-mb), or narrow it with --where"
         )
     if not shard_key[1]:
-        return []
+        return Found([], "exact")
     ids, mat = store.read_set(fs.name)
     if keep_ids is not None:
         keep = np.isin(ids, keep_ids)
         ids, mat = ids[keep], mat[keep]
     groups = near_duplicate_groups(ids, mat, threshold=threshold)
+    return Found(_duplicate_rows(store, groups), "exact")
+
+
+def _duplicate_rows(store: Store, groups: list[list[int]]) -> list[DuplicateImage]:
     info = store.catalog.image_paths_labels([i for g in groups for i in g])
     return [
         DuplicateImage(n, i, *info.get(i, ("", None)))

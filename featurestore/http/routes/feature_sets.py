@@ -1,11 +1,14 @@
 """``/v1/feature-sets``: the sets with their coverage, stored vectors, and search by image id or by upload.
 
-Search is :func:`featurestore.search.service.search` (exact, cached index); the
+Search is :func:`featurestore.search.service.search`: through the set's ANN index
+when it has one (``exact`` forces brute force), else exact; the
 label / dataset filters reach SQL only as bound parameters
 (:meth:`~featurestore.catalog.repository.Catalog.image_ids_where`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -14,7 +17,9 @@ from featurestore.http.access import paths_visible
 from featurestore.http.deps import Authenticated, StoreDep, UploadDep
 from featurestore.http.params import (
     DatasetName,
+    ExactQuery,
     FormDataset,
+    FormExact,
     FormLabel,
     FormMetric,
     FormTopK,
@@ -35,7 +40,7 @@ from featurestore.http.schemas import (
     UploadInfo,
     VectorOut,
 )
-from featurestore.search.service import search, stored_vector
+from featurestore.search.service import Found, search, stored_vector
 from featurestore.store import Store
 
 router = APIRouter(prefix="/v1/feature-sets", dependencies=[Authenticated], responses=AUTH_ERRORS)
@@ -67,21 +72,29 @@ def get_vector(name: SetName, image_id: ImageId, store: StoreDep) -> VectorOut:
 
 @router.get("/{name}/search", tags=["feature sets"], responses=ERRORS)
 def search_by_id(request: Request, name: SetName, image_id: QueryImageId, store: StoreDep, k: TopK = 10,
-                 label: Label = None, dataset: DatasetName = None, metric: MetricQuery = "cosine") -> SearchOut:
-    """Images nearest to a stored image (exact search), optionally only those with a label / in a dataset."""
+                 label: Label = None, dataset: DatasetName = None, metric: MetricQuery = "cosine",
+                 exact: ExactQuery = False) -> SearchOut:
+    """Images nearest to a stored image (through the set's ANN index if it has one, else exact), optionally
+    only those with a label / in a dataset."""
     fs = store.feature_set(name)
     allowed = _allowed(store, label, dataset)
-    hits = search(store, fs.name, image_id, k, metric=metric, allowed_ids=allowed)
-    return SearchOut(feature_set=fs.name, metric=metric, image_id=image_id,
-                     results=[SearchHit.from_result(h, paths_visible(request)) for h in hits])
+    found = search(store, fs.name, image_id, k, metric=metric, allowed_ids=allowed, exact=exact)
+    return SearchOut(feature_set=fs.name, metric=metric, image_id=image_id, **_found(found, request))
 
 
 @router.post("/{name}/search", tags=["feature sets"], responses=UPLOAD_ERRORS)
 def search_by_upload(request: Request, name: SetName, store: StoreDep, upload: UploadDep, k: FormTopK = 10,
-                     label: FormLabel = None, dataset: FormDataset = None, metric: FormMetric = "cosine") -> SearchOut:
+                     label: FormLabel = None, dataset: FormDataset = None, metric: FormMetric = "cosine",
+                     exact: FormExact = False) -> SearchOut:
     """Images nearest to an uploaded image (not stored), embedded like the feature set's stored vectors."""
     fs = store.feature_set(name)
     allowed = _allowed(store, label, dataset)
-    hits = search(store, fs.name, upload.decoded.image, k, metric=metric, allowed_ids=allowed)
+    found = search(store, fs.name, upload.decoded.image, k, metric=metric, allowed_ids=allowed, exact=exact)
     return SearchOut(feature_set=fs.name, metric=metric, upload=UploadInfo.from_decoded(upload.decoded),
-                     results=[SearchHit.from_result(h, paths_visible(request)) for h in hits])
+                     **_found(found, request))
+
+
+def _found(found: Found, request: Request) -> dict[str, Any]:
+    """The ``results``, ``method`` and ``note`` fields of a :class:`SearchOut`."""
+    show = paths_visible(request)
+    return {"results": [SearchHit.from_result(h, show) for h in found], "method": found.method, "note": found.note}
