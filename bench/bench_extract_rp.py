@@ -57,7 +57,8 @@ def part_sklearn(files: list[Path], workers: int, k: int) -> float:
 
 
 def part_fs(root: Path, workers: int, k: int) -> float:
-    from featurestore.pipelines.extract import extract, projection_extractor
+    from featurestore.features.projection import projection_extractor
+    from featurestore.pipelines.extract import extract
     from featurestore.pipelines.ingest import ingest
 
     with temp_store("rp", workers=workers) as store, store.writing():
