@@ -151,7 +151,12 @@ def where_ids(store: Store, condition: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def stored_vector(store: Store, feature_set: str, image_id: int) -> np.ndarray:
+def _set(store: Store, feature_set: str | FeatureSet) -> FeatureSet:
+    """The feature set named ``feature_set``, or the handle itself (saves a catalog query per call)."""
+    return store.feature_set(feature_set) if isinstance(feature_set, str) else feature_set
+
+
+def stored_vector(store: Store, feature_set: str | FeatureSet, image_id: int) -> np.ndarray:
     """The stored vector of one image in a feature set (float32, shape ``(dim,)``).
 
     Raises
@@ -162,7 +167,7 @@ def stored_vector(store: Store, feature_set: str, image_id: int) -> np.ndarray:
         The image has no vector in the set (the message names the ``fs extract``
         command to run).
     """
-    fs = store.feature_set(feature_set)
+    fs = _set(store, feature_set)
     image_id = int(image_id)
     # Typed errors (HTTP answers 404 / 409 by type); both are also InvalidInputError.
     if not 1 <= image_id <= 2**63 - 1 or not store.catalog.image_exists(image_id):
@@ -173,18 +178,18 @@ def stored_vector(store: Store, feature_set: str, image_id: int) -> np.ndarray:
     return np.asarray(read_row(store.root / loc[0], loc[1]), dtype=np.float32).reshape(-1)
 
 
-def query_vector(store: Store, feature_set: str, query: Any) -> tuple[np.ndarray, int | None]:
+def query_vector(store: Store, feature_set: str | FeatureSet, query: Any) -> tuple[np.ndarray, int | None]:
     """The query as a vector of ``feature_set``, plus the image id when it is a stored image.
 
     ``query`` is an image id (int), a vector (array of the set's dim), a
     ``PIL.Image`` or the path of an image file (decoded like at ingest, then
     embedded with :func:`embedder_for`).
     """
-    fs = store.feature_set(feature_set)
+    fs = _set(store, feature_set)
     if isinstance(query, bool):
         raise InvalidInputError("the query must be an image id, a vector, an image or an image path")
     if isinstance(query, int | np.integer):
-        return stored_vector(store, fs.name, int(query)), int(query)
+        return stored_vector(store, fs, int(query)), int(query)
     if isinstance(query, np.ndarray | list | tuple):
         vec = _as_query(np.asarray(query, dtype=np.float64), int(fs.dim))
         return vec, None
@@ -268,7 +273,7 @@ def search(
     _check_metric(metric)
     k = _check_k(k)
     fs = store.feature_set(feature_set)
-    vec, self_id = query_vector(store, fs.name, query)
+    vec, self_id = query_vector(store, fs, query)
     excl = {int(i) for i in exclude_ids} if exclude_ids is not None else set()
     if self_id is not None:
         excl.add(self_id)

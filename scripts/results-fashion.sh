@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Reproduce the accuracy tables of docs/RESULTS.md on Fashion-MNIST (issue 16).
+#
+#   bash scripts/results-fashion.sh table1     # 5,000 images, 10 repeated 90/10 splits (~45 min on 2 cores)
+#   bash scripts/results-fashion.sh official   # train on the 60,000 train images, test on the 10,000 test images
+#
+# RESULTS_DIR (default /tmp/results) holds the exported images and the stores: table1 in
+# $RESULTS_DIR/.fs, official in $RESULTS_DIR/official/.fs. Each command is printed with its
+# wall time; `fs evaluate --format json` rows go to $RESULTS_DIR/<stage>-*.json.
+# OFFICIAL_MODELS (default "efficientnet-lite0 efficientnet-lite2") picks the backbones of
+# the official protocol; HGB_FEATURES the rows that also get HistGradientBoosting in table1
+# (it costs ~13 min per 1,280-dim row on 2 cores, so by default only the single backbones).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: bash scripts/results-fashion.sh table1|official}
+FS=$PWD/.venv/bin/fs
+[ -x "$FS" ] || bash scripts/setup.sh
+DIR=${RESULTS_DIR:-/tmp/results}
+mkdir -p "$DIR"
+
+run() {  # run a command, printing it and its wall time
+  echo "+ $*" >&2
+  local t0=$SECONDS
+  "$@"
+  echo "  ($((SECONDS - t0)) s)" >&2
+}
+
+table1() {
+  export FS_STORE=$DIR/.fs
+  if [ ! -d "$DIR/fashion" ]; then
+    run "$FS" datasets export fashion-mnist "$DIR/fashion" --limit 5000 --size 640x480 --format jpeg
+  fi
+  run "$FS" ingest "$DIR/fashion" --dataset fashion
+  run "$FS" extract --rp 128 --lowlevel
+  run "$FS" extract --model efficientnet-lite0 --layers global_pool,block14_out,block10_out
+  run "$FS" extract --model efficientnet-lite0 --tta flip
+  run "$FS" extract --model efficientnet-lite1
+  run "$FS" extract --model efficientnet-lite2
+  run "$FS" extract --model efficientnet-lite2 --tta flip
+  # the baseline every row is paired with: the paper's Two-Flow Random Forest
+  run "$FS" train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400 \
+    --format json > "$DIR/table1-twoflow.json"
+  local rows=(
+    --features efficientnet-lite0
+    --features efficientnet-lite1
+    --features efficientnet-lite2
+    --features efficientnet-lite0+flip
+    --features efficientnet-lite2+flip
+    --features efficientnet-lite0,efficientnet-lite0.block14_out,efficientnet-lite0.block10_out,lowlevel,rp128
+    --features efficientnet-lite0+flip,efficientnet-lite1,efficientnet-lite2+flip
+    --features efficientnet-lite0+flip,efficientnet-lite1,efficientnet-lite2+flip,efficientnet-lite0.block14_out,efficientnet-lite0.block10_out,lowlevel,rp128
+  )
+  run "$FS" evaluate "${rows[@]}" --select none --classifier logreg --format json > "$DIR/table1-logreg.json"
+  run "$FS" evaluate "${rows[@]}" --select none --classifier rf --format json > "$DIR/table1-rf.json"
+  local hgb=()
+  for f in ${HGB_FEATURES:-efficientnet-lite2+flip}; do hgb+=(--features "$f"); done
+  run "$FS" evaluate "${hgb[@]}" --select none --classifier hgb --trees 200 --format json > "$DIR/table1-hgb.json"
+  run "$FS" runs
+}
+
+official() {
+  export FS_STORE=$DIR/official/.fs
+  for split in train test; do
+    if [ ! -d "$DIR/official/$split" ]; then
+      # native 28x28 grayscale PNG: the CNN input is stretched to its own size at extraction
+      run "$FS" datasets export fashion-mnist "$DIR/official/$split" --split "$split" --format png
+    fi
+    run "$FS" ingest "$DIR/official/$split" --dataset "fmnist-$split"
+  done
+  local models=(${OFFICIAL_MODELS:-efficientnet-lite0 efficientnet-lite2})
+  for m in "${models[@]}"; do
+    run "$FS" extract --model "$m"
+  done
+  run "$FS" extract --lowlevel
+  local stack
+  stack=$(IFS=,; echo "${models[*]}")
+  for clf in logreg rf; do
+    local rows=()
+    for m in "${models[@]}"; do rows+=(--features "$m"); done
+    rows+=(--features "$stack" --features "$stack,lowlevel")
+    run "$FS" evaluate "${rows[@]}" --select none --classifier "$clf" --dataset fmnist-train \
+      --test-dataset fmnist-test --format json > "$DIR/official-$clf.json"
+  done
+  run "$FS" runs
+}
+
+"$stage"
