@@ -26,7 +26,13 @@ from featurestore.training.evaluation import (
     splits_fingerprint,
 )
 from featurestore.training.stats import paired_ttest
-from featurestore.training.twoflow import TwoFlowClassifier, build_model, describe_model, kept_features
+from featurestore.training.twoflow import (
+    LOGREG_CS,
+    TwoFlowClassifier,
+    build_model,
+    describe_model,
+    kept_features,
+)
 
 BLOCKS = {"rp": (0, 20), "cnn": (20, 60)}
 SMALL = {"trees": 15, "selector_trees": 15, "n_jobs": 1}
@@ -93,7 +99,7 @@ def test_none_passes_block_through(data):
     assert description["n_kept"] == 60
 
 
-@pytest.mark.parametrize("classifier", ["logreg", "hgb"])
+@pytest.mark.parametrize("classifier", ["logreg", "logreg-cv", "hgb"])
 def test_other_classifiers(data, classifier):
     X, y = data
     model = TwoFlowClassifier(BLOCKS, {"rp": 5, "cnn": 10}, classifier=classifier, random_state=0, **SMALL)
@@ -102,6 +108,21 @@ def test_other_classifiers(data, classifier):
     proba = model.predict_proba(X[240:])
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
     assert describe_model(model)["classifier"]["kind"] == classifier
+
+
+def test_logreg_cv_picks_c_on_the_training_data_only(data):
+    X, y = data
+    pipe = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="logreg-cv", n_jobs=1, seed=0)
+    pipe.fit(X[:240], y[:240])
+    clf = pipe.named_steps["clf"]
+    assert clf.Cs_.tolist() == list(LOGREG_CS)  # the grid, searched by 3-fold CV inside fit
+    assert set(clf.C_.tolist()) <= set(LOGREG_CS)
+    assert np.asarray(clf.scores_[0]).shape == (3, len(LOGREG_CS))
+    # refitting on the same training rows chooses the same C, whatever the held-out rows are
+    again = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="logreg-cv", n_jobs=1, seed=0)
+    again.fit(X[:240], y[:240])
+    np.testing.assert_array_equal(again.named_steps["clf"].C_, clf.C_)
+    np.testing.assert_allclose(pipe.predict_proba(X[240:]), again.predict_proba(X[240:]))
 
 
 def test_two_flow_classifier_fit_and_describe(data):

@@ -30,10 +30,9 @@ from featurestore.store import FeatureMatrix, Store
 from featurestore.training.artifacts import save_artifact
 from featurestore.training.evaluation import EvaluationResult, evaluate, make_splits, splits_fingerprint
 from featurestore.training.stats import PairedTTest, paired_ttest
-from featurestore.training.twoflow import TwoFlowClassifier, build_model, describe_model
+from featurestore.training.twoflow import CLASSIFIERS, TwoFlowClassifier, build_model, describe_model
 
 Progress = Callable[[int, int], None]
-CLASSIFIERS = ("rf", "logreg", "hgb")
 TARGETS = ("label", "superclass")
 
 

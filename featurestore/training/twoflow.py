@@ -38,7 +38,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.feature_selection import SelectFromModel
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
@@ -56,8 +56,11 @@ except ImportError:  # pragma: no cover - scikit-learn < 1.6
         return estimator._validate_data(X, y, reset=reset, **kwargs)
 
 
-CLASSIFIERS = ("rf", "logreg", "hgb")
+CLASSIFIERS = ("rf", "logreg", "logreg-cv", "hgb")
 """Accepted values of ``classifier``."""
+
+LOGREG_CS = (0.01, 0.1, 1.0)
+"""Inverse regularisation strengths ``logreg-cv`` chooses from (3-fold CV on the training part)."""
 
 NO_SELECTION = "none"
 """``select`` value that passes a block through without selection."""
@@ -173,9 +176,10 @@ def build_model(
         than the block is clipped to its width); ``None`` (or ``"auto"``) keeps
         all features at or above the mean; ``"none"`` passes the block through
         unselected. Blocks not named default to ``None``.
-    classifier : {"rf", "logreg", "hgb"}
+    classifier : {"rf", "logreg", "logreg-cv", "hgb"}
         Final classifier: a Random Forest of ``trees`` trees; a
-        ``StandardScaler`` + multinomial ``LogisticRegression``; or a
+        ``StandardScaler`` + multinomial ``LogisticRegression`` (``logreg-cv``:
+        its ``C`` chosen from :data:`LOGREG_CS` by 3-fold CV on the training data); or a
         ``HistGradientBoostingClassifier`` with ``trees`` boosting iterations.
     trees : int
         Size of the final forest (``rf``) or boosting iterations (``hgb``);
@@ -258,6 +262,13 @@ def _build(
         # parameter is deprecated since scikit-learn 1.5 and not passed).
         steps.append(("scale", StandardScaler()))
         steps.append(("clf", LogisticRegression(max_iter=2000, random_state=_seed(rng))))
+    elif classifier == "logreg-cv":
+        # The same model with C chosen by 3-fold CV inside the training part of each split
+        # (stratified folds, no shuffling), so the test images never pick it. On wide stacks of
+        # embeddings (thousands of columns, a few thousand images) C = 1 under-regularises.
+        steps.append(("scale", StandardScaler()))
+        steps.append(("clf", LogisticRegressionCV(Cs=list(LOGREG_CS), cv=3, max_iter=2000, n_jobs=n_jobs,
+                                                  random_state=_seed(rng))))
     else:
         steps.append(("clf", HistGradientBoostingClassifier(max_iter=trees, random_state=_seed(rng))))
     return Pipeline(steps)
@@ -277,7 +288,7 @@ class TwoFlowClassifier(ClassifierMixin, BaseEstimator):
     select : mapping of str to int, None or "none", optional
         Per-block selection, see :func:`build_model`. ``None`` selects every
         block with no cap (keep features at or above the mean importance).
-    classifier : {"rf", "logreg", "hgb"}, default="rf"
+    classifier : {"rf", "logreg", "logreg-cv", "hgb"}, default="rf"
     trees : int, default=200
     selector_trees : int, default=100
     selector_max_features : int, float, str or None, default="sqrt"
@@ -446,6 +457,7 @@ def describe_model(model: Pipeline | TwoFlowClassifier) -> dict[str, Any]:
     kind = {
         RandomForestClassifier: "rf",
         LogisticRegression: "logreg",
+        LogisticRegressionCV: "logreg-cv",
         HistGradientBoostingClassifier: "hgb",
     }.get(type(clf), type(clf).__name__)
     fitted = hasattr(select, "transformers_")
