@@ -129,7 +129,10 @@ def prepare(work: Path, n: int, dim: int, n_queries: int, seed: int = 0) -> None
         _make_data(work, n, dim, n_queries, seed)
         marker.write_text(json.dumps(want))
         store_marker.unlink(missing_ok=True)
-    want_store = {**want, "version": DATA_VERSION}
+    from featurestore.catalog.database import head_revision
+
+    # a store written by another catalog schema is rebuilt, not opened (it may not migrate)
+    want_store = {**want, "version": DATA_VERSION, "schema": head_revision("sqlite://")}
     if store_marker.exists() and json.loads(store_marker.read_text()) == want_store:
         print("  reusing the store")
         return
