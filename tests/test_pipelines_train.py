@@ -158,3 +158,22 @@ def test_cli_train_predict_sql(trained_store: Store) -> None:
     assert nomodel.exit_code == 1 and "no final model" in nomodel.output
     missing = runner.invoke(app, ["train", "--features", "zzz"])
     assert missing.exit_code == 1 and "unknown feature set 'zzz'; available: a, b" in missing.output
+
+
+def test_logreg_cv_run_trains_saves_and_predicts(trained_store: Store) -> None:
+    with trained_store.writing():
+        out = train(trained_store, _cfg(["a"], classifier="logreg-cv"))
+        ids = [r[0] for r in trained_store.select_images()]
+        got = predict(trained_store, out.run_id, ids)  # the artifact loads back and scores every image
+    assert trained_store.catalog.run(out.run_id).classifier == "logreg-cv"
+    assert got.predicted == len(ids)
+    truth = {r[0]: r[2] for r in trained_store.select_images()}
+    right = sum(row["label"] == truth[row["image_id"]] for row in got.rows)
+    assert right >= 0.8 * len(ids)  # 'a' separates the three classes
+
+
+def test_logreg_cv_too_few_images_is_a_one_line_error(trained_store: Store) -> None:
+    # 90 % test: each training part holds one image per class, too few for 3-fold CV
+    with trained_store.writing():
+        with pytest.raises(InvalidInputError, match="logreg-cv picks C.*--classifier logreg"):
+            train(trained_store, TrainConfig(["a"], n_splits=2, test_size=0.9, classifier="logreg-cv"))

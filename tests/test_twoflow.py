@@ -110,6 +110,13 @@ def test_other_classifiers(data, classifier):
     assert describe_model(model)["classifier"]["kind"] == classifier
 
 
+def test_logreg_cv_refuses_too_few_images_per_class_in_one_line():
+    X = np.random.default_rng(0).normal(size=(6, 60))
+    model = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="logreg-cv", n_jobs=1)
+    with pytest.raises(InvalidInputError, match="needs at least 3 images of some class.*--classifier logreg"):
+        model.fit(X, np.array([0, 0, 1, 1, 2, 2]))
+
+
 def test_logreg_cv_picks_c_on_the_training_data_only(data):
     X, y = data
     pipe = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="logreg-cv", n_jobs=1, seed=0)

@@ -147,6 +147,22 @@ def _openmp_limit(n_jobs: int | None) -> Iterator[None]:
         yield
 
 
+class CVLogisticRegression(LogisticRegressionCV):
+    """``LogisticRegressionCV`` that refuses, in one line, a training part too small for its folds."""
+
+    def fit(self, X: Any, y: Any, **kwargs: Any) -> CVLogisticRegression:
+        folds = int(self.cv)
+        largest = int(np.unique(np.asarray(y), return_counts=True)[1].max(initial=0))
+        if largest < folds:
+            raise InvalidInputError(
+                f"logreg-cv picks C by {folds}-fold cross-validation on the training images, which needs at "
+                f"least {folds} images of some class; this training part has at most {largest}: use more images "
+                "or --classifier logreg"
+            )
+        super().fit(X, y, **kwargs)
+        return self
+
+
 def _seed(rng: np.random.RandomState) -> int:
     return int(rng.randint(_SEED_MAX))
 
@@ -267,7 +283,7 @@ def _build(
         # (stratified folds, no shuffling), so the test images never pick it. On wide stacks of
         # embeddings (thousands of columns, a few thousand images) C = 1 under-regularises.
         steps.append(("scale", StandardScaler()))
-        steps.append(("clf", LogisticRegressionCV(Cs=list(LOGREG_CS), cv=3, max_iter=2000, n_jobs=n_jobs,
+        steps.append(("clf", CVLogisticRegression(Cs=list(LOGREG_CS), cv=3, max_iter=2000, n_jobs=n_jobs,
                                                   random_state=_seed(rng))))
     else:
         steps.append(("clf", HistGradientBoostingClassifier(max_iter=trees, random_state=_seed(rng))))
@@ -457,7 +473,7 @@ def describe_model(model: Pipeline | TwoFlowClassifier) -> dict[str, Any]:
     kind = {
         RandomForestClassifier: "rf",
         LogisticRegression: "logreg",
-        LogisticRegressionCV: "logreg-cv",
+        CVLogisticRegression: "logreg-cv",
         HistGradientBoostingClassifier: "hgb",
     }.get(type(clf), type(clf).__name__)
     fitted = hasattr(select, "transformers_")
