@@ -243,7 +243,7 @@ def test_parameter_changes(indexed) -> None:  # type: ignore[no-untyped-def]
 def test_missing_or_damaged_file_is_an_error(indexed) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
     path = store.root / repo.list_indexes(store.engine)[0].path
-    ann.clear_cache(store)
+    store.ann_indexes.clear()
     path.rename(path.with_suffix(".moved"))
     with pytest.raises(IntegrityError, match="index file .* is missing; rebuild it with `fs index build"):
         search(store, "v", mat[0], k=3)
@@ -261,6 +261,21 @@ def test_missing_or_damaged_file_is_an_error(indexed) -> None:  # type: ignore[n
     with pytest.raises(IntegrityError, match="does not match the sha256"):
         ann.build_index(store, "v")
     assert ann.build_index(store, "v", rebuild=True).vectors == 2010
+
+
+def test_damaged_header_is_a_one_line_error(indexed) -> None:  # type: ignore[no-untyped-def]
+    store, ids, mat = indexed
+    path = store.root / repo.list_indexes(store.engine)[0].path
+    store.ann_indexes.clear()
+    with open(path, "r+b") as fh:  # same size, scrambled header: usearch's own ValueError before the fix
+        fh.write(bytes(64))
+    with pytest.raises(IntegrityError, match=r"index file .* is damaged .*fs index build --features v --rebuild"):
+        search(store, "v", mat[0], k=3)
+    assert search(store, "v", mat[0], k=3, exact=True).method == "exact"
+    out = fs_cli("search", "--features", "v", "--id", str(int(ids[0])))
+    assert out.exit_code == 1 and "is damaged" in out.output and "Traceback" not in out.output
+    assert ann.build_index(store, "v", rebuild=True).action == "rebuilt"
+    assert search(store, "v", mat[0], k=3).method == "index"
 
 
 def test_index_is_memory_mapped(indexed) -> None:  # type: ignore[no-untyped-def]
@@ -437,7 +452,7 @@ def _consistent(store: Store) -> None:
     for record in repo.list_indexes(store.engine):
         path = store.root / record.path
         assert path.is_file() and sha256_file(path) == record.sha256 and path.stat().st_size == record.bytes
-    ann.clear_cache(store)
+    store.ann_indexes.clear()
     got = search(store, "v", np.ones(DIM), k=5)
     assert len(got) == 5
 

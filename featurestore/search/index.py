@@ -542,19 +542,10 @@ class OpenedIndexes:
             self.opened.clear()
 
 
-def _cache(store: Store) -> OpenedIndexes:
-    return store.ann_indexes
-
-
 def _forget(store: Store, feature_set_id: int) -> None:
-    cache = _cache(store)
+    cache = store.ann_indexes
     with cache.lock:
         cache.opened.pop(int(feature_set_id), None)
-
-
-def clear_cache(store: Store) -> None:
-    """Close the indexes opened for ``store`` (their memory maps are released once unused)."""
-    store.ann_indexes.clear()
 
 
 def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str, str]) -> _Opened:
@@ -570,12 +561,18 @@ def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str
         raise IntegrityError(f"index file {path} is missing; {hint}") from None
     if size != record.bytes:
         raise IntegrityError(f"index file {path} has {size:,} bytes, the catalog records {record.bytes:,}; {hint}")
-    meta = ui.Index.metadata(str(path))
+    try:  # usearch raises ValueError / RuntimeError on a header it cannot parse
+        meta = ui.Index.metadata(str(path))
+    except (ValueError, RuntimeError) as exc:
+        raise IntegrityError(f"index file {path} is damaged ({exc}); {hint}") from None
     if not meta or int(meta["dimensions"]) != int(fs.dim) or int(meta["count_present"]) != record.vectors:
         raise IntegrityError(f"index file {path} does not hold the {record.vectors:,} vectors of dim {fs.dim} "
                              f"the catalog records; {hint}")
     params = IndexParams.from_json(record.params)
-    index = ui.Index.restore(str(path), view=True, expansion_search=params.expansion_search)
+    try:
+        index = ui.Index.restore(str(path), view=True, expansion_search=params.expansion_search)
+    except (ValueError, RuntimeError) as exc:
+        raise IntegrityError(f"index file {path} is damaged ({exc}); {hint}") from None
     return _Opened(record, params, index, threading.Lock(), key)
 
 
@@ -594,7 +591,7 @@ def _current(store: Store, fs: FeatureSet) -> _State | None:
     A rebuild may delete the file between reading the catalog and opening it:
     then the catalog is read once more.
     """
-    cache = _cache(store)
+    cache = store.ann_indexes
     for attempt in range(2):
         key, shards = repo.index_state(store.engine, fs.id)
         if key is None:
