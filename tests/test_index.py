@@ -353,7 +353,7 @@ def test_concurrent_searches_share_one_index(indexed) -> None:  # type: ignore[n
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(lambda q: [r.image_id for r in search(store, "v", q, k=5)], queries))
     assert got == want
-    assert len(ann._cache(store).opened) == 1
+    assert len(store.ann_indexes.opened) == 1
 
 
 def test_filters_with_new_shards(indexed, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
