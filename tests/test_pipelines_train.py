@@ -172,6 +172,18 @@ def test_logreg_cv_run_trains_saves_and_predicts(trained_store: Store) -> None:
     assert right >= 0.8 * len(ids)  # 'a' separates the three classes
 
 
+def test_mlp_run_trains_saves_and_predicts(trained_store: Store) -> None:
+    with trained_store.writing():
+        out = train(trained_store, _cfg(["a"], classifier="mlp"))
+        ids = [r[0] for r in trained_store.select_images()]
+        got = predict(trained_store, out.run_id, ids)  # the artifact loads back and scores every image
+    assert trained_store.catalog.run(out.run_id).classifier == "mlp"
+    assert got.predicted == len(ids)
+    truth = {r[0]: r[2] for r in trained_store.select_images()}
+    right = sum(row["label"] == truth[row["image_id"]] for row in got.rows)
+    assert right >= 0.8 * len(ids)  # 'a' separates the three classes
+
+
 def test_logreg_cv_too_few_images_is_a_one_line_error(trained_store: Store) -> None:
     # 90 % test: each training part holds one image per class, too few for 3-fold CV
     with trained_store.writing():

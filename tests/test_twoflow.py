@@ -28,6 +28,7 @@ from featurestore.training.evaluation import (
 from featurestore.training.stats import paired_ttest
 from featurestore.training.twoflow import (
     LOGREG_CS,
+    MLP_HIDDEN,
     TwoFlowClassifier,
     build_model,
     describe_model,
@@ -99,7 +100,7 @@ def test_none_passes_block_through(data):
     assert description["n_kept"] == 60
 
 
-@pytest.mark.parametrize("classifier", ["logreg", "logreg-cv", "hgb"])
+@pytest.mark.parametrize("classifier", ["logreg", "logreg-cv", "hgb", "mlp"])
 def test_other_classifiers(data, classifier):
     X, y = data
     model = TwoFlowClassifier(BLOCKS, {"rp": 5, "cnn": 10}, classifier=classifier, random_state=0, **SMALL)
@@ -115,6 +116,31 @@ def test_logreg_cv_refuses_too_few_images_per_class_in_one_line():
     model = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="logreg-cv", n_jobs=1)
     with pytest.raises(InvalidInputError, match="needs at least 3 images of some class.*--classifier logreg"):
         model.fit(X, np.array([0, 0, 1, 1, 2, 2]))
+
+
+def test_mlp_refuses_a_training_part_too_small_to_hold_out_in_one_line():
+    X = np.random.default_rng(0).normal(size=(12, 60))
+    model = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="mlp", n_jobs=1)
+    # a tenth of 12 images is 2, fewer than the 3 classes
+    with pytest.raises(InvalidInputError, match=r"mlp holds out a tenth.*\(2 here\).*--classifier logreg"):
+        model.fit(X, np.repeat(["coat", "shirt", "bag"], 4))
+
+
+def test_mlp_fits_string_labels_and_stops_on_its_own_held_out_part(data):
+    X, y = data
+    names = np.array(["bag", "coat", "shirt"])[y]  # scikit-learn's early stopping fails on string labels
+    pipe = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="mlp", n_jobs=1, seed=0)
+    pipe.fit(X[:240], names[:240])
+    clf = pipe.named_steps["clf"]
+    assert clf.classes_.tolist() == ["bag", "coat", "shirt"]
+    assert set(pipe.predict(X[240:])) <= {"bag", "coat", "shirt"}
+    assert (pipe.predict(X[240:]) == names[240:]).mean() > 0.6
+    # stopped by its validation tenth of the 240 training rows, before the iteration cap
+    assert len(clf.mlp_.validation_scores_) == clf.mlp_.n_iter_ < clf.max_iter
+    assert clf.mlp_.hidden_layer_sizes == (MLP_HIDDEN,)
+    again = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="mlp", n_jobs=1, seed=0)
+    again.fit(X[:240], names[:240])
+    np.testing.assert_allclose(pipe.predict_proba(X[240:]), again.predict_proba(X[240:]))
 
 
 def test_logreg_cv_picks_c_on_the_training_data_only(data):

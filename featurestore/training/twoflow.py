@@ -39,8 +39,9 @@ from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.feature_selection import SelectFromModel
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import LabelEncoder, StandardScaler
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
@@ -56,11 +57,17 @@ except ImportError:  # pragma: no cover - scikit-learn < 1.6
         return estimator._validate_data(X, y, reset=reset, **kwargs)
 
 
-CLASSIFIERS = ("rf", "logreg", "logreg-cv", "hgb")
+CLASSIFIERS = ("rf", "logreg", "logreg-cv", "hgb", "mlp")
 """Accepted values of ``classifier``."""
 
 LOGREG_CS = (0.01, 0.1, 1.0)
 """Inverse regularisation strengths ``logreg-cv`` chooses from (3-fold CV on the training part)."""
+
+MLP_HIDDEN = 1024
+"""Units of the one hidden layer of ``mlp``."""
+
+MLP_ALPHA = 1e-2
+"""L2 penalty of ``mlp`` (on standardised inputs)."""
 
 NO_SELECTION = "none"
 """``select`` value that passes a block through without selection."""
@@ -163,6 +170,50 @@ class CVLogisticRegression(LogisticRegressionCV):
         return self
 
 
+class EarlyStoppedMLP(ClassifierMixin, BaseEstimator):
+    """One-hidden-layer perceptron (ReLU, Adam) that stops when a held-out tenth of its training
+    images stops improving, so the test images never decide when.
+
+    It fits ``MLPClassifier`` on integer-coded labels: with string labels (ours) and
+    ``early_stopping``, scikit-learn's validation scoring fails (``np.isnan`` on strings).
+    """
+
+    def __init__(self, hidden: int = MLP_HIDDEN, alpha: float = MLP_ALPHA, max_iter: int = 100,
+                 random_state: int | None = None):
+        self.hidden = hidden
+        self.alpha = alpha
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def fit(self, X: Any, y: Any) -> EarlyStoppedMLP:
+        labels = np.asarray(y)
+        classes, counts = np.unique(labels, return_counts=True)
+        held_out = int(np.ceil(0.1 * labels.size))
+        if classes.size < 2 or counts.min() < 2 or held_out < classes.size:
+            raise InvalidInputError(
+                f"mlp holds out a tenth of its training images ({held_out} here) to know when to stop, which "
+                f"needs at least one image of each of the {classes.size} classes and 2 of each in all; this "
+                f"training part has {labels.size} images, {int(counts.min(initial=0))} in its smallest class: "
+                "use more images or --classifier logreg"
+            )
+        self.encoder_ = LabelEncoder().fit(labels)
+        self.classes_ = self.encoder_.classes_
+        self.mlp_ = MLPClassifier(
+            hidden_layer_sizes=(int(self.hidden),), alpha=self.alpha, max_iter=self.max_iter,
+            batch_size=min(256, labels.size - held_out), early_stopping=True, validation_fraction=0.1,
+            n_iter_no_change=5, random_state=self.random_state,
+        ).fit(X, self.encoder_.transform(labels))
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        return np.asarray(self.classes_[self.mlp_.predict(X)])
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        return np.asarray(self.mlp_.predict_proba(X))
+
+
 def _seed(rng: np.random.RandomState) -> int:
     return int(rng.randint(_SEED_MAX))
 
@@ -192,14 +243,15 @@ def build_model(
         than the block is clipped to its width); ``None`` (or ``"auto"``) keeps
         all features at or above the mean; ``"none"`` passes the block through
         unselected. Blocks not named default to ``None``.
-    classifier : {"rf", "logreg", "logreg-cv", "hgb"}
+    classifier : {"rf", "logreg", "logreg-cv", "hgb", "mlp"}
         Final classifier: a Random Forest of ``trees`` trees; a
         ``StandardScaler`` + multinomial ``LogisticRegression`` (``logreg-cv``:
-        its ``C`` chosen from :data:`LOGREG_CS` by 3-fold CV on the training data); or a
-        ``HistGradientBoostingClassifier`` with ``trees`` boosting iterations.
+        its ``C`` chosen from :data:`LOGREG_CS` by 3-fold CV on the training data); a
+        ``HistGradientBoostingClassifier`` with ``trees`` boosting iterations; or a
+        ``StandardScaler`` + :class:`EarlyStoppedMLP` (one hidden layer of :data:`MLP_HIDDEN` units).
     trees : int
         Size of the final forest (``rf``) or boosting iterations (``hgb``);
-        ignored by ``logreg``.
+        ignored by ``logreg`` and ``mlp``.
     seed : int, RandomState or None
         Seeds the random components (selectors, classifier): each gets its
         own integer seed drawn from ``check_random_state(seed)``, so the same
@@ -285,6 +337,9 @@ def _build(
         steps.append(("scale", StandardScaler()))
         steps.append(("clf", CVLogisticRegression(Cs=list(LOGREG_CS), cv=3, max_iter=2000, n_jobs=n_jobs,
                                                   random_state=_seed(rng))))
+    elif classifier == "mlp":
+        steps.append(("scale", StandardScaler()))
+        steps.append(("clf", EarlyStoppedMLP(random_state=_seed(rng))))
     else:
         steps.append(("clf", HistGradientBoostingClassifier(max_iter=trees, random_state=_seed(rng))))
     return Pipeline(steps)
@@ -304,7 +359,7 @@ class TwoFlowClassifier(ClassifierMixin, BaseEstimator):
     select : mapping of str to int, None or "none", optional
         Per-block selection, see :func:`build_model`. ``None`` selects every
         block with no cap (keep features at or above the mean importance).
-    classifier : {"rf", "logreg", "logreg-cv", "hgb"}, default="rf"
+    classifier : {"rf", "logreg", "logreg-cv", "hgb", "mlp"}, default="rf"
     trees : int, default=200
     selector_trees : int, default=100
     selector_max_features : int, float, str or None, default="sqrt"
@@ -475,6 +530,7 @@ def describe_model(model: Pipeline | TwoFlowClassifier) -> dict[str, Any]:
         LogisticRegression: "logreg",
         CVLogisticRegression: "logreg-cv",
         HistGradientBoostingClassifier: "hgb",
+        EarlyStoppedMLP: "mlp",
     }.get(type(clf), type(clf).__name__)
     fitted = hasattr(select, "transformers_")
     kept = kept_features(pipeline) if fitted else {}
