@@ -59,6 +59,8 @@ table1() {
   run "$FS" evaluate "${rows[@]}" --select none --classifier logreg --format json > "$DIR/table1-logreg.json"
   # the widest stack with C chosen by 3-fold CV inside each training split
   run "$FS" evaluate --features "$ALL" --select none --classifier logreg-cv --format json > "$DIR/table1-logregcv.json"
+  # the widest stack through one hidden layer (mlp), stopped early on a tenth of each training part
+  run "$FS" evaluate --features "$ALL" --select none --classifier mlp --format json > "$DIR/table1-mlp.json"
   # the final Random Forest on the single sets (3-4 min a row here; slower on the wide stacks)
   run "$FS" evaluate "${rows[@]:0:10}" --select none --classifier rf --format json > "$DIR/table1-rf.json"
   local hgb=()
@@ -88,6 +90,9 @@ official() {
   rows+=(--features "$pools" --features "$taps")
   run "$FS" evaluate "${rows[@]}" --select none --classifier logreg --dataset fmnist-train \
     --test-dataset fmnist-test --format json > "$DIR/official-logreg.json"
+  # the first backbone alone and the widest stack through one hidden layer (mlp)
+  run "$FS" evaluate --features "${models[0]}" --features "$taps" --select none --classifier mlp \
+    --dataset fmnist-train --test-dataset fmnist-test --format json > "$DIR/official-mlp.json"
   run "$FS" runs
 }
 

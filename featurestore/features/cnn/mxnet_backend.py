@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -317,28 +317,36 @@ class CheckpointModel:
         """
         mx = import_mxnet()
         w, h = self.preprocess.size
-        batch = np.asarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
-            raise InvalidInputError(f"expected a batch of shape (n, 3, {h}, {w}), got {batch.shape}")
-        n = batch.shape[0]
-        chunks: dict[str, list[np.ndarray]] = {t: [] for t in self.taps}
+
+        def run(part: np.ndarray) -> list[np.ndarray]:
+            rows = part.shape[0]
+            if rows < self.batch_size:  # the executor is bound to batch_size rows: pad the last run
+                part = np.concatenate([part, np.zeros((self.batch_size - rows, 3, h, w), np.float32)])
+            self._module.forward(mx.io.DataBatch([mx.nd.array(part)]), is_train=False)
+            return [out.asnumpy()[:rows] for out in self._module.get_outputs()]
+
         with self._lock:
-            for start in range(0, n, self.batch_size):
-                part = batch[start : start + self.batch_size]
-                rows = part.shape[0]
-                if rows < self.batch_size:
-                    pad = np.zeros((self.batch_size - rows, 3, h, w), np.float32)
-                    part = np.concatenate([part, pad])
-                self._module.forward(mx.io.DataBatch([mx.nd.array(part)]), is_train=False)
-                for tap, out in zip(self.taps, self._module.get_outputs(), strict=True):
-                    chunks[tap].append(out.asnumpy()[:rows].reshape(rows, -1))
-        return {
-            t: (np.concatenate(c) if c else np.zeros((0, self._tap_dims[t]))).astype(np.float32, copy=False)
-            for t, c in chunks.items()
-        }
+            return forward_in_runs(batch, self.preprocess.size, self.taps, self._tap_dims, self.batch_size, run)
 
 
 # --- runtime hook (issue 12): CNNExtractor runs any model with this interface ---------------------
+def forward_in_runs(batch: np.ndarray, size: tuple[int, int], taps: Sequence[str], dims: dict[str, int],
+                    step: int, run: Callable[[np.ndarray], Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Check prepared images ``(n, 3, H, W)`` against ``size`` (W, H), feed them to ``run`` in runs of
+    at most ``step`` rows and gather what it returns per tap (in ``taps`` order) as ``(n, dim)``
+    float32 matrices, rows in input order. Both runtimes' ``forward`` go through here."""
+    w, h = size
+    batch = np.asarray(batch, dtype=np.float32)
+    if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
+        raise InvalidInputError(f"expected a batch of shape (n, 3, {h}, {w}), got {batch.shape}")
+    chunks: dict[str, list[np.ndarray]] = {t: [] for t in taps}
+    for start in range(0, batch.shape[0], step):
+        part = batch[start : start + step]
+        for tap, out in zip(taps, run(part), strict=True):
+            chunks[tap].append(np.asarray(out, dtype=np.float32).reshape(part.shape[0], -1))
+    return {t: np.concatenate(c) if c else np.zeros((0, dims[t]), np.float32) for t, c in chunks.items()}
+
+
 class TapModel(Protocol):
     """What :class:`CNNExtractor` uses from a bound network: :class:`CheckpointModel` (MXNet) or
     :class:`~featurestore.features.cnn.onnx_backend.OnnxModel` (onnxruntime)."""

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from featurestore.errors import InvalidInputError, NotFoundError
-from featurestore.features.cnn.mxnet_backend import Preprocess
+from featurestore.features.cnn.mxnet_backend import Preprocess, forward_in_runs
 from featurestore.features.cnn.onnx_export import INPUT_NAME, OnnxTap, read_metadata
 
 __all__ = ["OnnxModel", "RUN_ROWS", "session_options"]
@@ -191,18 +191,8 @@ class OnnxModel:
         dict
             Tap -> ``(n, dim)`` float32 matrix, rows in input order.
         """
-        w, h = self.preprocess.size
-        batch = np.asarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
-            raise InvalidInputError(f"expected a batch of shape (n, 3, {h}, {w}), got {batch.shape}")
-        chunks: dict[str, list[np.ndarray]] = {t: [] for t in self.taps}
+        def run(part: np.ndarray) -> list[np.ndarray]:
+            return list(self._session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(part)}))
+
         with self._lock:
-            for start in range(0, batch.shape[0], self.run_rows):
-                part = np.ascontiguousarray(batch[start : start + self.run_rows])
-                outs = self._session.run(self._outputs, {INPUT_NAME: part})
-                for tap, out in zip(self.taps, outs, strict=True):
-                    chunks[tap].append(np.asarray(out, dtype=np.float32).reshape(part.shape[0], -1))
-        dims = self.tap_dims()
-        return {
-            t: np.concatenate(c) if c else np.zeros((0, dims[t]), np.float32) for t, c in chunks.items()
-        }
+            return forward_in_runs(batch, self.preprocess.size, self.taps, self.tap_dims(), self.run_rows, run)
