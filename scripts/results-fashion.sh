@@ -38,6 +38,9 @@ table1() {
   run "$FS" extract --model efficientnet-lite1 --layers global_pool,block14_out,block10_out
   run "$FS" extract --model efficientnet-lite2 --layers global_pool,block14_out,block10_out
   run "$FS" extract --model efficientnet-lite2 --tta flip
+  for m in efficientnet-lite0 efficientnet-lite1 efficientnet-lite2; do  # every tap flipped (row 18)
+    run "$FS" extract --model "$m" --layers global_pool,block14_out,block10_out --tta flip
+  done
   # the baseline every row is paired with: the paper's Two-Flow Random Forest
   run "$FS" train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400 \
     --format json > "$DIR/table1-twoflow.json"
@@ -57,6 +60,11 @@ table1() {
     --features "$ALL"
   )
   run "$FS" evaluate "${rows[@]}" --select none --classifier logreg --format json > "$DIR/table1-logreg.json"
+  # the same stack with every CNN set flipped
+  local FLIP=efficientnet-lite0+flip,efficientnet-lite1+flip,efficientnet-lite2+flip
+  for m in efficientnet-lite0 efficientnet-lite1 efficientnet-lite2; do FLIP+=,$m.block14_out+flip,$m.block10_out+flip; done
+  run "$FS" evaluate --features "$FLIP,lowlevel,rp128" --select none --classifier logreg --format json \
+    > "$DIR/table1-logreg-allflip.json"
   # the widest stack with C chosen by 3-fold CV inside each training split
   run "$FS" evaluate --features "$ALL" --select none --classifier logreg-cv --format json > "$DIR/table1-logregcv.json"
   # the widest stack through one hidden layer (mlp), stopped early on a tenth of each training part
