@@ -548,6 +548,15 @@ def _forget(store: Store, feature_set_id: int) -> None:
         cache.opened.pop(int(feature_set_id), None)
 
 
+def _parse(path: Path, hint: str, read: Callable[[], Any]) -> Any:
+    """``read()`` an index file with usearch, which raises ValueError / RuntimeError on bytes it
+    cannot parse: those become a one-line IntegrityError naming the file and ``hint``."""
+    try:
+        return read()
+    except (ValueError, RuntimeError) as exc:
+        raise IntegrityError(f"index file {path} is damaged ({exc}); {hint}") from None
+
+
 def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str, str]) -> _Opened:
     """Open an index file memory-mapped, after checking its size and header against the catalog."""
     import usearch.index as ui
@@ -561,18 +570,13 @@ def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str
         raise IntegrityError(f"index file {path} is missing; {hint}") from None
     if size != record.bytes:
         raise IntegrityError(f"index file {path} has {size:,} bytes, the catalog records {record.bytes:,}; {hint}")
-    try:  # usearch raises ValueError / RuntimeError on a header it cannot parse
-        meta = ui.Index.metadata(str(path))
-    except (ValueError, RuntimeError) as exc:
-        raise IntegrityError(f"index file {path} is damaged ({exc}); {hint}") from None
+    meta = _parse(path, hint, lambda: ui.Index.metadata(str(path)))
     if not meta or int(meta["dimensions"]) != int(fs.dim) or int(meta["count_present"]) != record.vectors:
         raise IntegrityError(f"index file {path} does not hold the {record.vectors:,} vectors of dim {fs.dim} "
                              f"the catalog records; {hint}")
     params = IndexParams.from_json(record.params)
-    try:
-        index = ui.Index.restore(str(path), view=True, expansion_search=params.expansion_search)
-    except (ValueError, RuntimeError) as exc:
-        raise IntegrityError(f"index file {path} is damaged ({exc}); {hint}") from None
+    index = _parse(path, hint, lambda: ui.Index.restore(str(path), view=True,
+                                                        expansion_search=params.expansion_search))
     return _Opened(record, params, index, threading.Lock(), key)
 
 
