@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the accuracy tables of docs/RESULTS.md on Fashion-MNIST (issue 16).
 #
-#   bash scripts/results-fashion.sh table1     # 5,000 images, 10 repeated 90/10 splits (~45 min on 2 cores)
+#   bash scripts/results-fashion.sh table1     # 5,000 images, 10 repeated 90/10 splits (~2 h on 2 cores)
 #   bash scripts/results-fashion.sh official   # train on the 60,000 train images, test on the 10,000 test images
 #
 # RESULTS_DIR (default /tmp/results) holds the exported images and the stores: table1 in
