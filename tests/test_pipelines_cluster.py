@@ -423,3 +423,26 @@ def test_ray_missing_is_a_one_line_error(image_tree: Path, monkeypatch: pytest.M
     monkeypatch.delenv("FS_RAY_ADDRESS")
     bad = runner.invoke(app, ["extract", "--rp", "16", "--ray-workers", "2"])
     assert bad.exit_code == 2 and "need --ray ADDRESS" in bad.output
+
+
+def test_kill_waits_for_the_killed_actors_tasks_before_the_sweep() -> None:
+    # ray.kill returns before the worker is gone; a task still writing its shard left a temp file
+    # behind the orphan sweep (seen once in the Ctrl-C test above). kill() now waits on the tasks.
+    calls: list[tuple[str, Any]] = []
+
+    class FakeRay:
+        def kill(self, actor: Any, no_restart: bool) -> None:
+            calls.append(("kill", actor))
+
+        def wait(self, refs: list[Any], num_returns: int, timeout: float) -> tuple[list[Any], list[Any]]:
+            calls.append(("wait", (sorted(refs), num_returns, timeout)))
+            return refs, []
+
+    pool = object.__new__(cluster._Pool)  # no cluster: only kill() is under test
+    pool.ray, pool.actors = FakeRay(), ["a0", "a1"]
+    pool.inflight = {"t1": (0, None), "t2": (1, None)}
+    pool.kill()
+    assert calls == [("kill", "a0"), ("kill", "a1"), ("wait", (["t1", "t2"], 2, cluster.KILL_WAIT_S))]
+    pool.inflight, calls[:] = {}, []
+    pool.kill()  # nothing in flight: nothing to wait for
+    assert calls == [("kill", "a0"), ("kill", "a1")]

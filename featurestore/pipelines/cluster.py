@@ -83,6 +83,8 @@ from featurestore.training.evaluation import EvaluationResult, Split, check_inpu
 INFLIGHT_PER_ACTOR = 2
 # A killed worker is restarted (and its tasks retried) this many times before the job fails.
 RETRIES = 3
+# How long a stopped job waits for its killed actors' tasks to end before sweeping their files.
+KILL_WAIT_S = 30.0
 # Images per extraction task when not given: about 8 tasks per actor (so the last ones balance), within these bounds.
 MIN_TASK_ROWS, MAX_TASK_ROWS = 8, 1024
 
@@ -385,6 +387,7 @@ class _Pool:
                                                scheduling_strategy="SPREAD")
         runtimes = [w.extractor.runtime for w in plan.work]  # recorded per shard (plan.runtimes): use the same
         self.actors = [actor.remote(settings, groups, threads, batch_size, probe, runtimes) for _ in range(size)]
+        self.inflight: dict[Any, tuple[int, Task]] = {}  # task ref -> (actor index, task)
 
     def check(self) -> None:
         try:
@@ -401,7 +404,7 @@ class _Pool:
     def run(self, tasks: Sequence[Task], accept: Callable[[TaskResult, Task], None],
             progress: Progress | None) -> None:
         queue = deque(tasks)
-        inflight: dict[Any, tuple[int, Task]] = {}
+        inflight = self.inflight
 
         def submit(k: int) -> None:
             task = queue.popleft()
@@ -424,8 +427,16 @@ class _Pool:
                 submit(k)
 
     def kill(self) -> None:
+        """Kill the actors and wait (at most KILL_WAIT_S) until their tasks in flight have ended.
+
+        ``ray.kill`` returns before the processes are gone: a task still writing its shard would
+        leave its temp file behind the orphan sweep that follows. A task's result resolves (to
+        an actor-died error) once its actor is dead.
+        """
         for a in self.actors:
             self.ray.kill(a, no_restart=True)
+        if self.inflight:
+            self.ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=KILL_WAIT_S)
 
 
 def _record(fs: Any) -> SetRecord:
