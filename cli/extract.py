@@ -7,6 +7,7 @@ import typer
 from featurestore.cli import common
 from featurestore.config import CNN_RUNTIMES
 from featurestore.features.base import Extractor
+from featurestore.features.cnn.mxnet_backend import GRID_MAX
 from featurestore.features.cnn.registry import cnn_extractor
 from featurestore.features.lowlevel import LowLevelExtractor
 from featurestore.features.pixels import PixelsExtractor, check_pixels
@@ -40,6 +41,11 @@ def extract(
                             "embedding averaged with the mirrored image's, same decode and batch; sets named "
                             "<model>[+<rule>]+flip), e.g. --model efficientnet-lite0 --tta flip gives "
                             "efficientnet-lite0+flip."),
+    grid: int = typer.Option(1, "--grid", help="Pool each --layers map over an N x N grid (N = 2..8) instead of "
+                             "globally: C*N*N values that keep where a pattern is in the image; for maps of at "
+                             "least NxN (mid-level layers), sets named <model>.<layer>+gridN, e.g. --model "
+                             "efficientnet-lite0 --layers block10_out --grid 3 gives "
+                             "efficientnet-lite0.block10_out+grid3 (1,008 dims)."),
     runtime: str | None = typer.Option(None, "--runtime", help="What runs --model: onnxruntime (its ONNX "
                                        "export, about 2x faster) or mxnet (the checkpoint; the reference). "
                                        "Vectors agree within 1e-4, so either continues a set. "
@@ -65,6 +71,7 @@ def extract(
     if batch < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--batch")
     _check_view_options(resize, tta, bool(model), rp is not None or bool(pixels) or lowlevel)  # issue 16
+    _check_grid(grid, layers)
     rule = resize or "stretch"  # --rp/--pixels/--lowlevel; a --model defaults to its own rule
     if layers and not model:
         raise typer.BadParameter("--layers needs --model", param_hint="--layers")
@@ -91,7 +98,7 @@ def extract(
             if lowlevel:
                 extractors.append(LowLevelExtractor(rule=rule))
             extractors += [cnn_extractor(store, name, wanted, batch_size=batch, resize=resize, tta=tta,
-                                         runtime=runtime, save_export=True)
+                                         runtime=runtime, save_export=True, grid=grid)
                            for name in model]
             if not extractors:
                 raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME")
@@ -146,6 +153,14 @@ def _check_view_options(resize: str | None, tta: str, cnn: bool, pixel_families:
         raise typer.BadParameter("use none or flip", param_hint="--tta")
     if tta != "none" and not cnn:
         raise typer.BadParameter("--tta needs --model", param_hint="--tta")
+
+
+def _check_grid(grid: int, layers: str | None) -> None:
+    if not 1 <= grid <= GRID_MAX:
+        raise typer.BadParameter(f"use a grid of 1 (global average) to {GRID_MAX} cells per side", param_hint="--grid")
+    if grid > 1 and not layers:
+        raise typer.BadParameter("--grid needs --layers: the default tap of a model is already pooled to 1x1; "
+                                 "choose mid-level layers, e.g. --layers block10_out", param_hint="--grid")
 
 
 def register(app: typer.Typer) -> None:

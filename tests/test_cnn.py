@@ -22,7 +22,7 @@ import featurestore.pipelines.extract as extract_mod
 from featurestore.cli.main import app
 from featurestore.config import Settings
 from featurestore.errors import InvalidInputError, ModelFilesMissingError, NotFoundError
-from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess
+from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess, grid_pool
 from featurestore.features.cnn.registry import cnn_extractor
 from featurestore.features.cnn.specs import BUILTIN_MODELS, model_files
 from featurestore.features.cnn.testing import TINY_INCEPTION_DIMS, build_tiny_inception_checkpoint
@@ -32,7 +32,7 @@ from featurestore.features.cnn.torch_pth import (
     load_legacy_state_dict,
 )
 from featurestore.features.cnn.views import ViewsExtractor, variant_suffix
-from featurestore.features.registry import extract_hint, extractor_for
+from featurestore.features.registry import extract_hint, extractor_for, extractor_for_sets
 from featurestore.http.app import create_app
 from featurestore.io.images import load_rgb
 from featurestore.search.service import embedder_for
@@ -411,6 +411,8 @@ def test_variant_suffix_naming_rule() -> None:
         variant_suffix("letterbox", "stretch", "none")
     with pytest.raises(InvalidInputError, match="mirror"):
         variant_suffix("stretch", "stretch", "mirror")
+    assert variant_suffix("stretch", "stretch", "none", 3) == "+grid3"
+    assert variant_suffix("center-crop", "stretch", "flip", 2) == "+center-crop+grid2+flip"
 
 
 def test_flip_equals_average_of_image_and_mirror(tiny_model: CheckpointModel) -> None:
@@ -545,6 +547,121 @@ def test_resize_default_is_the_models_own_rule(tmp_path: Path, image_tree: Path)
         store.close()
 
 
+# ---------------------------------------------------------------- grid pooling: --grid N (tiny model)
+
+
+def test_grid_pool_cells_layout_and_uneven_maps() -> None:
+    maps = np.arange(2 * 3 * 5 * 4, dtype=np.float32).reshape(2, 3, 5, 4)
+    got = grid_pool(maps, 2)
+    assert got.shape == (2, 3 * 4) and got.dtype == np.float32
+    # 5 rows in 2 cells: rows 0-2 and 2-4 (row 2 in both); 4 columns: 0-1 and 2-3
+    cells = [(slice(0, 3), slice(0, 2)), (slice(0, 3), slice(2, 4)), (slice(2, 5), slice(0, 2)),
+             (slice(2, 5), slice(2, 4))]
+    for n in range(2):
+        for c in range(3):
+            want = [maps[n, c, r, k].mean() for r, k in cells]
+            np.testing.assert_allclose(got[n, c * 4 : c * 4 + 4], want, rtol=1e-6)  # channel-major
+    np.testing.assert_allclose(grid_pool(maps, 1), maps.mean(axis=(2, 3)), rtol=1e-6)
+    even = maps[:, :, :4, :]  # 4x4: the 2x2 cells do not overlap, so their mean is the global average
+    np.testing.assert_allclose(grid_pool(even, 2).reshape(2, 3, 4).mean(axis=2), even.mean(axis=(2, 3)), rtol=1e-6)
+
+
+def test_grid_taps_pool_the_feature_map(tiny_ckpt, tiny_model: CheckpointModel) -> None:
+    import mxnet as mx
+
+    taps = ["ch_concat_4e_chconcat", "ch_concat_3c_chconcat"]  # 24 x 14 x 14 and 16 x 28 x 28
+    model = CheckpointModel.load(*tiny_ckpt, BUILTIN_MODELS["inception21k"].preprocess, taps, batch_size=4, grid=2)
+    assert model.tap_dims() == {"ch_concat_4e_chconcat": 24 * 4, "ch_concat_3c_chconcat": 16 * 4}
+    assert model.tap_pooling() == dict.fromkeys(taps, "grid-average")
+    x = np.stack([model.prepare(_photo(i)) for i in range(5)])  # a batch of 4 and a partial one
+    out = model.forward(x)
+    sym = mx.sym.load(str(tiny_ckpt[0])).get_internals()["ch_concat_4e_chconcat_output"]
+    loaded = mx.nd.load(str(tiny_ckpt[1]))
+    args = {k[4:]: v for k, v in loaded.items() if k.startswith("arg:")}
+    aux = {k[4:]: v for k, v in loaded.items() if k.startswith("aux:")}
+    args["data"] = mx.nd.array(x)
+    ex = sym.bind(mx.cpu(), {k: v for k, v in args.items() if k in sym.list_arguments()}, aux_states=aux)
+    fmap = ex.forward(is_train=False)[0].asnumpy()
+    np.testing.assert_allclose(out["ch_concat_4e_chconcat"], grid_pool(fmap, 2), rtol=1e-4, atol=1e-4)
+    # 14 and 28 split evenly in 2: the mean of the 4 cells is the globally pooled tap
+    gap = tiny_model.forward(x)
+    for tap in taps:
+        cells = out[tap].reshape(5, -1, 4).mean(axis=2)
+        np.testing.assert_allclose(cells, gap[tap], rtol=1e-4, atol=1e-4)
+    with pytest.raises(InvalidInputError, match="layer global_pool gives 32x1x1 values .* not a feature map of "
+                                                "at least 2x2"):
+        CheckpointModel.load(*tiny_ckpt, BUILTIN_MODELS["inception21k"].preprocess, ["global_pool"], grid=2)
+    with pytest.raises(InvalidInputError, match="grid must be an integer from 1 to 8"):
+        CheckpointModel.load(*tiny_ckpt, BUILTIN_MODELS["inception21k"].preprocess, taps, grid=9)
+
+
+def test_grid_end_to_end(tmp_path: Path, image_tree: Path) -> None:
+    """fs extract --grid (onnxruntime) == grid-pooled MXNet maps; named, recorded, rebuilt and searchable."""
+    _register_tiny(tmp_path)
+    assert runner.invoke(app, ["ingest", str(image_tree)]).exit_code == 0
+    layer = "ch_concat_4e_chconcat"
+    args = ["extract", "--model", "tiny", "--batch", "5", "--layers"]
+    for extra in ([layer], [f"{layer},ch_concat_3c_chconcat", "--grid", "2"], [layer, "--grid", "2", "--tta", "flip"]):
+        r = runner.invoke(app, [*args, *extra])
+        assert r.exit_code == 0, r.output
+    assert f"tiny.{layer}+grid2+flip: 12 vectors written" in r.output
+    again = runner.invoke(app, [*args, layer, "--grid", "2"])
+    assert again.exit_code == 0 and f"tiny.{layer}+grid2: up to date" in again.output
+    store = Store.open(Settings.from_env())
+    try:
+        fs, base = store.feature_set(f"tiny.{layer}+grid2"), store.feature_set(f"tiny.{layer}")
+        assert fs.params == {**base.params, "grid": 2, "pooling": "grid-average"} and fs.dim == 4 * base.dim
+        assert store.feature_set(f"tiny.{layer}+grid2+flip").params == {**fs.params, "tta": "flip"}
+        assert extract_hint(fs) == f"fs extract --model tiny --layers {layer} --grid 2"
+        grid, gap = _vectors(store, f"tiny.{layer}+grid2"), _vectors(store, f"tiny.{layer}")
+        paths = sorted(grid)[:6]
+        # the stored vectors (onnxruntime) against the MXNet checkpoint pooled the same way
+        with store.writing():
+            ref = cnn_extractor(store, "tiny", [layer], grid=2, runtime="mxnet")
+        want = ref.compute([ref.prepare(load_rgb(Path(p))) for p in paths])[f"tiny.{layer}+grid2"]
+        got = np.stack([grid[p] for p in paths])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * float(np.abs(want).max()))
+        np.testing.assert_allclose(got.reshape(6, -1, 4).mean(axis=2), np.stack([gap[p] for p in paths]),
+                                   rtol=1e-4, atol=1e-4 * float(np.abs(got).max()))
+        ex = extractor_for(store, fs.name)  # search-by-image and predict rebuild it from the params
+        np.testing.assert_allclose(ex.compute([ex.prepare(load_rgb(Path(p))) for p in paths])[fs.name], got,
+                                   rtol=1e-5, atol=1e-5 * float(np.abs(got).max()))
+        # the cluster path rebuilds the taps extracted together as one extractor (one forward pass)
+        both = extractor_for_sets(store, [fs, store.feature_set("tiny.ch_concat_3c_chconcat+grid2")])
+        assert {s.name: s.dim for s in both.outputs()} == {fs.name: 24 * 4, "tiny.ch_concat_3c_chconcat+grid2": 16 * 4}
+    finally:
+        store.close()
+    hit = runner.invoke(app, ["search", "--features", fs.name, "--image", paths[0], "-k", "1", "--format", "json"])
+    assert hit.exit_code == 0 and json.loads(hit.stdout)[0]["path"] == paths[0], hit.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "tiny", "--grid", "3"], "--grid needs --layers"),
+        (["--model", "tiny", "--layers", "ch_concat_4e_chconcat", "--grid", "9"], "use a grid of 1"),
+        (["--model", "tiny", "--layers", "ch_concat_4e_chconcat", "--grid", "0"], "use a grid of 1"),
+    ],
+)
+def test_grid_options_refused(args: list[str], message: str) -> None:
+    r = runner.invoke(app, ["extract", *args])
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+
+
+def test_grid_on_a_pooled_layer_is_a_one_line_error(tmp_path: Path, image_tree: Path) -> None:
+    _register_tiny(tmp_path)
+    assert runner.invoke(app, ["ingest", str(image_tree)]).exit_code == 0
+    r = runner.invoke(app, ["extract", "--model", "tiny", "--layers", "global_pool,ch_concat_4e_chconcat",
+                            "--grid", "3"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "layer global_pool gives 32x1x1 values per image, not a feature map of at least 3x3" in r.output
+    store = Store.open(Settings.from_env())
+    try:
+        assert not [fs.name for fs in store.feature_sets() if "grid" in fs.name]  # nothing half-registered
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -564,3 +681,4 @@ def test_extract_help_lists_view_options() -> None:
     r = runner.invoke(app, ["extract", "--help"], terminal_width=200)
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and "--tta" in text and "center-crop" in text and "e.g. --model" in text
+    assert "--grid" in text and "efficientnet-lite0.block10_out+grid3" in text

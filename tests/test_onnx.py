@@ -124,6 +124,24 @@ def test_unexportable_model_registers_and_says_to_use_mxnet(store: Store, tmp_pa
 # ---------------------------------------------------------------- runtime
 
 
+def test_grid_pooling_on_onnx_equals_mxnet(tiny_ckpt, tiny_onnx: bytes) -> None:
+    """--grid on onnxruntime: the session returns the taps' maps, pooled like MXNet's; 1x1 taps refused."""
+    pre, taps = INCEPTION.preprocess, ["ch_concat_5b_chconcat", "ch_concat_3c_chconcat"]  # 7x7 and 28x28
+    ref = CheckpointModel.load(*tiny_ckpt, pre, taps, batch_size=2, grid=3)
+    ort_model = OnnxModel.load(tiny_onnx, pre, taps, batch_size=2, threads=1, grid=3)
+    assert ort_model.tap_dims() == ref.tap_dims() == {"ch_concat_5b_chconcat": 32 * 9, "ch_concat_3c_chconcat": 16 * 9}
+    assert ort_model.tap_pooling() == ref.tap_pooling() == dict.fromkeys(taps, "grid-average")
+    x = np.stack([ort_model.prepare(p) for p in _photos()])
+    got, want = ort_model.forward(x), ref.forward(x)
+    for tap in taps:
+        _close(got[tap], want[tap])
+    assert ort_model.forward(x[:0])["ch_concat_3c_chconcat"].shape == (0, 16 * 9)
+    with pytest.raises(InvalidInputError, match="layer global_pool gives 32x1x1 values"):
+        OnnxModel.load(tiny_onnx, pre, ["global_pool"], threads=1, grid=2)
+    with pytest.raises(InvalidInputError, match="layer fc1 gives 10 values"):  # not a map at all
+        OnnxModel.load(tiny_onnx, pre, ["fc1"], threads=1, grid=2)
+
+
 def test_onnx_equals_mxnet_on_real_photos_tiny_inception(tiny_ckpt, tiny_onnx: bytes) -> None:
     """Every tap, a batch size that leaves a partial batch, real photos."""
     pre = INCEPTION.preprocess

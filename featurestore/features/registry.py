@@ -89,13 +89,15 @@ register(FeatureKind(
 ))
 register(FeatureKind(
     "cnn", cnn_registry.CNNExtractor,
-    # issue 16: the model, layer, resize rule and TTA (+center-crop / +flip sets) all come from the params.
+    # issue 16: the model, layer, resize rule, grid and TTA (+center-crop / +grid<N> / +flip sets) all come
+    # from the params.
     lambda store, name, p, batch: cnn_registry.cnn_extractor_from_params(store, p, batch_size=batch),
     lambda name, p, dim: cnn_views.extract_command(name, p),
-    # one extractor for several taps of the same model, resize rule and TTA (the cluster path)
+    # one extractor for several taps of the same model, resize rule, grid and TTA (the cluster path)
     lambda store, sets, batch: cnn_registry.cnn_extractor(
         store, sets[0].params["model"], [fs.params["layer"] for fs in sets], batch_size=batch,
-        resize=sets[0].params["preprocess"]["resize"], tta=sets[0].params.get("tta", "none")),
+        resize=sets[0].params["preprocess"]["resize"], tta=sets[0].params.get("tta", "none"),
+        grid=int(sets[0].params.get("grid", 1))),
 ))
 
 

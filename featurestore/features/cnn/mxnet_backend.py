@@ -9,7 +9,10 @@ same graph (see ``bench/bench_cnn_forward.py``), and with
 ``MXNET_SUBGRAPH_BACKEND=MKLDNN`` the conv + batch-norm + activation chains are
 fused. Taps (internal layer outputs) are grouped into one graph, and 4-D taps
 are averaged over height and width *inside* the graph, so one forward pass
-returns every requested ``(n, C)`` matrix.
+returns every requested ``(n, C)`` matrix. With ``grid`` > 1 a 4-D tap is
+instead averaged over each cell of a ``grid`` x ``grid`` partition of its map
+(:func:`grid_pool`, after the graph, the same code on both runtimes), keeping
+where in the image a pattern is: ``(n, C * grid * grid)``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ from PIL import Image
 from featurestore.errors import InvalidInputError, ModelFilesMissingError, NotFoundError
 from featurestore.features.base import Extractor, FeatureSpec
 
-__all__ = ["Preprocess", "CheckpointModel", "CNNExtractor", "TapModel", "import_mxnet"]
+__all__ = ["GRID_MAX", "Preprocess", "CheckpointModel", "CNNExtractor", "TapModel", "check_grid", "grid_dim",
+           "grid_pool", "import_mxnet"]
+
+GRID_MAX = 8
+"""Largest ``grid`` (cells per side) of grid pooling: 64 cells per channel."""
 
 
 def import_mxnet() -> Any:
@@ -144,6 +151,7 @@ class CheckpointModel:
         self.preprocess: Preprocess
         self.taps: list[str]
         self.batch_size: int
+        self.grid = 1
         self._layers: list[tuple[str, tuple[int, ...]]] = []
         self._tap_dims: dict[str, int] = {}
         self._tap_pooling: dict[str, str] = {}
@@ -158,6 +166,7 @@ class CheckpointModel:
         preprocess: Preprocess,
         taps: Sequence[str],
         batch_size: int = 32,
+        grid: int = 1,
     ) -> CheckpointModel:
         """Load a checkpoint and bind an executor returning the given taps.
 
@@ -171,6 +180,10 @@ class CheckpointModel:
             Internal layer names (without ``_output``), e.g. ``"global_pool"``.
         batch_size
             Rows per executor call; a shorter last batch is zero-padded.
+        grid
+            1: 4-D taps are averaged over the whole map (``C`` values). N > 1:
+            over each cell of an N x N grid (``C * N * N`` values, :func:`grid_pool`);
+            every tap must then be a map of at least N x N.
 
         Raises
         ------
@@ -185,6 +198,7 @@ class CheckpointModel:
         self = cls()
         self.symbol_path, self.params_path = Path(symbol_path), Path(params_path)
         self.preprocess, self.taps, self.batch_size = preprocess, list(taps), int(batch_size)
+        self.grid = check_grid(grid)
         if not self.taps:
             raise InvalidInputError("at least one tap (layer name) is needed")
         if self.batch_size < 1:
@@ -257,9 +271,14 @@ class CheckpointModel:
         return sym, arg_params, aux_params
 
     def _tap_output(self, mx: Any, internals: Any, tap: str, shape: tuple[int, ...]) -> Any:
-        """The tap's output as a vector per image (4-D maps globally average-pooled in the graph)."""
+        """The tap's output as a vector per image (4-D maps globally average-pooled in the graph).
+
+        With ``grid`` > 1 the map itself is the output; :func:`forward_in_runs` pools its cells.
+        """
         out = internals[tap + "_output"]
-        if len(shape) == 3:  # (C, H, W): global average pool in the graph
+        if self.grid > 1:
+            self._tap_dims[tap], self._tap_pooling[tap] = grid_dim(tap, shape, self.grid), "grid-average"
+        elif len(shape) == 3:  # (C, H, W): global average pool in the graph
             out = mx.sym.mean(out, axis=(2, 3), name=f"{tap}__gap")
             self._tap_dims[tap], self._tap_pooling[tap] = shape[0], "global-average"
         elif len(shape) == 1:
@@ -326,15 +345,56 @@ class CheckpointModel:
             return [out.asnumpy()[:rows] for out in self._module.get_outputs()]
 
         with self._lock:
-            return forward_in_runs(batch, self.preprocess.size, self.taps, self._tap_dims, self.batch_size, run)
+            return forward_in_runs(batch, self.preprocess.size, self.taps, self._tap_dims, self.batch_size, run,
+                                   self.grid)
 
 
 # --- runtime hook (issue 12): CNNExtractor runs any model with this interface ---------------------
+def check_grid(grid: int) -> int:
+    """Return ``grid`` if it is a grid size from 1 to :data:`GRID_MAX`, else raise ``InvalidInputError``."""
+    if isinstance(grid, bool) or not isinstance(grid, int | np.integer) or not 1 <= grid <= GRID_MAX:
+        raise InvalidInputError(f"grid must be an integer from 1 to {GRID_MAX}, got {grid!r}")
+    return int(grid)
+
+
+def grid_dim(tap: str, shape: tuple[int, ...], grid: int) -> int:
+    """Length of ``tap``'s vector under ``grid`` x ``grid`` pooling; refuses a tap that is not a large enough map."""
+    if len(shape) != 3 or shape[1] < grid or shape[2] < grid:
+        got = "x".join(str(d) for d in shape)
+        raise InvalidInputError(
+            f"layer {tap} gives {got} values per image, not a feature map of at least {grid}x{grid}, so it cannot "
+            f"be pooled over a {grid}x{grid} grid; choose mid-level layers (e.g. --layers block10_out) or leave "
+            "out --grid"
+        )
+    return int(shape[0]) * grid * grid
+
+
+def grid_pool(maps: np.ndarray, grid: int) -> np.ndarray:
+    """Average ``(n, C, H, W)`` maps over the cells of a ``grid`` x ``grid`` partition: ``(n, C * grid * grid)``.
+
+    Cell ``(i, j)`` covers rows ``floor(i H / grid)`` to ``ceil((i + 1) H / grid)`` (exclusive),
+    likewise the columns: cells are as equal as the map allows and overlap by at most a row when
+    ``grid`` does not divide ``H`` (adaptive average pooling). The vector is channel-major,
+    ``v[c * grid * grid + i * grid + j]``, so the mean of a channel's cells is its global average
+    when ``grid`` divides the map.
+    """
+    n, c, h, w = maps.shape
+    out = np.empty((n, c, grid, grid), dtype=np.float32)
+    for i in range(grid):
+        r0, r1 = (i * h) // grid, -(-((i + 1) * h) // grid)
+        for j in range(grid):
+            c0, c1 = (j * w) // grid, -(-((j + 1) * w) // grid)
+            out[:, :, i, j] = maps[:, :, r0:r1, c0:c1].mean(axis=(2, 3), dtype=np.float64)
+    return out.reshape(n, c * grid * grid)
+
+
 def forward_in_runs(batch: np.ndarray, size: tuple[int, int], taps: Sequence[str], dims: dict[str, int],
-                    step: int, run: Callable[[np.ndarray], Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
+                    step: int, run: Callable[[np.ndarray], Sequence[np.ndarray]], grid: int = 1
+                    ) -> dict[str, np.ndarray]:
     """Check prepared images ``(n, 3, H, W)`` against ``size`` (W, H), feed them to ``run`` in runs of
     at most ``step`` rows and gather what it returns per tap (in ``taps`` order) as ``(n, dim)``
-    float32 matrices, rows in input order. Both runtimes' ``forward`` go through here."""
+    float32 matrices, rows in input order. With ``grid`` > 1, ``run`` returns each tap's maps and
+    they are pooled here (:func:`grid_pool`). Both runtimes' ``forward`` go through here."""
     w, h = size
     batch = np.asarray(batch, dtype=np.float32)
     if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
@@ -343,7 +403,10 @@ def forward_in_runs(batch: np.ndarray, size: tuple[int, int], taps: Sequence[str
     for start in range(0, batch.shape[0], step):
         part = batch[start : start + step]
         for tap, out in zip(taps, run(part), strict=True):
-            chunks[tap].append(np.asarray(out, dtype=np.float32).reshape(part.shape[0], -1))
+            out = np.asarray(out, dtype=np.float32)
+            if grid > 1:
+                out = grid_pool(out, grid)
+            chunks[tap].append(out.reshape(part.shape[0], -1))
     return {t: np.concatenate(c) if c else np.zeros((0, dims[t]), np.float32) for t, c in chunks.items()}
 
 
@@ -354,6 +417,7 @@ class TapModel(Protocol):
     runtime: str
     preprocess: Preprocess
     taps: list[str]
+    grid: int  # 1: 4-D taps globally averaged; N: averaged over an N x N grid
 
     def tap_dims(self) -> dict[str, int]: ...
 
@@ -408,6 +472,8 @@ class CNNExtractor(Extractor):
                     "model": self.model_name,
                     "layer": tap,
                     "pooling": pooling[tap],
+                    # absent for global pooling, so sets stored before grids existed match their rebuild
+                    **({"grid": self.model.grid} if self.model.grid > 1 else {}),
                     "preprocess": self.model.preprocess.to_params(),
                     **self.lineage,
                 },

@@ -9,7 +9,10 @@ as MXNet's executor for EfficientNet-Lite0 (``bench/bench_extract_cnn.py``).
 
 The stored graph has every registered tap of the model as an output; the
 session is built from a copy pruned to the requested taps, because
-onnxruntime runs every node of a graph whatever outputs are fetched.
+onnxruntime runs every node of a graph whatever outputs are fetched. With
+grid pooling (``grid`` > 1) the session's outputs are the taps' maps (the
+inputs of their in-graph global pools), pooled by the same
+:func:`~featurestore.features.cnn.mxnet_backend.grid_pool` as on MXNet.
 
 Run size: the session runs at most :data:`RUN_ROWS` images at a time, whatever
 the batch it is given. On the 2-core development machine EfficientNet-Lite0 costs
@@ -34,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from featurestore.errors import InvalidInputError, NotFoundError
-from featurestore.features.cnn.mxnet_backend import Preprocess, forward_in_runs
+from featurestore.features.cnn.mxnet_backend import Preprocess, check_grid, forward_in_runs, grid_dim
 from featurestore.features.cnn.onnx_export import INPUT_NAME, OnnxTap, read_metadata
 
 __all__ = ["OnnxModel", "RUN_ROWS", "session_options"]
@@ -58,8 +61,11 @@ def session_options(threads: int | None = None) -> Any:
     return so
 
 
-def _prune(model: Any, outputs: Sequence[str]) -> Any:
-    """A copy of ``model`` computing only ``outputs`` (nodes and weights nothing else needs dropped)."""
+def _prune(model: Any, outputs: Sequence[str], inner: dict[str, Any] | None = None) -> Any:
+    """A copy of ``model`` computing only ``outputs`` (nodes and weights nothing else needs dropped).
+
+    ``inner``: value infos of intermediate tensors to expose as outputs (grid pooling's maps).
+    """
     from onnx import helper
 
     graph = model.graph
@@ -70,8 +76,9 @@ def _prune(model: Any, outputs: Sequence[str]) -> Any:
             kept.append(node)
             needed.update(i for i in node.input if i)
     kept.reverse()
+    declared = {o.name: o for o in graph.output} | (inner or {})
     pruned = helper.make_graph(
-        kept, graph.name, list(graph.input), [o for o in graph.output if o.name in set(outputs)],
+        kept, graph.name, list(graph.input), [declared[o] for o in outputs],
         initializer=[t for t in graph.initializer if t.name in needed],
     )
     out = helper.make_model(pruned, opset_imports=list(model.opset_import), producer_name=model.producer_name,
@@ -95,6 +102,8 @@ class OnnxModel:
         self.batch_size: int
         self.run_rows: int
         self.threads: int
+        self.grid = 1
+        self._dims: dict[str, int] = {}
         self._exported: dict[str, OnnxTap] = {}
         self._outputs: list[str] = []
         self._session: Any = None
@@ -109,6 +118,7 @@ class OnnxModel:
         batch_size: int = 32,
         threads: int | None = None,
         where: str = "the ONNX model",
+        grid: int = 1,
     ) -> OnnxModel:
         """Create a session for ``taps`` of a serialized model from :func:`export_onnx`.
 
@@ -127,19 +137,24 @@ class OnnxModel:
             Intra-op threads; default the core count.
         where
             How to name the model in error messages (e.g. its path).
+        grid
+            Grid pooling of the taps' maps, as in :meth:`CheckpointModel.load
+            <featurestore.features.cnn.mxnet_backend.CheckpointModel.load>`.
 
         Raises
         ------
         NotFoundError
             A tap is not an output of the exported graph.
         InvalidInputError
-            Not a featurestore export, exported for another input size, or unreadable.
+            Not a featurestore export, exported for another input size, unreadable, or a
+            tap that is not a map of at least ``grid`` x ``grid``.
         """
         import onnx
         import onnxruntime as ort
 
         self = cls()
         self.preprocess, self.taps, self.batch_size = preprocess, list(dict.fromkeys(taps)), int(batch_size)
+        self.grid = check_grid(grid)
         self.threads = max(1, int(threads or os.cpu_count() or 1))
         if not self.taps:
             raise InvalidInputError("at least one tap (layer name) is needed")
@@ -160,9 +175,11 @@ class OnnxModel:
             raise InvalidInputError(
                 f"{where} was exported for {exported_size} input, not {tuple(preprocess.size)}; re-register the model"
             )
-        self._outputs = [self._exported[t].output for t in self.taps]
-        if len(self._outputs) < len(model.graph.output):
-            model = _prune(model, self._outputs)
+        self._dims = {t: self._exported[t].dim for t in self.taps}
+        inner = self._grid_outputs(model, where) if self.grid > 1 else None
+        self._outputs = [self._exported[t].output for t in self.taps] if inner is None else list(inner)
+        if self._outputs != [o.name for o in model.graph.output]:
+            model = _prune(model, self._outputs, inner)
         try:
             self._session = ort.InferenceSession(
                 model.SerializeToString(), session_options(self.threads), providers=["CPUExecutionProvider"]
@@ -171,13 +188,35 @@ class OnnxModel:
             raise InvalidInputError(f"onnxruntime cannot load {where} ({exc})") from None
         return self
 
+    def _grid_outputs(self, model: Any, where: str) -> dict[str, Any]:
+        """Value infos of the taps' maps (in ``taps`` order), and their grid-pooled dims in ``_dims``.
+
+        A globally pooled tap's map is the input of its ``<tap>__pool`` node; its shape comes
+        from ONNX shape inference (the export has a fixed input size).
+        """
+        import onnx
+
+        pools = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "GlobalAveragePool"}
+        infos = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        inner: dict[str, Any] = {}
+        for tap in self.taps:
+            name = pools.get(f"{tap}__pool")
+            info = infos.get(name or "")
+            if name is None or info is None:
+                shape: tuple[int, ...] = (self._exported[tap].dim,)
+            else:
+                shape = tuple(int(d.dim_value) for d in info.type.tensor_type.shape.dim[1:])
+            self._dims[tap] = grid_dim(tap, shape, self.grid)  # refuses a tap that is not a large enough map
+            inner[str(name)] = info
+        return inner
+
     def tap_dims(self) -> dict[str, int]:
-        """Feature dimension of each selected tap (channels for 4-D layers)."""
-        return {t: self._exported[t].dim for t in self.taps}
+        """Feature dimension of each selected tap (channels for 4-D layers; C x grid x grid with a grid)."""
+        return dict(self._dims)
 
     def tap_pooling(self) -> dict[str, str]:
-        """How each tap became a vector: ``global-average`` (4-D), ``flatten`` or ``none``."""
-        return {t: self._exported[t].pooling for t in self.taps}
+        """How each tap became a vector: ``global-average`` (4-D), ``grid-average``, ``flatten`` or ``none``."""
+        return {t: "grid-average" if self.grid > 1 else self._exported[t].pooling for t in self.taps}
 
     def prepare(self, img: Image.Image) -> np.ndarray:
         """Resize and normalise one RGB image to ``(3, H, W)`` float32; thread-safe."""
@@ -195,4 +234,4 @@ class OnnxModel:
             return list(self._session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(part)}))
 
         with self._lock:
-            return forward_in_runs(batch, self.preprocess.size, self.taps, self.tap_dims(), self.run_rows, run)
+            return forward_in_runs(batch, self.preprocess.size, self.taps, self._dims, self.run_rows, run, self.grid)

@@ -210,10 +210,11 @@ def verify_files(store: Store, row: Model) -> tuple[Path, Path]:
 
 
 def load_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32,
-               resize: str | None = None) -> tuple[CheckpointModel, Model]:
+               resize: str | None = None, grid: int = 1) -> tuple[CheckpointModel, Model]:
     """A verified, bound model with the requested taps (default: the model's default tap).
 
-    ``resize`` overrides the model's resize rule (``stretch`` / ``center-crop``).
+    ``resize`` overrides the model's resize rule (``stretch`` / ``center-crop``); ``grid``
+    pools the taps' maps over a grid (:meth:`CheckpointModel.load`).
     """
     row = model_record(store, name)
     symbol, params = verify_files(store, row)
@@ -221,7 +222,7 @@ def load_model(store: Store, name: str, layers: list[str] | None = None, batch_s
     pre = _preprocess(row)
     if resize is not None:
         pre = replace(pre, resize=check_cnn_resize(resize))
-    return CheckpointModel.load(symbol, params, pre, taps, batch_size=batch_size), row
+    return CheckpointModel.load(symbol, params, pre, taps, batch_size=batch_size, grid=grid), row
 
 
 # --- onnxruntime (issue 12) -------------------------------------------------------------------------
@@ -257,7 +258,8 @@ def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path, save_expor
 
 
 def load_onnx_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32,
-                    save_export: bool = False, resize: str | None = None) -> tuple[OnnxModel, Model]:
+                    save_export: bool = False, resize: str | None = None, grid: int = 1
+                    ) -> tuple[OnnxModel, Model]:
     """A verified onnxruntime session with the requested taps (default: the model's default tap).
 
     Registered taps come from the stored export; other layers are exported from the
@@ -282,17 +284,18 @@ def load_onnx_model(store: Store, name: str, layers: list[str] | None = None, ba
     pre = _preprocess(row)
     if resize is not None:
         pre = replace(pre, resize=check_cnn_resize(resize))
-    model = OnnxModel.load(data, pre, taps, batch_size=batch_size, threads=store.settings.workers, where=where)
+    model = OnnxModel.load(data, pre, taps, batch_size=batch_size, threads=store.settings.workers, where=where,
+                           grid=grid)
     return model, row
 
 
 def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32, *,
                   resize: str | None = None, tta: str = "none", runtime: str | None = None,
-                  save_export: bool = False) -> CNNExtractor | ViewsExtractor:
-    """The extractor for ``fs extract --model NAME [--layers ...] [--resize RULE] [--tta flip] [--runtime ...]``.
+                  save_export: bool = False, grid: int = 1) -> CNNExtractor | ViewsExtractor:
+    """The extractor for ``fs extract --model NAME [--layers ...] [--resize RULE] [--grid N] [--tta flip]``.
 
-    ``resize`` defaults to the model's own rule; a set with another rule or
-    with ``tta="flip"`` gets a distinct name (:mod:`featurestore.features.cnn.views`).
+    ``resize`` defaults to the model's own rule; a set with another rule, with
+    ``grid`` > 1 or with ``tta="flip"`` gets a distinct name (:mod:`featurestore.features.cnn.views`).
     ``runtime`` defaults to the store's ``cnn_runtime`` setting (``FS_CNN_RUNTIME``,
     default onnxruntime); the feature-set params are the same on both runtimes.
     ``save_export`` (only under ``store.writing()``): a model registered before
@@ -301,14 +304,15 @@ def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batc
     check_tta(tta)
     model: TapModel
     if check_cnn_runtime(runtime or store.settings.cnn_runtime) == "onnxruntime":
-        model, row = load_onnx_model(store, name, layers, batch_size, save_export=save_export, resize=resize)
+        model, row = load_onnx_model(store, name, layers, batch_size, save_export=save_export, resize=resize,
+                                     grid=grid)
     else:
-        model, row = load_model(store, name, layers, batch_size, resize=resize)
+        model, row = load_model(store, name, layers, batch_size, resize=resize, grid=grid)
     plain = CNNExtractor(
         name, model, taps=model.taps, default_tap=row.default_tap,
         lineage={"symbol_sha256": row.symbol_sha256, "params_sha256": row.params_sha256},
     )
-    suffix = variant_suffix(model.preprocess.resize, str(row.preprocess["resize"]), tta)
+    suffix = variant_suffix(model.preprocess.resize, str(row.preprocess["resize"]), tta, grid)
     return ViewsExtractor(plain, suffix, flip=tta == "flip") if suffix else plain
 
 
@@ -319,7 +323,8 @@ def cnn_extractor_from_params(store: Store, params: dict[str, Any], batch_size: 
     Raises ``KeyError`` for a params dict that lacks ``model``, ``layer`` or ``preprocess.resize``.
     """
     return cnn_extractor(store, params["model"], [params["layer"]], batch_size=batch_size,
-                         resize=params["preprocess"]["resize"], tta=params.get("tta", "none"))
+                         resize=params["preprocess"]["resize"], tta=params.get("tta", "none"),
+                         grid=int(params.get("grid", 1)))
 
 
 def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[str, tuple[int, ...]]]]:

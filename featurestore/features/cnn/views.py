@@ -1,7 +1,7 @@
-"""How a CNN sees an image: the resize rule and test-time augmentation (TTA).
+"""How a CNN sees an image: the resize rule, grid pooling and test-time augmentation (TTA).
 
-Both options change the vectors, so both are recorded in the feature set's
-params and show in its name.
+Each option changes the vectors, so each is recorded in the feature set's
+params and shows in its name.
 
 Resize rule (``fs extract --model NAME --resize stretch|center-crop``)
     ``stretch`` resizes to the network input ignoring the aspect ratio;
@@ -19,17 +19,26 @@ TTA (``--tta flip``)
     (as two consecutive rows). Recorded as ``params["tta"] = "flip"``; the key
     is absent without TTA, so sets stored before the option existed still
     match their rebuilt extractor.
+Grid pooling (``--grid N``, N from 2 to 8)
+    A tap's feature map is averaged over each cell of an N x N grid instead of
+    over the whole map, so the vector keeps *where* a pattern is (sleeve or no
+    sleeve, collar, hem): C x N x N values instead of C
+    (:func:`~featurestore.features.cnn.mxnet_backend.grid_pool`). Only for
+    maps of at least N x N (mid-level layers such as ``block10_out``; the
+    default ``global_pool`` tap is 1 x 1). Recorded as ``params["grid"] = N``
+    and ``params["pooling"] = "grid-average"``; absent for the global average.
 
 Naming rule, one feature set per tap::
 
-    <model>[.<layer>][+<resize rule>][+flip]
+    <model>[.<layer>][+<resize rule>][+grid<N>][+flip]
 
 ``.<layer>`` for a tap other than the model's default tap (as before);
 ``+<resize rule>`` only when the rule differs from the model's own, so the
 default-rule set keeps its plain name (``efficientnet-lite0``) and a set with
 another rule can never be mistaken for it (``efficientnet-lite0+center-crop``);
-``+flip`` with ``--tta flip``. Examples: ``efficientnet-lite0+flip``,
-``efficientnet-lite2.block19_out+center-crop+flip``. ``+`` is the only
+``+grid<N>`` with ``--grid N``; ``+flip`` with ``--tta flip``. Examples:
+``efficientnet-lite0+flip``, ``efficientnet-lite2.block19_out+center-crop+flip``,
+``efficientnet-lite0.block10_out+grid3``. ``+`` is the only
 character feature-set names allow beyond model and dataset names, so a plain
 name never contains it.
 """
@@ -75,11 +84,13 @@ def check_tta(tta: str) -> str:
     return tta
 
 
-def variant_suffix(resize: str, model_resize: str, tta: str) -> str:
-    """The name suffix of a CNN feature set: ``""``, ``"+center-crop"``, ``"+flip"``, ``"+center-crop+flip"``..."""
+def variant_suffix(resize: str, model_resize: str, tta: str, grid: int = 1) -> str:
+    """The name suffix of a CNN feature set: ``""``, ``"+center-crop"``, ``"+grid3"``, ``"+center-crop+flip"``..."""
     parts = []
     if check_cnn_resize(resize) != model_resize:
         parts.append(resize)
+    if grid > 1:
+        parts.append(f"grid{grid}")
     if check_tta(tta) == "flip":
         parts.append("flip")
     return "".join(f"+{p}" for p in parts)
@@ -89,7 +100,7 @@ def extract_command(name: str, params: dict[str, Any]) -> str:
     """The ``fs extract`` command that computes the stored CNN set ``name`` (for messages).
 
     ``--layers`` for a tap other than the default, ``--resize RULE`` when the
-    name carries the rule, ``--tta flip`` when the params record it.
+    name carries the rule, ``--grid N`` and ``--tta flip`` when the params record them.
     """
     base, *suffixes = name.split("+")
     model = params.get("model", base)
@@ -99,6 +110,8 @@ def extract_command(name: str, params: dict[str, Any]) -> str:
     rule = (params.get("preprocess") or {}).get("resize")
     if rule and rule in suffixes:
         parts += ["--resize", str(rule)]
+    if params.get("grid"):
+        parts += ["--grid", str(params["grid"])]
     if params.get("tta") == "flip":
         parts += ["--tta", "flip"]
     return " ".join(parts)
