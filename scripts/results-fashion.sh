@@ -41,6 +41,8 @@ table1() {
   for m in efficientnet-lite0 efficientnet-lite1 efficientnet-lite2; do  # every tap flipped (row 18)
     run "$FS" extract --model "$m" --layers global_pool,block14_out,block10_out --tta flip
   done
+  # lite0's block10_out map (112 x 14 x 14) averaged over a 3 x 3 grid (row 19)
+  run "$FS" extract --model efficientnet-lite0 --layers block10_out --grid 3
   # the baseline every row is paired with: the paper's Two-Flow Random Forest
   run "$FS" train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400 \
     --format json > "$DIR/table1-twoflow.json"
@@ -65,6 +67,9 @@ table1() {
   for m in efficientnet-lite0 efficientnet-lite1 efficientnet-lite2; do FLIP+=,$m.block14_out+flip,$m.block10_out+flip; done
   run "$FS" evaluate --features "$FLIP,lowlevel,rp128" --select none --classifier logreg --format json \
     > "$DIR/table1-logreg-allflip.json"
+  # the widest stack plus lite0's block10_out pooled over a 3 x 3 grid
+  run "$FS" evaluate --features "$ALL,efficientnet-lite0.block10_out+grid3" --select none --classifier logreg \
+    --format json > "$DIR/table1-logreg-grid.json"
   # the widest stack with C chosen by 3-fold CV inside each training split
   run "$FS" evaluate --features "$ALL" --select none --classifier logreg-cv --format json > "$DIR/table1-logregcv.json"
   # the widest stack through one hidden layer (mlp), stopped early on a tenth of each training part
