@@ -116,3 +116,24 @@ def test_compact_cli(image_tree: Path) -> None:
     fs("ingest", str(image_tree))
     result = fs("compact")
     assert result.exit_code == 0 and "nothing to compact" in result.output
+
+
+def test_piped_progress_prints_a_line_per_interval(capsys) -> None:
+    """With stderr not a terminal, long work still reports: one plain line at most every 30 s."""
+    from featurestore.cli import common
+
+    now = [100.0]
+    update = common._piped_progress("evaluate", lambda: now[0])
+    for t, done, total in [(100, 1, 10), (129, 2, 10), (131, 3, 10), (140, 4, 10), (162, 5, 0)]:
+        now[0] = float(t)
+        update(done, total)
+    assert capsys.readouterr().err.splitlines() == ["evaluate: 3/10 (30%), 31 s", "evaluate: 5/?, 62 s"]
+
+
+def test_piped_commands_report_progress(image_tree: Path, monkeypatch) -> None:
+    from featurestore.cli import common
+
+    monkeypatch.setattr(common, "PIPED_PROGRESS_S", 0.0)
+    r = fs("ingest", str(image_tree))
+    assert r.exit_code == 0, r.output
+    assert re.search(r"^ingest: \d+/\d+ \(\d+%\), \d+ s$", r.output, re.M), r.output
