@@ -176,7 +176,7 @@ class OnnxModel:
                 f"{where} was exported for {exported_size} input, not {tuple(preprocess.size)}; re-register the model"
             )
         self._dims = {t: self._exported[t].dim for t in self.taps}
-        inner = self._grid_outputs(model, where) if self.grid > 1 else None
+        inner = self._grid_outputs(model) if self.grid > 1 else None
         self._outputs = [self._exported[t].output for t in self.taps] if inner is None else list(inner)
         if self._outputs != [o.name for o in model.graph.output]:
             model = _prune(model, self._outputs, inner)
@@ -188,7 +188,7 @@ class OnnxModel:
             raise InvalidInputError(f"onnxruntime cannot load {where} ({exc})") from None
         return self
 
-    def _grid_outputs(self, model: Any, where: str) -> dict[str, Any]:
+    def _grid_outputs(self, model: Any) -> dict[str, Any]:
         """Value infos of the taps' maps (in ``taps`` order), and their grid-pooled dims in ``_dims``.
 
         A globally pooled tap's map is the input of its ``<tap>__pool`` node; its shape comes
