@@ -292,7 +292,7 @@ def test_token_guards_reads(store_path: Path) -> None:
         _error(r, 403)
 
 
-@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc"])
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc", "/docs/assets/swagger-ui-bundle.js"])
 def test_token_guards_docs(store_path: Path, path: str) -> None:
     """Issue 11: the API description and its viewers need the token too; only /v1/health stays open."""
     with _serving(store_path, api_token=TOKEN) as client:
@@ -309,9 +309,22 @@ def test_docs_pages_point_at_the_spec(client: TestClient) -> None:
     for page in ("/docs", "/redoc"):
         r = client.get(page)
         assert r.headers["content-type"].startswith("text/html") and "/openapi.json" in r.text
+        # offline: every script and style comes from this server, nothing from a CDN or Google Fonts
+        assert "http://" not in r.text and "https://" not in r.text, r.text
     spec = client.get("/openapi.json").json()
     assert "/openapi.json" not in spec["paths"] and "/docs" not in spec["paths"]
     assert spec["components"]["schemas"]["ErrorOut"]["required"] == ["detail"]
+
+
+def test_docs_assets_are_served_locally(client: TestClient) -> None:
+    for name, kind, marker in [("swagger-ui-bundle.js", "text/javascript", "SwaggerUIBundle"),
+                               ("swagger-ui.css", "text/css", ".swagger-ui"),
+                               ("redoc.standalone.js", "text/javascript", "Redoc")]:
+        r = client.get(f"/docs/assets/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind), name
+        assert marker in r.text and "max-age" in r.headers["cache-control"]
+    assert client.get("/docs/assets/..%2Fopenapi.json").status_code == 404  # only the listed files
+    assert "unknown docs asset 'x.js'" in _error(client.get("/docs/assets/x.js"), 404)
 
 
 def test_error_shape_per_status(store_path: Path, tmp_path: Path) -> None:
