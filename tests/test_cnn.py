@@ -245,17 +245,22 @@ def test_forward_shapes_partial_batch_and_order(tiny_model: CheckpointModel) -> 
     assert tiny_model.forward(x[:0])["global_pool"].shape == (0, 32)
 
 
-def test_in_graph_pooling_equals_mean_of_feature_map(tiny_ckpt, tiny_model: CheckpointModel) -> None:
+def _feature_map(ckpt: tuple[Path, Path], layer: str, x: np.ndarray) -> np.ndarray:
+    """``layer``'s output maps for the batch ``x``, computed by MXNet outside the code under test."""
     import mxnet as mx
 
-    x = np.stack([tiny_model.prepare(_photo(i)) for i in range(2)])
-    sym = mx.sym.load(str(tiny_ckpt[0])).get_internals()["ch_concat_4e_chconcat_output"]
-    loaded = mx.nd.load(str(tiny_ckpt[1]))
+    sym = mx.sym.load(str(ckpt[0])).get_internals()[f"{layer}_output"]
+    loaded = mx.nd.load(str(ckpt[1]))
     args = {k[4:]: v for k, v in loaded.items() if k.startswith("arg:")}
     aux = {k[4:]: v for k, v in loaded.items() if k.startswith("aux:")}
     args["data"] = mx.nd.array(x)
     ex = sym.bind(mx.cpu(), {k: v for k, v in args.items() if k in sym.list_arguments()}, aux_states=aux)
-    fmap = ex.forward(is_train=False)[0].asnumpy()
+    return ex.forward(is_train=False)[0].asnumpy()
+
+
+def test_in_graph_pooling_equals_mean_of_feature_map(tiny_ckpt, tiny_model: CheckpointModel) -> None:
+    x = np.stack([tiny_model.prepare(_photo(i)) for i in range(2)])
+    fmap = _feature_map(tiny_ckpt, "ch_concat_4e_chconcat", x)
     np.testing.assert_allclose(
         tiny_model.forward(x)["ch_concat_4e_chconcat"], fmap.mean(axis=(2, 3)), rtol=1e-4, atol=1e-5
     )
@@ -567,21 +572,13 @@ def test_grid_pool_cells_layout_and_uneven_maps() -> None:
 
 
 def test_grid_taps_pool_the_feature_map(tiny_ckpt, tiny_model: CheckpointModel) -> None:
-    import mxnet as mx
-
     taps = ["ch_concat_4e_chconcat", "ch_concat_3c_chconcat"]  # 24 x 14 x 14 and 16 x 28 x 28
     model = CheckpointModel.load(*tiny_ckpt, BUILTIN_MODELS["inception21k"].preprocess, taps, batch_size=4, grid=2)
     assert model.tap_dims() == {"ch_concat_4e_chconcat": 24 * 4, "ch_concat_3c_chconcat": 16 * 4}
     assert model.tap_pooling() == dict.fromkeys(taps, "grid-average")
     x = np.stack([model.prepare(_photo(i)) for i in range(5)])  # a batch of 4 and a partial one
     out = model.forward(x)
-    sym = mx.sym.load(str(tiny_ckpt[0])).get_internals()["ch_concat_4e_chconcat_output"]
-    loaded = mx.nd.load(str(tiny_ckpt[1]))
-    args = {k[4:]: v for k, v in loaded.items() if k.startswith("arg:")}
-    aux = {k[4:]: v for k, v in loaded.items() if k.startswith("aux:")}
-    args["data"] = mx.nd.array(x)
-    ex = sym.bind(mx.cpu(), {k: v for k, v in args.items() if k in sym.list_arguments()}, aux_states=aux)
-    fmap = ex.forward(is_train=False)[0].asnumpy()
+    fmap = _feature_map(tiny_ckpt, "ch_concat_4e_chconcat", x)
     np.testing.assert_allclose(out["ch_concat_4e_chconcat"], grid_pool(fmap, 2), rtol=1e-4, atol=1e-4)
     # 14 and 28 split evenly in 2: the mean of the 4 cells is the globally pooled tap
     gap = tiny_model.forward(x)
