@@ -31,7 +31,7 @@ from featurestore.features.cnn.torch_pth import (
     LEGACY_PROTOCOL_VERSION,
     load_legacy_state_dict,
 )
-from featurestore.features.cnn.views import ViewsExtractor, variant_suffix
+from featurestore.features.cnn.views import ViewsExtractor, extract_command, variant_suffix
 from featurestore.features.registry import extract_hint, extractor_for, extractor_for_sets
 from featurestore.http.app import create_app
 from featurestore.io.images import load_rgb
@@ -610,6 +610,9 @@ def test_grid_end_to_end(tmp_path: Path, image_tree: Path) -> None:
         assert fs.params == {**base.params, "grid": 2, "pooling": "grid-average"} and fs.dim == 4 * base.dim
         assert store.feature_set(f"tiny.{layer}+grid2+flip").params == {**fs.params, "tta": "flip"}
         assert extract_hint(fs) == f"fs extract --model tiny --layers {layer} --grid 2"
+        # a model whose default tap is itself a map: the hint still names the layer (--grid needs --layers)
+        assert extract_command("mymodel+grid2", {**fs.params, "model": "mymodel"}) == (
+            f"fs extract --model mymodel --layers {layer} --grid 2")
         grid, gap = _vectors(store, f"tiny.{layer}+grid2"), _vectors(store, f"tiny.{layer}")
         paths = sorted(grid)[:6]
         # the stored vectors (onnxruntime) against the MXNet checkpoint pooled the same way

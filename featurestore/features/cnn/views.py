@@ -99,13 +99,13 @@ def variant_suffix(resize: str, model_resize: str, tta: str, grid: int = 1) -> s
 def extract_command(name: str, params: dict[str, Any]) -> str:
     """The ``fs extract`` command that computes the stored CNN set ``name`` (for messages).
 
-    ``--layers`` for a tap other than the default, ``--resize RULE`` when the
+    ``--layers`` for a tap other than the default or with a grid, ``--resize RULE`` when the
     name carries the rule, ``--grid N`` and ``--tta flip`` when the params record them.
     """
     base, *suffixes = name.split("+")
     model = params.get("model", base)
     parts = ["fs extract --model", str(model)]
-    if params.get("layer") and base != model:
+    if params.get("layer") and (base != model or params.get("grid")):  # --grid always names its layers
         parts += ["--layers", str(params["layer"])]
     rule = (params.get("preprocess") or {}).get("resize")
     if rule and rule in suffixes:
