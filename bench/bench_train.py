@@ -7,16 +7,28 @@ final one, (b) max_features="sqrt" in the selectors, and (c) the final forest
 seeing 455 columns instead of 1408 (sqrt(455) = 21 candidate features per
 split instead of 37). Target: Two-Flow fit time <= 1.5x the plain forest.
 
+Single fits on this virtual machine move by 10-20 % between identical runs, so
+``--repeats N`` fits each model N times in rounds (the order rotating each
+round) and reports the ratio of the best times and the median of the per-round
+ratios. ``--against-commit REV`` also fits the Two-Flow classifier as it was at
+git revision REV, in the same rounds: a regression in our code shows up as a
+difference between the two, whatever the machine's speed that day; the script
+also says whether both fitted models predict the same labels.
+
     python bench/bench_train.py --synthetic 5000
     python bench/bench_train.py --synthetic 5000 --selector-trees 50 --selector-max-samples 0.5
+    python -m bench.bench_train --store .fs --repeats 6 --against-commit cca868b
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +45,29 @@ except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
 
 RP_DIM = 128
 CNN_DIM = 1280
+REPO = Path(__file__).resolve().parents[1]
+# Where the Two-Flow classifier lived: training/twoflow.py since the restructure (issue 10).
+TWO_FLOW_PATHS = ("featurestore/training/twoflow.py", "featurestore/training/model.py")
+
+
+def two_flow_at(rev: str) -> Any:
+    """The ``TwoFlowClassifier`` class as it was at git revision ``rev`` of this repository.
+
+    The module's source is read with ``git show`` and executed as a module of its
+    own (it imports only scikit-learn and ``featurestore.errors``).
+    """
+    for path in TWO_FLOW_PATHS:
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"bench_train: no Two-Flow module at {rev!r} in {REPO} ({shown.stderr.strip()})")
+    name = f"_twoflow_at_{rev.replace('-', '_').replace('.', '_')}"
+    module = types.ModuleType(name)
+    module.__file__ = f"{rev}:{path}"
+    sys.modules[name] = module  # pickling and sklearn's clone look classes up by module
+    exec(compile(shown.stdout, module.__file__, "exec"), module.__dict__)
+    return module.TwoFlowClassifier
 
 
 def synthetic(n: int, n_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -74,6 +109,17 @@ def _timed_fit(estimator: Any, X: np.ndarray, y: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+def _summary(times: list[float], base: list[float]) -> dict[str, Any]:
+    ratios = [t / b for t, b in zip(times, base, strict=True)]
+    return {
+        "best_s": round(min(times), 3),
+        "median_s": round(statistics.median(times), 3),
+        "ratio": round(min(times) / min(base), 3),
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+    }
+
+
 def run(
     X: np.ndarray,
     y: np.ndarray,
@@ -86,40 +132,58 @@ def run(
     seed: int = 0,
     n_jobs: int = -1,
     repeats: int = 1,
+    against: Any = None,
 ) -> dict[str, Any]:
-    """Fit both models on a 90% split (``repeats`` times each, alternating) and time them.
+    """Fit the models on a 90% split ``repeats`` times each, in rounds, and time them.
 
-    Returns a dict with the best fit seconds of each model, their ratio
-    (Two-Flow / plain), holdout accuracies, and the kept-feature counts.
+    ``against`` is another ``TwoFlowClassifier`` class (e.g. :func:`two_flow_at`),
+    fitted with the same arguments in the same rounds. Returns a dict with the
+    best and median fit seconds of each model, the ratio of the best times
+    (Two-Flow / plain), the median and range of the per-round ratios, holdout
+    accuracies and the kept-feature counts.
     """
     select = select if select is not None else {"rp128": 55, "cnn": 400}
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.1, random_state=seed, stratify=y)
-    plain_times: list[float] = []
-    two_flow_times: list[float] = []
-    for _ in range(repeats):
-        plain = RandomForestClassifier(n_estimators=trees, random_state=seed, n_jobs=n_jobs)
-        plain_times.append(_timed_fit(plain, X_train, y_train))
-        two_flow = TwoFlowClassifier(
-            blocks=blocks,
-            select=select,
-            trees=trees,
-            selector_trees=selector_trees,
-            selector_max_features=selector_max_features,
-            selector_max_samples=selector_max_samples,
-            random_state=seed,
-            n_jobs=n_jobs,
+    kwargs = {
+        "blocks": blocks,
+        "select": select,
+        "trees": trees,
+        "selector_trees": selector_trees,
+        "selector_max_features": selector_max_features,
+        "selector_max_samples": selector_max_samples,
+        "random_state": seed,
+        "n_jobs": n_jobs,
+    }
+    makers: dict[str, Any] = {
+        "plain": lambda: RandomForestClassifier(n_estimators=trees, random_state=seed, n_jobs=n_jobs),
+        "two_flow": lambda: TwoFlowClassifier(**kwargs),
+    }
+    if against is not None:
+        makers["against"] = lambda: against(**kwargs)
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    fitted: dict[str, Any] = {}
+    order = list(makers)
+    for round_ in range(repeats):
+        # Rotate the order so no model always runs first (or right after the slowest).
+        for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
+            fitted[name] = makers[name]()
+            times[name].append(_timed_fit(fitted[name], X_train, y_train))
+        print(
+            f"round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in order),
+            file=sys.stderr,
+            flush=True,
         )
-        two_flow_times.append(_timed_fit(two_flow, X_train, y_train))
 
     # Time of the selectors alone, to show where the Two-Flow time goes.
+    two_flow = fitted["two_flow"]
     select_step = two_flow.pipeline_.named_steps["select"]
     selector_seconds = 0.0
     for _name, step, cols in select_step.transformers:
         if step != "passthrough":
             selector_seconds += _timed_fit(step.estimator, X_train[:, cols], y_train)
 
-    plain_s, two_flow_s = min(plain_times), min(two_flow_times)
-    return {
+    ours = _summary(times["two_flow"], times["plain"])
+    figures: dict[str, Any] = {
         "n_train": int(X_train.shape[0]),
         "n_features": int(X.shape[1]),
         "n_classes": int(np.unique(y).size),
@@ -127,14 +191,32 @@ def run(
         "selector_trees": selector_trees,
         "selector_max_features": selector_max_features,
         "selector_max_samples": selector_max_samples,
-        "plain_rf_fit_s": round(plain_s, 3),
-        "two_flow_fit_s": round(two_flow_s, 3),
+        "repeats": repeats,
+        "plain_rf_fit_s": round(min(times["plain"]), 3),
+        "plain_rf_median_s": round(statistics.median(times["plain"]), 3),
+        "two_flow_fit_s": ours["best_s"],
+        "two_flow_median_s": ours["median_s"],
         "two_flow_selectors_s": round(selector_seconds, 3),
-        "ratio": round(two_flow_s / plain_s, 3),
-        "plain_rf_accuracy": round(float(plain.score(X_test, y_test)), 4),
+        "ratio": ours["ratio"],
+        "ratio_median": ours["ratio_median"],
+        "ratio_range": ours["ratio_range"],
+        "plain_rf_accuracy": round(float(fitted["plain"].score(X_test, y_test)), 4),
         "two_flow_accuracy": round(float(two_flow.score(X_test, y_test)), 4),
         "kept": {k: int(v.size) for k, v in two_flow.kept_features_.items()},
     }
+    if against is not None:
+        theirs = _summary(times["against"], times["plain"])
+        paired = _summary(times["two_flow"], times["against"])  # ours / theirs, round by round
+        figures["against"] = {
+            **theirs,
+            "ours_to_theirs_median": paired["ratio_median"],
+            "ours_to_theirs_range": paired["ratio_range"],
+            "same_predictions": bool(np.array_equal(fitted["against"].predict(X_test), two_flow.predict(X_test))),
+            "same_kept": all(
+                np.array_equal(fitted["against"].kept_features_[k], v) for k, v in two_flow.kept_features_.items()
+            ),
+        }
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selector-trees", type=int, default=SELECTOR_TREES)
     parser.add_argument("--selector-max-features", default="sqrt", help='"sqrt", "log2", an int or a float fraction')
     parser.add_argument("--selector-max-samples", type=float, default=None)
-    parser.add_argument("--repeats", type=int, default=1, help="fits per model; the best time is kept")
+    parser.add_argument("--repeats", type=int, default=1, help="fits per model, in rounds; best and median are kept")
+    parser.add_argument(
+        "--against-commit",
+        metavar="REV",
+        help="also time the Two-Flow classifier of git revision REV in the same rounds (e.g. cca868b, before the "
+        "restructure)",
+    )
     parser.add_argument("--n-jobs", type=int, default=-1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -193,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         n_jobs=args.n_jobs,
         repeats=args.repeats,
+        against=two_flow_at(args.against_commit) if args.against_commit else None,
     )
     if args.json:
         print(json.dumps(figures))
@@ -212,7 +301,23 @@ def main(argv: list[str] | None = None) -> int:
             f"(selectors alone {figures['two_flow_selectors_s']:.2f} s), "
             f"holdout accuracy {figures['two_flow_accuracy']:.3f}"
         )
-        print(f"ratio Two-Flow / plain RF: {figures['ratio']:.2f}x (target <= 1.5x)")
+        print(
+            f"ratio Two-Flow / plain RF: {figures['ratio']:.2f}x of the best times (target <= 1.5x); "
+            f"per round median {figures['ratio_median']:.2f}x, range {figures['ratio_range'][0]:.2f}-"
+            f"{figures['ratio_range'][1]:.2f} over {figures['repeats']} rounds"
+        )
+        if "against" in figures:
+            a = figures["against"]
+            print(
+                f"Two-Flow at {args.against_commit}: fit {a['best_s']:.2f} s (median {a['median_s']:.2f}); ratio to "
+                f"plain RF {a['ratio']:.2f}x of the best times, per round median {a['ratio_median']:.2f}x, range "
+                f"{a['ratio_range'][0]:.2f}-{a['ratio_range'][1]:.2f}; same holdout predictions as ours: "
+                f"{a['same_predictions']}, same kept features: {a['same_kept']}"
+            )
+            print(
+                f"ours / {args.against_commit}, round by round: median {a['ours_to_theirs_median']:.3f}x, range "
+                f"{a['ours_to_theirs_range'][0]:.2f}-{a['ours_to_theirs_range'][1]:.2f}"
+            )
     return 0
 
 
