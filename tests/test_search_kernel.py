@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -194,3 +199,66 @@ def test_near_duplicates_validation():
     with pytest.raises(DimensionMismatchError):
         near_duplicate_groups(np.arange(4), np.ones((3, 2)))
     assert near_duplicate_groups(np.arange(1), np.ones((1, 2))) == []
+
+
+# --- concurrent searches share the cores through the product gate (fs serve's thread pool) ---
+
+
+def test_product_gate_size_follows_the_blas_threads():
+    from threadpoolctl import threadpool_limits
+
+    from featurestore.search.kernel import _ProductGate
+
+    cores = len(os.sched_getaffinity(0))
+    with threadpool_limits(limits=1, user_api="blas"):
+        assert _ProductGate().size() == cores  # single-threaded BLAS: one product per core
+    with threadpool_limits(limits=cores, user_api="blas"):
+        assert _ProductGate().size() == 1  # each product takes every core
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_product_gate_admits_at_most_its_slots(slots):
+    from featurestore.search.kernel import _ProductGate
+
+    class Gate(_ProductGate):
+        def size(self) -> int:
+            return slots
+
+    gate, lock = Gate(), threading.Lock()
+    inside, most, start = [0], [0], threading.Barrier(6)
+
+    def enter() -> None:
+        start.wait()
+        for _ in range(50):
+            with gate:
+                with lock:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                time.sleep(0.0005)  # hold the slot so the other threads pile up at the gate
+                with lock:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=enter) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert most[0] == slots
+
+
+def test_concurrent_searches_return_what_sequential_ones_do(data):
+    ids, mat, queries = data
+    index = VectorIndex(ids, mat, "cosine")
+    allowed = ids[::3]
+    expected = [(index.search(q, k=5), index.search(q, k=5, allowed_ids=allowed)) for q in queries]
+    expected_many = index.search_many(queries, k=5)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda q: (index.search(q, k=5), index.search(q, k=5, allowed_ids=allowed)),
+                            list(queries) * 8))
+        got_many = list(pool.map(lambda _: index.search_many(queries, k=5), range(8)))
+        got_stream = list(pool.map(lambda q: top_k(q, split_chunks(ids, mat, [100, 250]), k=5), queries))
+    assert got == expected * 8
+    assert all(g == expected_many for g in got_many)
+    # top_k normalises chunk by chunk, so its scores may differ in the last float bit: compare the ids
+    assert [[h.image_id for h in g] for g in got_stream] == [[h.image_id for h in e[0]] for e in expected]

@@ -39,12 +39,15 @@ Store level (second half)
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from threadpoolctl import ThreadpoolController
 
 from featurestore.errors import DimensionMismatchError, InvalidInputError
 
@@ -55,6 +58,42 @@ METRICS = ("cosine", "l2")
 _EXCLUDE_PREFILTER = 256
 # search_many scores at most this many (query, row) pairs at once (64 MiB float32).
 _BATCH_CELLS = 1 << 24
+
+
+class _ProductGate:
+    """At most as many matrix products at once as the cores hold.
+
+    Each product already runs on every BLAS thread; several threads of one process
+    (``fs serve`` answers requests in a thread pool) starting products at once give
+    the cores more BLAS threads than they have, and OpenBLAS's spinning threads
+    then slow every request down (concurrency 8 below concurrency 1). Products
+    beyond ``cores // BLAS threads`` wait here instead; with single-threaded BLAS
+    as many run at once as there are cores. The BLAS thread count is read once,
+    at the first product.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: threading.BoundedSemaphore | None = None
+
+    def size(self) -> int:
+        blas = [lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(blas, default=1))
+
+    def __enter__(self) -> None:
+        if self._slots is None:
+            with self._lock:
+                if self._slots is None:
+                    self._slots = threading.BoundedSemaphore(self.size())
+        self._slots.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._slots is not None
+        self._slots.release()
+
+
+_PRODUCTS = _ProductGate()
 
 
 @dataclass(frozen=True)
@@ -255,7 +294,8 @@ def top_k(
         if ids.size == 0:
             continue
 
-        dots = mat @ qdir.astype(mat.dtype)
+        with _PRODUCTS:
+            dots = mat @ qdir.astype(mat.dtype)
         _reject_nonfinite(dots, ids)
         if cosine:
             norms = np.sqrt(_row_sq_norms(mat))
@@ -384,9 +424,12 @@ class VectorIndex:
         pos = self._positions(allowed_ids)
         if pos is not None and pos.size * 4 < len(self):
             # few rows allowed: gathering them is cheaper than scoring every row
-            scores = self._rows[pos] @ qdir
+            rows = self._rows[pos]
+            with _PRODUCTS:
+                scores = rows @ qdir
         else:
-            scores = self._rows @ qdir
+            with _PRODUCTS:
+                scores = self._rows @ qdir
         return self._rank(scores, q, k, excl, pos)
 
     def search_many(
@@ -445,7 +488,8 @@ class VectorIndex:
 
         out: list[list[Hit]] = []
         for start in range(0, Q.shape[0], step):
-            block = Qdir[start : start + step] @ rows.T
+            with _PRODUCTS:
+                block = Qdir[start : start + step] @ rows.T
             for j in range(block.shape[0]):
                 i = start + j
                 excl = _id_array(exclude_ids[i] if exclude_ids is not None else None)
