@@ -51,14 +51,14 @@ def sql(
 ) -> None:
     """Run one read-only query on the catalog and print the result.
 
-    Exactly one query over the catalog tables (datasets, images, ingest_errors,
-    feature_sets, feature_shards, feature_rows, models, runs, run_splits,
-    predictions), with plain functions only (aggregates, string, math, date,
-    JSON); anything else (several statements, COPY, SELECT INTO, writes, file or
-    setting functions, PRAGMA, ATTACH) is refused before it reaches the
-    database. It runs read-only (SQLite opened mode=ro; PostgreSQL a READ ONLY
-    transaction, as FS_READONLY_DATABASE_URL / FS_READONLY_ROLE when set) and is
-    stopped after --timeout seconds or on Ctrl-C.
+    Exactly one query over the catalog tables (datasets, dataset_members, images,
+    ingest_errors, feature_sets, feature_shards, feature_rows, models, runs,
+    run_splits, run_test_predictions, predictions, vector_indexes), with plain
+    functions only (aggregates, string, math, date, JSON); anything else (several
+    statements, COPY, SELECT INTO, writes, file or setting functions, PRAGMA,
+    ATTACH) is refused before it reaches the database. It runs read-only (SQLite
+    opened mode=ro; PostgreSQL a READ ONLY transaction, as FS_READONLY_DATABASE_URL /
+    FS_READONLY_ROLE when set) and is stopped after --timeout seconds or on Ctrl-C.
 
     Example: fs sql "SELECT label, count(*) AS n FROM images GROUP BY label" --format csv
     """

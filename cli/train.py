@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -14,6 +15,7 @@ from featurestore.pipelines.predict import predict as run_predict
 from featurestore.pipelines.train import TrainConfig, evaluate_many, list_runs
 from featurestore.pipelines.train import compare as run_compare
 from featurestore.pipelines.train import train as run_train
+from featurestore.training.stats import McNemarTest
 
 
 def _features(value: str) -> list[str]:
@@ -166,7 +168,10 @@ def compare(
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence level of the interval."),
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
 ) -> None:
-    """Paired two-sided t-test of two runs' test accuracy over the same splits (A - B).
+    """Paired two-sided test of two runs' test accuracy (A - B).
+
+    Runs over the same random splits: a t-test of the per-split accuracies. Runs scored on the same
+    fixed test dataset (--test-dataset): McNemar's exact test of the images only one of them got right.
 
     Example: fs compare 3 1
     """
@@ -176,14 +181,21 @@ def compare(
     finally:
         store.close()
     t = c.test
-    row = {"run_a": run_a, "features_a": ",".join(c.run_a.features), "run_b": run_b,
-           "features_b": ",".join(c.run_b.features), "mean_diff": t.mean_diff, "ci_low": t.ci_low,
-           "ci_high": t.ci_high, "statistic": t.statistic, "pvalue": t.pvalue, "n": t.n}
-    common.emit([row], fmt)
+    row: dict[str, Any] = {"run_a": run_a, "features_a": ",".join(c.run_a.features), "run_b": run_b,
+                           "features_b": ",".join(c.run_b.features), "mean_diff": t.mean_diff, "ci_low": t.ci_low,
+                           "ci_high": t.ci_high}
     verdict = "significant" if t.pvalue < 1 - confidence else "not significant"
-    common.err(f"A - B = {100 * t.mean_diff:+.2f} points, {int(confidence * 100)}% CI "
-               f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}], t = {t.statistic:.3f}, p = {t.pvalue:.4g} "
-               f"({verdict} at {1 - confidence:g})")
+    interval = (f"A - B = {100 * t.mean_diff:+.2f} points, {int(confidence * 100)}% CI "
+                f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}]")
+    if isinstance(t, McNemarTest):
+        row.update(test="mcnemar", a_only=t.a_only, b_only=t.b_only, pvalue=t.pvalue, n=t.n)
+        common.emit([row], fmt)
+        common.err(f"{interval}; McNemar: only A right on {t.a_only}, only B right on {t.b_only} of {t.n} test "
+                   f"images, p = {t.pvalue:.4g} ({verdict} at {1 - confidence:g})")
+        return
+    row.update(statistic=t.statistic, pvalue=t.pvalue, n=t.n)
+    common.emit([row], fmt)
+    common.err(f"{interval}, t = {t.statistic:.3f}, p = {t.pvalue:.4g} ({verdict} at {1 - confidence:g})")
 
 
 def predict(

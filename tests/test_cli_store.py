@@ -26,6 +26,14 @@ def test_help_everywhere() -> None:
         assert "Usage" in result.output
 
 
+def test_sql_help_names_every_catalog_table() -> None:
+    from featurestore.catalog.readonly import catalog_tables
+
+    text = re.sub(r"\s+", " ", fs("sql", "--help").output)
+    listed = set(re.search(r"catalog tables \(([^)]*)\)", text).group(1).replace(" ", "").split(","))
+    assert listed == set(catalog_tables()) - {"alembic_version"}
+
+
 def test_ingest_status_sql_roundtrip(image_tree: Path) -> None:
     result = fs("ingest", str(image_tree), "--dataset", "spring")
     assert result.exit_code == 0, result.output

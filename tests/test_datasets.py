@@ -148,6 +148,55 @@ def test_fixed_test_protocol_never_trains_on_a_test_image(store: Store, tmp_path
     assert bad.exit_code == 2 and "must differ" in bad.output
 
 
+def test_fixed_test_runs_are_compared_image_by_image(store: Store, tmp_path: Path) -> None:
+    """Two runs on the same test dataset: McNemar's exact test over their stored per-image predictions."""
+    tr, te = _lists(tmp_path)
+    rng = np.random.default_rng(1)
+    with store.writing():
+        ingest(store, tr, dataset="train")
+        ingest(store, te, dataset="test")
+        ids = np.array([r[0] for r in store.select_images()], dtype=np.int64)
+        labels = {r[0]: r[2] for r in store.select_images()}
+        good = np.array([[1.0, 0.0] if labels[i] == "sneaker" else [0.0, 1.0] for i in ids]) + rng.normal(
+            scale=0.05, size=(len(ids), 2))
+        for name, vecs in (("good", good), ("noise", rng.normal(size=(len(ids), 2)))):
+            store.append_vectors(store.ensure_feature_set(FeatureSpec(name, "test", 2, {})), ids, vecs)
+        cfg = TrainConfig(["good"], trees=5, dataset="train", test_dataset="test")
+        a, b = (o.run_id for o in evaluate_many(store, [["good"], ["noise"]], cfg))
+        other = train(store, TrainConfig(["good"], trees=5, dataset="test", test_dataset="train"))
+        rep = train(store, TrainConfig(["good"], trees=5, n_splits=2, test_size=0.5))
+    right = {r: store.catalog.test_correctness(r) for r in (a, b)}
+    test_ids = store.catalog.dataset_image_ids("test")
+    assert set(right[a]) == set(right[b]) == test_ids  # one row per test image
+    a_only = sum(right[a][i] and not right[b][i] for i in test_ids)
+    b_only = sum(right[b][i] and not right[a][i] for i in test_ids)
+    assert a_only > b_only  # the informative set beats noise on the test photos
+    c = compare(store, a, b)
+    assert c.test.kind == "mcnemar" and (c.test.a_only, c.test.b_only, c.test.n) == (a_only, b_only, 10)
+    run_a, run_b = store.catalog.run(a), store.catalog.run(b)
+    assert c.test.mean_diff == pytest.approx(run_a.accuracy_mean - run_b.accuracy_mean)
+    assert sum(right[a].values()) / 10 == pytest.approx(run_a.accuracy_mean)
+    swapped = compare(store, b, a).test
+    assert (swapped.a_only, swapped.b_only, swapped.pvalue) == (b_only, a_only, c.test.pvalue)
+
+    shown = fs("compare", str(a), str(b), "--format", "json")
+    assert shown.exit_code == 0, shown.output
+    (row,) = json.loads(shown.stdout)
+    assert (row["test"], row["a_only"], row["b_only"], row["n"]) == ("mcnemar", a_only, b_only, 10)
+    assert f"McNemar: only A right on {a_only}, only B right on {b_only} of 10 test images" in shown.output
+
+    with pytest.raises(Exception, match="not scored on the same test images .*test_dataset: test vs train"):
+        compare(store, a, other.run_id)
+    with pytest.raises(Exception, match=f"run {a} was scored on the fixed test dataset test .* repeated random"):
+        compare(store, a, rep.run_id)
+    with store.session() as s:  # a run recorded before the predictions were kept
+        s.execute(text("DELETE FROM run_test_predictions WHERE run_id = :r"), {"r": b})
+    with pytest.raises(Exception, match=f"run {b} was recorded before .* evaluate it again"):
+        compare(store, a, b)
+    refused = fs("compare", str(a), str(b))
+    assert refused.exit_code == 1 and "evaluate it again" in refused.output and "Traceback" not in refused.output
+
+
 def test_membership_migration_keeps_existing_stores(tmp_path: Path, backend_url: str | None) -> None:
     """A catalog made by the previous schema (0002) upgrades: every image is a member of its dataset."""
     (tmp_path / ".fs").mkdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 
 import numpy as np
@@ -25,7 +26,7 @@ from featurestore.training.evaluation import (
     make_splits,
     splits_fingerprint,
 )
-from featurestore.training.stats import paired_ttest
+from featurestore.training.stats import mcnemar, paired_ttest
 from featurestore.training.twoflow import (
     LOGREG_CS,
     MLP_HIDDEN,
@@ -366,6 +367,42 @@ def test_paired_ttest_zero_variance():
 def test_paired_ttest_rejects_bad_input(a, b):
     with pytest.raises(InvalidInputError):
         paired_ttest(a, b)
+
+
+def _exact_two_sided(k: int, n: int) -> float:
+    """Two-sided exact binomial p at one half, summed by hand: outcomes no likelier than k."""
+    pk = math.comb(n, k)
+    return min(1.0, sum(math.comb(n, i) for i in range(n + 1) if math.comb(n, i) <= pk) / 2**n)
+
+
+def test_mcnemar_counts_discordant_images_and_matches_the_exact_binomial():
+    rng = np.random.RandomState(3)
+    a = rng.rand(400) < 0.90
+    b = np.where(rng.rand(400) < 0.15, ~a, a)  # b disagrees with a on about 15% of the images
+    result = mcnemar(a.tolist(), b.tolist())
+    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(b & ~a))
+    assert (result.a_only, result.b_only, result.n) == (a_only, b_only, 400)
+    assert result.mean_diff == pytest.approx(a.mean() - b.mean())
+    assert result.pvalue == pytest.approx(_exact_two_sided(a_only, a_only + b_only), rel=1e-9)
+    # Wald interval of a paired difference of proportions
+    se = math.sqrt(a_only + b_only - (a_only - b_only) ** 2 / 400) / 400
+    assert result.ci_high - result.mean_diff == pytest.approx(1.959964 * se, rel=1e-5)
+    assert mcnemar(a, b, confidence=0.99).ci_high > result.ci_high
+    assert result.kind == "mcnemar" and result.to_dict()["a_only"] == a_only and "kind" not in result.to_dict()
+
+
+def test_mcnemar_lopsided_and_equal():
+    one_sided = mcnemar([True] * 12 + [False] * 3, [False] * 12 + [False] * 3)
+    assert (one_sided.a_only, one_sided.b_only) == (12, 0) and one_sided.pvalue == pytest.approx(2 / 2**12)
+    same = mcnemar([True, False, True], [True, False, True])
+    assert (same.a_only, same.b_only, same.pvalue, same.mean_diff) == (0, 0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize(("a", "b", "confidence"), [([True], [True, False], 0.95), ([], [], 0.95),
+                                                    ([True], [False], 1.5)])
+def test_mcnemar_rejects_bad_input(a, b, confidence):
+    with pytest.raises(InvalidInputError):
+        mcnemar(a, b, confidence)
 
 
 # --- artifacts ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from featurestore.io.thumbnails import render_thumbnail, thumbnail_path
 from featurestore.pipelines.embedding_map import embedding_map
 from featurestore.pipelines.extract import extract
 from featurestore.pipelines.ingest import ingest
+from featurestore.pipelines.train import TrainConfig, evaluate_many
 from featurestore.store import Store
 from featurestore.training.confusion import Confusion
 
@@ -424,3 +425,14 @@ def test_report_errors(store_path: Path, tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "unknown run '9'" in missing.output
     assert runner.invoke(cli_app, ["--store", str(store_path), "report", "1"]).exit_code == 2
     assert "Example: fs report 3 --out run3.html" in runner.invoke(cli_app, ["report", "--help"]).output
+
+
+def test_compare_page_fixed_test_runs_use_mcnemar(store_path: Path, client: TestClient) -> None:
+    with Store.open(Settings(store=store_path)) as store, store.writing():
+        cfg = TrainConfig(["rp16"], trees=10, dataset="shoes", test_dataset="later")
+        a, b = (o.run_id for o in evaluate_many(store, [["rp16"], ["pixels8x6"]], cfg))
+    html = client.get("/ui/compare", params=[("run", a), ("run", b)]).text
+    assert 'id="mcnemar"' in html and 'id="ttest"' not in html and "test dataset later" in html
+    assert "only A right" in html and "test images" in html
+    mixed = client.get("/ui/compare", params=[("run", a), ("run", 2)]).text
+    assert 'id="refusal"' in mixed and "repeated random splits" in mixed

@@ -35,6 +35,7 @@ from featurestore.catalog.schema import (
     Prediction,
     Run,
     RunSplit,
+    RunTestPrediction,
     utcnow,
 )
 from featurestore.errors import InvalidInputError, NotFoundError
@@ -456,12 +457,24 @@ class Catalog:
             return row
 
     # -- runs ------------------------------------------------------------------------------
-    def add_run(self, run: Run, splits: list[dict[str, Any]]) -> int:
+    def add_run(self, run: Run, splits: list[dict[str, Any]], test_predictions: list[dict[str, Any]] | None = None
+                ) -> int:
+        """Insert a run, its per-split scores and (fixed-test runs) its per-image test predictions, in one
+        transaction."""
         with self.session() as s:
             s.add(run)
             s.flush()
             s.execute(insert(RunSplit), [{"run_id": run.id, **row} for row in splits])
+            for part in chunks(test_predictions or []):
+                s.execute(insert(RunTestPrediction), [{"run_id": run.id, **row} for row in part])
             return int(run.id)
+
+    def test_correctness(self, run_id: int) -> dict[int, bool]:
+        """Image id -> whether the fixed-test run ``run_id`` predicted it right (empty for other runs)."""
+        with self.session() as s:
+            rows = s.execute(select(RunTestPrediction.image_id, RunTestPrediction.correct)
+                             .where(RunTestPrediction.run_id == run_id)).all()
+        return {int(i): bool(c) for i, c in rows}
 
     def run(self, run_id: int) -> Run:
         with self.session() as s:

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -210,6 +211,22 @@ class RunSplit(Base):
     fit_seconds: Mapped[float] = mapped_column(Float)
     n_train: Mapped[int] = mapped_column(Integer)
     n_test: Mapped[int] = mapped_column(Integer)
+
+
+class RunTestPrediction(Base):
+    """What a fixed-test run's model predicted for each image of its test dataset.
+
+    Written with the run (``fs train`` / ``fs evaluate --test-dataset``) so that
+    ``fs compare`` can pair two such runs image by image (McNemar's test).
+    ``correct`` is the comparison with the label the image had at evaluation time.
+    """
+
+    __tablename__ = "run_test_predictions"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    predicted: Mapped[str] = mapped_column(String(200))
+    correct: Mapped[bool] = mapped_column(Boolean)
 
 
 class Prediction(Base):

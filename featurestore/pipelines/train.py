@@ -29,7 +29,7 @@ from featurestore.pipelines import cluster
 from featurestore.store import FeatureMatrix, Store
 from featurestore.training.artifacts import save_artifact
 from featurestore.training.evaluation import EvaluationResult, evaluate, make_splits, splits_fingerprint
-from featurestore.training.stats import PairedTTest, paired_ttest
+from featurestore.training.stats import McNemarTest, PairedTTest, mcnemar, paired_ttest
 from featurestore.training.twoflow import CLASSIFIERS, TwoFlowClassifier, build_model, describe_model
 
 Progress = Callable[[int, int], None]
@@ -189,7 +189,18 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prep
     return store.catalog.add_run(run, [
         {"split": r.index, "test_accuracy": r.accuracy, "train_accuracy": r.train_accuracy,
          "macro_f1": r.macro_f1, "superclass_accuracy": r.superclass_accuracy, "fit_seconds": r.fit_seconds,
-         "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits])
+         "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits], _test_predictions(prep, ev))
+
+
+def _test_predictions(prep: _Prepared, ev: EvaluationResult) -> list[dict[str, Any]]:
+    """Per test image of a fixed-test run: what was predicted and whether it was right (for `fs compare`)."""
+    predicted = ev.splits[0].predicted if ev.splits else None
+    if prep.scheme != "fixed-test" or predicted is None:
+        return []
+    test = prep.splits[0][1]
+    ids = np.asarray(prep.fm.image_ids)[test]
+    return [{"image_id": int(i), "predicted": str(p), "correct": bool(p == t)}
+            for i, p, t in zip(ids, predicted, prep.y[test], strict=True)]
 
 
 @dataclass
@@ -344,20 +355,24 @@ def get_run(store: Store, run_id: int) -> Run:
 class Comparison:
     run_a: Run
     run_b: Run
-    test: PairedTTest
+    test: PairedTTest | McNemarTest
 
 
 def compare(store: Store, a: int, b: int, confidence: float = 0.95) -> Comparison:
-    """Paired two-sided t-test of two runs' per-split test accuracy (A - B)."""
+    """Compare two runs' test accuracy (A - B), paired: a two-sided t-test over the same random splits, or,
+    for two runs scored on the same fixed test dataset, McNemar's exact test image by image."""
     ra, rb = get_run(store, a), get_run(store, b)
     if a == b:
         raise InvalidInputError("compare needs two different runs")
-    fixed = [r.id for r in (ra, rb) if r.split_scheme == "fixed-test"]
-    if fixed:
+    fixed = [r.split_scheme == "fixed-test" for r in (ra, rb)]
+    if all(fixed):
+        return Comparison(ra, rb, _compare_fixed(store, ra, rb, confidence))
+    if any(fixed):
+        one, other = (ra, rb) if fixed[0] else (rb, ra)
         raise FeatureStoreError(
-            f"run {fixed[0]} was scored on a fixed test dataset (one score), so a paired t-test over splits does "
-            "not apply; compare fixed-test runs by their accuracy on the same test dataset (`fs runs`), and "
-            "repeated-split runs with `fs compare`"
+            f"run {one.id} was scored on the fixed test dataset {one.test_dataset} and run {other.id} on repeated "
+            "random splits, so no paired test applies; compare it with another run on the same test dataset "
+            "(`fs evaluate --test-dataset ...`)"
         )
     reasons = []
     if ra.n_images != rb.n_images:
@@ -374,6 +389,31 @@ def compare(store: Store, a: int, b: int, confidence: float = 0.95) -> Compariso
             "--seed/--splits on the same images"
         )
     return Comparison(ra, rb, paired_ttest(store.catalog.split_scores(a), store.catalog.split_scores(b), confidence))
+
+
+def _compare_fixed(store: Store, ra: Run, rb: Run, confidence: float) -> McNemarTest:
+    """McNemar's test of two fixed-test runs on the test images both predicted."""
+    reasons = [f"{attr}: {getattr(ra, attr)} vs {getattr(rb, attr)}"
+               for attr in ("test_dataset", "target") if getattr(ra, attr) != getattr(rb, attr)]
+    if reasons:
+        raise FeatureStoreError(f"runs {ra.id} and {rb.id} were not scored on the same test images "
+                                f"({'; '.join(reasons)}), so a paired test does not apply")
+    got = {r.id: store.catalog.test_correctness(r.id) for r in (ra, rb)}
+    missing = [i for i, rows in got.items() if not rows]
+    if missing:
+        raise FeatureStoreError(
+            f"run {missing[0]} was recorded before featurestore kept the per-image predictions of fixed-test runs, "
+            "so McNemar's test cannot pair it; evaluate it again (`fs evaluate --test-dataset ...`)"
+        )
+    a_rows, b_rows = got[ra.id], got[rb.id]
+    if a_rows.keys() != b_rows.keys():
+        raise FeatureStoreError(
+            f"runs {ra.id} and {rb.id} were scored on different images of the test dataset {ra.test_dataset} "
+            f"({len(a_rows)} and {len(b_rows)}, {len(a_rows.keys() & b_rows.keys())} in common; it changed "
+            "between them, or they selected different images), so a paired test does not apply"
+        )
+    ids = sorted(a_rows)
+    return mcnemar([a_rows[i] for i in ids], [b_rows[i] for i in ids], confidence)
 
 
 def check_features_unchanged(store: Store, run: Run) -> None:

@@ -154,6 +154,9 @@ class SplitResult:
     superclass_accuracy: float | None
     fit_seconds: float
     predict_seconds: float
+    # What the model predicted for each test row, in the order of the split's test indices (kept for a
+    # fixed test dataset, whose runs record them; not part of to_dict()).
+    predicted: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -187,7 +190,7 @@ class EvaluationResult:
         """JSON-serialisable form (plain floats, ints, ``None``)."""
         return {
             "n_splits": len(self.splits),
-            "splits": [asdict(s) for s in self.splits],
+            "splits": [{k: v for k, v in asdict(s).items() if k != "predicted"} for s in self.splits],
             "summary": {k: asdict(v) for k, v in self.summary.items()},
         }
 
@@ -291,6 +294,7 @@ def fit_and_score(estimator: Any, X: np.ndarray, y: np.ndarray, train: np.ndarra
         ),
         fit_seconds=fit_seconds,
         predict_seconds=predict_seconds,
+        predicted=np.asarray(predicted),
     )
 
 

@@ -1,11 +1,11 @@
-"""Paired comparison of two models evaluated on the same splits."""
+"""Paired comparison of two models: over the same splits, or image by image on one fixed test set."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy import stats
@@ -44,6 +44,8 @@ class PairedTTest:
     zero_variance : bool
         The differences are all equal (the degenerate case above).
     """
+
+    kind: ClassVar[str] = "paired-t"
 
     statistic: float
     pvalue: float
@@ -145,3 +147,66 @@ def paired_ttest(a: Sequence[float], b: Sequence[float], confidence: float = 0.9
         df=df,
         confidence=confidence,
     )
+
+
+@dataclass(frozen=True)
+class McNemarTest:
+    """Exact two-sided McNemar test of two models scored on the same test images.
+
+    Attributes
+    ----------
+    a_only, b_only : int
+        Images only ``a`` got right, and only ``b`` got right (the discordant pairs).
+    pvalue : float
+        Two-sided exact binomial p-value of ``a_only`` among ``a_only + b_only``
+        at one half; ``1.0`` when there are no discordant pairs.
+    mean_diff : float
+        Accuracy of ``a`` minus accuracy of ``b``, ``(a_only - b_only) / n``.
+    ci_low, ci_high : float
+        Wald confidence interval of that difference for paired proportions.
+    n : int
+        Test images.
+    confidence : float
+        Level of the interval.
+    """
+
+    kind: ClassVar[str] = "mcnemar"
+
+    a_only: int
+    b_only: int
+    pvalue: float
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    n: int
+    confidence: float = 0.95
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool], confidence: float = 0.95) -> McNemarTest:
+    """Exact McNemar test of per-image correctness ``a_correct`` against ``b_correct`` (same images, same order).
+
+    Raises
+    ------
+    InvalidInputError
+        Lengths differ, no images, or a bad ``confidence``.
+    """
+    x = np.asarray(a_correct, dtype=bool)
+    z = np.asarray(b_correct, dtype=bool)
+    if x.ndim != 1 or x.shape != z.shape:
+        raise InvalidInputError(f"McNemar's test needs the same test images for both runs: got {x.size} and {z.size}")
+    if x.size == 0:
+        raise InvalidInputError("McNemar's test needs at least one test image")
+    if not 0.0 < confidence < 1.0:
+        raise InvalidInputError(f"confidence must be between 0 and 1, got {confidence}")
+    n = int(x.size)
+    a_only, b_only = int(np.sum(x & ~z)), int(np.sum(~x & z))
+    discordant = a_only + b_only
+    pvalue = float(stats.binomtest(a_only, discordant, 0.5).pvalue) if discordant else 1.0
+    mean_diff = (a_only - b_only) / n
+    se = math.sqrt(max(discordant - (a_only - b_only) ** 2 / n, 0.0)) / n
+    half = float(stats.norm.ppf(0.5 + confidence / 2.0)) * se
+    return McNemarTest(a_only=a_only, b_only=b_only, pvalue=min(pvalue, 1.0), mean_diff=mean_diff,
+                       ci_low=mean_diff - half, ci_high=mean_diff + half, n=n, confidence=confidence)

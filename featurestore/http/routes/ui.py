@@ -4,8 +4,8 @@ Pages: ``/ui/browse`` (filtered, keyset-paged thumbnail grid), ``/ui/images/{id}
 (metadata, each run's top-5, nearest neighbours per feature set), ``/ui/search``
 (search by photo, and a run's prediction), ``/ui/runs``, ``/ui/runs/{id}``
 (per-split chart, confusion matrix, per-class scores), ``/ui/compare`` (paired
-t-test of two runs) and ``/ui/map`` (2-D embedding map). ``/`` sends the browser
-to the grid.
+test of two runs: t-test over splits, McNemar on one test set) and ``/ui/map``
+(2-D embedding map). ``/`` sends the browser to the grid.
 
 Same rules as the JSON API: read-only unless the server allows writes (then the
 upload of a search can be stored, by an authenticated user who asks for it);
@@ -421,7 +421,7 @@ def run_page(request: Request, svc: Svc, run_id: Annotated[int, PathParam(ge=1, 
 @pages.get("/ui/compare")
 def compare_page(request: Request, svc: Svc, run: Annotated[list[str] | None, Query(max_length=30)] = None
                  ) -> HTMLResponse:
-    """The paired t-test of two runs over the same splits (as `fs compare A B`)."""
+    """The paired test of two runs (as `fs compare A B`): t-test over the same splits, McNemar on one test set."""
     ids = [i for i in (_int(r, "run") for r in (run or [])) if i is not None]
     if len(ids) != 2:
         raise InvalidInputError(f"pick exactly two runs to compare (got {len(ids)})")
