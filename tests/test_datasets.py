@@ -189,6 +189,11 @@ def test_fixed_test_runs_are_compared_image_by_image(store: Store, tmp_path: Pat
         compare(store, a, other.run_id)
     with pytest.raises(Exception, match=f"run {a} was scored on the fixed test dataset test .* repeated random"):
         compare(store, a, rep.run_id)
+    with store.session() as s:  # one test image fewer: no longer the same test images
+        s.execute(text("DELETE FROM run_test_predictions WHERE run_id = :r AND image_id = :i"),
+                  {"r": b, "i": min(test_ids)})
+    with pytest.raises(Exception, match=r"different images of the test dataset test \(10 and 9, 9 in common"):
+        compare(store, a, b)
     with store.session() as s:  # a run recorded before the predictions were kept
         s.execute(text("DELETE FROM run_test_predictions WHERE run_id = :r"), {"r": b})
     with pytest.raises(Exception, match=f"run {b} was recorded before .* evaluate it again"):

@@ -154,8 +154,8 @@ class SplitResult:
     superclass_accuracy: float | None
     fit_seconds: float
     predict_seconds: float
-    # What the model predicted for each test row, in the order of the split's test indices (kept for a
-    # fixed test dataset, whose runs record them; not part of to_dict()).
+    # What the model predicted for each test row, in the order of the split's test indices. Runs on a
+    # fixed test dataset record them (for McNemar's test); not part of to_dict().
     predicted: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
