@@ -139,7 +139,8 @@ def _cell(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.4f}"
+        # a tiny non-zero value (a p-value) keeps its first digits instead of printing as 0.0000
+        return f"{v:.3g}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
     return str(v)
 
 

@@ -145,3 +145,11 @@ def test_piped_commands_report_progress(image_tree: Path, monkeypatch) -> None:
     r = fs("ingest", str(image_tree))
     assert r.exit_code == 0, r.output
     assert re.search(r"^ingest: \d+/\d+ \(\d+%\), \d+ s$", r.output, re.M), r.output
+
+
+def test_table_cells_keep_tiny_values_readable() -> None:
+    from featurestore.cli.common import table
+
+    out = table([{"pvalue": 4.738e-12, "mean_diff": 0.0148, "zero": 0.0, "n": 3}], ["pvalue", "mean_diff", "zero", "n"])
+    row = out.splitlines()[2].split()
+    assert row == ["4.74e-12", "0.0148", "0.0000", "3"]  # the p-value printed as 0.0000 before
