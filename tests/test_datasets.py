@@ -148,8 +148,8 @@ def test_fixed_test_protocol_never_trains_on_a_test_image(store: Store, tmp_path
     assert bad.exit_code == 2 and "must differ" in bad.output
 
 
-def test_fixed_test_runs_are_compared_image_by_image(store: Store, tmp_path: Path) -> None:
-    """Two runs on the same test dataset: McNemar's exact test over their stored per-image predictions."""
+def _two_fixed_test_runs(store: Store, tmp_path: Path) -> tuple[int, int]:
+    """Runs a ("good", informative) and b ("noise") evaluated on the test dataset "test"."""
     tr, te = _lists(tmp_path)
     rng = np.random.default_rng(1)
     with store.writing():
@@ -163,8 +163,12 @@ def test_fixed_test_runs_are_compared_image_by_image(store: Store, tmp_path: Pat
             store.append_vectors(store.ensure_feature_set(FeatureSpec(name, "test", 2, {})), ids, vecs)
         cfg = TrainConfig(["good"], trees=5, dataset="train", test_dataset="test")
         a, b = (o.run_id for o in evaluate_many(store, [["good"], ["noise"]], cfg))
-        other = train(store, TrainConfig(["good"], trees=5, dataset="test", test_dataset="train"))
-        rep = train(store, TrainConfig(["good"], trees=5, n_splits=2, test_size=0.5))
+    return a, b
+
+
+def test_fixed_test_runs_are_compared_image_by_image(store: Store, tmp_path: Path) -> None:
+    """Two runs on the same test dataset: McNemar's exact test over their stored per-image predictions."""
+    a, b = _two_fixed_test_runs(store, tmp_path)
     right = {r: store.catalog.test_correctness(r) for r in (a, b)}
     test_ids = store.catalog.dataset_image_ids("test")
     assert set(right[a]) == set(right[b]) == test_ids  # one row per test image
@@ -185,6 +189,13 @@ def test_fixed_test_runs_are_compared_image_by_image(store: Store, tmp_path: Pat
     assert (row["test"], row["a_only"], row["b_only"], row["n"]) == ("mcnemar", a_only, b_only, 10)
     assert f"McNemar: only A right on {a_only}, only B right on {b_only} of 10 test images" in shown.output
 
+
+def test_fixed_test_runs_that_cannot_be_paired_are_refused(store: Store, tmp_path: Path) -> None:
+    a, b = _two_fixed_test_runs(store, tmp_path)
+    test_ids = store.catalog.dataset_image_ids("test")
+    with store.writing():
+        other = train(store, TrainConfig(["good"], trees=5, dataset="test", test_dataset="train"))
+        rep = train(store, TrainConfig(["good"], trees=5, n_splits=2, test_size=0.5))
     with pytest.raises(Exception, match="not scored on the same test images .*test_dataset: test vs train"):
         compare(store, a, other.run_id)
     with pytest.raises(Exception, match=f"run {a} was scored on the fixed test dataset test .* repeated random"):
