@@ -1,8 +1,9 @@
 """What the web app's run page and ``fs report`` show about a run.
 
-The per-split scores come from ``run_splits``. Runs do not store their per-split
-test predictions, so the confusion matrix and the per-class precision / recall /
-F1 are computed from the run's rows in the ``predictions`` table (written by
+The per-split scores come from ``run_splits``. Repeated-split runs do not store
+their test predictions (fixed-test runs keep theirs in ``run_test_predictions``,
+which only ``fs compare`` reads so far), so the confusion matrix and the per-class
+precision / recall / F1 are computed from the run's rows in the ``predictions`` table (written by
 ``fs predict --run ID`` or by predict with ``store=true``), joined with the
 images' catalogue labels (superclasses for a ``--target superclass`` run).
 Images the run's training selection may have held (labelled, in its dataset,
@@ -31,7 +32,7 @@ from featurestore.training.confusion import Confusion
 
 CONFUSION_SOURCE = (
     "Computed from this run's stored predictions (the predictions table, written by `fs predict --run {id}`) "
-    "joined with the images' catalogue {truth}s; runs do not store their per-split test predictions."
+    "joined with the images' catalogue {truth}s, not from the run's evaluation splits."
 )
 
 
