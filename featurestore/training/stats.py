@@ -181,9 +181,6 @@ class McNemarTest:
     n: int
     confidence: float = 0.95
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool], confidence: float = 0.95) -> McNemarTest:
     """Exact McNemar test of per-image correctness ``a_correct`` against ``b_correct`` (same images, same order).
@@ -208,5 +205,5 @@ def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool], confidence: fl
     mean_diff = (a_only - b_only) / n
     se = math.sqrt(max(discordant - (a_only - b_only) ** 2 / n, 0.0)) / n
     half = float(stats.norm.ppf(0.5 + confidence / 2.0)) * se
-    return McNemarTest(a_only=a_only, b_only=b_only, pvalue=min(pvalue, 1.0), mean_diff=mean_diff,
+    return McNemarTest(a_only=a_only, b_only=b_only, pvalue=pvalue, mean_diff=mean_diff,
                        ci_low=mean_diff - half, ci_high=mean_diff + half, n=n, confidence=confidence)
