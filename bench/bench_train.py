@@ -66,8 +66,14 @@ def two_flow_at(rev: str) -> Any:
     module = types.ModuleType(name)
     module.__file__ = f"{rev}:{path}"
     sys.modules[name] = module  # pickling and sklearn's clone look classes up by module
-    exec(compile(shown.stdout, module.__file__, "exec"), module.__dict__)
-    return module.TwoFlowClassifier
+    try:
+        exec(compile(shown.stdout, module.__file__, "exec"), module.__dict__)
+        return module.TwoFlowClassifier
+    except Exception as exc:  # an old module may import what this checkout no longer has
+        raise SystemExit(
+            f"bench_train: cannot load the Two-Flow classifier of {rev} ({type(exc).__name__}: {exc}); "
+            "choose a later revision"
+        ) from None
 
 
 def synthetic(n: int, n_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -159,6 +165,13 @@ def run(
         "two_flow": lambda: TwoFlowClassifier(**kwargs),
     }
     if against is not None:
+        try:
+            against(**kwargs)
+        except TypeError as exc:
+            raise SystemExit(
+                f"bench_train: the Two-Flow classifier of that revision takes other arguments ({exc}); "
+                "choose a later revision"
+            ) from None
         makers["against"] = lambda: against(**kwargs)
     times: dict[str, list[float]] = {name: [] for name in makers}
     fitted: dict[str, Any] = {}
@@ -219,6 +232,38 @@ def run(
     return figures
 
 
+def _report(figures: dict[str, Any], rev: str | None) -> None:
+    print(f"data: {figures['n_train']} training rows x {figures['n_features']} columns, {figures['n_classes']} classes")
+    print(
+        f"plain RF ({figures['trees']} trees, all columns): fit {figures['plain_rf_fit_s']:.2f} s, "
+        f"holdout accuracy {figures['plain_rf_accuracy']:.3f}"
+    )
+    print(
+        f"Two-Flow (selectors {figures['selector_trees']} trees, max_features "
+        f"{figures['selector_max_features']}, max_samples {figures['selector_max_samples']}; "
+        f"kept {figures['kept']}): fit {figures['two_flow_fit_s']:.2f} s "
+        f"(selectors alone {figures['two_flow_selectors_s']:.2f} s), "
+        f"holdout accuracy {figures['two_flow_accuracy']:.3f}"
+    )
+    print(
+        f"ratio Two-Flow / plain RF: {figures['ratio']:.2f}x of the best times (target <= 1.5x); "
+        f"per round median {figures['ratio_median']:.2f}x, range {figures['ratio_range'][0]:.2f}-"
+        f"{figures['ratio_range'][1]:.2f} over {figures['repeats']} rounds"
+    )
+    if "against" in figures:
+        a = figures["against"]
+        print(
+            f"Two-Flow at {rev}: fit {a['best_s']:.2f} s (median {a['median_s']:.2f}); ratio to "
+            f"plain RF {a['ratio']:.2f}x of the best times, per round median {a['ratio_median']:.2f}x, range "
+            f"{a['ratio_range'][0]:.2f}-{a['ratio_range'][1]:.2f}; same holdout predictions as ours: "
+            f"{a['same_predictions']}, same kept features: {a['same_kept']}"
+        )
+        print(
+            f"ours / {rev}, round by round: median {a['ours_to_theirs_median']:.3f}x, range "
+            f"{a['ours_to_theirs_range'][0]:.2f}-{a['ours_to_theirs_range'][1]:.2f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -251,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     mf: Any = args.selector_max_features
     if mf not in ("sqrt", "log2"):
@@ -286,38 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(figures))
     else:
-        print(
-            f"data: {figures['n_train']} training rows x {figures['n_features']} columns, "
-            f"{figures['n_classes']} classes"
-        )
-        print(
-            f"plain RF ({figures['trees']} trees, all columns): fit {figures['plain_rf_fit_s']:.2f} s, "
-            f"holdout accuracy {figures['plain_rf_accuracy']:.3f}"
-        )
-        print(
-            f"Two-Flow (selectors {figures['selector_trees']} trees, max_features "
-            f"{figures['selector_max_features']}, max_samples {figures['selector_max_samples']}; "
-            f"kept {figures['kept']}): fit {figures['two_flow_fit_s']:.2f} s "
-            f"(selectors alone {figures['two_flow_selectors_s']:.2f} s), "
-            f"holdout accuracy {figures['two_flow_accuracy']:.3f}"
-        )
-        print(
-            f"ratio Two-Flow / plain RF: {figures['ratio']:.2f}x of the best times (target <= 1.5x); "
-            f"per round median {figures['ratio_median']:.2f}x, range {figures['ratio_range'][0]:.2f}-"
-            f"{figures['ratio_range'][1]:.2f} over {figures['repeats']} rounds"
-        )
-        if "against" in figures:
-            a = figures["against"]
-            print(
-                f"Two-Flow at {args.against_commit}: fit {a['best_s']:.2f} s (median {a['median_s']:.2f}); ratio to "
-                f"plain RF {a['ratio']:.2f}x of the best times, per round median {a['ratio_median']:.2f}x, range "
-                f"{a['ratio_range'][0]:.2f}-{a['ratio_range'][1]:.2f}; same holdout predictions as ours: "
-                f"{a['same_predictions']}, same kept features: {a['same_kept']}"
-            )
-            print(
-                f"ours / {args.against_commit}, round by round: median {a['ours_to_theirs_median']:.3f}x, range "
-                f"{a['ours_to_theirs_range'][0]:.2f}-{a['ours_to_theirs_range'][1]:.2f}"
-            )
+        _report(figures, args.against_commit)
     return 0
 
 
