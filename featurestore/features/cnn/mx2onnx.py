@@ -455,6 +455,17 @@ def param_shapes(symbol_path: str | Path, size: tuple[int, int]) -> dict[str, tu
     return ctx.expected
 
 
+def _ancestors(symbol: MxSymbol, start: Sequence[int]) -> set[int]:
+    """The nodes ``start`` and everything they are computed from."""
+    todo, seen = list(start), set()
+    while todo:
+        i = todo.pop()
+        if i not in seen:
+            seen.add(i)
+            todo.extend(src for src, _ in symbol.nodes[i].inputs)
+    return seen
+
+
 class MxNetwork:
     """An MXNet checkpoint read without MXNet, its shapes inferred for one input size.
 
@@ -465,8 +476,11 @@ class MxNetwork:
     def __init__(self, symbol: MxSymbol, params_path: Path, size: tuple[int, int],
                  converted: dict[int, _Out]):
         self.symbol, self.params_path, self.size = symbol, params_path, size
-        self._converted = converted
-        self._by_name = {symbol.nodes[i].name: i for i in converted}
+        # Like MXNet, only the layers the symbol's outputs depend on (a file may hold dead nodes).
+        heads = [i for i, _ in symbol.heads] or [max(converted, default=0)]
+        live = _ancestors(symbol, heads)
+        self._converted = {i: out for i, out in converted.items() if i in live}
+        self._by_name = {symbol.nodes[i].name: i for i in self._converted}
 
     @classmethod
     def load(cls, symbol_path: str | Path, params_path: str | Path, size: tuple[int, int]) -> MxNetwork:
@@ -501,14 +515,7 @@ class MxNetwork:
 
     def _needed(self, taps: Sequence[str]) -> list[int]:
         """Indices of the layers the taps depend on, in graph order."""
-        todo, seen = [self._by_name[t] for t in taps], set()
-        while todo:
-            i = todo.pop()
-            if i in seen or i not in self._converted:
-                continue
-            seen.add(i)
-            todo.extend(src for src, _ in self.symbol.nodes[i].inputs)
-        return sorted(seen)
+        return sorted(i for i in _ancestors(self.symbol, [self._by_name[t] for t in taps]) if i in self._converted)
 
     def to_onnx(self, taps: Sequence[str]) -> tuple[Any, list[OnnxTap]]:
         """An ONNX model (opset 13, dynamic batch, weights as initializers) whose outputs are the taps.

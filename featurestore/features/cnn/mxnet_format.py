@@ -162,7 +162,7 @@ def params_bytes(arg: dict[str, np.ndarray], aux: dict[str, np.ndarray]) -> byte
     items = [(f"arg:{k}", v) for k, v in arg.items()] + [(f"aux:{k}", v) for k, v in aux.items()]
     out = [struct.pack("<QQQ", LIST_MAGIC, 0, len(items))]
     for _, value in items:
-        a = np.ascontiguousarray(value, dtype="<f4")
+        a = np.ascontiguousarray(np.atleast_1d(value), dtype="<f4")  # MXNet 1.x reads 0-d as "no array"
         out.append(struct.pack(f"<Iii{a.ndim}q", V2_MAGIC, 0, a.ndim, *a.shape))
         out.append(struct.pack("<iii", *_CPU, 0))
         out.append(a.tobytes())
@@ -272,8 +272,8 @@ class SymbolBuilder:
 
     ``op`` adds a node and, like ``mx.sym``, the weight variables it needs
     (``<name>_weight``, ``<name>_bias`` unless ``no_bias``; batch norm's
-    ``_gamma``, ``_beta``, ``_moving_mean``, ``_moving_var``; ``SoftmaxOutput``'s
-    ``_label``). Returns the index of the new node, to be used as an input.
+    ``_gamma``, ``_beta``, ``_moving_mean``, ``_moving_var``; a prelu's ``_gamma``;
+    ``SoftmaxOutput``'s ``_label``). Returns the index of the new node, to be used as an input.
     """
 
     def __init__(self) -> None:
@@ -286,6 +286,8 @@ class SymbolBuilder:
     def op(self, op: str, name: str, inputs: Iterable[int], **attrs: Any) -> int:
         refs = [[i, 0, 0] for i in inputs]
         auto = _AUTO_INPUTS.get(op, ())
+        if op == "LeakyReLU" and attrs.get("act_type") == "prelu":
+            auto = ("gamma",)
         for suffix in auto:
             if suffix == "|" or (suffix == "bias" and str(attrs.get("no_bias", False)) == "True"):
                 continue
@@ -297,12 +299,12 @@ class SymbolBuilder:
         self._nodes.append(node)
         return len(self._nodes) - 1
 
-    def to_json(self, head: int) -> str:
-        """The symbol file's text with output ``head`` (the format ``mx.sym.load`` reads)."""
+    def to_json(self, *heads: int) -> str:
+        """The symbol file's text with outputs ``heads`` (the format ``mx.sym.load`` reads)."""
         doc = {
             "nodes": self._nodes,
             "arg_nodes": [i for i, n in enumerate(self._nodes) if n["op"] == "null"],
-            "heads": [[head, 0, 0]],
+            "heads": [[h, 0, 0] for h in heads],
             "attrs": {"mxnet_version": ["int", 10901]},
         }
         return json.dumps(doc, indent=1)
