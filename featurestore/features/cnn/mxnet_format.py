@@ -251,12 +251,12 @@ def read_symbol(path: str | Path) -> MxSymbol:
     return MxSymbol(path, nodes, tuple(heads))
 
 
-# MXNet creates these weight variables for an operator's unnamed inputs, in this order;
-# the ones after the "|" are auxiliary states (saved with an aux: prefix).
+# MXNet creates these variables for an operator's unnamed inputs, in this order (batch norm's
+# moving_mean and moving_var are auxiliary states, saved with an aux: prefix).
 _AUTO_INPUTS: dict[str, tuple[str, ...]] = {
     "Convolution": ("weight", "bias"),
     "FullyConnected": ("weight", "bias"),
-    "BatchNorm": ("gamma", "beta", "|", "moving_mean", "moving_var"),
+    "BatchNorm": ("gamma", "beta", "moving_mean", "moving_var"),
     "SoftmaxOutput": ("label",),
 }
 
@@ -289,7 +289,7 @@ class SymbolBuilder:
         if op == "LeakyReLU" and attrs.get("act_type") == "prelu":
             auto = ("gamma",)
         for suffix in auto:
-            if suffix == "|" or (suffix == "bias" and str(attrs.get("no_bias", False)) == "True"):
+            if suffix == "bias" and str(attrs.get("no_bias", False)) == "True":
                 continue
             refs.append([self.var(f"{name}_{suffix}"), 0, 0])
         node: dict[str, Any] = {"op": op, "name": name}
