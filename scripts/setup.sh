@@ -26,11 +26,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
-# pip -q still prints index-location and deprecation notices; errors and the failing status go through.
+# pip -q still prints index-location and deprecation notices, and the build backend its warnings (a screen
+# about editable installs of a package-dir layout); errors and the failing status go through.
 pip_install() {
   local venv=$1
   shift
-  "$venv/bin/pip" install -q "$@" 2>&1 | { grep -v -e "^WARNING: Location" -e "^DEPRECATION:" -e "^\[notice\]" || true; }
+  PYTHONWARNINGS=ignore "$venv/bin/pip" install -q "$@" 2>&1 \
+    | { grep -v -e "^WARNING: Location" -e "^DEPRECATION:" -e "^\[notice\]" || true; }
 }
 
 make_venv() {
