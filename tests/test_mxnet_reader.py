@@ -109,6 +109,25 @@ def test_symbol_refusals_name_the_file(tmp_path: Path) -> None:
     assert lyr["softmax"] == (10,) and "data" not in lyr
 
 
+def test_symbol_saved_by_mxnet_before_0_9(tmp_path: Path) -> None:
+    """Old files spell attributes ``param`` and leave batch norm's moving statistics out of the inputs."""
+    sym, params = build_tiny_inception_checkpoint(tmp_path / "Inception")
+    doc = json.loads(sym.read_text())
+    for node in doc["nodes"]:
+        if "attrs" in node:
+            node["param"] = node.pop("attrs")
+        node["inputs"] = [ref[:2] for ref in node["inputs"] if not doc["nodes"][ref[0]]["name"].endswith(
+            ("_moving_mean", "_moving_var"))]
+    old = _write(tmp_path, "old-symbol.json", doc)
+    pre = BUILTIN_MODELS["inception21k"].preprocess
+    taps = list(BUILTIN_MODELS["inception21k"].taps)
+    x = np.random.default_rng(0).uniform(-117, 138, (2, 3, 224, 224)).astype(np.float32)
+    new_out = OnnxModel.load(export_onnx(sym, params, pre, taps), pre, taps, threads=1).forward(x)
+    old_out = OnnxModel.load(export_onnx(old, params, pre, taps), pre, taps, threads=1).forward(x)
+    for tap in taps:
+        np.testing.assert_array_equal(old_out[tap], new_out[tap])
+
+
 def test_params_not_matching_the_symbol_register_nothing(tmp_path: Path) -> None:
     sym, params = build_tiny_inception_checkpoint(tmp_path / "a" / "Inception")
     _, wide = build_tiny_inception_checkpoint(tmp_path / "b" / "Inception", num_classes=7)

@@ -125,22 +125,30 @@ class _Ctx:
     def fail(self, node: MxNode, why: str) -> InvalidInputError:
         return InvalidInputError(f"{self.symbol.path}: layer {node.name!r} ({node.op}): {why}")
 
-    def weight(self, node: MxNode, k: int, expected: tuple[int, ...], out: _Out, aux: bool = False) -> str:
-        """Input ``k`` of ``node`` as an initializer, checked against ``expected`` (``aux``: a running statistic)."""
-        if k >= len(node.inputs):
-            raise self.fail(node, f"input {k} (a weight) is missing from the symbol")
-        var = self.symbol.nodes[node.inputs[k][0]]
-        if var.op != "null":
-            raise self.unsupported(node, f"weight input {k} is computed by layer {var.name!r}")
-        self.expected[var.name] = (expected, aux)
-        value = self.params.get(var.name)
-        if value is None:
-            self.problems.append(f"{var.name} missing")
-        elif tuple(value.shape) != expected:
-            self.problems.append(f"{var.name} has shape {tuple(value.shape)}, the symbol expects {expected}")
+    def weight(self, node: MxNode, k: int, expected: tuple[int, ...], out: _Out, aux: str = "") -> str:
+        """Input ``k`` of ``node`` as an initializer, checked against ``expected``.
+
+        ``aux``: the suffix of a running statistic (``moving_mean``); symbols saved by MXNet
+        before 0.9 do not list those as inputs, and MXNet names them ``<layer>_<suffix>``.
+        """
+        if k < len(node.inputs):
+            var = self.symbol.nodes[node.inputs[k][0]]
+            if var.op != "null":
+                raise self.unsupported(node, f"weight input {k} is computed by layer {var.name!r}")
+            name = var.name
+        elif aux:
+            name = f"{node.name}_{aux}"
         else:
-            out.inits[var.name] = np.asarray(value, dtype=np.float32)
-        return var.name
+            raise self.fail(node, f"input {k} (a weight) is missing from the symbol")
+        self.expected[name] = (expected, bool(aux))
+        value = self.params.get(name)
+        if value is None:
+            self.problems.append(f"{name} missing")
+        elif tuple(value.shape) != expected:
+            self.problems.append(f"{name} has shape {tuple(value.shape)}, the symbol expects {expected}")
+        else:
+            out.inits[name] = np.asarray(value, dtype=np.float32)
+        return name
 
 
 def _node(op: str, inputs: Sequence[str], output: str, name: str | None = None, **attrs: Any) -> Any:
@@ -190,7 +198,8 @@ def _batchnorm(c: _Ctx, n: MxNode) -> _Out:
     if _bool(n, "fix_gamma", True):  # MXNet's default: gamma is held at 1 whatever the file holds
         out.inits.pop(gamma, None)
         gamma = _const(out, f"{n.name}__gamma1", np.ones(ch))
-    ins = [c.tensor(n), gamma, c.weight(n, 2, ch, out), c.weight(n, 3, ch, out, True), c.weight(n, 4, ch, out, True)]
+    ins = [c.tensor(n), gamma, c.weight(n, 2, ch, out),
+           c.weight(n, 3, ch, out, "moving_mean"), c.weight(n, 4, ch, out, "moving_var")]
     out.nodes.append(_node("BatchNormalization", ins, n.name, epsilon=_float(n, "eps", 1e-3)))
     return out
 
