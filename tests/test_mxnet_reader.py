@@ -245,3 +245,23 @@ def test_builtin_export_equals_mxnet(name: str, tmp_path: Path) -> None:
     for tap in taps:
         _close(got[tap], want[tap])
     assert int(np.argmax(got["fc"][1])) == int(np.argmax(want["fc"][1]))
+
+
+def test_nothing_imports_mxnet_until_its_runtime_is_asked_for(tmp_path: Path) -> None:
+    """The CLI, the registry, the built-ins' conversion and an export run without importing mxnet."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path\n"
+        "import featurestore.cli.main, featurestore.features.cnn.registry, featurestore.http.app\n"
+        "from featurestore.features.cnn.testing import build_tiny_inception_checkpoint\n"
+        "from featurestore.features.cnn.onnx_export import export_onnx\n"
+        "from featurestore.features.cnn.specs import BUILTIN_MODELS\n"
+        f"s, p = build_tiny_inception_checkpoint(Path({str(tmp_path)!r}) / 'Inception')\n"
+        "export_onnx(s, p, BUILTIN_MODELS['inception21k'].preprocess, ['global_pool'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mxnet'))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
