@@ -27,6 +27,8 @@ import numpy as np
 
 from bench.bench_cnn_forward import bench_gluon
 from bench.common import fashion_images, image_files, row, temp_store
+from featurestore.errors import RuntimeUnavailableError
+from featurestore.features.cnn.mxnet_backend import import_mxnet
 from featurestore.features.cnn.registry import cnn_extractor, load_model, load_onnx_model
 from featurestore.io.images import load_rgb
 from featurestore.pipelines.extract import extract
@@ -44,6 +46,12 @@ def main() -> None:
     ap.add_argument("--models", default="efficientnet-lite0", help="comma-separated built-in models, e.g. "
                     "efficientnet-lite0,efficientnet-lite1,efficientnet-lite2")
     args = ap.parse_args()
+    if args.runtime == "mxnet" or args.gluon_images:
+        try:
+            import_mxnet()
+        except RuntimeUnavailableError as exc:  # the mxnet extra is not installed
+            print(f"--runtime mxnet / --gluon-images skipped: {exc}")
+            return
     w, h = (int(v) for v in args.size.split("x"))
     root = fashion_images(args.images, (w, h))
     files = image_files(root)

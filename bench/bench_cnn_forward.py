@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from featurestore.errors import RuntimeUnavailableError  # noqa: E402
 from featurestore.features.cnn.mxnet_backend import CheckpointModel, Preprocess, import_mxnet  # noqa: E402
 
 
@@ -76,6 +77,11 @@ def main() -> None:
     ap.add_argument("--params", type=Path, help=".params matching --symbol")
     ap.add_argument("--tap", default="global_pool", help="layer to extract (default global_pool)")
     args = ap.parse_args()
+    try:
+        import_mxnet()
+    except RuntimeUnavailableError as exc:  # the mxnet extra is not installed
+        print(f"skipped: {exc}")
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.symbol is None:

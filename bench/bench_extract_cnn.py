@@ -10,7 +10,11 @@ efficientnet-lite0 (batch 32, FS_WORKERS threads, default all cores):
       read, decode, resize, normalise, infer, write shards, register in the catalog,
   (c) end-to-end `fs extract --model efficientnet-lite0 --runtime mxnet`,
   (d) forward only on MXNet's symbolic executor (mx.mod.Module + MKLDNN fusion),
-  (e) optionally (--gluon-images N) the same network as a hybridized Gluon block.
+  (e) optionally (--gluon-images N) the same network as a hybridized Gluon block,
+  (f) optionally (--baseline-onnx FILE) forward only on another export of the model, e.g.
+      the one featurestore 0.1 made with MXNet's exporter (models/efficientnet-lite0/*.onnx
+      of a store it wrote), with the largest difference between its vectors and (a)'s.
+(c), (d) and (e) need MXNet (the mxnet extra); without it they are skipped with one line.
 Targets: (b) >= 0.85x (a) and >= 1.7x (c) (issue 12); (c) >= 0.80x (d) (issue 4).
 Also printed per row: the process CPU time per image (all threads; on a shared
 machine steadier than wall time) and the cores busy (CPU time / wall time); and
@@ -29,11 +33,15 @@ import argparse
 import os
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 
 from bench.bench_cnn_forward import bench_gluon
 from bench.common import fashion_images, image_files, row, temp_store
+from featurestore.errors import RuntimeUnavailableError
+from featurestore.features.cnn.mxnet_backend import import_mxnet
+from featurestore.features.cnn.onnx_backend import OnnxModel
 from featurestore.features.cnn.registry import cnn_extractor, load_model, load_onnx_model
 from featurestore.io.images import load_rgb
 from featurestore.pipelines.extract import extract
@@ -77,6 +85,15 @@ def _end_to_end(store, runtime: str, batch: int, n: int, best: Best) -> np.ndarr
     return store.read_matrix(["efficientnet-lite0"]).X
 
 
+def _have_mxnet() -> bool:
+    try:
+        import_mxnet()
+    except RuntimeUnavailableError as exc:
+        print(f"(c), (d), (e) skipped: {exc}")
+        return False
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
@@ -84,7 +101,9 @@ def main() -> None:
     ap.add_argument("--gluon-images", type=int, default=0, help="also time hybridized Gluon on N images")
     ap.add_argument("--size", default="224x224", help="size of the exported JPEGs")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--baseline-onnx", type=Path, help="another export of efficientnet-lite0 to compare with (f)")
     args = ap.parse_args()
+    have_mx = _have_mxnet()
     w, h = (int(v) for v in args.size.split("x"))
     root = fashion_images(args.images, (w, h))
     files = image_files(root)
@@ -92,34 +111,60 @@ def main() -> None:
     with temp_store("cnn") as store:
         with store.writing():
             ingest(store, root)
-            onnx_model, _ = load_onnx_model(store, "efficientnet-lite0", batch_size=args.batch)
-            mx_model, row_ = load_model(store, "efficientnet-lite0", batch_size=args.batch)
+            onnx_model, row_ = load_onnx_model(store, "efficientnet-lite0", batch_size=args.batch)
+            mx_model = load_model(store, "efficientnet-lite0", batch_size=args.batch)[0] if have_mx else None
+        base_model = None
+        if args.baseline_onnx:
+            base_model = OnnxModel.load(args.baseline_onnx.read_bytes(), onnx_model.preprocess, onnx_model.taps,
+                                        batch_size=args.batch, threads=store.settings.workers,
+                                        where=str(args.baseline_onnx))
         tensors = np.stack([onnx_model.prepare(load_rgb(p)) for p in files])
         batches = [tensors[i : i + args.batch] for i in range(0, n, args.batch)]
-        ort_fwd, ort_e2e, mx_e2e, mx_fwd = Best(), Best(), Best(), Best()
-        diff = 0.0
+        ort_fwd, ort_e2e, mx_e2e, mx_fwd, base_fwd = Best(), Best(), Best(), Best(), Best()
+        diff = base_diff = 0.0
         for _ in range(max(1, args.repeat)):
             _forward(onnx_model, batches, ort_fwd)
+            if base_model is not None:
+                _forward(base_model, batches, base_fwd)
+                base_diff = max(base_diff, max(float(np.abs(onnx_model.forward(b)[t] - base_model.forward(b)[t]).max())
+                                               for b in batches for t in onnx_model.taps))
             ort_vecs = _end_to_end(store, "onnxruntime", args.batch, n, ort_e2e)
-            mx_vecs = _end_to_end(store, "mxnet", args.batch, n, mx_e2e)
-            diff = max(diff, float(np.abs(ort_vecs - mx_vecs).max()))
-            _forward(mx_model, batches, mx_fwd)
-        del onnx_model, mx_model
-        g = min(args.gluon_images, n)
+            if mx_model is not None:
+                mx_vecs = _end_to_end(store, "mxnet", args.batch, n, mx_e2e)
+                diff = max(diff, float(np.abs(ort_vecs - mx_vecs).max()))
+                _forward(mx_model, batches, mx_fwd)
+        del onnx_model, mx_model, base_model
+        g = min(args.gluon_images, n) if have_mx else 0
         gluon_rate = None
         if g:
             symbol, params = store.root / row_.symbol_path, store.root / row_.params_path
             gluon_rate = bench_gluon(symbol, params, "global_pool", batches[: -(-g // args.batch)], args.batch)
+    _report(args, n, {"a": ort_fwd, "b": ort_e2e, "c": mx_e2e, "d": mx_fwd, "f": base_fwd}, diff, base_diff,
+            (g, gluon_rate), have_mx)
+
+
+def _report(args: argparse.Namespace, n: int, bests: dict[str, Best], diff: float, base_diff: float,
+            gluon: tuple[int, float | None], have_mx: bool) -> None:
+    ort_fwd, ort_e2e, mx_e2e, mx_fwd, base_fwd = (bests[k] for k in "abcdf")
+    g, gluon_rate = gluon
     base = n / ort_fwd.seconds
     print(f"{n} real images ({args.size} JPEG), batch {args.batch}, {os.cpu_count()} cores, "
           f"FS_WORKERS={os.environ.get('FS_WORKERS', '(all cores)')}, best of {max(1, args.repeat)}")
     for name, best in [("(a) forward only, onnxruntime", ort_fwd), ("(b) fs extract --model efficientnet-lite0",
                        ort_e2e), ("(c) fs extract ... --runtime mxnet", mx_e2e),
-                       ("(d) forward only, MXNet Module (MKLDNN)", mx_fwd)]:
+                       ("(d) forward only, MXNet Module (MKLDNN)", mx_fwd),
+                       (f"(f) forward only, {args.baseline_onnx}", base_fwd)]:
+        if best.seconds == float("inf"):
+            continue
         print(f"{row(name, n, best.seconds, None if best is ort_fwd else base)}  "
               f"{1000 * best.cpu / n:5.1f} ms CPU/img, {best.cores:.2f} cores busy")
     if gluon_rate:
         print(row("(e) forward only, hybridized Gluon", g, g / gluon_rate, base))
+    if args.baseline_onnx:
+        print(f"max |(a) - (f)| over {n} images, every registered tap: {base_diff:.2e}")
+    if not have_mx:
+        print(f"wall: (b)/(a) = {ort_fwd.seconds / ort_e2e.seconds:.2f} (target >= 0.85)")
+        return
     print(f"max |(b) - (c)| over {n} vectors: {diff:.2e}")
     print(f"wall: (b)/(a) = {ort_fwd.seconds / ort_e2e.seconds:.2f} (target >= 0.85); (b)/(c) = "
           f"{mx_e2e.seconds / ort_e2e.seconds:.2f} (target >= 1.7); (c)/(d) = {mx_fwd.seconds / mx_e2e.seconds:.2f} "

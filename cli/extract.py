@@ -47,7 +47,8 @@ def extract(
                              "efficientnet-lite0 --layers block10_out --grid 3 gives "
                              "efficientnet-lite0.block10_out+grid3 (1,008 dims)."),
     runtime: str | None = typer.Option(None, "--runtime", help="What runs --model: onnxruntime (its ONNX "
-                                       "export, about 2x faster) or mxnet (the checkpoint; the reference). "
+                                       "export, about 2x faster) or mxnet (the checkpoint on MXNet, the "
+                                       "reference; needs `pip install \"featurestore[mxnet]\"`). "
                                        "Vectors agree within 1e-4, so either continues a set. "
                                        "Default: FS_CNN_RUNTIME, else onnxruntime.", show_default=False),
     batch: int = typer.Option(32, "--batch", help="Images per batch."),

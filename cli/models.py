@@ -7,9 +7,10 @@ from pathlib import Path
 import typer
 
 from featurestore.cli import common
-from featurestore.features.cnn.registry import add_model, describe_layers, list_models
+from featurestore.features.cnn.registry import add_model, add_onnx_model, describe_layers, list_models
 
-app = typer.Typer(help="List, inspect and register CNN models (MXNet checkpoints).", no_args_is_help=True)
+app = typer.Typer(help="List, inspect and register CNN models (MXNet checkpoints, ONNX backbones).",
+                  no_args_is_help=True)
 
 
 def _triple(value: str | None, option: str) -> tuple[float, float, float] | None:
@@ -68,39 +69,49 @@ def show(name: str = typer.Argument(..., help="Model name."),
 def add(
     name: str = typer.Argument(..., help="Name to register (inception21k/inception-bn pick up the paper's "
                                "preprocessing)."),
-    symbol: Path = typer.Option(..., "--symbol", help="<prefix>-symbol.json"),
-    params: Path = typer.Option(..., "--params", help="<prefix>-<epoch>.params"),
-    size: int | None = typer.Option(None, "--size", help="Square input size (default 224)."),
+    symbol: Path | None = typer.Option(None, "--symbol", help="MXNet checkpoint: <prefix>-symbol.json"),
+    params: Path | None = typer.Option(None, "--params", help="MXNet checkpoint: <prefix>-<epoch>.params"),
+    onnx: Path | None = typer.Option(None, "--onnx", help="An ONNX backbone with one NCHW image input "
+                                     "(instead of --symbol/--params; needs --input-size)."),
+    size: int | None = typer.Option(None, "--input-size", "--size", min=1,
+                                    help="Square input size (MXNet default 224; required with --onnx)."),
     mean: str | None = typer.Option(None, "--mean", help="Per-channel mean in 0..255 (one value or R,G,B)."),
     std: str | None = typer.Option(None, "--std", help="Per-channel std (one value or R,G,B)."),
     resize: str | None = typer.Option(None, "--resize", help="stretch or center-crop."),
     channels: str | None = typer.Option(None, "--channels", help="RGB or BGR input order."),
-    taps: str | None = typer.Option(None, "--taps", help="Comma-separated layers offered for extraction."),
+    taps: str | None = typer.Option(None, "--taps", help="Comma-separated layers offered for extraction "
+                                    "(ONNX: tensor or tap names; default the graph's outputs)."),
     default_tap: str | None = typer.Option(None, "--default-tap", help="Layer of the <name> feature set."),
     replace: bool = typer.Option(False, "--replace", help="Replace an already registered model's files."),
 ) -> None:
-    """Register an MXNet checkpoint: files are checked, copied into the store, their sha256 recorded.
+    """Register an MXNet checkpoint or an ONNX backbone: checked, copied into the store, sha256 recorded.
+
+    MXNet checkpoints are read without MXNet and exported to ONNX with every tap as an output.
 
     Example: fs models add inception21k --symbol Inception-symbol.json --params Inception-0009.params
+
+    Example: fs models add convnext --onnx convnext.onnx --input-size 224 --mean 123.7,116.3,103.5 --std 58.4,57.1,57.4
     """
+    if (onnx is not None and (symbol or params)) or (onnx is None and (symbol is None or params is None)):
+        raise typer.BadParameter("give --symbol and --params (an MXNet checkpoint) or --onnx FILE", param_hint="--onnx")
+    if onnx is not None and size is None:
+        raise typer.BadParameter("an ONNX model needs its input size", param_hint="--input-size")
+    tap_list = [t.strip() for t in taps.split(",") if t.strip()] if taps else None
+    opts = {"size": size, "mean": _triple(mean, "--mean"), "std": _triple(std, "--std"), "resize": resize,
+            "channels": channels, "taps": tap_list, "default_tap": default_tap, "replace": replace}
     store = common.open_store(create=True)
     try:
         with store.writing():
-            row = add_model(
-                store, name, symbol, params, size=size, mean=_triple(mean, "--mean"), std=_triple(std, "--std"),
-                resize=resize, channels=channels,
-                taps=[t.strip() for t in taps.split(",") if t.strip()] if taps else None,
-                default_tap=default_tap, replace=replace,
-            )
+            if onnx is not None:
+                row = add_onnx_model(store, name, onnx, **opts)  # type: ignore[arg-type]
+            else:
+                assert symbol is not None and params is not None
+                row = add_model(store, name, symbol, params, **opts)  # type: ignore[arg-type]
     finally:
         store.close()
     common.err(f"registered {row.name}: taps {', '.join(row.taps)} (default {row.default_tap}); "
-               f"params sha256 {row.params_sha256[:12]}")
-    if row.onnx_path:
-        common.err(f"exported to ONNX for onnxruntime: {row.onnx_path} (sha256 {str(row.onnx_sha256)[:12]})")
-    else:
-        common.err(f"note: {row.name} could not be exported to ONNX; extract it with `--runtime mxnet` "
-                   f"(`fs extract --model {row.name}` says why)")
+               f"{'ONNX file' if onnx is not None else 'params'} sha256 {row.params_sha256[:12]}")
+    common.err(f"exported to ONNX for onnxruntime: {row.onnx_path} (sha256 {str(row.onnx_sha256)[:12]})")
 
 
 def register(root: typer.Typer) -> None:

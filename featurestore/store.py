@@ -289,7 +289,7 @@ class Store:
         ids = image_ids if image_ids is not None else self.catalog.all_image_ids()
         return [int(i) for i in ids if int(i) not in have]
 
-    def append_vectors(self, feature_set: FeatureSet, image_ids: Sequence[int],
+    def append_vectors(self, feature_set: FeatureSet, image_ids: Sequence[int] | np.ndarray,
                        vectors: np.ndarray | list[np.ndarray], session: Session | None = None,
                        runtime: str | None = None) -> Path:
         """Write one shard and register it with its rows in one transaction. Call under :meth:`writing`.

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: Debian packages (Fashion-MNIST, Chromium and PostgreSQL for the tests)
-# and a virtualenv at .venv with featurestore installed (non-editable) plus test tools.
+# Set up a fresh machine: Debian packages (Fashion-MNIST, Chromium and PostgreSQL for the tests) and two
+# virtualenvs with featurestore installed (editable) plus test tools:
+#   .venv        the default install: numpy 2, current onnx/scikit-learn, no MXNet (the whole suite runs here)
+#   .venv-mxnet  the mxnet extra (MXNet 1.9.1, numpy 1.23, onnx 1.15; scripts/constraints-mxnet.txt), for the
+#                parity tests against MXNet (pytest -m mxnet). MXNet 1.9.1 has wheels up to Python 3.11 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,9 +26,33 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# pip -q still prints index-location and deprecation notices, and the build backend its warnings (a screen
+# about editable installs of a package-dir layout); errors and the failing status go through.
+pip_install() {
+  local venv=$1
+  shift
+  PYTHONWARNINGS=ignore "$venv/bin/pip" install -q "$@" 2>&1 \
+    | { grep -v -e "^WARNING: Location" -e "^DEPRECATION:" -e "^\[notice\]" || true; }
+}
+
+make_venv() {
+  [ -x "$2/bin/python" ] || "$1" -m venv "$2"
+  "$2/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+}
+
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import featurestore, mxnet, sklearn, h5py; print('featurestore', featurestore.__version__, 'mxnet', mxnet.__version__)" 2>/dev/null
+make_venv "$PY" .venv
+pip_install .venv -e ".[test]"
+.venv/bin/python -c "import featurestore, numpy, onnx; print('.venv: featurestore', featurestore.__version__, 'numpy',
+numpy.__version__, 'onnx', onnx.__version__)"
+
+MXPY=${MXNET_PYTHON:-python3.11}
+if command -v "$MXPY" >/dev/null; then
+  make_venv "$MXPY" .venv-mxnet
+  pip_install .venv-mxnet -e ".[mxnet,test]" -c scripts/constraints-mxnet.txt
+  .venv-mxnet/bin/python -c "import mxnet, numpy; print('.venv-mxnet: mxnet', mxnet.__version__, 'numpy',
+numpy.__version__)"
+else
+  echo "no $MXPY: .venv-mxnet (the MXNet parity tests) not built; set MXNET_PYTHON to a Python 3.11" >&2
+fi

