@@ -24,18 +24,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image as PILImage
 
-from featurestore.catalog.readonly import ReadOnlyCatalog
+from featurestore.catalog import versions
+from featurestore.catalog.readonly import ReadOnlyCatalog, dialect_of, where_is_cacheable
 from featurestore.errors import (
     DimensionMismatchError,
     FeatureStoreError,
     ImageNotFoundError,
-    IntegrityError,
     InvalidInputError,
     NoVectorError,
 )
 from featurestore.features.registry import extract_hint
 from featurestore.io.images import load_rgb, to_rgb
 from featurestore.search import index as ann
+from featurestore.search.cache import CompiledFilter, SetState
 from featurestore.search.kernel import Hit, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
 from featurestore.shards import read_row
 
@@ -272,49 +273,92 @@ def search(
     """
     _check_metric(metric)
     k = _check_k(k)
-    fs = store.feature_set(feature_set)
+    cache = store.search_cache
+    for attempt in range(_ATTEMPTS):
+        state = store.search_state(feature_set)
+        last = attempt + 1 == _ATTEMPTS
+        try:
+            hits, methods, method, note = _search_at(store, state, query, k, where, metric, exclude_ids,
+                                                     allowed_ids, exact)
+        except (FeatureStoreError, OSError):
+            # A write since the state was cached (a compacted shard, a rebuilt index, a dropped set)
+            # fails like damage would: look again on the catalog as it is now before reporting it.
+            if last or versions.current(store.engine) == state.version:
+                raise
+            cache.drop(feature_set, state)
+            continue
+        version, rows = versions.rows_at_version(store.engine, [h.image_id for h in hits])
+        if version == state.version or last:
+            return Found(_results(rows, hits, metric, methods), method, note)
+        cache.drop(feature_set, state)  # the catalog changed during or before this search: again, on it as it is
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# Searches on the cached state of a set are checked against the catalog's change counter once they
+# are done, and run again on a fresh state if it moved (issue 31); a set under continuous writes is
+# searched on the freshest state after this many tries.
+_ATTEMPTS = 3
+
+
+def _search_at(store: Store, state: SetState, query: Any, k: int, where: str | None, metric: str,
+               exclude_ids: Iterable[int] | None, allowed_ids: np.ndarray | None, exact: bool
+               ) -> tuple[list[Hit], list[str] | None, str, str]:
+    """:func:`search` on one cached state of the set: (hits, how each was found, method, note)."""
+    fs: FeatureSet = state.handle
     vec, self_id = query_vector(store, fs, query)
     excl = {int(i) for i in exclude_ids} if exclude_ids is not None else set()
     if self_id is not None:
         excl.add(self_id)
-    allowed = where_ids(store, where) if where is not None else None
+    allowed = _compiled(store, state, where) if where is not None else None
     if allowed_ids is not None:
         given = np.asarray(allowed_ids, dtype=np.int64)
-        allowed = given if allowed is None else np.intersect1d(allowed, given)
+        allowed = CompiledFilter.of(given) if allowed is None else allowed.intersect(given)
     if allowed is not None and allowed.size == 0:
-        return Found()
+        return [], None, "exact", ""
     note = ""
     # --- ANN index hook (issue 14): use the set's HNSW index when it has one; see search/index.py ---
-    if not exact:
-        indexed = ann.search_indexed(store, fs, vec, k, metric, excl, allowed)
+    if not exact and state.snapshot.index_key is not None:
+        indexed = ann.search_indexed(store, fs, vec, k, metric, excl, allowed, cached=state)
         if indexed is not None and indexed.hits is not None:
-            return Found(_results(store, indexed.hits, metric, indexed.methods), indexed.method, indexed.note)
+            return indexed.hits, indexed.methods, indexed.method, indexed.note
         note = indexed.note if indexed is not None else ""
     # --- end of the ANN index hook ---
-    for attempt in range(2):
-        shard_key, size = _index_key(store, fs)
-        if not shard_key[1]:
-            return Found([], "exact", note)
-        try:
-            if size <= store.settings.search_memory_mb * 2**20:
-                index = store.vector_index(fs, metric, shard_key, size)
-                hits = index.search(vec, k, exclude_ids=excl or None, allowed_ids=allowed)
-            else:
-                hits = top_k(vec, store.iter_shards(fs.name), k=k, metric=metric, exclude_ids=excl or None,
-                             allowed_ids=allowed)
-            break
-        except IntegrityError:
-            # `fs compact` may have replaced a shard between listing and reading it: list again once.
-            if attempt:
-                raise
-    return Found(_results(store, hits, metric), "exact", note)
+    shard_key = (fs.name, tuple((sh.id, sh.rows) for sh in state.snapshot.shards))
+    # Shard row counts bound the live rows from above (compaction may orphan a few).
+    size = sum(sh.rows for sh in state.snapshot.shards) * int(fs.dim) * 4
+    if not shard_key[1]:
+        return [], None, "exact", note
+    if size <= store.settings.search_memory_mb * 2**20:
+        index = store.vector_index(fs, metric, shard_key, size)
+        pos = None
+        if allowed is not None:
+            # rows of this in-memory index the filter allows, found once per filter (the index is kept
+            # beside them so a later index that reuses its id() is not mistaken for it)
+            made, pos = allowed.derive(("positions", id(index)), lambda: (index, index.positions(allowed.bitmap)))
+            if made is not index:
+                pos = index.positions(allowed.bitmap)
+        hits = index.search(vec, k, exclude_ids=excl or None, allowed_positions=pos,
+                            allowed_ids=allowed.ids if allowed is not None and pos is None else None)
+    else:
+        hits = top_k(vec, store.iter_shards(fs.name), k=k, metric=metric, exclude_ids=excl or None,
+                     allowed_ids=allowed.ids if allowed is not None else None)
+    return hits, None, "exact", note
 
 
-def _results(store: Store, hits: list[Hit], metric: str, methods: list[str] | None = None) -> list[SearchResult]:
-    info = store.catalog.image_paths_labels([h.image_id for h in hits])
+def _compiled(store: Store, state: SetState, where: str) -> CompiledFilter:
+    """``where`` compiled to the ids and bitmap it allows, once per condition and catalog version."""
+    def compile_ids(condition: str) -> tuple[np.ndarray, bool]:
+        ids = where_ids(store, condition)  # checks the condition first: a bad one is never cached
+        return ids, where_is_cacheable(condition, dialect_of(store.settings.catalog_url))
+
+    return state.compiled(where, compile_ids)
+
+
+def _results(rows: dict[int, tuple[str, str | None]], hits: list[Hit], metric: str,
+             methods: list[str] | None = None) -> list[SearchResult]:
     out = []
     for rank, h in enumerate(hits, start=1):
-        path, label = info.get(h.image_id, ("", None))
+        path, label = rows.get(h.image_id, ("", None))
         how = methods[rank - 1] if methods is not None else "exact"
         if metric == "cosine":
             out.append(SearchResult(rank, h.image_id, path, label, distance=1.0 - h.score, similarity=h.score,
