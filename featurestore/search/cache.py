@@ -53,6 +53,7 @@ class CompiledFilter:
 
     ids: np.ndarray
     bitmap: np.ndarray
+    shared: bool = False  # kept in a SetState for later searches (worth deriving things from)
     derived: dict[Any, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -117,6 +118,7 @@ class SetState:
         ids, cacheable = compile_ids(where)
         compiled = CompiledFilter.of(ids)
         if cacheable:
+            compiled.shared = True
             with self.lock:
                 compiled = self.filters.setdefault(where, compiled)
                 while len(self.filters) > FILTERS_PER_SET:

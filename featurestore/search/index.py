@@ -805,14 +805,14 @@ def _filtered_exact(store: Store, fs: FeatureSet, shards: list[LiveShard], allow
                     ) -> IndexedSearch:
     """Exact search of the allowed images.
 
-    With the search's cached state, the allowed rows are read once per compiled
-    filter into an in-memory :class:`VectorIndex` (when they fit the search memory
-    budget) that later queries score directly. Otherwise: by the caller's
+    For a filter the search cached (``--where``, issue 31), the allowed rows are
+    read once into an in-memory :class:`VectorIndex` (when they fit the search
+    memory budget) that later queries with it score directly. Otherwise: by the caller's
     in-memory exact path when the whole set fits the budget (loaded once, then
     cached), else by reading just their rows.
     """
     budget = max(0, int(store.settings.search_memory_mb)) * 2**20
-    if cached is not None and allowed.size * int(fs.dim) * 4 <= budget:
+    if allowed.shared and allowed.size * int(fs.dim) * 4 <= budget:
         subset = allowed.derive(("rows", fs.id, metric), lambda: _subset_index(store, fs, allowed.ids, metric))
         hits = subset.search(q, k, exclude_ids=set(excl.tolist()) or None) if len(subset) else []
         return IndexedSearch(hits, ["exact"] * len(hits), "exact", note)

@@ -171,9 +171,10 @@ def stored_vector(store: Store, feature_set: str | FeatureSet, image_id: int) ->
     fs = _set(store, feature_set)
     image_id = int(image_id)
     # Typed errors (HTTP answers 404 / 409 by type); both are also InvalidInputError.
-    if not 1 <= image_id <= 2**63 - 1 or not store.catalog.image_exists(image_id):
+    exists, loc = (False, None) if not 1 <= image_id <= 2**63 - 1 else \
+        versions.vector_location(store.engine, fs.id, image_id)
+    if not exists:
         raise ImageNotFoundError(image_id, 'list ids with `fs sql "SELECT id, source_path, label FROM images"`')
-    loc = store.catalog.vector_location(fs.id, image_id)
     if loc is None:
         raise NoVectorError(image_id, fs.name, extract_hint(fs), "or search with --image PATH")
     return np.asarray(read_row(store.root / loc[0], loc[1]), dtype=np.float32).reshape(-1)
@@ -331,12 +332,14 @@ def _search_at(store: Store, state: SetState, query: Any, k: int, where: str | N
     if size <= store.settings.search_memory_mb * 2**20:
         index = store.vector_index(fs, metric, shard_key, size)
         pos = None
-        if allowed is not None:
+        if allowed is not None and allowed.shared:
             # rows of this in-memory index the filter allows, found once per filter (the index is kept
             # beside them so a later index that reuses its id() is not mistaken for it)
             made, pos = allowed.derive(("positions", id(index)), lambda: (index, index.positions(allowed.bitmap)))
             if made is not index:
                 pos = index.positions(allowed.bitmap)
+        elif allowed is not None:
+            pos = index.positions(allowed.bitmap)
         hits = index.search(vec, k, exclude_ids=excl or None, allowed_positions=pos,
                             allowed_ids=allowed.ids if allowed is not None and pos is None else None)
     else:
