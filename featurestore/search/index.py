@@ -21,10 +21,13 @@ Guarantees
   shard is gone are checked against the catalog before they are returned. A
   second :func:`build_index` adds only the new shards (and removes keys of
   shards that are gone, or rebuilds when more than a fifth of the index is stale).
-* Filters (``allowed`` ids) are applied to the index's candidates with an
-  adaptive over-fetch (the candidate count grows until ``k`` allowed hits are
-  found); a filter allowing few images, or one the over-fetch cannot satisfy,
-  is searched exactly on just those images' rows, so ``k`` results come back
+* Filters (``allowed`` ids, or a ``--where`` compiled once to a bitmap over
+  image ids, :mod:`featurestore.search.cache`) are applied to the index's
+  candidates with an adaptive over-fetch (the candidate count grows until ``k``
+  allowed hits are found; usearch 2.26's Python search takes no predicate); a
+  filter allowing few images (or few per candidate the index would expand),
+  or one the over-fetch cannot satisfy, is searched exactly on just those
+  images' rows, read once per compiled filter, so ``k`` results come back
   whenever ``k`` exist.
 * Memory mapping: searches open the file with usearch's ``view`` (memory
   mapped, read-only), so several ``fs serve`` workers share one copy in the
@@ -53,7 +56,6 @@ import numpy as np
 
 from featurestore.catalog import repository as repo
 from featurestore.catalog.repository import IndexChangedError, IndexRecord, LiveShard
-from featurestore.catalog.versions import SetSnapshot
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError, NotFoundError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp, sha256_file
 from featurestore.search.cache import CompiledFilter, SetState
@@ -595,10 +597,10 @@ class _State:
     shards: list[LiveShard]  # the set's shards now, ``live`` not counted (= rows)
 
 
-def _current(store: Store, fs: FeatureSet, snapshot: SetSnapshot | None = None) -> _State | None:
+def _current(store: Store, fs: FeatureSet, cached: SetState | None = None) -> _State | None:
     """The registered index of ``fs``, opened (memory-mapped, once per store object), with the set's shards.
 
-    Each call costs one cheap catalog round trip, none when ``snapshot`` (the
+    Each call costs one cheap catalog round trip, none when ``cached`` (the
     set's facts cached by the search, issue 31) gives the index key and shards;
     the index is re-opened when it was rebuilt, and a new ``expansion_search``
     is applied without re-opening. A rebuild may delete the file between reading
@@ -606,9 +608,10 @@ def _current(store: Store, fs: FeatureSet, snapshot: SetSnapshot | None = None) 
     """
     cache = store.ann_indexes
     for attempt in range(2):
-        if snapshot is not None and not attempt:
-            key = snapshot.index_key
-            shards = [LiveShard(sh.id, sh.path, sh.rows, sh.rows) for sh in snapshot.shards]
+        if cached is not None and not attempt:
+            key = cached.snapshot.index_key
+            shards = cached.remember("shards", lambda: [LiveShard(sh.id, sh.path, sh.rows, sh.rows)
+                                                        for sh in cached.snapshot.shards])
         else:
             key, shards = repo.index_state(store.engine, fs.id)
         if key is None:
@@ -674,7 +677,7 @@ def search_indexed(
     cached it (issue 31): the index key, shards, coverage and exact subsets of
     filtered rows then come from it instead of the catalog.
     """
-    state = _current(store, fs, cached.snapshot if cached is not None else None)
+    state = _current(store, fs, cached)
     if state is None:
         return None
     record, opened = state.record, state.opened
@@ -691,12 +694,11 @@ def search_indexed(
     if allowed is not None and _exact_is_cheaper(k, excl.size, n, allowed.size, opened.params.expansion_search):
         return _filtered_exact(store, fs, state.shards, allowed, q, k, metric, excl,
                                f"the filter allows {allowed.size:,} images: searched them exactly", cached)
-    covered = set(record.shard_ids)
     if cached is not None:
-        uncovered, stale = cached.remember(("coverage", record.id, record.shard_ids),
-                                           lambda: _coverage(store, fs, covered, state.shards))
+        covered, uncovered, stale = cached.remember(("coverage", record.id, record.sha256),
+                                                    lambda: _covered(store, fs, record, state.shards))
     else:
-        uncovered, stale = _coverage(store, fs, covered, state.shards)
+        covered, uncovered, stale = _covered(store, fs, record, state.shards)
     # Index keys of removed shards (fs compact) may be stale: check candidates in the catalog then.
     good = _candidate_filter(store, fs, covered, excl, allowed, check_live=stale)
     cand = _index_candidates(opened, q, k, n, excl.size, allowed.size if allowed is not None else None, good)
@@ -720,6 +722,13 @@ def search_indexed(
         note += (f"; {extra:,} vector(s) in {len(uncovered)} shard(s) written since the build searched exactly "
                  f"(`fs index build --features {fs.name}` adds them)")
     return IndexedSearch(hits, methods, "index", note)
+
+
+def _covered(store: Store, fs: FeatureSet, record: IndexRecord, shards: list[LiveShard]
+             ) -> tuple[set[int], list[LiveShard], bool]:
+    """The shards the index covers, the live ones it does not, and whether some it covers is gone."""
+    covered = set(record.shard_ids)
+    return (covered, *_coverage(store, fs, covered, shards))
 
 
 def _coverage(store: Store, fs: FeatureSet, covered: set[int], shards: list[LiveShard]

@@ -8,6 +8,12 @@ into a :class:`~featurestore.search.kernel.VectorIndex` cached by the store;
 larger ones are streamed shard by shard through
 :func:`~featurestore.search.kernel.top_k`. Both are exact.
 
+What a search needs from the catalog besides its hits' paths and labels (the
+set's row, shards and index record, the ids a ``--where`` allows) is cached per
+set on the store and checked against the catalog's change counter once the
+search is done, in the same statement that fetches the rows; see
+:mod:`featurestore.search.cache`.
+
 Every result carries ``distance`` (lower is better, whatever the metric:
 ``1 - cosine similarity`` for cosine, the Euclidean distance for l2) and, for
 cosine, ``similarity``; the CLI, the HTTP API and Python use these names.
