@@ -403,11 +403,11 @@ def report(n: int, dim: int, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r["method"].startswith("duplicates"):
             continue
-        speed = exact["p50_ms"] / r["p50_ms"] if exact is not None else float("nan")
+        speed = f"{exact['p50_ms'] / r['p50_ms']:9.1f}x" if exact is not None else f"{'-':>10}"
         build = f"{r['build_s']:9.1f}" if "build_s" in r else f"{'-':>9}"
         size = f"{r['index_mib']:10.1f}" if "index_mib" in r else f"{'-':>10}"
         print(f"{'':>{len(f'{n:,} x {dim}: ')}}{r['method']:<14}{r['recall']:>10.4f}{r['p50_ms']:>9.3f}"
-              f"{r['p95_ms']:>9.3f}{speed:>9.1f}x{build}{size}{r['rss_mb']:>13,.0f}")
+              f"{r['p95_ms']:>9.3f}{speed}{build}{size}{r['rss_mb']:>13,.0f}")
     if exact is not None:
         print(f"  exact: filtered ({FILTER}) p50 {exact['filtered_p50_ms']:.2f} ms (the filter's SQL included, as "
               "in the indexed rows below); set loaded into memory in {:.1f} s".format(exact["load_s"]))

@@ -86,11 +86,12 @@ def rows_at_version(engine: Engine, image_ids: Sequence[int]) -> tuple[int, dict
     """(the counter, image id -> (source path, label)) in one statement.
 
     Plain driver SQL: the only values rendered into it are integers. The
-    counter row is joined to the images, so it comes back even when no id matches.
+    counter comes as the row whose image id is NULL (a ``UNION ALL``: both parts
+    are primary-key lookups, which a join ``ON i.id IN (...)`` was not in SQLite).
     """
     ids = ",".join(str(int(i)) for i in image_ids) or "NULL"
-    sql = ("SELECT v.version, i.id, i.source_path, i.label FROM catalog_version v "
-           f"LEFT JOIN images i ON i.id IN ({ids}) WHERE v.id = 1")
+    sql = ("SELECT version, NULL, NULL, NULL FROM catalog_version WHERE id = 1 UNION ALL "
+           f"SELECT NULL, id, source_path, label FROM images WHERE id IN ({ids})")
     with engine.connect() as conn:
         cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -98,7 +99,7 @@ def rows_at_version(engine: Engine, image_ids: Sequence[int]) -> tuple[int, dict
             got = cur.fetchall()
         finally:
             cur.close()
-    version = int(got[0][0])
+    version = next(int(v) for v, i, _, _ in got if i is None)
     return version, {int(i): (str(p), lb) for _, i, p, lb in got if i is not None}
 
 

@@ -85,10 +85,10 @@ EXACT_ALLOWED_MAX = 2_000
 # ...and so is one that would need more candidates than this from the index (about 2 k n / allowed)...
 FETCH_MAX = 4_096
 # ...or one allowing at most this many rows per candidate the index would expand (max(fetch, ef)):
-# an HNSW candidate costs a few dozen scattered distance computations, an exact row one streamed
-# through BLAS (bench/bench_ann.py: 1 % of 1M x 256 scored exactly in about 1 ms, ~2,000 candidates
-# from the index would take several).
-EXACT_ROWS_PER_CANDIDATE = 64
+# an HNSW candidate costs a few dozen scattered distance computations (2 M of them per node), an
+# exact row one product streamed from memory. At 1M images a 1 % filter (10,000 rows, ~2,000
+# candidates) is scored exactly, a 10 % one (100,000 rows, 200 candidates) through the index.
+EXACT_ROWS_PER_CANDIDATE = 16
 # Incremental builds rebuild instead when more than this share of the index is stale.
 REBUILD_STALE_FRACTION = 0.2
 # Duplicates: neighbours asked per vector at first, and at most (dense groups ask again).

@@ -76,7 +76,7 @@ def search_by_id(request: Request, name: SetName, image_id: QueryImageId, store:
                  exact: ExactQuery = False) -> SearchOut:
     """Images nearest to a stored image (through the set's ANN index if it has one, else exact), optionally
     only those with a label / in a dataset."""
-    fs = store.feature_set(name)
+    fs = store.search_state(name).handle  # cached with the search's state (issue 31): no catalog query
     allowed = _allowed(store, label, dataset)
     found = search(store, fs.name, image_id, k, metric=metric, allowed_ids=allowed, exact=exact)
     return SearchOut(feature_set=fs.name, metric=metric, image_id=image_id, **_found(found, request))
