@@ -153,6 +153,28 @@ def load(port: int, paths: list[str], concurrency: int) -> tuple[float, float, f
     return len(latencies) / wall, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
 
 
+def paired(root: Path, port: int, queries: list[int]) -> tuple[float, float]:
+    """p50 of the same searches by id over HTTP (c=1) and in this process, alternating one by one,
+    so load changes on a shared machine hit both alike: (HTTP p50, in-process p50) in seconds."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    http_t, local_t = [], []
+    with Store.open(Settings(store=root)) as store:
+        search(store, SET, queries[0], k=10)
+        for q in queries:
+            t = time.perf_counter()
+            conn.request("GET", f"/v1/feature-sets/{SET}/search?image_id={q}&k=10")
+            resp = conn.getresponse()
+            resp.read()
+            http_t.append(time.perf_counter() - t)
+            if resp.status != 200:
+                raise SystemExit(f"search failed: {resp.status}")
+            t = time.perf_counter()
+            search(store, SET, q, k=10)
+            local_t.append(time.perf_counter() - t)
+    conn.close()
+    return float(np.percentile(http_t, 50)), float(np.percentile(local_t, 50))
+
+
 def search_store(args: argparse.Namespace, tmp: Path) -> Path:
     """The store to search: ``--store``, or one built in ``tmp``; with ``--index`` its set gets an index."""
     root: Path = args.store or tmp / ".fs"
@@ -212,6 +234,10 @@ def bench_search(args: argparse.Namespace) -> None:
                 local = search(store, SET, queries[0], k=10)
             assert [h["image_id"] for h in hits] == [r.image_id for r in local], "service and API disagree"
             targets(local_p50, in_process(root, queries[:300]), rows[1])
+            http_p50, local_p50 = paired(root, port, queries[:500])
+            verdict = "met" if http_p50 - local_p50 <= 0.001 else "MISSED"
+            print(f"paired (HTTP c=1 and in-process alternating, 500 queries): p50 {1000 * http_p50:.2f} ms vs "
+                  f"{1000 * local_p50:.2f} ms: HTTP adds {1000 * (http_p50 - local_p50):.2f} ms (<= 1 ms: {verdict})")
         finally:
             proc.terminate()
             proc.wait(timeout=30)
