@@ -19,7 +19,7 @@ from featurestore.config import Settings
 from featurestore.errors import NotFoundError
 from featurestore.features.base import FeatureSpec
 from featurestore.search import index as ann
-from featurestore.search.cache import CompiledFilter
+from featurestore.search.cache import CompiledFilter, IdFilter
 from featurestore.search.service import search, where_ids
 from featurestore.store import Store
 from helpers import brute
@@ -255,3 +255,24 @@ def test_dropped_set_between_two_searches_is_not_found(vset) -> None:  # type: i
         other.close()
     with pytest.raises(NotFoundError):
         search(store, "v", mat[0], k=5)
+
+
+def test_id_filter_is_fetched_once_per_catalog_version(vset) -> None:  # type: ignore[no-untyped-def]
+    store, ids, mat, _ = vset
+    fetched: list[int] = []
+
+    def fetch() -> np.ndarray:  # what the HTTP label= filter runs, with bound parameters
+        fetched.append(1)
+        return store.catalog.image_ids_where(label="class3")
+
+    chosen = IdFilter(("label", "class3"), fetch)
+    first = search(store, "v", mat[0], k=5, id_filter=chosen)
+    again = search(store, "v", mat[0], k=5, id_filter=chosen)
+    assert [r.image_id for r in again] == [r.image_id for r in first] and len(fetched) == 1
+    assert {r.label for r in first} == {"class3"}
+    outside = next(int(i) for i in ids if int(i) not in {r.image_id for r in first}
+                   and store.catalog.image_paths_labels([int(i)])[int(i)][1] != "class3")
+    with store.session() as s:  # relabelled into the filter between two searches: seen by the second
+        s.execute(update(Image).where(Image.id == outside).values(label="class3"))
+    got = search(store, "v", mat[int(np.flatnonzero(ids == outside)[0])], k=1, id_filter=chosen)
+    assert [r.image_id for r in got] == [outside] and len(fetched) == 2

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,18 @@ from featurestore.catalog.versions import SetSnapshot
 
 # Compiled filters kept per set (least recently used dropped first).
 FILTERS_PER_SET = 16
+
+
+@dataclass(frozen=True)
+class IdFilter:
+    """Ids a caller selects with its own query (e.g. the HTTP ``label=`` filter, bound parameters).
+
+    ``fetch()`` runs that query; its result is cached with the set's state under
+    ``key`` like a ``--where``, so it is fetched again only after the catalog changed.
+    """
+
+    key: Hashable
+    fetch: Callable[[], np.ndarray]
 
 
 @dataclass
@@ -97,15 +109,15 @@ class SetState:
     snapshot: SetSnapshot
     handle: Any  # the store's FeatureSet handle built from the snapshot
     lock: threading.Lock = field(default_factory=threading.Lock)
-    filters: OrderedDict[str, CompiledFilter] = field(default_factory=OrderedDict)
+    filters: OrderedDict[Hashable, CompiledFilter] = field(default_factory=OrderedDict)
     memo: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def version(self) -> int:
         return self.snapshot.version
 
-    def compiled(self, where: str, compile_ids: Callable[[str], tuple[np.ndarray, bool]]) -> CompiledFilter:
-        """The filter ``where`` compiled at this state's counter.
+    def compiled(self, where: Hashable, compile_ids: Callable[[Any], tuple[np.ndarray, bool]]) -> CompiledFilter:
+        """The filter ``where`` (a condition, or an :class:`IdFilter` key) compiled at this state's counter.
 
         ``compile_ids`` runs the SQL: it returns the ids and whether they may be
         cached (see :func:`~featurestore.catalog.readonly.where_is_cacheable`).

@@ -42,7 +42,7 @@ from featurestore.errors import (
 from featurestore.features.registry import extract_hint
 from featurestore.io.images import load_rgb, to_rgb
 from featurestore.search import index as ann
-from featurestore.search.cache import CompiledFilter, SetState
+from featurestore.search.cache import CompiledFilter, IdFilter, SetState
 from featurestore.search.kernel import Hit, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
 from featurestore.shards import read_row
 
@@ -234,6 +234,7 @@ def search(
     exclude_ids: Iterable[int] | None = None,
     allowed_ids: np.ndarray | None = None,
     exact: bool = False,
+    id_filter: IdFilter | None = None,
 ) -> Found:
     """Top-``k`` images of a feature set nearest to ``query``: through its ANN index if it has one, else exact.
 
@@ -262,6 +263,10 @@ def search(
     exact : bool
         Ignore the feature set's ANN index (``fs index build``) and score every
         row (recall 1.0). Without an index the search is always exact.
+    id_filter : IdFilter, optional
+        Only the ids its query selects (combined with the others), fetched once
+        per catalog version and cached like a ``where`` (the HTTP ``label=`` /
+        ``dataset=`` filters).
 
     Returns
     -------
@@ -286,7 +291,7 @@ def search(
         last = attempt + 1 == _ATTEMPTS
         try:
             hits, methods, method, note = _search_at(store, state, query, k, where, metric, exclude_ids,
-                                                     allowed_ids, exact)
+                                                     allowed_ids, exact, id_filter)
         except (FeatureStoreError, OSError):
             # A write since the state was cached (a compacted shard, a rebuilt index, a dropped set)
             # fails like damage would: look again on the catalog as it is now before reporting it.
@@ -308,8 +313,8 @@ _ATTEMPTS = 3
 
 
 def _search_at(store: Store, state: SetState, query: Any, k: int, where: str | None, metric: str,
-               exclude_ids: Iterable[int] | None, allowed_ids: np.ndarray | None, exact: bool
-               ) -> tuple[list[Hit], list[str] | None, str, str]:
+               exclude_ids: Iterable[int] | None, allowed_ids: np.ndarray | None, exact: bool,
+               id_filter: IdFilter | None = None) -> tuple[list[Hit], list[str] | None, str, str]:
     """:func:`search` on one cached state of the set: (hits, how each was found, method, note)."""
     fs: FeatureSet = state.handle
     vec, self_id = query_vector(store, fs, query)
@@ -317,6 +322,9 @@ def _search_at(store: Store, state: SetState, query: Any, k: int, where: str | N
     if self_id is not None:
         excl.add(self_id)
     allowed = _compiled(store, state, where) if where is not None else None
+    if id_filter is not None:
+        chosen = state.compiled(("ids", id_filter.key), lambda _: (id_filter.fetch(), True))
+        allowed = chosen if allowed is None else allowed.intersect(chosen.ids)
     if allowed_ids is not None:
         given = np.asarray(allowed_ids, dtype=np.int64)
         allowed = CompiledFilter.of(given) if allowed is None else allowed.intersect(given)
