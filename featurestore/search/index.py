@@ -58,7 +58,7 @@ from featurestore.catalog import repository as repo
 from featurestore.catalog.repository import IndexChangedError, IndexRecord, LiveShard
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError, NotFoundError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp, sha256_file
-from featurestore.search.cache import CompiledFilter, SetState
+from featurestore.search.cache import FILTERS_PER_SET, CompiledFilter, SetState
 from featurestore.search.kernel import (
     METRICS,
     Hit,
@@ -815,13 +815,15 @@ def _filtered_exact(store: Store, fs: FeatureSet, shards: list[LiveShard], allow
     """Exact search of the allowed images.
 
     For a filter the search cached (``--where``, issue 31), the allowed rows are
-    read once into an in-memory :class:`VectorIndex` (when they fit the search
-    memory budget) that later queries with it score directly. Otherwise: by the caller's
+    read once into an in-memory :class:`VectorIndex` (when they fit a
+    :data:`~featurestore.search.cache.FILTERS_PER_SET` share of the search memory
+    budget) that later queries with it score directly. Otherwise: by the caller's
     in-memory exact path when the whole set fits the budget (loaded once, then
     cached), else by reading just their rows.
     """
     budget = max(0, int(store.settings.search_memory_mb)) * 2**20
-    if allowed.shared and allowed.size * int(fs.dim) * 4 <= budget:
+    # each of the set's cached filters may keep its rows: together at most the search memory budget
+    if allowed.shared and allowed.size * int(fs.dim) * 4 <= budget // FILTERS_PER_SET:
         subset = allowed.derive(("rows", fs.id, metric), lambda: _subset_index(store, fs, allowed.ids, metric))
         hits = subset.search(q, k, exclude_ids=set(excl.tolist()) or None) if len(subset) else []
         return IndexedSearch(hits, ["exact"] * len(hits), "exact", note)
