@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import resource
@@ -62,7 +63,18 @@ K = 10
 RANK = 16
 THRESHOLD = 0.99
 FILTER = "label = 'class3'"
+# --where filters timed through the store (issue 31), by the share of images they allow; each has its
+# own exact ground truth (truth_filtered_<share>.npy), made once from the labels (image id = row + 1).
+FILTERS = {"1%": "id % 100 = 0", "10%": FILTER,
+           "50%": "label IN ('class0', 'class1', 'class2', 'class3', 'class4')"}
 DATA_VERSION = 2  # 2: dataset memberships (issue 17)
+
+
+def filter_mask(share: str, labels: np.ndarray) -> np.ndarray:
+    """Which rows the filter ``FILTERS[share]`` allows."""
+    if share == "1%":
+        return (np.arange(1, labels.size + 1) % 100) == 0
+    return labels == 3 if share == "10%" else labels < 5
 
 
 # ---------------------------------------------------------------------------
@@ -129,6 +141,14 @@ def prepare(work: Path, n: int, dim: int, n_queries: int, seed: int = 0) -> None
         _make_data(work, n, dim, n_queries, seed)
         marker.write_text(json.dumps(want))
         store_marker.unlink(missing_ok=True)
+    for share in FILTERS:
+        truth = work / f"truth_filtered_{share.rstrip('%')}.npy"
+        if not truth.exists():
+            t = time.perf_counter()
+            allowed = filter_mask(share, np.load(work / "labels.npy"))
+            np.save(truth, exact_top(np.load(work / "data.npy", mmap_mode="r"), np.load(work / "queries.npy"), K,
+                                     allowed=allowed))
+            print(f"  exact ground truth of the {share} filter in {time.perf_counter() - t:.1f}s")
     from featurestore.catalog.database import head_revision
 
     # a store written by another catalog schema is rebuilt, not opened (it may not migrate)
@@ -258,34 +278,58 @@ def worker_usearch_build(work: Path, params: dict[str, Any]) -> dict[str, Any]:
 
     store = open_store(work, workers=params["threads"])
     t = time.perf_counter()
+    # --reuse-index keeps an index built with the same params by an earlier run (an hour at 1M on 2 cores)
     report = ann.build_index(store, SET, dtype=params["dtype"], connectivity=params["M"],
-                             expansion_add=params["ef_add"], expansion_search=params["ef_search"], rebuild=True)
-    return {"method": f"usearch-{params['dtype']}", "build_s": time.perf_counter() - t,
+                             expansion_add=params["ef_add"], expansion_search=params["ef_search"],
+                             rebuild=not params.get("reuse_index"))
+    return {"method": f"usearch-{params['dtype']}", "build_s": time.perf_counter() - t, "action": report.action,
             "index_mib": report.bytes / 2**20, "build_rss_mb": peak_rss_mb()}
 
 
+def paired(fns: dict[str, Any], queries: np.ndarray) -> tuple[dict[str, list[Any]], dict[str, np.ndarray]]:
+    """Each query through every function in turn (so load changes hit all alike): results and seconds."""
+    for q in queries[:5]:
+        for fn in fns.values():
+            fn(q)
+    out: dict[str, list[Any]] = {name: [] for name in fns}
+    times = {name: np.empty(len(queries)) for name in fns}
+    for i, q in enumerate(queries):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            out[name].append(fn(q))
+            times[name][i] = time.perf_counter() - t
+    return out, times
+
+
 def worker_usearch_query(work: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """Queries through ``search(store, ...)`` (index memory-mapped), the bare usearch query, the filter."""
-    from featurestore.search import index as ann
+    """``search(store, ...)`` (index memory-mapped) paired with the bare usearch query on the same file,
+    unfiltered and with each filter of FILTERS."""
     from featurestore.search.service import search
 
     queries, truth = np.load(work / "queries.npy"), np.load(work / "truth.npy")
-    truth_f = np.load(work / "truth_filtered.npy")
     store = open_store(work)
-    found, times = latencies(lambda q: [r.image_id for r in search(store, SET, q, k=K)], queries)
-    methods = {r.method for r in search(store, SET, queries[0], k=K)}
-    query_rss = peak_rss_mb()
-    state = ann._current(store, store.feature_set(SET))
-    assert state is not None
-    index = state.opened.index
-    bare, bare_times = latencies(lambda q: (np.asarray(index.search(q.astype(np.float32), K, threads=1).keys)
-                                            .astype(np.int64).tolist()), queries)
+    methods = {r.method for r in search(store, SET, queries[0], k=K)}  # opens the index
+    index = store.ann_indexes.opened[store.feature_set(SET).id].index
+
+    def bare(q: np.ndarray) -> list[int]:
+        return np.asarray(index.search(q.astype(np.float32), K, threads=1).keys).astype(np.int64).tolist()
+
+    def through_store(where: str | None) -> Any:
+        return lambda q: [r.image_id for r in search(store, SET, q, k=K, where=where)]
+
+    found, times = paired({"bare": bare, "store": through_store(None)}, queries)
+    out: dict[str, Any] = {**ms(times["store"]), "recall": recall(found["store"], truth),
+                           "bare_p50_ms": ms(times["bare"])["p50_ms"], "bare_p95_ms": ms(times["bare"])["p95_ms"],
+                           "bare_recall": recall(found["bare"], truth), "used": sorted(methods)}
     nf = min(len(queries), params["filtered_queries"])
-    found_f, times_f = latencies(lambda q: [r.image_id for r in search(store, SET, q, k=K, where=FILTER)],
-                                 queries[:nf])
-    return {**ms(times), "recall": recall(found, truth), "bare_p50_ms": ms(bare_times)["p50_ms"],
-            "bare_recall": recall(bare, truth), "filtered_p50_ms": ms(times_f)["p50_ms"],
-            "filtered_recall": recall(found_f, truth_f[:nf]), "used": sorted(methods), "rss_mb": query_rss}
+    for share, where in FILTERS.items():
+        truth_f = np.load(work / f"truth_filtered_{share.rstrip('%')}.npy")[:nf]
+        found_f, times_f = paired({"bare": bare, "store": through_store(where)}, queries[:nf])
+        out[f"filtered_{share}"] = {**ms(times_f["store"]), "recall": recall(found_f["store"], truth_f),
+                                    "bare_p50_ms": ms(times_f["bare"])["p50_ms"]}
+    out["filtered_p50_ms"], out["filtered_recall"] = out["filtered_10%"]["p50_ms"], out["filtered_10%"]["recall"]
+    out["rss_mb"] = peak_rss_mb()
+    return out
 
 
 def worker_faiss(work: Path, params: dict[str, Any]) -> dict[str, Any]:
@@ -353,24 +397,31 @@ def run_worker(kind: str, work: Path, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def report(n: int, dim: int, rows: list[dict[str, Any]]) -> None:
-    exact = next(r for r in rows if r["method"] == "exact")
+    exact = next((r for r in rows if r["method"] == "exact"), None)
     print(f"\n{n:,} x {dim}: {'method':<14}{'recall@10':>10}{'p50 ms':>9}{'p95 ms':>9}{'exact/p50':>10}"
           f"{'build s':>9}{'index MiB':>10}{'peak RSS MiB':>13}")
     for r in rows:
         if r["method"].startswith("duplicates"):
             continue
-        speed = exact["p50_ms"] / r["p50_ms"]
+        speed = f"{exact['p50_ms'] / r['p50_ms']:9.1f}x" if exact is not None else f"{'-':>10}"
         build = f"{r['build_s']:9.1f}" if "build_s" in r else f"{'-':>9}"
         size = f"{r['index_mib']:10.1f}" if "index_mib" in r else f"{'-':>10}"
         print(f"{'':>{len(f'{n:,} x {dim}: ')}}{r['method']:<14}{r['recall']:>10.4f}{r['p50_ms']:>9.3f}"
-              f"{r['p95_ms']:>9.3f}{speed:>9.1f}x{build}{size}{r['rss_mb']:>13,.0f}")
-    print(f"  exact: filtered ({FILTER}) p50 {exact['filtered_p50_ms']:.2f} ms (the filter's SQL included, as "
-          "in the indexed rows below); set loaded into memory in {:.1f} s".format(exact["load_s"]))
+              f"{r['p95_ms']:>9.3f}{speed}{build}{size}{r['rss_mb']:>13,.0f}")
+    if exact is not None:
+        print(f"  exact: filtered ({FILTER}) p50 {exact['filtered_p50_ms']:.2f} ms (the filter's SQL included, as "
+              "in the indexed rows below); set loaded into memory in {:.1f} s".format(exact["load_s"]))
     for r in rows:
         if r["method"].startswith("usearch"):
-            print(f"  {r['method']}: bare usearch query p50 {r['bare_p50_ms']:.3f} ms (recall {r['bare_recall']:.4f}); "
-                  f"filtered ({FILTER}, 10 %) recall@10 {r['filtered_recall']:.4f}, p50 {r['filtered_p50_ms']:.2f} ms; "
+            print(f"  {r['method']} ({r['action']}): search() p50 {r['p50_ms']:.3f} / p95 {r['p95_ms']:.3f} ms beside "
+                  f"bare usearch p50 {r['bare_p50_ms']:.3f} / p95 {r['bare_p95_ms']:.3f} ms in the same run "
+                  f"({r['p50_ms'] / r['bare_p50_ms']:.2f}x; bare recall {r['bare_recall']:.4f}); "
                   f"build peak RSS {r['build_rss_mb']:,.0f} MiB; hits via {r['used']}")
+            for share in FILTERS:
+                f = r[f"filtered_{share}"]
+                print(f"    filtered {share:>3} ({FILTERS[share]}): recall@10 {f['recall']:.4f}, "
+                      f"p50 {f['p50_ms']:.2f} / p95 {f['p95_ms']:.2f} ms "
+                      f"(bare unfiltered p50 {f['bare_p50_ms']:.3f} ms beside it)")
         if r["method"].startswith("duplicates"):
             print(f"  {r['method']} threshold {THRESHOLD}: {r['groups']:,} groups, {r['images']:,} images, planted "
                   f"pairs found {r['planted_pair_recall']:.4f}, {r['seconds']:.1f} s, peak RSS {r['rss_mb']:,.0f} MiB")
@@ -389,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ef-search", type=int, default=128, help="expansion while searching (both)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="build threads")
     parser.add_argument("--methods", default="exact,usearch-i8,usearch-f32,faiss,duplicates")
+    parser.add_argument("--reuse-index", action="store_true",
+                        help="keep an index an earlier run built with the same params instead of rebuilding it")
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)
@@ -399,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = args.sizes or ("50000x256,10000x1280" if args.quick else "1000000x256,100000x1280")
     n_queries = args.queries or (200 if args.quick else 1000)
     params = {"M": args.M, "ef_add": args.ef_add, "ef_search": args.ef_search, "threads": args.threads,
-              "filtered_queries": args.filtered_queries, "exact_queries": args.exact_queries}
+              "filtered_queries": args.filtered_queries, "exact_queries": args.exact_queries,
+              "reuse_index": args.reuse_index}
     print(f"params: {params}; machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     for size in sizes.split(","):
         n, dim = (int(v) for v in size.lower().split("x"))
@@ -408,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
         prepare(work, n, dim, n_queries)
         rows = []
         for method in args.methods.split(","):
+            if method == "faiss" and importlib.util.find_spec("faiss") is None:
+                print("  faiss: not installed (pip install 'featurestore[bench]'), skipped")
+                continue
             t = time.perf_counter()
             if method.startswith("usearch-"):
                 r = run_worker("usearch_build", work, {**params, "dtype": method.split("-", 1)[1]})

@@ -40,6 +40,7 @@ from featurestore.catalog import database
 from featurestore.catalog.repository import Catalog, check_name
 from featurestore.catalog.schema import FeatureSet as FeatureSetRow
 from featurestore.catalog.schema import Run
+from featurestore.catalog.versions import SetSnapshot
 from featurestore.config import Settings
 from featurestore.errors import (
     DimensionMismatchError,
@@ -56,6 +57,7 @@ from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
 from featurestore.search import index as ann_index
 from featurestore.search import service as search_service
+from featurestore.search.cache import SearchCache, SetState
 from featurestore.search.kernel import VectorIndex
 from featurestore.shards import place, read_rows_into, read_shard, remove_orphans, write_shard
 from featurestore.training.artifacts import load_artifact
@@ -90,7 +92,7 @@ class FeatureSet:
     catalog records.
     """
 
-    def __init__(self, store: Store, row: FeatureSetRow):
+    def __init__(self, store: Store, row: FeatureSetRow | SetSnapshot):
         self._store = store
         self.id: int = int(row.id)
         self.name: str = row.name
@@ -132,6 +134,7 @@ class Store:
         self._models: dict[tuple[int, str], Any] = {}
         self._indexes: OrderedDict[tuple[int, str], tuple[tuple[Any, ...], VectorIndex, int]] = OrderedDict()
         self.ann_indexes = ann_index.OpenedIndexes()  # issue 14: memory-mapped HNSW indexes (search/index.py)
+        self.search_cache = SearchCache()  # issue 31: per-set facts and compiled filters (search/cache.py)
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -237,6 +240,15 @@ class Store:
     def feature_set(self, name: str) -> FeatureSet:
         """The stored feature set ``name`` (:class:`NotFoundError` lists the existing ones)."""
         return FeatureSet(self, self.catalog.feature_set(name))
+
+    def search_state(self, name: str) -> SetState:
+        """What a search of set ``name`` caches (its facts and compiled filters), valid at one catalog version.
+
+        The state is reused without asking the catalog; the search checks the
+        catalog's change counter when it is done (see :mod:`featurestore.search.cache`).
+        """
+        return self.search_cache.state(self.engine, name, lambda snap: FeatureSet(self, snap),
+                                       lambda: self.feature_set(name))
 
     def ensure_feature_set(self, spec: FeatureSpec, replace: bool = False) -> FeatureSet:
         """Register ``spec`` or check it matches what is stored. Call under :meth:`writing`.
@@ -534,6 +546,7 @@ class Store:
             self._models.clear()
             self._indexes.clear()
         self.ann_indexes.clear()
+        self.search_cache.clear()
 
     # -- maintenance ---------------------------------------------------------------
     def compact(self, feature_set: str | None = None, min_rows: int = 10_000) -> list[tuple[str, int, int]]:

@@ -293,6 +293,7 @@ def test_index_is_memory_mapped(indexed) -> None:  # type: ignore[no-untyped-def
 def test_filters_with_the_index(indexed, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
     monkeypatch.setattr(ann, "EXACT_ALLOWED_MAX", 20)  # small test sets: exercise the over-fetch path
+    monkeypatch.setattr(ann, "EXACT_ROWS_PER_CANDIDATE", 0)
     rng = np.random.default_rng(11)
     for selectivity in (0.5, 0.1, 0.02):
         allowed = np.sort(rng.choice(ids, int(len(ids) * selectivity), replace=False))
@@ -315,6 +316,7 @@ def test_filter_the_over_fetch_cannot_satisfy_goes_exact(indexed, monkeypatch: p
     store, ids, mat = indexed
     monkeypatch.setattr(ann, "EXACT_ALLOWED_MAX", 5)
     monkeypatch.setattr(ann, "FETCH_MAX", 100)
+    monkeypatch.setattr(ann, "EXACT_ROWS_PER_CANDIDATE", 0)
     q = mat[0]
     # the 500 images farthest from q: the index's first 100 candidates include none of them
     far = ids[np.argsort(mat @ q / np.linalg.norm(mat, axis=1))[:500]]
@@ -359,6 +361,7 @@ def test_concurrent_searches_share_one_index(indexed) -> None:  # type: ignore[n
 def test_filters_with_new_shards(indexed, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
     monkeypatch.setattr(ann, "EXACT_ALLOWED_MAX", 20)
+    monkeypatch.setattr(ann, "EXACT_ROWS_PER_CANDIDATE", 0)
     new_ids = add_images(store, 200)
     new = clustered(200, seed=8)
     append(store, "v", new_ids, new, 200)

@@ -693,3 +693,45 @@ def create_readonly_role(url: str, name: str, password: str | None = None,
     finally:
         engine.dispose()
     return done
+
+
+# ---------------------------------------------------------------------------
+# whether a --where result may be cached (issue 31)
+
+# Tables the catalog's change counter covers (migration 0012) and that where_query reads itself.
+_VERSIONED = frozenset({"images", "datasets", "dataset_members"})
+_VOLATILE_NODES = (exp.Rand, exp.CurrentDate, exp.CurrentTimestamp, exp.CurrentTime)
+_VOLATILE_NAMES = frozenset({"now", "age", "random", "clock_timestamp", "statement_timestamp",
+                             "transaction_timestamp", "timeofday"})
+# date('now'), 'now'::timestamp, julianday(): the clock through a literal or a call without arguments
+_CLOCK_WORDS = frozenset({"now", "today", "tomorrow", "yesterday"})
+_CLOCK_FUNCTIONS = frozenset({"date", "datetime", "time", "julianday", "unixepoch", "strftime"})
+
+
+def where_is_cacheable(condition: str, dialect: str) -> bool:
+    """Whether a checked ``--where`` condition gives the same ids until the catalog's change counter moves.
+
+    False when it reads a table the counter does not cover (a subquery on
+    ``predictions``, ``runs``...) or the clock or a random number; such a
+    condition is run again for every search. Call after :func:`where_query`
+    accepted it.
+    """
+    try:
+        tree = sqlglot.condition(condition.strip(), dialect=dialect)
+    except (ParseError, TokenError):
+        return False
+    for node in tree.walk():
+        if isinstance(node, exp.Table) and node.name.lower() not in _VERSIONED:
+            return False
+        if isinstance(node, _VOLATILE_NODES):
+            return False
+        if isinstance(node, exp.Literal) and node.is_string and node.this.strip().lower() in _CLOCK_WORDS:
+            return False
+        if isinstance(node, exp.Func):
+            name = (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
+            if name in _VOLATILE_NAMES:
+                return False
+            given = node.expressions if isinstance(node, exp.Anonymous) else [v for v in node.args.values() if v]
+            if name in _CLOCK_FUNCTIONS and not given:
+                return False
+    return True

@@ -261,3 +261,22 @@ class AnnIndex(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text, unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# -- search caches (issue 31) ----------------------------------------------------------------------
+
+
+class CatalogVersion(Base):
+    """The catalog's change counter: one row (``id`` 1) whose ``version`` only grows.
+
+    Triggers (migration 0012) bump it in the same transaction as every insert,
+    update or delete on ``images``, ``datasets``, ``dataset_members``,
+    ``feature_sets``, ``feature_shards`` and ``vector_indexes`` (``feature_rows``
+    change only together with their shards), so a reader whose cached copy was made at the current counter knows it is
+    still what the catalog holds (:mod:`featurestore.catalog.versions`).
+    """
+
+    __tablename__ = "catalog_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)

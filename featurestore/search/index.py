@@ -21,10 +21,13 @@ Guarantees
   shard is gone are checked against the catalog before they are returned. A
   second :func:`build_index` adds only the new shards (and removes keys of
   shards that are gone, or rebuilds when more than a fifth of the index is stale).
-* Filters (``allowed`` ids) are applied to the index's candidates with an
-  adaptive over-fetch (the candidate count grows until ``k`` allowed hits are
-  found); a filter allowing few images, or one the over-fetch cannot satisfy,
-  is searched exactly on just those images' rows, so ``k`` results come back
+* Filters (``allowed`` ids, or a ``--where`` compiled once to a bitmap over
+  image ids, :mod:`featurestore.search.cache`) are applied to the index's
+  candidates with an adaptive over-fetch (the candidate count grows until ``k``
+  allowed hits are found; usearch 2.26's Python search takes no predicate); a
+  filter allowing few images (or few per candidate the index would expand),
+  or one the over-fetch cannot satisfy, is searched exactly on just those
+  images' rows, read once per compiled filter, so ``k`` results come back
   whenever ``k`` exist.
 * Memory mapping: searches open the file with usearch's ``view`` (memory
   mapped, read-only), so several ``fs serve`` workers share one copy in the
@@ -55,9 +58,11 @@ from featurestore.catalog import repository as repo
 from featurestore.catalog.repository import IndexChangedError, IndexRecord, LiveShard
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError, NotFoundError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp, sha256_file
+from featurestore.search.cache import FILTERS_PER_SET, CompiledFilter, SetState
 from featurestore.search.kernel import (
     METRICS,
     Hit,
+    VectorIndex,
     _as_query,
     _union_edges,
     _UnionFind,
@@ -77,8 +82,13 @@ USEARCH_METRIC = {"cosine": "cos", "l2": "l2sq"}
 
 # A filter allowing at most this many images is searched exactly on their rows...
 EXACT_ALLOWED_MAX = 2_000
-# ...and so is one that would need more candidates than this from the index (about 2 k n / allowed).
+# ...and so is one that would need more candidates than this from the index (about 2 k n / allowed)...
 FETCH_MAX = 4_096
+# ...or one allowing at most this many rows per candidate the index would expand (max(fetch, ef)):
+# an HNSW candidate costs a few dozen scattered distance computations (2 M of them per node), an
+# exact row one product streamed from memory. At 1M images a 1 % filter (10,000 rows, ~2,000
+# candidates) is scored exactly, a 10 % one (100,000 rows, 200 candidates) through the index.
+EXACT_ROWS_PER_CANDIDATE = 16
 # Incremental builds rebuild instead when more than this share of the index is stale.
 REBUILD_STALE_FRACTION = 0.2
 # Duplicates: neighbours asked per vector at first, and at most (dense groups ask again).
@@ -587,17 +597,23 @@ class _State:
     shards: list[LiveShard]  # the set's shards now, ``live`` not counted (= rows)
 
 
-def _current(store: Store, fs: FeatureSet) -> _State | None:
+def _current(store: Store, fs: FeatureSet, cached: SetState | None = None) -> _State | None:
     """The registered index of ``fs``, opened (memory-mapped, once per store object), with the set's shards.
 
-    Each call costs one cheap catalog round trip; the index is re-opened when it
-    was rebuilt, and a new ``expansion_search`` is applied without re-opening.
-    A rebuild may delete the file between reading the catalog and opening it:
-    then the catalog is read once more.
+    Each call costs one cheap catalog round trip, none when ``cached`` (the
+    set's facts cached by the search, issue 31) gives the index key and shards;
+    the index is re-opened when it was rebuilt, and a new ``expansion_search``
+    is applied without re-opening. A rebuild may delete the file between reading
+    the catalog and opening it: then the catalog is read once more.
     """
     cache = store.ann_indexes
     for attempt in range(2):
-        key, shards = repo.index_state(store.engine, fs.id)
+        if cached is not None and not attempt:
+            key = cached.snapshot.index_key
+            shards = cached.remember("shards", lambda: [LiveShard(sh.id, sh.path, sh.rows, sh.rows)
+                                                        for sh in cached.snapshot.shards])
+        else:
+            key, shards = repo.index_state(store.engine, fs.id)
         if key is None:
             return None
         with cache.lock:
@@ -650,14 +666,18 @@ def search_indexed(
     k: int,
     metric: str,
     exclude_ids: set[int] | None = None,
-    allowed_ids: np.ndarray | None = None,
+    allowed_ids: np.ndarray | CompiledFilter | None = None,
+    cached: SetState | None = None,
 ) -> IndexedSearch | None:
     """Top-``k`` of a feature set through its index; None when it has no index.
 
     Same arguments and score convention as :func:`featurestore.search.service.search`
-    (``vector`` already embedded, ``allowed_ids`` already resolved from ``where``).
+    (``vector`` already embedded, ``allowed_ids`` already resolved from ``where``,
+    as ids or compiled to a bitmap). ``cached`` is the set's state as the search
+    cached it (issue 31): the index key, shards, coverage and exact subsets of
+    filtered rows then come from it instead of the catalog.
     """
-    state = _current(store, fs)
+    state = _current(store, fs, cached)
     if state is None:
         return None
     record, opened = state.record, state.opened
@@ -668,29 +688,33 @@ def search_indexed(
     if metric == "cosine":
         _unit(q)  # a zero query is refused as in exact search
     excl = np.array(sorted(int(i) for i in exclude_ids or ()), dtype=np.int64)
-    allowed = None if allowed_ids is None else np.unique(np.asarray(allowed_ids, dtype=np.int64))
+    allowed = allowed_ids if isinstance(allowed_ids, CompiledFilter) or allowed_ids is None \
+        else CompiledFilter.of(allowed_ids)
     n = len(opened.index)
-    if allowed is not None and (allowed.size <= EXACT_ALLOWED_MAX or _fetch_for(k, excl.size, n, allowed.size)
-                                > FETCH_MAX):
+    if allowed is not None and _exact_is_cheaper(k, excl.size, n, allowed.size, opened.params.expansion_search):
         return _filtered_exact(store, fs, state.shards, allowed, q, k, metric, excl,
-                               f"the filter allows {allowed.size:,} images: searched them exactly")
-    covered = set(record.shard_ids)
-    uncovered, stale = _coverage(store, fs, covered, state.shards)
+                               f"the filter allows {allowed.size:,} images: searched them exactly", cached)
+    if cached is not None:
+        covered, uncovered, stale = cached.remember(("coverage", record.id, record.sha256),
+                                                    lambda: _covered(store, fs, record, state.shards))
+    else:
+        covered, uncovered, stale = _covered(store, fs, record, state.shards)
     # Index keys of removed shards (fs compact) may be stale: check candidates in the catalog then.
     good = _candidate_filter(store, fs, covered, excl, allowed, check_live=stale)
-    cand = _index_candidates(opened, q, k, n, excl.size, allowed, good)
+    cand = _index_candidates(opened, q, k, n, excl.size, allowed.size if allowed is not None else None, good)
     if cand is None:  # the filter could not be satisfied from the index's candidates
         assert allowed is not None
         return _filtered_exact(store, fs, state.shards, allowed, q, k, metric, excl,
                                f"the filter allows {allowed.size:,} images, too few among the index's "
-                               "candidates: searched them exactly")
+                               "candidates: searched them exactly", cached)
     keys, dists = cand
     scores = 1.0 - dists if metric == "cosine" else np.sqrt(np.maximum(dists, 0.0))
     idx_hits = [Hit(int(i), float(s)) for i, s in zip(keys.tolist(), scores.tolist(), strict=True)]
     exact_hits: list[Hit] = []
     if uncovered:
         exact_hits = top_k(q, _chunks(store, uncovered), k=k, metric=metric,
-                           exclude_ids=set(excl.tolist()) or None, allowed_ids=allowed)
+                           exclude_ids=set(excl.tolist()) or None,
+                           allowed_ids=allowed.ids if allowed is not None else None)
     hits, methods = _merge(idx_hits, exact_hits, k, metric)
     note = f"HNSW index of {fs.name} (usearch, {metric}, {opened.params.dtype}, {n:,} vectors)"
     if uncovered:
@@ -698,6 +722,13 @@ def search_indexed(
         note += (f"; {extra:,} vector(s) in {len(uncovered)} shard(s) written since the build searched exactly "
                  f"(`fs index build --features {fs.name}` adds them)")
     return IndexedSearch(hits, methods, "index", note)
+
+
+def _covered(store: Store, fs: FeatureSet, record: IndexRecord, shards: list[LiveShard]
+             ) -> tuple[set[int], list[LiveShard], bool]:
+    """The shards the index covers, the live ones it does not, and whether some it covers is gone."""
+    covered = set(record.shard_ids)
+    return (covered, *_coverage(store, fs, covered, shards))
 
 
 def _coverage(store: Store, fs: FeatureSet, covered: set[int], shards: list[LiveShard]
@@ -719,14 +750,27 @@ def _fetch_for(k: int, n_excl: int, n: int, n_allowed: int) -> int:
     return int(math.ceil(2 * k * n / max(n_allowed, 1))) + n_excl
 
 
+def _exact_is_cheaper(k: int, n_excl: int, n: int, n_allowed: int, expansion: int) -> bool:
+    """Whether scoring the allowed rows exactly beats over-fetching from the index.
+
+    The index search expands about ``max(fetch, ef)`` candidates, each costing
+    a few dozen scattered distance computations; exact scoring streams the
+    allowed rows through BLAS (see :data:`EXACT_ROWS_PER_CANDIDATE`).
+    """
+    if n_allowed <= EXACT_ALLOWED_MAX:
+        return True
+    fetch = _fetch_for(k, n_excl, n, n_allowed)
+    return fetch > FETCH_MAX or n_allowed <= EXACT_ROWS_PER_CANDIDATE * max(fetch, expansion)
+
+
 def _candidate_filter(store: Store, fs: FeatureSet, covered: set[int], excl: np.ndarray,
-                      allowed: np.ndarray | None, check_live: bool) -> Callable[[np.ndarray], np.ndarray]:
+                      allowed: CompiledFilter | None, check_live: bool) -> Callable[[np.ndarray], np.ndarray]:
     def good(keys: np.ndarray) -> np.ndarray:
         mask = np.ones(keys.shape[0], dtype=bool)
         if excl.size:
             mask &= ~np.isin(keys, excl)
         if allowed is not None:
-            mask &= np.isin(keys, allowed)
+            mask &= allowed.allows(keys)
         if check_live and mask.any():
             loc = repo.locate(store.engine, fs.id, keys[mask])
             ok_ids = loc[np.isin(loc[:, 1], list(covered)), 0]
@@ -736,13 +780,14 @@ def _candidate_filter(store: Store, fs: FeatureSet, covered: set[int], excl: np.
     return good
 
 
-def _index_candidates(opened: _Opened, q: np.ndarray, k: int, n: int, n_excl: int, allowed: np.ndarray | None,
+def _index_candidates(opened: _Opened, q: np.ndarray, k: int, n: int, n_excl: int, n_allowed: int | None,
                       good: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
     """Keys and distances of up to ``k`` good candidates, growing the fetch until enough pass.
 
-    Returns None when a filtered search ran out of fetch budget with fewer than ``k``.
+    Returns None when a filtered search (``n_allowed`` images allowed) ran out of
+    fetch budget with fewer than ``k``.
     """
-    count = k + n_excl if allowed is None else _fetch_for(k, n_excl, n, allowed.size)
+    count = k + n_excl if n_allowed is None else _fetch_for(k, n_excl, n, n_allowed)
     qv = q.astype(np.float32)
     while True:
         count = min(count, n, max(FETCH_MAX, k + n_excl))
@@ -754,7 +799,7 @@ def _index_candidates(opened: _Opened, q: np.ndarray, k: int, n: int, n_excl: in
         if mask.sum() >= k or count >= n:
             return keys[mask][:k], dists[mask][:k]
         if count >= max(FETCH_MAX, k + n_excl):
-            return None if allowed is not None else (keys[mask], dists[mask])
+            return None if n_allowed is not None else (keys[mask], dists[mask])
         count *= 4
 
 
@@ -764,15 +809,49 @@ def _chunks(store: Store, shards: Sequence[LiveShard]) -> Iterator[tuple[np.ndar
             yield ids, vecs
 
 
-def _filtered_exact(store: Store, fs: FeatureSet, shards: list[LiveShard], allowed: np.ndarray, q: np.ndarray,
-                    k: int, metric: str, excl: np.ndarray, note: str) -> IndexedSearch:
-    """Exact search of the allowed images: by the caller's in-memory exact path when the set fits the search
-    memory budget (loaded once, then cached), else by reading just their rows."""
+def _filtered_exact(store: Store, fs: FeatureSet, shards: list[LiveShard], allowed: CompiledFilter, q: np.ndarray,
+                    k: int, metric: str, excl: np.ndarray, note: str, cached: SetState | None = None
+                    ) -> IndexedSearch:
+    """Exact search of the allowed images.
+
+    For a filter the search cached (``--where``, issue 31), the allowed rows are
+    read once into an in-memory :class:`VectorIndex` (when they fit a
+    :data:`~featurestore.search.cache.FILTERS_PER_SET` share of the search memory
+    budget) that later queries with it score directly. Otherwise: by the caller's
+    in-memory exact path when the whole set fits the budget (loaded once, then
+    cached), else by reading just their rows.
+    """
+    budget = max(0, int(store.settings.search_memory_mb)) * 2**20
+    # each of the set's cached filters may keep its rows: together at most the search memory budget
+    if allowed.shared and allowed.size * int(fs.dim) * 4 <= budget // FILTERS_PER_SET:
+        subset = allowed.derive(("rows", fs.id, metric), lambda: _subset_index(store, fs, allowed.ids, metric))
+        hits = subset.search(q, k, exclude_ids=set(excl.tolist()) or None) if len(subset) else []
+        return IndexedSearch(hits, ["exact"] * len(hits), "exact", note)
     need = sum(s.rows for s in shards) * int(fs.dim) * 4
-    if need <= max(0, int(store.settings.search_memory_mb)) * 2**20:
+    if need <= budget:
         return IndexedSearch(None, [], "exact", note)
-    hits = _exact_subset(store, fs, allowed, q, k, metric, excl)
+    hits = _exact_subset(store, fs, allowed.ids, q, k, metric, excl)
     return IndexedSearch(hits, ["exact"] * len(hits), "exact", note)
+
+
+def _subset_index(store: Store, fs: FeatureSet, ids: np.ndarray, metric: str) -> VectorIndex:
+    """The live vectors of the images ``ids`` (those that have one) in an in-memory exact index."""
+    for attempt in range(2):
+        loc = repo.locate(store.engine, fs.id, ids)
+        paths = {s.id: store.root / s.path for s in repo.live_shards(store.engine, fs.id, count=[])}
+        try:
+            got_ids, blocks = [], []
+            bounds = np.flatnonzero(np.r_[True, loc[1:, 1] != loc[:-1, 1], True]) if len(loc) else [0]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                file_ids, vecs = read_selected(paths[int(loc[a, 1])], loc[a:b, 2])
+                got_ids.append(np.asarray(file_ids, dtype=np.int64))
+                blocks.append(np.asarray(vecs, dtype=np.float32))
+            break
+        except (IntegrityError, KeyError):
+            if attempt:  # `fs compact` replaced a shard between locating and reading: locate again once
+                raise
+    mat = np.concatenate(blocks) if blocks else np.empty((0, int(fs.dim)), dtype=np.float32)
+    return VectorIndex(np.concatenate(got_ids) if got_ids else np.empty(0, np.int64), mat, metric, copy=False)
 
 
 def _exact_subset(store: Store, fs: FeatureSet, ids: np.ndarray, q: np.ndarray, k: int, metric: str,

@@ -8,6 +8,12 @@ into a :class:`~featurestore.search.kernel.VectorIndex` cached by the store;
 larger ones are streamed shard by shard through
 :func:`~featurestore.search.kernel.top_k`. Both are exact.
 
+What a search needs from the catalog besides its hits' paths and labels (the
+set's row, shards and index record, the ids a ``--where`` allows) is cached per
+set on the store and checked against the catalog's change counter once the
+search is done, in the same statement that fetches the rows; see
+:mod:`featurestore.search.cache`.
+
 Every result carries ``distance`` (lower is better, whatever the metric:
 ``1 - cosine similarity`` for cosine, the Euclidean distance for l2) and, for
 cosine, ``similarity``; the CLI, the HTTP API and Python use these names.
@@ -24,18 +30,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image as PILImage
 
-from featurestore.catalog.readonly import ReadOnlyCatalog
+from featurestore.catalog import versions
+from featurestore.catalog.readonly import ReadOnlyCatalog, dialect_of, where_is_cacheable
 from featurestore.errors import (
     DimensionMismatchError,
     FeatureStoreError,
     ImageNotFoundError,
-    IntegrityError,
     InvalidInputError,
     NoVectorError,
 )
 from featurestore.features.registry import extract_hint
 from featurestore.io.images import load_rgb, to_rgb
 from featurestore.search import index as ann
+from featurestore.search.cache import CompiledFilter, IdFilter, SetState
 from featurestore.search.kernel import Hit, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
 from featurestore.shards import read_row
 
@@ -170,9 +177,10 @@ def stored_vector(store: Store, feature_set: str | FeatureSet, image_id: int) ->
     fs = _set(store, feature_set)
     image_id = int(image_id)
     # Typed errors (HTTP answers 404 / 409 by type); both are also InvalidInputError.
-    if not 1 <= image_id <= 2**63 - 1 or not store.catalog.image_exists(image_id):
+    exists, loc = (False, None) if not 1 <= image_id <= 2**63 - 1 else \
+        versions.vector_location(store.engine, fs.id, image_id)
+    if not exists:
         raise ImageNotFoundError(image_id, 'list ids with `fs sql "SELECT id, source_path, label FROM images"`')
-    loc = store.catalog.vector_location(fs.id, image_id)
     if loc is None:
         raise NoVectorError(image_id, fs.name, extract_hint(fs), "or search with --image PATH")
     return np.asarray(read_row(store.root / loc[0], loc[1]), dtype=np.float32).reshape(-1)
@@ -226,6 +234,7 @@ def search(
     exclude_ids: Iterable[int] | None = None,
     allowed_ids: np.ndarray | None = None,
     exact: bool = False,
+    id_filter: IdFilter | None = None,
 ) -> Found:
     """Top-``k`` images of a feature set nearest to ``query``: through its ANN index if it has one, else exact.
 
@@ -254,6 +263,10 @@ def search(
     exact : bool
         Ignore the feature set's ANN index (``fs index build``) and score every
         row (recall 1.0). Without an index the search is always exact.
+    id_filter : IdFilter, optional
+        Only the ids its query selects (combined with the others), fetched once
+        per catalog version and cached like a ``where`` (the HTTP ``label=`` /
+        ``dataset=`` filters).
 
     Returns
     -------
@@ -272,49 +285,97 @@ def search(
     """
     _check_metric(metric)
     k = _check_k(k)
-    fs = store.feature_set(feature_set)
+    cache = store.search_cache
+    for attempt in range(_ATTEMPTS):
+        state = store.search_state(feature_set)
+        last = attempt + 1 == _ATTEMPTS
+        try:
+            hits, methods, method, note = _search_at(store, state, query, k, where, metric, exclude_ids,
+                                                     allowed_ids, exact, id_filter)
+        except (FeatureStoreError, OSError):
+            # A write since the state was cached (a compacted shard, a rebuilt index, a dropped set)
+            # fails like damage would: look again on the catalog as it is now before reporting it.
+            if last or versions.current(store.engine) == state.version:
+                raise
+            cache.drop(feature_set, state)
+            continue
+        version, rows = versions.rows_at_version(store.engine, [h.image_id for h in hits])
+        if version == state.version or last:
+            return Found(_results(rows, hits, metric, methods), method, note)
+        cache.drop(feature_set, state)  # the catalog changed during or before this search: again, on it as it is
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# Searches on the cached state of a set are checked against the catalog's change counter once they
+# are done, and run again on a fresh state if it moved (issue 31); a set under continuous writes is
+# searched on the freshest state after this many tries.
+_ATTEMPTS = 3
+
+
+def _search_at(store: Store, state: SetState, query: Any, k: int, where: str | None, metric: str,
+               exclude_ids: Iterable[int] | None, allowed_ids: np.ndarray | None, exact: bool,
+               id_filter: IdFilter | None = None) -> tuple[list[Hit], list[str] | None, str, str]:
+    """:func:`search` on one cached state of the set: (hits, how each was found, method, note)."""
+    fs: FeatureSet = state.handle
     vec, self_id = query_vector(store, fs, query)
     excl = {int(i) for i in exclude_ids} if exclude_ids is not None else set()
     if self_id is not None:
         excl.add(self_id)
-    allowed = where_ids(store, where) if where is not None else None
+    allowed = _compiled(store, state, where) if where is not None else None
+    if id_filter is not None:
+        chosen = state.compiled(("ids", id_filter.key), lambda _: (id_filter.fetch(), True))
+        allowed = chosen if allowed is None else allowed.intersect(chosen.ids)
     if allowed_ids is not None:
         given = np.asarray(allowed_ids, dtype=np.int64)
-        allowed = given if allowed is None else np.intersect1d(allowed, given)
+        allowed = CompiledFilter.of(given) if allowed is None else allowed.intersect(given)
     if allowed is not None and allowed.size == 0:
-        return Found()
+        return [], None, "exact", ""
     note = ""
     # --- ANN index hook (issue 14): use the set's HNSW index when it has one; see search/index.py ---
-    if not exact:
-        indexed = ann.search_indexed(store, fs, vec, k, metric, excl, allowed)
+    if not exact and state.snapshot.index_key is not None:
+        indexed = ann.search_indexed(store, fs, vec, k, metric, excl, allowed, cached=state)
         if indexed is not None and indexed.hits is not None:
-            return Found(_results(store, indexed.hits, metric, indexed.methods), indexed.method, indexed.note)
+            return indexed.hits, indexed.methods, indexed.method, indexed.note
         note = indexed.note if indexed is not None else ""
     # --- end of the ANN index hook ---
-    for attempt in range(2):
-        shard_key, size = _index_key(store, fs)
-        if not shard_key[1]:
-            return Found([], "exact", note)
-        try:
-            if size <= store.settings.search_memory_mb * 2**20:
-                index = store.vector_index(fs, metric, shard_key, size)
-                hits = index.search(vec, k, exclude_ids=excl or None, allowed_ids=allowed)
-            else:
-                hits = top_k(vec, store.iter_shards(fs.name), k=k, metric=metric, exclude_ids=excl or None,
-                             allowed_ids=allowed)
-            break
-        except IntegrityError:
-            # `fs compact` may have replaced a shard between listing and reading it: list again once.
-            if attempt:
-                raise
-    return Found(_results(store, hits, metric), "exact", note)
+    shard_key = (fs.name, tuple((sh.id, sh.rows) for sh in state.snapshot.shards))
+    # Shard row counts bound the live rows from above (compaction may orphan a few).
+    size = sum(sh.rows for sh in state.snapshot.shards) * int(fs.dim) * 4
+    if not shard_key[1]:
+        return [], None, "exact", note
+    if size <= store.settings.search_memory_mb * 2**20:
+        index = store.vector_index(fs, metric, shard_key, size)
+        pos = None
+        if allowed is not None and allowed.shared:
+            # rows of this in-memory index the filter allows, found once per filter (the index is kept
+            # beside them so a later index that reuses its id() is not mistaken for it)
+            made, pos = allowed.derive(("positions", id(index)), lambda: (index, index.positions(allowed.bitmap)))
+            if made is not index:
+                pos = index.positions(allowed.bitmap)
+        elif allowed is not None:
+            pos = index.positions(allowed.bitmap)
+        hits = index.search(vec, k, exclude_ids=excl or None, allowed_positions=pos,
+                            allowed_ids=allowed.ids if allowed is not None and pos is None else None)
+    else:
+        hits = top_k(vec, store.iter_shards(fs.name), k=k, metric=metric, exclude_ids=excl or None,
+                     allowed_ids=allowed.ids if allowed is not None else None)
+    return hits, None, "exact", note
 
 
-def _results(store: Store, hits: list[Hit], metric: str, methods: list[str] | None = None) -> list[SearchResult]:
-    info = store.catalog.image_paths_labels([h.image_id for h in hits])
+def _compiled(store: Store, state: SetState, where: str) -> CompiledFilter:
+    """``where`` compiled to the ids and bitmap it allows, once per condition and catalog version."""
+    def compile_ids(condition: str) -> tuple[np.ndarray, bool]:
+        ids = where_ids(store, condition)  # checks the condition first: a bad one is never cached
+        return ids, where_is_cacheable(condition, dialect_of(store.settings.catalog_url))
+
+    return state.compiled(where, compile_ids)
+
+
+def _results(rows: dict[int, tuple[str, str | None]], hits: list[Hit], metric: str,
+             methods: list[str] | None = None) -> list[SearchResult]:
     out = []
     for rank, h in enumerate(hits, start=1):
-        path, label = info.get(h.image_id, ("", None))
+        path, label = rows.get(h.image_id, ("", None))
         how = methods[rank - 1] if methods is not None else "exact"
         if metric == "cosine":
             out.append(SearchResult(rank, h.image_id, path, label, distance=1.0 - h.score, similarity=h.score,

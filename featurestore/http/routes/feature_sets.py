@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 
 from featurestore.http.access import paths_visible
@@ -40,17 +39,20 @@ from featurestore.http.schemas import (
     UploadInfo,
     VectorOut,
 )
+from featurestore.search.cache import IdFilter
 from featurestore.search.service import Found, search, stored_vector
 from featurestore.store import Store
 
 router = APIRouter(prefix="/v1/feature-sets", dependencies=[Authenticated], responses=AUTH_ERRORS)
 
 
-def _allowed(store: Store, label: str | None, dataset: str | None) -> np.ndarray | None:
-    """Ids passing the label / dataset filters, or None without filters (unknown dataset: 404)."""
+def _allowed(store: Store, label: str | None, dataset: str | None) -> IdFilter | None:
+    """The label / dataset filters (their ids fetched once per catalog version by the search), or None
+    without filters (unknown dataset: 404)."""
     if label is None and dataset is None:
         return None
-    return store.catalog.image_ids_where(label=label, dataset=dataset)
+    return IdFilter(("label", label, "dataset", dataset),
+                    lambda: store.catalog.image_ids_where(label=label, dataset=dataset))
 
 
 @router.get("", tags=["catalog"])
@@ -76,9 +78,9 @@ def search_by_id(request: Request, name: SetName, image_id: QueryImageId, store:
                  exact: ExactQuery = False) -> SearchOut:
     """Images nearest to a stored image (through the set's ANN index if it has one, else exact), optionally
     only those with a label / in a dataset."""
-    fs = store.feature_set(name)
+    fs = store.search_state(name).handle  # cached with the search's state (issue 31): no catalog query
     allowed = _allowed(store, label, dataset)
-    found = search(store, fs.name, image_id, k, metric=metric, allowed_ids=allowed, exact=exact)
+    found = search(store, fs.name, image_id, k, metric=metric, id_filter=allowed, exact=exact)
     return SearchOut(feature_set=fs.name, metric=metric, image_id=image_id, **_found(found, request))
 
 
@@ -89,7 +91,7 @@ def search_by_upload(request: Request, name: SetName, store: StoreDep, upload: U
     """Images nearest to an uploaded image (not stored), embedded like the feature set's stored vectors."""
     fs = store.feature_set(name)
     allowed = _allowed(store, label, dataset)
-    found = search(store, fs.name, upload.decoded.image, k, metric=metric, allowed_ids=allowed, exact=exact)
+    found = search(store, fs.name, upload.decoded.image, k, metric=metric, id_filter=allowed, exact=exact)
     return SearchOut(feature_set=fs.name, metric=metric, upload=UploadInfo.from_decoded(upload.decoded),
                      **_found(found, request))
 

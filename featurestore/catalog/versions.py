@@ -1,0 +1,120 @@
+"""The catalog's change counter and the per-set facts a search caches against it (issue 31).
+
+``catalog_version`` holds one row whose ``version`` triggers bump in the same
+transaction as every write to the tables a search reads (images, datasets and
+their members, feature sets, shards, vector indexes; feature rows are written
+only together with their shards; migration 0012). A reader that caches
+something read *after* seeing version ``v`` may use it for as long as the
+counter still reads ``v``: any committed change since would have moved it.
+:func:`set_snapshot` reads the counter first and then the set's facts, so a
+write racing with it at worst makes the copy look older than it is (the next
+check reloads it), never newer.
+
+The hot path of a search is :func:`rows_at_version`: the hits' paths and labels
+and the counter in one statement, so a search that used cached state costs one
+catalog round trip, and sees a write committed before it finished.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from featurestore.catalog.schema import AnnIndex, CatalogVersion, FeatureSet, FeatureShard
+
+
+@dataclass(frozen=True)
+class ShardFacts:
+    """A registered shard of a set: id, store-relative path, rows in the file."""
+
+    id: int
+    path: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class SetSnapshot:
+    """A feature set's catalog facts as of ``version``.
+
+    ``index_key`` is (id, sha256, params as JSON text) of its vector index, or
+    None when it has none; ``shards`` are in id order.
+    """
+
+    version: int
+    id: int
+    name: str
+    kind: str
+    dim: int
+    dtype: str
+    params: dict[str, Any]
+    index_key: tuple[int, str, str] | None
+    shards: tuple[ShardFacts, ...]
+
+
+def current(engine: Engine) -> int:
+    """The catalog's change counter now."""
+    with engine.connect() as conn:
+        return int(conn.execute(select(CatalogVersion.version).where(CatalogVersion.id == 1)).scalar_one())
+
+
+def set_snapshot(engine: Engine, name: str) -> SetSnapshot | None:
+    """The counter, then the set ``name``'s row, index key and shards (None: no such set)."""
+    with engine.connect() as conn:
+        version = int(conn.execute(select(CatalogVersion.version).where(CatalogVersion.id == 1)).scalar_one())
+        row = conn.execute(select(FeatureSet.id, FeatureSet.kind, FeatureSet.dim, FeatureSet.dtype,
+                                  FeatureSet.params).where(FeatureSet.name == name)).first()
+        if row is None:
+            return None
+        fid = int(row[0])
+        idx = conn.execute(select(AnnIndex.id, AnnIndex.sha256, AnnIndex.params)
+                           .where(AnnIndex.feature_set_id == fid)).first()
+        shards = conn.execute(select(FeatureShard.id, FeatureShard.path, FeatureShard.rows)
+                              .where(FeatureShard.feature_set_id == fid).order_by(FeatureShard.id)).all()
+    key = None
+    if idx is not None:
+        params = idx[2] if isinstance(idx[2], str) else json.dumps(idx[2], sort_keys=True)
+        key = (int(idx[0]), str(idx[1]), params)
+    return SetSnapshot(version, fid, name, str(row[1]), int(row[2]), str(row[3]), dict(row[4] or {}), key,
+                       tuple(ShardFacts(int(i), str(p), int(n)) for i, p, n in shards))
+
+
+def rows_at_version(engine: Engine, image_ids: Sequence[int]) -> tuple[int, dict[int, tuple[str, str | None]]]:
+    """(the counter, image id -> (source path, label)) in one statement.
+
+    Plain driver SQL: the only values rendered into it are integers. The
+    counter comes as the row whose image id is NULL (a ``UNION ALL``: both parts
+    are primary-key lookups, which a join ``ON i.id IN (...)`` was not in SQLite).
+    """
+    ids = ",".join(str(int(i)) for i in image_ids) or "NULL"
+    sql = ("SELECT version, NULL, NULL, NULL FROM catalog_version WHERE id = 1 UNION ALL "
+           f"SELECT NULL, id, source_path, label FROM images WHERE id IN ({ids})")
+    with engine.connect() as conn:
+        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(sql)
+            got = cur.fetchall()
+        finally:
+            cur.close()
+    version = next(int(v) for v, i, _, _ in got if i is None)
+    return version, {int(i): (str(p), lb) for _, i, p, lb in got if i is not None}
+
+
+def vector_location(engine: Engine, feature_set_id: int, image_id: int) -> tuple[bool, tuple[str, int] | None]:
+    """(whether the image exists, (shard path, row) of its vector in the set or None), in one statement."""
+    sql = ("SELECT i.id, s.path, r.\"row\" FROM images i LEFT JOIN feature_rows r ON r.image_id = i.id "
+           f"AND r.feature_set_id = {int(feature_set_id)} LEFT JOIN feature_shards s ON s.id = r.shard_id "
+           f"WHERE i.id = {int(image_id)}")
+    with engine.connect() as conn:
+        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(sql)
+            got = cur.fetchone()
+        finally:
+            cur.close()
+    if got is None:
+        return False, None
+    return True, (None if got[1] is None else (str(got[1]), int(got[2])))
