@@ -86,8 +86,9 @@ def test_int8_extract_records_calibration_and_cosine_and_reuses_the_model(tmp_pa
     fs = store.feature_set("inception21k+int8")
     q = fs.params["quantization"]
     assert fs.params["precision"] == "int8" and fs.params["decode"] == "draft"
-    assert q["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and path.name.endswith(f"-{q['sha256'][:12]}.onnx")
-    assert q["calibration"] == {"images": 16, "held_back": 4, "seed": 0}
+    assert q["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert path.name == f"inception21k+int8-{q['sha256'][:12]}.onnx"
+    assert q["calibration"] == {"images": 16, "held_back": 4, "seed": 0, "requested": 20}
     assert q["format"] == "QDQ" and q["weights"] == "int8 per-channel" and q["activations"] == "uint8"
     assert set(q["cosine"]) == set(model_record(store, "inception21k").taps)  # every tap of the export
     assert q["cosine"]["global_pool"] >= 0.98
@@ -199,15 +200,17 @@ def test_stored_int8_model_checked_before_use(store: Store, tmp_path: Path, tiny
     [path] = sorted((store.root / "models" / "inception21k").glob("*+int8-*.onnx"))
     good = path.read_bytes()
     path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
-    with pytest.raises(IntegrityError, match=re.escape(f"{path.name} does not match the sha256 recorded with the int8")):
+    tampered = re.escape(f"{path.name} does not match the sha256 recorded with the int8")
+    with pytest.raises(IntegrityError, match=tampered):
         extractor_for(store, "inception21k+int8")
     path.write_bytes(good)
     assert extractor_for(store, "inception21k+int8").outputs()[0].params == sets[0].params
 
 
 def test_calibration_sample_is_seeded_and_split() -> None:
-    assert Calibration.split(20, 3) == Calibration(16, 4, 3)
-    assert Calibration.split(100, 0) == Calibration(80, 20, 0)
+    assert Calibration.split(20, 3) == Calibration(16, 4, 3, 20)
+    assert Calibration.split(100, 0) == Calibration(80, 20, 0, 100)
+    assert Calibration.split(30, 0, requested=100) == Calibration(24, 6, 0, 100)  # a store of 30 images
     assert str(CalibrationTooSmallError("m", 7)).startswith("int8 calibration of m needs at least 20")
     a = np.array([[1.0, 0.0], [0.0, 0.0]])
     assert mean_cosine(a, a) == 1.0 and mean_cosine(a, np.array([[0.0, 1.0], [0.0, 0.0]])) == 0.5
@@ -239,7 +242,8 @@ def test_draft_decode_covers_the_network_input() -> None:
     photo.save(png, "PNG")
     assert decode_bytes(png.getvalue(), draft=(224, 224)).image.size == (640, 480)  # only JPEG drafts
     # what the network sees differs little from the full decode
-    a, b = (np.asarray(im.resize((224, 224), Image.Resampling.BILINEAR), np.float32) for im in (full.image, small.image))
+    a, b = (np.asarray(im.resize((224, 224), Image.Resampling.BILINEAR), np.float32)
+            for im in (full.image, small.image))
     assert float(np.abs(a - b).mean()) < 3.0
 
 

@@ -101,17 +101,19 @@ class QuantizedModelError(FeatureStoreError, RuntimeError):
 
 @dataclass(frozen=True)
 class Calibration:
-    """How an int8 model was calibrated: images used for the ranges, images held back, sampling seed."""
+    """How an int8 model was calibrated: images used for the ranges, images held back, sampling seed,
+    and the sample size asked for (more than the two counts when the store had fewer images)."""
 
     images: int
     held_back: int
     seed: int
+    requested: int
 
     @classmethod
-    def split(cls, sample: int, seed: int) -> Calibration:
+    def split(cls, sample: int, seed: int, requested: int | None = None) -> Calibration:
         """A sample of ``sample`` images: a fifth (at least 4) held back, the rest calibrate."""
         held = max(4, sample // 5)
-        return cls(sample - held, held, seed)
+        return cls(sample - held, held, seed, sample if requested is None else requested)
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,7 @@ def quantize_export(
     fp32: bytes,
     calibrate: np.ndarray,
     held_back: np.ndarray,
-    seed: int,
+    calibration: Calibration,
     where: str,
 ) -> tuple[bytes, Int8Record]:
     """A statically quantised (QDQ) copy of an exported model, and its record with the cosine per tap.
@@ -219,8 +221,8 @@ def quantize_export(
     calibrate, held_back
         Prepared images ``(n, 3, H, W)`` float32: the ranges come from ``calibrate``, the
         cosine of every tap is measured on ``held_back``.
-    seed
-        The seed the sample was drawn with (recorded).
+    calibration
+        How the sample was drawn and split (recorded).
     where
         The model's name, for messages.
 
@@ -273,11 +275,11 @@ def quantize_export(
         raise
     except Exception as exc:  # onnxruntime's Fail, onnx errors, anything the tools raise
         raise QuantizedModelError(where, f"{type(exc).__name__}: {exc}") from None
-    return finish_int8(model, fp32, held_back, outputs, [t.tap for t in taps], seed, len(calibrate), where)
+    return finish_int8(model, fp32, held_back, outputs, [t.tap for t in taps], calibration, where)
 
 
-def finish_int8(model: Any, fp32: bytes, held_back: np.ndarray, outputs: list[str], taps: Sequence[str], seed: int,
-                calibrated: int, where: str) -> tuple[bytes, Int8Record]:
+def finish_int8(model: Any, fp32: bytes, held_back: np.ndarray, outputs: list[str], taps: Sequence[str],
+                calibration: Calibration, where: str) -> tuple[bytes, Int8Record]:
     """Measure the cosine per tap of a quantised ``model`` on ``held_back`` and record it in the model."""
     from onnx import helper
 
@@ -287,7 +289,7 @@ def finish_int8(model: Any, fp32: bytes, held_back: np.ndarray, outputs: list[st
         raise QuantizedModelError(where, f"{type(exc).__name__}: {exc}") from None
     want = _run(_session(fp32), outputs, held_back)
     cosine = {tap: round(mean_cosine(g, w), 6) for tap, g, w in zip(taps, got, want, strict=True)}
-    record = Int8Record(hashlib.sha256(fp32).hexdigest(), Calibration(calibrated, len(held_back), seed), cosine)
+    record = Int8Record(hashlib.sha256(fp32).hexdigest(), calibration, cosine)
     props = {p.key: p.value for p in model.metadata_props}
     props[INT8_KEY] = json.dumps({"format_version": INT8_FORMAT, **asdict(record)}, sort_keys=True)
     del model.metadata_props[:]

@@ -345,13 +345,14 @@ def _find_int8(store: Store, name: str, source_sha: str, opts: Int8Options) -> t
         except Exception:  # not a readable int8 model: ignored like a damaged one
             continue
         cal = record.calibration
-        if record.source_sha256 == source_sha and cal.seed == opts.seed and cal.images + cal.held_back == opts.sample:
+        if record.source_sha256 == source_sha and cal.seed == opts.seed and cal.requested == opts.sample:
             return data, sha, record
     return None
 
 
-def calibration_sample(store: Store, row: Model, sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prepared images of a seeded sample of the store's images: (to calibrate, held back).
+def calibration_sample(store: Store, row: Model, sample: int, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray, Calibration]:
+    """Prepared images of a seeded sample of the store's images: (to calibrate, held back, how).
 
     Images are drawn in a seeded random order of the catalog; unreadable ones are skipped.
     They are decoded in full and prepared with the model's own preprocessing.
@@ -376,9 +377,9 @@ def calibration_sample(store: Store, row: Model, sample: int, seed: int) -> tupl
             break
     if len(prepared) < CALIBRATION_MIN:
         raise CalibrationTooSmallError(row.name, len(prepared))
-    cal = Calibration.split(len(prepared), seed)
+    cal = Calibration.split(len(prepared), seed, sample)
     x = np.stack(prepared)
-    return x[: cal.images], x[cal.images :]
+    return x[: cal.images], x[cal.images :], cal
 
 
 def int8_export(store: Store, row: Model, taps: list[str], opts: Int8Options, save: bool
@@ -400,8 +401,8 @@ def int8_export(store: Store, row: Model, taps: list[str], opts: Int8Options, sa
     found = _find_int8(store, row.name, hashlib.sha256(fp32).hexdigest(), opts)
     if found is not None:
         return found
-    calibrate, held = calibration_sample(store, row, opts.sample, opts.seed)
-    data, record = quantize_export(fp32, calibrate, held, opts.seed, row.name)
+    calibrate, held, cal = calibration_sample(store, row, opts.sample, opts.seed)
+    data, record = quantize_export(fp32, calibrate, held, cal, row.name)
     if opts.min_cosine is not None:  # a refused model is not stored
         check_cosine(record, taps, opts.min_cosine, row.name)
     if save:
