@@ -284,3 +284,59 @@ def test_draft_decode_only_in_cnn_only_passes(tmp_path: Path, tiny_ckpt) -> None
     # --exact-decode on a draft set is a different set: refused, not mixed
     r = runner.invoke(app, ["extract", "--model", "inception21k", "--exact-decode"])
     assert r.exit_code == 1 and "decode" in r.output, r.output
+
+
+# ---------------------------------------------------------------- the built-in model
+
+
+@pytest.mark.realmodel
+def test_efficientnet_lite0_int8_close_to_fp32_on_real_photos(tmp_path: Path) -> None:
+    """lite0's int8 copy passes the default guard on crops of real photos, and its vectors match fp32's."""
+    skdata = pytest.importorskip("skimage.data")
+    root = tmp_path / "real"
+    photos = [skdata.chelsea(), skdata.coffee(), skdata.astronaut(), skdata.rocket()]
+    k = 0
+    for arr in photos:
+        img = Image.fromarray(arr).convert("RGB")
+        w, h = img.size
+        for box in [(0, 0, w, h), (0, 0, w * 2 // 3, h * 2 // 3), (w // 3, h // 3, w, h),
+                    (w // 6, 0, w * 5 // 6, h), (0, h // 6, w, h * 5 // 6), (w // 4, h // 4, w * 3 // 4, h * 3 // 4)]:
+            for mirror in (False, True):
+                crop = img.crop(box)
+                (root / "cls").mkdir(parents=True, exist_ok=True)
+                (crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else crop).save(
+                    root / "cls" / f"r{k:02d}.jpg", quality=92)
+                k += 1
+    assert runner.invoke(app, ["ingest", str(root)]).exit_code == 0
+    r = runner.invoke(app, ["extract", "--model", "efficientnet-lite0", "--precision", "int8", "--calibration", "40"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["extract", "--model", "efficientnet-lite0"])
+    assert r.exit_code == 0, r.output
+    store = Store.open(Settings.from_env())
+    cosine = store.feature_set("efficientnet-lite0+int8").params["quantization"]["cosine"]
+    assert set(cosine) == set(model_record(store, "efficientnet-lite0").taps)
+    assert all(v >= 0.98 for v in cosine.values()), cosine
+    fp32, int8 = store.read_matrix(["efficientnet-lite0"]).X, store.read_matrix(["efficientnet-lite0+int8"]).X
+    assert len(fp32) == k == 48 and mean_cosine(int8, fp32) >= 0.98
+    store.close()
+
+
+def test_calibration_ranges_cover_every_batch(tiny_ckpt) -> None:
+    """The ranges come from all calibration runs (onnxruntime's CalibMaxIntermediateOutputs dropped early ones)."""
+    from onnx import numpy_helper
+
+    from featurestore.features.cnn.onnx_export import export_onnx
+    from featurestore.features.cnn.quantize import quantize_export
+    from featurestore.features.cnn.specs import BUILTIN_MODELS
+
+    spec = BUILTIN_MODELS["inception21k"]
+    fp32 = export_onnx(*tiny_ckpt, spec.preprocess, list(spec.taps))
+    rng = np.random.default_rng(0)
+    calibrate = rng.uniform(-1, 1, (32, 3, 224, 224)).astype(np.float32)  # 4 runs of 8 images
+    calibrate[:8] *= 100  # only the first run reaches +-100
+    data, record = quantize_export(fp32, calibrate, calibrate[-4:], Calibration.split(36, 0), "tiny")
+    model = onnx.load_from_string(data)
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "data")
+    scale = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}[q.input[1]]
+    assert float(scale) == pytest.approx(float(calibrate.max() - calibrate.min()) / 255, rel=1e-3)
+    assert record.calibration == Calibration(29, 7, 0, 36) and set(record.cosine) == set(spec.taps)

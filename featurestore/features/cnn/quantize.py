@@ -66,7 +66,11 @@ MIN_COSINE = 0.98
 """Default lowest mean cosine (int8 vs fp32, per tap, on the held-back images) accepted."""
 INT8_KEY = "featurestore.int8"
 INT8_FORMAT = "featurestore-int8/1"
-CALIBRATION_ROWS = 8  # images per calibration run: bounded memory (every activation of a batch is kept)
+# Images per calibration run. The MinMax calibrator keeps only each tensor's min and max per run (its
+# augmented graph reduces them in onnxruntime), so the run size bounds the activations' memory only.
+# (Its CalibMaxIntermediateOutputs option is not used: in onnxruntime 1.32 it drops the runs it
+# clears instead of merging their ranges.)
+CALIBRATION_ROWS = 8
 
 
 class CalibrationTooSmallError(InvalidInputError):
@@ -268,7 +272,6 @@ def quantize_export(
                 str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"CalibMaxIntermediateOutputs": 4},
             )
             model = onnx.load(str(out))
     except FeatureStoreError:
