@@ -132,9 +132,6 @@ def _extract_pass(store, name: str, batch: int, n: int, best: Best, **kw) -> np.
 
 def int8_main(args: argparse.Namespace, models: list[str], files: list, root) -> None:  # type: ignore[no-untyped-def]
     """fp32 vs int8 and exact vs draft decode, forward only and end to end, per model (issue 29)."""
-    from featurestore.features.cnn.quantize import Int8Options, mean_cosine
-    from featurestore.features.cnn.registry import int8_export, load_int8_model, model_record
-
     n = len(files)
     print(f"{n} Fashion-MNIST images ({args.size} JPEG), batch {args.batch}, {os.cpu_count()} cores, "
           f"FS_WORKERS={os.environ.get('FS_WORKERS', '(all cores)')}, best of {max(1, args.repeat)}; "
@@ -145,51 +142,65 @@ def int8_main(args: argparse.Namespace, models: list[str], files: list, root) ->
         with store.writing():
             ingest(store, root)
         for name in models:
-            with store.writing():
-                t = time.perf_counter()
-                int8_model, _, rec = load_int8_model(store, name, batch_size=args.batch, save_export=True)
-                made = time.perf_counter() - t
-                fp32_model, _ = load_onnx_model(store, name, batch_size=args.batch)
-                row_ = model_record(store, name)
-                sha = rec["quantization"]["sha256"]
-                data, _, _ = int8_export(store, row_, [row_.default_tap], Int8Options(sha256=sha), False)
-            k = min(n, args.forward_images)
-            tensors = np.stack([fp32_model.prepare(load_rgb(p)) for p in files[:k]])
-            batches = [tensors[i : i + args.batch] for i in range(0, k, args.batch)]
-            f32, i8 = Best(), Best()
-            e2e = {key: Best() for key in ("fp32 exact", "fp32 draft", "int8 exact", "int8 draft")}
-            vecs: dict[str, np.ndarray] = {}
-            for _ in range(max(1, args.repeat)):
-                _forward(fp32_model, batches, f32)
-                _forward(int8_model, batches, i8)
-                for key, best in e2e.items():
-                    precision, decode = key.split()
-                    vecs[key] = _extract_pass(store, name, args.batch, n, best, precision=precision,
-                                              decode="draft" if decode == "draft" else "exact")
-            del tensors, batches, int8_model, fp32_model
-            q = rec["quantization"]
-            print(f"\n{name}: int8 model made in {made:.1f} s (calibrated on {q['calibration']['images']} images, "
-                  f"{q['calibration']['held_back']} held back; guard cosine "
-                  f"{', '.join(f'{t} {v:.4f}' for t, v in q['cosine'].items())})")
-            print(f"  int8 graph after optimisation: {optimized_ops(data, store.settings.workers)}")
-            print(f"{row('  forward only, fp32 (base)', k, f32.seconds)}  {1000 * f32.cpu / k:5.1f} ms CPU/img")
-            print(f"{row('  forward only, int8', k, i8.seconds, k / f32.seconds)}  {1000 * i8.cpu / k:5.1f} ms CPU/img")
-            base = n / e2e["fp32 exact"].seconds
-            for key, best in e2e.items():
-                label = f"  fs extract, {key}" + (" (base)" if key == "fp32 exact" else "")
-                print(f"{row(label, n, best.seconds, None if key == 'fp32 exact' else base)}  "
-                      f"{1000 * best.cpu / n:5.1f} ms CPU/img, {best.cores:.2f} cores busy")
-            cos_exact = mean_cosine(vecs["int8 exact"], vecs["fp32 exact"])
-            cos_draft = mean_cosine(vecs["int8 draft"], vecs["fp32 exact"])
-            cos_dec = mean_cosine(vecs["fp32 draft"], vecs["fp32 exact"])
-            print(f"  mean cosine over {n} images: int8 vs fp32 (exact) {cos_exact:.4f}; int8+draft vs fp32+exact "
-                  f"{cos_draft:.4f}; fp32 draft vs exact {cos_dec:.4f}")
-            ratio = e2e["fp32 exact"].seconds / e2e["int8 draft"].seconds
-            summary.append(f"{name}: int8+draft / fp32+exact end to end = {ratio:.2f}x; forward only int8 / fp32 = "
-                           f"{f32.seconds / i8.seconds:.2f}x")
+            line = _int8_model_rows(store, name, args, files)
+            if line:
+                summary.append(line)
     print()
     for line in summary:
         print(line + (" (target >= 1.6)" if "lite0" in line else ""))
+
+
+def _int8_model_rows(store, name: str, args: argparse.Namespace, files: list) -> str | None:  # type: ignore[no-untyped-def]
+    """Measure and print one model's rows; the summary line, or None when the guard refuses its int8 copy."""
+    from featurestore.errors import FeatureStoreError
+    from featurestore.features.cnn.quantize import Int8Options, mean_cosine
+    from featurestore.features.cnn.registry import int8_export, load_int8_model, model_record
+
+    n = len(files)
+    with store.writing():
+        t = time.perf_counter()
+        try:
+            int8_model, _, rec = load_int8_model(store, name, batch_size=args.batch, save_export=True)
+        except FeatureStoreError as exc:  # refused by the guard: no int8 rows for this model
+            print(f"\n{name}: {exc}")
+            return None
+        made = time.perf_counter() - t
+        fp32_model, _ = load_onnx_model(store, name, batch_size=args.batch)
+        row_ = model_record(store, name)
+        q = rec["quantization"]
+        data, _, _ = int8_export(store, row_, [row_.default_tap], Int8Options(sha256=q["sha256"]), False)
+    k = min(n, args.forward_images)
+    tensors = np.stack([fp32_model.prepare(load_rgb(p)) for p in files[:k]])
+    batches = [tensors[i : i + args.batch] for i in range(0, k, args.batch)]
+    f32, i8 = Best(), Best()
+    e2e = {key: Best() for key in ("fp32 exact", "fp32 draft", "int8 exact", "int8 draft")}
+    vecs: dict[str, np.ndarray] = {}
+    for _ in range(max(1, args.repeat)):
+        _forward(fp32_model, batches, f32)
+        _forward(int8_model, batches, i8)
+        for key, best in e2e.items():
+            precision, decode = key.split()
+            vecs[key] = _extract_pass(store, name, args.batch, n, best, precision=precision, decode=decode)
+    cal = q["calibration"]
+    print(f"\n{name}: int8 model made in {made:.1f} s (fp32 ops: {', '.join(q['fp32_ops']) or 'none'}; calibrated "
+          f"on {cal['images']} images, {cal['held_back']} held back; guard cosine "
+          f"{', '.join(f'{t} {v:.4f}' for t, v in q['cosine'].items())})")
+    print(f"  int8 graph after optimisation: {optimized_ops(data, store.settings.workers)}")
+    print(f"{row('  forward only, fp32 (base)', k, f32.seconds)}  {1000 * f32.cpu / k:5.1f} ms CPU/img")
+    print(f"{row('  forward only, int8', k, i8.seconds, k / f32.seconds)}  {1000 * i8.cpu / k:5.1f} ms CPU/img")
+    base = n / e2e["fp32 exact"].seconds
+    for key, best in e2e.items():
+        label = f"  fs extract, {key}" + (" (base)" if key == "fp32 exact" else "")
+        print(f"{row(label, n, best.seconds, None if key == 'fp32 exact' else base)}  "
+              f"{1000 * best.cpu / n:5.1f} ms CPU/img, {best.cores:.2f} cores busy")
+    print(f"  mean cosine over {n} images: int8 vs fp32 (exact) "
+          f"{mean_cosine(vecs['int8 exact'], vecs['fp32 exact']):.4f}; int8+draft vs fp32+exact "
+          f"{mean_cosine(vecs['int8 draft'], vecs['fp32 exact']):.4f}; fp32 draft vs exact "
+          f"{mean_cosine(vecs['fp32 draft'], vecs['fp32 exact']):.4f}")
+    return (f"{name}: int8+draft / fp32+exact end to end = "
+            f"{e2e['fp32 exact'].seconds / e2e['int8 draft'].seconds:.2f}x (CPU per image "
+            f"{e2e['fp32 exact'].cpu / e2e['int8 draft'].cpu:.2f}x); forward only int8 / fp32 = "
+            f"{f32.seconds / i8.seconds:.2f}x (CPU {f32.cpu / i8.cpu:.2f}x)")
 
 
 def main() -> None:
