@@ -160,7 +160,8 @@ def _int8_model_rows(store, name: str, args: argparse.Namespace, files: list) ->
     with store.writing():
         t = time.perf_counter()
         try:
-            int8_model, _, rec = load_int8_model(store, name, batch_size=args.batch, save_export=True)
+            int8_model, _, rec = load_int8_model(store, name, batch_size=args.batch, save_export=True,
+                                                 opts=Int8Options(min_cosine=args.min_cosine))
         except FeatureStoreError as exc:  # refused by the guard: no int8 rows for this model
             print(f"\n{name}: {exc}")
             return None
@@ -180,9 +181,10 @@ def _int8_model_rows(store, name: str, args: argparse.Namespace, files: list) ->
         _forward(int8_model, batches, i8)
         for key, best in e2e.items():
             precision, decode = key.split()
-            vecs[key] = _extract_pass(store, name, args.batch, n, best, precision=precision, decode=decode)
+            vecs[key] = _extract_pass(store, name, args.batch, n, best, precision=precision, decode=decode,
+                                      int8=Int8Options(min_cosine=args.min_cosine))
     cal = q["calibration"]
-    print(f"\n{name}: int8 model made in {made:.1f} s (fp32 ops: {', '.join(q['fp32_ops']) or 'none'}; calibrated "
+    print(f"\n{name}: int8 model made in {made:.1f} s (calibrated "
           f"on {cal['images']} images, {cal['held_back']} held back; guard cosine "
           f"{', '.join(f'{t} {v:.4f}' for t, v in q['cosine'].items())})")
     print(f"  int8 graph after optimisation: {optimized_ops(data, store.settings.workers)}")
@@ -209,6 +211,8 @@ def main() -> None:
     ap.add_argument("--int8", metavar="MODELS", default=None,
                     help="comma-separated models: fp32 vs int8, exact vs draft decode (issue 29) instead")
     ap.add_argument("--forward-images", type=int, default=512, help="with --int8: images in the forward-only rows")
+    ap.add_argument("--min-cosine", type=float, default=0.98, help="with --int8: the guard (lower it to time a "
+                    "model whose int8 copy the default refuses)")
     ap.add_argument("--repeat", type=int, default=2, help="passes over every row; each row reports its best")
     ap.add_argument("--gluon-images", type=int, default=0, help="also time hybridized Gluon on N images")
     ap.add_argument("--size", default="224x224", help="size of the exported JPEGs")

@@ -90,7 +90,6 @@ def test_int8_extract_records_calibration_and_cosine_and_reuses_the_model(tmp_pa
     assert path.name == f"inception21k+int8-{q['sha256'][:12]}.onnx"
     assert q["calibration"] == {"images": 16, "held_back": 4, "seed": 0, "requested": 20}
     assert q["format"] == "QDQ" and q["weights"] == "int8 per-channel" and q["activations"] == "uint8"
-    assert q["fp32_ops"] == []  # no depthwise convolutions to fall back on in this network
     assert set(q["cosine"]) == set(model_record(store, "inception21k").taps)  # every tap of the export
     assert q["cosine"]["global_pool"] >= 0.98
     record = read_int8_record(onnx.load(str(path)), str(path))
@@ -345,54 +344,3 @@ def test_calibration_ranges_cover_every_batch(tiny_ckpt) -> None:
     assert float(scale) == pytest.approx(float(calibrate.max() - calibrate.min()) / 255, rel=1e-3)
     assert record.calibration == Calibration(29, 7, 0, 36) and set(record.cosine) == set(spec.taps)
 
-
-def _depthwise_export() -> bytes:
-    """A small featurestore-style export: 1x1 conv -> relu -> 3x3 depthwise conv -> relu -> global pool."""
-    import json
-
-    from onnx import TensorProto, helper, numpy_helper
-
-    from featurestore.features.cnn.mxnet_backend import Preprocess
-
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 1, 1)).astype(np.float32), "pw_w"),
-             numpy_helper.from_array(rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32), "dw_w")]
-    nodes = [helper.make_node("Conv", ["data", "pw_w"], ["pw"], name="pw"),
-             helper.make_node("Relu", ["pw"], ["pw_r"]),
-             helper.make_node("Conv", ["pw_r", "dw_w"], ["dw"], name="dw", group=8, pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["dw"], ["dw_r"]),
-             helper.make_node("GlobalAveragePool", ["dw_r"], ["gp"]),
-             helper.make_node("Flatten", ["gp"], ["gp_out"])]
-    graph = helper.make_graph(
-        nodes, "dw", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [None, 3, 16, 16])],
-        [helper.make_tensor_value_info("gp_out", TensorProto.FLOAT, [None, 8])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    record = {"format": "featurestore-onnx/1", "preprocess": Preprocess(size=(16, 16)).to_params(),
-              "taps": [{"tap": "gp", "output": "gp_out", "dim": 8, "pooling": "global-average"}]}
-    helper.set_model_props(model, {"featurestore": json.dumps(record)})
-    return model.SerializeToString()
-
-
-def test_depthwise_convolutions_can_stay_fp32() -> None:
-    """The guard's fallback copy: depthwise convs keep fp32 weights, the others are int8 (recorded)."""
-    from featurestore.features.cnn.quantize import depthwise_convs, quantize_export
-
-    fp32 = _depthwise_export()
-    assert depthwise_convs(onnx.load_from_string(fp32)) == ["dw"]
-    x = np.random.default_rng(1).uniform(-1, 1, (24, 3, 16, 16)).astype(np.float32)
-
-    def weight_source(data: bytes, conv: str) -> str:
-        model = onnx.load_from_string(data)
-        node = next(n for n in model.graph.node if n.name == conv)
-        producers = {o: n.op_type for n in model.graph.node for o in n.output}
-        return producers.get(node.input[1], "initializer")
-
-    full, full_rec = quantize_export(fp32, x[:20], x[20:], Calibration.split(24, 0), "dw")
-    mixed, mixed_rec = quantize_export(fp32, x[:20], x[20:], Calibration.split(24, 0), "dw",
-                                       fp32_ops=("depthwise-conv",))
-    assert weight_source(full, "dw") == weight_source(full, "pw") == "DequantizeLinear"
-    assert weight_source(mixed, "dw") == "initializer" and weight_source(mixed, "pw") == "DequantizeLinear"
-    assert full_rec.fp32_ops == () and mixed_rec.fp32_ops == ("depthwise-conv",)
-    assert read_int8_record(onnx.load_from_string(mixed), "m").fp32_ops == ("depthwise-conv",)
-    assert mixed_rec.cosine["gp"] >= full_rec.cosine["gp"] - 1e-4

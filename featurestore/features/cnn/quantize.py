@@ -53,7 +53,6 @@ __all__ = [
     "QuantizedModelError",
     "check_cosine",
     "check_precision",
-    "depthwise_convs",
     "mean_cosine",
     "quantize_export",
     "read_int8_record",
@@ -144,7 +143,6 @@ class Int8Record:
     source_sha256: str  # the fp32 export it was quantised from
     calibration: Calibration
     cosine: dict[str, float] = field(default_factory=dict)  # tap -> mean cosine to fp32, held-back images
-    fp32_ops: tuple[str, ...] = ()  # operator kinds left in fp32 (``depthwise-conv``), see quantize_export
     format: str = "QDQ"
     weights: str = "int8 per-channel"
     activations: str = "uint8"
@@ -152,7 +150,7 @@ class Int8Record:
 
     def to_params(self, sha256: str) -> dict[str, Any]:
         """The ``quantization`` entry of a feature set's params, ``sha256`` being the int8 file's."""
-        return {"sha256": sha256, **asdict(self), "fp32_ops": list(self.fp32_ops)}
+        return {"sha256": sha256, **asdict(self)}
 
 
 def check_precision(precision: str) -> str:
@@ -170,7 +168,7 @@ def read_int8_record(model: Any, where: str) -> Int8Record:
         if raw.pop("format_version", None) != INT8_FORMAT:
             raise ValueError("unknown format")
         cal = Calibration(**raw.pop("calibration"))
-        return Int8Record(calibration=cal, fp32_ops=tuple(raw.pop("fp32_ops", ())), **raw)
+        return Int8Record(calibration=cal, **raw)
     except (KeyError, ValueError, TypeError) as exc:
         raise InvalidInputError(f"{where} is not an int8 model made by featurestore ({exc})") from None
 
@@ -218,7 +216,6 @@ def quantize_export(
     held_back: np.ndarray,
     calibration: Calibration,
     where: str,
-    fp32_ops: Sequence[str] = (),
 ) -> tuple[bytes, Int8Record]:
     """A statically quantised (QDQ) copy of an exported model, and its record with the cosine per tap.
 
@@ -233,13 +230,6 @@ def quantize_export(
         How the sample was drawn and split (recorded).
     where
         The model's name, for messages.
-    fp32_ops
-        ``("depthwise-conv",)`` leaves the depthwise convolutions (``group`` > 1) in
-        fp32. With their batch norm folded in, the 3x3 depthwise filters of
-        EfficientNet-Lite lose most to int8 weights: on Lite0 the mean cosine of
-        ``global_pool`` to fp32 goes from 0.982 to 0.9995 with them in fp32, at
-        about half of the int8 speed-up (docs/RESULTS.md).
-
     Returns
     -------
     bytes, Int8Record
@@ -278,36 +268,21 @@ def quantize_export(
             src, pre, out = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
             src.write_bytes(fp32)  # a path: quant_pre_process cannot optimise a ModelProto in 1.32
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            excluded: list[str] = []
-            if "depthwise-conv" in fp32_ops:
-                prepared = onnx.load(str(pre))
-                excluded = depthwise_convs(prepared)
-                onnx.save(prepared, str(pre))  # with the names given to unnamed nodes
             quantize_static(
                 str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+                calibrate_method=CalibrationMethod.MinMax,
             )
             model = onnx.load(str(out))
     except FeatureStoreError:
         raise
     except Exception as exc:  # onnxruntime's Fail, onnx errors, anything the tools raise
         raise QuantizedModelError(where, f"{type(exc).__name__}: {exc}") from None
-    return finish_int8(model, fp32, held_back, outputs, [t.tap for t in taps], calibration, where, tuple(fp32_ops))
-
-
-def depthwise_convs(model: Any) -> list[str]:
-    """Names of the grouped (depthwise) convolutions of a model; unnamed ones are named in place."""
-    names = []
-    for k, node in enumerate(model.graph.node):
-        if node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute):
-            node.name = node.name or f"depthwise_conv_{k}"
-            names.append(node.name)
-    return names
+    return finish_int8(model, fp32, held_back, outputs, [t.tap for t in taps], calibration, where)
 
 
 def finish_int8(model: Any, fp32: bytes, held_back: np.ndarray, outputs: list[str], taps: Sequence[str],
-                calibration: Calibration, where: str, fp32_ops: tuple[str, ...] = ()) -> tuple[bytes, Int8Record]:
+                calibration: Calibration, where: str) -> tuple[bytes, Int8Record]:
     """Measure the cosine per tap of a quantised ``model`` on ``held_back`` and record it in the model."""
     from onnx import helper
 
@@ -317,7 +292,7 @@ def finish_int8(model: Any, fp32: bytes, held_back: np.ndarray, outputs: list[st
         raise QuantizedModelError(where, f"{type(exc).__name__}: {exc}") from None
     want = _run(_session(fp32), outputs, held_back)
     cosine = {tap: round(mean_cosine(g, w), 6) for tap, g, w in zip(taps, got, want, strict=True)}
-    record = Int8Record(hashlib.sha256(fp32).hexdigest(), calibration, cosine, fp32_ops)
+    record = Int8Record(hashlib.sha256(fp32).hexdigest(), calibration, cosine)
     props = {p.key: p.value for p in model.metadata_props}
     props[INT8_KEY] = json.dumps({"format_version": INT8_FORMAT, **asdict(record)}, sort_keys=True)
     del model.metadata_props[:]

@@ -42,11 +42,9 @@ from featurestore.features.cnn.quantize import (
     CalibrationTooSmallError,
     Int8Options,
     Int8Record,
-    LowCosineError,
     QuantizedModelError,
     check_cosine,
     check_precision,
-    depthwise_convs,
     quantize_export,
     read_int8_record,
 )
@@ -333,8 +331,7 @@ def _stored_int8(store: Store, name: str, sha: str) -> bytes:
     return data
 
 
-def _find_int8(store: Store, name: str, source_sha: str, opts: Int8Options, fp32_ops: tuple[str, ...]
-               ) -> tuple[bytes, str, Int8Record] | None:
+def _find_int8(store: Store, name: str, source_sha: str, opts: Int8Options) -> tuple[bytes, str, Int8Record] | None:
     """A stored int8 model quantised from the export ``source_sha`` with the same calibration request."""
     import onnx
 
@@ -348,8 +345,7 @@ def _find_int8(store: Store, name: str, source_sha: str, opts: Int8Options, fp32
         except Exception:  # not a readable int8 model: ignored like a damaged one
             continue
         cal = record.calibration
-        if (record.source_sha256, cal.seed, cal.requested, record.fp32_ops) == (source_sha, opts.seed, opts.sample,
-                                                                                 fp32_ops):
+        if (record.source_sha256, cal.seed, cal.requested) == (source_sha, opts.seed, opts.sample):
             return data, sha, record
     return None
 
@@ -393,10 +389,9 @@ def int8_export(store: Store, row: Model, taps: list[str], opts: Int8Options, sa
     The int8 model is quantised from the fp32 export holding every registered
     tap (or, for other layers, from the one made for them). A new one is
     calibrated on :func:`calibration_sample` and, with ``save`` (under
-    ``store.writing()``), stored beside the model's files. All of it in int8 is
-    tried first; when that fails the guard (``opts.min_cosine``) for a
-    requested tap and the model has depthwise convolutions, a copy with those in
-    fp32 is tried next; :class:`LowCosineError` when both fail.
+    ``store.writing()``), stored beside the model's files, even when the guard
+    (``opts.min_cosine``, checked for ``taps``) then refuses it with
+    :class:`~featurestore.features.cnn.quantize.LowCosineError`.
     """
     import onnx
 
@@ -405,29 +400,16 @@ def int8_export(store: Store, row: Model, taps: list[str], opts: Int8Options, sa
         where = str(_int8_path(store, row.name, opts.sha256))
         return data, opts.sha256, read_int8_record(onnx.load_from_string(data), where)
     fp32, _ = _fp32_export(store, row, list(row.taps) if set(taps) <= set(row.taps) else taps, save)
-    source = hashlib.sha256(fp32).hexdigest()
-    variants: list[tuple[str, ...]] = [()]
-    if depthwise_convs(onnx.load_from_string(fp32)):
-        variants.append(("depthwise-conv",))  # the fallback when all-int8 fails the guard
-    sample: tuple[np.ndarray, np.ndarray, Calibration] | None = None
-    refused: LowCosineError | None = None
-    for fp32_ops in variants:
-        found = _find_int8(store, row.name, source, opts, fp32_ops)
-        if found is None:
-            sample = sample or calibration_sample(store, row, opts.sample, opts.seed)
-            data, record = quantize_export(fp32, *sample, row.name, fp32_ops=fp32_ops)
-            if save:  # refused or not, so the next run does not calibrate it again
-                store_onnx(store.root / "models" / row.name, f"{row.name}+int8", data)
-            found = data, hashlib.sha256(data).hexdigest(), record
-        if opts.min_cosine is None:
-            return found
-        try:
-            check_cosine(found[2], taps, opts.min_cosine, row.name)
-            return found
-        except LowCosineError as exc:
-            refused = exc
-    assert refused is not None
-    raise refused
+    found = _find_int8(store, row.name, hashlib.sha256(fp32).hexdigest(), opts)
+    if found is None:
+        calibrate, held, cal = calibration_sample(store, row, opts.sample, opts.seed)
+        data, record = quantize_export(fp32, calibrate, held, cal, row.name)
+        if save:  # refused by the guard or not, so the next run does not calibrate it again
+            store_onnx(store.root / "models" / row.name, f"{row.name}+int8", data)
+        found = data, hashlib.sha256(data).hexdigest(), record
+    if opts.min_cosine is not None:
+        check_cosine(found[2], taps, opts.min_cosine, row.name)
+    return found
 
 
 def load_int8_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32, *,
