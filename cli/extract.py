@@ -8,6 +8,7 @@ from featurestore.cli import common
 from featurestore.config import CNN_RUNTIMES
 from featurestore.features.base import Extractor
 from featurestore.features.cnn.mxnet_backend import GRID_MAX
+from featurestore.features.cnn.quantize import CALIBRATION_IMAGES, CALIBRATION_MIN, MIN_COSINE, PRECISIONS, Int8Options
 from featurestore.features.cnn.registry import cnn_extractor
 from featurestore.features.lowlevel import LowLevelExtractor
 from featurestore.features.pixels import PixelsExtractor, check_pixels
@@ -51,6 +52,20 @@ def extract(
                                        "reference; needs `pip install \"featurestore[mxnet]\"`). "
                                        "Vectors agree within 1e-4, so either continues a set. "
                                        "Default: FS_CNN_RUNTIME, else onnxruntime.", show_default=False),
+    precision: str = typer.Option("fp32", "--precision", help="Numeric precision of --model: fp32, or int8 (a "
+                                  "statically quantised copy of its ONNX export, calibrated once on a seeded "
+                                  "sample of the store's images and stored; onnxruntime only; sets named "
+                                  "<model>...+int8), e.g. --model efficientnet-lite0 --precision int8 gives "
+                                  "efficientnet-lite0+int8."),
+    calibration: int = typer.Option(CALIBRATION_IMAGES, "--calibration", help="With --precision int8: images "
+                                    f"sampled to make the int8 model (a fifth held back to check it; at least "
+                                    f"{CALIBRATION_MIN})."),
+    min_cosine: float = typer.Option(MIN_COSINE, "--min-cosine", help="With --precision int8: refuse the int8 "
+                                     "model when the mean cosine of its vectors to fp32 on the held-back images "
+                                     "is below this for a requested layer."),
+    exact_decode: bool = typer.Option(False, "--exact-decode", help="Decode JPEGs in full for --model. By default "
+                                      "a pass of --model sets only decodes JPEGs at 1/2, 1/4 or 1/8 scale when "
+                                      "that still covers the network input (recorded as decode: draft)."),
     batch: int = typer.Option(32, "--batch", help="Images per batch."),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Only images of this dataset."),
     replace: bool = typer.Option(False, "--replace", help="Drop the named feature sets and recompute them."),
@@ -68,6 +83,8 @@ def extract(
     storage every node mounts; with several nodes a PostgreSQL catalog).
 
     Example: fs extract --rp 128 --lowlevel --model efficientnet-lite0 --runtime onnxruntime --ray auto
+
+    Example: fs extract --model efficientnet-lite0 --precision int8
     """
     if batch < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--batch")
@@ -78,6 +95,7 @@ def extract(
         raise typer.BadParameter("--layers needs --model", param_hint="--layers")
     if runtime is not None and runtime not in CNN_RUNTIMES:
         raise typer.BadParameter(f"use {' or '.join(CNN_RUNTIMES)}", param_hint="--runtime")
+    int8 = _check_precision(precision, runtime, bool(model), calibration, min_cosine)
     wh = common.parse_size(size, "--size")
     pixel_size = common.parse_size(pixels, "--pixels") if pixels else None
     # Bounds from the memory and time the options need, checked before the store is opened or locked.
@@ -98,9 +116,14 @@ def extract(
                 extractors.append(PixelsExtractor(pixel_size, rule=rule))
             if lowlevel:
                 extractors.append(LowLevelExtractor(rule=rule))
-            extractors += [cnn_extractor(store, name, wanted, batch_size=batch, resize=resize, tta=tta,
-                                         runtime=runtime, save_export=True, grid=grid)
-                           for name in model]
+            # issue 29: a pass of CNN sets only decodes JPEGs at the scale the network needs
+            exact = exact_decode or bool(extractors)
+            cnn = [cnn_extractor(store, name, wanted, batch_size=batch, resize=resize, tta=tta, runtime=runtime,
+                                 save_export=True, grid=grid, precision=precision, int8=int8,
+                                 decode="exact" if exact else "draft", follow_stored=not (replace or exact_decode))
+                   for name in model]
+            _report_int8(cnn)
+            extractors += cnn
             if not extractors:
                 raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME")
             with common.progress("extract") as tick:
@@ -154,6 +177,36 @@ def _check_view_options(resize: str | None, tta: str, cnn: bool, pixel_families:
         raise typer.BadParameter("use none or flip", param_hint="--tta")
     if tta != "none" and not cnn:
         raise typer.BadParameter("--tta needs --model", param_hint="--tta")
+
+
+def _check_precision(precision: str, runtime: str | None, cnn: bool, calibration: int, min_cosine: float
+                     ) -> Int8Options:
+    """issue 29: --precision and the int8 options."""
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"use {' or '.join(PRECISIONS)}", param_hint="--precision")
+    if precision == "int8" and not cnn:
+        raise typer.BadParameter("--precision int8 needs --model", param_hint="--precision")
+    if precision == "int8" and runtime == "mxnet":
+        raise typer.BadParameter("int8 models run on onnxruntime only; drop --runtime mxnet or use --precision "
+                                 "fp32", param_hint="--precision")
+    if calibration < CALIBRATION_MIN:
+        raise typer.BadParameter(f"use at least {CALIBRATION_MIN} images",
+                                 param_hint="--calibration")
+    if not 0.0 < min_cosine <= 1.0:
+        raise typer.BadParameter("use a cosine in (0, 1]", param_hint="--min-cosine")
+    return Int8Options(sample=calibration, min_cosine=min_cosine)
+
+
+def _report_int8(extractors: list[Extractor]) -> None:
+    """Print how each int8 model was calibrated and its mean cosine to fp32 per tap (its guard)."""
+    for ex in extractors:
+        spec = ex.outputs()[0]
+        q = spec.params.get("quantization")
+        if q:
+            cal = q["calibration"]
+            cosines = ", ".join(f"{tap} {value:.4f}" for tap, value in q["cosine"].items())
+            common.err(f"{spec.name}: int8 model {q['sha256'][:12]} (calibrated on {cal['images']} images, seed "
+                       f"{cal['seed']}); mean cosine to fp32 on {cal['held_back']} held-back images: {cosines}")
 
 
 def _check_grid(grid: int, layers: str | None) -> None:

@@ -43,6 +43,14 @@ class Extractor(abc.ABC):
     #: param, so a set may be continued on another runtime. None for plain numpy extractors.
     runtime: str | None = None
 
+    def decode_size(self) -> tuple[int, int] | None:
+        """``(width, height)`` a JPEG may be decoded down to for this extractor (``Image.draft``), or None.
+
+        None (the default) asks for the full decode. A CNN extractor recording
+        ``decode: draft`` returns its input size (issue 29).
+        """
+        return None
+
     @abc.abstractmethod
     def outputs(self) -> list[FeatureSpec]:
         """Feature sets produced, in a stable order."""

@@ -97,7 +97,7 @@ register(FeatureKind(
     lambda store, sets, batch: cnn_registry.cnn_extractor(
         store, sets[0].params["model"], [fs.params["layer"] for fs in sets], batch_size=batch,
         resize=sets[0].params["preprocess"]["resize"], tta=sets[0].params.get("tta", "none"),
-        grid=int(sets[0].params.get("grid", 1))),
+        grid=int(sets[0].params.get("grid", 1)), **cnn_registry.stored_precision(sets[0].params)),
 ))
 
 

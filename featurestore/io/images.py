@@ -14,6 +14,12 @@ extract, search by file, prediction):
 
 Files larger than ``max_pixels`` (Pillow's decompression-bomb limit by
 default) are refused before they are decoded.
+
+Draft decode (issue 29): given ``draft=(w, h)``, a JPEG is decoded at the
+smallest of 1/8, 1/4, 1/2 or full scale that still covers ``w`` x ``h``
+(``Image.draft``: libjpeg scales in its inverse DCT, so the skipped pixels are
+never computed), before the EXIF rotation, whose quarter turns swap the sides
+asked for. Other formats are decoded in full.
 """
 
 from __future__ import annotations
@@ -135,8 +141,13 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def decode_bytes(data: bytes, max_pixels: int = 89_478_485) -> DecodedImage:
-    """Fully decode ``data`` (validating it) and return metadata plus RGB pixels."""
+def decode_bytes(data: bytes, max_pixels: int = 89_478_485, draft: tuple[int, int] | None = None) -> DecodedImage:
+    """Decode ``data`` (validating it) and return metadata plus RGB pixels.
+
+    With ``draft`` a JPEG may be decoded at a reduced scale that still covers
+    ``draft`` (module docstring); ``width`` and ``height`` are then those of the
+    reduced image.
+    """
     if not data:
         raise NotAnImageError("empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
@@ -144,6 +155,11 @@ def decode_bytes(data: bytes, max_pixels: int = 89_478_485) -> DecodedImage:
     fmt = img.format or "unknown"
     mode = img.mode
     try:
+        if draft is not None and fmt == "JPEG":
+            w, h = draft
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # transposed or rotated by a quarter turn
+                w, h = h, w
+            img.draft("RGB", (w, h))  # type: ignore[attr-defined]  # JpegImageFile; a no-op when nothing fits
         img.load()
         # exif_transpose copies the image even when there is nothing to do; only call it when needed.
         if img.getexif().get(0x0112, 1) not in (0, 1):

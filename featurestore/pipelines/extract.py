@@ -81,11 +81,23 @@ def featurize_batches(work: Sequence[Work], images: Sequence[tuple[int, str]], *
     (path, reason) and the pass goes on.
     """
     path_of = dict(images)
+    sizes = [w.extractor.decode_size() for w in work]
 
     def prepare(image_id: int) -> tuple[int, list[Any] | None, str | None]:
         try:
-            img = decode_bytes(read_bytes(Path(path_of[image_id]), max_bytes), max_pixels).image
-            return image_id, [w.extractor.prepare(img) if image_id in w.needed else None for w in work], None
+            data = read_bytes(Path(path_of[image_id]), max_bytes)
+            # One decode per size asked for: the full one feeds every extractor that needs it; a pass of
+            # CNN sets recording `decode: draft` decodes JPEGs at a reduced scale only (issue 29).
+            decoded: dict[tuple[int, int] | None, Any] = {}
+            prepared: list[Any] = []
+            for w, size in zip(work, sizes, strict=True):
+                if image_id not in w.needed:
+                    prepared.append(None)
+                    continue
+                if size not in decoded:
+                    decoded[size] = decode_bytes(data, max_pixels, draft=size).image
+                prepared.append(w.extractor.prepare(decoded[size]))
+            return image_id, prepared, None
         except ImageDecodeError as exc:
             return image_id, None, str(exc)
         except Exception as exc:  # a broken file must not stop the pass

@@ -446,7 +446,9 @@ class CNNExtractor(Extractor):
 
     The default tap's feature set is named ``model_name``; the others
     ``f"{model_name}.{tap}"``. ``lineage`` (e.g. ``{"sha256": ...}`` of the
-    params file) is added to every feature set's params.
+    params file) is added to every feature set's params. ``draft``: JPEGs may be
+    decoded at a reduced scale that still covers the network input, recorded as
+    ``decode: draft`` (issue 29; absent for the full decode, as before).
     """
 
     def __init__(
@@ -456,8 +458,10 @@ class CNNExtractor(Extractor):
         taps: Sequence[str] | None = None,
         default_tap: str | None = None,
         lineage: dict[str, Any] | None = None,
+        draft: bool = False,
     ):
         self.model_name = model_name
+        self.draft = draft
         self.model = model
         self.runtime = model.runtime  # not a feature-set param: either runtime continues a set
         self.taps = list(taps) if taps is not None else list(model.taps)
@@ -488,11 +492,15 @@ class CNNExtractor(Extractor):
                     # absent for global pooling, so sets stored before grids existed match their rebuild
                     **({"grid": self.model.grid} if self.model.grid > 1 else {}),
                     "preprocess": self.model.preprocess.to_params(),
+                    **({"decode": "draft"} if self.draft else {}),
                     **self.lineage,
                 },
             )
             for tap in self._order
         ]
+
+    def decode_size(self) -> tuple[int, int] | None:
+        return tuple(self.model.preprocess.size) if self.draft else None  # type: ignore[return-value]
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         return self.model.prepare(image)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from featurestore.catalog.schema import Model
 from featurestore.config import check_cnn_runtime
 from featurestore.errors import (
@@ -37,9 +39,22 @@ from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtracto
 from featurestore.features.cnn.onnx_backend import OnnxModel
 from featurestore.features.cnn.onnx_export import export_onnx, store_onnx
 from featurestore.features.cnn.onnx_import import export_onnx_backbone, onnx_layers, tap_name
+from featurestore.features.cnn.quantize import (
+    CALIBRATION_MIN,
+    Calibration,
+    CalibrationTooSmallError,
+    Int8Options,
+    Int8Record,
+    QuantizedModelError,
+    check_cosine,
+    check_precision,
+    quantize_export,
+    read_int8_record,
+)
 from featurestore.features.cnn.specs import BUILTIN_MODELS, ModelSpec, model_files
 from featurestore.features.cnn.views import ViewsExtractor, check_cnn_resize, check_tta, variant_suffix
 from featurestore.io.atomic import copy_atomic, sha256_file
+from featurestore.io.images import ImageDecodeError, load_rgb
 
 if TYPE_CHECKING:
     from featurestore.store import Store
@@ -335,33 +350,177 @@ def load_onnx_model(store: Store, name: str, layers: list[str] | None = None, ba
     Intra-op threads: ``FS_WORKERS``. ``save_export``: see :func:`cnn_extractor`.
     """
     row = model_record(store, name)
-    symbol, params = verify_files(store, row)
     taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
+    data, where = _fp32_export(store, row, taps, save_export)
+    model = OnnxModel.load(data, _resized(row, resize), taps, batch_size=batch_size, threads=store.settings.workers,
+                           where=where, grid=grid)
+    return model, row
+
+
+def _resized(row: Model, resize: str | None) -> Preprocess:
+    pre = _preprocess(row)
+    return pre if resize is None else replace(pre, resize=check_cnn_resize(resize))
+
+
+def _fp32_export(store: Store, row: Model, taps: list[str], save_export: bool) -> tuple[bytes, str]:
+    """The verified fp32 ONNX graph holding ``taps`` (the stored export, or one made for the session)."""
+    symbol, params = verify_files(store, row)
     try:
         if set(taps) <= set(row.taps):
-            data, where = _onnx_bytes(store, row, symbol, params, save_export)
-        elif is_onnx_model(row):
+            return _onnx_bytes(store, row, symbol, params, save_export)
+        if is_onnx_model(row):
             data, _ = export_onnx_backbone(symbol, _preprocess(row), taps)
-            where = f"the ONNX graph of {symbol.name}"
-        else:
-            data = export_onnx(symbol, params, _preprocess(row), taps)
-            where = f"the ONNX export of {symbol.name}"
+            return data, f"the ONNX graph of {symbol.name}"
+        return export_onnx(symbol, params, _preprocess(row), taps), f"the ONNX export of {symbol.name}"
     except UnsupportedOperatorError as exc:  # a model registered by 0.1 without an export
         raise RuntimeUnavailableError(
-            f"model {name} cannot run on onnxruntime: {exc}; use the mxnet runtime "
+            f"model {row.name} cannot run on onnxruntime: {exc}; use the mxnet runtime "
             "(`fs extract --runtime mxnet`; FS_CNN_RUNTIME=mxnet for search, predict and serve)"
         ) from None
+
+
+# --- int8 (issue 29) ----------------------------------------------------------------------------------------
+def _int8_path(store: Store, name: str, sha: str) -> Path:
+    return store.root / "models" / name / f"{name}+int8-{sha[:12]}.onnx"
+
+
+def _stored_int8(store: Store, name: str, sha: str) -> bytes:
+    """The int8 file a feature set recorded, checked against that sha256."""
+    path = _int8_path(store, name, sha)
+    if not path.is_file():
+        raise ModelFilesMissingError(
+            f"{path} (the int8 model of {name}) is missing from the store: recompute the int8 sets with "
+            f"`fs extract --model {name} --precision int8 --replace`"
+        )
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise IntegrityError(
+            f"{path} does not match the sha256 recorded with the int8 feature sets of {name}; it was modified: "
+            f"restore it or run `fs extract --model {name} --precision int8 --replace`"
+        )
+    return data
+
+
+def _find_int8(store: Store, name: str, source_sha: str, opts: Int8Options) -> tuple[bytes, str, Int8Record] | None:
+    """A stored int8 model quantised from the export ``source_sha`` with the same calibration request."""
+    import onnx
+
+    for path in sorted((store.root / "models" / name).glob(f"{name}+int8-*.onnx")):
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        if path.name != f"{name}+int8-{sha[:12]}.onnx":
+            continue  # damaged since it was written: a new one is made
+        try:
+            record = read_int8_record(onnx.load_from_string(data), str(path))
+        except Exception:  # not a readable int8 model: ignored like a damaged one
+            continue
+        cal = record.calibration
+        if (record.source_sha256, cal.seed, cal.requested) == (source_sha, opts.seed, opts.sample):
+            return data, sha, record
+    return None
+
+
+def calibration_sample(store: Store, row: Model, sample: int, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray, Calibration]:
+    """Prepared images of a seeded sample of the store's images: (to calibrate, held back, how).
+
+    Images are drawn in a seeded random order of the catalog; unreadable ones are skipped.
+    They are decoded in full and prepared with the model's own preprocessing.
+
+    Raises
+    ------
+    CalibrationTooSmallError
+        Fewer than :data:`~featurestore.features.cnn.quantize.CALIBRATION_MIN` images could be read.
+    """
+    rows = store.select_images()
+    order = np.random.default_rng(seed).permutation(len(rows))
     pre = _preprocess(row)
-    if resize is not None:
-        pre = replace(pre, resize=check_cnn_resize(resize))
-    model = OnnxModel.load(data, pre, taps, batch_size=batch_size, threads=store.settings.workers, where=where,
-                           grid=grid)
-    return model, row
+    settings = store.settings
+    prepared: list[np.ndarray] = []
+    for k in order:
+        try:
+            img = load_rgb(Path(rows[int(k)][1]), settings.max_image_pixels, settings.max_file_bytes)
+        except ImageDecodeError:
+            continue
+        prepared.append(pre.apply(img))
+        if len(prepared) == sample:
+            break
+    if len(prepared) < CALIBRATION_MIN:
+        raise CalibrationTooSmallError(row.name, len(prepared))
+    cal = Calibration.split(len(prepared), seed, sample)
+    x = np.stack(prepared)
+    return x[: cal.images], x[cal.images :], cal
+
+
+def int8_export(store: Store, row: Model, taps: list[str], opts: Int8Options, save: bool
+                ) -> tuple[bytes, str, Int8Record]:
+    """The int8 model for ``taps`` of a model: the one ``opts.sha256`` names, else found or made.
+
+    The int8 model is quantised from the fp32 export holding every registered
+    tap (or, for other layers, from the one made for them). A new one is
+    calibrated on :func:`calibration_sample` and, with ``save`` (under
+    ``store.writing()``), stored beside the model's files, even when the guard
+    (``opts.min_cosine``, checked for ``taps``) then refuses it with
+    :class:`~featurestore.features.cnn.quantize.LowCosineError`.
+    """
+    import onnx
+
+    if opts.sha256:
+        data = _stored_int8(store, row.name, opts.sha256)
+        where = str(_int8_path(store, row.name, opts.sha256))
+        return data, opts.sha256, read_int8_record(onnx.load_from_string(data), where)
+    fp32, _ = _fp32_export(store, row, list(row.taps) if set(taps) <= set(row.taps) else taps, save)
+    found = _find_int8(store, row.name, hashlib.sha256(fp32).hexdigest(), opts)
+    if found is None:
+        calibrate, held, cal = calibration_sample(store, row, opts.sample, opts.seed)
+        data, record = quantize_export(fp32, calibrate, held, cal, row.name)
+        if save:  # refused by the guard or not, so the next run does not calibrate it again
+            store_onnx(store.root / "models" / row.name, f"{row.name}+int8", data)
+        found = data, hashlib.sha256(data).hexdigest(), record
+    if opts.min_cosine is not None:
+        check_cosine(found[2], taps, opts.min_cosine, row.name)
+    return found
+
+
+def load_int8_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32, *,
+                    opts: Int8Options | None = None, save_export: bool = False, resize: str | None = None,
+                    grid: int = 1) -> tuple[OnnxModel, Model, dict[str, Any]]:
+    """An onnxruntime session of the model's int8 copy, and the params recording it.
+
+    The accuracy guard (``opts.min_cosine``) is checked for the requested taps
+    before the session is built.
+
+    Raises
+    ------
+    LowCosineError
+        A requested tap's mean cosine to fp32 is below ``opts.min_cosine``.
+    QuantizedModelError
+        onnxruntime cannot quantise or load the int8 graph (nothing is stored; fp32 is untouched).
+    CalibrationTooSmallError
+        The store has too few readable images to calibrate a new int8 model.
+    """
+    opts = opts or Int8Options()
+    row = model_record(store, name)
+    verify_files(store, row)  # the checkpoint is the sets' lineage, whatever runs
+    taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
+    data, sha, record = int8_export(store, row, taps, opts, save_export)
+    if opts.min_cosine is not None:
+        check_cosine(record, taps, opts.min_cosine, name)
+    try:
+        model = OnnxModel.load(data, _resized(row, resize), taps, batch_size=batch_size,
+                               threads=store.settings.workers, where=str(_int8_path(store, name, sha)), grid=grid)
+    except InvalidInputError as exc:
+        if "onnxruntime cannot load" not in str(exc):
+            raise
+        raise QuantizedModelError(name, str(exc)) from None
+    return model, row, {"precision": "int8", "quantization": record.to_params(sha)}
 
 
 def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32, *,
                   resize: str | None = None, tta: str = "none", runtime: str | None = None,
-                  save_export: bool = False, grid: int = 1) -> CNNExtractor | ViewsExtractor:
+                  save_export: bool = False, grid: int = 1, precision: str = "fp32",
+                  int8: Int8Options | None = None, decode: str = "exact", follow_stored: bool = False,
+                  ) -> CNNExtractor | ViewsExtractor:
     """The extractor for ``fs extract --model NAME [--layers ...] [--resize RULE] [--grid N] [--tta flip]``.
 
     ``resize`` defaults to the model's own rule; a set with another rule, with
@@ -369,21 +528,57 @@ def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batc
     ``runtime`` defaults to the store's ``cnn_runtime`` setting (``FS_CNN_RUNTIME``,
     default onnxruntime); the feature-set params are the same on both runtimes.
     ``save_export`` (only under ``store.writing()``): a model registered before
-    featurestore made ONNX exports gets its export stored now; readers keep it in memory.
+    featurestore made ONNX exports gets its export stored now (and an int8 model
+    made now is stored); readers keep them in memory.
+
+    Issue 29: ``precision="int8"`` runs the model's int8 copy (:func:`load_int8_model`,
+    onnxruntime only; sets named ``...+int8``); ``decode="draft"`` records
+    ``decode: draft`` (the extract pass then decodes JPEGs at a reduced scale).
+    ``follow_stored`` (``fs extract`` without ``--replace``): when one of the sets
+    already exists, its recorded decode and int8 model are used, so a set is
+    always continued as it was started.
     """
     check_tta(tta)
+    check_precision(precision)
+    if decode not in ("exact", "draft"):
+        raise InvalidInputError(f"unknown decode {decode!r}; choose exact or draft")
+    chosen = check_cnn_runtime(runtime or ("onnxruntime" if precision == "int8" else store.settings.cnn_runtime))
+    if precision == "int8" and chosen != "onnxruntime":
+        raise InvalidInputError("int8 models run on onnxruntime only; drop --runtime mxnet or use --precision fp32")
+    row = model_record(store, name)
+    taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
+    suffix = variant_suffix(resize or str(row.preprocess["resize"]), str(row.preprocess["resize"]), tta, grid,
+                            precision)
+    if follow_stored:
+        stored = _stored_params(store, row, taps, suffix)
+        if stored is not None:
+            decode = str(stored.get("decode", "exact"))
+            if precision == "int8" and "sha256" in stored.get("quantization", {}):
+                int8 = replace(int8 or Int8Options(), sha256=str(stored["quantization"]["sha256"]))
     model: TapModel
-    if check_cnn_runtime(runtime or store.settings.cnn_runtime) == "onnxruntime":
+    lineage: dict[str, Any] = {"symbol_sha256": row.symbol_sha256, "params_sha256": row.params_sha256}
+    if precision == "int8":
+        model, row, recorded = load_int8_model(store, name, layers, batch_size, opts=int8, save_export=save_export,
+                                               resize=resize, grid=grid)
+        lineage.update(recorded)
+    elif chosen == "onnxruntime":
         model, row = load_onnx_model(store, name, layers, batch_size, save_export=save_export, resize=resize,
                                      grid=grid)
     else:
         model, row = load_model(store, name, layers, batch_size, resize=resize, grid=grid)
-    plain = CNNExtractor(
-        name, model, taps=model.taps, default_tap=row.default_tap,
-        lineage={"symbol_sha256": row.symbol_sha256, "params_sha256": row.params_sha256},
-    )
-    suffix = variant_suffix(model.preprocess.resize, str(row.preprocess["resize"]), tta, grid)
+    plain = CNNExtractor(name, model, taps=model.taps, default_tap=row.default_tap, lineage=lineage,
+                         draft=decode == "draft")
     return ViewsExtractor(plain, suffix, flip=tta == "flip") if suffix else plain
+
+
+def _stored_params(store: Store, row: Model, taps: list[str], suffix: str) -> dict[str, Any] | None:
+    """The params of the first of the sets these taps give that is already stored, else None."""
+    for tap in taps:
+        try:
+            return store.feature_set((row.name if tap == row.default_tap else f"{row.name}.{tap}") + suffix).params
+        except NotFoundError:
+            continue
+    return None
 
 
 def cnn_extractor_from_params(store: Store, params: dict[str, Any], batch_size: int = 32
@@ -394,7 +589,16 @@ def cnn_extractor_from_params(store: Store, params: dict[str, Any], batch_size: 
     """
     return cnn_extractor(store, params["model"], [params["layer"]], batch_size=batch_size,
                          resize=params["preprocess"]["resize"], tta=params.get("tta", "none"),
-                         grid=int(params.get("grid", 1)))
+                         grid=int(params.get("grid", 1)), **stored_precision(params))
+
+
+def stored_precision(params: dict[str, Any]) -> dict[str, Any]:
+    """The precision, int8 model and decode a stored CNN set records, as :func:`cnn_extractor` arguments."""
+    out: dict[str, Any] = {"decode": params.get("decode", "exact")}
+    if params.get("precision", "fp32") != "fp32":
+        out["precision"] = params["precision"]
+        out["int8"] = Int8Options(min_cosine=None, sha256=params["quantization"]["sha256"])
+    return out
 
 
 def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[str, tuple[int, ...]]]]:

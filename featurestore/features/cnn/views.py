@@ -28,9 +28,23 @@ Grid pooling (``--grid N``, N from 2 to 8)
     default ``global_pool`` tap is 1 x 1). Recorded as ``params["grid"] = N``
     and ``params["pooling"] = "grid-average"``; absent for the global average.
 
+Precision (``--precision int8``, issue 29)
+    The taps come from a statically quantised copy of the model's ONNX export
+    (:mod:`featurestore.features.cnn.quantize`), on onnxruntime only. Recorded
+    as ``params["precision"] = "int8"`` with ``params["quantization"]`` (the
+    int8 file's sha256, its calibration and the mean cosine to fp32 per tap);
+    absent at fp32, so fp32 and int8 vectors are never in one set.
+Decode (issue 29)
+    ``params["decode"] = "draft"``: JPEGs were decoded at 1/2, 1/4 or 1/8 scale
+    when that still covers the network input (``fs extract`` does so when a
+    pass has CNN sets only; ``--exact-decode`` turns it off). Absent for the
+    full decode. It is not part of the name: a set keeps the decode it was
+    started with. An image embedded for a query (search, predict) arrives
+    decoded in full.
+
 Naming rule, one feature set per tap::
 
-    <model>[.<layer>][+<resize rule>][+grid<N>][+flip]
+    <model>[.<layer>][+<resize rule>][+grid<N>][+flip][+int8]
 
 ``.<layer>`` for a tap other than the model's default tap (as before);
 ``+<resize rule>`` only when the rule differs from the model's own, so the
@@ -84,8 +98,9 @@ def check_tta(tta: str) -> str:
     return tta
 
 
-def variant_suffix(resize: str, model_resize: str, tta: str, grid: int = 1) -> str:
-    """The name suffix of a CNN feature set: ``""``, ``"+center-crop"``, ``"+grid3"``, ``"+center-crop+flip"``..."""
+def variant_suffix(resize: str, model_resize: str, tta: str, grid: int = 1, precision: str = "fp32") -> str:
+    """The name suffix of a CNN feature set: ``""``, ``"+center-crop"``, ``"+grid3"``, ``"+center-crop+flip"``,
+    ``"+int8"``..."""
     parts = []
     if check_cnn_resize(resize) != model_resize:
         parts.append(resize)
@@ -93,6 +108,8 @@ def variant_suffix(resize: str, model_resize: str, tta: str, grid: int = 1) -> s
         parts.append(f"grid{grid}")
     if check_tta(tta) == "flip":
         parts.append("flip")
+    if precision != "fp32":
+        parts.append(precision)
     return "".join(f"+{p}" for p in parts)
 
 
@@ -114,6 +131,8 @@ def extract_command(name: str, params: dict[str, Any]) -> str:
         parts += ["--grid", str(params["grid"])]
     if params.get("tta") == "flip":
         parts += ["--tta", "flip"]
+    if params.get("precision", "fp32") != "fp32":
+        parts += ["--precision", str(params["precision"])]
     return " ".join(parts)
 
 
@@ -142,6 +161,9 @@ class ViewsExtractor(Extractor):
             replace(spec, name=spec.name + self.suffix, params={**spec.params, **extra})
             for spec in self.inner.outputs()
         ]
+
+    def decode_size(self) -> tuple[int, int] | None:
+        return self.inner.decode_size()
 
     def prepare(self, image: Image.Image) -> Any:
         if not self.flip:

@@ -1,0 +1,308 @@
+"""int8 copies of a model's ONNX export: static QDQ quantisation with an accuracy guard (issue 29).
+
+``fs extract --model M --precision int8`` runs a statically quantised copy of
+the model's stored fp32 ONNX export (whatever produced that export), made with
+onnxruntime's quantisation tools:
+
+* ``quant_pre_process`` first (shape inference, batch-norm folded into the
+  convolutions), so the quantised convolutions are the ones onnxruntime runs;
+* ``quantize_static`` in the QDQ format, weights int8 per output channel,
+  activations uint8 (the combination onnxruntime's x86 kernels take: VNNI /
+  AVX-512 where the CPU has them, AVX2 otherwise), ranges by MinMax over the
+  calibration images.
+
+Calibration uses a seeded sample of the store's own images, decoded and
+prepared exactly as extraction prepares them. A fifth of the sample is held
+back: on those images the int8 and fp32 vectors of every tap are compared and
+their mean cosine similarity kept in the model's record (stored in the ONNX
+file's metadata beside the export's own record, and copied into the params of
+every feature set computed with it). A tap below the threshold
+(``--min-cosine``, default :data:`MIN_COSINE`) is refused.
+
+The quantised file is written once per fp32 export (so per model and taps)
+and calibration (sample size and seed), as
+``models/<model>/<model>+int8-<sha256[:12]>.onnx``; its full sha256 is recorded
+in the feature sets' params and checked before every use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.features.cnn.onnx_export import INPUT_NAME, read_metadata
+
+__all__ = [
+    "CALIBRATION_IMAGES",
+    "CALIBRATION_MIN",
+    "MIN_COSINE",
+    "PRECISIONS",
+    "Calibration",
+    "CalibrationTooSmallError",
+    "Int8Options",
+    "Int8Record",
+    "LowCosineError",
+    "QuantizedModelError",
+    "check_cosine",
+    "check_precision",
+    "mean_cosine",
+    "quantize_export",
+    "read_int8_record",
+]
+
+PRECISIONS: tuple[str, ...] = ("fp32", "int8")
+CALIBRATION_IMAGES = 100
+"""Default sample size (calibration plus held-back images)."""
+CALIBRATION_MIN = 20
+"""Fewest images a sample may have: 16 to calibrate, 4 held back for the guard."""
+MIN_COSINE = 0.98
+"""Default lowest mean cosine (int8 vs fp32, per tap, on the held-back images) accepted."""
+INT8_KEY = "featurestore.int8"
+INT8_FORMAT = "featurestore-int8/1"
+# Images per calibration run. The MinMax calibrator keeps only each tensor's min and max per run (its
+# augmented graph reduces them in onnxruntime), so the run size bounds the activations' memory only.
+# (Its CalibMaxIntermediateOutputs option is not used: in onnxruntime 1.32 it drops the runs it
+# clears instead of merging their ranges.)
+CALIBRATION_ROWS = 8
+
+
+class CalibrationTooSmallError(InvalidInputError):
+    """Fewer readable images than a calibration sample needs."""
+
+    def __init__(self, model: str, have: int, need: int = CALIBRATION_MIN):
+        super().__init__(
+            f"int8 calibration of {model} needs at least {need} readable images in the store, found {have}; "
+            "ingest more images or keep --precision fp32"
+        )
+
+
+class LowCosineError(FeatureStoreError, ValueError):
+    """The int8 vectors of a tap are too far from the fp32 ones on the held-back images."""
+
+    def __init__(self, model: str, tap: str, cosine: float, held_back: int, threshold: float):
+        super().__init__(
+            f"int8 {model} refused: mean cosine to fp32 on {held_back} held-back images is {cosine:.4f} for "
+            f"tap {tap}, below the threshold {threshold:g} (--min-cosine); keep --precision fp32"
+        )
+
+
+class QuantizedModelError(FeatureStoreError, RuntimeError):
+    """The quantised graph of a model cannot be made or loaded; the fp32 export is untouched."""
+
+    def __init__(self, model: str, reason: str):
+        super().__init__(
+            f"the int8 graph of model {model} cannot be loaded by onnxruntime ({reason}); its fp32 export is "
+            "unchanged: extract with --precision fp32"
+        )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How an int8 model was calibrated: images used for the ranges, images held back, sampling seed,
+    and the sample size asked for (more than the two counts when the store had fewer images)."""
+
+    images: int
+    held_back: int
+    seed: int
+    requested: int
+
+    @classmethod
+    def split(cls, sample: int, seed: int, requested: int | None = None) -> Calibration:
+        """A sample of ``sample`` images: a fifth (at least 4) held back, the rest calibrate."""
+        held = max(4, sample // 5)
+        return cls(sample - held, held, seed, sample if requested is None else requested)
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """What ``fs extract --precision int8`` asks of the int8 model.
+
+    ``sample`` images drawn with ``seed`` calibrate a new model (:meth:`Calibration.split`);
+    ``min_cosine`` is the guard (None: not checked, e.g. when rebuilding a stored set);
+    ``sha256`` names a stored int8 file to use instead of finding or making one.
+    """
+
+    sample: int = CALIBRATION_IMAGES
+    seed: int = 0
+    min_cosine: float | None = MIN_COSINE
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Int8Record:
+    """What an int8 model file says of itself (its metadata under :data:`INT8_KEY`)."""
+
+    source_sha256: str  # the fp32 export it was quantised from
+    calibration: Calibration
+    cosine: dict[str, float] = field(default_factory=dict)  # tap -> mean cosine to fp32, held-back images
+    format: str = "QDQ"
+    weights: str = "int8 per-channel"
+    activations: str = "uint8"
+    method: str = "minmax"
+
+    def to_params(self, sha256: str) -> dict[str, Any]:
+        """The ``quantization`` entry of a feature set's params, ``sha256`` being the int8 file's."""
+        return {"sha256": sha256, **asdict(self)}
+
+
+def check_precision(precision: str) -> str:
+    """Return ``precision`` if it is one of :data:`PRECISIONS`, else raise ``InvalidInputError``."""
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    return precision
+
+
+def read_int8_record(model: Any, where: str) -> Int8Record:
+    """The :class:`Int8Record` of a loaded int8 ONNX model (``InvalidInputError`` if it has none)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    try:
+        raw = json.loads(props[INT8_KEY])
+        if raw.pop("format_version", None) != INT8_FORMAT:
+            raise ValueError("unknown format")
+        cal = Calibration(**raw.pop("calibration"))
+        return Int8Record(calibration=cal, **raw)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InvalidInputError(f"{where} is not an int8 model made by featurestore ({exc})") from None
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of the cosine similarity of ``a`` and ``b`` (rows of zeros count as 1 when both are)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = (a * b).sum(axis=1)
+    cos = np.where((na == 0) & (nb == 0), 1.0, dot / np.maximum(na * nb, 1e-30))
+    return float(cos.mean())
+
+
+def _onnx_compat() -> None:
+    """Let onnxruntime's quantisation tools import beside onnx 1.15 (the MXNet exporter's pin).
+
+    They build dtype tables with ``TensorProto.INT4`` / ``UINT4`` (added in onnx
+    1.16, values 22 and 21) at import time; int4 is never used here. Nothing is
+    changed when onnx already has them.
+    """
+    from onnx import TensorProto
+
+    if not hasattr(TensorProto, "INT4"):
+        TensorProto.UINT4 = 21  # type: ignore[attr-defined,misc]
+        TensorProto.INT4 = 22  # type: ignore[attr-defined,misc]
+
+
+def _session(data: bytes) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def _run(session: Any, outputs: list[str], x: np.ndarray) -> list[np.ndarray]:
+    rows = [session.run(outputs, {INPUT_NAME: np.ascontiguousarray(x[i : i + CALIBRATION_ROWS])})
+            for i in range(0, len(x), CALIBRATION_ROWS)]
+    return [np.concatenate([r[k] for r in rows]).reshape(len(x), -1) for k in range(len(outputs))]
+
+
+def quantize_export(
+    fp32: bytes,
+    calibrate: np.ndarray,
+    held_back: np.ndarray,
+    calibration: Calibration,
+    where: str,
+) -> tuple[bytes, Int8Record]:
+    """A statically quantised (QDQ) copy of an exported model, and its record with the cosine per tap.
+
+    Parameters
+    ----------
+    fp32
+        The model's fp32 export (:func:`~featurestore.features.cnn.onnx_export.export_onnx`).
+    calibrate, held_back
+        Prepared images ``(n, 3, H, W)`` float32: the ranges come from ``calibrate``, the
+        cosine of every tap is measured on ``held_back``.
+    calibration
+        How the sample was drawn and split (recorded).
+    where
+        The model's name, for messages.
+    Returns
+    -------
+    bytes, Int8Record
+        The int8 model (the export's metadata kept, the record added) and its record.
+
+    Raises
+    ------
+    QuantizedModelError
+        Quantisation fails or onnxruntime cannot load its result.
+    """
+    import onnx
+
+    _onnx_compat()
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    taps, _ = read_metadata(onnx.load_from_string(fp32), where)
+    outputs = [t.output for t in taps]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(range(0, len(calibrate), CALIBRATION_ROWS))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            i = next(self._it, None)
+            return None if i is None else {INPUT_NAME: np.ascontiguousarray(calibrate[i : i + CALIBRATION_ROWS])}
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="fs-int8-") as tmp:
+            src, pre, out = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+            src.write_bytes(fp32)  # a path: quant_pre_process cannot optimise a ModelProto in 1.32
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            quantize_static(
+                str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+            model = onnx.load(str(out))
+    except FeatureStoreError:
+        raise
+    except Exception as exc:  # onnxruntime's Fail, onnx errors, anything the tools raise
+        raise QuantizedModelError(where, f"{type(exc).__name__}: {exc}") from None
+    return finish_int8(model, fp32, held_back, outputs, [t.tap for t in taps], calibration, where)
+
+
+def finish_int8(model: Any, fp32: bytes, held_back: np.ndarray, outputs: list[str], taps: Sequence[str],
+                calibration: Calibration, where: str) -> tuple[bytes, Int8Record]:
+    """Measure the cosine per tap of a quantised ``model`` on ``held_back`` and record it in the model."""
+    from onnx import helper
+
+    try:
+        got = _run(_session(model.SerializeToString()), outputs, held_back)
+    except Exception as exc:  # InvalidGraph, NotImplemented (an int8 kernel missing), Fail
+        raise QuantizedModelError(where, f"{type(exc).__name__}: {exc}") from None
+    want = _run(_session(fp32), outputs, held_back)
+    cosine = {tap: round(mean_cosine(g, w), 6) for tap, g, w in zip(taps, got, want, strict=True)}
+    record = Int8Record(hashlib.sha256(fp32).hexdigest(), calibration, cosine)
+    props = {p.key: p.value for p in model.metadata_props}
+    props[INT8_KEY] = json.dumps({"format_version": INT8_FORMAT, **asdict(record)}, sort_keys=True)
+    del model.metadata_props[:]
+    helper.set_model_props(model, props)
+    return model.SerializeToString(), record
+
+
+def check_cosine(record: Int8Record, taps: Sequence[str], threshold: float, model: str) -> None:
+    """Raise :class:`LowCosineError` for the first of ``taps`` whose mean cosine is below ``threshold``."""
+    for tap in taps:
+        value = record.cosine.get(tap)
+        if value is not None and value < threshold:
+            raise LowCosineError(model, tap, value, record.calibration.held_back, threshold)
