@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from featurestore.catalog.repository import chunks
 from featurestore.catalog.schema import DatasetMember, Image, LabelChange, Run, RunOutOfFold, utcnow
-from featurestore.errors import FeatureStoreError, NotFoundError
+from featurestore.errors import FeatureStoreError, ImageNotFoundError, NotFoundError
 
 # -- label changes --------------------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ def apply_changes(engine: Engine, changes: Sequence[PlannedChange], changed_by: 
                 current[int(i)] = (lb, sc)
         for k, c in enumerate(changes):
             if c.image_id not in current:
-                raise NotFoundError("image", str(c.image_id), hint="See `fs ls`")
+                raise ImageNotFoundError(c.image_id)
             old = current[c.image_id]
             if old == (c.new_label, c.new_superclass):
                 continue

@@ -20,11 +20,12 @@ import numpy as np
 from featurestore.catalog import labels as catalog_labels
 from featurestore.catalog.labels import LabelChangeRow, LaterChangeError, PlannedChange
 from featurestore.catalog.repository import check_ids
-from featurestore.errors import FeatureStoreError, InvalidInputError, NotFoundError
+from featurestore.errors import FeatureStoreError, ImageNotFoundError, InvalidInputError
 from featurestore.store import Store
 from featurestore.training.label_issues import find_label_issues
 
 SOURCES = ("cli", "import", "undo", "http")
+FIND_IDS = 'find ids with `fs sql "SELECT id, source_path, label FROM images"`'
 
 
 # -- audit ----------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def set_labels(store: Store, image_ids: Sequence[int], label: str, superclass: s
     found = catalog_labels.current_labels(store.catalog.engine, ids)
     missing = [i for i in ids if i not in found]
     if missing:
-        raise NotFoundError("image id", ", ".join(map(str, missing[:10])), hint="See `fs ls`")
+        raise ImageNotFoundError(missing[0], f"{len(missing)} of the ids given do not exist; {FIND_IDS}")
     changes = [PlannedChange(i, target.label, target.superclass, reason) for i in dict.fromkeys(ids)]
     return catalog_labels.apply_changes(store.catalog.engine, changes, changed_by or cli_user(), source)
 
@@ -151,7 +152,7 @@ def plan_import(store: Store, path: Path, new_label: bool = False) -> ImportPlan
     """Read and check a label CSV (``image,label[,reason[,superclass]]``); refuse it whole on any bad row.
 
     ``image`` is an image id or the path the image was ingested from (as in
-    ``fs ls``; a relative path is resolved from the current folder). A header
+    ``images.source_path``; a relative path is resolved from the current folder). A header
     row whose first cell is ``image``, ``image_id``, ``id`` or ``path`` is skipped.
     """
     try:
@@ -176,7 +177,7 @@ def plan_import(store: Store, path: Path, new_label: bool = False) -> ImportPlan
         where = f"{path} line {n}: "
         image_id = found.get(_ref(row[0]))
         if image_id is None:
-            raise InvalidInputError(f"{where}no stored image has the id or path {row[0].strip()!r}; see `fs ls`")
+            raise InvalidInputError(f"{where}no stored image has the id or path {row[0].strip()!r}; {FIND_IDS}")
         reason = (row[2].strip() or None) if len(row) > 2 else None
         superclass = (row[3].strip() or None) if len(row) > 3 else None
         target = resolve_label(known, row[1], superclass, new_label, where)
@@ -216,7 +217,7 @@ def history(store: Store, image_id: int | None = None, limit: int | None = None)
     if image_id is not None:
         check_ids([image_id])
         if not store.catalog.image_exists(image_id):
-            raise NotFoundError("image id", str(image_id), hint="See `fs ls`")
+            raise ImageNotFoundError(image_id, FIND_IDS)
     return catalog_labels.history(store.catalog.engine, image_id, limit)
 
 
