@@ -14,11 +14,11 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from featurestore.catalog.repository import chunks
-from featurestore.catalog.schema import DatasetMember, Image, LabelChange, Run, RunOutOfFold, utcnow
+from featurestore.catalog.schema import DatasetMember, Image, LabelChange, LabelReview, Run, RunOutOfFold, utcnow
 from featurestore.errors import FeatureStoreError, ImageNotFoundError, NotFoundError
 
 # -- label changes --------------------------------------------------------------------------------
@@ -218,3 +218,28 @@ def resolve_images(engine: Engine, refs: Sequence[int | str]) -> dict[int | str,
                                      .where(DatasetMember.source_path.in_(part))):
                 out.setdefault(str(p), int(i))
     return out
+
+
+# -- reviews (web app review queue) ----------------------------------------------------------------
+
+
+def reviewed(engine: Engine, run_id: int) -> set[int]:
+    """Images a reviewer marked "label is right" for ``run_id``."""
+    with engine.connect() as conn:
+        return {int(i) for i in conn.execute(select(LabelReview.image_id).where(LabelReview.run_id == run_id))
+                .scalars()}
+
+
+def mark_reviewed(engine: Engine, run_id: int, image_id: int, label: str, reviewed_by: str) -> None:
+    """Record "the label is right" (again: the newest verdict replaces the older one)."""
+    with Session(engine) as s, s.begin():
+        s.execute(delete(LabelReview).where(LabelReview.run_id == run_id, LabelReview.image_id == image_id))
+        s.execute(insert(LabelReview).values(run_id=run_id, image_id=image_id, label=label, reviewed_by=reviewed_by,
+                                             reviewed_at=utcnow()))
+
+
+def oof_runs(engine: Engine) -> list[int]:
+    """Ids of the runs that kept out-of-fold probabilities, newest first."""
+    with engine.connect() as conn:
+        return [int(i) for i in conn.execute(select(Run.id).where(Run.oof_classes.is_not(None))
+                                             .order_by(Run.id.desc())).scalars()]

@@ -200,7 +200,7 @@ class Run(Base):
     # Label history (migration 0009): the last label_changes id when the run read its labels (0: none
     # yet), and, for K-fold runs, the column order of run_oof.probabilities.
     label_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    oof_classes: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    oof_classes: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class RunSplit(Base):
@@ -308,3 +308,16 @@ class LabelChange(Base):
     source: Mapped[str] = mapped_column(String(20))
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     undoes: Mapped[int | None] = mapped_column(ForeignKey("label_changes.id"), nullable=True)
+
+
+class LabelReview(Base):
+    """A reviewer's "the label is right" for an image flagged by a run's audit (web app review queue):
+    the image is no longer offered for that run."""
+
+    __tablename__ = "label_reviews"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    label: Mapped[str] = mapped_column(String(200))
+    reviewed_by: Mapped[str] = mapped_column(String(200))
+    reviewed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

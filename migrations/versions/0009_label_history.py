@@ -1,4 +1,4 @@
-"""Label history (label_changes), out-of-fold probabilities of K-fold runs (run_oof), runs.label_version
+"""Label history (label_changes, label_reviews), out-of-fold probabilities of K-fold runs (run_oof), runs.label_version
 
 Revision ID: 0009
 Revises: 0008
@@ -45,9 +45,20 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_label_changes'))
     )
     op.create_index('ix_label_changes_image_id', 'label_changes', ['image_id'], unique=False)
+    op.create_table('label_reviews',
+    sa.Column('run_id', sa.Integer(), nullable=False),
+    sa.Column('image_id', sa.Integer(), nullable=False),
+    sa.Column('label', sa.String(length=200), nullable=False),
+    sa.Column('reviewed_by', sa.String(length=200), nullable=False),
+    sa.Column('reviewed_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_label_reviews_image_id_images'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['run_id'], ['runs.id'], name=op.f('fk_label_reviews_run_id_runs'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('run_id', 'image_id', name=op.f('pk_label_reviews'))
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('label_reviews')
     op.drop_index('ix_label_changes_image_id', table_name='label_changes')
     op.drop_table('label_changes')
     op.drop_table('run_oof')
