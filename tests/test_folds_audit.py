@@ -241,3 +241,11 @@ def test_set_labels_after_audit_changes_what_the_next_run_reads(kstore: Store) -
     assert after.n_flagged < audit.n_flagged
     # the first run still judges the labels it saw
     assert audit_labels(kstore, run).rows[0].label == audit.rows[0].label
+
+
+def test_audit_of_a_superclass_run_judges_superclasses(kstore: Store) -> None:
+    with kstore.writing():
+        run = train(kstore, _cfg(["a"], folds=3, target="superclass"), fit_final=False).run_id
+    audit = audit_labels(kstore, run)
+    assert audit.target == "superclass" and audit.classes == ["footwear", "tops"]
+    assert {r.label for r in audit.rows} == {"footwear", "tops"} and len(audit.rows) == 36

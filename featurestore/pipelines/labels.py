@@ -51,6 +51,8 @@ class LabelAudit:
     estimated_issues: int
     n_flagged: int
     classes: list[str]
+    target: str = "label"
+    """What the run predicted: "label", or "superclass" (then the rows judge superclasses)."""
 
 
 class NoOutOfFoldError(FeatureStoreError, LookupError):
@@ -66,7 +68,7 @@ def audit_labels(store: Store, run_id: int) -> LabelAudit:
 
     The labels judged are the ones the run saw (``run_oof.label``), not later corrections.
     """
-    store.catalog.run(run_id)  # NotFoundError lists the runs
+    run = store.catalog.run(run_id)  # NotFoundError lists the runs
     oof = catalog_labels.run_oof(store.catalog.engine, run_id)
     if oof is None:
         raise NoOutOfFoldError(run_id)
@@ -77,7 +79,7 @@ def audit_labels(store: Store, run_id: int) -> LabelAudit:
                      suggested=oof.classes[int(issues.suggested[i])], quality=float(issues.quality[i]),
                      flagged=bool(issues.flagged[i]), fold=int(oof.folds[i]))
             for i in issues.order(oof.image_ids)]
-    return LabelAudit(run_id, rows, issues.estimated_issues, int(issues.flagged.sum()), oof.classes)
+    return LabelAudit(run_id, rows, issues.estimated_issues, int(issues.flagged.sum()), oof.classes, run.target)
 
 
 # -- changes --------------------------------------------------------------------------------------

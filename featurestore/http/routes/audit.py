@@ -91,7 +91,10 @@ def audit_decide(request: Request, svc: Svc, run: Annotated[int, Form(ge=1, le=M
     if not writes_allowed(request):
         raise HTTPException(403, "this server is read-only for you: start it with --allow-writes and log in with "
                                  "the token to change labels")
-    todo, _audit = _queue(svc, run)
+    todo, audit = _queue(svc, run)
+    if audit.target != "label":
+        raise InvalidInputError(f"run {run} predicted the {audit.target}, not the label: review it with "
+                                "`fs audit labels` and change superclasses by hand")
     item = next((r for r in todo if r.image_id == image_id), None)
     if item is None:
         raise InvalidInputError(f"image {image_id} is not waiting for review in run {run} (already decided?)")
