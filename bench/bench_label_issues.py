@@ -132,7 +132,8 @@ def _counting_fits() -> tuple[Any, dict[str, int]]:
     return mock.patch.object(TwoFlowClassifier, "fit", counted_fit), fits
 
 
-def kfold_audit(store: Any, feats: list[str], ids: np.ndarray, classifier: str, folds: int, seed: int) -> Audit:
+def kfold_audit(store: Any, feats: list[str], ids: np.ndarray, classifier: str, folds: int, seed: int,
+                dataset: str) -> Audit:
     """`fs train --folds K` (final model kept for the baseline), `fs audit labels`, cleanlab directly."""
     from cleanlab.count import num_label_issues
     from cleanlab.filter import find_label_issues
@@ -146,7 +147,7 @@ def kfold_audit(store: Any, feats: list[str], ids: np.ndarray, classifier: str, 
     t = time.perf_counter()
     with patch:
         with store.writing(sweep=False):
-            run_id = train(store, TrainConfig(feats, classifier=classifier, dataset="train", folds=folds, seed=seed),
+            run_id = train(store, TrainConfig(feats, classifier=classifier, dataset=dataset, folds=folds, seed=seed),
                            fit_final=True).run_id
         fits_kfold = fits["n"]
         fits["n"] = 0
@@ -192,10 +193,36 @@ def in_sample_ranking(store: Any, run_id: int, ids: np.ndarray) -> np.ndarray:
     return score
 
 
+def sample_dataset(store: Any, n: int, seed: int) -> None:
+    """Dataset "sample": a seeded class-balanced ``n`` of the train images (a smaller run on the cached store)."""
+    from featurestore.catalog.schema import utcnow
+
+    rows = list(store.select_images(image_ids=sorted(store.catalog.dataset_image_ids("train"))))
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[Any]] = {}
+    for r in rows:
+        by_class.setdefault(r[2], []).append(r)
+    per = n // len(by_class)
+    chosen = [r for c in sorted(by_class) for r in rng.permutation(np.array(by_class[c], dtype=object))[:per]]
+    with store.writing(sweep=False), store.catalog.session() as s:
+        ds = store.catalog.dataset_id(s, "sample", create=True)
+        store.catalog.add_members(s, ds, [(int(r[0]), str(r[1])) for r in chosen], utcnow())
+
+
+def write_noise(store: Any, csv_path: Path, ids: np.ndarray, noisy: np.ndarray, is_flip: np.ndarray) -> None:
+    """The flipped labels, written as `fs labels import` does (one transaction, history rows)."""
+    from featurestore.pipelines.labels import import_labels
+
+    csv_path.write_text("".join(f"{i},{lb},bench noise\n" for i, lb, flip in zip(ids, noisy, is_flip, strict=True)
+                                if flip), encoding="utf-8")
+    with store.writing(sweep=False):
+        assert len(import_labels(store, csv_path)[0]) == int(is_flip.sum())
+
+
 def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: float, share_uniform: float,
-        seed: int) -> dict[str, Any]:
+        seed: int, sample: int | None = None) -> dict[str, Any]:
     from featurestore import connect
-    from featurestore.pipelines.labels import import_labels, set_labels
+    from featurestore.pipelines.labels import set_labels
     from featurestore.pipelines.train import TrainConfig, train
 
     cached = prepare(n_train, n_test)
@@ -204,7 +231,10 @@ def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: flo
     try:
         shutil.copytree(cached, work / ".fs", ignore=shutil.ignore_patterns("write.lock"))
         store = connect(work / ".fs")
-        train_ids = sorted(store.catalog.dataset_image_ids("train"))
+        if sample:
+            sample_dataset(store, sample, seed)
+        train_set = "sample" if sample else "train"
+        train_ids = sorted(store.catalog.dataset_image_ids(train_set))
         fm = store.read_matrix(feats, image_ids=train_ids, labelled_only=True)
         truth = np.asarray(fm.labels, dtype=object).astype(str)
         classes = sorted(set(truth.tolist()))
@@ -214,7 +244,7 @@ def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: flo
 
         def fixed_test(what: str) -> float:
             t = time.perf_counter()
-            cfg = TrainConfig(feats, classifier=classifier, dataset="train", test_dataset="test", seed=seed)
+            cfg = TrainConfig(feats, classifier=classifier, dataset=train_set, test_dataset="test", seed=seed)
             with store.writing(sweep=False):
                 acc = float(train(store, cfg, fit_final=False).evaluation.splits[0].accuracy)
             print(f"{what}: official test accuracy {acc:.4f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
@@ -224,13 +254,9 @@ def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: flo
         alike = look_alikes(fm.X[:, slice(*fm.blocks[FEATURES[0]])], truth, classes)
         noisy = flip_labels(truth, classes, alike, share_alike, share_uniform, seed)
         is_flip = noisy != truth
-        csv_path = work / "noise.csv"
-        csv_path.write_text("".join(f"{i},{lb},bench noise\n" for i, lb, flip in zip(ids, noisy, is_flip, strict=True)
-                                    if flip), encoding="utf-8")
-        with store.writing(sweep=False):
-            assert len(import_labels(store, csv_path)[0]) == int(is_flip.sum())
+        write_noise(store, work / "noise.csv", ids, noisy, is_flip)
         acc_noisy = fixed_test("noisy labels")
-        audit = kfold_audit(store, feats, ids, classifier, folds, seed)
+        audit = kfold_audit(store, feats, ids, classifier, folds, seed, train_set)
         print(f"{folds}-fold run + audit: {audit.seconds:.0f} s", file=sys.stderr)
         in_sample = in_sample_ranking(store, audit.run_id, ids)
         with store.writing(sweep=False):  # accept every flagged suggestion
@@ -289,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--look-alike", type=float, default=0.05, help="share flipped to the look-alike class")
     parser.add_argument("--uniform", type=float, default=0.05, help="share flipped to a uniform other class")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample", type=int, default=None, metavar="N",
+                        help="use a seeded class-balanced N of the --n-train images (a shorter run on the same cache)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if args.folds < 2 or args.n_train < 10 * args.folds or args.n_test < 1:
@@ -303,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     if not any(FASHION_MNIST_DIR.glob("*-ubyte.gz")):
         print(f"skipped: Fashion-MNIST is not installed at {FASHION_MNIST_DIR} (apt install dataset-fashion-mnist)")
         return 0
-    figures = run(args.n_train, args.n_test, args.folds, args.classifier, args.look_alike, args.uniform, args.seed)
+    if args.sample is not None and not 10 * args.folds <= args.sample <= args.n_train:
+        parser.error("--sample must be between 10 x folds and --n-train")
+    figures = run(args.n_train, args.n_test, args.folds, args.classifier, args.look_alike, args.uniform, args.seed,
+                  args.sample)
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
