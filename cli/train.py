@@ -15,6 +15,7 @@ from featurestore.pipelines.predict import predict as run_predict
 from featurestore.pipelines.train import TrainConfig, evaluate_many, list_runs
 from featurestore.pipelines.train import compare as run_compare
 from featurestore.pipelines.train import train as run_train
+from featurestore.training.evaluation import KFOLD_SCHEMES
 from featurestore.training.stats import McNemarTest
 
 
@@ -46,13 +47,16 @@ SKIP = typer.Option(False, "--skip-missing", help="Leave out images lacking a fe
 TEST_DATASET = typer.Option(None, "--test-dataset", help="Score on this fixed held-out dataset (one split: "
                             "train on the selected images, test on it) instead of repeated random splits. "
                             "Images in both are left out of training, and counted.")
+FOLDS = typer.Option(None, "--folds", min=2, help="Stratified K-fold instead of --splits: every labelled image is "
+                     "scored once by the fold model that did not train on it, and its class probabilities are "
+                     "kept (table run_oof) for `fs audit labels`.")
 
 
 def _cfg(features: list[str], target: str, select: str | None, classifier: str, trees: int, splits: int,
          test_size: float, seed: int, dataset: str | None, skip_missing: bool,
-         test_dataset: str | None = None) -> TrainConfig:
+         test_dataset: str | None = None, folds: int | None = None) -> TrainConfig:
     cfg = TrainConfig(features, target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
-                      test_dataset)
+                      test_dataset, folds)
     try:
         cfg.check()
     except InvalidInputError as exc:
@@ -64,7 +68,7 @@ def train(
     features: str = typer.Option(..., "--features", help="Comma-separated feature sets to stack."),
     target: str = TARGET, select: str | None = SELECT, classifier: str = CLASSIFIER, trees: int = TREES,
     splits: int = SPLITS, test_size: float = TEST_SIZE, seed: int = SEED, dataset: str | None = DATASET,
-    skip_missing: bool = SKIP, test_dataset: str | None = TEST_DATASET,
+    skip_missing: bool = SKIP, test_dataset: str | None = TEST_DATASET, folds: int | None = FOLDS,
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
     ray: str | None = common.RAY_OPTION,
 ) -> None:
@@ -74,12 +78,13 @@ def train(
     test dataset), score on the test dataset, and keep that model.
 
     Per-split scores, the run's settings and the model's sha256 are stored; predict with `fs predict --run ID`.
-    With --ray the splits run in parallel on a Ray cluster (same scores).
+    With --ray the splits run in parallel on a Ray cluster (same scores). With --folds K every labelled image
+    is scored once out of fold and its class probabilities are kept for `fs audit labels --run ID`.
 
     Example: fs train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400
     """
     cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
-               skip_missing, test_dataset)
+               skip_missing, test_dataset, folds)
     store = common.open_store(ray_address=ray)
     try:
         with store.writing(), common.progress("splits") as tick:
@@ -108,7 +113,7 @@ def evaluate(
                                        "option for each row of the table. The first row is the baseline."),
     target: str = TARGET, select: str | None = SELECT, classifier: str = CLASSIFIER, trees: int = TREES,
     splits: int = SPLITS, test_size: float = TEST_SIZE, seed: int = SEED, dataset: str | None = DATASET,
-    skip_missing: bool = SKIP, test_dataset: str | None = TEST_DATASET,
+    skip_missing: bool = SKIP, test_dataset: str | None = TEST_DATASET, folds: int | None = FOLDS,
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
     ray: str | None = common.RAY_OPTION,
 ) -> None:
@@ -125,7 +130,7 @@ def evaluate(
         raise typer.BadParameter("fs evaluate takes auto or none (per-set K: use fs train)", param_hint="--select")
     combos = [_features(f) for f in features]
     cfg = _cfg(combos[0], target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
-               test_dataset)
+               test_dataset, folds)
     store = common.open_store(ray_address=ray)
     try:
         with store.writing(), common.progress("evaluate") as tick:
@@ -152,6 +157,8 @@ def evaluate(
 def _scheme(cfg: TrainConfig, scheme: str) -> str:
     if cfg.test_dataset is not None:
         return f"fixed test dataset {cfg.test_dataset}"
+    if cfg.folds is not None:
+        return f"{cfg.folds} folds ({scheme}; out-of-fold probabilities kept)"
     return f"{cfg.n_splits} x {cfg.test_size:g} splits ({scheme})"
 
 
@@ -187,6 +194,8 @@ def compare(
     verdict = "significant" if t.pvalue < 1 - confidence else "not significant"
     interval = (f"A - B = {100 * t.mean_diff:+.2f} points, {int(confidence * 100)}% CI "
                 f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}]")
+    if c.labels_note:
+        common.err(f"note: {c.labels_note}")
     if isinstance(t, McNemarTest):
         row.update(test="mcnemar", a_only=t.a_only, b_only=t.b_only, pvalue=t.pvalue, n=t.n)
         common.emit([row], fmt)
@@ -195,7 +204,9 @@ def compare(
         return
     row.update(statistic=t.statistic, pvalue=t.pvalue, n=t.n)
     common.emit([row], fmt)
-    common.err(f"{interval}, t = {t.statistic:.3f}, p = {t.pvalue:.4g} ({verdict} at {1 - confidence:g})")
+    paired = "fold by fold" if c.run_a.split_scheme in KFOLD_SCHEMES else "split by split"
+    common.err(f"{interval}, t = {t.statistic:.3f}, p = {t.pvalue:.4g} ({verdict} at {1 - confidence:g}; "
+               f"paired {paired})")
 
 
 def predict(
@@ -251,13 +262,24 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
     try:
         rows = [{"run": r.id, "created": r.created_at.strftime("%Y-%m-%d %H:%M"), "features": ",".join(r.features),
                  "classifier": r.classifier, "target": r.target, "images": r.n_images,
-                 "splits": f"{r.n_splits}x{r.test_size:g}", "accuracy": _pm(r.accuracy_mean, r.accuracy_std),
+                 "splits": _splits_cell(r), "accuracy": _pm(r.accuracy_mean, r.accuracy_std),
                  "macro_f1": _pm(r.macro_f1_mean, None), "model": "yes" if r.artifact_path else "",
-                 "group": (r.comparison_group or "")[:8]} for r in list_runs(store)]
+                 "group": (r.comparison_group or "")[:8], "labels": r.label_version or 0}
+                for r in list_runs(store)]
     finally:
         store.close()
     common.emit(rows, fmt, ["run", "created", "features", "classifier", "target", "images", "splits", "accuracy",
-                            "macro_f1", "model", "group"])
+                            "macro_f1", "model", "group", "labels"])
+    versions = sorted({r["labels"] for r in rows})
+    if len(versions) > 1:
+        common.err(f"labels: the label version each run read (last change id); runs saw {len(versions)} different "
+                   "versions, see `fs labels history`")
+
+
+def _splits_cell(r: Any) -> str:
+    if r.split_scheme in KFOLD_SCHEMES:
+        return f"{r.n_splits} folds"
+    return f"{r.n_splits}x{r.test_size:g}"
 
 
 def register(app: typer.Typer) -> None:

@@ -34,6 +34,7 @@ from featurestore.catalog.schema import (
     Model,
     Prediction,
     Run,
+    RunOutOfFold,
     RunSplit,
     RunTestPrediction,
     utcnow,
@@ -457,16 +458,18 @@ class Catalog:
             return row
 
     # -- runs ------------------------------------------------------------------------------
-    def add_run(self, run: Run, splits: list[dict[str, Any]], test_predictions: list[dict[str, Any]] | None = None
-                ) -> int:
-        """Insert a run, its per-split scores and (fixed-test runs) its per-image test predictions, in one
-        transaction."""
+    def add_run(self, run: Run, splits: list[dict[str, Any]], test_predictions: list[dict[str, Any]] | None = None,
+                oof: list[dict[str, Any]] | None = None) -> int:
+        """Insert a run, its per-split scores, (fixed-test runs) its per-image test predictions and (K-fold
+        runs) its out-of-fold probabilities, in one transaction."""
         with self.session() as s:
             s.add(run)
             s.flush()
             s.execute(insert(RunSplit), [{"run_id": run.id, **row} for row in splits])
             for part in chunks(test_predictions or []):
                 s.execute(insert(RunTestPrediction), [{"run_id": run.id, **row} for row in part])
+            for part in chunks(oof or [], 1_000):
+                s.execute(insert(RunOutOfFold), [{"run_id": run.id, **row} for row in part])
             return int(run.id)
 
     def test_correctness(self, run_id: int) -> dict[int, bool]:

@@ -197,6 +197,10 @@ class Run(Base):
     artifact_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     comparison_group: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Label history (migration 0009): the last label_changes id when the run read its labels (0: none
+    # yet), and, for K-fold runs, the column order of run_oof.probabilities.
+    label_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    oof_classes: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class RunSplit(Base):
@@ -280,3 +284,57 @@ class CatalogVersion(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger)
+# -- label history and out-of-fold probabilities (migration 0009, issue 24) -----------------------
+
+
+class RunOutOfFold(Base):
+    """A K-fold run's out-of-fold class probabilities of one image (``fs train/evaluate --folds K``).
+
+    ``probabilities`` is a JSON list in the order of the run's ``oof_classes``;
+    ``label`` is the label the image had when the run read it, so a later
+    correction does not change what the run was judged against.
+    """
+
+    __tablename__ = "run_oof"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    fold: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(200))
+    probabilities: Mapped[list[Any]] = mapped_column(JSON)
+
+
+class LabelChange(Base):
+    """One change of an image's label (``fs labels set/import/undo``, the web app's review queue).
+
+    Rows are never updated or deleted; ``images.label`` holds the newest
+    ``new_label``. ``undoes`` names the change an undo reverted.
+    """
+
+    __tablename__ = "label_changes"
+    __table_args__ = (Index("ix_label_changes_image_id", "image_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    old_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    old_superclass: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    new_label: Mapped[str] = mapped_column(String(200))
+    new_superclass: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    changed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    changed_by: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    undoes: Mapped[int | None] = mapped_column(ForeignKey("label_changes.id"), nullable=True)
+
+
+class LabelReview(Base):
+    """A reviewer's "the label is right" for an image flagged by a run's audit (web app review queue):
+    the image is no longer offered for that run."""
+
+    __tablename__ = "label_reviews"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    label: Mapped[str] = mapped_column(String(200))
+    reviewed_by: Mapped[str] = mapped_column(String(200))
+    reviewed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -23,12 +23,20 @@ import scipy
 import sklearn
 
 from featurestore import __version__
+from featurestore.catalog.labels import label_version, oof_rows
 from featurestore.catalog.schema import Run
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.pipelines import cluster
 from featurestore.store import FeatureMatrix, Store
 from featurestore.training.artifacts import save_artifact
-from featurestore.training.evaluation import EvaluationResult, evaluate, make_splits, splits_fingerprint
+from featurestore.training.evaluation import (
+    KFOLD_SCHEMES,
+    EvaluationResult,
+    evaluate,
+    make_folds,
+    make_splits,
+    splits_fingerprint,
+)
 from featurestore.training.stats import McNemarTest, PairedTTest, mcnemar, paired_ttest
 from featurestore.training.twoflow import CLASSIFIERS, TwoFlowClassifier, build_model, describe_model
 
@@ -52,6 +60,8 @@ class TrainConfig:
     skip_missing: bool = False
     test_dataset: str | None = None
     """Score on this fixed held-out dataset (one split) instead of repeated random splits."""
+    folds: int | None = None
+    """K-fold instead of repeated random splits: every image scored once out of fold, probabilities kept."""
 
     def check(self) -> None:
         if not self.features:
@@ -70,6 +80,12 @@ class TrainConfig:
             raise InvalidInputError("--test-dataset must differ from --dataset: an image cannot test what it trained")
         if not 0 < self.test_size < 1:
             raise InvalidInputError("--test-size must be between 0 and 1, e.g. 0.1")
+        if self.folds is not None:
+            if self.folds < 2:
+                raise InvalidInputError("--folds must be at least 2, e.g. --folds 5")
+            if self.test_dataset is not None:
+                raise InvalidInputError("--folds and --test-dataset exclude each other: K folds score every "
+                                        "selected image, a test dataset is one fixed split")
 
 
 def parse_select(spec: str | None, features: Sequence[str]) -> dict[str, int | str | None]:
@@ -169,7 +185,7 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prep
         classifier_params=model_desc,
         seed=cfg.seed,
         n_splits=len(prep.splits),
-        test_size=cfg.test_size if cfg.test_dataset is None else len(prep.splits[0][1]) / len(prep.fm.image_ids),
+        test_size=_test_size(cfg, prep),
         split_scheme=prep.scheme,
         splits_fingerprint=prep.fingerprint,
         n_images=len(prep.fm.image_ids),
@@ -185,11 +201,22 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prep
         artifact_path=artifact[0] if artifact else None,
         artifact_sha256=artifact[1] if artifact else None,
         comparison_group=group,
+        label_version=prep.label_version,
+        oof_classes=ev.oof.classes if ev.oof is not None else None,
     )
+    oof = None if ev.oof is None else oof_rows(prep.fm.image_ids, ev.oof.fold, prep.y, ev.oof.probabilities)
     return store.catalog.add_run(run, [
         {"split": r.index, "test_accuracy": r.accuracy, "train_accuracy": r.train_accuracy,
          "macro_f1": r.macro_f1, "superclass_accuracy": r.superclass_accuracy, "fit_seconds": r.fit_seconds,
-         "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits], _test_predictions(prep, ev))
+         "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits], _test_predictions(prep, ev), oof)
+
+
+def _test_size(cfg: TrainConfig, prep: _Prepared) -> float:
+    if cfg.test_dataset is not None:
+        return len(prep.splits[0][1]) / len(prep.fm.image_ids)
+    if cfg.folds is not None:
+        return 1 / cfg.folds
+    return cfg.test_size
 
 
 def _test_predictions(prep: _Prepared, ev: EvaluationResult) -> list[dict[str, Any]]:
@@ -214,15 +241,25 @@ class _Prepared:
     scheme: str
     fingerprint: str
     excluded: int = 0  # images of the selection left out of training because they are in the test dataset
+    label_version: int = 0  # the last label change when the labels were read
+
+
+def _cut(y: np.ndarray, cfg: TrainConfig) -> tuple[list[Any], str]:
+    """Repeated random splits, or K folds with --folds."""
+    if cfg.folds is not None:
+        return make_folds(y, cfg.folds, cfg.seed)
+    return make_splits(y, cfg.n_splits, cfg.test_size, cfg.seed)
 
 
 def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepared:
     """Assemble the features and cut the splits: repeated random ones, or one fixed train/test split."""
+    version = label_version(store.catalog.engine)  # under the store lock: no label changes while we read
     if cfg.test_dataset is None:
         fm = _load_matrix(store, cfg, features)
         y, superclass_of = _targets(fm, cfg.target)
-        splits, scheme = make_splits(y, cfg.n_splits, cfg.test_size, cfg.seed)
-        return _Prepared(fm, y, superclass_of, splits, scheme, splits_fingerprint(fm.image_ids, splits))
+        splits, scheme = _cut(y, cfg)
+        return _Prepared(fm, y, superclass_of, splits, scheme, splits_fingerprint(fm.image_ids, splits),
+                         label_version=version)
     test_ids = store.catalog.dataset_image_ids(cfg.test_dataset)
     selected = {int(r[0]) for r in store.catalog.image_rows(cfg.dataset, True, None, ids_only=True)}
     excluded = len(selected & test_ids)
@@ -237,7 +274,8 @@ def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepar
         )
     y, superclass_of = _targets(fm, cfg.target)
     splits = [(train_idx, test_idx)]
-    return _Prepared(fm, y, superclass_of, splits, "fixed-test", splits_fingerprint(fm.image_ids, splits), excluded)
+    return _Prepared(fm, y, superclass_of, splits, "fixed-test", splits_fingerprint(fm.image_ids, splits), excluded,
+                     version)
 
 
 def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_final: bool = True,
@@ -250,6 +288,7 @@ def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_
     same scores); the final model is fitted here.
     """
     cfg.check()
+    _check_ray(cfg, ray_address)
     t0 = time.perf_counter()
     prep = _prepare(store, cfg, cfg.features)
     fm, y = prep.fm, prep.y
@@ -263,7 +302,7 @@ def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_
         ev = cluster.evaluate_on_ray([cluster.EvalJob(make)], fm.X, y, prep.splits, prep.superclass_of,
                                      address=ray_address, progress=progress)[0]
     else:
-        ev = evaluate(make, fm.X, y, prep.splits, prep.superclass_of, progress)
+        ev = evaluate(make, fm.X, y, prep.splits, prep.superclass_of, progress, out_of_fold=cfg.folds is not None)
     evaluated = time.perf_counter() - t1
     artifact = None
     final_seconds = 0.0
@@ -311,6 +350,7 @@ def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfi
     union = list(dict.fromkeys(f for c in combos for f in c))
     base = TrainConfig(**{**cfg.__dict__, "features": union})
     base.check()
+    _check_ray(base, ray_address)
     prep = _prepare(store, base, union)
     fm = prep.fm
     group = uuid.uuid4().hex
@@ -341,9 +381,15 @@ def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfi
     for combo, ccfg, blocks, cols in plans:  # each run is recorded as soon as it is evaluated
         t1 = time.perf_counter()
         ev = evaluate(partial(_estimator, ccfg, blocks), fm.X[:, cols], prep.y, prep.splits, prep.superclass_of,
-                      partial(progress, ",".join(combo)) if progress else None)
+                      partial(progress, ",".join(combo)) if progress else None, out_of_fold=cfg.folds is not None)
         record(combo, ccfg, blocks, ev, time.perf_counter() - t1)
     return outcomes
+
+
+def _check_ray(cfg: TrainConfig, ray_address: str | None) -> None:
+    if ray_address and cfg.folds is not None:
+        raise InvalidInputError("--folds runs on this machine only (the Ray path keeps no out-of-fold "
+                                "probabilities): drop --ray or use --splits")
 
 
 def get_run(store: Store, run_id: int) -> Run:
@@ -356,6 +402,18 @@ class Comparison:
     run_a: Run
     run_b: Run
     test: PairedTTest | McNemarTest
+    labels_note: str | None = None
+    """Set when the two runs read different label versions (labels were changed between them)."""
+
+
+def labels_note(ra: Run, rb: Run) -> str | None:
+    """A sentence when two runs saw different labels (``fs labels`` changes between them), else None."""
+    # A run recorded before label history existed saw the labels before any change: version 0.
+    va, vb = ra.label_version or 0, rb.label_version or 0
+    if va == vb:
+        return None
+    return (f"labels were changed between runs {ra.id} and {rb.id} (label versions {va} and {vb}: changes "
+            f"{min(va, vb) + 1}..{max(va, vb)}, see `fs labels history`)")
 
 
 def compare(store: Store, a: int, b: int, confidence: float = 0.95) -> Comparison:
@@ -366,7 +424,7 @@ def compare(store: Store, a: int, b: int, confidence: float = 0.95) -> Compariso
         raise InvalidInputError("compare needs two different runs")
     fixed = [r.split_scheme == "fixed-test" for r in (ra, rb)]
     if all(fixed):
-        return Comparison(ra, rb, _compare_fixed(store, ra, rb, confidence))
+        return Comparison(ra, rb, _compare_fixed(store, ra, rb, confidence), labels_note(ra, rb))
     if any(fixed):
         one, other = (ra, rb) if fixed[0] else (rb, ra)
         raise FeatureStoreError(
@@ -377,18 +435,27 @@ def compare(store: Store, a: int, b: int, confidence: float = 0.95) -> Compariso
     reasons = []
     if ra.n_images != rb.n_images:
         reasons.append(f"run {a} used {ra.n_images} images, run {b} {rb.n_images}")
+    kfold = [r.split_scheme in KFOLD_SCHEMES for r in (ra, rb)]
+    if kfold[0] != kfold[1]:
+        one = ra if kfold[0] else rb
+        reasons.append(f"run {one.id} was evaluated on {one.n_splits} folds, the other on repeated random splits")
     for attr in ("seed", "n_splits", "test_size", "target"):
         if getattr(ra, attr) != getattr(rb, attr):
             reasons.append(f"{attr}: {getattr(ra, attr)} vs {getattr(rb, attr)}")
     if ra.splits_fingerprint != rb.splits_fingerprint and not reasons:
-        reasons.append("the splits contain different images (the image sets differ)")
+        note = labels_note(ra, rb)
+        if note and ra.split_scheme in ("stratified", *KFOLD_SCHEMES):
+            reasons.append(f"{note}, and stratified splits follow the labels")
+        else:
+            reasons.append("the splits contain different images (the image sets differ)")
     if reasons:
         raise FeatureStoreError(
             f"runs {a} and {b} were not evaluated on the same splits ({'; '.join(reasons)}), so a paired test "
             "does not apply; evaluate both with `fs evaluate --features ... --features ...` or the same "
             "--seed/--splits on the same images"
         )
-    return Comparison(ra, rb, paired_ttest(store.catalog.split_scores(a), store.catalog.split_scores(b), confidence))
+    return Comparison(ra, rb, paired_ttest(store.catalog.split_scores(a), store.catalog.split_scores(b), confidence),
+                      labels_note(ra, rb))
 
 
 def _compare_fixed(store: Store, ra: Run, rb: Run, confidence: float) -> McNemarTest:

@@ -1,10 +1,13 @@
-"""Accuracy by repeated random train/test splits (the paper's protocol).
+"""Accuracy by repeated random train/test splits (the paper's protocol), or by K folds.
 
 The paper reports accuracy as mean ± std over repeated random 90/10 splits.
 :func:`make_splits` draws the splits (stratified when the labels allow it),
-:func:`splits_fingerprint` identifies them so that two runs are compared with
-a paired test only when they saw the very same splits of the same images, and
-:func:`evaluate` fits a fresh estimator per split and records the metrics.
+:func:`make_folds` cuts K folds instead (every image in exactly one test part,
+so each gets an out-of-fold prediction), :func:`splits_fingerprint` identifies
+them so that two runs are compared with a paired test only when they saw the
+very same splits of the same images, and :func:`evaluate` fits a fresh
+estimator per split and records the metrics (and, asked to, the out-of-fold
+class probabilities).
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
-from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
+from sklearn.model_selection import (
+    GroupKFold,
+    KFold,
+    ShuffleSplit,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+    StratifiedShuffleSplit,
+)
 
 from featurestore.errors import InvalidInputError
 
@@ -26,6 +36,10 @@ Split = tuple[np.ndarray, np.ndarray]
 
 STRATIFIED = "stratified"
 RANDOM = "random"
+STRATIFIED_KFOLD = "stratified-kfold"
+GROUP_KFOLD = "stratified-group-kfold"
+KFOLD = "kfold"
+KFOLD_SCHEMES = (STRATIFIED_KFOLD, GROUP_KFOLD, KFOLD)
 
 
 def _n_test(n_samples: int, test_size: float | int) -> int:
@@ -103,6 +117,69 @@ def make_splits(
     return splits, scheme
 
 
+def make_folds(
+    y: np.ndarray | Sequence[Any],
+    k: int,
+    seed: int = 0,
+    groups: np.ndarray | Sequence[Any] | None = None,
+) -> tuple[list[Split], str]:
+    """K folds: every row is in exactly one test part (out-of-fold scoring).
+
+    ``StratifiedKFold`` (shuffled with ``seed``) when every class has at least
+    ``k`` members, so each class is in every training part; with ``groups``,
+    ``StratifiedGroupKFold``, which keeps each group (e.g. near-duplicates) in
+    one fold. Otherwise plain shuffled ``KFold`` ("kfold"), where a rare class
+    may be missing from a training part.
+
+    Parameters
+    ----------
+    y : array-like of shape (n_samples,)
+        Labels, in the row order of ``X``.
+    k : int
+        Number of folds, at least 2 and at most the number of rows (or groups).
+    seed : int
+        Same ``seed``, ``y`` (and ``groups``) give the same folds.
+    groups : array-like of shape (n_samples,), optional
+        Group of each row; rows of one group always share a fold.
+
+    Returns
+    -------
+    folds : list of (train_indices, test_indices)
+        ``k`` splits whose test parts partition the rows.
+    scheme : {"stratified-kfold", "stratified-group-kfold", "kfold"}
+        Which splitter was used.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise InvalidInputError(f"labels must be one-dimensional, got shape {y.shape}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise InvalidInputError(f"the number of folds must be an integer of at least 2, got {k!r}")
+    n_samples = y.shape[0]
+    units = n_samples if groups is None else len(set(np.asarray(groups).tolist()))
+    if groups is not None and len(groups) != n_samples:
+        raise InvalidInputError(f"{len(groups)} groups given for {n_samples} labels")
+    if k > units:
+        what = "image(s)" if groups is None else "group(s)"
+        raise InvalidInputError(f"cannot cut {k} folds from {units} {what}: use at most {units} folds")
+    _classes, counts = np.unique(y, return_counts=True)
+    X = np.zeros((n_samples, 1))
+    splitter: Any
+    if counts.min() >= k:
+        if groups is not None:
+            splitter, scheme = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed), GROUP_KFOLD
+        else:
+            splitter, scheme = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed), STRATIFIED_KFOLD
+        parts = splitter.split(X, y, groups)
+    else:
+        if groups is not None:
+            parts = GroupKFold(n_splits=k).split(X, y, groups)
+        else:
+            parts = KFold(n_splits=k, shuffle=True, random_state=seed).split(X, y)
+        scheme = KFOLD
+    folds = [(train.astype(np.int64), test.astype(np.int64)) for train, test in parts]
+    return folds, scheme
+
+
 def splits_fingerprint(image_ids: Sequence[int] | np.ndarray, splits: Sequence[Split]) -> str:
     """Identify a set of splits over a set of images.
 
@@ -157,6 +234,10 @@ class SplitResult:
     # What the model predicted for each test row, in the order of the split's test indices. Runs on a
     # fixed test dataset record them (for McNemar's test); not part of to_dict().
     predicted: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # Class probabilities of each test row (columns in the order of ``classes``), when asked for
+    # (K-fold runs keep them as out-of-fold probabilities); not part of to_dict().
+    probabilities: np.ndarray | None = field(default=None, repr=False, compare=False)
+    classes: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -173,12 +254,25 @@ class MetricSummary:
 METRICS = ("accuracy", "train_accuracy", "macro_f1", "superclass_accuracy", "fit_seconds", "predict_seconds")
 
 
+@dataclass(frozen=True)
+class OutOfFold:
+    """Each row's class probabilities from the one fold model that did not train on it."""
+
+    classes: list[str]
+    """Column order of ``probabilities`` (every class of ``y``, sorted)."""
+    probabilities: np.ndarray
+    """(n_samples, n_classes), rows in the order of ``y``; each row sums to 1."""
+    fold: np.ndarray
+    """(n_samples,) the fold whose test part held the row."""
+
+
 @dataclass
 class EvaluationResult:
     """Per-split records and their summary (metric -> mean ± std)."""
 
     splits: list[SplitResult]
     summary: dict[str, MetricSummary] = field(default_factory=dict)
+    oof: OutOfFold | None = None
 
     def values(self, metric: str) -> list[float]:
         """One metric over the splits, in split order (for paired tests)."""
@@ -190,9 +284,12 @@ class EvaluationResult:
         """JSON-serialisable form (plain floats, ints, ``None``)."""
         return {
             "n_splits": len(self.splits),
-            "splits": [{k: v for k, v in asdict(s).items() if k != "predicted"} for s in self.splits],
+            "splits": [{k: v for k, v in asdict(s).items() if k not in _ARRAYS} for s in self.splits],
             "summary": {k: asdict(v) for k, v in self.summary.items()},
         }
+
+
+_ARRAYS = ("predicted", "probabilities", "classes")
 
 
 def summarize(values: Sequence[float]) -> MetricSummary:
@@ -211,6 +308,7 @@ def evaluate(
     splits: Sequence[Split],
     superclass_of: Mapping[Any, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    out_of_fold: bool = False,
 ) -> EvaluationResult:
     """Fit a fresh estimator on each training part and score it on the test part.
 
@@ -230,6 +328,10 @@ def evaluate(
         superclass. Every label of ``y`` must be mapped.
     progress : callable, optional
         Called as ``progress(done, total)`` after each split.
+    out_of_fold : bool
+        The splits are folds (:func:`make_folds`): also keep each test row's
+        class probabilities, assembled into ``EvaluationResult.oof``. No model
+        is fitted beyond one per fold.
 
     Returns
     -------
@@ -238,12 +340,48 @@ def evaluate(
         ``None`` (and not summarized) without ``superclass_of``.
     """
     X, y, to_super = check_inputs(X, y, splits, superclass_of)
+    if out_of_fold:
+        check_folds(splits, len(y))
     records: list[SplitResult] = []
     for i, (train, test) in enumerate(splits):
-        records.append(fit_and_score(make_estimator(), X, y, train, test, i, to_super))
+        records.append(fit_and_score(make_estimator(), X, y, train, test, i, to_super, out_of_fold))
         if progress is not None:
             progress(i + 1, len(splits))
-    return collect(records)
+    result = collect(records)
+    if out_of_fold:
+        result.oof = assemble_oof(result.splits, splits, y)
+    return result
+
+
+def check_folds(splits: Sequence[Split], n_samples: int) -> None:
+    """Refuse splits whose test parts do not hold every row exactly once."""
+    seen = np.zeros(n_samples, dtype=np.int64)
+    for _train, test in splits:
+        np.add.at(seen, np.asarray(test, dtype=np.int64), 1)
+    if seen.min() != 1 or seen.max() != 1:
+        raise InvalidInputError(
+            f"out-of-fold scoring needs folds whose test parts hold every row once; {int((seen == 0).sum())} "
+            f"row(s) are in no test part and {int((seen > 1).sum())} in several: cut them with make_folds()"
+        )
+
+
+def assemble_oof(records: Sequence[SplitResult], splits: Sequence[Split], y: np.ndarray) -> OutOfFold:
+    """Place each fold's test probabilities in the rows of ``y``, columns aligned on every class of ``y``.
+
+    A class missing from a fold's training part gets probability 0 in that fold's rows.
+    """
+    classes = np.unique(np.asarray(y).astype(str))
+    column = {c: j for j, c in enumerate(classes.tolist())}
+    probs = np.zeros((len(y), len(classes)), dtype=np.float64)
+    fold = np.full(len(y), -1, dtype=np.int64)
+    for record, (_train, test) in zip(records, splits, strict=True):
+        if record.probabilities is None or record.classes is None:
+            raise InvalidInputError(f"split {record.index} kept no class probabilities")
+        cols = np.asarray([column[str(c)] for c in record.classes], dtype=np.int64)
+        test = np.asarray(test, dtype=np.int64)
+        probs[np.ix_(test, cols)] = record.probabilities
+        fold[test] = record.index
+    return OutOfFold(classes=classes.tolist(), probabilities=probs, fold=fold)
 
 
 def check_inputs(X: np.ndarray, y: np.ndarray | Sequence[Any], splits: Sequence[Split],
@@ -267,11 +405,12 @@ def check_inputs(X: np.ndarray, y: np.ndarray | Sequence[Any], splits: Sequence[
 
 
 def fit_and_score(estimator: Any, X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, index: int,
-                  to_super: Callable[..., Any] | None = None) -> SplitResult:
+                  to_super: Callable[..., Any] | None = None, probabilities: bool = False) -> SplitResult:
     """Fit ``estimator`` on the ``train`` rows and score it on the ``test`` rows (one split).
 
     The one implementation of a split's work, run in a loop by :func:`evaluate`
-    and as one Ray task per split by the cluster path.
+    and as one Ray task per split by the cluster path. With ``probabilities``
+    the test rows' ``predict_proba`` is kept too (same fitted model).
     """
     train = np.asarray(train)
     test = np.asarray(test)
@@ -282,6 +421,7 @@ def fit_and_score(estimator: Any, X: np.ndarray, y: np.ndarray, train: np.ndarra
     predicted = estimator.predict(X[test])
     predict_seconds = time.perf_counter() - start
     train_predicted = estimator.predict(X[train])
+    proba = np.asarray(estimator.predict_proba(X[test]), dtype=np.float64) if probabilities else None
     return SplitResult(
         index=index,
         n_train=int(train.size),
@@ -295,6 +435,8 @@ def fit_and_score(estimator: Any, X: np.ndarray, y: np.ndarray, train: np.ndarra
         fit_seconds=fit_seconds,
         predict_seconds=predict_seconds,
         predicted=np.asarray(predicted),
+        probabilities=proba,
+        classes=np.asarray(estimator.classes_) if probabilities else None,
     )
 
 

@@ -70,7 +70,7 @@ CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src '
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
            "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
 STATIC = {"app.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-          "favicon.svg": "image/svg+xml"}
+          "favicon.svg": "image/svg+xml", "audit.js": "text/javascript; charset=utf-8"}
 TEXT = Annotated[str | None, Query(max_length=200)]
 
 
