@@ -261,3 +261,17 @@ class AnnIndex(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text, unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# -- run names and notes (migration 0012) ------------------------------------------------------------
+
+
+class RunNote(Base):
+    """A run's human name and free-text notes (``fs runs name``, the web app's run page); one row per run."""
+
+    __tablename__ = "run_notes"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    notes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

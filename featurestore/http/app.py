@@ -61,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodyLimit, limit=max_body_bytes(settings))
     errors.install(app)
+    ui.install_error_pages(app)  # unknown /ui paths: an HTML page, not JSON
     app.include_router(health.router)
     app.include_router(docs.router)
     app.include_router(datasets.router)

@@ -17,10 +17,15 @@ Security Policy: scripts, styles and images only from this server (and data: ima
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from importlib import resources
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -28,12 +33,15 @@ from urllib.parse import urlencode
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from featurestore import __version__
 from featurestore.catalog import repository as q
+from featurestore.catalog.run_notes import run_names
+from featurestore.catalog.run_outcomes import test_prediction_counts
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.http import charts
@@ -49,8 +57,8 @@ from featurestore.http.access import (
     token_matches,
     writes_allowed,
 )
-from featurestore.http.deps import SettingsDep, StoreDep, Upload, decode_upload
-from featurestore.http.errors import status_for
+from featurestore.http.deps import SettingsDep, StoreDep, Upload, decode_upload, decode_upload_bytes
+from featurestore.http.errors import http_error, status_for, validation_message
 from featurestore.http.schemas import UploadInfo
 from featurestore.http.templating import render
 from featurestore.io.thumbnails import render_thumbnail
@@ -72,6 +80,7 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", 
 STATIC = {"app.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "favicon.svg": "image/svg+xml"}
 TEXT = Annotated[str | None, Query(max_length=200)]
+METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
 
 
 class PageRoute(APIRoute):
@@ -90,8 +99,24 @@ class PageRoute(APIRoute):
                 if exc.status_code < 400:
                     raise
                 return _error_page(request, exc.status_code, str(exc.detail))
+            except RequestValidationError as exc:  # e.g. /ui/images/abc: a page, not FastAPI's JSON
+                return _error_page(request, 422, validation_message(exc))
 
         return page
+
+
+async def _http_error_or_page(request: Request, exc: Exception) -> Response:
+    """Unknown paths under /ui get an HTML page; everything else keeps the JSON error of the API."""
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/ui/") and exc.status_code >= 400:
+        detail = str(exc.detail) if exc.status_code != 404 else f"there is no page {request.url.path}"
+        return _error_page(request, exc.status_code, detail)
+    return await http_error(request, exc)
+
+
+def install_error_pages(app: Any) -> None:
+    """Answer unknown /ui paths with the app's HTML error page (after :func:`featurestore.http.errors.install`)."""
+    app.add_exception_handler(HTTPException, _http_error_or_page)
 
 
 router = APIRouter(include_in_schema=False)
@@ -209,14 +234,16 @@ def login_form(request: Request, next: TEXT = None) -> HTMLResponse:
 @router.post("/ui/login")
 def login(request: Request, token: Annotated[str, Form(max_length=1000)] = "",
           next: Annotated[str, Form(max_length=2000)] = "") -> Response:
-    """Check the token typed in and set the session cookie (HttpOnly, SameSite=Strict)."""
+    """Check the token typed in and set the session cookie (HttpOnly, SameSite=Lax)."""
     configured = settings_of(request).api_token
     if not configured:
         return RedirectResponse(safe_next(next), status_code=303)
     if not token_matches(token, configured):
         return _page(request, "login.html", "login", status=401, next=safe_next(next), failed=True)
     response = RedirectResponse(safe_next(next), status_code=303)
-    response.set_cookie(COOKIE, session_value(configured), max_age=COOKIE_MAX_AGE, httponly=True, samesite="strict",
+    # Lax, not Strict: a link from another site (chat, wiki, notebook) arrives logged in; the cookie still never
+    # rides on another site's POST, sub-request or frame, and the forms check the token anyway.
+    response.set_cookie(COOKIE, session_value(configured), max_age=COOKIE_MAX_AGE, httponly=True, samesite="lax",
                         secure=request.url.scheme == "https", path="/")
     return response
 
@@ -231,45 +258,106 @@ def logout() -> Response:
 # -- browse ---------------------------------------------------------------------------------------
 
 FACETS_TTL = 10.0  # seconds the filter menus may lag the catalog (they cost ~0.1 s at 100k images)
-_facets_cache: dict[tuple[int, int | None], tuple[float, q.Facets]] = {}
+FACETS_KEPT = 256  # views whose menus are remembered
+_facets_cache: dict[tuple[int, q.ImageFilter], tuple[float, q.Facets]] = {}
 _facets_lock = threading.Lock()
 
 
-def _facets(engine: Any, run: int | None) -> q.Facets:
-    """The grid's filter menus, recomputed at most every FACETS_TTL seconds per run (counts stay exact)."""
-    key = (id(engine), run)
+def _facets(engine: Any, f: q.ImageFilter) -> q.Facets:
+    """The grid's filter menus narrowed to the view, recomputed at most every FACETS_TTL seconds per view."""
+    key = (id(engine), q.ImageFilter(**{**f.__dict__, "sort": "id", "seed": 0}))
     now = time.monotonic()
     with _facets_lock:
         hit = _facets_cache.get(key)
     if hit is not None and now - hit[0] < FACETS_TTL:
         return hit[1]
-    fresh = q.facets(engine, run)
+    fresh = q.facets(engine, f.run, key[1])
     with _facets_lock:
+        if len(_facets_cache) >= FACETS_KEPT:
+            _facets_cache.clear()
         _facets_cache[key] = (now, fresh)
     return fresh
 
 
+VIEW_KEYS = ("dataset", "superclass", "label", "run", "source", "predicted", "correct", "below", "held_out",
+             "versus", "outcome", "sort", "seed")
+"""Query parameters that define a view of the images (the grid's filters and order), shared by the grid, the
+image page (next / previous within the view), the exports and ``/v1/browse``."""
+
+
+@dataclass(frozen=True)
+class View:
+    """A parsed view: the catalog filter and the canonical query parameters that reproduce it."""
+
+    filter: q.ImageFilter
+    params: dict[str, Any]
+
+    @property
+    def query(self) -> str:
+        return _query(self.params)
+
+
+def parse_view(values: dict[str, str | None]) -> View:
+    """The view named by query parameters (see VIEW_KEYS); bad values raise InvalidInputError naming them."""
+    sort = _text(values.get("sort")) or "id"
+    seed = _int(values.get("seed"), "seed", 0, 10**9) or 0
+    f = q.ImageFilter(dataset=_text(values.get("dataset")), superclass=_text(values.get("superclass")),
+                      label=_text(values.get("label")), run=_int(values.get("run"), "run"),
+                      predicted=_text(values.get("predicted")), correct=_correct(values.get("correct")),
+                      below=_float(values.get("below"), "probability threshold"),
+                      held_out=bool(_text(values.get("held_out"))), source=_source(values.get("source")),
+                      sort=sort, seed=seed, versus=_int(values.get("versus"), "versus"),
+                      outcome=_text(values.get("outcome")))
+    f.check()
+    params = {"dataset": f.dataset, "superclass": f.superclass, "label": f.label, "run": f.run, "source": f.source,
+              "predicted": f.predicted,
+              "correct": {True: "yes", False: "no"}.get(f.correct) if f.correct is not None else None,
+              "below": _text(values.get("below")), "held_out": "1" if f.held_out else None, "versus": f.versus,
+              "outcome": f.outcome, "sort": None if f.sort == "id" else f.sort,
+              "seed": f.seed if f.sort == "random" and f.seed else None}
+    return View(f, {k: v for k, v in params.items() if v not in (None, "")})
+
+
+def _view_of(request: Request) -> View:
+    return parse_view({k: request.query_params.get(k) for k in VIEW_KEYS})
+
+
+def _run_labels(svc: Any) -> dict[int, str]:
+    """What the run menus say of each run: id, name, features, classifier and its datasets."""
+    names = run_names(svc.store.engine)
+    out = {}
+    for r in list_runs(svc.store):
+        data = f" on {r.dataset}" if r.dataset else ""
+        data += f" \u2192 test {r.test_dataset}" if r.test_dataset else ""
+        name = names.get(r.id)
+        out[r.id] = f"{r.id}{' ' + chr(0x201c) + name + chr(0x201d) if name else ''}: {','.join(r.features)} " \
+                    f"{r.classifier}{data}"
+    return out
+
 
 @pages.get("/ui/browse")
-def browse_page(request: Request, svc: Svc, dataset: TEXT = None, superclass: TEXT = None, label: TEXT = None,
-                run: TEXT = None, predicted: TEXT = None, correct: TEXT = None, below: TEXT = None,
-                held_out: TEXT = None, after: TEXT = None, before: TEXT = None, size: TEXT = None) -> HTMLResponse:
-    """The thumbnail grid, filtered and keyset-paged (arrow keys move, Enter opens, n / p turn pages)."""
-    f = q.ImageFilter(dataset=_text(dataset), superclass=_text(superclass), label=_text(label),
-                      run=_int(run, "run"), predicted=_text(predicted), correct=_correct(correct),
-                      below=_float(below, "probability threshold"), held_out=bool(_text(held_out)))
+def browse_page(request: Request, svc: Svc, after: TEXT = None, before: TEXT = None, at: TEXT = None,
+                size: TEXT = None) -> HTMLResponse:
+    """The thumbnail grid, filtered, sorted and keyset-paged (arrow keys move, Enter opens, n / p turn pages).
+
+    Query parameters: those of :data:`VIEW_KEYS`, then ``after`` / ``before`` / ``at`` (an image id to page
+    from) and ``size``.
+    """
+    view = _view_of(request)
+    f = view.filter
     limit = _int(size, "page size", 1, 500) or 100
     engine = svc.store.engine
-    page = q.browse_page(engine, f, after=_int(after, "after"), before=_int(before, "before"), limit=limit)
-    filters = {"dataset": f.dataset, "superclass": f.superclass, "label": f.label, "run": f.run,
-               "predicted": f.predicted, "correct": {True: "yes", False: "no"}.get(f.correct) if f.correct is not None
-               else None, "below": _text(below), "held_out": "1" if f.held_out else None,
-               "size": limit if limit != 100 else None}
+    page = q.browse_page(engine, f, after=_int(after, "after"), before=_int(before, "before"), at=_int(at, "at"),
+                         limit=limit)
+    filters = {**{k: view.params.get(k) for k in VIEW_KEYS}, "size": limit if limit != 100 else None}
     prev_url = f"?{_query({**filters, 'before': page.first})}" if page.has_prev else None
     next_url = f"?{_query({**filters, 'after': page.last})}" if page.has_next else None
+    run = q.run_facts(engine, f.run) if f.run is not None else None
     return _page(request, "browse.html", "browse", page=page, filters=filters, count=q.count_images(engine, f),
-                 facets=_facets(engine, f.run), prev_url=prev_url, next_url=next_url, page_sizes=PAGE_SIZES,
-                 limit=limit, first_url=f"?{_query(filters)}" if page.has_prev else None)
+                 facets=_facets(engine, f), prev_url=prev_url, next_url=next_url, page_sizes=PAGE_SIZES,
+                 limit=limit, first_url=f"?{_query(filters)}" if page.has_prev else None, view=view,
+                 run=run, source=run.source(f.source) if run else None, run_labels=_run_labels(svc),
+                 focus=_int(at, "at"), sorts=q.SORTS, tested=test_prediction_counts(engine))
 
 
 # -- one image ------------------------------------------------------------------------------------
@@ -323,69 +411,214 @@ def _neighbours(svc: Any, image_id: int, sets: list[str]) -> list[dict[str, Any]
     return out
 
 
+def _file_state(image: Any) -> str | None:
+    """Why the image's file cannot be shown (None when it can): the server checks, the page says."""
+    try:
+        st = os.stat(image.source_path)
+    except FileNotFoundError:
+        return "the file is no longer at the path it was ingested from (moved or deleted)"
+    except OSError as exc:
+        return f"the file cannot be read ({exc.strerror or type(exc).__name__})"
+    if not stat.S_ISREG(st.st_mode):
+        return "the path it was ingested from no longer holds a regular file"
+    if st.st_size != image.bytes:
+        return f"the file changed since it was ingested ({st.st_size:,} bytes now, {image.bytes:,} then)"
+    return None
+
+
+def _neighbours_in_view(svc: Any, view: View, image_id: int) -> dict[str, int | None]:
+    """The images before and after this one in the view it was opened from."""
+    if not view.params:
+        return {"prev": None, "next": None}
+    engine = svc.store.engine
+    nxt = q.browse_page(engine, view.filter, after=image_id, limit=1).tiles
+    prev = q.browse_page(engine, view.filter, before=image_id, limit=1).tiles
+    return {"prev": prev[0].id if prev else None, "next": nxt[0].id if nxt else None}
+
+
 @pages.get("/ui/images/{image_id}")
 def image_page(request: Request, svc: Svc,
                image_id: Annotated[int, PathParam(ge=1, le=MAX_ID)]) -> HTMLResponse:
-    """One image: metadata, label, each run's top-5 prediction and its nearest neighbours in each feature set."""
+    """One image: metadata, label, each run's top-5 prediction and its nearest neighbours in each feature set.
+
+    Opened from the grid, the URL carries the grid's view (its filters and order): the page then links (and
+    the arrow keys go) to the previous and next image of that view, and back to the grid at this image.
+    """
+    view = _view_of(request)
     found = svc.store.catalog.image_detail(image_id)
     if found is None:
         raise HTTPException(404, f"no image with id {image_id} in the catalog")
     image, datasets, sets = found
+    truth = {"label": image.label, "superclass": image.superclass}
+    around = _neighbours_in_view(svc, view, image_id)
+    suffix = f"?{view.query}" if view.query else ""
     return _page(request, "image.html", "browse", image=image, datasets=datasets, sets=sets,
-                 show_path=paths_visible(request),
-                 predictions=_predictions(svc, image_id, sets), neighbours=_neighbours(svc, image_id, sets))
+                 show_path=paths_visible(request), file_problem=_file_state(image), truth=truth,
+                 predictions=_predictions(svc, image_id, sets), neighbours=_neighbours(svc, image_id, sets),
+                 prev_url=f"/ui/images/{around['prev']}{suffix}" if around["prev"] else None,
+                 next_url=f"/ui/images/{around['next']}{suffix}" if around["next"] else None,
+                 grid_url=f"/ui/browse?{_query({**view.params, 'at': image_id})}#t{image_id}" if view.params
+                 else f"/ui/browse?at={image_id}#t{image_id}", in_view=bool(view.params))
 
 
 # -- search by photo ------------------------------------------------------------------------------
 
 
 def _search_choices(svc: Any) -> dict[str, Any]:
+    facets = _facets(svc.store.engine, q.ImageFilter())
     return {"feature_sets": [fs.name for fs in svc.store.feature_sets()],
-            "model_runs": [r for r in reversed(list_runs(svc.store)) if r.artifact_path]}
+            "model_runs": [r for r in reversed(list_runs(svc.store)) if r.artifact_path],
+            "labels": [lb for lb, _ in facets.labels], "datasets": facets.datasets}
+
+
+UPLOADS_KEPT = 32  # photos held in memory so a search result is a link (GET) that survives a reload
+_uploads: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+_uploads_lock = threading.Lock()
+
+
+def _keep_upload(data: bytes, filename: str) -> str:
+    key = hashlib.sha256(data).hexdigest()[:24]
+    with _uploads_lock:
+        _uploads[key] = (data, filename)
+        _uploads.move_to_end(key)
+        while len(_uploads) > UPLOADS_KEPT:
+            _uploads.popitem(last=False)
+    return key
+
+
+def _kept_upload(key: str) -> tuple[bytes, str] | None:
+    with _uploads_lock:
+        return _uploads.get(key)
+
+
+def _search_settings(svc: Any, values: dict[str, str | None]) -> dict[str, Any]:
+    """The search form's settings, checked (InvalidInputError names the bad one)."""
+    choices = _search_choices(svc)
+    name = _text(values.get("features")) or (choices["feature_sets"][0] if choices["feature_sets"] else None)
+    return {"features": name, "k": _int(values.get("k"), "k", 1, 100) or NEIGHBOURS,
+            "run": _int(values.get("run"), "run"), "label": _text(values.get("label")),
+            "dataset": _text(values.get("dataset")), "store": False}
+
+
+def _settings_query(chosen: dict[str, Any]) -> dict[str, Any]:
+    return {k: chosen[k] for k in ("features", "k", "run", "label", "dataset") if chosen[k] not in (None, "")}
+
+
+def _search_form(request: Request, svc: Any, chosen: dict[str, Any], status: int = 200, error: str | None = None,
+                 result: dict[str, Any] | None = None, current: dict[str, Any] | None = None) -> HTMLResponse:
+    return _page(request, "search.html", "search", status=status, result=result, chosen=chosen, error=error,
+                 current=current, **_search_choices(svc))
 
 
 @pages.get("/ui/search")
-def search_form(request: Request, svc: Svc) -> HTMLResponse:
-    """Drop a photo: its nearest neighbours and a run's prediction."""
+def search_form(request: Request, svc: Svc, upload: TEXT = None, image: TEXT = None, stored: TEXT = None,
+                features: TEXT = None, k: TEXT = None, run: TEXT = None, label: TEXT = None,
+                dataset: TEXT = None) -> HTMLResponse:
+    """Drop a photo: its nearest neighbours and a run's prediction.
+
+    A search is a link: ``?upload=KEY`` (a photo the server holds in memory for a while) or ``?image=N`` (a
+    stored image), with the settings (feature set, k, run, neighbours' label and dataset) as parameters, so it
+    can be reloaded, bookmarked, and re-run with other settings without choosing the file again.
+    """
     choices = _search_choices(svc)
     latest = choices["model_runs"][0].id if choices["model_runs"] else None
-    chosen = {"features": None, "k": NEIGHBOURS, "run": latest, "store": False}
-    return _page(request, "search.html", "search", result=None, chosen=chosen, **choices)
+    values = {"features": features, "k": k, "run": run, "label": label, "dataset": dataset}
+    try:
+        chosen = _search_settings(svc, values)
+    except InvalidInputError as exc:
+        return _search_form(request, svc, {"features": None, "k": NEIGHBOURS, "run": latest, "label": None,
+                                           "dataset": None, "store": False}, 422, str(exc))
+    if upload is None and image is None:
+        if run is None:
+            chosen["run"] = latest
+        return _search_form(request, svc, chosen)
+    try:
+        if image is not None:
+            image_id = _int(image, "image")
+            assert image_id is not None
+            found = q.image_file(svc.store.engine, image_id)
+            if found is None:
+                raise HTTPException(404, f"no image with id {image_id} in the catalog")
+            try:
+                data, filename = Path(found.source_path).read_bytes(), f"image {image_id}"
+            except OSError:
+                raise FeatureStoreError(f"the file of image {image_id} is unavailable (moved or deleted)") from None
+            current = {"image": image_id, "stored": bool(_text(stored)), "upload": None}
+        else:
+            kept = _kept_upload(upload or "")
+            if kept is None:
+                raise InvalidInputError("the server no longer holds that photo (it keeps the last "
+                                        f"{UPLOADS_KEPT} for a while): choose or drop it again")
+            data, filename = kept
+            current = {"upload": upload, "image": None, "stored": False}
+        result = _search_result(svc, data, filename, chosen)
+    except FeatureStoreError as exc:
+        return _search_form(request, svc, chosen, status_for(exc), str(exc))
+    if image is None:
+        result["same_as"] = svc.store.catalog.image_id_by_sha256(hashlib.sha256(data).hexdigest())
+    return _search_form(request, svc, chosen, result=result, current=current)
+
+
+def _search_result(svc: Any, data: bytes, filename: str, chosen: dict[str, Any]) -> dict[str, Any]:
+    up = decode_upload_bytes(data, filename, svc.settings)
+    name = chosen["features"]
+    if name is None:
+        raise InvalidInputError("the store has no feature sets to search: run `fs extract` first")
+    allowed = None
+    if chosen["label"] or chosen["dataset"]:
+        allowed = svc.store.catalog.image_ids_where(label=chosen["label"], dataset=chosen["dataset"])
+    hits = search(svc.store, name, embedder_for(svc.store, name)(up.image), k=chosen["k"], allowed_ids=allowed)
+    prediction = None
+    if chosen["run"] is not None:
+        out = predict_upload(svc.store, chosen["run"], up.decoded, up.data, k=5, keep=False)
+        prediction = {"run": get_run(svc.store, chosen["run"]), "top": [(t["label"], t["probability"])
+                                                                        for t in out.top]}
+    preview = base64.b64encode(render_thumbnail(up.data, 256, svc.settings.max_image_pixels)).decode()
+    return {"feature_set": name, "hits": hits, "prediction": prediction, "stored_id": None, "same_as": None,
+            "upload": UploadInfo.from_decoded(up.decoded), "preview": f"data:image/jpeg;base64,{preview}",
+            "filename": filename}
 
 
 @pages.post("/ui/search")
 def search_upload(request: Request, svc: Svc, file: Annotated[UploadFile | None, File()] = None,
                   features: Annotated[str, Form(max_length=200)] = "", k: Annotated[str, Form(max_length=10)] = "",
-                  run: Annotated[str, Form(max_length=30)] = "",
-                  store: Annotated[str, Form(max_length=10)] = "") -> HTMLResponse:
-    """The upload is decoded once, embedded once per feature set, and stored only if asked and allowed."""
-    choices = _search_choices(svc)
-    k_value = _int(k, "k", 1, 100) or NEIGHBOURS
-    run_id = _int(run, "run")
+                  run: Annotated[str, Form(max_length=30)] = "", label: Annotated[str, Form(max_length=200)] = "",
+                  dataset: Annotated[str, Form(max_length=200)] = "",
+                  upload: Annotated[str, Form(max_length=64)] = "", image: Annotated[str, Form(max_length=30)] = "",
+                  store: Annotated[str, Form(max_length=10)] = "") -> Response:
+    """Receive the photo, then send the browser to the search's link (GET), so a reload does not upload again.
+
+    The upload is decoded here (a bad file re-shows the form with the reason); it is stored only if asked and
+    allowed (then the link names the new image). Without a new file, the photo of the current search is kept.
+    """
+    values = {"features": features, "k": k, "run": run, "label": label, "dataset": dataset}
     want_store = bool(_text(store))
-    if file is None or not file.filename:
-        raise InvalidInputError("choose or drop an image file to search with")
-    if want_store and not writes_allowed(request):
-        raise HTTPException(403, "this server does not store uploads: it needs `fs serve --allow-writes`, "
-                                 "FS_API_TOKEN, and you logged in")
-    name = _text(features) or (choices["feature_sets"][0] if choices["feature_sets"] else None)
-    if name is None:
-        raise InvalidInputError("the store has no feature sets to search: run `fs extract` first")
-    up = svc.read_upload(file)  # decoded once; the run's prediction reuses the decoded image
-    hits = search(svc.store, name, embedder_for(svc.store, name)(up.image), k=k_value)
-    prediction, stored_id = None, None
-    if run_id is not None:
-        out = predict_upload(svc.store, run_id, up.decoded, up.data, k=5, keep=want_store)
-        prediction = {"run": get_run(svc.store, run_id), "top": [(t["label"], t["probability"]) for t in out.top]}
-        stored_id = out.image_id
-    elif want_store:
-        raise InvalidInputError("storing an upload stores its prediction too: pick a run with a model")
-    chosen = {"features": name, "k": k_value, "run": run_id, "store": want_store}
-    preview = base64.b64encode(render_thumbnail(up.data, 256, svc.settings.max_image_pixels)).decode()
-    result = {"feature_set": name, "hits": hits, "prediction": prediction, "stored_id": stored_id,
-              "upload": UploadInfo.from_decoded(up.decoded), "preview": f"data:image/jpeg;base64,{preview}",
-              "filename": file.filename}
-    return _page(request, "search.html", "search", result=result, chosen=chosen, **choices)
+    chosen = {"features": _text(features), "k": NEIGHBOURS, "run": None, "label": _text(label),
+              "dataset": _text(dataset), "store": want_store}
+    try:
+        chosen = {**_search_settings(svc, values), "store": want_store}
+        if want_store and not writes_allowed(request):
+            raise HTTPException(403, "this server does not store uploads: it needs `fs serve --allow-writes`, "
+                                     "FS_API_TOKEN, and you logged in")
+        params = _settings_query(chosen)
+        if file is None or not file.filename:
+            if _text(upload) or _text(image):
+                key = {"upload": _text(upload)} if _text(upload) else {"image": _text(image)}
+                return RedirectResponse(f"/ui/search?{_query({**key, **params})}", status_code=303)
+            raise InvalidInputError("choose or drop an image file to search with")
+        up = svc.read_upload(file)
+        if want_store:
+            if chosen["run"] is None:
+                raise InvalidInputError("storing an upload stores its prediction too: pick a run with a model")
+            out = predict_upload(svc.store, chosen["run"], up.decoded, up.data, k=5, keep=True)
+            return RedirectResponse(f"/ui/search?{_query({'image': out.image_id, 'stored': 1, **params})}",
+                                    status_code=303)
+        key = _keep_upload(up.data, file.filename)
+        return RedirectResponse(f"/ui/search?{_query({'upload': key, **params})}", status_code=303)
+    except HTTPException as exc:
+        return _search_form(request, svc, chosen, exc.status_code, str(exc.detail))
+    except FeatureStoreError as exc:
+        return _search_form(request, svc, chosen, status_for(exc), str(exc))
 
 
 # -- runs -----------------------------------------------------------------------------------------
@@ -398,24 +631,49 @@ def runs_page(request: Request, svc: Svc) -> HTMLResponse:
                  predictions=q.prediction_counts(svc.store.engine))
 
 
+def _flag(value: str | None, what: str, default: bool) -> bool:
+    text = _text(value)
+    if text is None:
+        return default
+    if text in ("1", "yes", "on", "true"):
+        return True
+    if text in ("0", "no", "off", "false"):
+        return False
+    raise InvalidInputError(f"{what} must be 1 or 0, not {text!r}")
+
+
+def _source(value: str | None) -> str | None:
+    text = _text(value)
+    if text not in (None, "test", "stored"):
+        raise InvalidInputError(f"predictions must be test or stored, not {text!r}")
+    return text
+
+
 @pages.get("/ui/runs/{run_id}")
 def run_page(request: Request, svc: Svc, run_id: Annotated[int, PathParam(ge=1, le=MAX_ID)],
-             held_out: TEXT = None) -> HTMLResponse:
-    """Per-split accuracy, the confusion matrix of the run's stored predictions, per-class scores."""
-    view = run_view(svc.store, run_id, held_out_only=bool(_text(held_out)), mistakes=12)
+             held_out: TEXT = None, source: TEXT = None) -> HTMLResponse:
+    """Per-split accuracy, the confusion matrix of the run's test-set or stored predictions, per-class scores.
+
+    It opens on the honest figure: a fixed-test run's test-set predictions, else the stored predictions of
+    images its training selection cannot have held (``held_out=0`` shows all of them, optimistic).
+    """
+    view = run_view(svc.store, run_id, held_out_only=_flag(held_out, "held_out", True), mistakes=12,
+                    source=_source(source))
     truth_param = "superclass" if view.truth == "superclass" else "label"
+    base = {"run": run_id, "source": view.source_kind if view.facts.test_predictions else None,
+            "held_out": "1" if view.held_out_only else None}
 
     def link(truth: str, predicted: str) -> str:
-        return "/ui/browse?" + _query({"run": run_id, truth_param: truth, "predicted": predicted,
-                                       "held_out": "1" if view.held_out_only else None})
+        return "/ui/browse?" + _query({**base, truth_param: truth, "predicted": predicted})
 
+    sort = "confidence" if view.source_kind == "stored" else None
     return _page(request, "run.html", "runs", view=view,
                  split_chart=charts.split_bars([("test accuracy", [s.test_accuracy for s in view.splits])],
                                                f"run {run_id}: test accuracy per split"),
                  matrix=charts.confusion_matrix(view.confusion, link),
                  scores_chart=charts.class_scores(view.confusion.per_class()),
-                 wrong_url="/ui/browse?" + _query({"run": run_id, "correct": "no",
-                                                   "held_out": "1" if view.held_out_only else None}))
+                 wrong_url="/ui/browse?" + _query({**base, "correct": "no"}),
+                 mistakes_url="/ui/browse?" + _query({**base, "correct": "no", "sort": sort}))
 
 
 @pages.get("/ui/compare")
@@ -458,11 +716,23 @@ def _map_params(svc: Any, features: str | None, method: str | None, n: str | Non
 @pages.get("/ui/map")
 def map_page(request: Request, svc: Svc, features: TEXT = None, method: TEXT = None, n: TEXT = None,
              color: TEXT = None, run: TEXT = None) -> HTMLResponse:
-    """A 2-D map of a feature set; the plot itself is fetched from /ui/map/plot (it may take a while)."""
-    params = _map_params(svc, features, method, n, color, run)
+    """A 2-D map of a feature set; the plot itself is fetched from /ui/map/plot (it may take a while).
+
+    A mistake in the form (colour by correctness without a run, say) shows the form again with the reason.
+    """
+    labels = _run_labels(svc)
+    runs = [(r.id, labels[r.id]) for r in reversed(list_runs(svc.store))]
+    try:
+        params = _map_params(svc, features, method, n, color, run)
+    except InvalidInputError as exc:
+        sets = [fs.name for fs in svc.store.feature_sets()]
+        raw = {"features": _text(features) or (sets[0] if sets else None), "method": _text(method) or "pca",
+               "n": _text(n) or 5000, "color": _text(color) or "label", "run": None, "sets": sets}
+        return _page(request, "map.html", "map", status=422, params=raw, plot_url=None, runs=runs,
+                     max_points=MAX_POINTS, error=str(exc))
     plot_url = "/ui/map/plot?" + _query({k: v for k, v in params.items() if k != "sets"})
     return _page(request, "map.html", "map", params=params, plot_url=plot_url if params["features"] else None,
-                 runs=[(r.id, ",".join(r.features)) for r in reversed(list_runs(svc.store))], max_points=MAX_POINTS)
+                 runs=runs, max_points=MAX_POINTS, error=None)
 
 
 def _map_colours(svc: Any, ids: np.ndarray, color: str, run: int | None
@@ -500,7 +770,7 @@ def map_plot(request: Request, svc: Svc, features: TEXT = None, method: TEXT = N
         raise InvalidInputError("the store has no feature sets: run `fs extract` first")
     emap = embedding_map(svc.store, params["features"], params["method"], params["n"])
     colours, legend, captions = _map_colours(svc, emap.image_ids, params["color"], params["run"])
-    title = f"{emap.feature_set}: {emap.method.upper()} of {len(emap.image_ids):,} images"
+    title = f"{emap.feature_set}: {METHOD_NAMES.get(emap.method, emap.method)} of {len(emap.image_ids):,} images"
     return HTMLResponse(render("map_plot.html", emap=emap, legend=legend,
                                svg=charts.scatter(emap.image_ids, emap.xy, colours, title, captions)),
                         headers=HEADERS)
