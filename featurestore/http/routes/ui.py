@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 from featurestore import __version__
 from featurestore.catalog import repository as q
 from featurestore.catalog.run_notes import run_names
-from featurestore.catalog.run_outcomes import test_prediction_counts
+from featurestore.catalog.run_outcomes import per_class_pair, test_prediction_counts
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.http import charts
@@ -627,8 +627,10 @@ def search_upload(request: Request, svc: Svc, file: Annotated[UploadFile | None,
 @pages.get("/ui/runs")
 def runs_page(request: Request, svc: Svc) -> HTMLResponse:
     """The runs table (as `fs runs`); tick two to compare them."""
-    return _page(request, "runs.html", "runs", runs=list(reversed(list_runs(svc.store))),
-                 predictions=q.prediction_counts(svc.store.engine))
+    runs = list(reversed(list_runs(svc.store)))
+    splits = {r.id: (q.run_splits(svc.store.engine, r.id) or [None])[0] for r in runs if r.test_dataset}
+    return _page(request, "runs.html", "runs", runs=runs, predictions=q.prediction_counts(svc.store.engine),
+                 names=run_names(svc.store.engine), splits=splits)
 
 
 def _flag(value: str | None, what: str, default: bool) -> bool:
@@ -689,10 +691,17 @@ def compare_page(request: Request, svc: Svc, run: Annotated[list[str] | None, Qu
         test, refusal = compare(svc.store, a, b).test, None
     except FeatureStoreError as exc:
         test, refusal = None, str(exc)
-    series = [(f"run {a}", [s.test_accuracy for s in q.run_splits(svc.store.engine, a)]),
-              (f"run {b}", [s.test_accuracy for s in q.run_splits(svc.store.engine, b)])]
-    return _page(request, "compare.html", "runs", a=ra, b=rb, test=test, refusal=refusal,
-                 chart=charts.split_bars(series, f"test accuracy per split: run {a} vs run {b}"))
+    labels = _run_labels(svc)
+    series = [(f"A = run {a}", [s.test_accuracy for s in q.run_splits(svc.store.engine, a)]),
+              (f"B = run {b}", [s.test_accuracy for s in q.run_splits(svc.store.engine, b)])]
+    pairs = per_class_pair(svc.store.engine, a, b, ra.target) if test is not None and test.kind == "mcnemar" else []
+
+    def outcome(which: str) -> str:
+        return "/ui/browse?" + _query({"run": a, "source": "test", "versus": b, "outcome": which})
+
+    return _page(request, "compare.html", "runs", a=ra, b=rb, test=test, refusal=refusal, labels=labels,
+                 pairs=pairs, outcome=outcome, swap_url=f"/ui/compare?run={b}&run={a}",
+                 chart=charts.split_bars(series, f"test accuracy per split: A (run {a}) vs B (run {b})"))
 
 
 # -- embedding map --------------------------------------------------------------------------------
