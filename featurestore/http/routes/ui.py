@@ -22,11 +22,11 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Coroutine
 from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
