@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from featurestore.catalog.run_notes import run_names
 from featurestore.cli import common
 from featurestore.errors import InvalidInputError
 from featurestore.pipelines.ingest import ingest
@@ -249,15 +250,17 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
     """
     store = common.open_store()
     try:
-        rows = [{"run": r.id, "created": r.created_at.strftime("%Y-%m-%d %H:%M"), "features": ",".join(r.features),
+        names = run_names(store.engine)
+        rows = [{"run": r.id, "name": names.get(r.id, ""), "created": r.created_at.strftime("%Y-%m-%d %H:%M"),
+                 "features": ",".join(r.features),
                  "classifier": r.classifier, "target": r.target, "images": r.n_images,
                  "splits": f"{r.n_splits}x{r.test_size:g}", "accuracy": _pm(r.accuracy_mean, r.accuracy_std),
                  "macro_f1": _pm(r.macro_f1_mean, None), "model": "yes" if r.artifact_path else "",
                  "group": (r.comparison_group or "")[:8]} for r in list_runs(store)]
     finally:
         store.close()
-    common.emit(rows, fmt, ["run", "created", "features", "classifier", "target", "images", "splits", "accuracy",
-                            "macro_f1", "model", "group"])
+    common.emit(rows, fmt, ["run", "name", "created", "features", "classifier", "target", "images", "splits",
+                            "accuracy", "macro_f1", "model", "group"])
 
 
 def register(app: typer.Typer) -> None:
@@ -265,4 +268,4 @@ def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
     app.command("compare")(compare)
     app.command("predict")(predict)
-    app.command("runs")(runs)
+    # `fs runs` is a group of its own (cli/runs.py: the listing below, and `fs runs name`)

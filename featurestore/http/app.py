@@ -33,7 +33,7 @@ from featurestore.http.routes import datasets, docs, feature_sets, health, image
 from featurestore.store import Store
 
 DESCRIPTION = ("A feature store and embedding database for image classification: datasets, feature sets, "
-               "similarity search and predictions of trained runs.")
+               "similarity search and predictions of trained runs. The web app is at [/ui/browse](/ui/browse).")
 
 
 @asynccontextmanager

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 
 from featurestore import __version__
 from featurestore.catalog import repository as q
-from featurestore.catalog.run_notes import run_names
+from featurestore.catalog.run_notes import run_names, run_note, set_run_note
 from featurestore.catalog.run_outcomes import per_class_pair, test_prediction_counts
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
@@ -59,6 +59,7 @@ from featurestore.http.access import (
 )
 from featurestore.http.deps import SettingsDep, StoreDep, Upload, decode_upload, decode_upload_bytes
 from featurestore.http.errors import http_error, status_for, validation_message
+from featurestore.http.report import render_report
 from featurestore.http.schemas import UploadInfo
 from featurestore.http.templating import render
 from featurestore.io.thumbnails import render_thumbnail
@@ -669,13 +670,36 @@ def run_page(request: Request, svc: Svc, run_id: Annotated[int, PathParam(ge=1, 
         return "/ui/browse?" + _query({**base, truth_param: truth, "predicted": predicted})
 
     sort = "confidence" if view.source_kind == "stored" else None
-    return _page(request, "run.html", "runs", view=view,
+    return _page(request, "run.html", "runs", view=view, note=run_note(svc.store.engine, run_id),
+                 saved=bool(_text(request.query_params.get("saved"))),
                  split_chart=charts.split_bars([("test accuracy", [s.test_accuracy for s in view.splits])],
                                                f"run {run_id}: test accuracy per split"),
                  matrix=charts.confusion_matrix(view.confusion, link),
                  scores_chart=charts.class_scores(view.confusion.per_class()),
                  wrong_url="/ui/browse?" + _query({**base, "correct": "no"}),
                  mistakes_url="/ui/browse?" + _query({**base, "correct": "no", "sort": sort}))
+
+
+@pages.post("/ui/runs/{run_id}/notes")
+def save_run_notes(request: Request, svc: Svc, run_id: Annotated[int, PathParam(ge=1, le=MAX_ID)],
+                   name: Annotated[str, Form(max_length=200)] = "",
+                   notes: Annotated[str, Form(max_length=20_000)] = "") -> Response:
+    """Name a run and set its notes (as `fs runs name`); needs writes allowed and a logged-in user."""
+    if not writes_allowed(request):
+        raise HTTPException(403, "this server does not accept edits: it needs `fs serve --allow-writes`, "
+                                 "FS_API_TOKEN, and you logged in; or use `fs runs name`")
+    with svc.store.writing():
+        set_run_note(svc.store.engine, run_id, name, notes)
+    return RedirectResponse(f"/ui/runs/{run_id}?saved=1#run-notes", status_code=303)
+
+
+@pages.get("/ui/runs/{run_id}/report")
+def run_report(request: Request, svc: Svc, run_id: Annotated[int, PathParam(ge=1, le=MAX_ID)]) -> Response:
+    """The run's `fs report` (one self-contained HTML file) as a download."""
+    html = render_report(svc.store, run_id)
+    return Response(html, media_type="text/html; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="run{run_id}-report.html"',
+                             "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
 
 
 @pages.get("/ui/compare")
