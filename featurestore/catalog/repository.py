@@ -554,6 +554,7 @@ class ImageFilter:
     seed: int = 0  # of the "random" order
     versus: int | None = None  # a second fixed-test run, for ``outcome``
     outcome: str | None = None  # see OUTCOMES: how ``run`` and ``versus`` did on each test image
+    ids: tuple[int, ...] | None = None  # only these images (a selection drawn on the map)
 
     def check(self) -> None:
         needs_run = [name for name, value in (("predicted label", self.predicted), ("correct/incorrect", self.correct),
@@ -698,8 +699,10 @@ def _sort_key(f: ImageFilter, src: _Source | None, key: Any) -> Any:
     if f.sort == "id":
         return None
     if f.sort == "random":
-        # Fibonacci hashing of the id: a fixed shuffle per seed, computed in SQL on any backend.
-        return (key * (2654435761 + 2 * (f.seed % 1000)) + f.seed) % 4294967296
+        # A seeded hash of the id, computed in SQL on any backend: an affine step, then a square modulo the
+        # prime 2**31 - 1 (non-linear, so seeds give unrelated orders; every value stays below 2**62).
+        mixed = (key * 48271 + f.seed * 2654435761 + 1) % 2147483647
+        return (mixed * mixed) % 2147483647
     assert src is not None
     if src.kind == "test":
         raise InvalidInputError("test-set predictions keep no probabilities: sort by id or at random, or pick the "
@@ -753,6 +756,8 @@ def _filtered(f: ImageFilter, run: RunFacts | None, columns: Sequence[Any]) -> t
         q = q.where(Image.superclass == f.superclass)
     if f.label is not None:
         q = q.where(Image.label == f.label)
+    if f.ids is not None:
+        q = q.where(key.in_(f.ids))
     return q, key
 
 
@@ -833,6 +838,15 @@ def count_images(engine: Engine, f: ImageFilter) -> int:
     q, _ = _filtered(f, run, [func.count()])
     with engine.connect() as conn:
         return int(conn.execute(q).scalar() or 0)
+
+
+def matching_ids(engine: Engine, f: ImageFilter) -> list[int]:
+    """Ids of every image matching ``f``, ascending (for exports and saved selections)."""
+    f.check()
+    run = run_facts(engine, f.run) if f.run is not None else None
+    q, key = _filtered(f, run, [Image.id])
+    with engine.connect() as conn:
+        return [int(i) for i in conn.execute(q.order_by(key)).scalars()]
 
 
 def facets(engine: Engine, run_id: int | None = None, f: ImageFilter | None = None) -> Facets:

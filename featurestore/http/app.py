@@ -29,7 +29,7 @@ from featurestore.config import Settings
 from featurestore.http import errors
 from featurestore.http.access import check_writes
 from featurestore.http.limits import BodyLimit, max_body_bytes
-from featurestore.http.routes import datasets, docs, feature_sets, health, images, media, runs, ui
+from featurestore.http.routes import browse, datasets, docs, feature_sets, health, images, media, runs, ui
 from featurestore.store import Store
 
 DESCRIPTION = ("A feature store and embedding database for image classification: datasets, feature sets, "
@@ -67,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(feature_sets.router)
     app.include_router(images.router)
+    app.include_router(browse.router)  # /v1/browse: the grid's views as JSON
     app.include_router(runs.router)
     app.include_router(media.router)  # thumbnails and files of catalogued images
     app.include_router(ui.router)  # the web app's pages under /ui (and / -> /ui/browse)

@@ -17,18 +17,20 @@ Security Policy: scripts, styles and images only from this server (and data: ima
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
+import io
+import json
 import os
 import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
@@ -42,6 +44,7 @@ from featurestore import __version__
 from featurestore.catalog import repository as q
 from featurestore.catalog.run_notes import run_names, run_note, set_run_note
 from featurestore.catalog.run_outcomes import per_class_pair, test_prediction_counts
+from featurestore.catalog.selections import paths_of, save_as_dataset
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.http import charts
@@ -60,8 +63,15 @@ from featurestore.http.access import (
 from featurestore.http.deps import SettingsDep, StoreDep, Upload, decode_upload, decode_upload_bytes
 from featurestore.http.errors import http_error, status_for, validation_message
 from featurestore.http.report import render_report
+from featurestore.http.routes.browse import tile_record
 from featurestore.http.schemas import UploadInfo
 from featurestore.http.templating import render
+from featurestore.http.views import MAX_ID, VIEW_KEYS, View, keep_selection, parse_view
+from featurestore.http.views import flag as _flag
+from featurestore.http.views import query as _query
+from featurestore.http.views import source as _source
+from featurestore.http.views import text as _text
+from featurestore.http.views import whole as _int
 from featurestore.io.thumbnails import render_thumbnail
 from featurestore.pipelines.embedding_map import MAX_POINTS, METHODS, embedding_map
 from featurestore.pipelines.predict import predict_upload
@@ -70,7 +80,6 @@ from featurestore.pipelines.train import check_features_unchanged, compare, get_
 from featurestore.search.service import embedder_for, search, stored_vector
 from featurestore.store import Store
 
-MAX_ID = 2**63 - 1
 PAGE_SIZES = (25, 50, 100, 200)
 NEIGHBOURS = 12
 LIVE_PREDICTIONS = 5  # runs whose model is applied on the fly on an image page, most recent first
@@ -161,47 +170,6 @@ def _error_page(request: Request, status: int, message: str) -> HTMLResponse:
     return _page(request, "error.html", "", status=status, status_code=status, message=message)
 
 
-def _text(value: str | None) -> str | None:
-    value = (value or "").strip()
-    return value or None
-
-
-def _int(value: str | None, what: str, low: int = 1, high: int = MAX_ID) -> int | None:
-    text = _text(value)
-    if text is None:
-        return None
-    try:
-        number = int(text)
-    except ValueError:
-        raise InvalidInputError(f"{what} must be a whole number, not {text!r}") from None
-    if not low <= number <= high:
-        raise InvalidInputError(f"{what} must be between {low} and {high:,}, not {number:,}")
-    return number
-
-
-def _float(value: str | None, what: str) -> float | None:
-    text = _text(value)
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise InvalidInputError(f"{what} must be a number such as 0.5, not {text!r}") from None
-
-
-def _correct(value: str | None) -> bool | None:
-    text = _text(value)
-    if text in (None, "any"):
-        return None
-    if text in ("yes", "no"):
-        return text == "yes"
-    raise InvalidInputError(f"correct must be yes, no or any, not {text!r}")
-
-
-def _query(params: dict[str, Any]) -> str:
-    return urlencode({k: v for k, v in params.items() if v not in (None, "", False)})
-
-
 # -- public: static files, login --------------------------------------------------------------------
 
 
@@ -280,45 +248,6 @@ def _facets(engine: Any, f: q.ImageFilter) -> q.Facets:
     return fresh
 
 
-VIEW_KEYS = ("dataset", "superclass", "label", "run", "source", "predicted", "correct", "below", "held_out",
-             "versus", "outcome", "sort", "seed")
-"""Query parameters that define a view of the images (the grid's filters and order), shared by the grid, the
-image page (next / previous within the view), the exports and ``/v1/browse``."""
-
-
-@dataclass(frozen=True)
-class View:
-    """A parsed view: the catalog filter and the canonical query parameters that reproduce it."""
-
-    filter: q.ImageFilter
-    params: dict[str, Any]
-
-    @property
-    def query(self) -> str:
-        return _query(self.params)
-
-
-def parse_view(values: dict[str, str | None]) -> View:
-    """The view named by query parameters (see VIEW_KEYS); bad values raise InvalidInputError naming them."""
-    sort = _text(values.get("sort")) or "id"
-    seed = _int(values.get("seed"), "seed", 0, 10**9) or 0
-    f = q.ImageFilter(dataset=_text(values.get("dataset")), superclass=_text(values.get("superclass")),
-                      label=_text(values.get("label")), run=_int(values.get("run"), "run"),
-                      predicted=_text(values.get("predicted")), correct=_correct(values.get("correct")),
-                      below=_float(values.get("below"), "probability threshold"),
-                      held_out=bool(_text(values.get("held_out"))), source=_source(values.get("source")),
-                      sort=sort, seed=seed, versus=_int(values.get("versus"), "versus"),
-                      outcome=_text(values.get("outcome")))
-    f.check()
-    params = {"dataset": f.dataset, "superclass": f.superclass, "label": f.label, "run": f.run, "source": f.source,
-              "predicted": f.predicted,
-              "correct": {True: "yes", False: "no"}.get(f.correct) if f.correct is not None else None,
-              "below": _text(values.get("below")), "held_out": "1" if f.held_out else None, "versus": f.versus,
-              "outcome": f.outcome, "sort": None if f.sort == "id" else f.sort,
-              "seed": f.seed if f.sort == "random" and f.seed else None}
-    return View(f, {k: v for k, v in params.items() if v not in (None, "")})
-
-
 def _view_of(request: Request) -> View:
     return parse_view({k: request.query_params.get(k) for k in VIEW_KEYS})
 
@@ -358,7 +287,82 @@ def browse_page(request: Request, svc: Svc, after: TEXT = None, before: TEXT = N
                  facets=_facets(engine, f), prev_url=prev_url, next_url=next_url, page_sizes=PAGE_SIZES,
                  limit=limit, first_url=f"?{_query(filters)}" if page.has_prev else None, view=view,
                  run=run, source=run.source(f.source) if run else None, run_labels=_run_labels(svc),
-                 focus=_int(at, "at"), sorts=q.SORTS, tested=test_prediction_counts(engine))
+                 focus=_int(at, "at"), sorts=q.SORTS, tested=test_prediction_counts(engine),
+                 saved=_int(request.query_params.get("saved"), "saved", 0), selection=f.ids,
+                 unselected="?" + _query({k: v for k, v in view.params.items() if k != "selection"}))
+
+
+# -- selections: exports, saved datasets, map lassos -------------------------------------------------
+
+
+def _rows(svc: Any, request: Request, view: View) -> Iterator[dict[str, Any]]:
+    """Every image of the view in its order, page by page (bounded memory), as export rows."""
+    visible = paths_visible(request)
+    after = None
+    while True:
+        page = q.browse_page(svc.store.engine, view.filter, after=after, limit=q.MAX_PAGE)
+        paths = paths_of(svc.store.engine, [t.id for t in page.tiles]) if visible else {}
+        for t in page.tiles:
+            yield tile_record(t, paths.get(t.id))
+        if not page.has_next:
+            return
+        after = page.last
+
+
+EXPORT_FIELDS = ("id", "label", "superclass", "predicted", "probability", "correct", "path")
+
+
+@pages.get("/ui/export.csv")
+def export_csv(request: Request, svc: Svc) -> Response:
+    """The current view's images as CSV (ids, labels, the run's predictions; paths for those who may see them)."""
+    view = _view_of(request)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in _rows(svc, request, view):
+        writer.writerow(row)
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="images.csv"', "Cache-Control": "no-store"})
+
+
+@pages.get("/ui/export.json")
+def export_json(request: Request, svc: Svc) -> Response:
+    """The current view's images as JSON: ``{"view": {...}, "count": n, "images": [...]}``."""
+    view = _view_of(request)
+    images = list(_rows(svc, request, view))
+    body = json.dumps({"view": view.params, "count": len(images), "images": images}, indent=1)
+    return Response(body, media_type="application/json",
+                    headers={"Content-Disposition": 'attachment; filename="images.json"', "Cache-Control": "no-store"})
+
+
+@pages.post("/ui/selections")
+async def save_selection(request: Request, svc: Svc) -> Response:
+    """Save the view's images (the form carries the view and a name) as a new dataset; writes rule applies."""
+    form = await request.form()
+    if not writes_allowed(request):
+        raise HTTPException(403, "this server does not save selections: it needs `fs serve --allow-writes`, "
+                                 "FS_API_TOKEN, and you logged in")
+    values = {k: str(form.get(k) or "") or None for k in VIEW_KEYS}
+    view = parse_view(values)
+    name = str(form.get("name") or "").strip()
+    ids = q.matching_ids(svc.store.engine, view.filter)
+    with svc.store.writing():
+        count = save_as_dataset(svc.store.engine, name, ids)
+    return RedirectResponse(f"/ui/browse?{_query({'dataset': name, 'saved': count})}", status_code=303)
+
+
+@pages.post("/ui/selections/lasso")
+async def lasso_selection(request: Request) -> Response:
+    """A lasso drawn on the map (``ids``: image ids separated by commas) becomes a grid view of those images."""
+    form = await request.form()
+    raw = str(form.get("ids") or "")
+    try:
+        ids = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInputError("ids must be image ids separated by commas") from None
+    key = keep_selection(ids)
+    back = _text(str(form.get("run") or ""))
+    return RedirectResponse(f"/ui/browse?{_query({'selection': key, 'run': back})}", status_code=303)
 
 
 # -- one image ------------------------------------------------------------------------------------
@@ -632,24 +636,6 @@ def runs_page(request: Request, svc: Svc) -> HTMLResponse:
     splits = {r.id: (q.run_splits(svc.store.engine, r.id) or [None])[0] for r in runs if r.test_dataset}
     return _page(request, "runs.html", "runs", runs=runs, predictions=q.prediction_counts(svc.store.engine),
                  names=run_names(svc.store.engine), splits=splits)
-
-
-def _flag(value: str | None, what: str, default: bool) -> bool:
-    text = _text(value)
-    if text is None:
-        return default
-    if text in ("1", "yes", "on", "true"):
-        return True
-    if text in ("0", "no", "off", "false"):
-        return False
-    raise InvalidInputError(f"{what} must be 1 or 0, not {text!r}")
-
-
-def _source(value: str | None) -> str | None:
-    text = _text(value)
-    if text not in (None, "test", "stored"):
-        raise InvalidInputError(f"predictions must be test or stored, not {text!r}")
-    return text
 
 
 @pages.get("/ui/runs/{run_id}")
