@@ -386,3 +386,104 @@ def test_every_page_fits_390_px(page: Any) -> None:
         assert box is not None and box["x"] + box["width"] <= 390, url
     page.goto("/ui/runs")
     assert page.evaluate("document.getElementById('runs-scroll').scrollWidth > 390")
+
+
+def test_compare_chart_has_a_legend_and_follows_the_tick_order(page: Any) -> None:
+    """Item 5: A is the run ticked first (the URL followed table order); the chart names both series in a legend,
+    and no two of its labels overlap (the two "mean" labels were drawn over each other)."""
+    page.goto("/ui/runs")
+    page.check('input[name="run"][value="2"]')
+    page.check('input[name="run"][value="3"]')
+    assert page.locator("#ab-2").inner_text() == "A" and page.locator("#ab-3").inner_text() == "B"
+    page.click("#compare-button")
+    page.wait_for_url(re.compile(r"/ui/compare\?run=2&run=3$"))
+    legend = page.locator("svg.chart .legend-item").evaluate_all("ts => ts.map(t => t.textContent)")
+    assert len(legend) == 2 and legend[0].startswith("A = run 2") and legend[1].startswith("B = run 3")
+    overlaps = page.evaluate("""() => {
+        const boxes = Array.from(document.querySelectorAll('svg.chart text')).map(t => t.getBoundingClientRect());
+        let n = 0;
+        for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+            const a = boxes[i], b = boxes[j];
+            if (a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1) n++;
+        }
+        return n;
+    }""")
+    assert overlaps == 0
+    page.click("#swap")
+    page.wait_for_url(re.compile(r"/ui/compare\?run=3&run=2$"))
+    assert page.locator("svg.chart .legend-item").first.text_content().startswith("A = run 3")
+
+
+def test_keyboard_walk_grid_image_next_back(page: Any) -> None:
+    """Item 10 and the keyboard target: a skip link, arrow keys that do not submit a filter menu, and
+    grid -> image -> next -> back to the grid with focus on the image just seen, all with keys."""
+    page.goto("/ui/browse?run=1&correct=no")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "skip-link"
+    page.keyboard.press("Enter")
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.dataset.id") == "27"
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r"/ui/images/27\?run=1&correct=no$"))
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url(re.compile(r"/ui/images/30\?run=1&correct=no$"))
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_url(re.compile(r"/ui/images/27\?"))
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url(re.compile(r"/ui/images/30\?"))
+    page.keyboard.press("Escape")
+    page.wait_for_url(re.compile(r"/ui/browse\?run=1&correct=no&at=30"))
+    assert page.evaluate("document.activeElement.dataset.id") == "30"
+    # A filter menu changed from the keyboard waits for Enter (it submitted on the first ArrowDown).
+    page.goto("/ui/browse?run=1")
+    page.focus('select[name="correct"]')
+    page.keyboard.press("ArrowDown")
+    page.wait_for_timeout(300)
+    assert page.url.endswith("/ui/browse?run=1") and page.locator("#filters-pending").is_visible()
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r"correct=yes"))
+    # The browser's back button also returns focus to the tile that was opened.
+    page.goto("/ui/browse?run=1&correct=no")
+    page.locator('a.tile[data-id="33"]').click()
+    page.wait_for_url(re.compile(r"/ui/images/33"))
+    page.go_back()
+    page.wait_for_url(re.compile(r"/ui/browse\?run=1&correct=no$"))
+    _wait_until(page, "document.activeElement && document.activeElement.dataset.id === '33'")
+
+
+def _image_path(store_path: Path, image_id: int) -> str:
+    from featurestore.config import Settings
+    from featurestore.store import Store
+
+    with Store.open(Settings(store=store_path)) as store:
+        return str(store.select_images(image_ids=[image_id])[0][1])
+
+
+def test_search_by_photo_is_a_link_with_filters(page: Any, tmp_path: Path, store_path: Path) -> None:
+    """Item 14: the result is a GET link (reload does not upload again), another setting needs no new file,
+    neighbours can be limited to a label or dataset, and a photo already stored is named."""
+    photo = class_image(tmp_path / "q.png", 0, 31337)
+    page.goto("/ui/search")
+    page.set_input_files("#file", str(photo))
+    page.select_option('select[name="features"]', "rp16")
+    page.click('#search-form button[type="submit"]')
+    page.wait_for_selector("#result")
+    assert re.search(r"/ui/search\?upload=\w+", page.url)
+    first = page.url
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.reload()
+    page.wait_for_selector("#result")
+    assert not posts and page.url == first
+    page.select_option('select[name="dataset"]', "later")
+    page.select_option('select[name="label"]', "sandal")
+    page.click('#search-form button[type="submit"]')
+    page.wait_for_url(re.compile(r"dataset=later"))
+    labels = page.locator("#result a.nb .cap").all_inner_texts()
+    assert labels and set(labels) == {"sandal"} and len(labels) == 3
+    # The file of image 4, uploaded again: the page says it is image 4.
+    page.goto("/ui/search")
+    page.set_input_files("#file", _image_path(store_path, 4))
+    page.click('#search-form button[type="submit"]')
+    page.wait_for_selector("#same-as")
+    assert page.locator("#same-as a").get_attribute("href") == "/ui/images/4"

@@ -52,7 +52,7 @@ def split_bars(series: Sequence[tuple[str, Sequence[float]]], title: str, width:
     lo = max(0.0, np.floor((min(values) - 0.02) * 20) / 20)
     hi = min(1.0, max(lo + 0.05, np.ceil((max(values) + 0.005) * 20) / 20))
     legend_h = 18 * len(series)
-    left, right, top, bottom = 44, 10, 28 + legend_h, 30
+    left, right, top, bottom = 44, 10, 28 + legend_h, 36
     height += legend_h
     plot_w, plot_h = width - left - right, height - top - bottom
     n = max(len(vals) for _, vals in series)
@@ -89,7 +89,7 @@ def split_bars(series: Sequence[tuple[str, Sequence[float]]], title: str, width:
                     f'stroke="{colour}"><title>{escape(name)} mean {100 * mean:.1f}%</title></line>')
     for i in range(n):
         body.append(_text(left + (i + 0.5) * group, height - bottom + 14, str(i), cls="axis"))
-    body.append(_text(left + plot_w / 2, height - 4, "split", cls="axis"))
+    body.append(_text(left + plot_w / 2, height - 2, "split", cls="axis"))
     return _svg(width, height, body, title)
 
 
