@@ -487,3 +487,55 @@ def test_search_by_photo_is_a_link_with_filters(page: Any, tmp_path: Path, store
     page.click('#search-form button[type="submit"]')
     page.wait_for_selector("#same-as")
     assert page.locator("#same-as a").get_attribute("href") == "/ui/images/4"
+
+
+def test_interactive_map_zoom_legend_lasso_and_scope(page: Any) -> None:
+    """Capability d: zoom and pan, legend toggles, a lasso that opens its images in the grid, and a map limited
+    to a run's predicted images (a fixed-test run's: its 9 test images, coloured right / wrong)."""
+    page.goto("/ui/map?features=rp16&method=pca&n=40&color=label")
+    page.wait_for_selector("#map svg.map circle")
+    svg = page.locator("#map svg.map")
+    def box_of() -> list[float]:
+        return [float(v) for v in (svg.get_attribute("viewBox") or "").split()]
+
+    before = box_of()
+    page.click('[data-zoom="in"]')
+    zoomed = box_of()
+    assert zoomed[2] < before[2] and zoomed[3] < before[3]
+    page.click('[data-zoom="reset"]')
+    assert box_of() == before
+    toggle = page.locator("button.legend-toggle").first
+    group = toggle.get_attribute("data-g")
+    hidden = page.locator(f'circle[data-g="{group}"]').count()
+    toggle.click()
+    assert toggle.get_attribute("aria-pressed") == "false"
+    assert page.locator("circle.off").count() == hidden > 0
+    toggle.click()
+    assert page.locator("circle.off").count() == 0
+    # A lasso around the whole plot selects every point; the grid then shows exactly those images.
+    box = svg.bounding_box()
+    page.click("#lasso-toggle")
+    page.mouse.move(box["x"] + 2, box["y"] + 2)
+    page.mouse.down()
+    for x, y in ((box["width"] - 2, 2), (box["width"] - 2, box["height"] - 2), (2, box["height"] - 2), (2, 3)):
+        page.mouse.move(box["x"] + x, box["y"] + y, steps=4)
+    page.mouse.up()
+    total = page.locator("#map circle").count()
+    assert page.locator("#lasso-count").inner_text().startswith(f"{total} images")
+    page.click("#lasso-open")
+    page.wait_for_url(re.compile(r"/ui/browse\?selection="))
+    assert page.locator("#match-count").inner_text() == str(total)
+    page.goto("/ui/map?features=rp16&method=pca&n=40&color=correct&run=4&scope=run")
+    page.wait_for_selector("#map svg.map circle")
+    fills = page.locator("#map circle").evaluate_all("cs => cs.map(c => c.getAttribute('fill'))")
+    assert len(fills) == 9 and fills.count("#d1495b") == 3 and fills.count("#2e8b57") == 6
+
+
+def test_tsne_map_computes_in_the_background_with_progress(page: Any) -> None:
+    """Item 8 / capability d: a t-SNE not in the cache shows its progress (it was a static "Computing the
+    map..." for a minute) and the map appears when the background computation ends."""
+    page.goto("/ui/map?features=pixels8x6&method=tsne&n=30&color=label")
+    page.wait_for_selector("#map-progress, #map svg.map")
+    page.wait_for_selector("#map svg.map circle", timeout=120_000)
+    assert page.locator("#map circle").count() == 30
+    assert "t-SNE" in page.locator("#map-caption").inner_text()

@@ -11,6 +11,7 @@ import io
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from html import unescape
@@ -247,3 +248,34 @@ def test_unknown_pages_and_bad_ids_are_html(client: TestClient) -> None:
         assert r.status_code == status and r.headers["content-type"].startswith("text/html"), url
         assert 'id="error-message"' in r.text
     assert client.get("/v1/nope").headers["content-type"].startswith("application/json")
+
+
+def test_tsne_runs_in_the_background_and_one_write_does_not_hide_the_map(store_path: Path, tmp_path: Path) -> None:
+    from webapp_support import class_image
+
+    from featurestore.features.pixels import PixelsExtractor
+    from featurestore.pipelines.extract import extract
+    from featurestore.pipelines.ingest import ingest
+
+    params = {"features": "pixels8x6", "method": "tsne", "n": 40, "color": "label"}
+    with _serving(store_path) as c:
+        first = c.get("/ui/map/plot", params=params)
+        assert first.status_code == 202 and 'id="map-progress"' in first.text
+        deadline = time.monotonic() + 120
+        while (st := c.get("/ui/map/status", params=params).json())["state"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert st["state"] == "done", st
+        drawn = c.get("/ui/map/plot", params=params)
+        assert drawn.status_code == 200 and drawn.text.count("<circle") == 33 and "t-SNE" in drawn.text
+        class_image(tmp_path / "more" / "x.png", 0, 4242)
+        with Store.open(Settings(store=store_path)) as store, store.writing():
+            ingest(store, tmp_path / "more", dataset="more", labels="none")
+            extract(store, [PixelsExtractor((8, 6))])
+        stale = c.get("/ui/map/plot", params=params)
+        assert stale.status_code == 200 and 'id="map-stale"' in stale.text and stale.text.count("<circle") == 33
+        fresh = c.get("/ui/map/plot", params={**params, "fresh": 1})
+        assert fresh.status_code == 202
+        assert c.post("/ui/map/cancel", data={"features": "pixels8x6", "method": "tsne", "n": "40"}).json() == {
+            "cancelled": True}
+        assert c.get("/ui/map/status", params=params).json()["state"] == "cancelled"

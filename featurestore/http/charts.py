@@ -172,9 +172,11 @@ def colour_for(values: Sequence[str | None], top: int = len(PALETTE)) -> tuple[l
 
 
 def scatter(ids: np.ndarray, xy: np.ndarray, colours: Sequence[str], title: str,
-            captions: Sequence[str] | None = None, size: int = 720) -> Markup:
-    """A scatter plot of the map: one circle per image carrying ``data-id`` and a caption ``data-c``
-    (the page's script shows the thumbnail on hover and opens the image on click)."""
+            captions: Sequence[str] | None = None, size: int = 720,
+            legend: Sequence[tuple[str, str]] | None = None) -> Markup:
+    """A scatter plot of the map: one circle per image carrying ``data-id``, a caption ``data-c`` and, with a
+    ``legend``, the index of its legend entry ``data-g`` (the page's script shows the thumbnail on hover, opens
+    the image on click, zooms, pans, hides legend groups and selects with a lasso)."""
     pad = 12
     if len(ids) == 0:
         return _svg(size, 40, [_text(size / 2, 24, "no points")], title)
@@ -183,6 +185,8 @@ def scatter(ids: np.ndarray, xy: np.ndarray, colours: Sequence[str], title: str,
     scaled = pad + (xy - (lo + hi) / 2) / span * (size - 2 * pad) + (size - 2 * pad) / 2
     r = 2.2 if len(ids) > 5000 else 3.2 if len(ids) > 1000 else 4.5
     texts = captions if captions is not None else [""] * len(ids)
-    body = [f'<circle cx="{x:.1f}" cy="{size - y:.1f}" r="{r}" fill="{c}" data-id="{int(i)}" data-c="{escape(t)}"/>'
+    group = {colour: k for k, (_, colour) in enumerate(legend or [])}
+    body = [f'<circle cx="{x:.1f}" cy="{size - y:.1f}" r="{r}" fill="{c}" data-id="{int(i)}" data-c="{escape(t)}"'
+            f'{f" data-g={chr(34)}{group[c]}{chr(34)}" if c in group else ""}/>'
             for i, (x, y), c, t in zip(ids.tolist(), scaled.tolist(), colours, texts, strict=True)]
     return _svg(size, size, ['<g class="points">', *body, "</g>"], title, "chart map")

@@ -73,6 +73,7 @@ from featurestore.http.views import source as _source
 from featurestore.http.views import text as _text
 from featurestore.http.views import whole as _int
 from featurestore.io.thumbnails import render_thumbnail
+from featurestore.pipelines import map_jobs
 from featurestore.pipelines.embedding_map import MAX_POINTS, METHODS, embedding_map
 from featurestore.pipelines.predict import predict_upload
 from featurestore.pipelines.run_view import run_view
@@ -718,40 +719,51 @@ def compare_page(request: Request, svc: Svc, run: Annotated[list[str] | None, Qu
 
 
 def _map_params(svc: Any, features: str | None, method: str | None, n: str | None, color: str | None,
-                run: str | None) -> dict[str, Any]:
+                run: str | None, dataset: str | None = None, scope: str | None = None) -> dict[str, Any]:
     sets = [fs.name for fs in svc.store.feature_sets()]
     params = {"features": _text(features) or (sets[0] if sets else None), "method": _text(method) or "pca",
               "n": _int(n, "number of images", 2, MAX_POINTS) or 5000, "color": _text(color) or "label",
-              "run": _int(run, "run")}
+              "run": _int(run, "run"), "dataset": _text(dataset), "scope": _text(scope) or "all"}
     if params["method"] not in METHODS:
         raise InvalidInputError(f"method must be one of {', '.join(METHODS)}")
     if params["color"] not in ("label", "superclass", "correct"):
         raise InvalidInputError("colour by label, superclass or correct")
     if params["color"] == "correct" and params["run"] is None:
         raise InvalidInputError("colouring by correctness needs a run: pick one")
+    if params["scope"] not in ("all", "run"):
+        raise InvalidInputError("show all images or the run's (scope all or run)")
+    if params["scope"] == "run" and params["run"] is None:
+        raise InvalidInputError("showing only a run's images needs a run: pick one")
     return {**params, "sets": sets}
 
 
 @pages.get("/ui/map")
 def map_page(request: Request, svc: Svc, features: TEXT = None, method: TEXT = None, n: TEXT = None,
-             color: TEXT = None, run: TEXT = None) -> HTMLResponse:
-    """A 2-D map of a feature set; the plot itself is fetched from /ui/map/plot (it may take a while).
+             color: TEXT = None, run: TEXT = None, dataset: TEXT = None, scope: TEXT = None) -> HTMLResponse:
+    """A 2-D map of a feature set; the plot itself is fetched from /ui/map/plot (a t-SNE runs in the background
+    with its progress shown). Zoom, pan, legend toggles and a lasso that opens the selected images in the grid.
 
     A mistake in the form (colour by correctness without a run, say) shows the form again with the reason.
     """
     labels = _run_labels(svc)
     runs = [(r.id, labels[r.id]) for r in reversed(list_runs(svc.store))]
+    datasets = _facets(svc.store.engine, q.ImageFilter()).datasets
     try:
-        params = _map_params(svc, features, method, n, color, run)
+        params = _map_params(svc, features, method, n, color, run, dataset, scope)
     except InvalidInputError as exc:
         sets = [fs.name for fs in svc.store.feature_sets()]
         raw = {"features": _text(features) or (sets[0] if sets else None), "method": _text(method) or "pca",
-               "n": _text(n) or 5000, "color": _text(color) or "label", "run": None, "sets": sets}
+               "n": _text(n) or 5000, "color": _text(color) or "label", "run": None, "sets": sets,
+               "dataset": _text(dataset), "scope": "all"}
         return _page(request, "map.html", "map", status=422, params=raw, plot_url=None, runs=runs,
-                     max_points=MAX_POINTS, error=str(exc))
-    plot_url = "/ui/map/plot?" + _query({k: v for k, v in params.items() if k != "sets"})
+                     max_points=MAX_POINTS, error=str(exc), datasets=datasets)
+    plot_url = "/ui/map/plot?" + _map_query(params)
     return _page(request, "map.html", "map", params=params, plot_url=plot_url if params["features"] else None,
-                 runs=runs, max_points=MAX_POINTS, error=None)
+                 runs=runs, max_points=MAX_POINTS, error=None, datasets=datasets)
+
+
+def _map_query(params: dict[str, Any], **extra: Any) -> str:
+    return _query({**{k: v for k, v in params.items() if k != "sets" and not (k == "scope" and v == "all")}, **extra})
 
 
 def _map_colours(svc: Any, ids: np.ndarray, color: str, run: int | None
@@ -764,7 +776,16 @@ def _map_colours(svc: Any, ids: np.ndarray, color: str, run: int | None
         return colours, legend, ["" if v is None else v for v in values]
     assert run is not None
     facts = q.run_facts(svc.store.engine, run)
-    preds = q.run_predictions_of(svc.store.engine, run, ids.tolist())
+    source = facts.source()
+    if source == "test":  # a fixed-test run: its test-set predictions (the predictions table may be empty)
+        preds: dict[int, tuple[str, float | None]] = {}
+        for part in range(0, len(ids), q.MAX_PAGE):
+            chunk = tuple(int(i) for i in ids[part:part + q.MAX_PAGE])
+            tiles = q.browse_page(svc.store.engine, q.ImageFilter(run=run, ids=chunk), limit=q.MAX_PAGE)
+            preds.update((t.id, (str(t.predicted), None)) for t in tiles.tiles)
+    else:
+        preds = dict(q.run_predictions_of(svc.store.engine, run, ids.tolist()))
+    kind = "test-set" if source == "test" else "stored"
     colours, captions = [], []
     for i in ids.tolist():
         label, superclass = info.get(i, (None, None))
@@ -772,27 +793,91 @@ def _map_colours(svc: Any, ids: np.ndarray, color: str, run: int | None
         pred = preds.get(i)
         if pred is None or truth is None:
             colours.append(charts.OTHER)
-            captions.append(f"{truth or 'unlabelled'}; no stored prediction")
+            captions.append(f"{truth or 'unlabelled'}; no {kind} prediction")
         else:
             colours.append(charts.CORRECT if pred[0] == truth else charts.WRONG)
-            captions.append(f"{truth} \u2192 {pred[0]} ({100 * pred[1]:.0f}%)")
-    legend = [("correct", charts.CORRECT), ("wrong", charts.WRONG), ("no prediction / unlabelled", charts.OTHER)]
+            sure = f" ({100 * pred[1]:.0f}%)" if pred[1] is not None else ""
+            captions.append(f"{truth} \u2192 {pred[0]}{sure}")
+    legend = [("correct", charts.CORRECT), ("wrong", charts.WRONG), (f"no {kind} prediction / unlabelled",
+                                                                     charts.OTHER)]
     return colours, legend, captions
+
+
+def _restrict(svc: Any, emap: Any, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The map's points, limited to a dataset's images and / or the run's predicted images."""
+    ids, xy = emap.image_ids, emap.xy
+    keep = np.ones(len(ids), dtype=bool)
+    if params["dataset"] is not None:
+        members = svc.store.catalog.image_ids_where(dataset=params["dataset"])
+        keep &= np.isin(ids, members)
+    if params["scope"] == "run":
+        predicted = np.asarray(q.matching_ids(svc.store.engine, q.ImageFilter(run=params["run"])), dtype=np.int64)
+        keep &= np.isin(ids, predicted)
+    return ids[keep], xy[keep]
 
 
 @pages.get("/ui/map/plot")
 def map_plot(request: Request, svc: Svc, features: TEXT = None, method: TEXT = None, n: TEXT = None,
-             color: TEXT = None, run: TEXT = None) -> HTMLResponse:
-    """The map as an SVG fragment (computed on demand, cached in the store under maps/)."""
-    params = _map_params(svc, features, method, n, color, run)
+             color: TEXT = None, run: TEXT = None, dataset: TEXT = None, scope: TEXT = None,
+             fresh: TEXT = None) -> Response:
+    """The map as an SVG fragment, cached in the store under maps/.
+
+    PCA is computed here. A t-SNE not in the cache is started in a background process: the answer is 202 with
+    its progress, and the page asks again when it is done; meanwhile (unless ``fresh``) the newest map of an
+    earlier version of the set is shown, so one write does not hide the map for a minute.
+    """
+    params = _map_params(svc, features, method, n, color, run, dataset, scope)
     if params["features"] is None:
         raise InvalidInputError("the store has no feature sets: run `fs extract` first")
-    emap = embedding_map(svc.store, params["features"], params["method"], params["n"])
-    colours, legend, captions = _map_colours(svc, emap.image_ids, params["color"], params["run"])
-    title = f"{emap.feature_set}: {METHOD_NAMES.get(emap.method, emap.method)} of {len(emap.image_ids):,} images"
-    return HTMLResponse(render("map_plot.html", emap=emap, legend=legend,
-                               svg=charts.scatter(emap.image_ids, emap.xy, colours, title, captions)),
+    name, method_, size = params["features"], params["method"], params["n"]
+    stale = False
+    if method_ == "pca":
+        emap = embedding_map(svc.store, name, method_, size)
+    else:
+        emap = map_jobs.cached(svc.store, name, method_, size)
+        if emap is None:
+            job = map_jobs.state(svc.store, name, method_, size)
+            if job is not None and job.state == "failed":
+                raise FeatureStoreError(f"the map could not be computed: {job.message}")
+            older = None if _text(fresh) else map_jobs.latest(svc.store, name, method_, size)
+            if older is None:
+                job = map_jobs.start(svc.store, name, method_, size)
+                return HTMLResponse(render("map_progress.html", job=job, method=METHOD_NAMES[method_],
+                                           status_url="/ui/map/status?" + _map_query(params)),
+                                    status_code=202, headers=HEADERS)
+            emap, stale = older, True
+    ids, xy = _restrict(svc, emap, params)
+    colours, legend, captions = _map_colours(svc, ids, params["color"], params["run"])
+    title = f"{emap.feature_set}: {METHOD_NAMES.get(emap.method, emap.method)} of {len(ids):,} images"
+    current = svc.store.feature_set(name)
+    return HTMLResponse(render("map_plot.html", emap=emap, legend=legend, shown=len(ids), stale=stale,
+                               method=METHOD_NAMES.get(emap.method, emap.method), run=params["run"],
+                               fresh_url="/ui/map?" + _map_query(params, fresh=1) if stale else None,
+                               svg=charts.scatter(ids, xy, colours, title, captions, legend=legend),
+                               set_name=current.name),
                         headers=HEADERS)
+
+
+@pages.get("/ui/map/status")
+def map_status(request: Request, svc: Svc, features: TEXT = None, method: TEXT = None, n: TEXT = None,
+               color: TEXT = None, run: TEXT = None, dataset: TEXT = None, scope: TEXT = None) -> Response:
+    """How the background computation of a map is going (JSON: state, seconds, estimate, message)."""
+    params = _map_params(svc, features, method, n, color, run, dataset, scope)
+    job = map_jobs.state(svc.store, params["features"], params["method"], params["n"])
+    body = {"state": "none"} if job is None else {"state": job.state, "seconds": round(job.seconds, 1),
+                                                   "estimate": None if job.estimate is None else
+                                                   round(job.estimate, 1), "message": job.message}
+    return Response(json.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+@pages.post("/ui/map/cancel")
+def map_cancel(request: Request, svc: Svc, features: Annotated[str, Form(max_length=200)] = "",
+               method: Annotated[str, Form(max_length=20)] = "", n: Annotated[str, Form(max_length=10)] = ""
+               ) -> Response:
+    """Stop the background computation of a map (anyone who may see the map may stop it: it writes nothing)."""
+    params = _map_params(svc, features, method, n, None, None)
+    stopped = map_jobs.cancel(svc.store, params["features"], params["method"], params["n"])
+    return Response(json.dumps({"cancelled": stopped}), media_type="application/json")
 
 
 router.include_router(pages)

@@ -175,27 +175,192 @@ function setupCompare() {
   });
 }
 
-// Embedding map: fetch the server-drawn SVG, show the thumbnail on hover, open the image on click.
+// Embedding map: fetch the server-drawn SVG (a long t-SNE answers 202 with its progress: poll, then fetch
+// again), show the thumbnail on hover, open the image on click; zoom, pan, legend toggles, lasso -> grid.
+function showMapError(box, html, status) {
+  const doc = new DOMParser().parseFromString(html, "text/html");
+  const msg = doc.getElementById("error-message");
+  box.innerHTML = "";
+  const p = document.createElement("p");
+  p.className = "error";
+  p.id = "map-error";
+  p.textContent = msg ? msg.textContent : "the map could not be drawn (HTTP " + status + ")";
+  box.appendChild(p);
+}
+
+function loadMap(box) {
+  fetch(box.dataset.src, { credentials: "same-origin" }).then(async (resp) => {
+    const html = await resp.text();
+    if (!resp.ok) { showMapError(box, html, resp.status); return; }
+    box.innerHTML = html;
+    if (resp.status === 202) { followProgress(box); return; }
+    box.dataset.ready = "1";
+    setupMapTools(box);
+  }).catch((err) => { box.textContent = "the map could not be loaded: " + err; });
+}
+
+function followProgress(box) {
+  const panel = document.getElementById("map-progress");
+  if (!panel) return;
+  const cancel = document.getElementById("map-cancel");
+  let stopped = false;
+  if (cancel) {
+    cancel.addEventListener("click", () => {
+      stopped = true;
+      const params = new URLSearchParams(box.dataset.src.split("?")[1] || "");
+      const body = new URLSearchParams();
+      for (const k of ["features", "method", "n"]) if (params.get(k)) body.set(k, params.get(k));
+      fetch("/ui/map/cancel", { method: "POST", credentials: "same-origin", body: body }).then(() => {
+        panel.innerHTML = '<p class="note" id="map-cancelled">Cancelled. Draw again to restart it.</p>';
+      });
+    });
+  }
+  const tick = () => {
+    if (stopped) return;
+    fetch(panel.dataset.status, { credentials: "same-origin" }).then((r) => r.json()).then((st) => {
+      if (st.state === "running") {
+        const el = document.getElementById("map-elapsed");
+        if (el) el.textContent = Math.round(st.seconds);
+        const bar = document.getElementById("map-bar");
+        if (bar && st.estimate) { bar.max = st.estimate; bar.value = Math.min(st.seconds, st.estimate); }
+        setTimeout(tick, 1000);
+      } else if (st.state === "done") {
+        loadMap(box);
+      } else if (st.state !== "cancelled") {
+        panel.innerHTML = "";
+        const p = document.createElement("p");
+        p.className = "error"; p.id = "map-error";
+        p.textContent = "the map could not be computed: " + (st.message || st.state);
+        panel.appendChild(p);
+      }
+    });
+  };
+  setTimeout(tick, 500);
+}
+
+function setupMapTools(box) {
+  const svg = box.querySelector("svg.map");
+  if (!svg) return;
+  const full = svg.viewBox.baseVal;
+  const home = { x: full.x, y: full.y, w: full.width, h: full.height };
+  let view = Object.assign({}, home);
+  const apply = () => svg.setAttribute("viewBox", view.x + " " + view.y + " " + view.w + " " + view.h);
+  const toSvg = (ev) => {
+    const rect = svg.getBoundingClientRect();
+    return { x: view.x + (ev.clientX - rect.left) / rect.width * view.w,
+             y: view.y + (ev.clientY - rect.top) / rect.height * view.h };
+  };
+  const zoom = (factor, cx, cy) => {
+    const w = Math.min(home.w, Math.max(home.w / 50, view.w * factor));
+    const h = w * home.h / home.w;
+    cx = cx === undefined ? view.x + view.w / 2 : cx;
+    cy = cy === undefined ? view.y + view.h / 2 : cy;
+    view = { x: cx - (cx - view.x) * w / view.w, y: cy - (cy - view.y) * h / view.h, w: w, h: h };
+    apply();
+  };
+  svg.addEventListener("wheel", (ev) => {
+    ev.preventDefault();
+    const p = toSvg(ev);
+    zoom(ev.deltaY > 0 ? 1.25 : 0.8, p.x, p.y);
+  }, { passive: false });
+  for (const b of box.querySelectorAll("[data-zoom]")) {
+    b.addEventListener("click", () => {
+      if (b.dataset.zoom === "in") zoom(0.8);
+      else if (b.dataset.zoom === "out") zoom(1.25);
+      else { view = Object.assign({}, home); apply(); }
+    });
+  }
+  svg.tabIndex = 0;
+  svg.addEventListener("keydown", (ev) => {
+    const step = view.w / 10;
+    const moves = { ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step] };
+    if (ev.key === "+" || ev.key === "=") { ev.preventDefault(); zoom(0.8); }
+    else if (ev.key === "-") { ev.preventDefault(); zoom(1.25); }
+    else if (ev.key in moves) { ev.preventDefault(); view.x += moves[ev.key][0]; view.y += moves[ev.key][1]; apply(); }
+  });
+  // Legend toggles: hide or show the points of one legend entry.
+  for (const b of box.querySelectorAll("button.legend-toggle")) {
+    b.addEventListener("click", () => {
+      const on = b.getAttribute("aria-pressed") !== "true";
+      b.setAttribute("aria-pressed", on ? "true" : "false");
+      for (const c of svg.querySelectorAll('circle[data-g="' + b.dataset.g + '"]')) c.classList.toggle("off", !on);
+    });
+  }
+  // Pan by dragging; lasso by dragging with Shift or with the Lasso button on.
+  const lassoButton = document.getElementById("lasso-toggle");
+  const form = document.getElementById("lasso-form");
+  let lassoOn = false;
+  if (lassoButton) lassoButton.addEventListener("click", () => {
+    lassoOn = !lassoOn;
+    lassoButton.setAttribute("aria-pressed", lassoOn ? "true" : "false");
+  });
+  let drag = null;
+  let path = null;
+  svg.addEventListener("pointerdown", (ev) => {
+    if (ev.button !== 0) return;
+    const lasso = lassoOn || ev.shiftKey;
+    drag = { lasso: lasso, start: toSvg(ev), moved: false, points: [toSvg(ev)], view: Object.assign({}, view) };
+    if (lasso) {
+      path = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+      path.setAttribute("class", "lasso");
+      svg.appendChild(path);
+    }
+  });
+  svg.addEventListener("pointermove", (ev) => {
+    if (!drag) return;
+    const p = toSvg(ev);
+    if (!drag.moved && Math.abs(p.x - drag.start.x) + Math.abs(p.y - drag.start.y) > view.w / 200) {
+      drag.moved = true;
+      svg.setPointerCapture(ev.pointerId); // only once it is a drag, so a plain click still reaches its point
+    }
+    if (drag.lasso) {
+      drag.points.push(p);
+      path.setAttribute("points", drag.points.map((q) => q.x + "," + q.y).join(" "));
+    } else if (drag.moved) {
+      const rect = svg.getBoundingClientRect();
+      view.x = drag.view.x - (ev.clientX - rect.left) / rect.width * view.w + (drag.start.x - drag.view.x);
+      view.y = drag.view.y - (ev.clientY - rect.top) / rect.height * view.h + (drag.start.y - drag.view.y);
+      apply();
+    }
+  });
+  svg.addEventListener("pointerup", () => {
+    if (!drag) return;
+    const done = drag;
+    drag = null;
+    if (done.lasso && done.points.length > 2) {
+      const inside = (x, y, poly) => {
+        let hit = false;
+        for (let i = 0, j = poly.length - 1; i < poly.length; j = i++) {
+          const a = poly[i], b = poly[j];
+          if ((a.y > y) !== (b.y > y) && x < (b.x - a.x) * (y - a.y) / (b.y - a.y) + a.x) hit = !hit;
+        }
+        return hit;
+      };
+      const ids = [];
+      for (const c of svg.querySelectorAll("circle[data-id]:not(.off)")) {
+        if (inside(c.cx.baseVal.value, c.cy.baseVal.value, done.points)) { ids.push(c.dataset.id); c.classList.add("picked"); }
+      }
+      if (form) {
+        document.getElementById("lasso-ids").value = ids.join(",");
+        document.getElementById("lasso-count").textContent = ids.length + " image" + (ids.length === 1 ? "" : "s") + " selected.";
+        form.hidden = ids.length === 0;
+      }
+    }
+    if (done.moved) box.dataset.dragged = "1";
+  });
+  const clear = document.getElementById("lasso-clear");
+  if (clear) clear.addEventListener("click", () => {
+    for (const c of svg.querySelectorAll("circle.picked")) c.classList.remove("picked");
+    for (const l of svg.querySelectorAll("polyline.lasso")) l.remove();
+    form.hidden = true;
+  });
+}
+
 function setupMap() {
   const box = document.getElementById("map");
   if (!box || !box.dataset.src) return;
   const tip = document.getElementById("tip");
-  fetch(box.dataset.src, { credentials: "same-origin" }).then(async (resp) => {
-    const html = await resp.text();
-    if (!resp.ok) {
-      const doc = new DOMParser().parseFromString(html, "text/html");
-      const msg = doc.getElementById("error-message");
-      box.innerHTML = "";
-      const p = document.createElement("p");
-      p.className = "error";
-      p.id = "map-error";
-      p.textContent = msg ? msg.textContent : "the map could not be drawn (HTTP " + resp.status + ")";
-      box.appendChild(p);
-      return;
-    }
-    box.innerHTML = html;
-    box.dataset.ready = "1";
-  }).catch((err) => { box.textContent = "the map could not be loaded: " + err; });
+  loadMap(box);
   box.addEventListener("mouseover", (ev) => {
     const c = ev.target.closest("circle[data-id]");
     if (!c || !tip) return;
@@ -213,6 +378,7 @@ function setupMap() {
     if (tip && ev.target.closest("circle[data-id]")) tip.hidden = true;
   });
   box.addEventListener("click", (ev) => {
+    if (box.dataset.dragged) { delete box.dataset.dragged; return; } // the end of a pan or a lasso
     const c = ev.target.closest("circle[data-id]");
     if (c) window.location.href = "/ui/images/" + c.dataset.id;
   });
