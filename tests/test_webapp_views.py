@@ -279,3 +279,37 @@ def test_tsne_runs_in_the_background_and_one_write_does_not_hide_the_map(store_p
         assert c.post("/ui/map/cancel", data={"features": "pixels8x6", "method": "tsne", "n": "40"}).json() == {
             "cancelled": True}
         assert c.get("/ui/map/status", params=params).json()["state"] == "cancelled"
+
+
+def test_view_queries_on_each_catalog_backend(backend_url: str | None, tmp_path: Path) -> None:
+    """The new SQL (JSON margin, the seeded hash order, test-set sources, outcomes, narrowed menus, saved
+    selections, run notes) on SQLite and PostgreSQL alike."""
+    from featurestore.catalog.repository import count_images, facets
+    from featurestore.catalog.run_notes import run_names, set_run_note
+    from featurestore.catalog.run_outcomes import per_class_pair
+    from featurestore.catalog.selections import save_as_dataset
+
+    store_path = build_store(tmp_path)
+    add_fixed_test_runs(store_path)
+    with Store.open(Settings(store=store_path)) as store:
+        engine = store.engine
+        for sort in ("confidence", "margin", "random"):
+            ids, after = [], None
+            while True:
+                page = browse_page(engine, ImageFilter(run=1, sort=sort, seed=5), after=after, limit=7)
+                ids += [t.id for t in page.tiles]
+                if not page.has_next:
+                    break
+                after = page.last
+            assert sorted(ids) == list(range(1, 34)), sort
+        assert count_images(engine, ImageFilter(run=4, correct=False)) == 3
+        assert matching_ids(engine, ImageFilter(run=4, versus=5, outcome="neither")) == [27, 30, 33]
+        assert [(c.label, c.images) for c in per_class_pair(engine, 4, 5)] == [("sandal", 3), ("shirt", 3),
+                                                                               ("sneaker", 3)]
+        menus = facets(engine, None, ImageFilter(dataset="later", superclass="footwear"))
+        assert menus.labels == [("sandal", 3), ("sneaker", 3)]
+        with store.writing():
+            assert save_as_dataset(engine, "picked", [3, 1, 2]) == 3
+            set_run_note(engine, 4, "named", "notes")
+        assert sorted(r[0] for r in store.select_images(dataset="picked")) == [1, 2, 3]
+        assert run_names(engine) == {4: "named"}

@@ -682,8 +682,11 @@ class _Source:
         if self.kind == "test":
             t = RunTestPrediction
             self.table: Any = t
-            self.image_id, self.label, self.probability = t.image_id, t.predicted, null()
-            self.run_id, self.correct = t.run_id, t.correct
+            self.image_id: Any = t.image_id
+            self.label: Any = t.predicted
+            self.probability: Any = null()
+            self.run_id: Any = t.run_id
+            self.correct: Any = t.correct
             self.margin: Any = null()
         else:
             p = Prediction

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, insert, select
 
 from featurestore.catalog.schema import Run, RunNote, utcnow
 from featurestore.errors import InvalidInputError, NotFoundError
@@ -64,6 +64,6 @@ def set_run_note(engine: Engine, run_id: int, name: str | None, notes: str | Non
             clean_notes = conn.execute(select(RunNote.notes).where(RunNote.run_id == run_id)).scalar()
         conn.execute(delete(RunNote).where(RunNote.run_id == run_id))
         if clean_name is not None or clean_notes is not None:
-            conn.execute(RunNote.__table__.insert().values(run_id=run_id, name=clean_name, notes=clean_notes,
-                                                           updated_at=utcnow()))
+            conn.execute(insert(RunNote).values(run_id=run_id, name=clean_name, notes=clean_notes,
+                                                updated_at=utcnow()))
     return RunNoteRow(run_id, clean_name, clean_notes)

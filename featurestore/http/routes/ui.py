@@ -74,7 +74,7 @@ from featurestore.http.views import text as _text
 from featurestore.http.views import whole as _int
 from featurestore.io.thumbnails import render_thumbnail
 from featurestore.pipelines import map_jobs
-from featurestore.pipelines.embedding_map import MAX_POINTS, METHODS, embedding_map
+from featurestore.pipelines.embedding_map import MAX_POINTS, METHODS, EmbeddingMap, embedding_map
 from featurestore.pipelines.predict import predict_upload
 from featurestore.pipelines.run_view import run_view
 from featurestore.pipelines.train import check_features_unchanged, compare, get_run, list_runs
@@ -549,7 +549,7 @@ def search_form(request: Request, svc: Svc, upload: TEXT = None, image: TEXT = N
                 data, filename = Path(found.source_path).read_bytes(), f"image {image_id}"
             except OSError:
                 raise FeatureStoreError(f"the file of image {image_id} is unavailable (moved or deleted)") from None
-            current = {"image": image_id, "stored": bool(_text(stored)), "upload": None}
+            current: dict[str, Any] = {"image": image_id, "stored": bool(_text(stored)), "upload": None}
         else:
             kept = _kept_upload(upload or "")
             if kept is None:
@@ -597,9 +597,9 @@ def search_upload(request: Request, svc: Svc, file: Annotated[UploadFile | None,
     The upload is decoded here (a bad file re-shows the form with the reason); it is stored only if asked and
     allowed (then the link names the new image). Without a new file, the photo of the current search is kept.
     """
-    values = {"features": features, "k": k, "run": run, "label": label, "dataset": dataset}
+    values: dict[str, str | None] = {"features": features, "k": k, "run": run, "label": label, "dataset": dataset}
     want_store = bool(_text(store))
-    chosen = {"features": _text(features), "k": NEIGHBOURS, "run": None, "label": _text(label),
+    chosen: dict[str, Any] = {"features": _text(features), "k": NEIGHBOURS, "run": None, "label": _text(label),
               "dataset": _text(dataset), "store": want_store}
     try:
         chosen = {**_search_settings(svc, values), "store": want_store}
@@ -609,8 +609,8 @@ def search_upload(request: Request, svc: Svc, file: Annotated[UploadFile | None,
         params = _settings_query(chosen)
         if file is None or not file.filename:
             if _text(upload) or _text(image):
-                key = {"upload": _text(upload)} if _text(upload) else {"image": _text(image)}
-                return RedirectResponse(f"/ui/search?{_query({**key, **params})}", status_code=303)
+                kept = {"upload": _text(upload)} if _text(upload) else {"image": _text(image)}
+                return RedirectResponse(f"/ui/search?{_query({**kept, **params})}", status_code=303)
             raise InvalidInputError("choose or drop an image file to search with")
         up = svc.read_upload(file)
         if want_store:
@@ -634,7 +634,7 @@ def search_upload(request: Request, svc: Svc, file: Annotated[UploadFile | None,
 def runs_page(request: Request, svc: Svc) -> HTMLResponse:
     """The runs table (as `fs runs`); tick two to compare them."""
     runs = list(reversed(list_runs(svc.store)))
-    splits = {r.id: (q.run_splits(svc.store.engine, r.id) or [None])[0] for r in runs if r.test_dataset}
+    splits = {r.id: rows[0] for r in runs if r.test_dataset and (rows := q.run_splits(svc.store.engine, r.id))}
     return _page(request, "runs.html", "runs", runs=runs, predictions=q.prediction_counts(svc.store.engine),
                  names=run_names(svc.store.engine), splits=splits)
 
@@ -832,7 +832,7 @@ def map_plot(request: Request, svc: Svc, features: TEXT = None, method: TEXT = N
     name, method_, size = params["features"], params["method"], params["n"]
     stale = False
     if method_ == "pca":
-        emap = embedding_map(svc.store, name, method_, size)
+        emap: EmbeddingMap | None = embedding_map(svc.store, name, method_, size)
     else:
         emap = map_jobs.cached(svc.store, name, method_, size)
         if emap is None:
@@ -846,6 +846,7 @@ def map_plot(request: Request, svc: Svc, features: TEXT = None, method: TEXT = N
                                            status_url="/ui/map/status?" + _map_query(params)),
                                     status_code=202, headers=HEADERS)
             emap, stale = older, True
+    assert emap is not None
     ids, xy = _restrict(svc, emap, params)
     colours, legend, captions = _map_colours(svc, ids, params["color"], params["run"])
     title = f"{emap.feature_set}: {METHOD_NAMES.get(emap.method, emap.method)} of {len(ids):,} images"
