@@ -539,3 +539,42 @@ def test_tsne_map_computes_in_the_background_with_progress(page: Any) -> None:
     page.wait_for_selector("#map svg.map circle", timeout=120_000)
     assert page.locator("#map circle").count() == 30
     assert "t-SNE" in page.locator("#map-caption").inner_text()
+
+
+def test_compare_links_sorting_selections_and_run_names(page: Any) -> None:
+    """Capabilities a, c, b, e in the browser: the McNemar counts open their images and the classes sit side by
+    side; the grid sorts at random (re-shuffled on demand); the view downloads as CSV and saves as a dataset;
+    a run is named on its page and the menus say so."""
+    page.goto("/ui/compare?run=4&run=5")
+    assert page.locator("#per-class tbody tr").count() == 3
+    page.click("#a-only")
+    page.wait_for_url(re.compile(r"outcome=a_only"))
+    assert page.locator("a.tile").evaluate_all("ts => ts.map(t => t.dataset.id)") == ["25"]
+    assert "only run 4 was right" in page.locator("#outcome-note").inner_text()
+    page.goto("/ui/browse?dataset=later")
+    page.select_option('select[name="sort"]', "random")
+    page.wait_for_url(re.compile(r"sort=random"))
+    order = page.locator("a.tile").evaluate_all("ts => ts.map(t => t.dataset.id)")
+    assert sorted(order, key=int) == [str(i) for i in range(25, 34)] and order != sorted(order, key=int)
+    page.click("#reshuffle")
+    page.wait_for_url(re.compile(r"seed=1"))
+    assert page.locator("a.tile").evaluate_all("ts => ts.map(t => t.dataset.id)") != order
+    page.goto("/ui/browse?run=1&correct=no")
+    with page.expect_download() as download:
+        page.click("#export-csv")
+    lines = Path(download.value.path()).read_text().splitlines()
+    assert lines[0].startswith("id,label") and [x.split(",")[0] for x in lines[1:]] == ["27", "30", "33"]
+    page.fill('#save-selection input[name="name"]', "run1-mistakes")
+    page.click('#save-selection button[type="submit"]')
+    page.wait_for_url(re.compile(r"dataset=run1-mistakes"))
+    assert "Saved 3 images" in page.locator("#saved-note").inner_text()
+    page.goto("/ui/runs/4")
+    page.click("#run-notes summary")
+    page.fill('#notes-form input[name="name"]', "rp16 fixed test")
+    page.fill('#notes-form textarea[name="notes"]', "trained on shoes, tested on later")
+    page.click('#notes-form button[type="submit"]')
+    page.wait_for_selector("#notes-saved")
+    assert "rp16 fixed test" in page.locator("h1").inner_text()
+    assert "tested on later" in page.locator("#notes-text").inner_text()
+    page.goto("/ui/browse")
+    assert "rp16 fixed test" in page.locator('select[name="run"] option[value="4"]').inner_text()
