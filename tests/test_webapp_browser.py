@@ -578,3 +578,29 @@ def test_compare_links_sorting_selections_and_run_names(page: Any) -> None:
     assert "tested on later" in page.locator("#notes-text").inner_text()
     page.goto("/ui/browse")
     assert "rp16 fixed test" in page.locator('select[name="run"] option[value="4"]').inner_text()
+
+
+def test_small_things_of_item_15(page: Any, context: Any, server: str) -> None:
+    """Item 15: no size=100 in every URL; the app links to the API docs; the login page shows no navigation
+    (its links only led back to it); the run page downloads the run's report; map captions say t-SNE."""
+    page.goto("/ui/browse")
+    page.select_option('select[name="label"]', "shirt")
+    page.wait_for_url(re.compile(r"label=shirt"))
+    assert "size=" not in page.url
+    assert page.locator("#api-docs-link").get_attribute("href") == "/docs"
+    page.goto("/ui/runs/1")
+    with page.expect_download() as download:
+        page.click("#report-link")
+    assert download.value.suggested_filename == "run1-report.html"
+    assert "<svg" in Path(download.value.path()).read_text()
+    page.goto("/ui/map?features=pixels8x6&method=tsne&n=30")  # cached by the background test above, or now
+    page.wait_for_selector("#map svg.map circle", timeout=120_000)
+    assert "TSNE" not in page.locator("#map").inner_text()
+    stranger = context.browser.new_context(base_url=server)
+    try:
+        login = stranger.new_page()
+        login.goto("/ui/runs/1")
+        login.wait_for_url(re.compile(r"/ui/login"))
+        assert login.locator("header.top nav").count() == 0 and login.locator("#skip-link").count() == 1
+    finally:
+        stranger.close()

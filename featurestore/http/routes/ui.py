@@ -762,6 +762,10 @@ def map_page(request: Request, svc: Svc, features: TEXT = None, method: TEXT = N
                  runs=runs, max_points=MAX_POINTS, error=None, datasets=datasets)
 
 
+PLOTS_KEPT = 16  # drawn map fragments kept (a 20,000-point map is ~2 MB of SVG)
+_plots: dict[tuple[Any, ...], tuple[float, str]] = {}
+
+
 def _map_query(params: dict[str, Any], **extra: Any) -> str:
     return _query({**{k: v for k, v in params.items() if k != "sets" and not (k == "scope" and v == "all")}, **extra})
 
@@ -847,16 +851,26 @@ def map_plot(request: Request, svc: Svc, features: TEXT = None, method: TEXT = N
                                     status_code=202, headers=HEADERS)
             emap, stale = older, True
     assert emap is not None
+    key = (id(svc.store.engine), emap.feature_set, emap.method, len(emap.image_ids), emap.available, emap.seconds,
+           stale, _map_query(params))
+    now = time.monotonic()
+    with _facets_lock:
+        hit = _plots.get(key)
+    if hit is not None and now - hit[0] < FACETS_TTL:  # colours follow labels and predictions: same lag as menus
+        return HTMLResponse(hit[1], headers=HEADERS)
     ids, xy = _restrict(svc, emap, params)
     colours, legend, captions = _map_colours(svc, ids, params["color"], params["run"])
     title = f"{emap.feature_set}: {METHOD_NAMES.get(emap.method, emap.method)} of {len(ids):,} images"
     current = svc.store.feature_set(name)
-    return HTMLResponse(render("map_plot.html", emap=emap, legend=legend, shown=len(ids), stale=stale,
-                               method=METHOD_NAMES.get(emap.method, emap.method), run=params["run"],
-                               fresh_url="/ui/map?" + _map_query(params, fresh=1) if stale else None,
-                               svg=charts.scatter(ids, xy, colours, title, captions, legend=legend),
-                               set_name=current.name),
-                        headers=HEADERS)
+    html = render("map_plot.html", emap=emap, legend=legend, shown=len(ids), stale=stale,
+                  method=METHOD_NAMES.get(emap.method, emap.method), run=params["run"],
+                  fresh_url="/ui/map?" + _map_query(params, fresh=1) if stale else None,
+                  svg=charts.scatter(ids, xy, colours, title, captions, legend=legend), set_name=current.name)
+    with _facets_lock:
+        if len(_plots) >= PLOTS_KEPT:
+            _plots.clear()
+        _plots[key] = (now, html)
+    return HTMLResponse(html, headers=HEADERS)
 
 
 @pages.get("/ui/map/status")
