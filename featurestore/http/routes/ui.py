@@ -478,6 +478,7 @@ def _search_choices(svc: Any) -> dict[str, Any]:
 
 
 UPLOADS_KEPT = 32  # photos held in memory so a search result is a link (GET) that survives a reload
+UPLOADS_BYTES = 64 * 2**20  # ... and at most this many bytes of them (the newest one always stays)
 _uploads: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
 _uploads_lock = threading.Lock()
 
@@ -487,7 +488,8 @@ def _keep_upload(data: bytes, filename: str) -> str:
     with _uploads_lock:
         _uploads[key] = (data, filename)
         _uploads.move_to_end(key)
-        while len(_uploads) > UPLOADS_KEPT:
+        while len(_uploads) > UPLOADS_KEPT or (len(_uploads) > 1 and
+                                               sum(len(d) for d, _ in _uploads.values()) > UPLOADS_BYTES):
             _uploads.popitem(last=False)
     return key
 
