@@ -125,9 +125,13 @@ def test_sorted_views_page_through_every_image_once(client: TestClient, store_pa
 
 def test_image_page_walks_its_view(client: TestClient) -> None:
     html = client.get("/ui/images/30", params={"run": 1, "correct": "no"}).text
-    assert 'href="/ui/images/27?run=1&amp;correct=no" id="prev-image"' in html
-    assert 'href="/ui/images/33?run=1&amp;correct=no" id="next-image"' in html
     assert 'href="/ui/browse?run=1&amp;correct=no&amp;at=30#t30" id="back-to-grid"' in html
+    for to, target in (("prev", "27"), ("next", "33")):
+        link = unescape(re.search(rf'href="([^"]+)" id="{to}-image"', html).group(1))
+        hop = client.get(link, follow_redirects=False)
+        assert hop.status_code == 303 and hop.headers["location"] == f"/ui/images/{target}?run=1&correct=no"
+    last = client.get("/ui/images/33/step", params={"run": 1, "correct": "no", "to": "next"})
+    assert last.url.path == "/ui/images/33" and 'id="view-end"' in last.text and "last image" in last.text
     grid = client.get("/ui/browse", params={"run": 1, "correct": "no", "at": 30}).text
     assert _tiles(grid) == [30, 33] and 'data-id="30" id="t30" data-focus="1"' in grid
     plain = client.get("/ui/images/30").text

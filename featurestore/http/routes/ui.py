@@ -432,14 +432,26 @@ def _file_state(image: Any) -> str | None:
     return None
 
 
-def _neighbours_in_view(svc: Any, view: View, image_id: int) -> dict[str, int | None]:
-    """The images before and after this one in the view it was opened from."""
-    if not view.params:
-        return {"prev": None, "next": None}
+@pages.get("/ui/images/{image_id}/step")
+def image_step(request: Request, svc: Svc, image_id: Annotated[int, PathParam(ge=1, le=MAX_ID)],
+               to: TEXT = None) -> RedirectResponse:
+    """The previous (``to=prev``) or next (``to=next``) image of the view this one was opened from.
+
+    Found when asked for, so the image page does not pay for it; at either end of the view, back to this image
+    with a note.
+    """
+    view = _view_of(request)
+    if to not in ("prev", "next"):
+        raise InvalidInputError("to must be prev or next")
     engine = svc.store.engine
-    nxt = q.browse_page(engine, view.filter, after=image_id, limit=1).tiles
-    prev = q.browse_page(engine, view.filter, before=image_id, limit=1).tiles
-    return {"prev": prev[0].id if prev else None, "next": nxt[0].id if nxt else None}
+    if to == "next":
+        tiles = q.browse_page(engine, view.filter, after=image_id, limit=1).tiles
+    else:
+        tiles = q.browse_page(engine, view.filter, before=image_id, limit=1).tiles
+    if not tiles:
+        return RedirectResponse(f"/ui/images/{image_id}?{_query({**view.params, 'end': to})}", status_code=303)
+    suffix = f"?{view.query}" if view.query else ""
+    return RedirectResponse(f"/ui/images/{tiles[0].id}{suffix}", status_code=303)
 
 
 @pages.get("/ui/images/{image_id}")
@@ -456,13 +468,12 @@ def image_page(request: Request, svc: Svc,
         raise HTTPException(404, f"no image with id {image_id} in the catalog")
     image, datasets, sets = found
     truth = {"label": image.label, "superclass": image.superclass}
-    around = _neighbours_in_view(svc, view, image_id)
-    suffix = f"?{view.query}" if view.query else ""
+    step = f"/ui/images/{image_id}/step?{view.query}&to=" if view.params else None
     return _page(request, "image.html", "browse", image=image, datasets=datasets, sets=sets,
                  show_path=paths_visible(request), file_problem=_file_state(image), truth=truth,
                  predictions=_predictions(svc, image_id, sets), neighbours=_neighbours(svc, image_id, sets),
-                 prev_url=f"/ui/images/{around['prev']}{suffix}" if around["prev"] else None,
-                 next_url=f"/ui/images/{around['next']}{suffix}" if around["next"] else None,
+                 prev_url=f"{step}prev" if step else None, next_url=f"{step}next" if step else None,
+                 end=_text(request.query_params.get("end")),
                  grid_url=f"/ui/browse?{_query({**view.params, 'at': image_id})}#t{image_id}" if view.params
                  else f"/ui/browse?at={image_id}#t{image_id}", in_view=bool(view.params))
 
