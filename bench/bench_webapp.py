@@ -17,7 +17,13 @@ Then, without the browser, the server-side cost of one grid page (page + count +
 filter menus) on a 100,000-image catalogue for several filters, first page vs page
 500 (keyset paging keeps them equal).
 
+Server time of every page (issue 30): each page fetched ``--reps`` times over HTTP (no browser), p50 and
+p95 beside the same server's static file (``/ui/static/app.css``, routing and HTTP alone) in the same run.
+The store then also has a fixed-test pair of runs (trained on "fashion", tested on "fashion-test", the last
+tenth of the images saved as a dataset) for the run, grid and compare pages of such runs.
+
 Targets (issue 15): warm grid of 100 < 1 s, image page with neighbours < 1 s.
+Targets (issue 30): every page's server time <= 50 ms (p50) except the image page (<= 150 ms).
 
 Run: python -m bench.bench_webapp [--n 10000] [--reps 10]
 """
@@ -43,12 +49,13 @@ from bench.bench_serve import free_port, start_server
 from bench.common import fashion_images
 from featurestore.catalog.repository import ImageFilter, browse_page, count_images, facets
 from featurestore.catalog.schema import DatasetMember, Image, Prediction, Run
+from featurestore.catalog.selections import save_as_dataset
 from featurestore.config import Settings
 from featurestore.features.projection import projection_extractor
 from featurestore.pipelines.extract import extract
 from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.predict import predict
-from featurestore.pipelines.train import TrainConfig, train
+from featurestore.pipelines.train import TrainConfig, evaluate_many, train
 from featurestore.store import Store
 
 CHROMIUM = "/usr/bin/chromium"
@@ -67,7 +74,70 @@ def build(root: Path, n: int) -> None:
         extract(store, [projection_extractor(store, 16, (32, 32))])
         run = train(store, TrainConfig(["rp64"], n_splits=2, trees=20)).run_id
         predict(store, run, [r[0] for r in store.select_images()])
-    print(f"built {n:,} images (rp64, rp16, run 1 with {n:,} predictions) in {time.perf_counter() - t:.0f}s")
+        ids = [r[0] for r in store.select_images()]
+        save_as_dataset(store.engine, "fashion-test", ids[-max(2, n // 10):])
+        fixed = TrainConfig(["rp64"], trees=20, dataset="fashion", test_dataset="fashion-test")
+        train(store, fixed)
+        evaluate_many(store, [["rp16"]], fixed)
+    print(f"built {n:,} images (rp64, rp16, run 1 with {n:,} predictions, fixed-test runs 2 and 3) "
+          f"in {time.perf_counter() - t:.0f}s")
+
+
+SERVER_PAGES = [
+    ("grid", "/ui/browse"), ("grid, label filter", "/ui/browse?dataset=fashion&label=bag"),
+    ("grid, run 1 wrong", "/ui/browse?run=1&correct=no"),
+    ("grid, run 1 by confidence", "/ui/browse?run=1&sort=confidence"),
+    ("grid, run 1 by margin", "/ui/browse?run=1&sort=margin"), ("grid, random", "/ui/browse?sort=random&seed=4"),
+    ("grid, fixed-test run 2 wrong", "/ui/browse?run=2&correct=no"),
+    ("grid, only A right (McNemar)", "/ui/browse?run=2&source=test&versus=3&outcome=a_only"),
+    ("runs", "/ui/runs"), ("run 1 (held-out stored)", "/ui/runs/1"), ("run 2 (test set)", "/ui/runs/2"),
+    ("compare 2 vs 3 (McNemar, per class)", "/ui/compare?run=2&run=3"), ("search form", "/ui/search"),
+    ("map page", "/ui/map?features=rp16"), ("map plot, PCA of 5,000 (cached)", "/ui/map/plot?features=rp16"),
+    ("JSON /v1/browse", "/v1/browse?run=1&correct=no"),
+]
+
+
+def server_times(base: str, n: int, reps: int) -> None:
+    """p50 / p95 server time of every page beside the server's static file, fetched one after another."""
+    def times(path: str) -> list[float]:
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(base + path, timeout=120) as resp:
+                resp.read()
+            out.append(1000 * (time.perf_counter() - t0))
+        return out
+
+    def p95(values: list[float]) -> float:
+        return float(np.percentile(values, 95))
+
+    rng = np.random.default_rng(1)
+    middle = "/ui/images/{}?run=1&correct=no"
+    pages = SERVER_PAGES + [("image page (+2x12 neighbours, predictions)", f"/ui/images/{int(rng.integers(1, n))}"),
+                            ("image page in a view (+ next/previous)", middle.format(_first_wrong(base)))]
+    for _, path in pages:  # first visits: thumbnails, caches, the map
+        urllib.request.urlopen(base + path, timeout=600).read()
+    static = times("/ui/static/app.css")
+    print(f"\nserver time per page, {reps} requests each, one at a time ({n:,} images); baseline: the same "
+          "server's static file")
+    print(f"{'page':<48}{'p50 ms':>8}{'p95 ms':>8}{'x static':>10}{'target':>9}")
+    print(f"{'  baseline: /ui/static/app.css':<48}{statistics.median(static):8.1f}{p95(static):8.1f}")
+    missed = []
+    for name, path in pages:
+        values = times(path)
+        limit = 150 if path.startswith("/ui/images/") else 50
+        p50 = statistics.median(values)
+        if p50 > limit:
+            missed.append(name)
+        print(f"{name:<48}{p50:8.1f}{p95(values):8.1f}{p50 / statistics.median(static):10.1f}{limit:>7} ms")
+    print("target every page <= 50 ms, image page <= 150 ms (p50): " + ("met" if not missed else
+                                                                       "MISSED: " + ", ".join(missed)))
+
+
+def _first_wrong(base: str) -> int:
+    html = urllib.request.urlopen(base + "/ui/browse?run=1&correct=no").read().decode()
+    found = re.search(r'data-id="(\d+)"', html)
+    return int(found.group(1)) if found else 1
 
 
 def fetch_all(base: str, paths: list[str]) -> None:
@@ -120,6 +190,7 @@ def browser_figures(root: Path, n: int, reps: int) -> None:
     static = subprocess.Popen([sys.executable, "-m", "http.server", str(static_port), "--bind", "127.0.0.1",
                                "--directory", str(static_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        server_times(base, n, reps)
         # The grid pages to time: the first `reps` keyset pages of 100, their thumbnails made once (warm).
         grids, after = [], None
         for _ in range(reps):

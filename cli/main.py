@@ -21,6 +21,7 @@ from featurestore.cli import (
     labels,
     models,
     report,
+    runs,
     search,
     serve,
     status,
@@ -98,7 +99,7 @@ def root(
 
 
 def _register() -> None:
-    for module in (datasets, db, audit, labels):
+    for module in (datasets, db, audit, labels, runs):
         app.add_typer(module.app, name=module.__name__.rsplit(".", 1)[-1])
     for module in (ingest, status, extract, models, train, search, index, serve, report, verify):
         module.register(app)

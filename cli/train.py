@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from featurestore.catalog.run_notes import run_names
 from featurestore.cli import common
 from featurestore.errors import InvalidInputError
 from featurestore.pipelines.ingest import ingest
@@ -260,7 +261,9 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
     """
     store = common.open_store()
     try:
-        rows = [{"run": r.id, "created": r.created_at.strftime("%Y-%m-%d %H:%M"), "features": ",".join(r.features),
+        names = run_names(store.engine)
+        rows = [{"run": r.id, "name": names.get(r.id, ""), "created": r.created_at.strftime("%Y-%m-%d %H:%M"),
+                 "features": ",".join(r.features),
                  "classifier": r.classifier, "target": r.target, "images": r.n_images,
                  "splits": _splits_cell(r), "accuracy": _pm(r.accuracy_mean, r.accuracy_std),
                  "macro_f1": _pm(r.macro_f1_mean, None), "model": "yes" if r.artifact_path else "",
@@ -268,8 +271,8 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
                 for r in list_runs(store)]
     finally:
         store.close()
-    common.emit(rows, fmt, ["run", "created", "features", "classifier", "target", "images", "splits", "accuracy",
-                            "macro_f1", "model", "group", "labels"])
+    common.emit(rows, fmt, ["run", "name", "created", "features", "classifier", "target", "images", "splits",
+                            "accuracy", "macro_f1", "model", "group", "labels"])
     versions = sorted({r["labels"] for r in rows})
     if len(versions) > 1:
         common.err(f"labels: the label version each run read (last change id); runs saw {len(versions)} different "
@@ -287,4 +290,4 @@ def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
     app.command("compare")(compare)
     app.command("predict")(predict)
-    app.command("runs")(runs)
+    # `fs runs` is a group of its own (cli/runs.py: the listing below, and `fs runs name`)

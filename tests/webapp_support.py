@@ -71,6 +71,18 @@ def build_store(base: Path, per_class: int = 8) -> Path:
     return base / ".fs"
 
 
+def add_fixed_test_runs(store_path: Path) -> tuple[int, int]:
+    """Two runs scored on the fixed test dataset "later" after training on "shoes": a trained one (rp16, final
+    model, then `fs predict` of every image, so it has stored predictions too) and an evaluated one (pixels8x6).
+    Returns their ids."""
+    with Store.open(Settings(store=store_path, workers=2)) as store, store.writing():
+        cfg = TrainConfig(["rp16"], trees=10, dataset="shoes", test_dataset="later")
+        trained = train(store, cfg).run_id
+        (evaluated,) = (o.run_id for o in evaluate_many(store, [["pixels8x6"]], cfg))
+        predict(store, trained, [r[0] for r in store.select_images()])
+    return trained, evaluated
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

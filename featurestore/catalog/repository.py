@@ -13,13 +13,13 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, and_, delete, exists, func, insert, not_, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, and_, case, delete, exists, func, insert, not_, null, or_, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
 from sqlalchemy.sql import ColumnElement, Select
 
 from featurestore.catalog.schema import (
@@ -552,6 +552,12 @@ class ImageFilter:
     correct: bool | None = None
     below: float | None = None  # the run's top probability is below this
     held_out: bool = False  # only images the run's training selection cannot have held
+    source: str | None = None  # the run's predictions: "test" (fixed-test evaluation) or "stored"; None = auto
+    sort: str = "id"  # see SORTS
+    seed: int = 0  # of the "random" order
+    versus: int | None = None  # a second fixed-test run, for ``outcome``
+    outcome: str | None = None  # see OUTCOMES: how ``run`` and ``versus`` did on each test image
+    ids: tuple[int, ...] | None = None  # only these images (a selection drawn on the map)
 
     def check(self) -> None:
         needs_run = [name for name, value in (("predicted label", self.predicted), ("correct/incorrect", self.correct),
@@ -565,6 +571,25 @@ class ImageFilter:
                             ("predicted label", self.predicted)):
             if value is not None and "\x00" in value:
                 raise InvalidInputError(f"{name} contains a NUL character")
+        if self.source not in (None, "test", "stored"):
+            raise InvalidInputError(f"predictions must be test or stored, not {self.source!r}")
+        if self.sort not in SORTS:
+            raise InvalidInputError(f"sort by one of {', '.join(SORTS)}, not {self.sort!r}")
+        if self.sort in ("confidence", "margin") and self.run is None:
+            raise InvalidInputError(f"sorting by {self.sort} needs a run: pick one")
+        if (self.outcome is None) != (self.versus is None):
+            raise InvalidInputError("comparing two runs' outcomes needs both versus (a run) and outcome")
+        if self.outcome is not None and self.outcome not in OUTCOMES:
+            raise InvalidInputError(f"outcome must be one of {', '.join(OUTCOMES)}, not {self.outcome!r}")
+        if self.outcome is not None and self.run is None:
+            raise InvalidInputError("the outcome filter needs a run: pick one")
+
+
+SORTS = ("id", "confidence", "margin", "random")
+"""Grid orders: image id; the run's top probability, highest first; the gap between its two most probable
+classes, smallest first (the most ambiguous images); a seeded shuffle."""
+OUTCOMES = ("a_only", "b_only", "both", "neither")
+"""On a fixed test set: only run A right, only run B right, both right, both wrong."""
 
 
 @dataclass(frozen=True)
@@ -577,6 +602,7 @@ class Tile:
     predicted: str | None = None
     probability: float | None = None
     correct: bool | None = None
+    margin: float | None = None  # top probability minus the second (stored predictions only)
 
 
 @dataclass(frozen=True)
@@ -603,6 +629,14 @@ class RunFacts:
     dataset: str | None
     test_dataset: str | None
     created_at: datetime
+    test_predictions: int = 0  # rows in run_test_predictions (fixed-test runs)
+
+    def source(self, wanted: str | None = None) -> str:
+        """Which predictions of the run to read: those of its fixed-test evaluation when it has them."""
+        if wanted == "test" and not self.test_predictions:
+            raise InvalidInputError(f"run {self.id} has no test-set predictions (it was not scored on a fixed "
+                                    "test dataset); use its stored predictions")
+        return wanted or ("test" if self.test_predictions else "stored")
 
 
 @dataclass
@@ -614,6 +648,8 @@ class Facets:
     labels: list[tuple[str, int]] = field(default_factory=list)
     runs: list[tuple[int, str, int]] = field(default_factory=list)  # id, features, stored predictions
     predicted: list[str] = field(default_factory=list)
+    superclass_counts: list[tuple[str, int]] = field(default_factory=list)  # under the other filters
+    predicted_counts: list[tuple[str, int]] = field(default_factory=list)  # under the other filters
 
 
 def run_facts(engine: Engine, run_id: int) -> RunFacts:
@@ -623,7 +659,11 @@ def run_facts(engine: Engine, run_id: int) -> RunFacts:
         if row is None:
             ids = [str(i) for i in conn.execute(select(Run.id).order_by(Run.id)).scalars()]
             raise NotFoundError("run", str(run_id), ids, "See `fs runs`")
-    return RunFacts(int(row[0]), str(row[1]), row[2], row[3], row[4])
+        tested = 0
+        if row[3] is not None:
+            tested = int(conn.execute(select(func.count()).select_from(RunTestPrediction)
+                                      .where(RunTestPrediction.run_id == run_id)).scalar() or 0)
+    return RunFacts(int(row[0]), str(row[1]), row[2], row[3], row[4], tested)
 
 
 def _members(dataset: str) -> Any:
@@ -636,16 +676,59 @@ def _truth(target: str) -> Any:
     return Image.superclass if target == "superclass" else Image.label
 
 
-def _filtered(f: ImageFilter, run: RunFacts | None, columns: Sequence[Any]) -> tuple[Select[Any], Any]:
-    """SELECT columns FROM images [JOIN predictions] WHERE filters, and the id column to page on."""
-    q = select(*columns)
-    key: Any = Image.id
-    if run is not None:
-        q = q.select_from(Prediction).join(Image, Image.id == Prediction.image_id).where(Prediction.run_id == run.id)
-        key = Prediction.image_id
+class _Source:
+    """The prediction columns of one run: its stored predictions, or the test predictions of its evaluation."""
+
+    def __init__(self, run: RunFacts, wanted: str | None) -> None:
+        self.kind = run.source(wanted)
         truth = _truth(run.target)
-        if f.predicted is not None:
-            q = q.where(Prediction.label == f.predicted)
+        if self.kind == "test":
+            t = RunTestPrediction
+            self.table: Any = t
+            self.image_id: Any = t.image_id
+            self.label: Any = t.predicted
+            self.probability: Any = null()
+            self.run_id: Any = t.run_id
+            self.correct: Any = t.correct
+            self.margin: Any = null()
+        else:
+            p = Prediction
+            self.table, self.image_id, self.label, self.probability, self.run_id = \
+                p, p.image_id, p.label, p.probability, p.run_id
+            self.correct = case((truth.is_(None), null()), else_=p.label == truth)
+            second = func.coalesce(p.top5[1]["probability"].as_float(), 0.0)
+            self.margin = p.probability - second
+
+
+def _sort_key(f: ImageFilter, src: _Source | None, key: Any) -> Any:
+    """The expression the grid is ordered by (ascending, then by image id); None for plain id order."""
+    if f.sort == "id":
+        return None
+    if f.sort == "random":
+        # A seeded hash of the id, computed in SQL on any backend: an affine step, then a square modulo the
+        # prime 2**31 - 1 (non-linear, so seeds give unrelated orders; every value stays below 2**62).
+        mixed = (key * 48271 + f.seed * 2654435761 + 1) % 2147483647
+        return (mixed * mixed) % 2147483647
+    assert src is not None
+    if src.kind == "test":
+        raise InvalidInputError("test-set predictions keep no probabilities: sort by id or at random, or pick the "
+                                "run's stored predictions")
+    return -src.probability if f.sort == "confidence" else src.margin
+
+
+def _run_filters(q: Select[Any], f: ImageFilter, run: RunFacts, src: _Source) -> Select[Any]:
+    """The filters on the run's predictions (predicted label, right/wrong, probability, held out, outcome)."""
+    truth = _truth(run.target)
+    if f.predicted is not None:
+        q = q.where(src.label == f.predicted)
+    if src.kind == "test":
+        if f.below is not None:
+            raise InvalidInputError(f"run {run.id}'s test-set predictions keep no probabilities: drop the "
+                                    "probability filter or pick its stored predictions")
+        if f.correct is not None:
+            q = q.where(src.correct.is_(f.correct))
+        # held_out needs nothing: the run never trained on its test dataset
+    else:
         if f.correct is True:
             q = q.where(truth.is_not(None), Prediction.label == truth)
         elif f.correct is False:
@@ -654,6 +737,20 @@ def _filtered(f: ImageFilter, run: RunFacts | None, columns: Sequence[Any]) -> t
             q = q.where(Prediction.probability < f.below)
         if f.held_out:
             q = q.where(not_(_seen_in_training(run)))
+    if f.versus is not None and f.outcome is not None:
+        q = _outcome(q, run, src, f.versus, f.outcome)
+    return q
+
+
+def _filtered(f: ImageFilter, run: RunFacts | None, columns: Sequence[Any]) -> tuple[Select[Any], Any]:
+    """SELECT columns FROM images [JOIN the run's predictions] WHERE filters, and the id column to page on."""
+    q = select(*columns)
+    key: Any = Image.id
+    if run is not None:
+        src = _Source(run, f.source)
+        q = q.select_from(src.table).join(Image, Image.id == src.image_id).where(src.run_id == run.id)
+        key = src.image_id
+        q = _run_filters(q, f, run, src)
     else:
         q = q.select_from(Image)
     if f.dataset is not None:
@@ -665,41 +762,71 @@ def _filtered(f: ImageFilter, run: RunFacts | None, columns: Sequence[Any]) -> t
         q = q.where(Image.superclass == f.superclass)
     if f.label is not None:
         q = q.where(Image.label == f.label)
+    if f.ids is not None:
+        q = q.where(key.in_(f.ids))
     return q, key
 
 
-def _tile_columns(run: RunFacts | None) -> list[Any]:
+def _outcome(q: Select[Any], run: RunFacts, src: _Source, versus: int, outcome: str) -> Select[Any]:
+    """Keep the test images where run A (``run``) and run B (``versus``) were right or wrong as ``outcome`` says."""
+    if src.kind != "test":
+        raise InvalidInputError(f"run {run.id} has no test-set predictions: comparing outcomes image by image needs "
+                                "two runs scored on the same fixed test dataset")
+    other = aliased(RunTestPrediction)
+    q = q.join(other, and_(other.image_id == src.image_id, other.run_id == versus))
+    a, b = src.correct, other.correct
+    cond = {"a_only": and_(a.is_(True), b.is_(False)), "b_only": and_(a.is_(False), b.is_(True)),
+            "both": and_(a.is_(True), b.is_(True)), "neither": and_(a.is_(False), b.is_(False))}[outcome]
+    return q.where(cond)
+
+
+def _tile_columns(f: ImageFilter, run: RunFacts | None) -> list[Any]:
     cols: list[Any] = [Image.id, Image.label, Image.superclass]
     if run is not None:
-        cols += [Prediction.label, Prediction.probability]
+        src = _Source(run, f.source)
+        cols += [src.label, src.probability, src.correct, src.margin]
     return cols
 
 
 def _tile(row: Sequence[Any], run: RunFacts | None) -> Tile:
     if run is None:
         return Tile(int(row[0]), row[1], row[2])
-    truth = row[2] if run.target == "superclass" else row[1]
-    return Tile(int(row[0]), row[1], row[2], row[3], float(row[4]), None if truth is None else truth == row[3])
+    return Tile(int(row[0]), row[1], row[2], row[3], None if row[4] is None else float(row[4]),
+                None if row[5] is None else bool(row[5]), None if row[6] is None else float(row[6]))
 
 
 def browse_page(engine: Engine, f: ImageFilter, *, after: int | None = None, before: int | None = None,
-                limit: int = 100) -> Page:
-    """One page of images matching ``f``, by ascending id: the first, the one after ``after``, or before ``before``.
+                limit: int = 100, at: int | None = None) -> Page:
+    """One page of images matching ``f`` in its order: the first, the one after ``after``, before ``before``, or
+    the one starting at ``at``.
 
-    Keyset paging: one indexed range scan of ``limit + 1`` rows whatever the page number.
+    Keyset paging: the cursor is an image id; with a sort other than id its sort key is looked up first, so one
+    range scan of ``limit + 1`` rows serves any page.
     """
     f.check()
     limit = max(1, min(int(limit), MAX_PAGE))
     run = run_facts(engine, f.run) if f.run is not None else None
-    q, key = _filtered(f, run, _tile_columns(run))
-    backwards = before is not None and after is None
-    if backwards:
-        q = q.where(key < before).order_by(key.desc())
-    else:
-        if after is not None:
-            q = q.where(key > after)
-        q = q.order_by(key)
+    q, key = _filtered(f, run, _tile_columns(f, run))
+    sort = _sort_key(f, _Source(run, f.source) if run is not None else None, key)
+    backwards = before is not None and after is None and at is None
+    cursor = before if backwards else after if after is not None else at
     with engine.connect() as conn:
+        if cursor is not None:
+            if sort is None:
+                bound: Any = None
+            else:
+                kq, _ = _filtered(f, run, [sort])
+                bound = conn.execute(kq.where(key == cursor)).scalar()
+                if bound is None:  # the cursor left the view (or never was in it): nothing to page from
+                    return Page([], has_prev=False, has_next=False)
+            if backwards:
+                q = q.where(key < cursor if sort is None else or_(sort < bound, and_(sort == bound, key < cursor)))
+            elif after is not None:
+                q = q.where(key > cursor if sort is None else or_(sort > bound, and_(sort == bound, key > cursor)))
+            else:
+                q = q.where(key >= cursor if sort is None else or_(sort > bound, and_(sort == bound, key >= cursor)))
+        order = [key] if sort is None else [sort, key]
+        q = q.order_by(*(c.desc() for c in order)) if backwards else q.order_by(*order)
         rows = list(conn.execute(q.limit(limit + 1)).all())
     more = len(rows) > limit
     rows = rows[:limit]
@@ -708,7 +835,7 @@ def browse_page(engine: Engine, f: ImageFilter, *, after: int | None = None, bef
         tiles = [_tile(r, run) for r in rows]
         return Page(tiles, has_prev=more, has_next=bool(tiles))
     tiles = [_tile(r, run) for r in rows]
-    return Page(tiles, has_prev=after is not None and bool(tiles), has_next=more)
+    return Page(tiles, has_prev=cursor is not None and bool(tiles), has_next=more)
 
 
 def count_images(engine: Engine, f: ImageFilter) -> int:
@@ -719,9 +846,22 @@ def count_images(engine: Engine, f: ImageFilter) -> int:
         return int(conn.execute(q).scalar() or 0)
 
 
-def facets(engine: Engine, run_id: int | None = None) -> Facets:
+def matching_ids(engine: Engine, f: ImageFilter) -> list[int]:
+    """Ids of every image matching ``f``, ascending (for exports and saved selections)."""
+    f.check()
+    run = run_facts(engine, f.run) if f.run is not None else None
+    q, key = _filtered(f, run, [Image.id])
+    with engine.connect() as conn:
+        return [int(i) for i in conn.execute(q.order_by(key)).scalars()]
+
+
+def facets(engine: Engine, run_id: int | None = None, f: ImageFilter | None = None) -> Facets:
     """Datasets, superclasses, labels (with counts), runs (with their stored predictions) and, for a run,
-    its predicted labels."""
+    its predicted labels.
+
+    With ``f``, the menus narrow to the current view: each menu's counts are those of the images matching the
+    other filters (the label menu under the dataset and superclass chosen, and so on).
+    """
     with engine.connect() as conn:
         out = Facets(
             datasets=list(conn.execute(select(Dataset.name).order_by(Dataset.name)).scalars()),
@@ -730,14 +870,29 @@ def facets(engine: Engine, run_id: int | None = None) -> Facets:
             labels=[(str(lb), int(n)) for lb, n in conn.execute(
                 select(Image.label, func.count()).where(Image.label.is_not(None)).group_by(Image.label)
                 .order_by(Image.label))],
-        )
-    counts = prediction_counts(engine)
+        ) if f is None else Facets(datasets=list(conn.execute(select(Dataset.name).order_by(Dataset.name)).scalars()))
+        if f is not None:
+            run = run_facts(engine, f.run) if f.run is not None else None
+
+            def counts(column: Any, **drop: Any) -> list[tuple[str, int]]:
+                q, _ = _filtered(replace(f, **drop), run, [column, func.count()])
+                rows = conn.execute(q.where(column.is_not(None)).group_by(column).order_by(column))
+                return [(str(v), int(n)) for v, n in rows]
+
+            out.superclass_counts = counts(Image.superclass, superclass=None, label=None)
+            out.superclasses = [v for v, _ in out.superclass_counts]
+            out.labels = counts(Image.label, label=None)
+            if run is not None:
+                out.predicted_counts = counts(_Source(run, f.source).label, predicted=None)
+    counts_ = prediction_counts(engine)
     with engine.connect() as conn:
-        out.runs = [(int(i), ",".join(feats), int(counts.get(i, 0)))
+        out.runs = [(int(i), ",".join(feats), int(counts_.get(i, 0)))
                     for i, feats in conn.execute(select(Run.id, Run.features).order_by(Run.id.desc()))]
-        if run_id is not None:
+        if run_id is not None and f is None:
             out.predicted = list(conn.execute(select(Prediction.label).where(Prediction.run_id == run_id)
                                               .distinct().order_by(Prediction.label)).scalars())
+        elif f is not None:
+            out.predicted = [v for v, _ in out.predicted_counts]
     return out
 
 
@@ -835,17 +990,20 @@ def _seen_in_training(run: RunFacts) -> ColumnElement[bool]:
     return cond
 
 
-def confusion_counts(engine: Engine, run: RunFacts, held_out_only: bool = False) -> list[tuple[str, str, int]]:
-    """(true label, predicted label, images) over the run's stored predictions of labelled images.
+def confusion_counts(engine: Engine, run: RunFacts, held_out_only: bool = False, source: str = "stored"
+                     ) -> list[tuple[str, str, int]]:
+    """(true label, predicted label, images) over the run's predictions of labelled images.
 
     The truth is the image's label, or its superclass for a run trained with ``--target superclass``.
+    ``source`` "stored" reads the predictions table, "test" the run's fixed-test evaluation.
     ``held_out_only`` keeps the images the run cannot have trained on (see :func:`prediction_coverage`).
     """
     truth = _truth(run.target)
-    q = (select(truth, Prediction.label, func.count()).select_from(Prediction)
-         .join(Image, Image.id == Prediction.image_id)
-         .where(Prediction.run_id == run.id, truth.is_not(None)).group_by(truth, Prediction.label))
-    if held_out_only:
+    src = _Source(run, source)
+    q = (select(truth, src.label, func.count()).select_from(src.table)
+         .join(Image, Image.id == src.image_id)
+         .where(src.run_id == run.id, truth.is_not(None)).group_by(truth, src.label))
+    if held_out_only and src.kind == "stored":
         q = q.where(not_(_seen_in_training(run)))
     with engine.connect() as conn:
         return [(str(t), str(p), int(n)) for t, p, n in conn.execute(q)]
@@ -858,29 +1016,33 @@ class PredictionCoverage:
     maybe_trained_on: int  # ... of images its training selection may have held
 
 
-def prediction_coverage(engine: Engine, run: RunFacts) -> PredictionCoverage:
+def prediction_coverage(engine: Engine, run: RunFacts, source: str = "stored") -> PredictionCoverage:
     truth = _truth(run.target)
-    base = select(func.count()).select_from(Prediction).join(Image, Image.id == Prediction.image_id).where(
-        Prediction.run_id == run.id)
+    src = _Source(run, source)
+    base = select(func.count()).select_from(src.table).join(Image, Image.id == src.image_id).where(
+        src.run_id == run.id)
     with engine.connect() as conn:
         stored = conn.execute(base).scalar() or 0
         labelled = conn.execute(base.where(truth.is_not(None))).scalar() or 0
-        seen = conn.execute(base.where(truth.is_not(None), _seen_in_training(run))).scalar() or 0
+        seen = 0 if src.kind == "test" else conn.execute(base.where(truth.is_not(None), _seen_in_training(run))
+                                                          ).scalar() or 0
     return PredictionCoverage(int(stored), int(labelled), int(seen))
 
 
-def confident_mistakes(engine: Engine, run: RunFacts, limit: int = 12, held_out_only: bool = False
-                       ) -> list[tuple[int, str, str, float]]:
-    """(image id, truth, predicted, probability) of the run's most confident wrong predictions."""
+def confident_mistakes(engine: Engine, run: RunFacts, limit: int = 12, held_out_only: bool = False,
+                       source: str = "stored") -> list[tuple[int, str, str, float | None]]:
+    """(image id, truth, predicted, probability) of the run's most confident wrong predictions (test-set
+    predictions keep no probability: those come by image id, probability None)."""
     truth = _truth(run.target)
-    q = (select(Image.id, truth, Prediction.label, Prediction.probability).select_from(Prediction)
-         .join(Image, Image.id == Prediction.image_id)
-         .where(Prediction.run_id == run.id, truth.is_not(None), Prediction.label != truth)
-         .order_by(Prediction.probability.desc(), Image.id).limit(limit))
-    if held_out_only:
+    src = _Source(run, source)
+    q = (select(Image.id, truth, src.label, src.probability).select_from(src.table)
+         .join(Image, Image.id == src.image_id)
+         .where(src.run_id == run.id, truth.is_not(None), src.label != truth).limit(limit))
+    q = q.order_by(Image.id) if src.kind == "test" else q.order_by(Prediction.probability.desc(), Image.id)
+    if held_out_only and src.kind == "stored":
         q = q.where(not_(_seen_in_training(run)))
     with engine.connect() as conn:
-        return [(int(i), str(t), str(p), float(pr)) for i, t, p, pr in conn.execute(q)]
+        return [(int(i), str(t), str(p), None if pr is None else float(pr)) for i, t, p, pr in conn.execute(q)]
 
 
 # -- feature sets: what the embedding map samples -------------------------------------------------

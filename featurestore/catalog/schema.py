@@ -338,3 +338,15 @@ class LabelReview(Base):
     label: Mapped[str] = mapped_column(String(200))
     reviewed_by: Mapped[str] = mapped_column(String(200))
     reviewed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+# -- run names and notes (migration 0013) ------------------------------------------------------------
+
+
+class RunNote(Base):
+    """A run's human name and free-text notes (``fs runs name``, the web app's run page); one row per run."""
+
+    __tablename__ = "run_notes"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    notes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

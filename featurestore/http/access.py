@@ -3,9 +3,9 @@
 * With ``FS_API_TOKEN`` set, a request is authenticated by ``Authorization: Bearer
   <token>`` or, for the web app's pages, thumbnails and files, by the session cookie
   that ``/ui/login`` sets after the token was typed in. The cookie holds an HMAC of
-  the token (not the token itself), is ``HttpOnly`` and ``SameSite=Strict`` (so
-  another site cannot make the browser send it), and stops working when the token
-  changes.
+  the token (not the token itself), is ``HttpOnly`` and ``SameSite=Lax`` (a link
+  from another site opens the page logged in; another site's forms, scripts and
+  frames never carry it), and stops working when the token changes.
 * Absolute server paths (``source_path``) are shown only to callers that may know
   the server's file layout: with a token, authenticated callers; without one (the
   server then listens on loopback only), clients whose address is loopback. Behind a

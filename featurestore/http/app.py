@@ -29,11 +29,11 @@ from featurestore.config import Settings
 from featurestore.http import errors
 from featurestore.http.access import check_writes
 from featurestore.http.limits import BodyLimit, max_body_bytes
-from featurestore.http.routes import audit, datasets, docs, feature_sets, health, images, media, runs, ui
+from featurestore.http.routes import audit, browse, datasets, docs, feature_sets, health, images, media, runs, ui
 from featurestore.store import Store
 
 DESCRIPTION = ("A feature store and embedding database for image classification: datasets, feature sets, "
-               "similarity search and predictions of trained runs.")
+               "similarity search and predictions of trained runs. The web app is at [/ui/browse](/ui/browse).")
 
 
 @asynccontextmanager
@@ -61,11 +61,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodyLimit, limit=max_body_bytes(settings))
     errors.install(app)
+    ui.install_error_pages(app)  # unknown /ui paths: an HTML page, not JSON
     app.include_router(health.router)
     app.include_router(docs.router)
     app.include_router(datasets.router)
     app.include_router(feature_sets.router)
     app.include_router(images.router)
+    app.include_router(browse.router)  # /v1/browse: the grid's views as JSON
     app.include_router(runs.router)
     app.include_router(media.router)  # thumbnails and files of catalogued images
     app.include_router(ui.router)  # the web app's pages under /ui (and / -> /ui/browse)

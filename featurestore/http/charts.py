@@ -43,14 +43,17 @@ def split_bars(series: Sequence[tuple[str, Sequence[float]]], title: str, width:
     """Grouped bars of per-split accuracy (one group per split, one bar per series), with each series' mean.
 
     The y axis starts a little below the lowest value, so small differences between runs stay visible;
-    its range is written on the axis.
+    its range is written on the axis. Each series' mean is a dashed line; the legend above the plot names
+    the series and their means (so the labels never sit on top of each other, however close the means).
     """
     values = [v for _, vals in series for v in vals]
     if not values:
         return _svg(width, 40, [_text(width / 2, 24, "no per-split scores")], title)
     lo = max(0.0, np.floor((min(values) - 0.02) * 20) / 20)
     hi = min(1.0, max(lo + 0.05, np.ceil((max(values) + 0.005) * 20) / 20))
-    left, right, top, bottom = 44, 10, 28, 30
+    legend_h = 18 * len(series)
+    left, right, top, bottom = 44, 10, 28 + legend_h, 36
+    height += legend_h
     plot_w, plot_h = width - left - right, height - top - bottom
     n = max(len(vals) for _, vals in series)
     group = plot_w / max(n, 1)
@@ -64,6 +67,17 @@ def split_bars(series: Sequence[tuple[str, Sequence[float]]], title: str, width:
         v = lo + (hi - lo) * k / 5
         body.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{_f(y(v))}" y2="{_f(y(v))}"/>')
         body.append(_text(left - 4, y(v) + 4, f"{100 * v:.0f}%", "end", "axis"))
+    body.append('<g class="legend">')
+    for s, (name, vals) in enumerate(series):
+        colour = SERIES[s % len(SERIES)]
+        mean = float(np.mean(vals)) if len(vals) else lo
+        ly = 26 + 18 * s
+        body.append(f'<rect x="{left}" y="{ly}" width="12" height="12" fill="{colour}"/>')
+        body.append(f'<line class="mean" x1="{left + 18}" x2="{left + 40}" y1="{ly + 6}" y2="{ly + 6}" '
+                    f'stroke="{colour}"/>')
+        body.append(_text(left + 46, ly + 10, f"{name}: mean {100 * mean:.1f}% over {len(vals)} split"
+                          f"{'' if len(vals) == 1 else 's'} (dashed)", "start", "axis legend-item"))
+    body.append("</g>")
     for s, (name, vals) in enumerate(series):
         colour = SERIES[s % len(SERIES)]
         for i, v in enumerate(vals):
@@ -72,11 +86,10 @@ def split_bars(series: Sequence[tuple[str, Sequence[float]]], title: str, width:
                         f'fill="{colour}"><title>{escape(name)}, split {i}: {100 * v:.2f}%</title></rect>')
         mean = float(np.mean(vals)) if len(vals) else lo
         body.append(f'<line class="mean" x1="{left}" x2="{width - right}" y1="{_f(y(mean))}" y2="{_f(y(mean))}" '
-                    f'stroke="{colour}"/>')
-        body.append(_text(width - right - 2, y(mean) - 3, f"{name} mean {100 * mean:.1f}%", "end", "axis"))
+                    f'stroke="{colour}"><title>{escape(name)} mean {100 * mean:.1f}%</title></line>')
     for i in range(n):
         body.append(_text(left + (i + 0.5) * group, height - bottom + 14, str(i), cls="axis"))
-    body.append(_text(left + plot_w / 2, height - 4, "split", cls="axis"))
+    body.append(_text(left + plot_w / 2, height - 2, "split", cls="axis"))
     return _svg(width, height, body, title)
 
 
@@ -159,9 +172,11 @@ def colour_for(values: Sequence[str | None], top: int = len(PALETTE)) -> tuple[l
 
 
 def scatter(ids: np.ndarray, xy: np.ndarray, colours: Sequence[str], title: str,
-            captions: Sequence[str] | None = None, size: int = 720) -> Markup:
-    """A scatter plot of the map: one circle per image carrying ``data-id`` and a caption ``data-c``
-    (the page's script shows the thumbnail on hover and opens the image on click)."""
+            captions: Sequence[str] | None = None, size: int = 720,
+            legend: Sequence[tuple[str, str]] | None = None) -> Markup:
+    """A scatter plot of the map: one circle per image carrying ``data-id``, a caption ``data-c`` and, with a
+    ``legend``, the index of its legend entry ``data-g`` (the page's script shows the thumbnail on hover, opens
+    the image on click, zooms, pans, hides legend groups and selects with a lasso)."""
     pad = 12
     if len(ids) == 0:
         return _svg(size, 40, [_text(size / 2, 24, "no points")], title)
@@ -170,6 +185,8 @@ def scatter(ids: np.ndarray, xy: np.ndarray, colours: Sequence[str], title: str,
     scaled = pad + (xy - (lo + hi) / 2) / span * (size - 2 * pad) + (size - 2 * pad) / 2
     r = 2.2 if len(ids) > 5000 else 3.2 if len(ids) > 1000 else 4.5
     texts = captions if captions is not None else [""] * len(ids)
-    body = [f'<circle cx="{x:.1f}" cy="{size - y:.1f}" r="{r}" fill="{c}" data-id="{int(i)}" data-c="{escape(t)}"/>'
+    group = {colour: k for k, (_, colour) in enumerate(legend or [])}
+    body = [f'<circle cx="{x:.1f}" cy="{size - y:.1f}" r="{r}" fill="{c}" data-id="{int(i)}" data-c="{escape(t)}"'
+            f'{f" data-g={chr(34)}{group[c]}{chr(34)}" if c in group else ""}/>'
             for i, (x, y), c, t in zip(ids.tolist(), scaled.tolist(), colours, texts, strict=True)]
     return _svg(size, size, ['<g class="points">', *body, "</g>"], title, "chart map")

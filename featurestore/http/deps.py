@@ -102,10 +102,15 @@ def decode_upload(file: UploadFile, settings: Settings) -> Upload:
     if len(data) > limit:
         raise PayloadTooLargeError(f"upload larger than the limit of {settings.max_upload_mb} MiB "
                                    "(FS_MAX_UPLOAD_MB on the server)")
+    return decode_upload_bytes(data, file.filename, settings)
+
+
+def decode_upload_bytes(data: bytes, filename: str | None, settings: Settings) -> Upload:
+    """Decode bytes already received (an upload the web app keeps for a while, or a stored image's file)."""
     try:
         decoded = decode_bytes(data, settings.max_image_pixels)
     except ImageDecodeError as exc:
-        name = f" {file.filename}" if file.filename else ""
+        name = f" {filename}" if filename else ""
         raise type(exc)(f"upload{name}: {exc}") from None  # same type, so the same status
     return Upload(data, decoded)
 

@@ -1,14 +1,18 @@
 """What the web app's run page and ``fs report`` show about a run.
 
-The per-split scores come from ``run_splits``. Repeated-split runs do not store
-their test predictions (fixed-test runs keep theirs in ``run_test_predictions``,
-which only ``fs compare`` reads so far), so the confusion matrix and the per-class
-precision / recall / F1 are computed from the run's rows in the ``predictions`` table (written by
-``fs predict --run ID`` or by predict with ``store=true``), joined with the
-images' catalogue labels (superclasses for a ``--target superclass`` run).
-Images the run's training selection may have held (labelled, in its dataset,
-ingested before the run) are counted, and can be left out (``held_out_only``),
-because the final model was fitted on them and scores them optimistically.
+The per-split scores come from ``run_splits``. The confusion matrix, the per-class
+precision / recall / F1 and the most confident mistakes come from one of two
+sources, joined with the images' catalogue labels (superclasses for a
+``--target superclass`` run):
+
+* ``test``: the predictions a fixed-test run (``--test-dataset``) made of its test
+  dataset when it was evaluated (``run_test_predictions``): held out by
+  construction, and what its accuracy was measured on. The default for such runs.
+* ``stored``: the run's rows in the ``predictions`` table (written by ``fs predict
+  --run ID`` or by predict with ``store=true``). Images the run's training
+  selection may have held (labelled, in its dataset, ingested before the run) are
+  counted and left out by default (``held_out_only``), because the final model was
+  fitted on them and scores them optimistically.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ CONFUSION_SOURCE = (
     "Computed from this run's stored predictions (the predictions table, written by `fs predict --run {id}`) "
     "joined with the images' catalogue {truth}s, not from the run's evaluation splits."
 )
+TEST_SOURCE = (
+    "Computed from the predictions this run made of its test dataset {test} when it was evaluated (never trained "
+    "on), joined with the images' catalogue {truth}s."
+)
 
 
 @dataclass
@@ -44,7 +52,9 @@ class RunView:
     confusion: Confusion
     coverage: PredictionCoverage
     held_out_only: bool
-    mistakes: list[tuple[int, str, str, float]] = field(default_factory=list)
+    mistakes: list[tuple[int, str, str, float | None]] = field(default_factory=list)
+    source_kind: str = "stored"  # "test" or "stored": where the confusion matrix comes from
+    stored_predictions: int = 0  # rows in the predictions table (to offer them beside the test set)
 
     @property
     def truth(self) -> str:
@@ -52,19 +62,39 @@ class RunView:
 
     @property
     def source(self) -> str:
+        """The source sentence as plain text (commands in backticks, as the CLI prints them)."""
+        if self.source_kind == "test":
+            return TEST_SOURCE.format(test=self.run.test_dataset, truth=self.truth)
         return CONFUSION_SOURCE.format(id=self.run.id, truth=self.truth)
 
+    @property
+    def source_parts(self) -> list[tuple[str, bool]]:
+        """The source sentence split into (text, is_code) parts, for pages that show commands as code."""
+        parts = self.source.split("`")
+        return [(p, i % 2 == 1) for i, p in enumerate(parts) if p]
 
-def run_view(store: Store, run_id: int, held_out_only: bool = False, mistakes: int = 0) -> RunView:
-    """The run, its per-split scores, and the confusion matrix of its stored predictions.
+
+def run_view(store: Store, run_id: int, held_out_only: bool = False, mistakes: int = 0,
+             source: str | None = None) -> RunView:
+    """The run, its per-split scores, and the confusion matrix of its predictions.
+
+    ``source`` is "test" (the fixed-test evaluation's predictions), "stored" (the predictions table) or
+    None: the test predictions when the run has them, else the stored ones.
 
     Raises
     ------
     NotFoundError
         No such run.
+    InvalidInputError
+        ``source`` is "test" and the run has no test-set predictions.
     """
     run = get_run(store, run_id)
     facts = run_facts(store.engine, run.id)
-    confusion = Confusion.from_counts(confusion_counts(store.engine, facts, held_out_only))
-    return RunView(run, facts, run_splits(store.engine, run.id), confusion, prediction_coverage(store.engine, facts),
-                   held_out_only, confident_mistakes(store.engine, facts, mistakes, held_out_only) if mistakes else [])
+    kind = facts.source(source)
+    held = held_out_only and kind == "stored"
+    confusion = Confusion.from_counts(confusion_counts(store.engine, facts, held, kind))
+    stored = prediction_coverage(store.engine, facts, "stored") if kind == "test" else None
+    coverage = prediction_coverage(store.engine, facts, kind)
+    return RunView(run, facts, run_splits(store.engine, run.id), confusion, coverage, held,
+                   confident_mistakes(store.engine, facts, mistakes, held, kind) if mistakes else [], kind,
+                   (stored or coverage).stored)

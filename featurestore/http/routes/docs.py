@@ -6,8 +6,9 @@ them off and this router serves them with :func:`~featurestore.http.deps.authent
 The viewers work offline: their scripts and styles (Swagger UI 5, ReDoc 2) come from the
 ``fastapi-offline`` distribution's static files and are served here under ``/docs/assets/``,
 not from a CDN, and ReDoc does not load Google Fonts. On a machine without internet access
-FastAPI's default pages stay blank. (ReDoc's sidebar credit still asks cdn.redoc.ly for a logo
-and hides it when that fails.)
+FastAPI's default pages stay blank. ReDoc's sidebar credit would ask cdn.redoc.ly for a logo: the
+bundle is served with that address replaced by the app's own icon, so the viewers request nothing
+from another host.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from featurestore.errors import NotFoundError
 from featurestore.http.deps import Authenticated
@@ -68,9 +69,24 @@ def redoc(request: Request) -> HTMLResponse:
                           redoc_favicon_url=f"{root}/ui/static/favicon.svg", with_google_fonts=False)
 
 
+REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+"""The one address ReDoc's bundle fetches from another host (the logo of its sidebar credit)."""
+_patched: dict[str, bytes] = {}
+
+
+def _redoc_bundle() -> bytes:
+    if "redoc" not in _patched:
+        _patched["redoc"] = (_ASSET_DIR / "redoc.standalone.js").read_bytes().replace(
+            REDOC_LOGO, b"/ui/static/favicon.svg")
+    return _patched["redoc"]
+
+
 @router.get("/docs/assets/{name}")
-def docs_asset(name: str) -> FileResponse:
+def docs_asset(name: str) -> Response:
     """A script or style sheet of the docs viewers (cached by the browser for a day)."""
     if name not in ASSETS:
         raise NotFoundError("docs asset", name, ASSETS)
-    return FileResponse(_ASSET_DIR / name, media_type=ASSETS[name], headers={"Cache-Control": "private, max-age=86400"})
+    headers = {"Cache-Control": "private, max-age=86400"}
+    if name == "redoc.standalone.js":
+        return Response(_redoc_bundle(), media_type=ASSETS[name], headers=headers)
+    return FileResponse(_ASSET_DIR / name, media_type=ASSETS[name], headers=headers)
