@@ -220,7 +220,7 @@ def _int8_model_rows(store, name: str, args: argparse.Namespace, files: list) ->
             f"{f32.seconds / i8.seconds:.2f}x (CPU {f32.cpu / i8.cpu:.2f}x)")
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--int8", metavar="MODELS", default=None,
@@ -233,7 +233,11 @@ def main() -> None:
     ap.add_argument("--size", default="224x224", help="size of the exported JPEGs")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--baseline-onnx", type=Path, help="another export of efficientnet-lite0 to compare with (f)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _args()
     have_mx = _have_mxnet()
     w, h = (int(v) for v in args.size.split("x"))
     root = fashion_images(args.images, (w, h))

@@ -192,8 +192,8 @@ def _onnx_compat() -> None:
     from onnx import TensorProto
 
     if not hasattr(TensorProto, "INT4"):
-        TensorProto.UINT4 = 21  # type: ignore[attr-defined,misc]
-        TensorProto.INT4 = 22  # type: ignore[attr-defined,misc]
+        TensorProto.UINT4 = 21  # type: ignore[attr-defined,misc,assignment,unused-ignore]
+        TensorProto.INT4 = 22  # type: ignore[attr-defined,misc,assignment,unused-ignore]
 
 
 def _session(data: bytes) -> Any:
