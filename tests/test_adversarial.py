@@ -500,6 +500,10 @@ def test_old_shards_without_checksums_are_read_and_reported(ingested: str, tmp_p
         fh.create_dataset("image_ids", data=ids)
         fh.create_dataset("vectors", data=vecs)
         fh.attrs.update(attrs)
+    engine = sa.create_engine(ingested)  # and registered before sha256s were recorded (migration 0011)
+    with engine.begin() as c:
+        c.exec_driver_sql("UPDATE feature_shards SET sha256 = NULL")
+    engine.dispose()
     assert fs("search", "-F", "rp8", "--id", "1").exit_code == 0
     check = fs("verify")
     assert check.exit_code == 0, check.output
@@ -631,3 +635,153 @@ def test_settings_read_the_new_variables(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ValueError, match="FS_SQL_TIMEOUT"):
         Settings()
 
+
+
+# =============================================================================================
+# Issue 32, replayed: files bound to their set, a damaged index, FIFOs in a shard's place.
+
+
+@pytest.fixture
+def two_sets(tmp_path: Path, image_tree: Path) -> Path:
+    """Two sets of the same dimension and count (rp12 and pixels2x2, 12 vectors each); returns the store."""
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    result = fs("extract", "--rp", "12", "--pixels", "2x2", "--size", "16x12")
+    assert result.exit_code == 0, result.output
+    return tmp_path / ".fs"
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    (path,) = folder.glob(pattern)
+    return path
+
+
+def _fs_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
+    """``fs`` in its own process: a crash in native code is an exit code here, not a dead test run."""
+    return subprocess.run([sys.executable, "-m", "featurestore.cli.main", *args], capture_output=True, text=True,
+                          timeout=BOUND)
+
+
+def _subprocess_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    err = proc.stderr.strip()
+    assert err.startswith("Error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_damaged_index_bytes_never_reach_usearch(two_sets: Path) -> None:
+    assert fs("index", "build", "--features", "rp12").exit_code == 0
+    index = _only(two_sets / "indexes" / "rp12", "*.usearch")
+    data = bytearray(index.read_bytes())
+    for k in range(1, 64, 7):  # a few bytes inside the file; its size and header stay as recorded
+        data[-k] ^= 0x5A
+    index.write_bytes(bytes(data))
+    for args in (["duplicates", "--features", "rp12", "--threshold", "0.99"], ["search", "-F", "rp12", "--id", "1"]):
+        err = _subprocess_error(_fs_subprocess(*args))
+        assert f"index file {index} is corrupt or was replaced" in err and "--rebuild" in err, err
+
+
+def test_a_shard_of_another_set_swapped_in_is_an_integrity_error(two_sets: Path) -> None:
+    rp = _only(two_sets / "features" / "rp12", "*.h5")
+    px = _only(two_sets / "features" / "pixels2x2", "*.h5")
+    expected = fs("search", "-F", "rp12", "--id", "1", "-f", "json").stdout
+    rp.unlink()
+    rp.symlink_to(px)  # same dim, same count, same image ids: only the recorded sha256 tells them apart
+    err = one_line_error(fs("search", "-F", "rp12", "--id", "1"))
+    assert f"feature shard {rp} is corrupt or was replaced" in err and "fs verify" in err
+    check = fs("verify", "-f", "json")
+    assert check.exit_code == 1
+    assert [(r["feature_set"], r["problem"]) for r in json.loads(check.stdout)] == [("rp12", "corrupt")]
+    rp.unlink()
+    rp.write_bytes(px.read_bytes())  # a copy instead of a link
+    assert "is corrupt or was replaced" in one_line_error(fs("search", "-F", "rp12", "--id", "1"))
+    repaired = fs("verify", "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert fs("extract", "--rp", "12", "--size", "16x12").exit_code == 0
+    assert fs("search", "-F", "rp12", "--id", "1", "-f", "json").stdout == expected
+
+
+def test_a_value_rewritten_through_h5py_is_detected(two_sets: Path) -> None:
+    rp = _only(two_sets / "features" / "rp12", "*.h5")
+    with h5py.File(rp, "r+") as fh:  # h5py recomputes the Fletcher-32 checksum of the chunk it writes
+        fh["vectors"][0, 0] = fh["vectors"][0, 0] + 1.0
+    assert "is corrupt or was replaced" in one_line_error(fs("search", "-F", "rp12", "--id", "1"))
+    check = fs("verify", "rp12", "-f", "json")
+    assert check.exit_code == 1
+    assert [r["problem"] for r in json.loads(check.stdout)] == ["corrupt"]
+
+
+def test_an_index_of_another_set_swapped_in_is_refused_and_rebuilt(two_sets: Path) -> None:
+    for name in ("rp12", "pixels2x2"):
+        assert fs("index", "build", "--features", name).exit_code == 0
+    rp = _only(two_sets / "indexes" / "rp12", "*.usearch")
+    px = _only(two_sets / "indexes" / "pixels2x2", "*.usearch")
+    rp.unlink()
+    rp.symlink_to(px)
+    assert f"index file {rp} is corrupt or was replaced" in one_line_error(fs("search", "-F", "rp12", "--id", "1"))
+    check = fs("verify", "-f", "json")
+    assert check.exit_code == 1
+    assert [(r["feature_set"], r["kind"]) for r in json.loads(check.stdout)] == [("rp12", "index")]
+    build = fs("index", "build", "--features", "rp12", "-f", "json")
+    assert build.exit_code == 0, build.output
+    assert "does not match the sha256" in build.output and "rebuilt" in build.output
+    assert fs("verify").exit_code == 0
+    assert fs("search", "-F", "rp12", "--id", "1").exit_code == 0
+
+
+def test_verify_repair_drops_a_damaged_index(two_sets: Path) -> None:
+    assert fs("index", "build", "--features", "rp12").exit_code == 0
+    index = _only(two_sets / "indexes" / "rp12", "*.usearch")
+    data = index.read_bytes()
+    index.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    repaired = fs("verify", "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert "rp12: dropped its damaged index" in repaired.stderr
+    assert not index.exists()
+    assert fs("search", "-F", "rp12", "--id", "1").exit_code == 0  # exact search until the next build
+
+
+def test_a_damaged_run_artifact_is_reported_by_verify(two_sets: Path) -> None:
+    result = fs("train", "--features", "rp12", "--splits", "2", "--classifier", "logreg")
+    assert result.exit_code == 0, result.output
+    artifact = _only(two_sets / "artifacts", "*.pkl")
+    artifact.write_bytes(artifact.read_bytes() + b"x")
+    check = fs("verify", "-f", "json")
+    assert check.exit_code == 1
+    assert [r["kind"] for r in json.loads(check.stdout)] == ["artifact"]
+    assert "cannot be repaired here" in fs("verify", "--repair").stderr
+
+
+def _replace_with(path: Path, how: str) -> None:
+    path.unlink()
+    if how == "fifo":
+        os.mkfifo(path)
+    elif how == "zero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+
+
+@pytest.mark.parametrize("how", ["fifo", "zero", "directory"])
+def test_a_shard_replaced_by_a_special_file_never_hangs(two_sets: Path, how: str) -> None:
+    rp = _only(two_sets / "features" / "rp12", "*.h5")
+    _replace_with(rp, how)
+    err = one_line_error(in_thread(lambda: fs("search", "-F", "rp12", "--id", "1")))
+    assert f"feature shard {rp}" in err and ("not a regular file" in err or "missing" in err), err
+    check = in_thread(lambda: fs("verify", "-f", "json"))
+    assert check.exit_code == 1, check.output
+    assert [(r["feature_set"], r["problem"]) for r in json.loads(check.stdout)] == [("rp12", "corrupt")]
+    repaired = in_thread(lambda: fs("verify", "--repair"))
+    assert repaired.exit_code == 0, repaired.output
+    assert "rp12: unregistered 12 vector(s)" in repaired.stderr
+    assert in_thread(lambda: fs("verify")).exit_code == 0
+    again = in_thread(lambda: fs("extract", "--rp", "12", "--size", "16x12"))
+    assert again.exit_code == 0 and "rp12: 12 vectors written" in again.stderr
+
+
+def test_an_artifact_replaced_by_a_fifo_never_hangs(tmp_path: Path) -> None:
+    from featurestore.errors import IntegrityError
+    from featurestore.training.artifacts import load_artifact
+
+    os.mkfifo(tmp_path / "model.pkl")
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        in_thread(lambda: load_artifact(tmp_path / "model.pkl", "0" * 64), bound=30)

@@ -66,6 +66,7 @@ from featurestore.errors import ClusterError, FeatureStoreError, IntegrityError,
 from featurestore.features.base import Extractor
 from featurestore.features.registry import extractor_for_sets
 from featurestore.io.atomic import tmp_path_for
+from featurestore.io.verified import digest_written
 from featurestore.pipelines.extract import (
     FLUSH_BYTES,
     ExtractPlan,
@@ -357,19 +358,21 @@ class Registrar:
         self.done.add(result.task)
         shards = {}
         for name, (rel, rows) in result.shards.items():
-            ids = read_shard_ids(self.store.root / rel)  # what the file holds, read by the driver itself
+            digest = digest_written(self.store.root / rel)  # the bytes registered are the bytes checked here
+            ids = read_shard_ids(self.store.root / rel, digest)  # what the file holds, read by the driver itself
             if len(ids) != rows or not set(ids.tolist()) <= set(task.lacking.get(name, ())):
                 raise IntegrityError(f"shard {rel} written by node {result.node} does not hold the images of "
                                      f"task {task.index}; run `fs extract` again")
-            shards[name] = (rel, ids)
+            shards[name] = (rel, ids, digest)
         # Tasks are disjoint, so only a replayed task can hold images already registered (then all of them).
-        if any(self.have.get(name, set()).intersection(ids.tolist()) for name, (_, ids) in shards.items()):
+        if any(self.have.get(name, set()).intersection(ids.tolist()) for name, (_, ids, _) in shards.items()):
             return
         self.summary.failed += result.failed
         self.summary.processed += result.processed
-        for name, (rel, ids) in shards.items():
+        for name, (rel, ids, digest) in shards.items():
             # What the worker says computed it (the driver's runtime: the workers are built with it).
-            self.store.catalog.register_shard(self.plan.sets[name].id, rel, ids, runtime=result.runtimes.get(name))
+            self.store.catalog.register_shard(self.plan.sets[name].id, rel, ids, runtime=result.runtimes.get(name),
+                                              sha256=digest)
             self.have.setdefault(name, set()).update(ids.tolist())
             self.summary.written[name] = self.summary.written.get(name, 0) + len(ids)
 
