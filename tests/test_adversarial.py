@@ -785,3 +785,231 @@ def test_an_artifact_replaced_by_a_fifo_never_hangs(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "model.pkl")
     with pytest.raises(IntegrityError, match="not a regular file"):
         in_thread(lambda: load_artifact(tmp_path / "model.pkl", "0" * 64), bound=30)
+
+
+# --- fs serve without a token answers only Host names of this machine (DNS rebinding)
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    ("evil.example", 400), ("evil.example:8000", 400), ("127.0.0.1.evil.example", 400), ("", 400),
+    ("localhost", 200), ("LOCALHOST:8000", 200), ("127.0.0.1:8000", 200), ("[::1]:8000", 200), ("[::1]", 200),
+    ("photos.lan:8000", 200),
+])
+def test_tokenless_server_answers_only_local_host_names(ingested: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, host: str,
+                                                        status: int) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http.app import create_app
+
+    monkeypatch.setenv("FS_ALLOWED_HOSTS", "photos.lan")  # what `fs serve --allowed-host photos.lan` sets
+    with TestClient(create_app(Settings.from_env()), base_url="http://127.0.0.1") as client:
+        got = client.get("/v1/images/1", headers={"Host": host})
+    assert got.status_code == status, got.text
+    if status == 400:
+        assert "is not this server" in got.json()["detail"] and str(tmp_path) not in got.text
+
+
+def test_a_token_turns_the_host_check_off(ingested: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http.app import create_app
+
+    monkeypatch.setenv("FS_API_TOKEN", "t" * 32)
+    with TestClient(create_app(Settings.from_env())) as client:
+        got = client.get("/v1/images/1", headers={"Host": "photos.example", "Authorization": "Bearer " + "t" * 32})
+        assert got.status_code == 200
+        assert client.get("/v1/images/1", headers={"Host": "photos.example"}).status_code == 401
+
+
+def test_fs_serve_passes_allowed_hosts(monkeypatch: pytest.MonkeyPatch, image_tree: Path) -> None:
+    from featurestore.http import server
+
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    seen: list[Settings] = []
+    monkeypatch.setattr(server, "serve", lambda settings, **kw: seen.append(settings))
+    monkeypatch.setenv("FS_ALLOWED_HOSTS", "a.lan")
+    result = fs("serve", "--allowed-host", "b.lan", "--allowed-host", "c.lan")
+    assert result.exit_code == 0, result.output
+    assert seen[0].allowed_hosts == "a.lan,b.lan,c.lan"
+
+
+# --- one top-level handler: no fs command prints a traceback without --debug
+
+
+def _leaf_commands() -> list[tuple[list[str], Any]]:
+    import typer
+
+    def walk(cmd: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
+        if hasattr(cmd, "list_commands"):
+            for name in cmd.list_commands(None):
+                yield from walk(cmd.get_command(None, name), [*path, name])
+        else:
+            yield path, cmd
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def _required_args(cmd: Any, tmp_path: Path) -> list[str]:
+    """Plausible values for a command's required arguments and options (ids 1, existing files, names)."""
+    make_image(tmp_path / "photos" / "c" / "a.png")
+    (tmp_path / "file.bin").write_bytes(b"x")
+    values = {"path": str(tmp_path / "photos"), "run": "1", "run_a": "1", "run_b": "2", "symbol": "file.bin",
+              "params": "file.bin", "dest": str(tmp_path / "export"), "out": str(tmp_path / "report.html"),
+              "features": "rp8", "query": "SELECT 1"}
+    args: list[str] = []
+    for p in cmd.params:
+        if not p.required:
+            continue
+        value = values.get(p.name, "x")
+        args += [value] if p.param_type_name == "argument" else [p.opts[0], value]
+    return args
+
+
+def test_the_walk_finds_every_command() -> None:
+    names = {" ".join(path) for path, _ in _leaf_commands()}
+    assert {"status", "sql", "serve", "db upgrade", "index build", "datasets export", "models add"} <= names
+    assert len(names) >= 25
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg2://postgres@127.0.0.1:1/x",  # nothing listens on port 1
+    "mysql://root:pw@127.0.0.1/x",
+    "postgresql://u:secret@host:notaport/x",
+])
+def test_every_command_fails_in_one_line_when_the_catalog_cannot_open(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       url: str) -> None:
+    (tmp_path / ".fs").mkdir()
+    monkeypatch.setenv("FS_DATABASE_URL", url)
+    for path, cmd in _leaf_commands():
+        args = [*path, *_required_args(cmd, tmp_path)]
+        result = in_thread(lambda args=args: fs(*args), bound=60)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
+        assert "Traceback" not in result.output and "secret" not in result.output, (args, result.output)
+        assert result.exit_code in (1, 2), (args, result.exit_code, result.output)
+        if result.exit_code == 1:
+            err = result.stderr.strip()
+            assert err.startswith("Error: ") and "\n" not in err, (args, err)
+
+
+def test_catalog_errors_say_what_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".fs").mkdir()
+    monkeypatch.setenv("FS_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:1/x")
+    err = one_line_error(fs("status"))
+    assert "cannot open the catalog at postgresql+psycopg2://postgres@127.0.0.1:1/x" in err and "FS_DATABASE_URL" in err
+    monkeypatch.setenv("FS_DATABASE_URL", "mysql://root:pw@127.0.0.1/x")
+    assert "names a mysql database" in one_line_error(fs("status"))
+    monkeypatch.setenv("FS_DATABASE_URL", "not a url")
+    assert "cannot be parsed" in one_line_error(fs("status"))
+    monkeypatch.delenv("FS_DATABASE_URL")
+    for args in (["status"], ["ingest", str(tmp_path)], ["sql", "SELECT 1"]):
+        result = fs("--store", "/proc/self", *args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, (args, result.output)
+        assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_them(image_tree: Path, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    from featurestore.store import Store
+
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    monkeypatch.setattr(Store, "status", lambda self: {}["boom"])
+    err = one_line_error(fs("status"))
+    assert err.startswith("Error: unexpected KeyError: 'boom'") and "--debug" in err
+    with pytest.raises(KeyError):
+        runner.invoke(app, ["--debug", "status"], catch_exceptions=False)
+
+
+NESTED = "(" * 3000 + "1" + ")" * 3000
+
+
+def test_deeply_nested_sql_is_a_one_line_error(ingested: str) -> None:
+    assert "nested too deeply" in one_line_error(fs("sql", f"SELECT {NESTED}"))
+    assert "nested too deeply" in one_line_error(fs("search", "-F", "rp8", "--id", "1", "--where", f"id = {NESTED}"))
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "1e12"])
+def test_infinite_timeouts_are_refused(ingested: str, timeout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = fs("sql", "SELECT 1", "--timeout", timeout)
+    assert result.exit_code == 2 and "2,147,483" in result.output, result.output
+    monkeypatch.setenv("FS_SQL_TIMEOUT", timeout)
+    err = one_line_error(fs("sql", "SELECT 1"))
+    assert "FS_SQL_TIMEOUT" in err or "up to 2,147,483" in err
+
+
+@postgres_only
+def test_two_stores_initialise_one_empty_postgres_database(tmp_path: Path, backend_url: str) -> None:
+    script = ("import sys\nfrom featurestore.config import Settings\nfrom featurestore.store import Store\n"
+              "Store.open(Settings(store=sys.argv[1], database_url=sys.argv[2]), create=True).close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"s{i}"), backend_url],
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=BOUND)
+        assert p.returncode == 0, err
+    assert counts(backend_url)["images"] == 0
+
+
+def test_db_upgrade_on_a_version_set_back_is_one_line(image_tree: Path, tmp_path: Path) -> None:
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    engine = sa.create_engine(_url(tmp_path, None))
+    with engine.begin() as c:
+        c.exec_driver_sql("UPDATE alembic_version SET version_num = '0005'")
+    engine.dispose()
+    err = one_line_error(fs("db", "upgrade"))
+    assert "could not be upgraded from revision 0005" in err and "alembic_version" in err
+
+
+def test_ctrl_c_while_fs_starts_is_one_line() -> None:
+    # Ctrl-C arriving while the CLI's modules load, made deterministic: an import hook raises it
+    # when featurestore.store is first imported (about halfway through loading numpy, h5py, SQLAlchemy).
+    script = (
+        "import sys\n"
+        "class Hook:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'featurestore.store':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "sys.argv = ['fs', 'status']\n"
+        "from featurestore.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=BOUND)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "Interrupted while starting; nothing was done.\n"
+
+
+# --- re-ingesting photos after their folder moved updates their paths
+
+
+@pytest.mark.parametrize("rename", [False, True])
+def test_reingesting_moved_photos_updates_their_paths(tmp_path: Path, image_tree: Path, backend_url: str | None,
+                                                     rename: bool) -> None:
+    first = tmp_path / "a" / "shoes"
+    first.parent.mkdir()
+    image_tree.rename(first)
+    assert fs("ingest", str(first)).exit_code == 0
+    assert fs("extract", "--rp", "8", "--size", "16x12").exit_code == 0
+    moved = tmp_path / "b" / ("footwear" if rename else "shoes")  # a new folder name is a new dataset
+    moved.parent.mkdir()
+    first.rename(moved)
+    result = fs("ingest", str(moved))
+    assert result.exit_code == 0, result.output
+    assert "12 moved (their recorded path now points here)" in result.stderr
+    url = _url(tmp_path, backend_url)
+    engine = sa.create_engine(url)
+    with engine.connect() as c:
+        paths = [r[0] for r in c.exec_driver_sql("SELECT source_path FROM images")]
+        members = [r[0] for r in c.exec_driver_sql("SELECT source_path FROM dataset_members")]
+    engine.dispose()
+    assert len(paths) == 12 and all(p.startswith(str(moved.resolve())) for p in paths), paths
+    assert all(p.startswith(str(moved.resolve())) for p in members), members
+    again = fs("extract", "--rp", "16", "--size", "16x12")  # the images can be read again
+    assert again.exit_code == 0 and "rp16: 12 vectors written" in again.stderr, again.output
+    copy = tmp_path / "c" / "shoes"  # a second copy while the first still exists: a duplicate, not a move
+    copy.parent.mkdir()
+    import shutil
+
+    shutil.copytree(moved, copy)
+    dup = fs("ingest", str(copy), "--dataset", "shoes" if not rename else "footwear")
+    assert dup.exit_code == 0 and "moved" not in dup.stderr and "12 duplicates" in dup.stderr, dup.stderr

@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from featurestore.config import Settings
 
 DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 2_147_483  # seconds: PostgreSQL's statement_timeout is an int of milliseconds
 """Seconds a user query may run (``fs sql --timeout``, ``FS_SQL_TIMEOUT``)."""
 
 # sqlglot logs a warning when it falls back to an opaque Command (VACUUM, EXPLAIN...); such
@@ -267,6 +269,11 @@ def _regenerate(tree: exp.Expr, dialect: str, label: str, tables: frozenset[str]
     return sql
 
 
+def _too_deep(label: str) -> ReadOnlySQLError:
+    return ReadOnlySQLError(f"{label}: SQL error: the expression is nested too deeply for the SQL parser "
+                            f"(more than about {sys.getrecursionlimit() // 10:,} levels); write it more plainly")
+
+
 def check_query(sql: str, dialect: str, label: str = "read-only SQL", tables: Iterable[str] | None = None
                 ) -> str:
     """Check that ``sql`` is one allow-listed query and return the SQL text to run.
@@ -287,6 +294,13 @@ def check_query(sql: str, dialect: str, label: str = "read-only SQL", tables: It
         Not exactly one statement, not a query, or a construct outside the
         allow-lists; the message names it.
     """
+    try:
+        return _check_query(sql, dialect, label, tables)
+    except RecursionError:  # the parser and the tree checks recurse once per nesting level
+        raise _too_deep(label) from None
+
+
+def _check_query(sql: str, dialect: str, label: str, tables: Iterable[str] | None) -> str:
     allowed = frozenset(t.lower() for t in tables) if tables is not None else catalog_tables()
     try:
         trees = [t for t in sqlglot.parse(sql or "", read=dialect) if t is not None]
@@ -325,7 +339,14 @@ def where_query(condition: str, dialect: str, label: str = "--where") -> str:
     cond = (condition or "").strip()
     if not cond:
         raise ReadOnlySQLError(f"{label} needs a SQL condition, e.g. label = 'sneaker'")
-    bad = f"bad {label} condition {cond!r}"
+    bad = f"bad {label} condition {cond[:200]!r}"
+    try:
+        return _where_query(cond, dialect, bad)
+    except RecursionError:
+        raise _too_deep(bad) from None
+
+
+def _where_query(cond: str, dialect: str, bad: str) -> str:
     try:
         tokens = sqlglot.tokenize(cond, read=dialect)
     except TokenError as exc:
@@ -413,12 +434,13 @@ class ReadOnlyCatalog:
     def image_ids_where(self, condition: str, label: str = "--where") -> list[int]:
         """Ids of the images matching a user condition; see :func:`where_query`."""
         result = self._run(where_query(condition, self.dialect, label),
-                           f"bad {label} condition {(condition or '').strip()!r}")
+                           f"bad {label} condition {(condition or '').strip()[:200]!r}")
         return [int(r[0]) for r in result.rows]
 
     def _run(self, sql: str, label: str) -> QueryResult:
-        if not self.timeout > 0:
-            raise InvalidInputError(f"the query timeout must be a positive number of seconds, got {self.timeout}")
+        if not 0 < self.timeout <= MAX_TIMEOUT:  # also refuses NaN and inf
+            raise InvalidInputError(f"the query timeout must be a positive number of seconds up to {MAX_TIMEOUT:,} "
+                                    f"(PostgreSQL's statement_timeout limit, about 24 days), got {self.timeout}")
         runner: _SQLiteRunner | _PostgresRunner
         if self.dialect == "sqlite":
             if self.readonly_url or self.role:
