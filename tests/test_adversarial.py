@@ -1013,3 +1013,26 @@ def test_reingesting_moved_photos_updates_their_paths(tmp_path: Path, image_tree
     shutil.copytree(moved, copy)
     dup = fs("ingest", str(copy), "--dataset", "shoes" if not rename else "footwear")
     assert dup.exit_code == 0 and "moved" not in dup.stderr and "12 duplicates" in dup.stderr, dup.stderr
+
+
+# --- sizes bounded before the work: fs sql results, datasets export --size
+
+
+def test_fs_sql_results_are_capped(ingested: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from featurestore.catalog import readonly
+
+    monkeypatch.setattr(readonly, "MAX_RESULT_BYTES", 2**20)
+    rows = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < {}) SELECT n FROM r"
+    err = one_line_error(fs("sql", rows.format(200_000)))
+    assert "the result is larger than the 1 MiB limit" in err and "LIMIT" in err
+    ok = fs("sql", rows.format(1000), "-f", "json")
+    assert ok.exit_code == 0 and len(json.loads(ok.stdout)) == 1000
+
+
+def test_export_size_is_bounded_before_reading(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "featurestore.cli.main", "datasets", "export", "fashion-mnist",
+                           str(tmp_path / "out"), "--size", "100000x100000", "--limit", "10"],
+                          capture_output=True, text=True, timeout=BOUND)
+    err = _subprocess_error(proc)
+    assert "the limit is 64 MiB per image" in err and "100000x100000" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

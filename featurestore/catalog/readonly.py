@@ -385,6 +385,33 @@ class QueryResult:
 
 _ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _FETCH = 5000
+MAX_RESULT_BYTES = 256 * 2**20
+"""Largest result a user query may return (about: values' lengths plus 16 bytes each), held in memory."""
+MAX_VALUE_BYTES = 64 * 2**20  # SQLite: largest string or blob a query may build (SQLITE_LIMIT_LENGTH)
+
+
+class ResultTooLargeError(ReadOnlySQLError):
+    """A user query returned more than :data:`MAX_RESULT_BYTES`."""
+
+
+class _Budget:
+    """Counts a result's size while it is fetched, and stops it past :data:`MAX_RESULT_BYTES`."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.used = 0
+        self.rows = 0
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        for row in rows:
+            self.used += sum(len(v) + 16 if isinstance(v, str | bytes | bytearray | memoryview) else 16
+                             for v in row)
+        self.rows += len(rows)
+        if self.used > MAX_RESULT_BYTES:
+            raise ResultTooLargeError(
+                f"{self.label}: the result is larger than the {MAX_RESULT_BYTES // 2**20} MiB limit "
+                f"(stopped after {self.rows:,} rows); narrow it with WHERE or LIMIT, select fewer columns, "
+                "or aggregate")
 
 
 def check_role_name(name: str) -> str:
@@ -506,7 +533,11 @@ class _SQLiteRunner:
         try:
             cur = conn.execute(self.sql)
             columns = [d[0] for d in cur.description or ()]
-            rows = [tuple(r) for r in cur.fetchall()]
+            rows: list[tuple[Any, ...]] = []
+            budget = _Budget(self.label)
+            while batch := [tuple(r) for r in cur.fetchmany(_FETCH)]:
+                budget.add(batch)
+                rows.extend(batch)
         except sqlite3.Error as exc:
             raise self._error(exc) from None
         finally:
@@ -520,6 +551,7 @@ class _SQLiteRunner:
             conn = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True,
                                    check_same_thread=False)
             conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+            conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)  # zeroblob(1e9) and the like
             conn.execute("PRAGMA query_only=ON")
             conn.execute(f"PRAGMA busy_timeout={int(min(self.timeout, 30) * 1000)}")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header: is it SQLite?
@@ -613,10 +645,12 @@ class _PostgresRunner:
             cur.execute(f"SET LOCAL statement_timeout = {self._ms(deadline)}")
             named.execute(self.sql)
             rows: list[tuple[Any, ...]] = []
+            budget = _Budget(self.label)
             while True:
                 cur.execute(f"SET LOCAL statement_timeout = {self._ms(deadline)}")
-                batch = named.fetchmany(_FETCH)
-                rows.extend(tuple(r) for r in batch)
+                batch = [tuple(r) for r in named.fetchmany(_FETCH)]
+                budget.add(batch)
+                rows.extend(batch)
                 if len(batch) < _FETCH:
                     break
             columns = [d.name for d in named.description or ()]
