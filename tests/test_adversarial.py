@@ -552,7 +552,7 @@ def test_bound_functions_say_the_limit() -> None:
     with pytest.raises(ValueError, match=f"{MAX_VECTOR_BYTES // 12:,} pixels"):
         check_pixels((2600, 2200))
     check_projection(640 * 480 * 3, 1024)
-    with pytest.raises(ValueError, match="K can be at most 37,282"):
+    with pytest.raises(ValueError, match="K can be at most 34,952"):
         check_projection(640 * 480 * 3, 40_000)
 
 
@@ -1036,3 +1036,47 @@ def test_export_size_is_bounded_before_reading(tmp_path: Path) -> None:
     err = _subprocess_error(proc)
     assert "the limit is 64 MiB per image" in err and "100000x100000" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# --- no absolute server path in an error body for a caller who may not see paths
+
+
+def test_error_bodies_hide_server_paths_from_remote_callers(ingested: str, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http.app import create_app
+
+    engine = sa.create_engine(ingested)
+    with engine.connect() as c:
+        image_id, path = c.exec_driver_sql("SELECT id, source_path FROM images ORDER BY id").first()
+    engine.dispose()
+    Path(path).rename(tmp_path / "moved.jpg")
+    _scramble(_shard(tmp_path))  # and a shard whose error names its file
+    app = create_app(Settings.from_env())
+    with TestClient(app) as remote:  # TestClient's peer address is "testclient": not loopback
+        for url in (f"/v1/images/{image_id}/file", "/v1/feature-sets/rp8/search?image_id=1&k=3"):
+            got = remote.get(url, headers={"X-Forwarded-For": "203.0.113.9"})
+            assert got.status_code >= 400, (url, got.status_code)
+            assert str(tmp_path) not in got.text and "/tmp/" not in got.text, (url, got.text)
+    with TestClient(app, client=("127.0.0.1", 50000)) as local:  # a loopback caller still gets the facts
+        got = local.get(f"/v1/images/{image_id}/file")
+        assert got.status_code == 404 and path in got.json()["detail"], got.text
+
+
+def test_projection_gathers_a_few_rows_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from featurestore.features import projection
+
+    proj = projection.SparseRandomProjection.generate(3000, 40, seed=1)
+    X = np.random.default_rng(0).integers(0, 256, size=(9, 3000), dtype=np.uint8)
+    whole = proj.transform(X)
+    widest: list[int] = []
+    real = projection.SparseRandomProjection._project
+
+    def spy(self: Any, rows: np.ndarray, acc: Any, out: np.ndarray) -> None:
+        widest.append(rows.shape[0])
+        real(self, rows, acc, out)
+
+    monkeypatch.setattr(projection, "_GATHER_BYTES", 2 * proj.nnz * 2)  # two rows of gathered values
+    monkeypatch.setattr(projection.SparseRandomProjection, "_project", spy)
+    assert np.array_equal(proj.transform(X), whole)
+    assert max(widest) == 2 and sum(widest) == 9

@@ -40,6 +40,7 @@ from featurestore.http import charts
 from featurestore.http.access import (
     COOKIE,
     COOKIE_MAX_AGE,
+    hide_paths,
     is_authenticated,
     paths_visible,
     require_page_access,
@@ -132,7 +133,7 @@ def _page(request: Request, template: str, active: str, status: int = 200, **con
 
 
 def _error_page(request: Request, status: int, message: str) -> HTMLResponse:
-    return _page(request, "error.html", "", status=status, status_code=status, message=message)
+    return _page(request, "error.html", "", status=status, status_code=status, message=hide_paths(request, message))
 
 
 def _text(value: str | None) -> str | None:
