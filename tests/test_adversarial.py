@@ -1080,3 +1080,55 @@ def test_projection_gathers_a_few_rows_at_a_time(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(projection.SparseRandomProjection, "_project", spy)
     assert np.array_equal(proj.transform(X), whole)
     assert max(widest) == 2 and sum(widest) == 9
+
+
+# --- /ui/login slows down token guessing
+
+
+def test_login_is_throttled_after_wrong_tokens(ingested: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http import throttle
+    from featurestore.http.app import create_app
+
+    now = [1000.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: now[0])
+    token = "s" * 32
+    monkeypatch.setenv("FS_API_TOKEN", token)
+    with TestClient(create_app(Settings.from_env())) as client:
+        codes = [client.post("/ui/login", data={"token": f"guess{i}"}, follow_redirects=False).status_code
+                 for i in range(throttle.MAX_FAILURES + 5)]
+        assert codes[: throttle.MAX_FAILURES] == [401] * throttle.MAX_FAILURES
+        assert set(codes[throttle.MAX_FAILURES :]) == {429}
+        right = client.post("/ui/login", data={"token": token}, follow_redirects=False)
+        assert right.status_code == 429 and "too many wrong tokens" in right.text  # even the right one, for now
+        now[0] += throttle.WINDOW_SECONDS + 1
+        right = client.post("/ui/login", data={"token": token}, follow_redirects=False)
+        assert right.status_code == 303 and "fs_session" in right.headers.get("set-cookie", "")
+
+
+def test_predict_on_a_fifo_leaves_no_empty_dataset(ingested: str, tmp_path: Path) -> None:
+    trained = fs("train", "--features", "rp8", "--splits", "2")
+    assert trained.exit_code == 0, trained.output
+    os.mkfifo(tmp_path / "pipe.jpg")
+    before = counts(ingested)
+    result = in_thread(lambda: fs("predict", "--run", "1", str(tmp_path / "pipe.jpg")))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "not a regular file" in result.stderr
+    engine = sa.create_engine(ingested)
+    with engine.connect() as c:
+        assert "predict" not in {r[0] for r in c.exec_driver_sql("SELECT name FROM datasets")}
+    engine.dispose()
+    after = counts(ingested)
+    assert {t: n for t, n in after.items() if t != "ingest_errors"} == \
+        {t: n for t, n in before.items() if t != "ingest_errors"}
+
+
+# --- Ray: an address nothing listens at fails in one line, at once
+
+
+def test_ray_address_nothing_listens_at_fails_at_once(ingested: str) -> None:
+    result = in_thread(lambda: fs("extract", "--rp", "16", "--size", "16x12", "--ray", "127.0.0.1:1"), bound=30)
+    err = one_line_error(result)
+    assert "cannot connect to the Ray cluster at '127.0.0.1:1'" in err and "ray start --head" in err
+    assert "--ray 'nonsense' is not HOST:PORT" in one_line_error(fs("extract", "--rp", "16", "--ray", "nonsense"))

@@ -45,9 +45,11 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -119,6 +121,7 @@ def ray_session(address: str) -> Iterator[Any]:
     """
     if "ray" not in sys.modules and address == "local":
         _local_ray_environment()
+    _probe(address)
     ray = import_ray()
     if ray.is_initialized():
         yield ray
@@ -129,8 +132,12 @@ def ray_session(address: str) -> Iterator[Any]:
         # Ray's sockets live under it and a socket path must stay under 108 bytes: not under a long TMPDIR.
         temp = tempfile.mkdtemp(prefix="fs-ray-", dir="/tmp" if os.access("/tmp", os.W_OK) else None)
         options.update(include_dashboard=False, _temp_dir=temp, _node_ip_address="127.0.0.1")
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**options)
+        if threading.current_thread() is threading.main_thread() and callable(sigterm):
+            # ray.init replaces the handler; `kill PID` must still stop fs cleanly (exit 143, not a crash dump)
+            signal.signal(signal.SIGTERM, sigterm)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _stop(ray, temp)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -145,6 +152,25 @@ def ray_session(address: str) -> Iterator[Any]:
         yield ray
     finally:
         _stop(ray, temp)
+
+
+PROBE_SECONDS = 5.0
+
+
+def _probe(address: str) -> None:
+    """Fail at once when nothing listens at a ``HOST:PORT`` address (``ray.init`` retries for minutes)."""
+    if address in ("local", "auto") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--ray {address!r} is not HOST:PORT, local or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at {address!r} ({exc.strerror or exc}); start one with "
+            "`ray start --head` (then use --ray auto or its HOST:6379) or use --ray local"
+        ) from None
 
 
 def _stop(ray: Any, temp: str | None) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featurestore.catalog.datasets import dataset_exists, drop_if_empty
 from featurestore.catalog.image_paths import record_moves
 from featurestore.catalog.repository import check_name
 from featurestore.catalog.schema import utcnow
@@ -169,6 +170,7 @@ def ingest(
         )
     check_name("dataset", name)
     with store.catalog.session() as s:
+        created = not dataset_exists(s, name)
         dataset_id = store.catalog.dataset_id(s, name, create=True)
     seen = _Seen()
     max_pixels = store.settings.max_image_pixels
@@ -193,6 +195,9 @@ def ingest(
             done += len(results)
             if progress:
                 progress(done, len(candidates))
+    if created and not summary.image_ids:  # nothing readable (a FIFO, a broken file): no empty dataset left
+        with store.catalog.session() as s:
+            drop_if_empty(s, dataset_id)
     return summary
 
 

@@ -54,6 +54,7 @@ from featurestore.http.deps import SettingsDep, StoreDep, Upload, decode_upload
 from featurestore.http.errors import status_for
 from featurestore.http.schemas import UploadInfo
 from featurestore.http.templating import render
+from featurestore.http.throttle import LoginThrottle
 from featurestore.io.thumbnails import render_thumbnail
 from featurestore.pipelines.embedding_map import MAX_POINTS, METHODS, embedding_map
 from featurestore.pipelines.predict import predict_upload
@@ -214,12 +215,26 @@ def login(request: Request, token: Annotated[str, Form(max_length=1000)] = "",
     configured = settings_of(request).api_token
     if not configured:
         return RedirectResponse(safe_next(next), status_code=303)
+    throttle, client = _throttle(request), request.client.host if request.client else ""
+    if wait := throttle.wait_for(client):  # token guessing: a few tries a minute per address
+        raise HTTPException(429, f"too many wrong tokens: try again in {wait:.0f} s",
+                            headers={"Retry-After": str(int(wait) + 1)})
     if not token_matches(token, configured):
+        throttle.failed(client)
         return _page(request, "login.html", "login", status=401, next=safe_next(next), failed=True)
+    throttle.succeeded(client)
     response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(COOKIE, session_value(configured), max_age=COOKIE_MAX_AGE, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", path="/")
     return response
+
+
+def _throttle(request: Request) -> LoginThrottle:
+    state = request.app.state
+    if getattr(state, "login_throttle", None) is None:
+        state.login_throttle = LoginThrottle()
+    throttle: LoginThrottle = state.login_throttle
+    return throttle
 
 
 @router.post("/ui/logout")
