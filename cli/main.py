@@ -34,6 +34,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    common.STATE.terminated = True  # a Ctrl-C raised by clean-up after it still reports SIGTERM
     raise Terminated()
 
 
@@ -47,7 +48,7 @@ class _Group(TyperGroup):
         except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors exit 2 as before
             raise
         except KeyboardInterrupt as exc:
-            if isinstance(exc, Terminated):
+            if isinstance(exc, Terminated) or common.STATE.terminated:
                 typer.echo("Terminated (SIGTERM); everything written so far is kept.", err=True)
                 raise typer.Exit(143) from None
             typer.echo("Interrupted; everything written so far is kept.", err=True)
@@ -111,6 +112,7 @@ def root(
     """
     common.STATE.store = store
     common.STATE.debug = debug
+    common.STATE.terminated = False
 
 
 def _register() -> None:
