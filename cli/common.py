@@ -39,6 +39,7 @@ class State:
 
     store: Path | None = None
     debug: bool = False
+    terminated: bool = False  # SIGTERM was received
 
 
 STATE = State()

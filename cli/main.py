@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,33 +37,51 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    common.STATE.terminated = True  # a Ctrl-C raised by clean-up after it still reports SIGTERM
     raise Terminated()
 
 
 class _Group(TyperGroup):
-    """Turns FeatureStoreError into ``Error: ...`` on stderr and exit 1 (``--debug`` re-raises)."""
+    """The one top-level handler: every error becomes ``Error: ...`` on stderr and exit 1 (``--debug``
+    re-raises for the traceback); Ctrl-C exits 130 and SIGTERM 143 with one line."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except FeatureStoreError as exc:
-            if common.STATE.debug:
-                raise
-            typer.echo(f"Error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except OSError as exc:  # a path the user gave that cannot be created, read or written
-            if common.STATE.debug:
-                raise
-            where = f"{exc.filename}: " if exc.filename else ""
-            typer.echo(f"Error: {where}{exc.strerror or exc}; check the path and its permissions (or free disk space)",
-                       err=True)
-            raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors exit 2 as before
+            raise
         except KeyboardInterrupt as exc:
-            if isinstance(exc, Terminated):
+            if isinstance(exc, Terminated) or common.STATE.terminated:
                 typer.echo("Terminated (SIGTERM); everything written so far is kept.", err=True)
                 raise typer.Exit(143) from None
             typer.echo("Interrupted; everything written so far is kept.", err=True)
             raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the one handler: never a traceback without --debug
+            if common.STATE.debug:
+                raise
+            typer.echo(f"Error: {_message(exc)}", err=True)
+            raise typer.Exit(1) from None
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, FeatureStoreError):
+        return str(exc)
+    if isinstance(exc, OSError):  # a path the user gave that cannot be created, read or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}; check the path and its permissions (or free disk space)"
+    if isinstance(exc, RecursionError):
+        return "the input is nested too deeply to process; write it more plainly"
+    return _describe(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an error no handler expected: its type and first line, and how to see more."""
+    orig = getattr(exc, "orig", None)  # a SQLAlchemy error: the driver's message, without the SQL
+    lines = str(orig if orig is not None else exc).strip().splitlines()
+    what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if type(exc).__module__.startswith(("sqlalchemy", "psycopg2", "sqlite3")):
+        return f"the catalog database failed ({what}); check FS_DATABASE_URL / --store (--debug shows the details)"
+    return f"unexpected {what} (run `fs --debug ...` for the traceback and report it)"
 
 
 app = typer.Typer(
@@ -96,6 +115,7 @@ def root(
     """
     common.STATE.store = store
     common.STATE.debug = debug
+    common.STATE.terminated = False
 
 
 def _register() -> None:
@@ -109,9 +129,13 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (``featurestore.cli:main`` imports this module first, catching Ctrl-C)."""
     signal.signal(signal.SIGTERM, _on_sigterm)  # `kill PID`: a message and exit 143, like Ctrl-C's 130
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before or after a command runs (while parsing arguments, at exit)
+        sys.stderr.write("Interrupted.\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

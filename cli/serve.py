@@ -23,6 +23,10 @@ def serve(
                                       "`Authorization: Bearer <token>`."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, "
                                   "info (logs each request) or debug."),
+    allowed_host: list[str] | None = typer.Option(None, "--allowed-host", help="Without FS_API_TOKEN only "
+                                                  "requests whose Host is localhost, 127.0.0.1 or [::1] are "
+                                                  "answered (400 otherwise, against DNS rebinding); add a name "
+                                                  "the server is reached by. Repeatable; also FS_ALLOWED_HOSTS."),
 ) -> None:
     """Serve the store over HTTP: JSON under /v1, OpenAPI at /openapi.json, docs at /docs.
 
@@ -38,7 +42,9 @@ def serve(
         raise typer.BadParameter("must be at least 1", param_hint="--workers")
     if log_level not in LOG_LEVELS:
         raise typer.BadParameter(f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
-    settings = common.settings(host=host, port=port, allow_writes=True if allow_writes else None)
+    hosts = ",".join([h for h in (common.settings().allowed_hosts or "").split(",") if h] + list(allowed_host or []))
+    settings = common.settings(host=host, port=port, allow_writes=True if allow_writes else None,
+                               allowed_hosts=hosts or None)
     if settings.port == 0:
         raise typer.BadParameter("must be between 1 and 65535", param_hint="FS_PORT")
     server.prepare(settings)  # an unsafe bind or a missing store fails before listening

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from featurestore.catalog.readonly import ReadOnlyCatalog
+from featurestore.catalog.readonly import MAX_TIMEOUT, ReadOnlyCatalog
 from featurestore.cli import common
 from featurestore.errors import FeatureStoreError
 
@@ -63,8 +63,8 @@ def sql(
 
     Example: fs sql "SELECT label, count(*) AS n FROM images GROUP BY label" --format csv
     """
-    if timeout is not None and not timeout > 0:
-        raise typer.BadParameter("must be a positive number of seconds", param_hint="--timeout")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:  # also NaN and inf (PostgreSQL: OverflowError)
+        raise typer.BadParameter(f"must be a positive number of seconds up to {MAX_TIMEOUT:,}", param_hint="--timeout")
     s = common.settings()
     if not s.database_url and not (s.store / "catalog.db").exists():
         raise FeatureStoreError(f"no catalog at {s.store}: run `fs ingest PATH` first, or pass --store")

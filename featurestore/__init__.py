@@ -11,14 +11,29 @@
 from __future__ import annotations
 
 from os import PathLike
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from featurestore.config import Settings  # noqa: E402
-from featurestore.store import FeatureSet, Store  # noqa: E402
+if TYPE_CHECKING:
+    from featurestore.config import Settings
+    from featurestore.store import FeatureSet, Store
 
 __all__ = ["FeatureSet", "Settings", "Store", "__version__", "connect"]
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use, so that importing a submodule (the `fs` entry point, which must catch
+    # Ctrl-C while numpy, SQLAlchemy and h5py load) does not pull in the whole store first.
+    if name == "Settings":
+        from featurestore.config import Settings
+
+        return Settings
+    if name in ("FeatureSet", "Store"):
+        from featurestore import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'featurestore' has no attribute {name!r}")
 
 
 def connect(path: str | PathLike[str] = ".fs", *, create: bool = False, **settings: Any) -> Store:
@@ -39,4 +54,7 @@ def connect(path: str | PathLike[str] = ".fs", *, create: bool = False, **settin
     Store
         Use it as a context manager, or call ``close()``, to release the catalog connection.
     """
+    from featurestore.config import Settings
+    from featurestore.store import Store
+
     return Store.open(Settings(store=path, **settings), create=create)

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         ``local`` starts a private one on this machine, anything else is the
         address of the head (``HOST:6379``). ``FS_RAY_ADDRESS``; default none
         (run locally).
+    allowed_hosts:
+        Comma-separated ``Host`` header names a token-less `fs serve` accepts
+        besides ``localhost``, ``127.0.0.1`` and ``[::1]`` (any other is a 400,
+        so a web page cannot reach the service through DNS rebinding).
+        ``FS_ALLOWED_HOSTS`` or `fs serve --allowed-host`; default none.
     """
 
     model_config = SettingsConfigDict(env_prefix="FS_", frozen=True, extra="ignore")
@@ -103,13 +108,15 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     # issue 11: user SQL, file size cap
-    sql_timeout: float = Field(default=30.0, gt=0)
+    sql_timeout: float = Field(default=30.0, gt=0, le=2_147_483, allow_inf_nan=False)  # PostgreSQL: int ms
     readonly_database_url: str | None = Field(default=None, repr=False)  # may hold a password
     readonly_role: str | None = None
     max_file_mb: float = Field(default=200.0, gt=0)
     # issue 12: what runs CNN models
     cnn_runtime: CnnRuntime = "onnxruntime"
     ray_address: str | None = None
+    # issue 32: Host names a token-less server answers besides loopback (DNS rebinding)
+    allowed_hosts: str | None = None
 
     def __init__(self, **values: Any):
         # An empty variable means "unset", as for most command-line tools.

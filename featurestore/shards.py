@@ -36,9 +36,23 @@ import numpy as np
 
 from featurestore.errors import DimensionMismatchError, IntegrityError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp
+from featurestore.io.verified import check_file
 
 SHARD_FORMAT = "featurestore-shard/1"
 _CHUNK_BYTES = 1 << 20
+_HINT = "run `fs verify` to list the damaged shards and repair the catalog"
+
+
+def _open(path: Path, sha256: str | None) -> h5py.File:
+    """Open a shard for reading once it is known to be a regular file with the recorded bytes.
+
+    Nothing else reaches h5py: a FIFO would block the open, ``/dev/zero`` or a
+    directory cannot be a shard, and a file of another set (or one rewritten
+    through h5py, whose own checksums the writer recomputes) differs from the
+    sha256 the catalog recorded for this shard (see :mod:`featurestore.io.verified`).
+    """
+    check_file(path, sha256, "feature shard", _HINT)
+    return h5py.File(path, "r")
 
 
 def write_shard(
@@ -94,19 +108,19 @@ def write_shard(
     return final
 
 
-def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """All ``(image_ids, vectors)`` of one shard."""
+def read_shard(path: Path, sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All ``(image_ids, vectors)`` of one shard (``sha256``: what the catalog recorded for it)."""
     try:
-        with h5py.File(path, "r") as fh:
+        with _open(path, sha256) as fh:
             return fh["image_ids"][...], fh["vectors"][...]
     except (OSError, KeyError) as exc:
         raise _open_error(path, exc) from None
 
 
-def read_shard_ids(path: Path) -> np.ndarray:
+def read_shard_ids(path: Path, sha256: str | None = None) -> np.ndarray:
     """The ``image_ids`` of one shard, without reading its vectors."""
     try:
-        with h5py.File(path, "r") as fh:
+        with _open(path, sha256) as fh:
             return fh["image_ids"][...]
     except (OSError, KeyError) as exc:
         raise _open_error(path, exc) from None
@@ -136,7 +150,8 @@ class ShardCheck(NamedTuple):
     checksummed: bool
 
 
-def check_shard(path: Path, rows: int, dim: int, block_bytes: int = 64 << 20) -> ShardCheck:
+def check_shard(path: Path, rows: int, dim: int, block_bytes: int = 64 << 20, sha256: str | None = None
+                ) -> ShardCheck:
     """Read a whole shard, verifying its layout against the catalog and every chunk's checksum.
 
     Parameters
@@ -145,15 +160,18 @@ def check_shard(path: Path, rows: int, dim: int, block_bytes: int = 64 << 20) ->
         What the catalog records for the shard and its feature set.
     block_bytes : int
         Vectors are read in blocks of about this size (memory stays bounded).
+    sha256 : str, optional
+        The digest the catalog recorded for the file's bytes.
 
     Raises
     ------
     IntegrityError
-        Missing, unreadable, corrupt (checksum), or a shape the catalog does
-        not record; the message names the file.
+        Missing, not a regular file, other bytes than recorded, unreadable,
+        corrupt (checksum), or a shape the catalog does not record; the
+        message names the file.
     """
     try:
-        with h5py.File(path, "r") as fh:
+        with _open(path, sha256) as fh:
             ids_ds, vec_ds = fh["image_ids"], fh["vectors"]
             if vec_ds.ndim != 2 or vec_ds.shape != (rows, dim) or ids_ds.shape != (rows,):
                 raise IntegrityError(
@@ -179,22 +197,23 @@ def place(out: np.ndarray, block: np.ndarray, positions: np.ndarray, rows: np.nd
         out[positions, cols] = block[rows]
 
 
-def read_row(path: Path, row: int) -> np.ndarray:
+def read_row(path: Path, row: int, sha256: str | None = None) -> np.ndarray:
     """One vector of a shard."""
     try:
-        with h5py.File(path, "r") as fh:
+        with _open(path, sha256) as fh:
             return np.asarray(fh["vectors"][row], dtype=np.float32)
     except (OSError, KeyError, IndexError) as exc:
         raise _open_error(path, exc) from None
 
 
-def read_rows_into(path: Path, rows: np.ndarray | None, ids: np.ndarray, mat: np.ndarray, pos: int) -> None:
+def read_rows_into(path: Path, rows: np.ndarray | None, ids: np.ndarray, mat: np.ndarray, pos: int,
+                   sha256: str | None = None) -> None:
     """Copy a shard's ``rows`` (``None``: all of them) into ``ids``/``mat`` from row ``pos`` on.
 
     A whole shard goes straight from HDF5 into the contiguous rows of ``mat``.
     """
     try:
-        with h5py.File(path, "r") as fh:
+        with _open(path, sha256) as fh:
             ds = fh["vectors"]
             if ds.ndim != 2 or ds.shape[1] != mat.shape[1]:
                 raise DimensionMismatchError(
@@ -214,13 +233,16 @@ def read_rows_into(path: Path, rows: np.ndarray | None, ids: np.ndarray, mat: np
 
 
 def remove_orphans(folder: Path, registered: Iterable[str]) -> list[Path]:
-    """Delete temp files and shards the catalog does not know. Call under the write lock."""
+    """Delete temp files and shards the catalog does not know. Call under the write lock.
+
+    A folder found in a shard's place (not a file) is left alone: it is not ours to delete.
+    """
     if not folder.exists():
         return []
     keep = {Path(p).name for p in registered}
     removed = []
     for path in folder.iterdir():
-        if is_temp(path) or (path.suffix == ".h5" and path.name not in keep):
+        if (is_temp(path) or (path.suffix == ".h5" and path.name not in keep)) and not path.is_dir():
             path.unlink(missing_ok=True)
             removed.append(path)
     if removed:
@@ -228,7 +250,7 @@ def remove_orphans(folder: Path, registered: Iterable[str]) -> list[Path]:
     return removed
 
 
-def read_selected(path: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def read_selected(path: Path, rows: np.ndarray, sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(image_ids, vectors)`` of some rows of a shard (``rows`` ascending, no repeats).
 
     A few rows are read as one point selection; more (h5py selects them one by
@@ -236,7 +258,7 @@ def read_selected(path: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     """
     sel = np.asarray(rows, dtype=np.int64)
     try:
-        with h5py.File(path, "r") as fh:
+        with _open(path, sha256) as fh:
             ids_ds, vec_ds = fh["image_ids"], fh["vectors"]
             if len(sel) > 32:
                 return ids_ds[...][sel], vec_ds[...][sel]

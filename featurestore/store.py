@@ -55,6 +55,7 @@ from featurestore.features.registry import extract_hint, extractor_for
 from featurestore.io.atomic import is_temp
 from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
+from featurestore.io.verified import digest_written
 from featurestore.search import index as ann_index
 from featurestore.search import service as search_service
 from featurestore.search.cache import SearchCache, SetState
@@ -71,6 +72,7 @@ class ShardPart:
     live: int
     ids: np.ndarray | None
     rows: np.ndarray | None
+    sha256: str | None = None  # of the file's bytes, as the catalog recorded them
 
 
 @dataclass
@@ -334,7 +336,7 @@ class Store:
         path = write_shard(self.root / "features" / fs.name, fs.name, fs.kind, fs.params, ids, vecs, runtime)
         try:
             self.catalog.register_shard(fs.id, str(path.relative_to(self.root)), ids, replaces, s=session,
-                                        runtime=runtime)
+                                        runtime=runtime, sha256=digest_written(path))
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -397,7 +399,7 @@ class Store:
             col += fs.dim
 
         def load(fs_id: int, part: ShardPart, cols: slice) -> None:
-            file_ids, block = read_shard(part.path)
+            file_ids, block = read_shard(part.path, part.sha256)
             if block.shape[1] != cols.stop - cols.start:
                 raise DimensionMismatchError(
                     f"feature shard {part.path} has dim {block.shape[1]}, catalog says {cols.stop - cols.start}"
@@ -451,16 +453,16 @@ class Store:
         for shard in self.catalog.shards(fs.id):
             live = counts.get(shard.id, 0)
             if live == shard.rows:
-                plan.append(ShardPart(self.root / shard.path, live, None, None))
+                plan.append(ShardPart(self.root / shard.path, live, None, None, shard.sha256))
             elif live:
                 rows = self.catalog.live_rows_of_shard(shard.id)
-                plan.append(ShardPart(self.root / shard.path, live, rows[:, 0], rows[:, 1]))
+                plan.append(ShardPart(self.root / shard.path, live, rows[:, 0], rows[:, 1], shard.sha256))
         return plan
 
     def iter_shards(self, feature_set: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(image_ids, vectors) per shard, only rows the catalog points at; one shard in memory at a time."""
         for part in self._plan(self.feature_set(feature_set)):
-            ids, vecs = read_shard(part.path)
+            ids, vecs = read_shard(part.path, part.sha256)
             if part.rows is not None:
                 ids, vecs = ids[part.rows], vecs[part.rows]
             yield ids, vecs
@@ -480,7 +482,7 @@ class Store:
         mat = np.empty((n, fs.dim), dtype=np.float32)
         pos = 0
         for part in plan:
-            read_rows_into(part.path, part.rows, ids, mat, pos)
+            read_rows_into(part.path, part.rows, ids, mat, pos, part.sha256)
             pos += part.live
         return ids, mat
 
@@ -567,7 +569,7 @@ class Store:
             parts = [part for part in self._plan(fs) if part.path in {self.root / sh.path for sh in small}]
             parts_ids, parts_vecs = [], []
             for part in parts:
-                ids, vecs = read_shard(part.path)
+                ids, vecs = read_shard(part.path, part.sha256)
                 if part.rows is not None:
                     ids, vecs = ids[part.rows], vecs[part.rows]
                 parts_ids.append(ids)

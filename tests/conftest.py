@@ -39,6 +39,8 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         if key.startswith("FS_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("FS_STORE", str(tmp_path / ".fs"))
+    # Starlette's TestClient sends `Host: testserver`; a token-less server answers only names of this machine.
+    monkeypatch.setenv("FS_ALLOWED_HOSTS", "testserver")
     monkeypatch.chdir(tmp_path)
 
 

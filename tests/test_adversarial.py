@@ -500,6 +500,10 @@ def test_old_shards_without_checksums_are_read_and_reported(ingested: str, tmp_p
         fh.create_dataset("image_ids", data=ids)
         fh.create_dataset("vectors", data=vecs)
         fh.attrs.update(attrs)
+    engine = sa.create_engine(ingested)  # and registered before sha256s were recorded (migration 0011)
+    with engine.begin() as c:
+        c.exec_driver_sql("UPDATE feature_shards SET sha256 = NULL")
+    engine.dispose()
     assert fs("search", "-F", "rp8", "--id", "1").exit_code == 0
     check = fs("verify")
     assert check.exit_code == 0, check.output
@@ -548,7 +552,7 @@ def test_bound_functions_say_the_limit() -> None:
     with pytest.raises(ValueError, match=f"{MAX_VECTOR_BYTES // 12:,} pixels"):
         check_pixels((2600, 2200))
     check_projection(640 * 480 * 3, 1024)
-    with pytest.raises(ValueError, match="K can be at most 37,282"):
+    with pytest.raises(ValueError, match="K can be at most 34,952"):
         check_projection(640 * 480 * 3, 40_000)
 
 
@@ -631,3 +635,565 @@ def test_settings_read_the_new_variables(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ValueError, match="FS_SQL_TIMEOUT"):
         Settings()
 
+
+
+# =============================================================================================
+# Issue 32, replayed: files bound to their set, a damaged index, FIFOs in a shard's place.
+
+
+@pytest.fixture
+def two_sets(tmp_path: Path, image_tree: Path) -> Path:
+    """Two sets of the same dimension and count (rp12 and pixels2x2, 12 vectors each); returns the store."""
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    result = fs("extract", "--rp", "12", "--pixels", "2x2", "--size", "16x12")
+    assert result.exit_code == 0, result.output
+    return tmp_path / ".fs"
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    (path,) = folder.glob(pattern)
+    return path
+
+
+def _fs_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
+    """``fs`` in its own process: a crash in native code is an exit code here, not a dead test run."""
+    return subprocess.run([sys.executable, "-m", "featurestore.cli.main", *args], capture_output=True, text=True,
+                          timeout=BOUND)
+
+
+def _subprocess_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    err = proc.stderr.strip()
+    assert err.startswith("Error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_damaged_index_bytes_never_reach_usearch(two_sets: Path) -> None:
+    assert fs("index", "build", "--features", "rp12").exit_code == 0
+    index = _only(two_sets / "indexes" / "rp12", "*.usearch")
+    data = bytearray(index.read_bytes())
+    for k in range(1, 64, 7):  # a few bytes inside the file; its size and header stay as recorded
+        data[-k] ^= 0x5A
+    index.write_bytes(bytes(data))
+    for args in (["duplicates", "--features", "rp12", "--threshold", "0.99"], ["search", "-F", "rp12", "--id", "1"]):
+        err = _subprocess_error(_fs_subprocess(*args))
+        assert f"index file {index} is corrupt or was replaced" in err and "--rebuild" in err, err
+
+
+def test_a_shard_of_another_set_swapped_in_is_an_integrity_error(two_sets: Path) -> None:
+    rp = _only(two_sets / "features" / "rp12", "*.h5")
+    px = _only(two_sets / "features" / "pixels2x2", "*.h5")
+    expected = fs("search", "-F", "rp12", "--id", "1", "-f", "json").stdout
+    rp.unlink()
+    rp.symlink_to(px)  # same dim, same count, same image ids: only the recorded sha256 tells them apart
+    err = one_line_error(fs("search", "-F", "rp12", "--id", "1"))
+    assert f"feature shard {rp} is corrupt or was replaced" in err and "fs verify" in err
+    check = fs("verify", "-f", "json")
+    assert check.exit_code == 1
+    assert [(r["feature_set"], r["problem"]) for r in json.loads(check.stdout)] == [("rp12", "corrupt")]
+    rp.unlink()
+    rp.write_bytes(px.read_bytes())  # a copy instead of a link
+    assert "is corrupt or was replaced" in one_line_error(fs("search", "-F", "rp12", "--id", "1"))
+    repaired = fs("verify", "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert fs("extract", "--rp", "12", "--size", "16x12").exit_code == 0
+    assert fs("search", "-F", "rp12", "--id", "1", "-f", "json").stdout == expected
+
+
+def test_a_value_rewritten_through_h5py_is_detected(two_sets: Path) -> None:
+    rp = _only(two_sets / "features" / "rp12", "*.h5")
+    with h5py.File(rp, "r+") as fh:  # h5py recomputes the Fletcher-32 checksum of the chunk it writes
+        fh["vectors"][0, 0] = fh["vectors"][0, 0] + 1.0
+    assert "is corrupt or was replaced" in one_line_error(fs("search", "-F", "rp12", "--id", "1"))
+    check = fs("verify", "rp12", "-f", "json")
+    assert check.exit_code == 1
+    assert [r["problem"] for r in json.loads(check.stdout)] == ["corrupt"]
+
+
+def test_an_index_of_another_set_swapped_in_is_refused_and_rebuilt(two_sets: Path) -> None:
+    for name in ("rp12", "pixels2x2"):
+        assert fs("index", "build", "--features", name).exit_code == 0
+    rp = _only(two_sets / "indexes" / "rp12", "*.usearch")
+    px = _only(two_sets / "indexes" / "pixels2x2", "*.usearch")
+    rp.unlink()
+    rp.symlink_to(px)
+    assert f"index file {rp} is corrupt or was replaced" in one_line_error(fs("search", "-F", "rp12", "--id", "1"))
+    check = fs("verify", "-f", "json")
+    assert check.exit_code == 1
+    assert [(r["feature_set"], r["kind"]) for r in json.loads(check.stdout)] == [("rp12", "index")]
+    build = fs("index", "build", "--features", "rp12", "-f", "json")
+    assert build.exit_code == 0, build.output
+    assert "does not match the sha256" in build.output and "rebuilt" in build.output
+    assert fs("verify").exit_code == 0
+    assert fs("search", "-F", "rp12", "--id", "1").exit_code == 0
+
+
+def test_verify_repair_drops_a_damaged_index(two_sets: Path) -> None:
+    assert fs("index", "build", "--features", "rp12").exit_code == 0
+    index = _only(two_sets / "indexes" / "rp12", "*.usearch")
+    data = index.read_bytes()
+    index.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    repaired = fs("verify", "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert "rp12: dropped its damaged index" in repaired.stderr
+    assert not index.exists()
+    assert fs("search", "-F", "rp12", "--id", "1").exit_code == 0  # exact search until the next build
+
+
+def test_a_damaged_run_artifact_is_reported_by_verify(two_sets: Path) -> None:
+    result = fs("train", "--features", "rp12", "--splits", "2", "--classifier", "logreg")
+    assert result.exit_code == 0, result.output
+    artifact = _only(two_sets / "artifacts", "*.pkl")
+    artifact.write_bytes(artifact.read_bytes() + b"x")
+    check = fs("verify", "-f", "json")
+    assert check.exit_code == 1
+    assert [r["kind"] for r in json.loads(check.stdout)] == ["artifact"]
+    assert "cannot be repaired here" in fs("verify", "--repair").stderr
+
+
+def _replace_with(path: Path, how: str) -> None:
+    path.unlink()
+    if how == "fifo":
+        os.mkfifo(path)
+    elif how == "zero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+
+
+@pytest.mark.parametrize("how", ["fifo", "zero", "directory"])
+def test_a_shard_replaced_by_a_special_file_never_hangs(two_sets: Path, how: str) -> None:
+    rp = _only(two_sets / "features" / "rp12", "*.h5")
+    _replace_with(rp, how)
+    err = one_line_error(in_thread(lambda: fs("search", "-F", "rp12", "--id", "1")))
+    assert f"feature shard {rp}" in err and ("not a regular file" in err or "missing" in err), err
+    check = in_thread(lambda: fs("verify", "-f", "json"))
+    assert check.exit_code == 1, check.output
+    assert [(r["feature_set"], r["problem"]) for r in json.loads(check.stdout)] == [("rp12", "corrupt")]
+    repaired = in_thread(lambda: fs("verify", "--repair"))
+    assert repaired.exit_code == 0, repaired.output
+    assert "rp12: unregistered 12 vector(s)" in repaired.stderr
+    assert in_thread(lambda: fs("verify")).exit_code == 0
+    again = in_thread(lambda: fs("extract", "--rp", "12", "--size", "16x12"))
+    assert again.exit_code == 0 and "rp12: 12 vectors written" in again.stderr
+
+
+def test_an_artifact_replaced_by_a_fifo_never_hangs(tmp_path: Path) -> None:
+    from featurestore.errors import IntegrityError
+    from featurestore.training.artifacts import load_artifact
+
+    os.mkfifo(tmp_path / "model.pkl")
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        in_thread(lambda: load_artifact(tmp_path / "model.pkl", "0" * 64), bound=30)
+
+
+# --- fs serve without a token answers only Host names of this machine (DNS rebinding)
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    ("evil.example", 400), ("evil.example:8000", 400), ("127.0.0.1.evil.example", 400), ("", 400),
+    ("localhost", 200), ("LOCALHOST:8000", 200), ("127.0.0.1:8000", 200), ("[::1]:8000", 200), ("[::1]", 200),
+    ("photos.lan:8000", 200),
+])
+def test_tokenless_server_answers_only_local_host_names(ingested: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, host: str,
+                                                        status: int) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http.app import create_app
+
+    monkeypatch.setenv("FS_ALLOWED_HOSTS", "photos.lan")  # what `fs serve --allowed-host photos.lan` sets
+    with TestClient(create_app(Settings.from_env()), base_url="http://127.0.0.1") as client:
+        got = client.get("/v1/images/1", headers={"Host": host})
+    assert got.status_code == status, got.text
+    if status == 400:
+        assert "is not this server" in got.json()["detail"] and str(tmp_path) not in got.text
+
+
+def test_a_token_turns_the_host_check_off(ingested: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http.app import create_app
+
+    monkeypatch.setenv("FS_API_TOKEN", "t" * 32)
+    with TestClient(create_app(Settings.from_env())) as client:
+        got = client.get("/v1/images/1", headers={"Host": "photos.example", "Authorization": "Bearer " + "t" * 32})
+        assert got.status_code == 200
+        assert client.get("/v1/images/1", headers={"Host": "photos.example"}).status_code == 401
+
+
+def test_fs_serve_passes_allowed_hosts(monkeypatch: pytest.MonkeyPatch, image_tree: Path) -> None:
+    from featurestore.http import server
+
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    seen: list[Settings] = []
+    monkeypatch.setattr(server, "serve", lambda settings, **kw: seen.append(settings))
+    monkeypatch.setenv("FS_ALLOWED_HOSTS", "a.lan")
+    result = fs("serve", "--allowed-host", "b.lan", "--allowed-host", "c.lan")
+    assert result.exit_code == 0, result.output
+    assert seen[0].allowed_hosts == "a.lan,b.lan,c.lan"
+
+
+# --- one top-level handler: no fs command prints a traceback without --debug
+
+
+def _leaf_commands() -> list[tuple[list[str], Any]]:
+    import typer
+
+    def walk(cmd: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
+        if hasattr(cmd, "list_commands"):
+            for name in cmd.list_commands(None):
+                yield from walk(cmd.get_command(None, name), [*path, name])
+        else:
+            yield path, cmd
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def _required_args(cmd: Any, tmp_path: Path) -> list[str]:
+    """Plausible values for a command's required arguments and options (ids 1, existing files, names)."""
+    make_image(tmp_path / "photos" / "c" / "a.png")
+    (tmp_path / "file.bin").write_bytes(b"x")
+    values = {"path": str(tmp_path / "photos"), "run": "1", "run_a": "1", "run_b": "2", "symbol": "file.bin",
+              "params": "file.bin", "dest": str(tmp_path / "export"), "out": str(tmp_path / "report.html"),
+              "features": "rp8", "query": "SELECT 1"}
+    args: list[str] = []
+    for p in cmd.params:
+        if not p.required:
+            continue
+        value = values.get(p.name, "x")
+        args += [value] if p.param_type_name == "argument" else [p.opts[0], value]
+    return args
+
+
+def test_the_walk_finds_every_command() -> None:
+    names = {" ".join(path) for path, _ in _leaf_commands()}
+    assert {"status", "sql", "serve", "db upgrade", "index build", "datasets export", "models add"} <= names
+    assert len(names) >= 25
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg2://postgres@127.0.0.1:1/x",  # nothing listens on port 1
+    "mysql://root:pw@127.0.0.1/x",
+    "postgresql://u:secret@host:notaport/x",
+])
+def test_every_command_fails_in_one_line_when_the_catalog_cannot_open(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       url: str) -> None:
+    (tmp_path / ".fs").mkdir()
+    monkeypatch.setenv("FS_DATABASE_URL", url)
+    for path, cmd in _leaf_commands():
+        args = [*path, *_required_args(cmd, tmp_path)]
+        result = in_thread(lambda args=args: fs(*args), bound=60)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
+        assert "Traceback" not in result.output and "secret" not in result.output, (args, result.output)
+        assert result.exit_code in (1, 2), (args, result.exit_code, result.output)
+        if result.exit_code == 1:
+            err = result.stderr.strip()
+            assert err.startswith("Error: ") and "\n" not in err, (args, err)
+
+
+def test_catalog_errors_say_what_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".fs").mkdir()
+    monkeypatch.setenv("FS_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:1/x")
+    err = one_line_error(fs("status"))
+    assert "cannot open the catalog at postgresql+psycopg2://postgres@127.0.0.1:1/x" in err and "FS_DATABASE_URL" in err
+    monkeypatch.setenv("FS_DATABASE_URL", "mysql://root:pw@127.0.0.1/x")
+    assert "names a mysql database" in one_line_error(fs("status"))
+    monkeypatch.setenv("FS_DATABASE_URL", "not a url")
+    assert "cannot be parsed" in one_line_error(fs("status"))
+    monkeypatch.delenv("FS_DATABASE_URL")
+    for args in (["status"], ["ingest", str(tmp_path)], ["sql", "SELECT 1"]):
+        result = fs("--store", "/proc/self", *args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, (args, result.output)
+        assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_them(image_tree: Path, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    from featurestore.store import Store
+
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    monkeypatch.setattr(Store, "status", lambda self: {}["boom"])
+    err = one_line_error(fs("status"))
+    assert err.startswith("Error: unexpected KeyError: 'boom'") and "--debug" in err
+    with pytest.raises(KeyError):
+        runner.invoke(app, ["--debug", "status"], catch_exceptions=False)
+
+
+NESTED = "(" * 3000 + "1" + ")" * 3000
+
+
+def test_deeply_nested_sql_is_a_one_line_error(ingested: str) -> None:
+    assert "nested too deeply" in one_line_error(fs("sql", f"SELECT {NESTED}"))
+    assert "nested too deeply" in one_line_error(fs("search", "-F", "rp8", "--id", "1", "--where", f"id = {NESTED}"))
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "1e12"])
+def test_infinite_timeouts_are_refused(ingested: str, timeout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = fs("sql", "SELECT 1", "--timeout", timeout)
+    assert result.exit_code == 2 and "2,147,483" in result.output, result.output
+    monkeypatch.setenv("FS_SQL_TIMEOUT", timeout)
+    err = one_line_error(fs("sql", "SELECT 1"))
+    assert "FS_SQL_TIMEOUT" in err or "up to 2,147,483" in err
+
+
+@postgres_only
+def test_two_stores_initialise_one_empty_postgres_database(tmp_path: Path, backend_url: str) -> None:
+    script = ("import sys\nfrom featurestore.config import Settings\nfrom featurestore.store import Store\n"
+              "Store.open(Settings(store=sys.argv[1], database_url=sys.argv[2]), create=True).close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"s{i}"), backend_url],
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=BOUND)
+        assert p.returncode == 0, err
+    assert counts(backend_url)["images"] == 0
+
+
+def test_db_upgrade_on_a_version_set_back_is_one_line(image_tree: Path, tmp_path: Path) -> None:
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    engine = sa.create_engine(_url(tmp_path, None))
+    with engine.begin() as c:
+        c.exec_driver_sql("UPDATE alembic_version SET version_num = '0005'")
+    engine.dispose()
+    err = one_line_error(fs("db", "upgrade"))
+    assert "could not be upgraded from revision 0005" in err and "alembic_version" in err
+
+
+def test_ctrl_c_while_fs_starts_is_one_line() -> None:
+    # Ctrl-C arriving while the CLI's modules load, made deterministic: an import hook raises it
+    # when featurestore.store is first imported (about halfway through loading numpy, h5py, SQLAlchemy).
+    script = (
+        "import sys\n"
+        "class Hook:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'featurestore.store':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "sys.argv = ['fs', 'status']\n"
+        "from featurestore.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=BOUND)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "Interrupted while starting; nothing was done.\n"
+
+
+# --- re-ingesting photos after their folder moved updates their paths
+
+
+@pytest.mark.parametrize("rename", [False, True])
+def test_reingesting_moved_photos_updates_their_paths(tmp_path: Path, image_tree: Path, backend_url: str | None,
+                                                     rename: bool) -> None:
+    first = tmp_path / "a" / "shoes"
+    first.parent.mkdir()
+    image_tree.rename(first)
+    assert fs("ingest", str(first)).exit_code == 0
+    assert fs("extract", "--rp", "8", "--size", "16x12").exit_code == 0
+    moved = tmp_path / "b" / ("footwear" if rename else "shoes")  # a new folder name is a new dataset
+    moved.parent.mkdir()
+    first.rename(moved)
+    result = fs("ingest", str(moved))
+    assert result.exit_code == 0, result.output
+    assert "12 moved (their recorded path now points here)" in result.stderr
+    url = _url(tmp_path, backend_url)
+    engine = sa.create_engine(url)
+    with engine.connect() as c:
+        paths = [r[0] for r in c.exec_driver_sql("SELECT source_path FROM images")]
+        members = [r[0] for r in c.exec_driver_sql("SELECT source_path FROM dataset_members")]
+    engine.dispose()
+    assert len(paths) == 12 and all(p.startswith(str(moved.resolve())) for p in paths), paths
+    assert all(p.startswith(str(moved.resolve())) for p in members), members
+    again = fs("extract", "--rp", "16", "--size", "16x12")  # the images can be read again
+    assert again.exit_code == 0 and "rp16: 12 vectors written" in again.stderr, again.output
+    copy = tmp_path / "c" / "shoes"  # a second copy while the first still exists: a duplicate, not a move
+    copy.parent.mkdir()
+    import shutil
+
+    shutil.copytree(moved, copy)
+    dup = fs("ingest", str(copy), "--dataset", "shoes" if not rename else "footwear")
+    assert dup.exit_code == 0 and "moved" not in dup.stderr and "12 duplicates" in dup.stderr, dup.stderr
+
+
+# --- sizes bounded before the work: fs sql results, datasets export --size
+
+
+def test_fs_sql_results_are_capped(ingested: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from featurestore.catalog import readonly
+
+    monkeypatch.setattr(readonly, "MAX_RESULT_BYTES", 2**20)
+    rows = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < {}) SELECT n FROM r"
+    err = one_line_error(fs("sql", rows.format(200_000)))
+    assert "the result is larger than the 1 MiB limit" in err and "LIMIT" in err
+    ok = fs("sql", rows.format(1000), "-f", "json")
+    assert ok.exit_code == 0 and len(json.loads(ok.stdout)) == 1000
+
+
+def test_export_size_is_bounded_before_reading(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "featurestore.cli.main", "datasets", "export", "fashion-mnist",
+                           str(tmp_path / "out"), "--size", "100000x100000", "--limit", "10"],
+                          capture_output=True, text=True, timeout=BOUND)
+    err = _subprocess_error(proc)
+    assert "the limit is 64 MiB per image" in err and "100000x100000" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# --- no absolute server path in an error body for a caller who may not see paths
+
+
+def test_error_bodies_hide_server_paths_from_remote_callers(ingested: str, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http.app import create_app
+
+    engine = sa.create_engine(ingested)
+    with engine.connect() as c:
+        image_id, path = c.exec_driver_sql("SELECT id, source_path FROM images ORDER BY id").first()
+    engine.dispose()
+    Path(path).rename(tmp_path / "moved.jpg")
+    _scramble(_shard(tmp_path))  # and a shard whose error names its file
+    app = create_app(Settings.from_env())
+    with TestClient(app) as remote:  # TestClient's peer address is "testclient": not loopback
+        for url in (f"/v1/images/{image_id}/file", "/v1/feature-sets/rp8/search?image_id=1&k=3"):
+            got = remote.get(url, headers={"X-Forwarded-For": "203.0.113.9"})
+            assert got.status_code >= 400, (url, got.status_code)
+            assert str(tmp_path) not in got.text and "/tmp/" not in got.text, (url, got.text)
+    with TestClient(app, client=("127.0.0.1", 50000)) as local:  # a loopback caller still gets the facts
+        got = local.get(f"/v1/images/{image_id}/file")
+        assert got.status_code == 404 and path in got.json()["detail"], got.text
+
+
+def test_projection_gathers_a_few_rows_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from featurestore.features import projection
+
+    proj = projection.SparseRandomProjection.generate(3000, 40, seed=1)
+    X = np.random.default_rng(0).integers(0, 256, size=(9, 3000), dtype=np.uint8)
+    whole = proj.transform(X)
+    widest: list[int] = []
+    real = projection.SparseRandomProjection._project
+
+    def spy(self: Any, rows: np.ndarray, acc: Any, out: np.ndarray) -> None:
+        widest.append(rows.shape[0])
+        real(self, rows, acc, out)
+
+    monkeypatch.setattr(projection, "_GATHER_BYTES", 2 * proj.nnz * 2)  # two rows of gathered values
+    monkeypatch.setattr(projection.SparseRandomProjection, "_project", spy)
+    assert np.array_equal(proj.transform(X), whole)
+    assert max(widest) == 2 and sum(widest) == 9
+
+
+# --- /ui/login slows down token guessing
+
+
+def test_login_is_throttled_after_wrong_tokens(ingested: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http import throttle
+    from featurestore.http.app import create_app
+
+    now = [1000.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: now[0])
+    token = "s" * 32
+    monkeypatch.setenv("FS_API_TOKEN", token)
+    with TestClient(create_app(Settings.from_env())) as client:
+        codes = [client.post("/ui/login", data={"token": f"guess{i}"}, follow_redirects=False).status_code
+                 for i in range(throttle.MAX_FAILURES + 5)]
+        assert codes[: throttle.MAX_FAILURES] == [401] * throttle.MAX_FAILURES
+        assert set(codes[throttle.MAX_FAILURES :]) == {429}
+        right = client.post("/ui/login", data={"token": token}, follow_redirects=False)
+        assert right.status_code == 429 and "too many wrong tokens" in right.text  # even the right one, for now
+        now[0] += throttle.WINDOW_SECONDS + 1
+        right = client.post("/ui/login", data={"token": token}, follow_redirects=False)
+        assert right.status_code == 303 and "fs_session" in right.headers.get("set-cookie", "")
+
+
+def test_predict_on_a_fifo_leaves_no_empty_dataset(ingested: str, tmp_path: Path) -> None:
+    trained = fs("train", "--features", "rp8", "--splits", "2")
+    assert trained.exit_code == 0, trained.output
+    os.mkfifo(tmp_path / "pipe.jpg")
+    before = counts(ingested)
+    result = in_thread(lambda: fs("predict", "--run", "1", str(tmp_path / "pipe.jpg")))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "not a regular file" in result.stderr
+    engine = sa.create_engine(ingested)
+    with engine.connect() as c:
+        assert "predict" not in {r[0] for r in c.exec_driver_sql("SELECT name FROM datasets")}
+    engine.dispose()
+    after = counts(ingested)
+    assert {t: n for t, n in after.items() if t != "ingest_errors"} == \
+        {t: n for t, n in before.items() if t != "ingest_errors"}
+
+
+# --- Ray: an address nothing listens at fails in one line, at once
+
+
+def test_ray_address_nothing_listens_at_fails_at_once(ingested: str) -> None:
+    result = in_thread(lambda: fs("extract", "--rp", "16", "--size", "16x12", "--ray", "127.0.0.1:1"), bound=30)
+    err = one_line_error(result)
+    assert "cannot connect to the Ray cluster at '127.0.0.1:1'" in err and "ray start --head" in err
+    assert "--ray 'nonsense' is not HOST:PORT" in one_line_error(fs("extract", "--rp", "16", "--ray", "nonsense"))
+
+
+def _ray_processes(temp_prefix: str = "/tmp/fs-ray-") -> dict[int, str]:
+    """pid -> command line of the processes of private Ray clusters (`--ray local`) on this machine: those
+    naming its temp folder, or carrying its marker in their environment (agents rename themselves)."""
+    out = {}
+    marker = b"FEATURESTORE_RAY_TEMP=" + temp_prefix.encode()
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+                env = Path(f"/proc/{d}/environ").read_bytes()
+            except OSError:
+                continue
+            text = cmd.replace(b"\0", b" ").decode(errors="replace")
+            if (temp_prefix.encode() in cmd or marker in env) and text.split()[1:2] != ["-c"]:
+                out[int(d)] = text
+    return out
+
+
+def _start_ray_extract(tmp_path: Path) -> tuple[subprocess.Popen[str], set[int]]:
+    for i in range(60):
+        make_image(tmp_path / "many" / "c" / f"{i}.png", size=(64, 48), seed=i)
+    assert fs("ingest", str(tmp_path / "many")).exit_code == 0
+    before = set(_ray_processes())
+    proc = subprocess.Popen([sys.executable, "-m", "featurestore.cli.main", "extract", "--rp", "16", "--size",
+                             "16x12", "--batch", "1", "--ray", "local"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(int(BOUND / 0.5)):  # until the cluster's agents run
+        if any("ray::" in c for p, c in _ray_processes().items() if p not in before) or proc.poll() is not None:
+            break
+        threading.Event().wait(0.5)
+    threading.Event().wait(3.0)
+    assert proc.poll() is None, proc.communicate()
+    return proc, before
+
+
+def _left(before: set[int]) -> dict[int, str]:
+    for _ in range(60):
+        left = {p: c for p, c in _ray_processes().items() if p not in before}
+        if not left:
+            return {}
+        threading.Event().wait(1.0)
+    return left
+
+
+@pytest.mark.ray
+def test_kill_of_a_ray_local_extract_exits_143(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    proc, before = _start_ray_extract(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=BOUND)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "Terminated (SIGTERM); everything written so far is kept."
+    assert not _left(before)
+
+
+@pytest.mark.ray
+def test_kill_9_of_a_ray_local_driver_leaves_no_ray_processes(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    proc, before = _start_ray_extract(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=BOUND)
+    left = _left(before)
+    assert not left, left

@@ -34,7 +34,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
         for k in range(6):
             make_image(base / "imgs" / cls / f"{cls}{k}.png", size=(24, 16), seed=seed)
             seed += 1
-    settings_ = Settings(store=base / ".fs", workers=2, max_upload_mb=1)
+    settings_ = Settings(store=base / ".fs", workers=2, max_upload_mb=1, allowed_hosts="testserver")
     with Store.open(settings_, create=True) as store, store.writing():
         ingest(store, base / "imgs", dataset="imgs")
         extract(store, [projection_extractor(store, 8, (16, 12))])

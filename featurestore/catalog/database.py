@@ -13,9 +13,22 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
-from featurestore.errors import CatalogCorruptError, FeatureStoreError, SchemaOutdatedError
+from featurestore.errors import CatalogCorruptError, FeatureStoreError, InvalidInputError, SchemaOutdatedError
+
+# Two store folders may initialise one empty PostgreSQL database at once (their write locks are
+# per folder): migrations take this transaction-level advisory lock, so the second waits and finds
+# the schema made. The number is arbitrary but fixed ("featurestore" in ASCII, truncated).
+_MIGRATION_LOCK = 0x6665617475726573
+
+
+class CatalogUnavailableError(FeatureStoreError, ConnectionError):
+    """The catalog database cannot be reached or opened."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"cannot open the catalog at {_safe(url)} ({reason}); check FS_DATABASE_URL / --store "
+                         "and that the database server is running and reachable")
 
 
 def configure_sqlite(engine: Engine) -> None:
@@ -46,10 +59,36 @@ def _is_readonly(dbapi_conn: Any) -> bool:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for the catalog; SQLite gets WAL and foreign keys."""
-    engine = create_engine(url, future=True, pool_pre_ping=url.startswith("postgresql"))
+    """An engine for the catalog; SQLite gets WAL and foreign keys.
+
+    Raises
+    ------
+    InvalidInputError
+        ``url`` is not a URL SQLAlchemy can parse, or names a database featurestore does not support.
+    """
+    try:
+        dialect = make_url(url).get_backend_name()
+    except (ArgumentError, ValueError):
+        raise InvalidInputError(f"the catalog URL {_safe(url)} cannot be parsed; {_URL_HINT}") from None
+    if dialect not in ("sqlite", "postgresql"):
+        raise InvalidInputError(f"the catalog URL {_safe(url)} names a {dialect} database; {_URL_HINT}")
+    try:
+        engine = create_engine(url, future=True, pool_pre_ping=url.startswith("postgresql"),
+                               **({"connect_args": {"connect_timeout": 10}} if dialect == "postgresql" else {}))
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as exc:
+        raise InvalidInputError(f"the catalog URL {_safe(url)} cannot be used ({_first_line(exc)}); "
+                                f"{_URL_HINT}") from None
     configure_sqlite(engine)
     return engine
+
+
+_URL_HINT = "FS_DATABASE_URL must be sqlite:///PATH or postgresql+psycopg2://USER@HOST:PORT/DATABASE"
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    lines = str(orig if orig is not None else exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def alembic_config(url: str) -> Any:
@@ -78,6 +117,9 @@ def current_revision(engine: Engine) -> str | None:
         msg = str(orig).strip() if orig is not None else ""
         if isinstance(orig, sqlite3.DatabaseError) and ("not a database" in msg or "malformed" in msg):
             raise CatalogCorruptError(engine.url.database, msg) from None
+        if isinstance(exc, OperationalError):  # server down, wrong port or password, unwritable folder
+            raise CatalogUnavailableError(engine.url.render_as_string(hide_password=True), _first_line(exc)) \
+                from None
         raise
 
 
@@ -85,9 +127,19 @@ def upgrade(engine: Engine, url: str, revision: str = "head") -> tuple[str | Non
     """Run migrations up to ``revision``; returns (before, after) revisions."""
     before = current_revision(engine)
     cfg = alembic_config(url)
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # another store folder may be migrating this database
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    except DBAPIError as exc:
+        # e.g. a table that already exists: the recorded revision is older than the tables
+        raise SchemaOutdatedError(
+            f"the catalog at {_safe(url)} could not be upgraded from revision {before or 'empty'} "
+            f"({_first_line(exc)}); its alembic_version may not match its tables (was it changed by hand?): "
+            "restore the catalog from a backup, or set alembic_version to the revision its tables have"
+        ) from None
     return before, current_revision(engine) or ""
 
 
@@ -111,11 +163,13 @@ def ensure_schema(engine: Engine, url: str, create: bool) -> None:
         return
     if current is None:
         tables = set(inspect(engine).get_table_names())
-        if tables - {"alembic_version"}:
+        if tables - {"alembic_version"} and current_revision(engine) != head:  # (not another store's first use)
             raise FeatureStoreError(
                 f"the database at {_safe(url)} has tables but no featurestore schema version; "
                 "point FS_DATABASE_URL/--store at an empty database or a featurestore catalog"
             )
+        if tables - {"alembic_version"}:
+            return
         if not create:
             raise FeatureStoreError(
                 f"the catalog at {_safe(url)} is empty: run `fs ingest PATH` (or `fs db upgrade`) first"
@@ -136,5 +190,8 @@ def ensure_schema(engine: Engine, url: str, create: bool) -> None:
 
 
 def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL without its password, for messages (an unparsable one is cut at its first ``@``)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return repr(url.rpartition("@")[2] if "@" in url else url[:80])

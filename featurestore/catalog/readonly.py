@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from featurestore.config import Settings
 
 DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 2_147_483  # seconds: PostgreSQL's statement_timeout is an int of milliseconds
 """Seconds a user query may run (``fs sql --timeout``, ``FS_SQL_TIMEOUT``)."""
 
 # sqlglot logs a warning when it falls back to an opaque Command (VACUUM, EXPLAIN...); such
@@ -267,6 +269,11 @@ def _regenerate(tree: exp.Expr, dialect: str, label: str, tables: frozenset[str]
     return sql
 
 
+def _too_deep(label: str) -> ReadOnlySQLError:
+    return ReadOnlySQLError(f"{label}: SQL error: the expression is nested too deeply for the SQL parser "
+                            f"(more than about {sys.getrecursionlimit() // 10:,} levels); write it more plainly")
+
+
 def check_query(sql: str, dialect: str, label: str = "read-only SQL", tables: Iterable[str] | None = None
                 ) -> str:
     """Check that ``sql`` is one allow-listed query and return the SQL text to run.
@@ -287,6 +294,13 @@ def check_query(sql: str, dialect: str, label: str = "read-only SQL", tables: It
         Not exactly one statement, not a query, or a construct outside the
         allow-lists; the message names it.
     """
+    try:
+        return _check_query(sql, dialect, label, tables)
+    except RecursionError:  # the parser and the tree checks recurse once per nesting level
+        raise _too_deep(label) from None
+
+
+def _check_query(sql: str, dialect: str, label: str, tables: Iterable[str] | None) -> str:
     allowed = frozenset(t.lower() for t in tables) if tables is not None else catalog_tables()
     try:
         trees = [t for t in sqlglot.parse(sql or "", read=dialect) if t is not None]
@@ -325,7 +339,14 @@ def where_query(condition: str, dialect: str, label: str = "--where") -> str:
     cond = (condition or "").strip()
     if not cond:
         raise ReadOnlySQLError(f"{label} needs a SQL condition, e.g. label = 'sneaker'")
-    bad = f"bad {label} condition {cond!r}"
+    bad = f"bad {label} condition {cond[:200]!r}"
+    try:
+        return _where_query(cond, dialect, bad)
+    except RecursionError:
+        raise _too_deep(bad) from None
+
+
+def _where_query(cond: str, dialect: str, bad: str) -> str:
     try:
         tokens = sqlglot.tokenize(cond, read=dialect)
     except TokenError as exc:
@@ -364,6 +385,33 @@ class QueryResult:
 
 _ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _FETCH = 5000
+MAX_RESULT_BYTES = 256 * 2**20
+"""Largest result a user query may return (about: values' lengths plus 16 bytes each), held in memory."""
+MAX_VALUE_BYTES = 64 * 2**20  # SQLite: largest string or blob a query may build (SQLITE_LIMIT_LENGTH)
+
+
+class ResultTooLargeError(ReadOnlySQLError):
+    """A user query returned more than :data:`MAX_RESULT_BYTES`."""
+
+
+class _Budget:
+    """Counts a result's size while it is fetched, and stops it past :data:`MAX_RESULT_BYTES`."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.used = 0
+        self.rows = 0
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        for row in rows:
+            self.used += sum(len(v) + 16 if isinstance(v, str | bytes | bytearray | memoryview) else 16
+                             for v in row)
+        self.rows += len(rows)
+        if self.used > MAX_RESULT_BYTES:
+            raise ResultTooLargeError(
+                f"{self.label}: the result is larger than the {MAX_RESULT_BYTES // 2**20} MiB limit "
+                f"(stopped after {self.rows:,} rows); narrow it with WHERE or LIMIT, select fewer columns, "
+                "or aggregate")
 
 
 def check_role_name(name: str) -> str:
@@ -413,12 +461,13 @@ class ReadOnlyCatalog:
     def image_ids_where(self, condition: str, label: str = "--where") -> list[int]:
         """Ids of the images matching a user condition; see :func:`where_query`."""
         result = self._run(where_query(condition, self.dialect, label),
-                           f"bad {label} condition {(condition or '').strip()!r}")
+                           f"bad {label} condition {(condition or '').strip()[:200]!r}")
         return [int(r[0]) for r in result.rows]
 
     def _run(self, sql: str, label: str) -> QueryResult:
-        if not self.timeout > 0:
-            raise InvalidInputError(f"the query timeout must be a positive number of seconds, got {self.timeout}")
+        if not 0 < self.timeout <= MAX_TIMEOUT:  # also refuses NaN and inf
+            raise InvalidInputError(f"the query timeout must be a positive number of seconds up to {MAX_TIMEOUT:,} "
+                                    f"(PostgreSQL's statement_timeout limit, about 24 days), got {self.timeout}")
         runner: _SQLiteRunner | _PostgresRunner
         if self.dialect == "sqlite":
             if self.readonly_url or self.role:
@@ -484,7 +533,11 @@ class _SQLiteRunner:
         try:
             cur = conn.execute(self.sql)
             columns = [d[0] for d in cur.description or ()]
-            rows = [tuple(r) for r in cur.fetchall()]
+            rows: list[tuple[Any, ...]] = []
+            budget = _Budget(self.label)
+            while batch := [tuple(r) for r in cur.fetchmany(_FETCH)]:
+                budget.add(batch)
+                rows.extend(batch)
         except sqlite3.Error as exc:
             raise self._error(exc) from None
         finally:
@@ -498,6 +551,7 @@ class _SQLiteRunner:
             conn = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True,
                                    check_same_thread=False)
             conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+            conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)  # zeroblob(1e9) and the like
             conn.execute("PRAGMA query_only=ON")
             conn.execute(f"PRAGMA busy_timeout={int(min(self.timeout, 30) * 1000)}")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header: is it SQLite?
@@ -591,10 +645,12 @@ class _PostgresRunner:
             cur.execute(f"SET LOCAL statement_timeout = {self._ms(deadline)}")
             named.execute(self.sql)
             rows: list[tuple[Any, ...]] = []
+            budget = _Budget(self.label)
             while True:
                 cur.execute(f"SET LOCAL statement_timeout = {self._ms(deadline)}")
-                batch = named.fetchmany(_FETCH)
-                rows.extend(tuple(r) for r in batch)
+                batch = [tuple(r) for r in named.fetchmany(_FETCH)]
+                budget.add(batch)
+                rows.extend(batch)
                 if len(batch) < _FETCH:
                     break
             columns = [d.name for d in named.description or ()]

@@ -61,6 +61,7 @@ class ShardRef:
     path: str
     rows: int
     runtime: str | None = None  # what computed the vectors (CNN sets)
+    sha256: str | None = None  # of the file's bytes at registration (None: registered before 0011)
 
 
 class Catalog:
@@ -330,15 +331,15 @@ class Catalog:
             return conn.execute(select(FeatureRow.image_id).where(
                 FeatureRow.feature_set_id == feature_set_id, FeatureRow.image_id == int(image_id))).first() is not None
 
-    def vector_location(self, feature_set_id: int, image_id: int) -> tuple[str, int] | None:
-        """(shard path, row) of one image's vector, or None."""
+    def vector_location(self, feature_set_id: int, image_id: int) -> tuple[str, int, str | None] | None:
+        """(shard path, row, shard sha256) of one image's vector, or None."""
         with self.engine.connect() as conn:
             loc = conn.execute(
-                select(FeatureShard.path, FeatureRow.row)
+                select(FeatureShard.path, FeatureRow.row, FeatureShard.sha256)
                 .join(FeatureShard, FeatureShard.id == FeatureRow.shard_id)
                 .where(FeatureRow.feature_set_id == feature_set_id, FeatureRow.image_id == int(image_id))
             ).first()
-        return None if loc is None else (str(loc[0]), int(loc[1]))
+        return None if loc is None else (str(loc[0]), int(loc[1]), loc[2])
 
     def coverage(self) -> list[tuple[str, str, int, int, int]]:
         """(name, kind, dim, images with a vector, shards) per feature set."""
@@ -378,12 +379,12 @@ class Catalog:
 
     def shards(self, feature_set_id: int, max_rows: int | None = None) -> list[ShardRef]:
         """The shards of a feature set in id order (only those with fewer than ``max_rows`` rows if given)."""
-        q = select(FeatureShard.id, FeatureShard.path, FeatureShard.rows, FeatureShard.runtime).where(
-            FeatureShard.feature_set_id == int(feature_set_id)).order_by(FeatureShard.id)
+        q = select(FeatureShard.id, FeatureShard.path, FeatureShard.rows, FeatureShard.runtime, FeatureShard.sha256
+                   ).where(FeatureShard.feature_set_id == int(feature_set_id)).order_by(FeatureShard.id)
         if max_rows is not None:
             q = q.where(FeatureShard.rows < max_rows)
         with self.engine.connect() as conn:
-            return [ShardRef(int(i), str(p), int(n), r) for i, p, n, r in conn.execute(q)]
+            return [ShardRef(int(i), str(p), int(n), r, h) for i, p, n, r, h in conn.execute(q)]
 
     def live_row_counts(self, feature_set_id: int) -> dict[int, int]:
         """shard id -> rows the catalog points at."""
@@ -400,15 +401,16 @@ class Catalog:
 
     def register_shard(self, feature_set_id: int, path: str, image_ids: np.ndarray,
                        replaces: set[int] | None = None, s: Session | None = None,
-                       runtime: str | None = None) -> int:
+                       runtime: str | None = None, sha256: str | None = None) -> int:
         """Register a written shard and point its images' rows at it, in one transaction (``s`` if given).
 
         ``replaces``: shards whose rows this one takes over (compaction); they
         are unregistered in the same transaction. ``runtime``: what computed the
-        vectors. Returns the new shard's id.
+        vectors; ``sha256``: of the file's bytes. Returns the new shard's id.
         """
         with self._within(s) as s:
-            shard = FeatureShard(feature_set_id=feature_set_id, path=path, rows=len(image_ids), runtime=runtime)
+            shard = FeatureShard(feature_set_id=feature_set_id, path=path, rows=len(image_ids), runtime=runtime,
+                                 sha256=sha256)
             s.add(shard)
             s.flush()
             if replaces:
@@ -1095,6 +1097,7 @@ class LiveShard:
     path: str
     rows: int
     live: int
+    sha256: str | None = None  # of the file's bytes at registration (None: registered before 0011)
 
 
 def _select() -> Any:
@@ -1134,12 +1137,12 @@ def index_state(engine: Engine, feature_set_id: int) -> tuple[tuple[int, str, st
             row = cur.fetchone()
             if row is None:
                 return None, []
-            cur.execute(f"SELECT id, path, rows FROM feature_shards WHERE feature_set_id = {fid} ORDER BY id")
+            cur.execute(f"SELECT id, path, rows, sha256 FROM feature_shards WHERE feature_set_id = {fid} ORDER BY id")
             shards = cur.fetchall()
         finally:
             cur.close()
     params = row[2] if isinstance(row[2], str) else json.dumps(row[2], sort_keys=True)
-    return (int(row[0]), str(row[1]), params), [LiveShard(int(i), str(p), int(n), int(n)) for i, p, n in shards]
+    return (int(row[0]), str(row[1]), params), [LiveShard(int(i), str(p), int(n), int(n), h) for i, p, n, h in shards]
 
 
 def list_indexes(engine: Engine) -> list[IndexRecord]:
@@ -1166,8 +1169,8 @@ def live_shards(engine: Engine, feature_set_id: int, count: Sequence[int] | None
     fid = int(feature_set_id)
     counted = None if count is None else {int(i) for i in count}
     with engine.connect() as conn:
-        shards = conn.execute(select(FeatureShard.id, FeatureShard.path, FeatureShard.rows).where(
-            FeatureShard.feature_set_id == fid).order_by(FeatureShard.id)).all()
+        shards = conn.execute(select(FeatureShard.id, FeatureShard.path, FeatureShard.rows, FeatureShard.sha256)
+                              .where(FeatureShard.feature_set_id == fid).order_by(FeatureShard.id)).all()
         counts: dict[int, int] = {}
         if counted is None or counted:
             q = select(FeatureRow.shard_id, func.count()).where(FeatureRow.feature_set_id == fid)
@@ -1175,7 +1178,7 @@ def live_shards(engine: Engine, feature_set_id: int, count: Sequence[int] | None
                 q = q.where(FeatureRow.shard_id.in_(sorted(counted)))
             counts = {int(i): int(c) for i, c in conn.execute(q.group_by(FeatureRow.shard_id)).all()}
     return [LiveShard(int(i), str(p), int(n), counts.get(int(i), 0) if counted is None or int(i) in counted
-                      else int(n)) for i, p, n in shards]
+                      else int(n), h) for i, p, n, h in shards]
 
 
 def shard_live_rows(engine: Engine, shard_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -126,6 +126,10 @@ class FeatureShard(Base):
     # `fs compact`); not part of the set's params, so a set may be continued on another runtime.
     runtime: Mapped[str | None] = mapped_column(String(50), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Migration 0011 (issue 32): sha256 of the file's bytes at registration, checked before every first
+    # open in a process and by `fs verify`; binds the file to this row (and so to its feature set).
+    # NULL for shards registered before it (read, reported by `fs verify` as without a digest).
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class FeatureRow(Base):

@@ -84,7 +84,11 @@ MAX_PROJECTION_BYTES = 4 * 2**30
 MAX_PROJECTION_DRAWS = 2**35
 """Most random words drawn to generate a projection (``D * K``, about 3.4e10: several minutes)."""
 
-_BYTES_PER_NONZERO = 104  # measured peak while generating: indices, signs, sort orders, CSC arrays
+# Measured peak per non-zero of generating a matrix, then loading it with its transform tables and
+# projecting (issue 32: 128 bytes at 640x480, K = 6,000; generation alone is 106). The whole
+# `fs extract --rp K` stays under MAX_PROJECTION_BYTES plus the gather, itself bounded by _GATHER_BYTES.
+_BYTES_PER_NONZERO = 128
+_GATHER_BYTES = 256 * 2**20
 
 
 def check_projection(n_features: int, n_components: int, density: float | None = None) -> None:
@@ -116,9 +120,9 @@ def check_projection(n_features: int, n_components: int, density: float | None =
         k_max = int(min(d, MAX_PROJECTION_BYTES / (_BYTES_PER_NONZERO * d * density), MAX_PROJECTION_DRAWS // d))
         raise InvalidInputError(
             f"a random projection of {d:,} input values to {k:,} dimensions would draw {d * k:,.0f} random numbers "
-            f"and hold about {nonzeros:,.0f} non-zeros ({need / 2**30:,.1f} GiB while generating); the limits are "
-            f"{MAX_PROJECTION_DRAWS:,} draws (minutes of work) and {MAX_PROJECTION_BYTES / 2**30:g} GiB, so at this "
-            f"input size K can be at most {k_max:,} (typical: 64 to 1,024; or use a smaller --size)"
+            f"and hold about {nonzeros:,.0f} non-zeros ({need / 2**30:,.1f} GiB while generating and projecting); "
+            f"the limits are {MAX_PROJECTION_DRAWS:,} draws (minutes of work) and {MAX_PROJECTION_BYTES / 2**30:g} "
+            f"GiB, so at this input size K can be at most {k_max:,} (typical: 64 to 1,024; or use a smaller --size)"
         )
 
 
@@ -321,10 +325,19 @@ class SparseRandomProjection:
             acc = np.float64
         else:
             raise InvalidInputError(f"projection input must be numeric, got dtype {X.dtype}")
-        n, k = X.shape[0], self.n_components
-        out = np.zeros((n, k), dtype=np.float32)
+        n = X.shape[0]
+        out = np.zeros((n, self.n_components), dtype=np.float32)
         if n == 0 or self._gather_idx.size == 0:
             return out[0] if one else out
+        # The gather holds (rows x non-zeros) input values twice: a batch of 32 images at the largest
+        # K took gigabytes. Rows are independent, so a few at a time keep it under _GATHER_BYTES.
+        step = max(1, _GATHER_BYTES // (2 * X.dtype.itemsize * self._gather_idx.size))
+        for start in range(0, n, step):
+            self._project(X[start : start + step], acc, out[start : start + step])
+        return out[0] if one else out
+
+    def _project(self, X: np.ndarray, acc: type[np.number[Any]], out: np.ndarray) -> None:
+        n, k = X.shape[0], self.n_components
         if n == 1:
             gathered = X[:, self._gather_idx]
         else:
@@ -333,7 +346,6 @@ class SparseRandomProjection:
         sums[:, self._seg_nonempty] = np.add.reduceat(gathered, self._seg_starts, axis=1, dtype=acc)
         diff = np.subtract(sums[:, 0::2], sums[:, 1::2])
         out[:] = diff.astype(np.float64) * np.float64(self.scale)
-        return out[0] if one else out
 
     __call__ = transform
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -106,6 +107,24 @@ def paths_visible(request: Request) -> bool:
         return is_authenticated(request)
     client = request.client
     return client is not None and is_loopback(client.host)
+
+
+# An absolute file path in a message: two or more segments from the root ("/srv/photos/a.jpg"), not
+# one of the service's own URL paths ("/ui/login", "/v1/health") that messages point callers to.
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?!(?:v1|ui|docs|redoc|openapi\.json|static)\b)[^\s'\"`<>]+(?:/[^\s'\"`<>,;]+)+")
+HIDDEN_PATH = "[server path hidden]"
+
+
+def hide_paths(request: Request, message: str) -> str:
+    """``message`` for this caller: absolute server paths replaced unless it may see them (:func:`paths_visible`).
+
+    Error messages name files to help whoever runs the server; a remote caller
+    without the token otherwise gets ``"path": null`` and must not learn the
+    layout from an error either.
+    """
+    if paths_visible(request):
+        return message
+    return _ABS_PATH.sub(HIDDEN_PATH, message)
 
 
 def writes_allowed(request: Request) -> bool:

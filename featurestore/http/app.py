@@ -28,6 +28,7 @@ from featurestore import __version__
 from featurestore.config import Settings
 from featurestore.http import errors
 from featurestore.http.access import check_writes
+from featurestore.http.hosts import HostCheck
 from featurestore.http.limits import BodyLimit, max_body_bytes
 from featurestore.http.routes import audit, browse, datasets, docs, feature_sets, health, images, media, runs, ui
 from featurestore.store import Store
@@ -60,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
                   openapi_url=None, docs_url=None, redoc_url=None)  # served by routes.docs, behind the token
     app.state.settings = settings
     app.add_middleware(BodyLimit, limit=max_body_bytes(settings))
+    app.add_middleware(HostCheck, settings=settings)  # outermost: a rebinding page's request ends here
     errors.install(app)
     ui.install_error_pages(app)  # unknown /ui paths: an HTML page, not JSON
     app.include_router(health.router)

@@ -30,6 +30,7 @@ from featurestore.errors import (
     StoreBusyError,
     UnsupportedMediaError,
 )
+from featurestore.http.access import hide_paths
 
 log = logging.getLogger("featurestore.http")
 
@@ -94,11 +95,11 @@ def validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts) if parts else "invalid request"
 
 
-async def store_error(_: Request, exc: Exception) -> JSONResponse:
+async def store_error(request: Request, exc: Exception) -> JSONResponse:
     status = status_for(exc)
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc)
-    return error_response(status, str(exc))
+    return error_response(status, hide_paths(request, str(exc)))
 
 
 async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
@@ -106,9 +107,9 @@ async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, validation_message(exc))
 
 
-async def http_error(_: Request, exc: Exception) -> JSONResponse:
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    return error_response(exc.status_code, hide_paths(request, str(exc.detail)), getattr(exc, "headers", None))
 
 
 async def unexpected(_: Request, exc: Exception) -> JSONResponse:

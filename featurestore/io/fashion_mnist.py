@@ -382,7 +382,18 @@ def _check_export_args(fmt: str, limit: int | None, workers: int, size: tuple[in
     size = (int(size[0]), int(size[1]))
     if min(size) < 1:
         raise InvalidInputError(f"size must be positive, got {size[0]}x{size[1]}")
+    need = size[0] * size[1] * 3
+    if need > MAX_EXPORT_IMAGE_BYTES:
+        raise InvalidInputError(
+            f"--size {size[0]}x{size[1]} would need {need / 2**20:,.0f} MiB per image (RGB, one per worker, "
+            f"several times that while encoding); the limit is {MAX_EXPORT_IMAGE_BYTES // 2**20} MiB per image, "
+            "e.g. 4096x4096"
+        )
     return size
+
+
+MAX_EXPORT_IMAGE_BYTES = 64 * 2**20
+"""Largest exported image, as RGB bytes (4096x4096 fits): an upscale is held several times while encoded."""
 
 
 def _prepare_dest(dest: Path, params: dict) -> tuple[bool, dict[str, Path]]:

@@ -45,9 +45,11 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -66,6 +68,7 @@ from featurestore.errors import ClusterError, FeatureStoreError, IntegrityError,
 from featurestore.features.base import Extractor
 from featurestore.features.registry import extractor_for_sets
 from featurestore.io.atomic import tmp_path_for
+from featurestore.io.verified import digest_written
 from featurestore.pipelines.extract import (
     FLUSH_BYTES,
     ExtractPlan,
@@ -116,8 +119,13 @@ def ray_session(address: str) -> Iterator[Any]:
 
     A connection already open in this process is used as it is and left open.
     """
-    if "ray" not in sys.modules and address == "local":
-        _local_ray_environment()
+    if "ray" not in sys.modules:
+        # Ray's C++ failure handler would catch SIGTERM in the driver and abort with a stack dump (exit 134);
+        # without it `kill PID` reaches fs's own handler (exit 143, everything written kept).
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        if address == "local":
+            _local_ray_environment()
+    _probe(address)
     ray = import_ray()
     if ray.is_initialized():
         yield ray
@@ -128,8 +136,13 @@ def ray_session(address: str) -> Iterator[Any]:
         # Ray's sockets live under it and a socket path must stay under 108 bytes: not under a long TMPDIR.
         temp = tempfile.mkdtemp(prefix="fs-ray-", dir="/tmp" if os.access("/tmp", os.W_OK) else None)
         options.update(include_dashboard=False, _temp_dir=temp, _node_ip_address="127.0.0.1")
+        _watch(temp)
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**options)
+        if threading.current_thread() is threading.main_thread() and callable(sigterm):
+            # ray.init replaces the handler; `kill PID` must still stop fs cleanly (exit 143, not a crash dump)
+            signal.signal(signal.SIGTERM, sigterm)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _stop(ray, temp)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -137,8 +150,13 @@ def ray_session(address: str) -> Iterator[Any]:
             f"cannot connect to the Ray cluster at {address!r} ({first}); start one with `ray start --head` "
             "(then use --ray auto) or use --ray local"
         ) from None
-    except BaseException:  # Ctrl-C while the cluster starts
+    except BaseException as exc:  # Ctrl-C or `kill` while the cluster starts
         _stop(ray, temp)
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM and callable(sigterm) \
+                and threading.current_thread() is threading.main_thread():
+            # Ray's own handler (sys.exit(15), no message) had SIGTERM meanwhile: hand it to the previous one
+            signal.signal(signal.SIGTERM, sigterm)
+            os.kill(os.getpid(), signal.SIGTERM)
         raise
     try:
         yield ray
@@ -146,11 +164,88 @@ def ray_session(address: str) -> Iterator[Any]:
         _stop(ray, temp)
 
 
+PROBE_SECONDS = 5.0
+
+# Run beside a private cluster (--ray local): once the driver is gone (kill -9 skips every clean-up) and its
+# temp folder is still there, kill every process whose command line names that folder or whose environment
+# carries RAY_MARKER=<folder> (Ray's agents, which outlive the driver otherwise, rename themselves
+# "ray::DashboardAgent"...), then remove it. A clean stop removes the folder, which ends the watchdog.
+RAY_MARKER = "FEATURESTORE_RAY_TEMP"
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+pid, temp = int(sys.argv[1]), sys.argv[2]
+marker = (sys.argv[3] + "=" + temp + "\\0").encode()
+def ours(d):
+    for name, needle in (("cmdline", temp.encode()), ("environ", marker)):
+        try:
+            with open(f"/proc/{d}/{name}", "rb") as f:
+                if needle in f.read() + b"\\0":
+                    return True
+        except OSError:
+            pass
+    return False
+def alive(p):
+    try:
+        os.kill(p, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+while alive(pid) and os.path.isdir(temp):
+    time.sleep(0.5)
+if os.path.isdir(temp):
+    time.sleep(1.0)
+    for _ in range(3):
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) != os.getpid() and ours(d):
+                try:
+                    os.kill(int(d), signal.SIGKILL)
+                except OSError:
+                    pass
+        time.sleep(0.5)
+    shutil.rmtree(temp, ignore_errors=True)
+"""
+
+
+def _watch(temp: str) -> None:
+    """Start the watchdog of a private cluster's processes (see :data:`_WATCHDOG`); Linux only."""
+    if not os.path.isdir("/proc"):
+        return
+    import subprocess
+
+    os.environ[RAY_MARKER] = temp  # inherited by every process of the cluster (see _WATCHDOG)
+    _WATCHDOGS.append(subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), temp, RAY_MARKER],
+                                       start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL))
+
+
+_WATCHDOGS: list[Any] = []  # kept so that Python does not warn about a child still running
+
+
+def _probe(address: str) -> None:
+    """Fail at once when nothing listens at a ``HOST:PORT`` address (``ray.init`` retries for minutes)."""
+    if address in ("local", "auto") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--ray {address!r} is not HOST:PORT, local or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at {address!r} ({exc.strerror or exc}); start one with "
+            "`ray start --head` (then use --ray auto or its HOST:6379) or use --ray local"
+        ) from None
+
+
 def _stop(ray: Any, temp: str | None) -> None:
     """Disconnect (and stop a cluster this process started); remove its temp folder."""
     ray.shutdown()
     if temp:
         shutil.rmtree(temp, ignore_errors=True)
+        if os.environ.get(RAY_MARKER) == temp:
+            del os.environ[RAY_MARKER]
 
 
 # -- the cluster's shape ---------------------------------------------------------------------------
@@ -357,19 +452,21 @@ class Registrar:
         self.done.add(result.task)
         shards = {}
         for name, (rel, rows) in result.shards.items():
-            ids = read_shard_ids(self.store.root / rel)  # what the file holds, read by the driver itself
+            digest = digest_written(self.store.root / rel)  # the bytes registered are the bytes checked here
+            ids = read_shard_ids(self.store.root / rel, digest)  # what the file holds, read by the driver itself
             if len(ids) != rows or not set(ids.tolist()) <= set(task.lacking.get(name, ())):
                 raise IntegrityError(f"shard {rel} written by node {result.node} does not hold the images of "
                                      f"task {task.index}; run `fs extract` again")
-            shards[name] = (rel, ids)
+            shards[name] = (rel, ids, digest)
         # Tasks are disjoint, so only a replayed task can hold images already registered (then all of them).
-        if any(self.have.get(name, set()).intersection(ids.tolist()) for name, (_, ids) in shards.items()):
+        if any(self.have.get(name, set()).intersection(ids.tolist()) for name, (_, ids, _) in shards.items()):
             return
         self.summary.failed += result.failed
         self.summary.processed += result.processed
-        for name, (rel, ids) in shards.items():
+        for name, (rel, ids, digest) in shards.items():
             # What the worker says computed it (the driver's runtime: the workers are built with it).
-            self.store.catalog.register_shard(self.plan.sets[name].id, rel, ids, runtime=result.runtimes.get(name))
+            self.store.catalog.register_shard(self.plan.sets[name].id, rel, ids, runtime=result.runtimes.get(name),
+                                              sha256=digest)
             self.have.setdefault(name, set()).update(ids.tolist())
             self.summary.written[name] = self.summary.written.get(name, 0) + len(ids)
 

@@ -18,7 +18,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from featurestore.catalog.datasets import dataset_exists, drop_if_empty
+from featurestore.catalog.image_paths import record_moves
 from featurestore.catalog.repository import check_name
 from featurestore.catalog.schema import utcnow
 from featurestore.errors import FeatureStoreError, InvalidInputError
@@ -46,17 +49,21 @@ class IngestSummary:
     """Files whose content was already stored (from another dataset): added to this dataset."""
     duplicates: int = 0
     """Files whose content is already in this dataset (a re-ingest, or identical files)."""
+    moved: int = 0
+    """Stored images whose recorded file is gone, found again here: their path now points here
+    (counted among ``added`` too when the dataset is new to them, instead of ``duplicates`` otherwise)."""
     failed: list[tuple[str, str]] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)
     """Catalog id of every readable file, in scan order (stored content maps to the stored image)."""
 
     @property
     def readable(self) -> int:
-        return self.new + self.added + self.duplicates
+        return len(self.image_ids)
 
     def line(self) -> str:
         added = f"{self.added} already stored (added to {self.dataset}), " if self.added else ""
-        return f"{self.new} new, {added}{self.duplicates} duplicates, {len(self.failed)} failed"
+        moved = f"; {self.moved} moved (their recorded path now points here)" if self.moved else ""
+        return f"{self.new} new, {added}{self.duplicates} duplicates, {len(self.failed)} failed{moved}"
 
 
 def parse_labels(spec: str) -> tuple[str, Path | None]:
@@ -163,6 +170,7 @@ def ingest(
         )
     check_name("dataset", name)
     with store.catalog.session() as s:
+        created = not dataset_exists(s, name)
         dataset_id = store.catalog.dataset_id(s, name, create=True)
     seen = _Seen()
     max_pixels = store.settings.max_image_pixels
@@ -187,6 +195,9 @@ def ingest(
             done += len(results)
             if progress:
                 progress(done, len(candidates))
+    if created and not summary.image_ids:  # nothing readable (a FIFO, a broken file): no empty dataset left
+        with store.catalog.session() as s:
+            drop_if_empty(s, dataset_id)
     return summary
 
 
@@ -199,6 +210,28 @@ class _Seen:
     members: set[str] = field(default_factory=set)  # contents already in this dataset
 
 
+def _moved(seen: _Seen, sha: str, c: Candidate, moves: dict[int, tuple[str, str]]) -> bool:
+    """Whether the stored image of ``sha`` lost its file and ``c`` is it found again (then ``moves`` gets it).
+
+    A stored path that is still a file is kept: ``c`` is then a second copy, not a move.
+    """
+    label, superclass, old = seen.labels[sha]
+    new = str(c.path.resolve())
+    if old == new or os.path.isfile(old):
+        return False
+    moves[seen.ids[sha]] = (old, new)
+    seen.labels[sha] = (label, superclass, new)
+    return True
+
+
+def _count_again(seen: _Seen, sha: str, c: Candidate, moves: dict[int, tuple[str, str]],
+                 summary: IngestSummary) -> None:
+    if sha in seen.ids and _moved(seen, sha, c, moves):
+        summary.moved += 1
+    else:
+        summary.duplicates += 1
+
+
 def _label_conflict(stored: tuple[str | None, str | None, str], c: Candidate) -> str | None:
     """The reason to refuse ``c`` when its label contradicts the stored image's, else None."""
     label, superclass, path = stored
@@ -208,21 +241,28 @@ def _label_conflict(stored: tuple[str | None, str | None, str], c: Candidate) ->
             "fix the label or remove one of the copies")
 
 
+def _learn_stored(store: Store, s: Any, dataset_id: int, results: list, seen: _Seen) -> None:
+    """What the catalog holds of this batch's contents not met yet in this run."""
+    shas = [r[0] for _, r in results if not isinstance(r, Exception) and r[0] not in seen.ids]
+    for sha, (image_id, label, superclass, path, member) in store.catalog.stored_contents(s, shas,
+                                                                                         dataset_id).items():
+        seen.ids[sha] = image_id
+        seen.labels[sha] = (label, superclass, path)
+        if member:
+            seen.members.add(sha)
+
+
 def _store_batch(store: Store, dataset_id: int, results: list, seen: _Seen, summary: IngestSummary) -> None:
     """Insert one batch in one transaction: new images, memberships, labels filled in, failures."""
     catalog = store.catalog
     with catalog.session() as s:
-        shas = [r[0] for _, r in results if not isinstance(r, Exception) and r[0] not in seen.ids]
-        for sha, (image_id, label, superclass, path, member) in catalog.stored_contents(s, shas, dataset_id).items():
-            seen.ids[sha] = image_id
-            seen.labels[sha] = (label, superclass, path)
-            if member:
-                seen.members.add(sha)
+        _learn_stored(store, s, dataset_id, results, seen)
         now = utcnow()
         failed = [(str(c.path), str(r)) for c, r in results if isinstance(r, Exception)]
         new_rows: list[dict] = []
         joins: list[tuple[str, str]] = []
         relabel: dict[str, tuple[str, str | None]] = {}
+        moves: dict[int, tuple[str, str]] = {}
         readable: list[str] = []
         for c, r in results:
             if isinstance(r, Exception):
@@ -233,12 +273,13 @@ def _store_batch(store: Store, dataset_id: int, results: list, seen: _Seen, summ
                 failed.append((str(c.path), conflict))
                 continue
             readable.append(sha)
-            if sha in seen.members:
-                summary.duplicates += 1
+            if sha in seen.members:  # met again: a moved file, or a duplicate
+                _count_again(seen, sha, c, moves, summary)
                 continue
             seen.members.add(sha)
             if sha in seen.ids:  # stored from another dataset: this dataset gains a member
                 summary.added += 1
+                summary.moved += _moved(seen, sha, c, moves)
                 joins.append((sha, str(c.path.resolve())))
                 if seen.labels[sha][0] is None and c.label is not None:  # an unlabelled image gets its label
                     relabel[sha] = (c.label, c.superclass)
@@ -257,4 +298,5 @@ def _store_batch(store: Store, dataset_id: int, results: list, seen: _Seen, summ
             summary.new += len(new_rows)
         catalog.add_members(s, dataset_id, [(seen.ids[sha], path) for sha, path in joins], now)
         catalog.set_labels(s, {seen.ids[sha]: lab for sha, lab in relabel.items()})
+        record_moves(s, moves)
         summary.image_ids.extend(seen.ids[sha] for sha in readable)

@@ -1,12 +1,15 @@
 """Check every registered shard against the catalog (``fs verify``), and unregister the damaged ones.
 
-For each shard the catalog lists: the file exists, opens, has the shape the
-catalog records (rows x the set's dim), every chunk passes its Fletcher-32
-checksum (the whole file is read), and the catalog's rows point at the image
-ids the shard actually holds. A damaged shard's vectors cannot be trusted or
-read; :func:`unregister` removes it from the catalog in one transaction, so
-coverage drops to the truth and the next ``fs extract`` recomputes just those
-images.
+For each shard the catalog lists: the file exists and is a regular file, its
+bytes have the sha256 recorded at registration (so a file of another set swapped
+or symlinked in, or a value rewritten through h5py, is found), it opens, has the
+shape the catalog records (rows x the set's dim), every chunk passes its
+Fletcher-32 checksum (the whole file is read), and the catalog's rows point at
+the image ids the shard actually holds. Index files, run artifacts and model
+checkpoints are checked against their recorded sha256 too (:class:`FileProblem`).
+A damaged shard's vectors cannot be trusted or read; :func:`unregister`
+removes it from the catalog in one transaction, so coverage drops to the truth
+and the next ``fs extract`` recomputes just those images.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from featurestore.catalog import repository as repo
 from featurestore.errors import IntegrityError
+from featurestore.io.verified import check_file
 from featurestore.shards import check_shard
 from featurestore.store import Store
 
@@ -35,6 +40,21 @@ class ShardProblem:
     detail: str
 
 
+@dataclass(frozen=True)
+class FileProblem:
+    """A damaged file other than a shard: ``kind`` is ``index``, ``artifact`` or ``model``.
+
+    ``owner`` is the feature set (index), ``run <id>`` (artifact) or ``model <name>``.
+    Only indexes are repaired (unregistered and deleted: ``fs index build`` makes a new one).
+    """
+
+    kind: str
+    owner: str
+    path: str
+    problem: str
+    detail: str
+
+
 @dataclass
 class VerifyReport:
     """What :func:`verify` found."""
@@ -45,10 +65,14 @@ class VerifyReport:
     problems: list[ShardProblem] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
     """Readable shards written before checksums were added (not verifiable byte for byte)."""
+    undigested: list[str] = field(default_factory=list)
+    """Shards registered before their sha256 was recorded (catalog migration 0011)."""
+    files: int = 0
+    file_problems: list[FileProblem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.file_problems
 
 
 def _mismatch(ids: np.ndarray, pairs: np.ndarray) -> str | None:
@@ -71,9 +95,10 @@ def verify(store: Store, feature_set: str | None = None, progress: Progress | No
     Reads only; safe beside other readers. See the module docstring for the checks.
     """
     sets = [store.feature_set(feature_set)] if feature_set is not None else store.feature_sets()
-    shards = [(fs.name, fs.dim, sh.id, sh.path, sh.rows) for fs in sets for sh in store.catalog.shards(fs.id)]
+    shards = [(fs.name, fs.dim, sh.id, sh.path, sh.rows, sh.sha256) for fs in sets
+              for sh in store.catalog.shards(fs.id)]
     report = VerifyReport(feature_sets=len({s[0] for s in shards}), shards=len(shards))
-    for k, (name, dim, shard_id, rel, rows) in enumerate(shards, start=1):
+    for k, (name, dim, shard_id, rel, rows, sha256) in enumerate(shards, start=1):
         path = store.root / rel
         report.rows += rows
 
@@ -81,22 +106,70 @@ def verify(store: Store, feature_set: str | None = None, progress: Progress | No
                     rows: int = rows) -> None:
             report.problems.append(ShardProblem(name, shard_id, rel, rows, kind, detail))
 
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             problem("missing", f"{path} does not exist")
         else:
             try:
-                check = check_shard(path, rows, dim)
+                check = check_shard(path, rows, dim, sha256=sha256)
             except IntegrityError as exc:
                 problem("corrupt", str(exc))
             else:
                 if not check.checksummed:
                     report.unchecked.append(rel)
+                if sha256 is None:
+                    report.undigested.append(rel)
                 why = _mismatch(check.image_ids, store.catalog.live_rows_of_shard(shard_id))
                 if why:
                     problem("mismatch", why)
         if progress:
             progress(k, len(shards))
+    _verify_files(store, {fs.id for fs in sets}, feature_set is None, report)
     return report
+
+
+def _verify_files(store: Store, set_ids: set[int], everything: bool, report: VerifyReport) -> None:
+    """Check index files (of ``set_ids``) and, when ``everything``, run artifacts and model checkpoints."""
+    todo: list[tuple[str, str, str, str | None]] = [
+        ("index", r.feature_set, r.path, r.sha256) for r in repo.list_indexes(store.engine)
+        if r.feature_set_id in set_ids]
+    if everything:
+        todo += [("artifact", f"run {r.id}", r.artifact_path, r.artifact_sha256) for r in store.catalog.runs()
+                 if r.artifact_path and r.artifact_sha256]
+        for m in store.catalog.models().values():
+            todo += [("model", f"model {m.name}", m.symbol_path, m.symbol_sha256),
+                     ("model", f"model {m.name}", m.params_path, m.params_sha256)]
+            if m.onnx_path and m.onnx_sha256:
+                todo.append(("model", f"model {m.name}", m.onnx_path, m.onnx_sha256))
+    for kind, owner, rel, sha256 in todo:
+        report.files += 1
+        path = store.root / rel
+        if not path.exists() and not path.is_symlink():
+            report.file_problems.append(FileProblem(kind, owner, rel, "missing", f"{path} does not exist"))
+            continue
+        try:
+            check_file(path, sha256, f"{kind} file", "")
+        except IntegrityError as exc:
+            report.file_problems.append(FileProblem(kind, owner, rel, "corrupt", str(exc).rstrip("; ")))
+
+
+def drop_damaged_indexes(store: Store, problems: Sequence[FileProblem]) -> list[str]:
+    """Unregister and delete the damaged index files among ``problems``; call under ``store.writing()``.
+
+    Returns the feature sets whose index was dropped (``fs index build`` makes a new one).
+    """
+    dropped = []
+    for p in problems:
+        if p.kind != "index":
+            continue
+        fs = store.feature_set(p.owner)
+        rel = repo.drop_index(store.engine, fs.id)
+        if rel is not None:
+            path = store.root / rel
+            if path.is_symlink() or not path.is_dir():
+                path.unlink(missing_ok=True)
+            dropped.append(p.owner)
+    store.ann_indexes.clear()
+    return dropped
 
 
 def unregister(store: Store, problems: Sequence[ShardProblem]) -> tuple[int, dict[str, int]]:

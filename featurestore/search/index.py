@@ -31,9 +31,11 @@ Guarantees
   whenever ``k`` exist.
 * Memory mapping: searches open the file with usearch's ``view`` (memory
   mapped, read-only), so several ``fs serve`` workers share one copy in the
-  page cache. The file's size and header are checked against the catalog on
-  open; the full sha256 is checked before an index is extended and by
-  ``fs index list --verify``.
+  page cache. The file's sha256 is checked against the catalog before usearch
+  opens it (once per process per file version, :mod:`featurestore.io.verified`),
+  so damaged bytes or another set's index never reach native code; also before
+  an index is extended, when a build finds it "unchanged", and by
+  ``fs index list --verify`` and ``fs verify``.
 
 Scores follow :mod:`featurestore.search.kernel`: cosine similarity (higher is
 better; usearch's cosine distance is ``1 - similarity``) or Euclidean distance
@@ -59,6 +61,7 @@ from featurestore.catalog.repository import IndexChangedError, IndexRecord, Live
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError, NotFoundError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp, sha256_file
 from featurestore.search.cache import FILTERS_PER_SET, CompiledFilter, SetState
+from featurestore.io.verified import check_file, regular_stat
 from featurestore.search.kernel import (
     METRICS,
     Hit,
@@ -387,6 +390,10 @@ def _plan_build(store: Store, current: IndexRecord | None, base: IndexParams, pa
         return _Plan("rebuilt", f"{stale:,} of its {current.vectors:,} vectors are in shards since compacted "
                                 "or replaced", shards)
     if not new and stale == 0:
+        try:  # "up to date" only for the very file registered (not one swapped in or damaged since)
+            check_file(store.root / current.path, current.sha256, "index file", "")
+        except IntegrityError:
+            return _Plan("rebuilt", f"its file {current.path} does not match the sha256 recorded for it", shards)
         if params.expansion_search != base.expansion_search:
             return _Plan("updated", f"expansion_search {base.expansion_search} -> {params.expansion_search}", [])
         return _Plan("unchanged", "it covers every shard", [])
@@ -399,6 +406,7 @@ def _load_for_update(store: Store, record: IndexRecord, params: IndexParams) -> 
     import usearch.index as ui
 
     path = store.root / record.path
+    check_file(path, None, "index file", f"rebuild it with `fs index build --features {record.feature_set} --rebuild`")
     if sha256_file(path) != record.sha256:
         raise IntegrityError(
             f"index file {path} does not match the sha256 recorded in the catalog; rebuild it with "
@@ -425,7 +433,7 @@ def _remove_stale(store: Store, index: Any, keep: list[LiveShard]) -> int:
 
 def _live_ids(store: Store, shard: LiveShard) -> np.ndarray:
     if shard.live == shard.rows:
-        ids, _ = read_shard(store.root / shard.path)  # rows are whole-shard: the file's own ids
+        ids, _ = read_shard(store.root / shard.path, shard.sha256)  # rows are whole-shard: the file's own ids
         return ids
     return repo.shard_live_rows(store.engine, shard.id)[0]
 
@@ -434,9 +442,9 @@ def _read_live(store: Store, shard: LiveShard) -> tuple[np.ndarray, np.ndarray]:
     """The live (image ids, vectors) of one shard."""
     path = store.root / shard.path
     if shard.live == shard.rows:
-        return read_shard(path)
+        return read_shard(path, shard.sha256)
     ids, rows = repo.shard_live_rows(store.engine, shard.id)
-    _, vecs = read_selected(path, rows)
+    _, vecs = read_selected(path, rows, shard.sha256)
     return ids, np.asarray(vecs, dtype=np.float32)
 
 
@@ -568,22 +576,26 @@ def _parse(path: Path, hint: str, read: Callable[[], Any]) -> Any:
 
 
 def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str, str]) -> _Opened:
-    """Open an index file memory-mapped, after checking its size and header against the catalog."""
+    """Open an index file memory-mapped, after checking its size, sha256 and header against the catalog."""
     import usearch.index as ui
 
     path = store.root / record.path
     hint = (f"rebuild it with `fs index build --features {fs.name} --rebuild` "
             f"or remove it with `fs index drop {fs.name}`")
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise IntegrityError(f"index file {path} is missing; {hint}") from None
+    regular_stat(path, "index file", hint)  # not a FIFO, device or folder, before usearch reads its header
+    size = st.st_size
     if size != record.bytes:
         raise IntegrityError(f"index file {path} has {size:,} bytes, the catalog records {record.bytes:,}; {hint}")
     meta = _parse(path, hint, lambda: ui.Index.metadata(str(path)))
     if not meta or int(meta["dimensions"]) != int(fs.dim) or int(meta["count_present"]) != record.vectors:
         raise IntegrityError(f"index file {path} does not hold the {record.vectors:,} vectors of dim {fs.dim} "
                              f"the catalog records; {hint}")
+    # usearch trusts the graph's bytes (a flipped offset crashed the process): hash them all before opening.
+    check_file(path, record.sha256, "index file", hint)
     params = IndexParams.from_json(record.params)
     index = _parse(path, hint, lambda: ui.Index.restore(str(path), view=True,
                                                         expansion_search=params.expansion_search))
@@ -859,13 +871,14 @@ def _exact_subset(store: Store, fs: FeatureSet, ids: np.ndarray, q: np.ndarray, 
     """Exact top-``k`` among the rows of ``ids`` only, read from their shards."""
     for attempt in range(2):
         loc = repo.locate(store.engine, fs.id, ids)
-        paths = {s.id: store.root / s.path for s in repo.live_shards(store.engine, fs.id, count=[])}
+        shards = {s.id: s for s in repo.live_shards(store.engine, fs.id, count=[])}
 
-        def chunks(loc: np.ndarray = loc, paths: dict[int, Path] = paths) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        def chunks(loc: np.ndarray = loc, shards: dict[int, LiveShard] = shards
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             bounds = np.flatnonzero(np.r_[True, loc[1:, 1] != loc[:-1, 1], True]) if len(loc) else [0]
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                shard_id = int(loc[a, 1])
-                file_ids, vecs = read_selected(paths[shard_id], loc[a:b, 2])
+                shard = shards[int(loc[a, 1])]
+                file_ids, vecs = read_selected(store.root / shard.path, loc[a:b, 2], shard.sha256)
                 yield file_ids, vecs
 
         try:

@@ -183,7 +183,7 @@ def stored_vector(store: Store, feature_set: str | FeatureSet, image_id: int) ->
         raise ImageNotFoundError(image_id, 'list ids with `fs sql "SELECT id, source_path, label FROM images"`')
     if loc is None:
         raise NoVectorError(image_id, fs.name, extract_hint(fs), "or search with --image PATH")
-    return np.asarray(read_row(store.root / loc[0], loc[1]), dtype=np.float32).reshape(-1)
+    return np.asarray(read_row(store.root / loc[0], loc[1], loc[2]), dtype=np.float32).reshape(-1)
 
 
 def query_vector(store: Store, feature_set: str | FeatureSet, query: Any) -> tuple[np.ndarray, int | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import pickle
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from featurestore.errors import IntegrityError, InvalidInputError, ModelFilesMissingError
 from featurestore.io.atomic import atomic_open, sha256_file
+from featurestore.io.verified import regular_stat
 
 PICKLE_PROTOCOL = 5
 
@@ -95,6 +97,8 @@ def load_artifact(path: Path | str, expected_sha256: str) -> Any:
     if not _SHA256.fullmatch(expected):
         raise InvalidInputError(f"expected sha256 for {path} is not a 64-digit hex digest: {expected_sha256!r}")
     try:
+        if os.path.exists(path):  # a FIFO would block the read, /dev/zero never end: regular files only
+            regular_stat(path, "model file", "restore the file or retrain the model")
         data = path.read_bytes()
     except FileNotFoundError:
         raise ModelFilesMissingError(

@@ -12,7 +12,7 @@ about 14 us per extracted vector.
 SQLite triggers are per row; PostgreSQL's run once per statement.
 
 Revision ID: 0012
-Revises: 0009
+Revises: 0011
 Create Date: 2026-12-06
 """
 from alembic import op
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 
 revision = '0012'
-down_revision = '0009'
+down_revision = '0011'
 branch_labels = None
 depends_on = None
 

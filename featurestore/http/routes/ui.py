@@ -51,6 +51,7 @@ from featurestore.http import charts
 from featurestore.http.access import (
     COOKIE,
     COOKIE_MAX_AGE,
+    hide_paths,
     is_authenticated,
     paths_visible,
     require_page_access,
@@ -72,6 +73,7 @@ from featurestore.http.views import query as _query
 from featurestore.http.views import source as _source
 from featurestore.http.views import text as _text
 from featurestore.http.views import whole as _int
+from featurestore.http.throttle import LoginThrottle
 from featurestore.io.thumbnails import render_thumbnail
 from featurestore.pipelines import map_jobs
 from featurestore.pipelines.embedding_map import MAX_POINTS, METHODS, EmbeddingMap, embedding_map
@@ -168,7 +170,7 @@ def _page(request: Request, template: str, active: str, status: int = 200, **con
 
 
 def _error_page(request: Request, status: int, message: str) -> HTMLResponse:
-    return _page(request, "error.html", "", status=status, status_code=status, message=message)
+    return _page(request, "error.html", "", status=status, status_code=status, message=hide_paths(request, message))
 
 
 # -- public: static files, login --------------------------------------------------------------------
@@ -208,14 +210,28 @@ def login(request: Request, token: Annotated[str, Form(max_length=1000)] = "",
     configured = settings_of(request).api_token
     if not configured:
         return RedirectResponse(safe_next(next), status_code=303)
+    throttle, client = _throttle(request), request.client.host if request.client else ""
+    if wait := throttle.wait_for(client):  # token guessing: a few tries a minute per address
+        raise HTTPException(429, f"too many wrong tokens: try again in {wait:.0f} s",
+                            headers={"Retry-After": str(int(wait) + 1)})
     if not token_matches(token, configured):
+        throttle.failed(client)
         return _page(request, "login.html", "login", status=401, next=safe_next(next), failed=True)
+    throttle.succeeded(client)
     response = RedirectResponse(safe_next(next), status_code=303)
     # Lax, not Strict: a link from another site (chat, wiki, notebook) arrives logged in; the cookie still never
     # rides on another site's POST, sub-request or frame, and the forms check the token anyway.
     response.set_cookie(COOKIE, session_value(configured), max_age=COOKIE_MAX_AGE, httponly=True, samesite="lax",
                         secure=request.url.scheme == "https", path="/")
     return response
+
+
+def _throttle(request: Request) -> LoginThrottle:
+    state = request.app.state
+    if getattr(state, "login_throttle", None) is None:
+        state.login_throttle = LoginThrottle()
+    throttle: LoginThrottle = state.login_throttle
+    return throttle
 
 
 @router.post("/ui/logout")
