@@ -103,9 +103,10 @@ def rows_at_version(engine: Engine, image_ids: Sequence[int]) -> tuple[int, dict
     return version, {int(i): (str(p), lb) for _, i, p, lb in got if i is not None}
 
 
-def vector_location(engine: Engine, feature_set_id: int, image_id: int) -> tuple[bool, tuple[str, int] | None]:
-    """(whether the image exists, (shard path, row) of its vector in the set or None), in one statement."""
-    sql = ("SELECT i.id, s.path, r.\"row\" FROM images i LEFT JOIN feature_rows r ON r.image_id = i.id "
+def vector_location(engine: Engine, feature_set_id: int, image_id: int
+                    ) -> tuple[bool, tuple[str, int, str | None] | None]:
+    """(whether the image exists, (shard path, row, shard sha256) of its vector or None), in one statement."""
+    sql = ("SELECT i.id, s.path, r.\"row\", s.sha256 FROM images i LEFT JOIN feature_rows r ON r.image_id = i.id "
            f"AND r.feature_set_id = {int(feature_set_id)} LEFT JOIN feature_shards s ON s.id = r.shard_id "
            f"WHERE i.id = {int(image_id)}")
     with engine.connect() as conn:
@@ -117,4 +118,4 @@ def vector_location(engine: Engine, feature_set_id: int, image_id: int) -> tuple
             cur.close()
     if got is None:
         return False, None
-    return True, (None if got[1] is None else (str(got[1]), int(got[2])))
+    return True, (None if got[1] is None else (str(got[1]), int(got[2]), got[3]))

@@ -60,8 +60,8 @@ from featurestore.catalog import repository as repo
 from featurestore.catalog.repository import IndexChangedError, IndexRecord, LiveShard
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError, NotFoundError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp, sha256_file
-from featurestore.search.cache import FILTERS_PER_SET, CompiledFilter, SetState
 from featurestore.io.verified import check_file, regular_stat
+from featurestore.search.cache import FILTERS_PER_SET, CompiledFilter, SetState
 from featurestore.search.kernel import (
     METRICS,
     Hit,

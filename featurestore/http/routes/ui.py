@@ -67,13 +67,13 @@ from featurestore.http.report import render_report
 from featurestore.http.routes.browse import tile_record
 from featurestore.http.schemas import UploadInfo
 from featurestore.http.templating import render
+from featurestore.http.throttle import LoginThrottle
 from featurestore.http.views import MAX_ID, VIEW_KEYS, View, keep_selection, parse_view
 from featurestore.http.views import flag as _flag
 from featurestore.http.views import query as _query
 from featurestore.http.views import source as _source
 from featurestore.http.views import text as _text
 from featurestore.http.views import whole as _int
-from featurestore.http.throttle import LoginThrottle
 from featurestore.io.thumbnails import render_thumbnail
 from featurestore.pipelines import map_jobs
 from featurestore.pipelines.embedding_map import MAX_POINTS, METHODS, EmbeddingMap, embedding_map
