@@ -22,6 +22,7 @@ from sqlalchemy import Engine, and_, delete, exists, func, insert, not_, select,
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import ColumnElement, Select
 
+from featurestore.catalog.run_images import RunImages, insert_run_images
 from featurestore.catalog.schema import (
     AnnIndex,
     Dataset,
@@ -457,16 +458,18 @@ class Catalog:
             return row
 
     # -- runs ------------------------------------------------------------------------------
-    def add_run(self, run: Run, splits: list[dict[str, Any]], test_predictions: list[dict[str, Any]] | None = None
-                ) -> int:
-        """Insert a run, its per-split scores and (fixed-test runs) its per-image test predictions, in one
-        transaction."""
+    def add_run(self, run: Run, splits: list[dict[str, Any]], test_predictions: list[dict[str, Any]] | None = None,
+                images: RunImages | None = None) -> int:
+        """Insert a run, its per-split scores, (fixed-test runs) its per-image test predictions and (``images``)
+        the images it used with each split's test images, in one transaction."""
         with self.session() as s:
             s.add(run)
             s.flush()
             s.execute(insert(RunSplit), [{"run_id": run.id, **row} for row in splits])
             for part in chunks(test_predictions or []):
                 s.execute(insert(RunTestPrediction), [{"run_id": run.id, **row} for row in part])
+            if images is not None:
+                insert_run_images(s, int(run.id), images)
             return int(run.id)
 
     def test_correctness(self, run_id: int) -> dict[int, bool]:
