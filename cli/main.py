@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 
 from featurestore import __version__
 from featurestore.cli import (
+    audit,
     common,
     datasets,
     db,
@@ -96,7 +97,7 @@ def root(
 
 
 def _register() -> None:
-    for module in (datasets, db):
+    for module in (datasets, db, audit):
         app.add_typer(module.app, name=module.__name__.rsplit(".", 1)[-1])
     for module in (ingest, status, extract, models, train, search, index, serve, report, verify):
         module.register(app)

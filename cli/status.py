@@ -53,7 +53,8 @@ def sql(
 
     Exactly one query over the catalog tables (datasets, dataset_members, images,
     ingest_errors, feature_sets, feature_shards, feature_rows, models, runs,
-    run_splits, run_test_predictions, predictions, vector_indexes), with plain
+    run_splits, run_test_predictions, predictions, vector_indexes, run_images,
+    run_split_images, audit_findings), with plain
     functions only (aggregates, string, math, date, JSON); anything else (several
     statements, COPY, SELECT INTO, writes, file or setting functions, PRAGMA,
     ATTACH) is refused before it reaches the database. It runs read-only (SQLite

@@ -11,50 +11,14 @@ from typer.testing import CliRunner
 from featurestore.catalog.run_images import run_image_ids, split_test_ids
 from featurestore.cli.main import app
 from featurestore.errors import InvalidInputError, MissingFeaturesError
-from featurestore.features.base import FeatureSpec
 from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.train import TrainConfig, evaluate_many, get_run, train
 from featurestore.search.groups import check_threshold, cross_pairs, group_near_duplicates
 from featurestore.store import Store
 from featurestore.training.evaluation import make_splits, unsplittable_classes
-from helpers import make_image
+from helpers import ingest_with_near_copies, make_image
 
 runner = CliRunner()
-CLASSES = ["sneaker", "sandal", "shirt"]
-
-
-def _ingest_with_copies(store: Store, tmp_path: Path, per_class: int = 8, copies: int = 4,
-                        datasets: tuple[str, str] | None = None) -> dict[int, int]:
-    """``per_class`` originals per class and, for the first ``copies`` of each, a near copy (another file whose
-    vector in the CNN-kind set "c" is the original's plus a little noise). Returns copy id -> original id.
-
-    With ``datasets`` the originals go to the first dataset and the copies to the second.
-    """
-    seed = 0
-    for cls in CLASSES:
-        for k in range(per_class):
-            make_image(tmp_path / "orig" / cls / f"{k}.png", size=(16, 12), seed=seed)
-            seed += 1
-            if k < copies:
-                make_image(tmp_path / "copy" / cls / f"{k}.png", size=(16, 12), seed=1000 + seed)
-    with store.writing():
-        a = ingest(store, tmp_path / "orig", dataset=datasets[0] if datasets else "orig")
-        b = ingest(store, tmp_path / "copy", dataset=datasets[1] if datasets else "copy")
-    paths = {r[0]: r[1] for r in store.select_images()}
-    by_name = {Path(paths[i]).parent.name + "/" + Path(paths[i]).name: i for i in a.image_ids}
-    copy_of = {i: by_name[Path(paths[i]).parent.name + "/" + Path(paths[i]).name] for i in b.image_ids}
-    rows = store.select_images()
-    rng = np.random.default_rng(0)
-    centers = {cls: rng.normal(scale=3, size=8) for cls in CLASSES}
-    base = {r[0]: centers[r[2]] + rng.normal(size=8) for r in rows if r[0] not in copy_of}
-    vec = {**base, **{c: base[o] + rng.normal(scale=0.01, size=8) for c, o in copy_of.items()}}
-    ids = sorted(vec)
-    with store.writing():
-        fc = store.ensure_feature_set(FeatureSpec("c", "cnn", 8, {}))
-        store.append_vectors(fc, ids, np.stack([vec[i] for i in ids]).astype(np.float32))
-        fr = store.ensure_feature_set(FeatureSpec("r", "random_projection", 3, {}))
-        store.append_vectors(fr, ids, rng.normal(size=(len(ids), 3)).astype(np.float32))
-    return copy_of
 
 
 def _straddling(splits: list[tuple[np.ndarray, np.ndarray]], ids: np.ndarray, copy_of: dict[int, int]) -> int:
@@ -107,7 +71,7 @@ def test_threshold_outside_0_1_is_refused(bad: object) -> None:
 
 
 def test_grouped_run_keeps_copies_on_one_side_and_stores_split_images(store: Store, tmp_path: Path) -> None:
-    copy_of = _ingest_with_copies(store, tmp_path)
+    copy_of = ingest_with_near_copies(store, tmp_path)
     with store.writing():
         plain = train(store, TrainConfig(["r"], n_splits=6, test_size=0.25, trees=5, seed=1), fit_final=False)
         grouped = train(store, TrainConfig(["r"], n_splits=6, test_size=0.25, trees=5, seed=1,
@@ -137,7 +101,7 @@ def test_grouped_run_keeps_copies_on_one_side_and_stores_split_images(store: Sto
 
 
 def test_default_group_set_is_the_first_cnn_set(store: Store, tmp_path: Path) -> None:
-    _ingest_with_copies(store, tmp_path)
+    ingest_with_near_copies(store, tmp_path)
     with store.writing():
         outs = evaluate_many(store, [["r"], ["r", "c"]], TrainConfig(["r"], n_splits=3, trees=5,
                                                                      group_duplicates=0.99))
@@ -148,7 +112,7 @@ def test_default_group_set_is_the_first_cnn_set(store: Store, tmp_path: Path) ->
 
 
 def test_missing_group_vectors_name_fs_extract(store: Store, tmp_path: Path) -> None:
-    _ingest_with_copies(store, tmp_path)
+    ingest_with_near_copies(store, tmp_path)
     make_image(tmp_path / "late" / "shirt" / "x.png", seed=777)
     with store.writing():
         (new,) = ingest(store, tmp_path / "late", dataset="late").image_ids
@@ -159,7 +123,7 @@ def test_missing_group_vectors_name_fs_extract(store: Store, tmp_path: Path) -> 
 
 
 def test_fixed_test_leaves_out_near_copies_of_test_images(store: Store, tmp_path: Path) -> None:
-    copy_of = _ingest_with_copies(store, tmp_path, datasets=("train", "test"))
+    copy_of = ingest_with_near_copies(store, tmp_path, datasets=("train", "test"))
     with store.writing():
         plain = train(store, TrainConfig(["r"], trees=5, dataset="train", test_dataset="test"), fit_final=False)
         grouped = train(store, TrainConfig(["r"], trees=5, dataset="train", test_dataset="test",
@@ -179,7 +143,7 @@ def test_index_and_exact_grouping_agree(store: Store, tmp_path: Path) -> None:
     pytest.importorskip("usearch")
     from featurestore.search.index import build_index
 
-    _ingest_with_copies(store, tmp_path)
+    ingest_with_near_copies(store, tmp_path)
     ids = np.array([r[0] for r in store.select_images()])
     exact = group_near_duplicates(store, "c", ids, 0.99, exact=True)
     build_index(store, "c")
@@ -190,7 +154,7 @@ def test_index_and_exact_grouping_agree(store: Store, tmp_path: Path) -> None:
 
 
 def test_cli_group_duplicates(store: Store, tmp_path: Path) -> None:
-    _ingest_with_copies(store, tmp_path)
+    ingest_with_near_copies(store, tmp_path)
     store.close()
     ok = runner.invoke(app, ["evaluate", "--features", "r", "--features", "c", "--splits", "3", "--trees", "5",
                              "--group-duplicates", "0.99"])

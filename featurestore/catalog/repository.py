@@ -18,13 +18,15 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, and_, delete, exists, func, insert, not_, select, update
+from sqlalchemy import Engine, and_, delete, exists, func, insert, not_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import ColumnElement, Select
 
+from featurestore.catalog.audits import KINDS as FINDING_KINDS
 from featurestore.catalog.run_images import RunImages, insert_run_images
 from featurestore.catalog.schema import (
     AnnIndex,
+    AuditFinding,
     Dataset,
     DatasetMember,
     FeatureRow,
@@ -552,6 +554,7 @@ class ImageFilter:
     correct: bool | None = None
     below: float | None = None  # the run's top probability is below this
     held_out: bool = False  # only images the run's training selection cannot have held
+    finding: str | None = None  # only images with an `fs audit` finding of this kind (issue 25)
 
     def check(self) -> None:
         needs_run = [name for name, value in (("predicted label", self.predicted), ("correct/incorrect", self.correct),
@@ -565,6 +568,8 @@ class ImageFilter:
                             ("predicted label", self.predicted)):
             if value is not None and "\x00" in value:
                 raise InvalidInputError(f"{name} contains a NUL character")
+        if self.finding is not None and self.finding not in FINDING_KINDS:
+            raise InvalidInputError(f"unknown finding {self.finding!r}; choose one of {', '.join(FINDING_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -665,6 +670,9 @@ def _filtered(f: ImageFilter, run: RunFacts | None, columns: Sequence[Any]) -> t
         q = q.where(Image.superclass == f.superclass)
     if f.label is not None:
         q = q.where(Image.label == f.label)
+    if f.finding is not None:
+        q = q.where(exists().where(AuditFinding.kind == f.finding,
+                                   or_(AuditFinding.image_id == key, AuditFinding.other_image_id == key)))
     return q, key
 
 

@@ -253,22 +253,25 @@ def _facets(engine: Any, run: int | None) -> q.Facets:
 @pages.get("/ui/browse")
 def browse_page(request: Request, svc: Svc, dataset: TEXT = None, superclass: TEXT = None, label: TEXT = None,
                 run: TEXT = None, predicted: TEXT = None, correct: TEXT = None, below: TEXT = None,
-                held_out: TEXT = None, after: TEXT = None, before: TEXT = None, size: TEXT = None) -> HTMLResponse:
+                held_out: TEXT = None, after: TEXT = None, before: TEXT = None, size: TEXT = None,
+                finding: TEXT = None) -> HTMLResponse:
     """The thumbnail grid, filtered and keyset-paged (arrow keys move, Enter opens, n / p turn pages)."""
     f = q.ImageFilter(dataset=_text(dataset), superclass=_text(superclass), label=_text(label),
                       run=_int(run, "run"), predicted=_text(predicted), correct=_correct(correct),
-                      below=_float(below, "probability threshold"), held_out=bool(_text(held_out)))
+                      below=_float(below, "probability threshold"), held_out=bool(_text(held_out)),
+                      finding=_text(finding))
     limit = _int(size, "page size", 1, 500) or 100
     engine = svc.store.engine
     page = q.browse_page(engine, f, after=_int(after, "after"), before=_int(before, "before"), limit=limit)
     filters = {"dataset": f.dataset, "superclass": f.superclass, "label": f.label, "run": f.run,
                "predicted": f.predicted, "correct": {True: "yes", False: "no"}.get(f.correct) if f.correct is not None
                else None, "below": _text(below), "held_out": "1" if f.held_out else None,
-               "size": limit if limit != 100 else None}
+               "size": limit if limit != 100 else None, "finding": f.finding}
     prev_url = f"?{_query({**filters, 'before': page.first})}" if page.has_prev else None
     next_url = f"?{_query({**filters, 'after': page.last})}" if page.has_next else None
     return _page(request, "browse.html", "browse", page=page, filters=filters, count=q.count_images(engine, f),
                  facets=_facets(engine, f.run), prev_url=prev_url, next_url=next_url, page_sizes=PAGE_SIZES,
+                 findings=q.FINDING_KINDS,
                  limit=limit, first_url=f"?{_query(filters)}" if page.has_prev else None)
 
 
