@@ -195,3 +195,34 @@ def test_cli_images_csv(store: Store, tmp_path: Path) -> None:
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert [(r["finding"], float(r["value"])) for r in rows] == [("tiny", 60.0), ("aspect", 5.0)]
     assert "1 images examined: 1 tiny, 1 aspect" in out.stderr
+
+
+def test_web_grid_filters_on_findings_and_leaks_page_shows_pairs(tmp_path: Path) -> None:
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from featurestore.config import Settings
+    from featurestore.http.app import create_app
+
+    settings = Settings(store=tmp_path / "web.fs", workers=2)
+    store = Store.open(settings, create=True)
+    copy_of = ingest_with_near_copies(store, tmp_path, datasets=("train", "test"))
+    with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as c:
+        empty = c.get("/ui/leaks")
+        assert empty.status_code == 200 and "No leaks stored" in empty.text
+        audit_leaks(store, 0.99, dataset="train", against="test", feature_set="c")
+        store.close()
+        grid = c.get("/ui/browse", params={"finding": "leak", "size": 100})
+        assert grid.status_code == 200
+        shown = {int(i) for i in re.findall(r'class="tile[^"]*" href="/ui/images/(\d+)"', grid.text)}
+        assert shown == set(copy_of) | set(copy_of.values())
+        assert '<option value="leak" selected>' in grid.text
+        assert c.get("/ui/browse", params={"finding": "bogus"}).status_code == 422
+        page = c.get("/ui/leaks", params={"size": 5})
+        assert page.status_code == 200
+        pairs = re.findall(r'<img src="/v1/images/(\d+)/thumbnail\?size=128"', page.text)
+        assert len(pairs) == 10
+        linked = {(int(a), int(b)) for a, b in zip(pairs[::2], pairs[1::2], strict=True)}
+        assert linked <= {(o, cp) for cp, o in copy_of.items()}
+        assert c.get(f"/v1/images/{pairs[0]}/thumbnail", params={"size": 128}).status_code == 200

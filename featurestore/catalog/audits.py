@@ -73,13 +73,17 @@ def replace_findings(engine: Engine, audit: str, examined: Sequence[int], findin
             conn.execute(insert(AuditFinding), rows[start : start + _CHUNK // 10])
 
 
-def findings(engine: Engine, audit: str | None = None, kind: str | None = None) -> list[Finding]:
-    """Stored findings (of one audit / kind), by id."""
+def findings(engine: Engine, audit: str | None = None, kind: str | None = None, limit: int | None = None,
+             highest_first: bool = False) -> list[Finding]:
+    """Stored findings (of one audit / kind), by id or (``highest_first``) by decreasing score; at most ``limit``."""
     q = select(AuditFinding)
     if audit is not None:
         q = q.where(AuditFinding.audit == audit)
     if kind is not None:
         q = q.where(AuditFinding.kind == kind)
+    q = q.order_by(AuditFinding.score.desc(), AuditFinding.id) if highest_first else q.order_by(AuditFinding.id)
+    if limit is not None:
+        q = q.limit(limit)
     with engine.connect() as conn:
         return [Finding(r.audit, r.kind, int(r.image_id), float(r.score), dict(r.detail or {}), r.other_image_id,
-                        r.feature_set) for r in conn.execute(q.order_by(AuditFinding.id))]
+                        r.feature_set) for r in conn.execute(q)]

@@ -29,7 +29,7 @@ from featurestore.config import Settings
 from featurestore.http import errors
 from featurestore.http.access import check_writes
 from featurestore.http.limits import BodyLimit, max_body_bytes
-from featurestore.http.routes import datasets, docs, feature_sets, health, images, media, runs, ui
+from featurestore.http.routes import audit_pages, datasets, docs, feature_sets, health, images, media, runs, ui
 from featurestore.store import Store
 
 DESCRIPTION = ("A feature store and embedding database for image classification: datasets, feature sets, "
@@ -69,4 +69,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(media.router)  # thumbnails and files of catalogued images
     app.include_router(ui.router)  # the web app's pages under /ui (and / -> /ui/browse)
+    app.include_router(audit_pages.router)  # /ui/leaks: pairs found by `fs audit leaks`
     return app
