@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from featurestore.catalog.run_images import run_image_ids, split_test_ids
 from featurestore.cli.main import app
-from featurestore.errors import InvalidInputError, MissingFeaturesError
+from featurestore.errors import FeatureStoreError, InvalidInputError, MissingFeaturesError
+from featurestore.features.base import FeatureSpec
 from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.train import TrainConfig, evaluate_many, get_run, train
 from featurestore.search.groups import check_threshold, cross_pairs, group_near_duplicates
@@ -167,3 +168,31 @@ def test_cli_group_duplicates(store: Store, tmp_path: Path) -> None:
     sql = runner.invoke(app, ["sql", "SELECT COUNT(*) AS n FROM run_split_images WHERE run_id = 1", "--format",
                               "csv"])
     assert sql.exit_code == 0 and sql.output.split() == ["n", "9"], sql.output  # 3 splits x ceil(0.1 x 36)
+
+
+def test_class_inside_one_group_is_reported_by_the_run(store: Store, tmp_path: Path) -> None:
+    ingest_with_near_copies(store, tmp_path)
+    rows = store.select_images()
+    shirts = [r[0] for r in rows if r[2] == "shirt"]
+    with store.writing():
+        same = store.ensure_feature_set(FeatureSpec("same", "cnn", 2, {}))
+        vecs = np.array([[1.0, 0.0] if r[2] == "shirt" else [np.cos(i), np.sin(i)] for i, r in enumerate(rows)])
+        store.append_vectors(same, [r[0] for r in rows], vecs.astype(np.float32))
+        out = train(store, TrainConfig(["r"], n_splits=3, trees=5, group_duplicates=0.9999, group_features="same"),
+                    fit_final=False)
+    assert out.grouping is not None and out.grouping.unsplittable == ("shirt",)
+    assert out.grouping.largest >= len(shirts) and out.split_scheme == "group"
+    assert out.n_images == len(rows)  # reported, not dropped
+    store.close()
+    cli = runner.invoke(app, ["evaluate", "--features", "r", "--splits", "3", "--trees", "5",
+                              "--group-duplicates", "0.9999", "--group-features", "same"])
+    assert cli.exit_code == 0, cli.output
+    assert "1 class(es) lie in a single near-duplicate group" in cli.output and "shirt" in cli.output
+
+
+def test_grouping_without_index_respects_the_memory_budget(store: Store, tmp_path: Path) -> None:
+    ingest_with_near_copies(store, tmp_path)
+    store.settings = store.settings.replace(search_memory_mb=0)
+    ids = [r[0] for r in store.select_images()]
+    with pytest.raises(FeatureStoreError, match="search memory budget .* `fs index build --features c`"):
+        group_near_duplicates(store, "c", ids, 0.95)
