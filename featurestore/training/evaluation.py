@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -141,7 +142,10 @@ def group_splits(y: np.ndarray, groups: np.ndarray | Sequence[Any], n_splits: in
         scheme = STRATIFIED_GROUP
         for s in seeds:
             splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=int(s))
-            train, test = next(splitter.split(np.zeros((n_samples, 1)), y, g_codes))
+            with warnings.catch_warnings():
+                # only one fold is used: a class smaller than the fold count is fine (it misses some folds)
+                warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+                train, test = next(splitter.split(np.zeros((n_samples, 1)), y, g_codes))
             splits.append((train.astype(np.int64), test.astype(np.int64)))
     else:
         scheme = GROUP
