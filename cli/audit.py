@@ -65,6 +65,7 @@ def outliers(
     features: str = typer.Option(..., "--features", help="Feature set whose distances are measured."),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Only images of this dataset."),
     k: int = typer.Option(10, "--k", min=1, help="Neighbours averaged."),
+    skip_missing: bool = typer.Option(False, "--skip-missing", help="Leave out images lacking the set."),
     fmt: common.Format = FORMAT, show: int = SHOW,
 ) -> None:
     """Images far from their own class and from everything, worst first.
@@ -79,7 +80,7 @@ def outliers(
 
     store = common.open_store()
     try:
-        rep = audit_outliers(store, features, dataset, k)
+        rep = audit_outliers(store, features, dataset, k, skip_missing)
     finally:
         store.close()
     rows = [{"image_id": r.image_id, "label": r.label, "to_class": r.to_class, "to_all": r.to_all,

@@ -119,6 +119,12 @@ def test_outliers_find_a_mislabelled_and_a_stranger(store: Store, tmp_path: Path
     out = runner.invoke(app, ["audit", "outliers", "--features", "e", "--k", "5", "--format", "json"])
     assert out.exit_code == 0, out.output
     assert len(json.loads(out.stdout)) == 45 and "2 outlier(s) of 45 images in e (k=5" in out.stderr
+    make_image(tmp_path / "late" / "a" / "new.png", seed=999)
+    runner.invoke(app, ["ingest", str(tmp_path / "late")])
+    lacking = runner.invoke(app, ["audit", "outliers", "--features", "e"])
+    assert lacking.exit_code == 1 and "1 image(s) lack e: run `fs extract" in lacking.output
+    skipped = runner.invoke(app, ["audit", "outliers", "--features", "e", "--skip-missing"])
+    assert skipped.exit_code == 0 and "of 45 images" in skipped.stderr
 
 
 def test_outlier_scores_definition() -> None:

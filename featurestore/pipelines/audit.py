@@ -141,11 +141,12 @@ class OutlierReport:
         return sum(r.outlier for r in self.rows)
 
 
-def audit_outliers(store: Store, feature_set: str, dataset: str | None = None, k: int = 10) -> OutlierReport:
+def audit_outliers(store: Store, feature_set: str, dataset: str | None = None, k: int = 10,
+                   skip_missing: bool = False) -> OutlierReport:
     """kNN outlier scores of the images (of ``dataset``) in ``feature_set``; outliers stored as findings.
 
     See :mod:`featurestore.search.outliers` for the definition. Every image must
-    have a vector in the set (the error names ``fs extract``).
+    have a vector in the set (the error names ``fs extract``) unless ``skip_missing`` leaves them out.
     """
     fs = store.feature_set(feature_set)
     need = store.catalog.image_count() * fs.dim * 4
@@ -153,7 +154,7 @@ def audit_outliers(store: Store, feature_set: str, dataset: str | None = None, k
         raise FeatureStoreError(f"the outlier audit is exact and {fs.name} needs {need / 2**20:,.0f} MiB, more than "
                                 f"the search memory budget ({store.settings.search_memory_mb} MiB): audit one "
                                 "--dataset at a time or raise FS_SEARCH_MEMORY_MB")
-    fm = store.read_matrix([fs.name], dataset=dataset)
+    fm = store.read_matrix([fs.name], dataset=dataset, skip_missing=skip_missing)
     s = outlier_scores(fm.image_ids, fm.X, fm.labels, k)
     order = np.argsort(-s.score, kind="stable")
     rows = [OutlierRow(int(s.image_ids[i]), fm.labels[i], None if np.isnan(s.to_class[i]) else float(s.to_class[i]),
