@@ -38,6 +38,7 @@ from PIL import Image
 from bench.common import BENCH_DIR, fashion_images, image_files, temp_store
 
 KINDS = ("reencode", "crop", "shift")
+_BUILT: list[float] = []  # seconds of the index build
 
 
 def plant(originals: list[Path], dest: Path, share: float, seed: int = 0) -> list[tuple[Path, Path, str]]:
@@ -127,9 +128,11 @@ def _grouping_cost(store, cnn: str, ids: np.ndarray, threshold: float, planted: 
     if have_index:
         from featurestore.search.index import build_index
 
-        t = time.perf_counter()
-        build_index(store, cnn)
-        built = time.perf_counter() - t
+        if not _BUILT:  # one index serves every threshold: its build is counted in each projection
+            t = time.perf_counter()
+            build_index(store, cnn)
+            _BUILT.append(time.perf_counter() - t)
+        built = _BUILT[0]
         indexed = group_near_duplicates(store, cnn, ids, threshold)
         agree = indexed.groups == exact.groups
         per_vec = (built + indexed.seconds) / ids.size
