@@ -25,8 +25,8 @@ runner = CliRunner()
 def _straddling(splits: list[tuple[np.ndarray, np.ndarray]], ids: np.ndarray, copy_of: dict[int, int]) -> int:
     pos = {int(i): n for n, i in enumerate(ids)}
     out = 0
-    for tr, test in splits:
-        tr, te = set(train.tolist()), set(test.tolist())
+    for rows_train, rows_test in splits:
+        tr, te = set(rows_train.tolist()), set(rows_test.tolist())
         for c, o in copy_of.items():
             out += (pos[c] in tr and pos[o] in te) or (pos[c] in te and pos[o] in tr)
     return out
