@@ -13,7 +13,7 @@ from featurestore.cli import common
 from featurestore.errors import InvalidInputError
 from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.predict import predict as run_predict
-from featurestore.pipelines.train import TrainConfig, evaluate_many, list_runs
+from featurestore.pipelines.train import Grouping, TrainConfig, evaluate_many, list_runs
 from featurestore.pipelines.train import compare as run_compare
 from featurestore.pipelines.train import train as run_train
 from featurestore.training.evaluation import KFOLD_SCHEMES
@@ -51,13 +51,21 @@ TEST_DATASET = typer.Option(None, "--test-dataset", help="Score on this fixed he
 FOLDS = typer.Option(None, "--folds", min=2, help="Stratified K-fold instead of --splits: every labelled image is "
                      "scored once by the fold model that did not train on it, and its class probabilities are "
                      "kept (table run_oof) for `fs audit labels`.")
+GROUP_DUPLICATES = typer.Option(None, "--group-duplicates", metavar="THRESHOLD", show_default=False,
+                                help="Keep near-duplicates (cosine similarity >= THRESHOLD, in (0, 1], e.g. 0.95; "
+                                "joined transitively) on one side of every split; with --test-dataset, leave out "
+                                "training images that are near-duplicates of a test image (counted).")
+GROUP_FEATURES = typer.Option(None, "--group-features", metavar="SET", show_default=False,
+                              help="Feature set compared by --group-duplicates (default: the first CNN set of "
+                              "--features); through its index when it has one (`fs index build`).")
 
 
 def _cfg(features: list[str], target: str, select: str | None, classifier: str, trees: int, splits: int,
          test_size: float, seed: int, dataset: str | None, skip_missing: bool,
-         test_dataset: str | None = None, folds: int | None = None) -> TrainConfig:
+         test_dataset: str | None = None, folds: int | None = None, group_duplicates: float | None = None,
+         group_features: str | None = None) -> TrainConfig:
     cfg = TrainConfig(features, target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
-                      test_dataset, folds)
+                      test_dataset, folds, group_duplicates, group_features)
     try:
         cfg.check()
     except InvalidInputError as exc:
@@ -72,6 +80,7 @@ def train(
     skip_missing: bool = SKIP, test_dataset: str | None = TEST_DATASET, folds: int | None = FOLDS,
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
     ray: str | None = common.RAY_OPTION,
+    group_duplicates: float | None = GROUP_DUPLICATES, group_features: str | None = GROUP_FEATURES,
 ) -> None:
     """Evaluate a feature combination on repeated splits, then fit the final model on all labelled images.
 
@@ -82,10 +91,12 @@ def train(
     With --ray the splits run in parallel on a Ray cluster (same scores). With --folds K every labelled image
     is scored once out of fold and its class probabilities are kept for `fs audit labels --run ID`.
 
+    With --group-duplicates 0.95, near-duplicate photos never straddle a split (see README "Honest splits").
+
     Example: fs train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400
     """
     cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
-               skip_missing, test_dataset, folds)
+               skip_missing, test_dataset, folds, group_duplicates, group_features)
     store = common.open_store(ray_address=ray)
     try:
         with store.writing(), common.progress("splits") as tick:
@@ -101,10 +112,12 @@ def train(
               if "superclass_accuracy" in s else "",
               "kept": ", ".join(f"{k}={v}" for k, v in out.kept.items())}
     if fmt == common.Format.json:
-        typer.echo(json.dumps({**result, "evaluation": out.evaluation.to_dict()}, indent=2))
+        grouping = out.grouping.as_dict() if out.grouping else None
+        typer.echo(json.dumps({**result, "evaluation": out.evaluation.to_dict(), "grouping": grouping}, indent=2))
         return
     common.emit([result], fmt)
-    _overlap_note(cfg, out.excluded)
+    _overlap_note(cfg, out.excluded, out.grouping)
+    _grouping_note(out.grouping)
     common.err(f"run {out.run_id} stored; splits were {out.split_scheme}; predict with "
                f"`fs predict --run {out.run_id} --unlabelled`")
 
@@ -117,6 +130,7 @@ def evaluate(
     skip_missing: bool = SKIP, test_dataset: str | None = TEST_DATASET, folds: int | None = FOLDS,
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
     ray: str | None = common.RAY_OPTION,
+    group_duplicates: float | None = GROUP_DUPLICATES, group_features: str | None = GROUP_FEATURES,
 ) -> None:
     """Evaluate several feature combinations on the same splits and print a Table-1-style comparison.
 
@@ -131,7 +145,7 @@ def evaluate(
         raise typer.BadParameter("fs evaluate takes auto or none (per-set K: use fs train)", param_hint="--select")
     combos = [_features(f) for f in features]
     cfg = _cfg(combos[0], target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
-               test_dataset, folds)
+               test_dataset, folds, group_duplicates, group_features)
     store = common.open_store(ray_address=ray)
     try:
         with store.writing(), common.progress("evaluate") as tick:
@@ -150,7 +164,8 @@ def evaluate(
                      "superclass_accuracy": _pm(s["superclass_accuracy"].mean, s["superclass_accuracy"].std)
                      if "superclass_accuracy" in s else ""})
     common.emit(rows, fmt)
-    _overlap_note(cfg, outs[0].excluded)
+    _overlap_note(cfg, outs[0].excluded, outs[0].grouping)
+    _grouping_note(outs[0].grouping)
     common.err(f"{outs[0].n_images} images, {outs[0].n_classes} classes, {_scheme(cfg, outs[0].split_scheme)}, "
                f"classifier {classifier}, selection {select or 'default'}")
 
@@ -163,11 +178,25 @@ def _scheme(cfg: TrainConfig, scheme: str) -> str:
     return f"{cfg.n_splits} x {cfg.test_size:g} splits ({scheme})"
 
 
-def _overlap_note(cfg: TrainConfig, excluded: int) -> None:
+def _overlap_note(cfg: TrainConfig, excluded: int, grouping: Grouping | None = None) -> None:
+    excluded -= grouping.near_excluded if grouping else 0  # the near copies get their own line
     if cfg.test_dataset is not None and excluded:
         where = f"--dataset {cfg.dataset}" if cfg.dataset else "the labelled images"
         common.err(f"{excluded} image(s) of {where} are also in the test dataset {cfg.test_dataset}: "
                    "left out of training (stored with the run as n_test_overlap)")
+
+
+def _grouping_note(g: Grouping | None) -> None:
+    if g is None:
+        return
+    common.err(f"near-duplicates (cosine >= {g.threshold:g} in {g.feature_set}, {g.method}, {g.seconds:.1f} s): "
+               f"{g.n_groups} group(s) of {g.n_grouped} images (largest {g.largest}) kept on one side of every split"
+               + (f"; {g.near_excluded} training image(s) near-duplicate of a test image left out"
+                  if g.near_excluded else ""))
+    if g.unsplittable:
+        shown = ", ".join(g.unsplittable[:10]) + (" ..." if len(g.unsplittable) > 10 else "")
+        common.err(f"warning: {len(g.unsplittable)} class(es) lie in a single near-duplicate group, so no split "
+                   f"trains and tests them both (their images stay, splits are unstratified): {shown}")
 
 
 def compare(

@@ -7,6 +7,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from featurestore.features.base import FeatureSpec
+from featurestore.pipelines.ingest import ingest
+from featurestore.store import Store
+
+NEAR_COPY_CLASSES = ["sneaker", "sandal", "shirt"]
+
 
 def make_image(path: Path, size: tuple[int, int] = (64, 48), seed: int = 0, mode: str = "RGB",
                fmt: str | None = None, **save: object) -> Path:
@@ -39,3 +45,37 @@ def brute(query, ids, mat, k, metric, exclude=(), allowed=None):  # type: ignore
     idx = np.flatnonzero(ok)
     order = idx[np.lexsort((ids[idx], key[idx]))][:k]
     return ids[order].tolist(), scores[order]
+
+
+def ingest_with_near_copies(store: Store, tmp_path: Path, per_class: int = 8, copies: int = 4,
+                        datasets: tuple[str, str] | None = None) -> dict[int, int]:
+    """``per_class`` originals per class and, for the first ``copies`` of each, a near copy (another file whose
+    vector in the CNN-kind set "c" is the original's plus a little noise). Returns copy id -> original id.
+
+    With ``datasets`` the originals go to the first dataset and the copies to the second.
+    """
+    seed = 0
+    for cls in NEAR_COPY_CLASSES:
+        for k in range(per_class):
+            make_image(tmp_path / "orig" / cls / f"{k}.png", size=(16, 12), seed=seed)
+            seed += 1
+            if k < copies:
+                make_image(tmp_path / "copy" / cls / f"{k}.png", size=(16, 12), seed=1000 + seed)
+    with store.writing():
+        a = ingest(store, tmp_path / "orig", dataset=datasets[0] if datasets else "orig")
+        b = ingest(store, tmp_path / "copy", dataset=datasets[1] if datasets else "copy")
+    paths = {r[0]: r[1] for r in store.select_images()}
+    by_name = {Path(paths[i]).parent.name + "/" + Path(paths[i]).name: i for i in a.image_ids}
+    copy_of = {i: by_name[Path(paths[i]).parent.name + "/" + Path(paths[i]).name] for i in b.image_ids}
+    rows = store.select_images()
+    rng = np.random.default_rng(0)
+    centers = {cls: rng.normal(scale=3, size=8) for cls in NEAR_COPY_CLASSES}
+    base = {r[0]: centers[r[2]] + rng.normal(size=8) for r in rows if r[0] not in copy_of}
+    vec = {**base, **{c: base[o] + rng.normal(scale=0.01, size=8) for c, o in copy_of.items()}}
+    ids = sorted(vec)
+    with store.writing():
+        fc = store.ensure_feature_set(FeatureSpec("c", "cnn", 8, {}))
+        store.append_vectors(fc, ids, np.stack([vec[i] for i in ids]).astype(np.float32))
+        fr = store.ensure_feature_set(FeatureSpec("r", "random_projection", 3, {}))
+        store.append_vectors(fr, ids, rng.normal(size=(len(ids), 3)).astype(np.float32))
+    return copy_of

@@ -22,8 +22,11 @@ from sqlalchemy import Engine, and_, case, delete, exists, func, insert, not_, n
 from sqlalchemy.orm import Session, aliased, sessionmaker
 from sqlalchemy.sql import ColumnElement, Select
 
+from featurestore.catalog.audits import KINDS as FINDING_KINDS
+from featurestore.catalog.run_images import RunImages, insert_run_images
 from featurestore.catalog.schema import (
     AnnIndex,
+    AuditFinding,
     Dataset,
     DatasetMember,
     FeatureRow,
@@ -461,9 +464,10 @@ class Catalog:
 
     # -- runs ------------------------------------------------------------------------------
     def add_run(self, run: Run, splits: list[dict[str, Any]], test_predictions: list[dict[str, Any]] | None = None,
-                oof: list[dict[str, Any]] | None = None) -> int:
-        """Insert a run, its per-split scores, (fixed-test runs) its per-image test predictions and (K-fold
-        runs) its out-of-fold probabilities, in one transaction."""
+                oof: list[dict[str, Any]] | None = None, images: RunImages | None = None) -> int:
+        """Insert a run, its per-split scores, (fixed-test runs) its per-image test predictions, (K-fold runs)
+        its out-of-fold probabilities and (``images``) the images it used with each split's test images, in one
+        transaction."""
         with self.session() as s:
             s.add(run)
             s.flush()
@@ -472,6 +476,8 @@ class Catalog:
                 s.execute(insert(RunTestPrediction), [{"run_id": run.id, **row} for row in part])
             for part in chunks(oof or [], 1_000):
                 s.execute(insert(RunOutOfFold), [{"run_id": run.id, **row} for row in part])
+            if images is not None:
+                insert_run_images(s, int(run.id), images)
             return int(run.id)
 
     def test_correctness(self, run_id: int) -> dict[int, bool]:
@@ -560,6 +566,7 @@ class ImageFilter:
     versus: int | None = None  # a second fixed-test run, for ``outcome``
     outcome: str | None = None  # see OUTCOMES: how ``run`` and ``versus`` did on each test image
     ids: tuple[int, ...] | None = None  # only these images (a selection drawn on the map)
+    finding: str | None = None  # only images with an `fs audit` finding of this kind (issue 25)
 
     def check(self) -> None:
         needs_run = [name for name, value in (("predicted label", self.predicted), ("correct/incorrect", self.correct),
@@ -585,6 +592,8 @@ class ImageFilter:
             raise InvalidInputError(f"outcome must be one of {', '.join(OUTCOMES)}, not {self.outcome!r}")
         if self.outcome is not None and self.run is None:
             raise InvalidInputError("the outcome filter needs a run: pick one")
+        if self.finding is not None and self.finding not in FINDING_KINDS:
+            raise InvalidInputError(f"unknown finding {self.finding!r}; choose one of {', '.join(FINDING_KINDS)}")
 
 
 SORTS = ("id", "confidence", "margin", "random")
@@ -766,6 +775,9 @@ def _filtered(f: ImageFilter, run: RunFacts | None, columns: Sequence[Any]) -> t
         q = q.where(Image.label == f.label)
     if f.ids is not None:
         q = q.where(key.in_(f.ids))
+    if f.finding is not None:
+        q = q.where(exists().where(AuditFinding.kind == f.finding,
+                                   or_(AuditFinding.image_id == key, AuditFinding.other_image_id == key)))
     return q, key
 
 

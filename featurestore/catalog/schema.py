@@ -205,6 +205,13 @@ class Run(Base):
     # yet), and, for K-fold runs, the column order of run_oof.probabilities.
     label_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     oof_classes: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    # Honest splits (issue 25, migration 0010): near-duplicate groups (cosine >= group_threshold in
+    # group_features) never straddle a split; n_groups counts the groups of two or more images, and
+    # n_near_overlap the training images left out as near-duplicates of a test image (also in n_test_overlap).
+    group_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    group_features: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    n_groups: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    n_near_overlap: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class RunSplit(Base):
@@ -288,6 +295,8 @@ class CatalogVersion(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger)
+
+
 # -- label history and out-of-fold probabilities (migration 0009, issue 24) -----------------------
 
 
@@ -354,3 +363,46 @@ class RunNote(Base):
     name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     notes: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+# -- honest splits and audits (issue 25, migration 0010) -------------------------------------------
+
+
+class RunImage(Base):
+    """Every image a run was evaluated on; a split's training part is these minus its test images."""
+
+    __tablename__ = "run_images"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+
+
+class RunSplitImage(Base):
+    """The test images of each split of a run (so a protocol can be checked with ``fs sql``)."""
+
+    __tablename__ = "run_split_images"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    split: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+
+
+class AuditFinding(Base):
+    """One finding of ``fs audit``: an outlier, a bad photo, or one side of a near-duplicate leak.
+
+    ``audit`` is the command (leaks, outliers, images), ``kind`` the finding the web grid filters on
+    (leak, outlier, blurred, dark, bright, constant, tiny, aspect); ``score`` its measure, whose
+    meaning ``detail`` states. A new audit replaces the findings of the same audit for the images it examined.
+    """
+
+    __tablename__ = "audit_findings"
+    __table_args__ = (Index("ix_audit_findings_kind_image_id", "kind", "image_id"),
+                      Index("ix_audit_findings_image_id", "image_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    audit: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[str] = mapped_column(String(20))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    other_image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), nullable=True)
+    score: Mapped[float] = mapped_column(Float)
+    feature_set: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

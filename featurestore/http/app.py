@@ -30,7 +30,19 @@ from featurestore.http import errors
 from featurestore.http.access import check_writes
 from featurestore.http.hosts import HostCheck
 from featurestore.http.limits import BodyLimit, max_body_bytes
-from featurestore.http.routes import audit, browse, datasets, docs, feature_sets, health, images, media, runs, ui
+from featurestore.http.routes import (
+    audit,
+    audit_pages,
+    browse,
+    datasets,
+    docs,
+    feature_sets,
+    health,
+    images,
+    media,
+    runs,
+    ui,
+)
 from featurestore.store import Store
 
 DESCRIPTION = ("A feature store and embedding database for image classification: datasets, feature sets, "
@@ -74,4 +86,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(media.router)  # thumbnails and files of catalogued images
     app.include_router(ui.router)  # the web app's pages under /ui (and / -> /ui/browse)
     app.include_router(audit.router)  # the label review queue, /ui/audit
+    app.include_router(audit_pages.router)  # /ui/leaks: pairs found by `fs audit leaks`
     return app

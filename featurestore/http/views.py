@@ -88,7 +88,7 @@ def source(value: str | None) -> str | None:
 
 
 VIEW_KEYS = ("dataset", "superclass", "label", "run", "source", "predicted", "correct", "below", "held_out",
-             "versus", "outcome", "selection", "sort", "seed")
+             "versus", "outcome", "selection", "sort", "seed", "finding")
 """Query parameters that define a view of the images (the grid's filters and order), shared by the grid, the
 image page (next / previous within the view), the exports and ``/v1/browse``."""
 
@@ -115,7 +115,8 @@ def parse_view(values: dict[str, str | None]) -> View:
                       below=number(values.get("below"), "probability threshold"),
                       held_out=bool(text(values.get("held_out"))), source=source(values.get("source")),
                       sort=sort, seed=seed, versus=whole(values.get("versus"), "versus"),
-                      outcome=text(values.get("outcome")), ids=selection_ids(text(values.get("selection"))))
+                      outcome=text(values.get("outcome")), ids=selection_ids(text(values.get("selection"))),
+                      finding=text(values.get("finding")))
     f.check()
     params = {"dataset": f.dataset, "superclass": f.superclass, "label": f.label, "run": f.run, "source": f.source,
               "predicted": f.predicted,
@@ -123,7 +124,7 @@ def parse_view(values: dict[str, str | None]) -> View:
               "below": text(values.get("below")), "held_out": "1" if f.held_out else None, "versus": f.versus,
               "outcome": f.outcome, "selection": text(values.get("selection")),
               "sort": None if f.sort == "id" else f.sort,
-              "seed": f.seed if f.sort == "random" and f.seed else None}
+              "seed": f.seed if f.sort == "random" and f.seed else None, "finding": f.finding}
     return View(f, {k: v for k, v in params.items() if v not in (None, "")})
 
 

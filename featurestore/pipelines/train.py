@@ -13,7 +13,7 @@ import platform
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -24,9 +24,11 @@ import sklearn
 
 from featurestore import __version__
 from featurestore.catalog.labels import label_version, oof_rows
+from featurestore.catalog.run_images import RunImages
 from featurestore.catalog.schema import Run
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.pipelines import cluster
+from featurestore.search.groups import DuplicateGroups, check_threshold, group_near_duplicates
 from featurestore.store import FeatureMatrix, Store
 from featurestore.training.artifacts import save_artifact
 from featurestore.training.evaluation import (
@@ -36,6 +38,7 @@ from featurestore.training.evaluation import (
     make_folds,
     make_splits,
     splits_fingerprint,
+    unsplittable_classes,
 )
 from featurestore.training.stats import McNemarTest, PairedTTest, mcnemar, paired_ttest
 from featurestore.training.twoflow import CLASSIFIERS, TwoFlowClassifier, build_model, describe_model
@@ -62,6 +65,11 @@ class TrainConfig:
     """Score on this fixed held-out dataset (one split) instead of repeated random splits."""
     folds: int | None = None
     """K-fold instead of repeated random splits: every image scored once out of fold, probabilities kept."""
+    group_duplicates: float | None = None
+    """Near-duplicate groups (cosine >= this) never straddle a split; with test_dataset, training images
+    grouped with a test image are left out (issue 25)."""
+    group_features: str | None = None
+    """The feature set compared for group_duplicates (default: the first CNN set of ``features``)."""
 
     def check(self) -> None:
         if not self.features:
@@ -80,12 +88,20 @@ class TrainConfig:
             raise InvalidInputError("--test-dataset must differ from --dataset: an image cannot test what it trained")
         if not 0 < self.test_size < 1:
             raise InvalidInputError("--test-size must be between 0 and 1, e.g. 0.1")
+        self._check_protocol()
+
+    def _check_protocol(self) -> None:
+        """--folds and --group-duplicates / --group-features."""
         if self.folds is not None:
             if self.folds < 2:
                 raise InvalidInputError("--folds must be at least 2, e.g. --folds 5")
             if self.test_dataset is not None:
                 raise InvalidInputError("--folds and --test-dataset exclude each other: K folds score every "
                                         "selected image, a test dataset is one fixed split")
+        if self.group_duplicates is not None:
+            check_threshold(self.group_duplicates)
+        elif self.group_features is not None:
+            raise InvalidInputError("--group-features needs --group-duplicates THRESHOLD")
 
 
 def parse_select(spec: str | None, features: Sequence[str]) -> dict[str, int | str | None]:
@@ -148,6 +164,28 @@ class RunOutcome:
     n_classes: int
     kept: dict[str, int] = field(default_factory=dict)
     excluded: int = 0
+    grouping: Grouping | None = None
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """How a run's near-duplicate groups came out (``--group-duplicates``)."""
+
+    feature_set: str
+    threshold: float
+    n_groups: int  # groups of two or more images
+    n_grouped: int  # images in them
+    largest: int
+    method: str  # "index" or "exact"
+    seconds: float
+    near_excluded: int = 0  # training images left out as near-duplicates of a test image
+    unsplittable: tuple[str, ...] = ()  # classes lying in one group: never both trained on and tested
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"feature_set": self.feature_set, "threshold": self.threshold, "n_groups": self.n_groups,
+                "n_grouped": self.n_grouped, "largest": self.largest, "method": self.method,
+                "seconds": self.seconds, "near_excluded": self.near_excluded,
+                "unsplittable": list(self.unsplittable)}
 
 
 def _estimator(cfg: TrainConfig, blocks: dict[str, tuple[int, int]]) -> TwoFlowClassifier:
@@ -191,13 +229,17 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prep
         n_images=len(prep.fm.image_ids),
         test_dataset=cfg.test_dataset,
         n_test_overlap=prep.excluded if cfg.test_dataset is not None else None,
+        group_threshold=prep.grouping.threshold if prep.grouping else None,
+        group_features=prep.grouping.feature_set if prep.grouping else None,
+        n_groups=prep.grouping.n_groups if prep.grouping else None,
+        n_near_overlap=prep.grouping.near_excluded if prep.grouping and cfg.test_dataset is not None else None,
         dataset=cfg.dataset,
         accuracy_mean=s_["accuracy"].mean,
         accuracy_std=s_["accuracy"].std,
         macro_f1_mean=s_["macro_f1"].mean,
         superclass_accuracy_mean=s_["superclass_accuracy"].mean if "superclass_accuracy" in s_ else None,
         versions=_versions(),
-        timings=timings,
+        timings={**timings, **({"group_seconds": prep.grouping.seconds} if prep.grouping else {})},
         artifact_path=artifact[0] if artifact else None,
         artifact_sha256=artifact[1] if artifact else None,
         comparison_group=group,
@@ -208,7 +250,8 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prep
     return store.catalog.add_run(run, [
         {"split": r.index, "test_accuracy": r.accuracy, "train_accuracy": r.train_accuracy,
          "macro_f1": r.macro_f1, "superclass_accuracy": r.superclass_accuracy, "fit_seconds": r.fit_seconds,
-         "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits], _test_predictions(prep, ev), oof)
+         "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits], _test_predictions(prep, ev), oof,
+        RunImages(prep.fm.image_ids.tolist(), [prep.fm.image_ids[test].tolist() for _, test in prep.splits]))
 
 
 def _test_size(cfg: TrainConfig, prep: _Prepared) -> float:
@@ -242,13 +285,41 @@ class _Prepared:
     fingerprint: str
     excluded: int = 0  # images of the selection left out of training because they are in the test dataset
     label_version: int = 0  # the last label change when the labels were read
+    grouping: Grouping | None = None
 
 
-def _cut(y: np.ndarray, cfg: TrainConfig) -> tuple[list[Any], str]:
-    """Repeated random splits, or K folds with --folds."""
+def _cut(y: np.ndarray, cfg: TrainConfig, groups: np.ndarray | None = None) -> tuple[list[Any], str]:
+    """Repeated random splits, or K folds with --folds; whole near-duplicate groups with ``groups``."""
     if cfg.folds is not None:
-        return make_folds(y, cfg.folds, cfg.seed)
-    return make_splits(y, cfg.n_splits, cfg.test_size, cfg.seed)
+        return make_folds(y, cfg.folds, cfg.seed, groups=groups)
+    return make_splits(y, cfg.n_splits, cfg.test_size, cfg.seed, groups=groups)
+
+
+def group_feature_set(store: Store, cfg: TrainConfig, features: Sequence[str]) -> str:
+    """The set compared for ``--group-duplicates``: ``--group-features``, else the first CNN set of ``features``."""
+    if cfg.group_features is not None:
+        return store.feature_set(cfg.group_features).name
+    for name in features:
+        if store.feature_set(name).kind == "cnn":
+            return name
+    raise InvalidInputError(
+        f"--group-duplicates compares images in a CNN feature set and none of {', '.join(features)} is one: "
+        "name one with --group-features SET"
+    )
+
+
+def _group(store: Store, cfg: TrainConfig, features: Sequence[str], image_ids: np.ndarray) -> DuplicateGroups:
+    assert cfg.group_duplicates is not None
+    return group_near_duplicates(store, group_feature_set(store, cfg, features), image_ids, cfg.group_duplicates)
+
+
+def _summary(found: DuplicateGroups, y: np.ndarray | None, labels: np.ndarray | None, near_excluded: int = 0
+             ) -> Grouping:
+    """The grouping's facts; with ``y`` and ``labels`` (random splits) also the classes no split can divide."""
+    unsplittable = () if y is None or labels is None else tuple(str(c) for c in unsplittable_classes(y, labels))
+    return Grouping(found.feature_set, found.threshold, len(found.groups), found.n_grouped,
+                    max((len(g) for g in found.groups), default=1), found.method, found.seconds, near_excluded,
+                    unsplittable)
 
 
 def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepared:
@@ -257,15 +328,35 @@ def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepar
     if cfg.test_dataset is None:
         fm = _load_matrix(store, cfg, features)
         y, superclass_of = _targets(fm, cfg.target)
-        splits, scheme = _cut(y, cfg)
+        grouping = None
+        labels = None
+        if cfg.group_duplicates is not None:
+            found = _group(store, cfg, features, fm.image_ids)
+            labels = found.label_of(fm.image_ids)
+            grouping = _summary(found, y, labels)
+        splits, scheme = _cut(y, cfg, labels)
         return _Prepared(fm, y, superclass_of, splits, scheme, splits_fingerprint(fm.image_ids, splits),
-                         label_version=version)
+                         label_version=version, grouping=grouping)
     test_ids = store.catalog.dataset_image_ids(cfg.test_dataset)
     selected = {int(r[0]) for r in store.catalog.image_rows(cfg.dataset, True, None, ids_only=True)}
     excluded = len(selected & test_ids)
     fm = store.read_matrix(features, labelled_only=True, image_ids=sorted(selected | test_ids),
                            skip_missing=cfg.skip_missing)
     is_test = np.isin(fm.image_ids, np.fromiter(test_ids, dtype=np.int64, count=len(test_ids)))
+    grouping = None
+    if cfg.group_duplicates is not None:
+        # a training image grouped (transitively) with a test image would be a near copy of it on both sides
+        found = _group(store, cfg, features, fm.image_ids)
+        labels = found.label_of(fm.image_ids)
+        near = ~is_test & np.isin(labels, labels[is_test])
+        grouping = _summary(found, None, None, int(near.sum()))
+        if near.any():
+            keep = ~near
+            fm = replace(fm, image_ids=fm.image_ids[keep], X=fm.X[keep], labels=fm.labels[keep],
+                         superclasses=fm.superclasses[keep], paths=[p for p, k in zip(fm.paths, keep, strict=True)
+                                                                      if k])
+            is_test = is_test[keep]
+            excluded += grouping.near_excluded
     train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     if len(train_idx) < 2 or len(test_idx) < 1:
         raise FeatureStoreError(
@@ -275,7 +366,7 @@ def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepar
     y, superclass_of = _targets(fm, cfg.target)
     splits = [(train_idx, test_idx)]
     return _Prepared(fm, y, superclass_of, splits, "fixed-test", splits_fingerprint(fm.image_ids, splits), excluded,
-                     version)
+                     label_version=version, grouping=grouping)
 
 
 def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_final: bool = True,
@@ -320,7 +411,7 @@ def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_
         artifact = (rel, sha)
     timings = {"assemble_seconds": assembled, "evaluate_seconds": evaluated, "final_fit_seconds": final_seconds}
     run_id = _record(store, cfg, cfg.features, prep, ev, model_desc, timings, artifact, None)
-    return RunOutcome(run_id, ev, prep.scheme, len(fm.image_ids), n_classes, kept, prep.excluded)
+    return RunOutcome(run_id, ev, prep.scheme, len(fm.image_ids), n_classes, kept, prep.excluded, prep.grouping)
 
 
 def _columns(fm: FeatureMatrix, combo: Sequence[str]) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
@@ -367,7 +458,7 @@ def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfi
         run_id = _record(store, ccfg, combo, prep, ev, _describe_unfitted(ccfg, blocks),
                          {"evaluate_seconds": seconds}, None, group)
         outcomes.append(RunOutcome(run_id, ev, prep.scheme, len(fm.image_ids), len(set(prep.y)),
-                                   excluded=prep.excluded))
+                                   excluded=prep.excluded, grouping=prep.grouping))
 
     if ray_address:
         t1 = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +41,8 @@ STRATIFIED_KFOLD = "stratified-kfold"
 GROUP_KFOLD = "stratified-group-kfold"
 KFOLD = "kfold"
 KFOLD_SCHEMES = (STRATIFIED_KFOLD, GROUP_KFOLD, KFOLD)
+STRATIFIED_GROUP = "stratified-group"
+GROUP = "group"
 
 
 def _n_test(n_samples: int, test_size: float | int) -> int:
@@ -54,8 +57,9 @@ def make_splits(
     n_splits: int = 10,
     test_size: float | int = 0.1,
     seed: int = 0,
+    groups: np.ndarray | Sequence[Any] | None = None,
 ) -> tuple[list[Split], str]:
-    """Repeated random train/test splits, stratified when possible.
+    """Repeated random train/test splits, stratified when possible; group splits with ``groups``.
 
     Stratified splits (``StratifiedShuffleSplit``) are used when every class
     has at least 2 members and both the test and the training part have at
@@ -74,12 +78,15 @@ def make_splits(
         Fraction (``0 < test_size < 1``) or number of test rows.
     seed : int
         Same ``seed`` and same ``y`` give the same splits.
+    groups : array-like of shape (n_samples,), optional
+        Group of each row (e.g. near-duplicate groups): all rows of a group land
+        on the same side of every split. See :func:`group_splits`.
 
     Returns
     -------
     splits : list of (train_indices, test_indices)
         Row indices into ``y`` (int arrays).
-    scheme : {"stratified", "random"}
+    scheme : {"stratified", "random", "stratified-group", "group"}
         Which splitter was used.
     """
     y = np.asarray(y)
@@ -101,6 +108,8 @@ def make_splits(
             "need at least one training and one test image"
         )
 
+    if groups is not None:
+        return group_splits(y, groups, n_splits, n_test, seed)
     _classes, counts = np.unique(y, return_counts=True)
     n_classes = counts.size
     stratify = counts.min() >= 2 and n_test >= n_classes and n_train >= n_classes
@@ -178,6 +187,69 @@ def make_folds(
         scheme = KFOLD
     folds = [(train.astype(np.int64), test.astype(np.int64)) for train, test in parts]
     return folds, scheme
+def group_splits(y: np.ndarray, groups: np.ndarray | Sequence[Any], n_splits: int, n_test: int, seed: int
+                 ) -> tuple[list[Split], str]:
+    """Repeated train/test splits that never put one group on both sides.
+
+    Each repetition is the first fold of a ``StratifiedGroupKFold`` with
+    ``round(n_samples / n_test)`` folds, shuffled with its own seed drawn from
+    ``seed``: the test part holds about ``n_test`` rows, whole groups only, with
+    class proportions kept as well as whole groups allow ("stratified-group").
+    When a class has fewer than two groups no stratification can put it on both
+    sides, and ``GroupShuffleSplit`` draws the groups instead ("group"). Use
+    :func:`unsplittable_classes` to report such classes.
+    """
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+    g = np.asarray(groups)
+    n_samples = y.shape[0]
+    if g.shape != y.shape:
+        raise InvalidInputError(f"groups must give one group per image: {g.shape} for {y.shape} labels")
+    _, g_codes = np.unique(g, return_inverse=True)
+    n_groups = int(g_codes.max()) + 1 if n_samples else 0
+    n_folds = max(2, min(round(n_samples / n_test), n_groups))
+    if n_groups < 2:
+        raise InvalidInputError(f"all {n_samples} images are in one near-duplicate group: no split can keep it on "
+                                "one side; raise the threshold")
+    seeds = np.random.RandomState(seed).randint(0, 2**31 - 1, size=n_splits)
+    splits: list[Split] = []
+    if not unsplittable_classes(y, g_codes):
+        scheme = STRATIFIED_GROUP
+        for s in seeds:
+            splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=int(s))
+            with warnings.catch_warnings():
+                # only one fold is used: a class smaller than the fold count is fine (it misses some folds)
+                warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+                train, test = next(splitter.split(np.zeros((n_samples, 1)), y, g_codes))
+            splits.append((train.astype(np.int64), test.astype(np.int64)))
+    else:
+        scheme = GROUP
+        gss = GroupShuffleSplit(n_splits=n_splits, test_size=1 / n_folds, random_state=seed)
+        splits = [(tr.astype(np.int64), te.astype(np.int64))
+                  for tr, te in gss.split(np.zeros((n_samples, 1)), y, g_codes)]
+    for i, (train, test) in enumerate(splits):
+        # the promise of the scheme, checked rather than assumed
+        if np.intersect1d(g_codes[train], g_codes[test]).size:
+            raise AssertionError(f"split {i} puts a group on both sides")
+        if not train.size or not test.size:
+            raise InvalidInputError(f"split {i} has {train.size} training and {test.size} test images: the "
+                                    "near-duplicate groups are too large for a train/test split; raise the threshold")
+    return splits, scheme
+
+
+def unsplittable_classes(y: np.ndarray | Sequence[Any], groups: np.ndarray | Sequence[Any]) -> list[Any]:
+    """Classes whose images all lie in one group (they can never be both trained on and tested).
+
+    Such a class is a group larger than (or as large as) the class; the caller
+    reports it rather than dropping it silently.
+    """
+    y = np.asarray(y)
+    g = np.asarray(groups)
+    out = []
+    for cls in np.unique(y):
+        if np.unique(g[y == cls]).size < 2:
+            out.append(cls.item() if hasattr(cls, "item") else cls)
+    return out
 
 
 def splits_fingerprint(image_ids: Sequence[int] | np.ndarray, splits: Sequence[Split]) -> str:

@@ -304,7 +304,7 @@ def browse_page(request: Request, svc: Svc, after: TEXT = None, before: TEXT = N
                  facets=_facets(engine, f), prev_url=prev_url, next_url=next_url, page_sizes=PAGE_SIZES,
                  limit=limit, first_url=f"?{_query(filters)}" if page.has_prev else None, view=view,
                  run=run, source=run.source(f.source) if run else None, run_labels=_run_labels(svc),
-                 focus=_int(at, "at"), sorts=q.SORTS, tested=test_prediction_counts(engine),
+                 focus=_int(at, "at"), sorts=q.SORTS, findings=q.FINDING_KINDS, tested=test_prediction_counts(engine),
                  saved=_int(request.query_params.get("saved"), "saved", 0), selection=f.ids,
                  unselected="?" + _query({k: v for k, v in view.params.items() if k != "selection"}))
 
