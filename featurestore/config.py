@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from featurestore.errors import InvalidInputError
@@ -87,6 +87,17 @@ class Settings(BaseSettings):
         ``local`` starts a private one on this machine, anything else is the
         address of the head (``HOST:6379``). ``FS_RAY_ADDRESS``; default none
         (run locally).
+    s3_endpoint:
+        URL of an S3-compatible server (MinIO, SeaweedFS, Ceph...) for
+        ``s3://`` paths; none means AWS itself. ``FS_S3_ENDPOINT``.
+    aws_access_key_id, aws_secret_access_key, aws_region:
+        Credentials and region of ``s3://`` paths, under their standard names
+        ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_REGION``
+        (region default ``us-east-1``). Without a key, requests are unsigned
+        (anonymous).
+    s3_timeout:
+        Seconds an object-storage request may take before it fails (a connect
+        gets at most a fifth of it). ``FS_S3_TIMEOUT``; default 30.
     """
 
     model_config = SettingsConfigDict(env_prefix="FS_", frozen=True, extra="ignore")
@@ -110,6 +121,14 @@ class Settings(BaseSettings):
     # issue 12: what runs CNN models
     cnn_runtime: CnnRuntime = "onnxruntime"
     ray_address: str | None = None
+    # issue 26: object storage (s3:// paths); the AWS_* fields keep the standard names, not FS_*
+    s3_endpoint: str | None = None
+    aws_access_key_id: str | None = Field(default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID"),
+                                          repr=False)
+    aws_secret_access_key: str | None = Field(default=None, repr=False,
+                                              validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY"))
+    aws_region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
+    s3_timeout: float = Field(default=30.0, gt=0)
 
     def __init__(self, **values: Any):
         # An empty variable means "unset", as for most command-line tools.
