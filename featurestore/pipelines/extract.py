@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,7 +83,7 @@ def featurize_batches(work: Sequence[Work], images: Sequence[tuple[int, str]], *
 
     def prepare(image_id: int) -> tuple[int, list[Any] | None, str | None]:
         try:
-            img = decode_bytes(read_bytes(Path(path_of[image_id]), max_bytes), max_pixels).image
+            img = decode_bytes(read_bytes(path_of[image_id], max_bytes), max_pixels).image
             return image_id, [w.extractor.prepare(img) if image_id in w.needed else None for w in work], None
         except ImageDecodeError as exc:
             return image_id, None, str(exc)

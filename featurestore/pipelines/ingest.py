@@ -21,9 +21,11 @@ from pathlib import Path
 
 from featurestore.catalog.repository import check_name
 from featurestore.catalog.schema import utcnow
+from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.io.batching import prefetch_batches
 from featurestore.io.images import ImageDecodeError, decode_bytes, is_image_path, read_bytes
+from featurestore.io.objects import is_object_url, list_objects, parse_url
 from featurestore.store import Store
 
 Progress = Callable[[int, int], None]
@@ -32,9 +34,13 @@ BATCH = 256
 
 @dataclass(frozen=True)
 class Candidate:
-    path: Path
+    path: Path | str  # a str is an s3:// URL
     label: str | None
     superclass: str | None
+
+    def source(self) -> str:
+        """What the catalog records: the absolute path, or the object's URL."""
+        return self.path if isinstance(self.path, str) else str(self.path.resolve())
 
 
 @dataclass
@@ -95,6 +101,32 @@ def scan(root: Path, labels: str = "dir") -> list[Candidate]:
     return out
 
 
+def scan_objects(url: str, labels: str = "dir", settings: Settings | None = None) -> list[Candidate]:
+    """Image objects under the ``s3://bucket/prefix`` URL (recursive, sorted by key) with their labels.
+
+    Labels come from the key as from folders (``dir``: the last "folder" is the
+    class, the one before it the superclass) or not at all (``none``).
+    """
+    mode, _ = parse_labels(labels)
+    if mode == "csv":
+        raise InvalidInputError("--labels csv:FILE is for folders; label objects by their key (dir) or none")
+    parsed = parse_url(url)
+    prefix = parsed.key if not parsed.key or parsed.key.endswith("/") else parsed.key + "/"
+    out = []
+    for obj in list_objects(url, settings):
+        key = obj.url.key
+        rel = key[len(prefix):] if key.startswith(prefix) else key.rpartition("/")[2]
+        parts = rel.split("/")
+        if any(p.startswith(".") for p in parts) or not is_image_path(Path(parts[-1])):
+            continue
+        label = superclass = None
+        if mode == "dir" and len(parts) > 1:
+            label = parts[-2]
+            superclass = parts[-3] if len(parts) >= 3 else None
+        out.append(Candidate(str(obj.url), label, superclass))
+    return out
+
+
 def _manifest_text(manifest: Path) -> str:
     """The manifest decoded as UTF-8 (a BOM is dropped); a bad byte is reported by line."""
     try:
@@ -144,18 +176,25 @@ def _from_manifest(manifest: Path, root: Path) -> list[Candidate]:
 
 def ingest(
     store: Store,
-    root: Path,
+    root: Path | str,
     dataset: str | None = None,
     labels: str = "dir",
     progress: Progress | None = None,
 ) -> IngestSummary:
     """Ingest the images under ``root`` into ``dataset`` (default: the folder's name).
 
-    Must be called under ``store.writing()``.
+    ``root`` may be an ``s3://bucket/prefix`` URL: its objects are listed and
+    read from object storage, and each image records its URL. Must be called
+    under ``store.writing()``.
     """
-    root = Path(root)
-    name = dataset or (root.resolve().name if root.is_dir() else root.resolve().parent.name) or "default"
-    candidates = scan(root, labels)
+    if is_object_url(root):
+        url = str(root)
+        name = dataset or parse_url(url).key.rstrip("/").rpartition("/")[2] or parse_url(url).bucket
+        candidates = scan_objects(url, labels, store.settings)
+    else:
+        root = Path(root)
+        name = dataset or (root.resolve().name if root.is_dir() else root.resolve().parent.name) or "default"
+        candidates = scan(root, labels)
     summary = IngestSummary(dataset=name, found=len(candidates))
     if not candidates:
         raise FeatureStoreError(
@@ -239,13 +278,13 @@ def _store_batch(store: Store, dataset_id: int, results: list, seen: _Seen, summ
             seen.members.add(sha)
             if sha in seen.ids:  # stored from another dataset: this dataset gains a member
                 summary.added += 1
-                joins.append((sha, str(c.path.resolve())))
+                joins.append((sha, c.source()))
                 if seen.labels[sha][0] is None and c.label is not None:  # an unlabelled image gets its label
                     relabel[sha] = (c.label, c.superclass)
                     seen.labels[sha] = (c.label, c.superclass, seen.labels[sha][2])
                 continue
             seen.labels[sha] = (c.label, c.superclass, str(c.path))
-            new_rows.append({"sha256": sha, "source_path": str(c.path.resolve()), "width": w, "height": h,
+            new_rows.append({"sha256": sha, "source_path": c.source(), "width": w, "height": h,
                              "format": fmt, "mode": mode, "bytes": nbytes, "label": c.label,
                              "superclass": c.superclass, "dataset_id": dataset_id, "ingested_at": now})
         catalog.record_ingest_errors(s, dataset_id, [str(c.path) for c, _ in results], failed)
