@@ -145,6 +145,23 @@ class Settings(BaseSettings):
             raise InvalidInputError(
                 f"FS_{field.upper()}={given!r} is invalid ({first['msg'].lower()}); unset it or give a valid value"
             ) from None
+        self._refuse_bucket_store()
+
+    def _refuse_bucket_store(self) -> None:
+        # Path() folds "s3://b/p" to "s3:/b/p": without this the store would be a local folder named "s3:".
+        text = str(self.store)
+        if not text.startswith("s3:"):
+            return
+        url = "s3://" + text[3:].lstrip("/")
+        if not self.database_url or self.database_url.startswith("sqlite"):
+            raise InvalidInputError(
+                f"FS_STORE={url}: a store in a bucket needs a PostgreSQL catalog that every machine reaches; "
+                "set FS_DATABASE_URL=postgresql+psycopg2://USER@HOST/DB"
+            )
+        raise InvalidInputError(
+            f"FS_STORE={url}: a store in a bucket is not supported yet (images can be: `fs ingest s3://...`); "
+            "set FS_STORE to a folder"
+        )
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,23 @@ def test_wrong_credentials_name_the_variables(refusing_endpoint: str, monkeypatc
             call()
         msg = str(info.value)
         assert "refused access to s3://photos/" in msg and "AWS_ACCESS_KEY_ID" in msg and "\n" not in msg
+
+
+def test_a_bucket_store_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from featurestore.cli.main import app
+
+    with pytest.raises(InvalidInputError, match=r"FS_STORE=s3://b/p: .*PostgreSQL catalog.*set FS_DATABASE_URL="):
+        Settings(store="s3://b/p")
+    with pytest.raises(InvalidInputError, match="set FS_DATABASE_URL"):
+        Settings(store="s3://b/p", database_url="sqlite:///x.db")
+    with pytest.raises(InvalidInputError, match=r"FS_STORE=s3://b/p: a store in a bucket is not supported yet"):
+        Settings(store="s3://b/p", database_url="postgresql+psycopg2://u@h/db")
+    monkeypatch.setenv("FS_STORE", "s3://photos/store")
+    for args in (["status"], ["--store", "s3://photos/store", "status"]):
+        result = CliRunner().invoke(app, args)
+        err = result.stderr.strip()
+        assert result.exit_code == 1, result.output
+        assert "s3://photos/store" in err and "FS_DATABASE_URL" in err and "Traceback" not in result.output, err
+    assert not (Path.cwd() / "s3:").exists()  # no local folder named after the URL
