@@ -121,3 +121,25 @@ def test_extract_thumbnail_and_file_read_the_bucket(s3_prefix: str, photos: dict
         assert changed.status_code == 409 and "changed since it was ingested" in changed.json()["detail"]
         objects.delete_object(s3_prefix + "shoes/boot/a.png")
         assert c.get(f"/v1/images/{boot}/file").status_code == 404
+
+
+def test_one_object_is_ingested_and_searched_by_url(s3_prefix: str, photos: dict[str, bytes]) -> None:
+    assert fs("ingest", s3_prefix, "--dataset", "shoes").exit_code == 0
+    assert fs("extract", "--rp", "16", "--size", "32x24").exit_code == 0
+    found = fs("search", "--features", "rp16", "--image", s3_prefix + "top.png", "-k", "1", "--format", "json")
+    assert found.exit_code == 0, found.output
+    (hit,) = json.loads(found.stdout)
+    assert hit["path"] == s3_prefix + "top.png" and hit["distance"] < 1e-6  # the same bytes as the stored image
+    objects.write_object(s3_prefix + "more/new.png", make_image_bytes(7))
+    one = fs("ingest", s3_prefix + "more/new.png")  # one object, like one file: dataset = its "folder"
+    assert one.exit_code == 0, one.output
+    assert "more: 1 files: 1 new" in one.stderr
+    assert s3_prefix + "more/new.png" in _images()
+    gone = fs("search", "--features", "rp16", "--image", s3_prefix + "gone.png")
+    assert gone.exit_code == 1 and "gone.png: object not found" in gone.stderr
+
+
+def make_image_bytes(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()

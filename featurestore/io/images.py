@@ -259,7 +259,7 @@ def _read_regular(path: Path | str, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def load_rgb(path: Path, max_pixels: int = 89_478_485, max_bytes: int = MAX_FILE_BYTES) -> Image.Image:
+def load_rgb(path: Path | str, max_pixels: int = 89_478_485, max_bytes: int = MAX_FILE_BYTES) -> Image.Image:
     """Decode the file at ``path`` to RGB; errors name the file."""
     try:
         return decode_bytes(read_bytes(path, max_bytes), max_pixels).image

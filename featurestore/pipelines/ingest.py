@@ -124,7 +124,18 @@ def scan_objects(url: str, labels: str = "dir", settings: Settings | None = None
             label = parts[-2]
             superclass = parts[-3] if len(parts) >= 3 else None
         out.append(Candidate(str(obj.url), label, superclass))
+    if not out and parsed.key and not parsed.key.endswith("/") and is_image_path(Path(parsed.key)):
+        return [Candidate(url, None, None)]  # one object, like one file (a missing one is reported when read)
     return out
+
+
+def _object_dataset(url: str) -> str:
+    """The default dataset of an s3:// URL: its last "folder" (the bucket's name at the top)."""
+    parsed = parse_url(url)
+    parts = [p for p in parsed.key.split("/") if p]
+    if parts and is_image_path(Path(parts[-1])):
+        parts = parts[:-1]
+    return parts[-1] if parts else parsed.bucket
 
 
 def _manifest_text(manifest: Path) -> str:
@@ -189,7 +200,7 @@ def ingest(
     """
     if is_object_url(root):
         url = str(root)
-        name = dataset or parse_url(url).key.rstrip("/").rpartition("/")[2] or parse_url(url).bucket
+        name = dataset or _object_dataset(url)
         candidates = scan_objects(url, labels, store.settings)
     else:
         root = Path(root)
