@@ -3,7 +3,7 @@
 A location is a URL ``s3://bucket/key``. The client of a bucket is built from
 :class:`~featurestore.config.Settings` (``FS_S3_ENDPOINT``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``FS_S3_TIMEOUT``) and kept per
-(bucket, settings). Requests have short timeouts and one retry, so an
+(bucket, settings). Requests have short timeouts and few retries, so an
 unreachable server fails in seconds with a line naming the variable to set,
 never a hang. A PUT is atomic on S3: an object is either absent or complete,
 so no temp-and-rename is needed.
@@ -138,13 +138,15 @@ class Bucket:
             config["secret_access_key"] = settings.aws_secret_access_key
         else:
             config["skip_signature"] = True
-        retry = {"max_retries": 1, "retry_timeout": timedelta(seconds=timeout)}
+        retry = {"max_retries": 3, "retry_timeout": timedelta(seconds=timeout)}  # 5xx of a busy server
         self._store = S3Store(bucket, config=config, client_options=options,  # type: ignore[arg-type]
                               retry_config=retry)  # type: ignore[arg-type]
 
     def _call(self, key: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
+        except FeatureStoreError:  # ours already (a size cap)
+            raise
         except Exception as exc:
             raise _translate(exc, ObjectURL(self.name, key), self.settings) from None
 
@@ -168,11 +170,18 @@ class Bucket:
 
         return int(self._call(key, lambda: obstore.head(self._store, key))["size"])
 
-    def get(self, key: str) -> bytes:
-        """The whole object."""
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The whole object; one larger than ``max_bytes`` is refused before its body is read."""
         import obstore
 
-        return self._call(key, lambda: bytes(obstore.get(self._store, key).bytes()))
+        def run() -> bytes:
+            result = obstore.get(self._store, key)
+            size = int(result.meta["size"])  # from the response's headers: one request, not HEAD + GET
+            if max_bytes is not None and size > max_bytes:
+                raise ObjectTooLargeError(size, max_bytes)
+            return bytes(result.bytes())
+
+        return self._call(key, run)
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``start`` (inclusive) to ``end`` (exclusive) of the object."""
@@ -220,12 +229,7 @@ def list_objects(url: str, settings: Settings | None = None) -> list[ObjectInfo]
 def read_object(url: str, max_bytes: int | None = None, settings: Settings | None = None) -> bytes:
     """The object at ``url``; an object larger than ``max_bytes`` is refused unread (:class:`ObjectTooLargeError`)."""
     parsed = parse_url(url)
-    b = bucket(parsed.bucket, settings)
-    if max_bytes is not None:
-        size = b.size(parsed.key)
-        if size > max_bytes:
-            raise ObjectTooLargeError(size, max_bytes)
-    data = b.get(parsed.key)
+    data = bucket(parsed.bucket, settings).get(parsed.key, max_bytes)
     if max_bytes is not None and len(data) > max_bytes:  # replaced by a larger object since the HEAD
         raise ObjectTooLargeError(len(data), max_bytes)
     return data
