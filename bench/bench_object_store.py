@@ -111,12 +111,14 @@ def run(args: argparse.Namespace, endpoint: str) -> None:
     try:
         with ThreadPoolExecutor(args.workers) as pool:
             t_files = timed(lambda: list(pool.map(Path.read_bytes, files)))
+        gets = objects.reader_threads(args.workers, urls)  # as many requests in flight as ingest/extract keep
+        with ThreadPoolExecutor(gets) as pool:
             t_gets = timed(lambda: list(pool.map(objects.read_object, urls)))
         f_ing, f_ext, f_n = ingest_and_extract(root, args.workers)
         b_ing, b_ext, b_n = ingest_and_extract(prefix, args.workers)
         assert f_n == b_n == n, (f_n, b_n, n)
         print(row("(a) raw read: files", n, t_files))
-        print(row("(a) raw read: objects (GET)", n, t_gets, n / t_files)
+        print(row(f"(a) raw read: objects (GET, {gets} threads)", n, t_gets, n / t_files)
               + f"  {nbytes / t_gets / 2**20:.1f} MiB/s")
         print(row("(b) ingest from the folder", n, f_ing))
         print(row("(b) ingest from the bucket", n, b_ing, n / f_ing))

@@ -154,3 +154,9 @@ def test_a_bucket_store_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) 
         assert result.exit_code == 1, result.output
         assert "s3://photos/store" in err and "FS_DATABASE_URL" in err and "Traceback" not in result.output, err
     assert not (Path.cwd() / "s3:").exists()  # no local folder named after the URL
+
+
+def test_reader_threads_keep_more_gets_in_flight_for_objects() -> None:
+    assert objects.reader_threads(2, [Path("/a.jpg"), "/b.jpg"]) == 2
+    assert objects.reader_threads(2, ["/a.jpg", "s3://b/c.jpg"]) == 16
+    assert objects.reader_threads(16, ["s3://b/c.jpg"]) == 64 and objects.reader_threads(100, ["s3://b/"]) == 100

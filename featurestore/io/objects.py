@@ -12,7 +12,7 @@ so no temp-and-rename is needed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -72,6 +72,18 @@ class ObjectInfo:
 def is_object_url(path: object) -> bool:
     """Whether ``path`` is an object-storage URL (a str starting with ``s3://``)."""
     return isinstance(path, str) and path.startswith(SCHEME)
+
+
+def reader_threads(workers: int, sources: Iterable[object]) -> int:
+    """Threads to read (and decode) ``sources``: ``workers``, or 8 times as many (at most 64) if any is a URL.
+
+    A GET spends most of its time waiting on the network, not on a core, so
+    reading objects at the rate the cores decode them takes more requests in
+    flight than there are cores.
+    """
+    if any(is_object_url(s) for s in sources):
+        return max(workers, min(64, workers * 8))
+    return workers
 
 
 def parse_url(url: str) -> ObjectURL:

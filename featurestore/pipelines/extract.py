@@ -29,6 +29,7 @@ from featurestore.errors import InvalidInputError
 from featurestore.features.base import Extractor
 from featurestore.io.batching import prefetch_batches
 from featurestore.io.images import ImageDecodeError, decode_bytes, read_bytes
+from featurestore.io.objects import reader_threads
 from featurestore.store import FeatureSet, Store
 
 Progress = Callable[[int, int], None]
@@ -189,7 +190,8 @@ def extract(
     start = time.perf_counter()
     buffer = _Buffer()
     done = 0
-    with ThreadPoolExecutor(max_workers=store.settings.workers) as pool:
+    threads = reader_threads(store.settings.workers, (path for _, path in plan.todo))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for out in featurize_batches(plan.work, plan.todo, pool=pool, batch_size=batch_size,
                                      max_pixels=store.settings.max_image_pixels,
                                      max_bytes=store.settings.max_file_bytes):

@@ -25,7 +25,7 @@ from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.io.batching import prefetch_batches
 from featurestore.io.images import ImageDecodeError, decode_bytes, is_image_path, read_bytes
-from featurestore.io.objects import is_object_url, list_objects, parse_url
+from featurestore.io.objects import is_object_url, list_objects, parse_url, reader_threads
 from featurestore.store import Store
 
 Progress = Callable[[int, int], None]
@@ -230,7 +230,7 @@ def ingest(
         except Exception as exc:  # a decoder bug must not stop the run either
             return c, ImageDecodeError(f"unexpected decoder error: {type(exc).__name__}: {exc}")
 
-    with ThreadPoolExecutor(max_workers=store.settings.workers) as pool:
+    with ThreadPoolExecutor(max_workers=reader_threads(store.settings.workers, [root])) as pool:
         # The decoders stay busy while the main thread writes the previous batch.
         for results in prefetch_batches(pool, work, candidates, BATCH):
             _store_batch(store, dataset_id, results, seen, summary)
