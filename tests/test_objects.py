@@ -65,6 +65,10 @@ def test_put_list_get_range_delete(s3_prefix: str) -> None:
     with pytest.raises(ObjectNotFoundError, match=f"no object at s3://{base.bucket}/{key}"):
         objects.read_object(f"s3://{base.bucket}/{key}")
     assert len(objects.list_objects(s3_prefix)) == 2
+    odd = f"{s3_prefix}odd/my photo é+%20#.jpg"  # keys are taken as written, not URL-decoded
+    objects.write_object(odd, b"odd")
+    assert [str(o.url) for o in objects.list_objects(s3_prefix + "odd/")] == [odd]
+    assert objects.read_object(odd) == b"odd"
 
 
 @pytest.mark.s3
