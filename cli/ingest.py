@@ -7,12 +7,13 @@ from pathlib import Path
 import typer
 
 from featurestore.cli import common
+from featurestore.io.objects import is_object_url
 from featurestore.pipelines.ingest import ingest as run_ingest
 from featurestore.pipelines.ingest import parse_labels
 
 
 def ingest(
-    path: Path = typer.Argument(..., help="Folder (scanned recursively) or a single image file."),
+    path: str = typer.Argument(..., help="Folder (scanned recursively), a single image file, or s3://BUCKET/PREFIX."),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Dataset name (default: folder name)."),
     labels: str = typer.Option(
         "dir", "--labels",
@@ -26,6 +27,9 @@ def ingest(
     Bad files (corrupt, truncated, empty, not an image, too large) are skipped, recorded
     with their reason (see `fs status`) and listed. Exits 1 only if no file could be read.
 
+    Images in object storage are listed and read from the bucket (FS_S3_ENDPOINT, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_REGION); each image records its s3:// URL.
+
     Example: fs ingest ./shoes --dataset spring
     """
     try:
@@ -35,7 +39,8 @@ def ingest(
     store = common.open_store(create=True)
     try:
         with store.writing(), common.progress("ingest") as tick:
-            summary = run_ingest(store, path, dataset=dataset, labels=labels, progress=tick)
+            source = path if is_object_url(path) else Path(path)
+            summary = run_ingest(store, source, dataset=dataset, labels=labels, progress=tick)
     finally:
         store.close()
     for p, reason in summary.failed[:show_failed]:

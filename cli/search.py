@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 
 import numpy as np
 import typer
@@ -33,8 +32,8 @@ class Metric(str, Enum):
 
 def search(
     features: str = typer.Option(..., "--features", "-F", help="Feature set to search (see `fs status`)."),
-    image: Path | None = typer.Option(None, "--image", "-i", help="Query with a new image file, embedded "
-                                      "like the feature set's stored vectors (any size or mode)."),
+    image: str | None = typer.Option(None, "--image", "-i", help="Query with a new image file (or s3:// URL), "
+                                     "embedded like the feature set's stored vectors (any size or mode)."),
     image_id: int | None = typer.Option(None, "--id", help="Query with an image already in the store "
                                         "(excluded from the results).", **common.ID_RANGE),
     k: int = typer.Option(10, "-k", "--top", help="Number of results."),
@@ -101,7 +100,7 @@ def _how(found: Found, exact: bool) -> str:
     return f"search: exact ({found.note})" if found.note else "search: exact (no index; `fs index build` makes one)"
 
 
-def _ingest(store: Store, features: str, image: Path, dataset: str | None, vector: np.ndarray) -> str:
+def _ingest(store: Store, features: str, image: str, dataset: str | None, vector: np.ndarray) -> str:
     with store.writing():
         summary = run_ingest(store, image, dataset=dataset)
         if summary.failed:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from featurestore.errors import InvalidInputError
@@ -92,6 +92,17 @@ class Settings(BaseSettings):
         besides ``localhost``, ``127.0.0.1`` and ``[::1]`` (any other is a 400,
         so a web page cannot reach the service through DNS rebinding).
         ``FS_ALLOWED_HOSTS`` or `fs serve --allowed-host`; default none.
+    s3_endpoint:
+        URL of an S3-compatible server (MinIO, SeaweedFS, Ceph...) for
+        ``s3://`` paths; none means AWS itself. ``FS_S3_ENDPOINT``.
+    aws_access_key_id, aws_secret_access_key, aws_region:
+        Credentials and region of ``s3://`` paths, under their standard names
+        ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_REGION``
+        (region default ``us-east-1``). Without a key, requests are unsigned
+        (anonymous).
+    s3_timeout:
+        Seconds an object-storage request may take before it fails (a connect
+        gets at most a fifth of it). ``FS_S3_TIMEOUT``; default 30.
     """
 
     model_config = SettingsConfigDict(env_prefix="FS_", frozen=True, extra="ignore")
@@ -117,6 +128,14 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     # issue 32: Host names a token-less server answers besides loopback (DNS rebinding)
     allowed_hosts: str | None = None
+    # issue 26: object storage (s3:// paths); the AWS_* fields keep the standard names, not FS_*
+    s3_endpoint: str | None = None
+    aws_access_key_id: str | None = Field(default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID"),
+                                          repr=False)
+    aws_secret_access_key: str | None = Field(default=None, repr=False,
+                                              validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY"))
+    aws_region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
+    s3_timeout: float = Field(default=30.0, gt=0)
 
     def __init__(self, **values: Any):
         # An empty variable means "unset", as for most command-line tools.
@@ -133,6 +152,23 @@ class Settings(BaseSettings):
             raise InvalidInputError(
                 f"FS_{field.upper()}={given!r} is invalid ({first['msg'].lower()}); unset it or give a valid value"
             ) from None
+        self._refuse_bucket_store()
+
+    def _refuse_bucket_store(self) -> None:
+        # Path() folds "s3://b/p" to "s3:/b/p": without this the store would be a local folder named "s3:".
+        text = str(self.store)
+        if not text.startswith("s3:"):
+            return
+        url = "s3://" + text[3:].lstrip("/")
+        if not self.database_url or self.database_url.startswith("sqlite"):
+            raise InvalidInputError(
+                f"FS_STORE={url}: a store in a bucket needs a PostgreSQL catalog that every machine reaches; "
+                "set FS_DATABASE_URL=postgresql+psycopg2://USER@HOST/DB"
+            )
+        raise InvalidInputError(
+            f"FS_STORE={url}: a store in a bucket is not supported yet (images can be: `fs ingest s3://...`); "
+            "set FS_STORE to a folder"
+        )
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

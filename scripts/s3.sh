@@ -29,12 +29,16 @@ s3_start() {
   rm -rf "$S3_DIR"; mkdir -p "$S3_DIR/data"
   local s3 master volume filer
   s3=$(_free_port); master=$(_free_port); volume=$(_free_port); filer=$(_free_port)
-  # gRPC ports default to port + 10000; pick them explicitly so two servers never collide
+  # gRPC ports default to port + 10000; pick them explicitly so two servers never collide. The Iceberg and
+  # Lance catalogs listen on fixed ports (8181, 9101) that a second server could not bind: both are off.
+  # Each bucket grows 7 volumes at its first write; the default of 8 volumes would refuse a second bucket.
   "$WEED" server -dir="$S3_DIR/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.port="$master" -master.port.grpc="$(_free_port)" \
     -volume.port="$volume" -volume.port.grpc="$(_free_port)" \
     -filer.port="$filer" -filer.port.grpc="$(_free_port)" \
-    -s3 -s3.port="$s3" -s3.port.grpc="$(_free_port)" >"$S3_DIR/server.log" 2>&1 &
+    -s3 -s3.port="$s3" -s3.port.grpc="$(_free_port)" \
+    -s3.port.iceberg=0 -s3.port.lance=0 \
+    -master.volumeSizeLimitMB=256 -volume.max=64 >"$S3_DIR/server.log" 2>&1 &
   echo $! >"$S3_DIR/pid"
   echo "http://127.0.0.1:$s3" >"$S3_DIR/endpoint"
   local endpoint="http://127.0.0.1:$s3" i

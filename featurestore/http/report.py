@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 from datetime import UTC, datetime
 from importlib import resources
-from pathlib import Path
 
 from featurestore import __version__
 from featurestore.catalog.repository import image_file
@@ -31,7 +30,7 @@ def _thumbnail_uri(store: Store, image_id: int, size: int = 128) -> str:
     if found is None:
         return MISSING
     try:
-        jpeg = thumbnail(store.root, Path(found.source_path), found.sha256, found.bytes, size,
+        jpeg = thumbnail(store.root, found.source_path, found.sha256, found.bytes, size,
                          store.settings.max_image_pixels)
     except (FeatureStoreError, OSError):
         return MISSING  # the file is gone or changed: the report still shows the labels

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from featurestore.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
+from featurestore.io.objects import ObjectNotFoundError, ObjectTooLargeError, is_object_url, read_object
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -202,8 +203,11 @@ def _too_large(size: int, max_bytes: int) -> ImageDecodeError:
     )
 
 
-def read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+def read_bytes(path: Path | str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """Read an image file: regular files only, at most ``max_bytes``; OS errors become a one-line reason.
+
+    An ``s3://bucket/key`` string is read from object storage
+    (:mod:`featurestore.io.objects`) under the same size cap.
 
     FIFOs, devices, sockets and symlinks to them are refused from ``os.stat``
     before anything is opened (opening a FIFO blocks until a writer appears;
@@ -212,6 +216,8 @@ def read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     between cannot block either, and no more than ``max_bytes + 1`` bytes are
     ever read.
     """
+    if is_object_url(path):
+        return _read_object(str(path), max_bytes)
     try:
         return _read_regular(path, max_bytes)
     except ImageDecodeError:
@@ -230,6 +236,15 @@ def read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise ImageDecodeError(f"invalid path: {exc}") from None
 
 
+def _read_object(url: str, max_bytes: int) -> bytes:
+    try:
+        return read_object(url, max_bytes)
+    except ObjectTooLargeError as exc:
+        raise _too_large(exc.size, max_bytes) from None
+    except ObjectNotFoundError:
+        raise ImageDecodeError("object not found (deleted since it was listed)") from None
+
+
 def _check_regular(mode: int) -> None:
     if stat.S_ISDIR(mode):
         raise ImageDecodeError("is a directory")
@@ -237,7 +252,7 @@ def _check_regular(mode: int) -> None:
         raise _not_regular(mode)
 
 
-def _read_regular(path: Path, max_bytes: int) -> bytes:
+def _read_regular(path: Path | str, max_bytes: int) -> bytes:
     st = os.stat(path)  # follows symlinks: a link to /dev/zero is a character device
     _check_regular(st.st_mode)
     if st.st_size > max_bytes:
@@ -260,7 +275,7 @@ def _read_regular(path: Path, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def load_rgb(path: Path, max_pixels: int = 89_478_485, max_bytes: int = MAX_FILE_BYTES) -> Image.Image:
+def load_rgb(path: Path | str, max_pixels: int = 89_478_485, max_bytes: int = MAX_FILE_BYTES) -> Image.Image:
     """Decode the file at ``path`` to RGB; errors name the file."""
     try:
         return decode_bytes(read_bytes(path, max_bytes), max_pixels).image

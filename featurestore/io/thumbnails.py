@@ -31,6 +31,13 @@ from PIL import Image, ImageOps
 from featurestore.errors import FeatureStoreError, IntegrityError
 from featurestore.io.atomic import TMP_PREFIX, write_bytes_atomic
 from featurestore.io.images import ImageDecodeError, to_rgb
+from featurestore.io.objects import (
+    ObjectNotFoundError,
+    ObjectStorageError,
+    ObjectTooLargeError,
+    is_object_url,
+    read_object,
+)
 
 THUMBNAIL_SIZES = (128, 256, 512, 1024)
 """The sizes (longest side, pixels) a thumbnail can have; others are refused so the cache stays bounded."""
@@ -50,11 +57,12 @@ def thumbnail_path(store_root: Path, sha256: str, size: int) -> Path:
     return store_root / FOLDER / str(size) / sha256[:2] / f"{sha256}.jpg"
 
 
-def read_source(path: Path, sha256: str, nbytes: int) -> bytes:
+def read_source(path: Path | str, sha256: str, nbytes: int) -> bytes:
     """The bytes of a catalogued image file, checked against the size and sha256 recorded at ingest.
 
     Only regular files are read (a FIFO or device put in place of the image is
     refused without blocking), and at most one byte more than was catalogued.
+    An ``s3://`` source is read from object storage under the same rules.
 
     Raises
     ------
@@ -63,6 +71,32 @@ def read_source(path: Path, sha256: str, nbytes: int) -> bytes:
     SourceChangedError
         Its content differs from what was ingested.
     """
+    if is_object_url(path):
+        data = _read_object_source(str(path), nbytes)
+    else:
+        data = _read_file_source(path, nbytes)
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != nbytes or not hmac.compare_digest(digest, sha256):
+        raise SourceChangedError(
+            f"image file {path} changed since it was ingested (sha256 differs); re-ingest it with `fs ingest`"
+        )
+    return data
+
+
+def _read_object_source(url: str, nbytes: int) -> bytes:
+    try:
+        return read_object(url, max(0, int(nbytes)) + 1)
+    except ObjectNotFoundError:
+        raise SourceUnavailableError(f"image object {url} is missing (moved or deleted since ingest)") from None
+    except ObjectTooLargeError:
+        raise SourceChangedError(
+            f"image object {url} changed since it was ingested (size differs); re-ingest it with `fs ingest`"
+        ) from None
+    except ObjectStorageError as exc:
+        raise SourceUnavailableError(str(exc)) from None
+
+
+def _read_file_source(path: Path | str, nbytes: int) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -72,13 +106,7 @@ def read_source(path: Path, sha256: str, nbytes: int) -> bytes:
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             raise SourceUnavailableError(f"image file {path} is not a regular file any more")
-        data = fh.read(max(0, int(nbytes)) + 1)
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != nbytes or not hmac.compare_digest(digest, sha256):
-        raise SourceChangedError(
-            f"image file {path} changed since it was ingested (sha256 differs); re-ingest it with `fs ingest`"
-        )
-    return data
+        return fh.read(max(0, int(nbytes)) + 1)
 
 
 def render_thumbnail(data: bytes, size: int, max_pixels: int) -> bytes:
@@ -107,7 +135,7 @@ def render_thumbnail(data: bytes, size: int, max_pixels: int) -> bytes:
     return out.getvalue()
 
 
-def thumbnail(store_root: Path, source: Path, sha256: str, nbytes: int, size: int,
+def thumbnail(store_root: Path, source: Path | str, sha256: str, nbytes: int, size: int,
               max_pixels: int = 89_478_485) -> bytes:
     """The cached thumbnail of a catalogued image, made (and cached, when the store is writable) on first use.
 

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from featurestore.errors import InvalidInputError
 from featurestore.features.base import Extractor
 from featurestore.io.batching import prefetch_batches
 from featurestore.io.images import ImageDecodeError, decode_bytes, read_bytes
+from featurestore.io.objects import reader_threads
 from featurestore.store import FeatureSet, Store
 
 Progress = Callable[[int, int], None]
@@ -85,7 +85,7 @@ def featurize_batches(work: Sequence[Work], images: Sequence[tuple[int, str]], *
 
     def prepare(image_id: int) -> tuple[int, list[Any] | None, str | None]:
         try:
-            data = read_bytes(Path(path_of[image_id]), max_bytes)
+            data = read_bytes(path_of[image_id], max_bytes)
             # One decode per size asked for: the full one feeds every extractor that needs it; a pass of
             # CNN sets recording `decode: draft` decodes JPEGs at a reduced scale only (issue 29).
             decoded: dict[tuple[int, int] | None, Any] = {}
@@ -202,7 +202,8 @@ def extract(
     start = time.perf_counter()
     buffer = _Buffer()
     done = 0
-    with ThreadPoolExecutor(max_workers=store.settings.workers) as pool:
+    threads = reader_threads(store.settings.workers, (path for _, path in plan.todo))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for out in featurize_batches(plan.work, plan.todo, pool=pool, batch_size=batch_size,
                                      max_pixels=store.settings.max_image_pixels,
                                      max_bytes=store.settings.max_file_bytes):

@@ -24,9 +24,11 @@ from featurestore.catalog.datasets import dataset_exists, drop_if_empty
 from featurestore.catalog.image_paths import record_moves
 from featurestore.catalog.repository import check_name
 from featurestore.catalog.schema import utcnow
+from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.io.batching import prefetch_batches
 from featurestore.io.images import ImageDecodeError, decode_bytes, is_image_path, read_bytes
+from featurestore.io.objects import is_object_url, list_objects, parse_url, reader_threads
 from featurestore.store import Store
 
 Progress = Callable[[int, int], None]
@@ -35,9 +37,13 @@ BATCH = 256
 
 @dataclass(frozen=True)
 class Candidate:
-    path: Path
+    path: Path | str  # a str is an s3:// URL
     label: str | None
     superclass: str | None
+
+    def source(self) -> str:
+        """What the catalog records: the absolute path, or the object's URL."""
+        return self.path if isinstance(self.path, str) else str(self.path.resolve())
 
 
 @dataclass
@@ -102,6 +108,43 @@ def scan(root: Path, labels: str = "dir") -> list[Candidate]:
     return out
 
 
+def scan_objects(url: str, labels: str = "dir", settings: Settings | None = None) -> list[Candidate]:
+    """Image objects under the ``s3://bucket/prefix`` URL (recursive, sorted by key) with their labels.
+
+    Labels come from the key as from folders (``dir``: the last "folder" is the
+    class, the one before it the superclass) or not at all (``none``).
+    """
+    mode, _ = parse_labels(labels)
+    if mode == "csv":
+        raise InvalidInputError("--labels csv:FILE is for folders; label objects by their key (dir) or none")
+    parsed = parse_url(url)
+    prefix = parsed.key if not parsed.key or parsed.key.endswith("/") else parsed.key + "/"
+    out = []
+    for obj in list_objects(url, settings):
+        key = obj.url.key
+        rel = key[len(prefix):] if key.startswith(prefix) else key.rpartition("/")[2]
+        parts = rel.split("/")
+        if any(p.startswith(".") for p in parts) or not is_image_path(Path(parts[-1])):
+            continue
+        label = superclass = None
+        if mode == "dir" and len(parts) > 1:
+            label = parts[-2]
+            superclass = parts[-3] if len(parts) >= 3 else None
+        out.append(Candidate(str(obj.url), label, superclass))
+    if not out and parsed.key and not parsed.key.endswith("/") and is_image_path(Path(parsed.key)):
+        return [Candidate(url, None, None)]  # one object, like one file (a missing one is reported when read)
+    return out
+
+
+def _object_dataset(url: str) -> str:
+    """The default dataset of an s3:// URL: its last "folder" (the bucket's name at the top)."""
+    parsed = parse_url(url)
+    parts = [p for p in parsed.key.split("/") if p]
+    if parts and is_image_path(Path(parts[-1])):
+        parts = parts[:-1]
+    return parts[-1] if parts else parsed.bucket
+
+
 def _manifest_text(manifest: Path) -> str:
     """The manifest decoded as UTF-8 (a BOM is dropped); a bad byte is reported by line."""
     try:
@@ -151,18 +194,25 @@ def _from_manifest(manifest: Path, root: Path) -> list[Candidate]:
 
 def ingest(
     store: Store,
-    root: Path,
+    root: Path | str,
     dataset: str | None = None,
     labels: str = "dir",
     progress: Progress | None = None,
 ) -> IngestSummary:
     """Ingest the images under ``root`` into ``dataset`` (default: the folder's name).
 
-    Must be called under ``store.writing()``.
+    ``root`` may be an ``s3://bucket/prefix`` URL: its objects are listed and
+    read from object storage, and each image records its URL. Must be called
+    under ``store.writing()``.
     """
-    root = Path(root)
-    name = dataset or (root.resolve().name if root.is_dir() else root.resolve().parent.name) or "default"
-    candidates = scan(root, labels)
+    if is_object_url(root):
+        url = str(root)
+        name = dataset or _object_dataset(url)
+        candidates = scan_objects(url, labels, store.settings)
+    else:
+        root = Path(root)
+        name = dataset or (root.resolve().name if root.is_dir() else root.resolve().parent.name) or "default"
+        candidates = scan(root, labels)
     summary = IngestSummary(dataset=name, found=len(candidates))
     if not candidates:
         raise FeatureStoreError(
@@ -188,7 +238,7 @@ def ingest(
         except Exception as exc:  # a decoder bug must not stop the run either
             return c, ImageDecodeError(f"unexpected decoder error: {type(exc).__name__}: {exc}")
 
-    with ThreadPoolExecutor(max_workers=store.settings.workers) as pool:
+    with ThreadPoolExecutor(max_workers=reader_threads(store.settings.workers, [root])) as pool:
         # The decoders stay busy while the main thread writes the previous batch.
         for results in prefetch_batches(pool, work, candidates, BATCH):
             _store_batch(store, dataset_id, results, seen, summary)
@@ -216,8 +266,9 @@ def _moved(seen: _Seen, sha: str, c: Candidate, moves: dict[int, tuple[str, str]
     A stored path that is still a file is kept: ``c`` is then a second copy, not a move.
     """
     label, superclass, old = seen.labels[sha]
-    new = str(c.path.resolve())
-    if old == new or os.path.isfile(old):
+    new = c.source()
+    # an object in a bucket is not checked here (a GET per duplicate): only a vanished local file is a move
+    if old == new or old.startswith("s3://") or os.path.isfile(old):
         return False
     moves[seen.ids[sha]] = (old, new)
     seen.labels[sha] = (label, superclass, new)
@@ -280,13 +331,13 @@ def _store_batch(store: Store, dataset_id: int, results: list, seen: _Seen, summ
             if sha in seen.ids:  # stored from another dataset: this dataset gains a member
                 summary.added += 1
                 summary.moved += _moved(seen, sha, c, moves)
-                joins.append((sha, str(c.path.resolve())))
+                joins.append((sha, c.source()))
                 if seen.labels[sha][0] is None and c.label is not None:  # an unlabelled image gets its label
                     relabel[sha] = (c.label, c.superclass)
                     seen.labels[sha] = (c.label, c.superclass, seen.labels[sha][2])
                 continue
             seen.labels[sha] = (c.label, c.superclass, str(c.path))
-            new_rows.append({"sha256": sha, "source_path": str(c.path.resolve()), "width": w, "height": h,
+            new_rows.append({"sha256": sha, "source_path": c.source(), "width": w, "height": h,
                              "format": fmt, "mode": mode, "bytes": nbytes, "label": c.label,
                              "superclass": c.superclass, "dataset_id": dataset_id, "ingested_at": now})
         catalog.record_ingest_errors(s, dataset_id, [str(c.path) for c, _ in results], failed)

@@ -41,6 +41,7 @@ from featurestore.errors import (
 )
 from featurestore.features.registry import extract_hint
 from featurestore.io.images import load_rgb, to_rgb
+from featurestore.io.objects import is_object_url
 from featurestore.search import index as ann
 from featurestore.search.cache import CompiledFilter, IdFilter, SetState
 from featurestore.search.kernel import Hit, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
@@ -191,7 +192,7 @@ def query_vector(store: Store, feature_set: str | FeatureSet, query: Any) -> tup
 
     ``query`` is an image id (int), a vector (array of the set's dim), a
     ``PIL.Image`` or the path of an image file (decoded like at ingest, then
-    embedded with :func:`embedder_for`).
+    embedded with :func:`embedder_for`), which may be an ``s3://`` URL.
     """
     fs = _set(store, feature_set)
     if isinstance(query, bool):
@@ -202,7 +203,8 @@ def query_vector(store: Store, feature_set: str | FeatureSet, query: Any) -> tup
         vec = _as_query(np.asarray(query, dtype=np.float64), int(fs.dim))
         return vec, None
     if isinstance(query, str | os.PathLike):
-        image = load_rgb(Path(query), store.settings.max_image_pixels, store.settings.max_file_bytes)
+        source = str(query) if is_object_url(query) else Path(query)
+        image = load_rgb(source, store.settings.max_image_pixels, store.settings.max_file_bytes)
         return embedder_for(store, fs.name)(image), None
     if isinstance(query, PILImage.Image):
         return embedder_for(store, fs.name)(query), None

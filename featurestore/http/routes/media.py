@@ -104,7 +104,7 @@ def _thumbnail_response(request: Request, image_id: int, size: int) -> Response:
         _swept.add(settings.store)
         sweep_temp_files(settings.store)
     try:
-        jpeg = thumbnail(settings.store, Path(found.source_path), found.sha256, found.bytes, size,
+        jpeg = thumbnail(settings.store, found.source_path, found.sha256, found.bytes, size,
                          settings.max_image_pixels)
     except (SourceUnavailableError, SourceChangedError, ImageDecodeError) as exc:
         raise _failed(exc) from None
@@ -123,7 +123,7 @@ async def image_original(request: Request, image_id: ImageId) -> Response:
     if (cached := _not_modified(request, etag)) is not None:
         return cached
     try:
-        data = await run_in_threadpool(read_source, Path(found.source_path), found.sha256, found.bytes)
+        data = await run_in_threadpool(read_source, found.source_path, found.sha256, found.bytes)
     except (SourceUnavailableError, SourceChangedError) as exc:
         raise _failed(exc) from None
     media_type = MEDIA_TYPES.get(found.format.upper(), "application/octet-stream")
