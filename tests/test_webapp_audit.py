@@ -135,11 +135,13 @@ def test_review_keys_in_chromium(tmp_path: Path) -> None:
         second = page.get_attribute("#audit-item", "data-image-id")
         assert second != first
         suggested = page.inner_text("#suggested")
-        page.keyboard.press("a")  # accept the suggestion for the second image
+        with page.expect_navigation():  # the key posts a form; its answer redirects back to the same URL
+            page.keyboard.press("a")  # accept the suggestion for the second image
         page.wait_for_url("**/ui/audit?run=4&skip=1")
         page.goto("/ui/audit?run=4")
         assert page.get_attribute("#audit-item", "data-image-id") == first
-        page.keyboard.press("r")  # label is right: no longer offered
+        with page.expect_navigation():
+            page.keyboard.press("r")  # label is right: no longer offered
         page.wait_for_load_state()
         assert page.get_attribute("#audit-item", "data-image-id") not in (first, second) or \
             page.locator("#audit-done").count() == 1
