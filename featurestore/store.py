@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -59,6 +59,9 @@ from featurestore.search import service as search_service
 from featurestore.search.kernel import VectorIndex
 from featurestore.shards import place, read_rows_into, read_shard, remove_orphans, write_shard
 from featurestore.training.artifacts import load_artifact
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,19 @@ class FeatureSet:
         for cosine, ``similarity``; see :func:`featurestore.search.service.search`.
         """
         return search_service.search(self._store, self.name, query, k, where=where, metric=metric, **kwargs)
+
+    def to_arrow(self, *, dataset: str | None = None, where: str | None = None) -> pa.Table:
+        """Every stored vector as a ``pyarrow.Table`` (one row per image, in id order).
+
+        Columns ``image_id``, ``sha256``, ``label``, ``superclass``, ``datasets``
+        and one ``fixed_size_list<float32>`` column named after the set; ``dataset``
+        and ``where`` (a SQL condition, as in :meth:`search`) select the images.
+        """
+        from featurestore import arrow  # pyarrow is imported only when Arrow is asked for
+
+        store = self._store
+        plan = arrow.plan_features(store.catalog, store.settings, [self.name], dataset=dataset, where=where)
+        return arrow.feature_table(store.catalog, store.root, plan)
 
 
 class Store:
