@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 
 from featurestore.cli import common
-from featurestore.pipelines.ingest import ingest as run_ingest
-from featurestore.pipelines.ingest import parse_labels
 
 
 def ingest(
@@ -28,6 +26,9 @@ def ingest(
 
     Example: fs ingest ./shoes --dataset spring
     """
+    from featurestore.pipelines.ingest import ingest as run_ingest
+    from featurestore.pipelines.ingest import parse_labels
+
     try:
         parse_labels(labels)
     except Exception as exc:

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from featurestore.cli import common
-from featurestore.features.cnn.registry import add_model, describe_layers, list_models
 
 app = typer.Typer(help="List, inspect and register CNN models (MXNet checkpoints).", no_args_is_help=True)
 
@@ -33,6 +32,8 @@ def list_(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f
 
     Example: fs models list
     """
+    from featurestore.features.cnn.registry import list_models
+
     store = common.open_existing_store()  # a listing never creates or writes a store
     try:
         rows = [{"name": m.name, "status": m.status, "default_tap": m.default_tap, "taps": ",".join(m.taps),
@@ -51,6 +52,8 @@ def show(name: str = typer.Argument(..., help="Model name."),
 
     Example: fs models show efficientnet-lite0
     """
+    from featurestore.features.cnn.registry import describe_layers
+
     store = common.open_existing_store()  # never writes: a built-in model is converted to a temp folder
     try:
         row, layers = describe_layers(store, name)
@@ -83,6 +86,8 @@ def add(
 
     Example: fs models add inception21k --symbol Inception-symbol.json --params Inception-0009.params
     """
+    from featurestore.features.cnn.registry import add_model
+
     store = common.open_store(create=True)
     try:
         with store.writing():

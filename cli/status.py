@@ -6,7 +6,6 @@ import json
 
 import typer
 
-from featurestore.catalog.readonly import ReadOnlyCatalog
 from featurestore.cli import common
 from featurestore.errors import FeatureStoreError
 
@@ -62,6 +61,8 @@ def sql(
 
     Example: fs sql "SELECT label, count(*) AS n FROM images GROUP BY label" --format csv
     """
+    from featurestore.catalog.readonly import ReadOnlyCatalog
+
     if timeout is not None and not timeout > 0:
         raise typer.BadParameter("must be a positive number of seconds", param_hint="--timeout")
     s = common.settings()

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from featurestore.cli import common
 from featurestore.errors import InvalidInputError
-from featurestore.pipelines.ingest import ingest
-from featurestore.pipelines.predict import predict as run_predict
-from featurestore.pipelines.train import TrainConfig, evaluate_many, list_runs
-from featurestore.pipelines.train import compare as run_compare
-from featurestore.pipelines.train import train as run_train
-from featurestore.training.stats import McNemarTest
+
+if TYPE_CHECKING:
+    from featurestore.pipelines.train import TrainConfig
 
 
 def _features(value: str) -> list[str]:
@@ -51,6 +48,8 @@ TEST_DATASET = typer.Option(None, "--test-dataset", help="Score on this fixed he
 def _cfg(features: list[str], target: str, select: str | None, classifier: str, trees: int, splits: int,
          test_size: float, seed: int, dataset: str | None, skip_missing: bool,
          test_dataset: str | None = None) -> TrainConfig:
+    from featurestore.pipelines.train import TrainConfig
+
     cfg = TrainConfig(features, target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
                       test_dataset)
     try:
@@ -78,6 +77,8 @@ def train(
 
     Example: fs train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400
     """
+    from featurestore.pipelines.train import train as run_train
+
     cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
                skip_missing, test_dataset)
     store = common.open_store(ray_address=ray)
@@ -121,6 +122,8 @@ def evaluate(
 
     Example: fs evaluate --features rp128 --features efficientnet-lite0 --features rp128,efficientnet-lite0
     """
+    from featurestore.pipelines.train import evaluate_many
+
     if select not in (None, "auto", "none"):
         raise typer.BadParameter("fs evaluate takes auto or none (per-set K: use fs train)", param_hint="--select")
     combos = [_features(f) for f in features]
@@ -175,6 +178,9 @@ def compare(
 
     Example: fs compare 3 1
     """
+    from featurestore.pipelines.train import compare as run_compare
+    from featurestore.training.stats import McNemarTest
+
     store = common.open_store()
     try:
         c = run_compare(store, run_a, run_b, confidence)
@@ -214,6 +220,9 @@ def predict(
 
     Example: fs predict --run 1 --unlabelled
     """
+    from featurestore.pipelines.ingest import ingest
+    from featurestore.pipelines.predict import predict as run_predict
+
     if sum(bool(x) for x in (paths, dataset, unlabelled)) != 1:
         raise typer.BadParameter("give exactly one of PATH..., --dataset NAME or --unlabelled")
     store = common.open_store()
@@ -247,6 +256,8 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
 
     Example: fs runs --format csv
     """
+    from featurestore.pipelines.train import list_runs
+
     store = common.open_store()
     try:
         rows = [{"run": r.id, "created": r.created_at.strftime("%Y-%m-%d %H:%M"), "features": ",".join(r.features),

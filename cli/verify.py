@@ -5,9 +5,6 @@ from __future__ import annotations
 import typer
 
 from featurestore.cli import common
-from featurestore.features.registry import extract_hint
-from featurestore.pipelines.verify import unregister
-from featurestore.pipelines.verify import verify as run_verify
 
 
 def verify(
@@ -25,6 +22,10 @@ def verify(
 
     Example: fs verify efficientnet-lite0 --repair
     """
+    from featurestore.features.registry import extract_hint
+    from featurestore.pipelines.verify import unregister
+    from featurestore.pipelines.verify import verify as run_verify
+
     store = common.open_store()
     try:
         with common.progress("verify") as tick:

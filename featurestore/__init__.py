@@ -11,14 +11,29 @@
 from __future__ import annotations
 
 from os import PathLike
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from featurestore.config import Settings  # noqa: E402
-from featurestore.store import FeatureSet, Store  # noqa: E402
+if TYPE_CHECKING:
+    from featurestore.config import Settings
+    from featurestore.store import FeatureSet, Store
 
 __all__ = ["FeatureSet", "Settings", "Store", "__version__", "connect"]
+
+# Loaded on first use (PEP 562), so `import featurestore.cli.main` for `fs --help` does not pay for
+# numpy, SQLAlchemy and pydantic; `featurestore.Store` and `from featurestore import Store` work as before.
+_LAZY = {"Settings": "featurestore.config", "Store": "featurestore.store", "FeatureSet": "featurestore.store"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'featurestore' has no attribute {name!r}")
 
 
 def connect(path: str | PathLike[str] = ".fs", *, create: bool = False, **settings: Any) -> Store:
@@ -39,4 +54,7 @@ def connect(path: str | PathLike[str] = ".fs", *, create: bool = False, **settin
     Store
         Use it as a context manager, or call ``close()``, to release the catalog connection.
     """
+    from featurestore.config import Settings
+    from featurestore.store import Store
+
     return Store.open(Settings(store=path, **settings), create=create)

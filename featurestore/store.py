@@ -49,19 +49,18 @@ from featurestore.errors import (
     MissingFeaturesError,
     ParamsMismatchError,
 )
-from featurestore.features.base import Extractor, FeatureSpec
-from featurestore.features.registry import extract_hint, extractor_for
 from featurestore.io.atomic import is_temp
 from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
-from featurestore.search import index as ann_index
-from featurestore.search import service as search_service
-from featurestore.search.kernel import VectorIndex
 from featurestore.shards import place, read_rows_into, read_shard, remove_orphans, write_shard
-from featurestore.training.artifacts import load_artifact
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from featurestore.features.base import Extractor, FeatureSpec
+    from featurestore.search import index as ann_index
+    from featurestore.search import service as search_service
+    from featurestore.search.kernel import VectorIndex
 
 
 @dataclass(frozen=True)
@@ -119,6 +118,8 @@ class FeatureSet:
         Every result has ``distance`` (lower is better, for every metric) and,
         for cosine, ``similarity``; see :func:`featurestore.search.service.search`.
         """
+        from featurestore.search import service as search_service
+
         return search_service.search(self._store, self.name, query, k, where=where, metric=metric, **kwargs)
 
     def to_arrow(self, *, dataset: str | None = None, where: str | None = None) -> pa.Table:
@@ -147,7 +148,18 @@ class Store:
         self._extractors: dict[tuple[Any, ...], tuple[Extractor, threading.Lock]] = {}
         self._models: dict[tuple[int, str], Any] = {}
         self._indexes: OrderedDict[tuple[int, str], tuple[tuple[Any, ...], VectorIndex, int]] = OrderedDict()
-        self.ann_indexes = ann_index.OpenedIndexes()  # issue 14: memory-mapped HNSW indexes (search/index.py)
+        self._ann_indexes: ann_index.OpenedIndexes | None = None
+
+    @property
+    def ann_indexes(self) -> ann_index.OpenedIndexes:
+        """The memory-mapped HNSW indexes opened so far (issue 14; search/index.py), made on first use
+        so that commands that never search (``fs status``) do not import the search stack."""
+        from featurestore.search import index as ann_index
+
+        with self._lock:
+            if self._ann_indexes is None:
+                self._ann_indexes = ann_index.OpenedIndexes()
+            return self._ann_indexes
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -234,6 +246,8 @@ class Store:
                 lost = folder.name == "artifacts" and path.suffix == ".pkl" and path.name not in artifacts
                 if path.is_file() and (is_temp(path) or lost):
                     path.unlink(missing_ok=True)
+        from featurestore.search import index as ann_index
+
         ann_index.remove_orphans(self)  # issue 14: index files of crashed builds and dropped sets
 
     # -- images ----------------------------------------------------------------------
@@ -431,6 +445,8 @@ class Store:
         keep = np.ones(len(ids), dtype=bool)
         for fs in sets:
             if not present[fs.id].all() and not skip_missing:
+                from featurestore.features.registry import extract_hint
+
                 raise MissingFeaturesError(fs.name, int((~present[fs.id]).sum()), extract_hint(fs))
             keep &= present[fs.id]
         if not keep.all():
@@ -499,6 +515,8 @@ class Store:
         with self._lock:
             hit = self._extractors.get(key)
         if hit is None:
+            from featurestore.features.registry import extractor_for  # every feature kind's code
+
             hit = (extractor_for(self, fs, batch_size=batch_size), threading.Lock())
             with self._lock:
                 hit = self._extractors.setdefault(key, hit)
@@ -515,6 +533,8 @@ class Store:
         with self._lock:
             model = self._models.get(key)
         if model is None:
+            from featurestore.training.artifacts import load_artifact
+
             model = load_artifact(self.root / run.artifact_path, run.artifact_sha256)
             with self._lock:
                 model = self._models.setdefault(key, model)
@@ -534,6 +554,8 @@ class Store:
                 return entry[1]
             self._indexes.pop(key, None)
         ids, mat = self.read_set(fs.name)
+        from featurestore.search.kernel import VectorIndex
+
         index = VectorIndex(ids, mat, metric, copy=False)
         del mat
         budget = self.settings.search_memory_mb * 2**20
@@ -549,7 +571,8 @@ class Store:
             self._extractors.clear()
             self._models.clear()
             self._indexes.clear()
-        self.ann_indexes.clear()
+        if self._ann_indexes is not None:
+            self._ann_indexes.clear()
 
     # -- maintenance ---------------------------------------------------------------
     def compact(self, feature_set: str | None = None, min_rows: int = 10_000) -> list[tuple[str, int, int]]:
