@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,11 +61,13 @@ def prepare(root: Path, n: int, dim: int) -> None:
     from featurestore.store import Store
 
     t = time.perf_counter()
-    rng = np.random.default_rng(0)
-    data = rng.standard_normal((n, dim), dtype=np.float32)
-    build_store(root, data, rng.integers(0, 10, n))
-    with Store.open(Settings(store=root)) as store, store.writing():
-        build_index(store, SET)
+    if not (root / "vectors-written").is_file():  # a run stopped during the index build keeps its vectors
+        shutil.rmtree(root, ignore_errors=True)
+        rng = np.random.default_rng(0)
+        build_store(root, rng.standard_normal((n, dim), dtype=np.float32), rng.integers(0, 10, n))
+        (root / "vectors-written").write_text("ok")
+    with Store.open(Settings(store=root)) as store:
+        build_index(store, SET)  # takes the store's write lock itself
     (root / "ready").write_text("ok")
     print(f"built the store ({n:,} x {dim} and its index) in {time.perf_counter() - t:.0f}s")
 
