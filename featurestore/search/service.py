@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image as PILImage
 
-from featurestore.catalog.readonly import ReadOnlyCatalog
 from featurestore.errors import (
     DimensionMismatchError,
     FeatureStoreError,
@@ -33,7 +32,6 @@ from featurestore.errors import (
     InvalidInputError,
     NoVectorError,
 )
-from featurestore.features.registry import extract_hint
 from featurestore.io.images import load_rgb, to_rgb
 from featurestore.search import index as ann
 from featurestore.search.kernel import Hit, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
@@ -147,6 +145,8 @@ def where_ids(store: Store, condition: str) -> np.ndarray:
         It ran longer than the timeout.
     """
     # hook (issue 11): user SQL goes through catalog.readonly only
+    from featurestore.catalog.readonly import ReadOnlyCatalog  # sqlglot: only for a --where
+
     ids = ReadOnlyCatalog.from_settings(store.settings).image_ids_where(condition)
     return np.asarray(ids, dtype=np.int64)
 
@@ -174,6 +174,8 @@ def stored_vector(store: Store, feature_set: str | FeatureSet, image_id: int) ->
         raise ImageNotFoundError(image_id, 'list ids with `fs sql "SELECT id, source_path, label FROM images"`')
     loc = store.catalog.vector_location(fs.id, image_id)
     if loc is None:
+        from featurestore.features.registry import extract_hint  # every feature kind's code: errors only
+
         raise NoVectorError(image_id, fs.name, extract_hint(fs), "or search with --image PATH")
     return np.asarray(read_row(store.root / loc[0], loc[1]), dtype=np.float32).reshape(-1)
 
