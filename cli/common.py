@@ -11,12 +11,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from featurestore.config import Settings
-from featurestore.store import Store
+if TYPE_CHECKING:
+    from featurestore.config import Settings
+    from featurestore.store import Store
 
 STORE_OPTION = typer.Option(
     None, "--store", envvar="FS_STORE", help="Store folder (default ./.fs).", show_default=False
@@ -46,10 +47,14 @@ STATE = State()
 
 
 def settings(**overrides: Any) -> Settings:
+    from featurestore.config import Settings  # pydantic: only for commands that read settings
+
     return Settings.from_env(store=STATE.store, **overrides)
 
 
 def open_store(create: bool = False, **overrides: Any) -> Store:
+    from featurestore.store import Store  # numpy, SQLAlchemy: only for commands that open the store
+
     return Store.open(settings(**overrides), create=create)
 
 
@@ -58,6 +63,8 @@ def open_existing_store(**overrides: Any) -> Store | None:
     s = settings(**overrides)
     if not s.database_url and not (s.store / "catalog.db").is_file():
         return None
+    from featurestore.store import Store
+
     return Store.open(s)
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from featurestore.cli import common
-from featurestore.io import fashion_mnist as datasets
 
 app = typer.Typer(help="List the store's datasets and their overlaps; export bundled real datasets as image "
                   "folders.", no_args_is_help=True)
@@ -81,6 +80,8 @@ def export(
 
     Example: fs datasets export fashion-mnist ./fmnist --limit 5000 --size 640x480 --format jpeg
     """
+    from featurestore.io import fashion_mnist as datasets
+
     if name != "fashion-mnist":
         raise typer.BadParameter(f"unknown dataset {name!r}; available: fashion-mnist", param_hint="NAME")
     if fmt not in ("png", "jpeg", "jpg"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from featurestore.catalog import database
 from featurestore.cli import common
 from featurestore.errors import FeatureStoreError
 
@@ -17,6 +16,8 @@ def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> 
 
     Example: fs db upgrade
     """
+    from featurestore.catalog import database
+
     s = common.settings()
     s.store.mkdir(parents=True, exist_ok=True)
     engine = database.make_engine(s.catalog_url)
@@ -36,6 +37,8 @@ def current() -> None:
 
     Example: fs db current
     """
+    from featurestore.catalog import database
+
     s = common.settings()
     engine = database.make_engine(s.catalog_url)
     try:

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from featurestore.cli import common
-from featurestore.config import CNN_RUNTIMES
-from featurestore.features.base import Extractor
-from featurestore.features.cnn.mxnet_backend import GRID_MAX
-from featurestore.features.cnn.quantize import CALIBRATION_IMAGES, CALIBRATION_MIN, MIN_COSINE, PRECISIONS, Int8Options
-from featurestore.features.cnn.registry import cnn_extractor
-from featurestore.features.lowlevel import LowLevelExtractor
-from featurestore.features.pixels import PixelsExtractor, check_pixels
-from featurestore.features.projection import check_projection, projection_extractor
-from featurestore.features.resize import check_size
-from featurestore.pipelines.cluster import extract_on_ray
-from featurestore.pipelines.extract import ExtractSummary
-from featurestore.pipelines.extract import extract as run_extract
+from featurestore.features.cnn.precision import CALIBRATION_IMAGES, CALIBRATION_MIN, MIN_COSINE, PRECISIONS
+
+if TYPE_CHECKING:
+    from featurestore.features.base import Extractor
+    from featurestore.features.cnn.quantize import Int8Options
+    from featurestore.pipelines.extract import ExtractSummary
 
 
-def extract(
+def extract(  # noqa: PLR0915 -- its eight function-local imports keep `fs --help` light
     rp: int | None = typer.Option(None, "--rp", help="Sparse random projection of the raw pixels to K dims "
                                   "(feature set rp<K>)."),
     size: str = typer.Option("640x480", "--size", help="Canonical image size for --rp (WxH)."),
@@ -86,6 +82,14 @@ def extract(
 
     Example: fs extract --model efficientnet-lite0 --precision int8
     """
+    from featurestore.config import CNN_RUNTIMES
+    from featurestore.features.cnn.registry import cnn_extractor
+    from featurestore.features.lowlevel import LowLevelExtractor
+    from featurestore.features.pixels import PixelsExtractor, check_pixels
+    from featurestore.features.projection import check_projection, projection_extractor
+    from featurestore.features.resize import check_size
+    from featurestore.pipelines.extract import extract as run_extract
+
     if batch < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--batch")
     _check_view_options(resize, tta, bool(model), rp is not None or bool(pixels) or lowlevel)  # issue 16
@@ -128,6 +132,8 @@ def extract(
                 raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME")
             with common.progress("extract") as tick:
                 if address:
+                    from featurestore.pipelines.cluster import extract_on_ray  # Ray and scikit-learn
+
                     summary = extract_on_ray(store, extractors, address=address, replace=replace, dataset=dataset,
                                              batch_size=batch, workers=ray_workers, threads=ray_threads,
                                              progress=tick)
@@ -182,6 +188,8 @@ def _check_view_options(resize: str | None, tta: str, cnn: bool, pixel_families:
 def _check_precision(precision: str, runtime: str | None, cnn: bool, calibration: int, min_cosine: float
                      ) -> Int8Options:
     """issue 29: --precision and the int8 options."""
+    from featurestore.features.cnn.quantize import Int8Options
+
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"use {' or '.join(PRECISIONS)}", param_hint="--precision")
     if precision == "int8" and not cnn:
@@ -210,6 +218,8 @@ def _report_int8(extractors: list[Extractor]) -> None:
 
 
 def _check_grid(grid: int, layers: str | None) -> None:
+    from featurestore.features.cnn.mxnet_backend import GRID_MAX
+
     if not 1 <= grid <= GRID_MAX:
         raise typer.BadParameter(f"use a grid of 1 (global average) to {GRID_MAX} cells per side", param_hint="--grid")
     if grid > 1 and not layers:

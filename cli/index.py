@@ -7,7 +7,6 @@ from enum import Enum
 import typer
 
 from featurestore.cli import common
-from featurestore.search.index import build_index, drop_index, list_indexes
 
 app = typer.Typer(
     help="Build, list and drop approximate nearest-neighbour (HNSW) indexes that make `fs search`, "
@@ -72,6 +71,8 @@ def build(
 
     Example: fs index build --features efficientnet-lite0 --dtype i8 --expansion-search 200
     """
+    from featurestore.search.index import build_index
+
     names = _names(features)
     _check_range(connectivity, 2, 256, "--connectivity")
     _check_range(expansion_add, 1, 65_536, "--expansion-add")
@@ -118,6 +119,8 @@ def list_(
 
     Example: fs index list --verify
     """
+    from featurestore.search.index import list_indexes
+
     store = common.open_store()
     try:
         found = list_indexes(store, verify=verify)
@@ -147,6 +150,8 @@ def drop(name: str = typer.Argument(..., help="Feature set whose index to remove
 
     Example: fs index drop efficientnet-lite0
     """
+    from featurestore.search.index import drop_index
+
     store = common.open_store()
     try:
         path = drop_index(store, name)

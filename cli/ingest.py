@@ -7,9 +7,6 @@ from pathlib import Path
 import typer
 
 from featurestore.cli import common
-from featurestore.io.objects import is_object_url
-from featurestore.pipelines.ingest import ingest as run_ingest
-from featurestore.pipelines.ingest import parse_labels
 
 
 def ingest(
@@ -32,6 +29,10 @@ def ingest(
 
     Example: fs ingest ./shoes --dataset spring
     """
+    from featurestore.io.objects import is_object_url
+    from featurestore.pipelines.ingest import ingest as run_ingest
+    from featurestore.pipelines.ingest import parse_labels
+
     try:
         parse_labels(labels)
     except Exception as exc:

@@ -16,6 +16,7 @@ from featurestore.cli import (
     common,
     datasets,
     db,
+    export,
     extract,
     index,
     ingest,
@@ -119,7 +120,7 @@ def root(
 
 
 def _register() -> None:
-    for module in (datasets, db, audit, labels, runs):
+    for module in (datasets, db, audit, labels, runs, export):
         app.add_typer(module.app, name=module.__name__.rsplit(".", 1)[-1])
     for module in (ingest, status, extract, models, train, search, index, serve, report, verify):
         module.register(app)

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from featurestore.cli import common
-from featurestore.features.cnn.registry import add_model, add_onnx_model, describe_layers, list_models
 
 app = typer.Typer(help="List, inspect and register CNN models (MXNet checkpoints, ONNX backbones).",
                   no_args_is_help=True)
@@ -34,6 +33,8 @@ def list_(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f
 
     Example: fs models list
     """
+    from featurestore.features.cnn.registry import list_models
+
     store = common.open_existing_store()  # a listing never creates or writes a store
     try:
         rows = [{"name": m.name, "status": m.status, "default_tap": m.default_tap, "taps": ",".join(m.taps),
@@ -52,6 +53,8 @@ def show(name: str = typer.Argument(..., help="Model name."),
 
     Example: fs models show efficientnet-lite0
     """
+    from featurestore.features.cnn.registry import describe_layers
+
     store = common.open_existing_store()  # never writes: a built-in model is converted to a temp folder
     try:
         row, layers = describe_layers(store, name)
@@ -92,6 +95,8 @@ def add(
 
     Example: fs models add convnext --onnx convnext.onnx --input-size 224 --mean 123.7,116.3,103.5 --std 58.4,57.1,57.4
     """
+    from featurestore.features.cnn.registry import add_model, add_onnx_model
+
     if (onnx is not None and (symbol or params)) or (onnx is None and (symbol is None or params is None)):
         raise typer.BadParameter("give --symbol and --params (an MXNet checkpoint) or --onnx FILE", param_hint="--onnx")
     if onnx is not None and size is None:

@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 
 from featurestore.cli import common
-from featurestore.http.report import render_report
-from featurestore.io.atomic import write_bytes_atomic
 
 
 def report(
@@ -27,6 +25,9 @@ def report(
 
     Example: fs report 3 --out run3.html
     """
+    from featurestore.http.report import render_report
+    from featurestore.io.atomic import write_bytes_atomic
+
     if run < 1:
         raise typer.BadParameter("must be a run id (1 or more), see `fs runs`", param_hint="RUN")
     if not 0 <= mistakes <= 100:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import numpy as np
 import typer
 
 from featurestore.cli import common
-from featurestore.pipelines.ingest import ingest as run_ingest
-from featurestore.search.service import Found, add_image, query_vector
-from featurestore.search.service import duplicates as run_duplicates
-from featurestore.search.service import search as run_search
-from featurestore.store import Store
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from featurestore.search.service import Found
+    from featurestore.store import Store
 
 WHERE_HELP = (
     "SQL condition on the images table, applied before ranking: columns id, source_path, label, "
@@ -59,6 +60,11 @@ def search(
 
     Example: fs search --features efficientnet-lite0 --image shoe.jpg -k 5 --where "label != 'sandal'"
     """
+    import numpy as np
+
+    from featurestore.search.service import query_vector
+    from featurestore.search.service import search as run_search
+
     if (image is None) == (image_id is None):
         raise typer.BadParameter("give exactly one of --image PATH or --id N", param_hint="--image/--id")
     if k < 1:
@@ -101,6 +107,9 @@ def _how(found: Found, exact: bool) -> str:
 
 
 def _ingest(store: Store, features: str, image: str, dataset: str | None, vector: np.ndarray) -> str:
+    from featurestore.pipelines.ingest import ingest as run_ingest
+    from featurestore.search.service import add_image
+
     with store.writing():
         summary = run_ingest(store, image, dataset=dataset)
         if summary.failed:
@@ -134,6 +143,8 @@ def duplicates(
 
     Example: fs duplicates --features rp128 --threshold 0.98 --format csv
     """
+    from featurestore.search.service import duplicates as run_duplicates
+
     if not -1.0 <= threshold <= 1.0:
         raise typer.BadParameter("must be a cosine similarity in [-1, 1]", param_hint="--threshold")
     if memory_mb is not None and memory_mb < 0:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from featurestore.cli import common
-from featurestore.http import server
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -36,6 +35,8 @@ def serve(
 
     Example: fs serve --port 8000 & curl 'localhost:8000/v1/feature-sets/rp16/search?image_id=1&k=5'
     """
+    from featurestore.http import server
+
     if port is not None and not 0 < port < 65536:
         raise typer.BadParameter("must be between 1 and 65535", param_hint="--port")
     if workers < 1:

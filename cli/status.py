@@ -6,7 +6,6 @@ import json
 
 import typer
 
-from featurestore.catalog.readonly import MAX_TIMEOUT, ReadOnlyCatalog
 from featurestore.cli import common
 from featurestore.errors import FeatureStoreError
 
@@ -63,6 +62,8 @@ def sql(
 
     Example: fs sql "SELECT label, count(*) AS n FROM images GROUP BY label" --format csv
     """
+    from featurestore.catalog.readonly import MAX_TIMEOUT, ReadOnlyCatalog
+
     if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:  # also NaN and inf (PostgreSQL: OverflowError)
         raise typer.BadParameter(f"must be a positive number of seconds up to {MAX_TIMEOUT:,}", param_hint="--timeout")
     s = common.settings()

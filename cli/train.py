@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from featurestore.catalog.run_notes import run_names
 from featurestore.cli import common
 from featurestore.errors import InvalidInputError
-from featurestore.pipelines.ingest import ingest
-from featurestore.pipelines.predict import predict as run_predict
-from featurestore.pipelines.train import Grouping, TrainConfig, evaluate_many, list_runs
-from featurestore.pipelines.train import compare as run_compare
-from featurestore.pipelines.train import train as run_train
-from featurestore.training.evaluation import KFOLD_SCHEMES
-from featurestore.training.stats import McNemarTest
+
+if TYPE_CHECKING:
+    from featurestore.pipelines.train import Grouping, TrainConfig
 
 
 def _features(value: str) -> list[str]:
@@ -64,6 +60,8 @@ def _cfg(features: list[str], target: str, select: str | None, classifier: str, 
          test_size: float, seed: int, dataset: str | None, skip_missing: bool,
          test_dataset: str | None = None, folds: int | None = None, group_duplicates: float | None = None,
          group_features: str | None = None) -> TrainConfig:
+    from featurestore.pipelines.train import TrainConfig
+
     cfg = TrainConfig(features, target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
                       test_dataset, folds, group_duplicates, group_features)
     try:
@@ -95,6 +93,8 @@ def train(
 
     Example: fs train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400
     """
+    from featurestore.pipelines.train import train as run_train
+
     cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
                skip_missing, test_dataset, folds, group_duplicates, group_features)
     store = common.open_store(ray_address=ray)
@@ -141,6 +141,8 @@ def evaluate(
 
     Example: fs evaluate --features rp128 --features efficientnet-lite0 --features rp128,efficientnet-lite0
     """
+    from featurestore.pipelines.train import evaluate_many
+
     if select not in (None, "auto", "none"):
         raise typer.BadParameter("fs evaluate takes auto or none (per-set K: use fs train)", param_hint="--select")
     combos = [_features(f) for f in features]
@@ -212,6 +214,9 @@ def compare(
 
     Example: fs compare 3 1
     """
+    from featurestore.pipelines.train import compare as run_compare
+    from featurestore.training.stats import McNemarTest
+
     store = common.open_store()
     try:
         c = run_compare(store, run_a, run_b, confidence)
@@ -234,6 +239,8 @@ def compare(
         return
     row.update(statistic=t.statistic, pvalue=t.pvalue, n=t.n)
     common.emit([row], fmt)
+    from featurestore.training.evaluation import KFOLD_SCHEMES
+
     paired = "fold by fold" if c.run_a.split_scheme in KFOLD_SCHEMES else "split by split"
     common.err(f"{interval}, t = {t.statistic:.3f}, p = {t.pvalue:.4g} ({verdict} at {1 - confidence:g}; "
                f"paired {paired})")
@@ -255,6 +262,9 @@ def predict(
 
     Example: fs predict --run 1 --unlabelled
     """
+    from featurestore.pipelines.ingest import ingest
+    from featurestore.pipelines.predict import predict as run_predict
+
     if sum(bool(x) for x in (paths, dataset, unlabelled)) != 1:
         raise typer.BadParameter("give exactly one of PATH..., --dataset NAME or --unlabelled")
     store = common.open_store()
@@ -288,6 +298,8 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
 
     Example: fs runs --format csv
     """
+    from featurestore.pipelines.train import list_runs
+
     store = common.open_store()
     try:
         names = run_names(store.engine)
@@ -309,6 +321,8 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
 
 
 def _splits_cell(r: Any) -> str:
+    from featurestore.training.evaluation import KFOLD_SCHEMES
+
     if r.split_scheme in KFOLD_SCHEMES:
         return f"{r.n_splits} folds"
     return f"{r.n_splits}x{r.test_size:g}"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from featurestore.cli import common
-from featurestore.features.registry import extract_hint
-from featurestore.pipelines.verify import VerifyReport, drop_damaged_indexes, unregister
-from featurestore.pipelines.verify import verify as run_verify
-from featurestore.store import Store
+
+if TYPE_CHECKING:
+    from featurestore.pipelines.verify import VerifyReport
+    from featurestore.store import Store
 
 
 def verify(
@@ -29,6 +31,9 @@ def verify(
 
     Example: fs verify efficientnet-lite0 --repair
     """
+    from featurestore.features.registry import extract_hint
+    from featurestore.pipelines.verify import verify as run_verify
+
     store = common.open_store()
     try:
         with common.progress("verify") as tick:
@@ -83,6 +88,8 @@ def _advise(report: VerifyReport, hints: dict[str, str]) -> None:
 
 
 def _repair(store: Store, report: VerifyReport, hints: dict[str, str]) -> None:
+    from featurestore.pipelines.verify import drop_damaged_indexes, unregister
+
     with store.writing():
         # the writer's sweep has already unregistered shards whose path is no longer a regular file
         gone = {p.shard_id for p in report.problems} - set(store.catalog.shard_refs())

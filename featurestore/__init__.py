@@ -21,18 +21,19 @@ if TYPE_CHECKING:
 
 __all__ = ["FeatureSet", "Settings", "Store", "__version__", "connect"]
 
+# Loaded on first use (PEP 562), so `import featurestore.cli.main` for `fs --help` does not pay for
+# numpy, SQLAlchemy and pydantic, and the `fs` entry point can catch Ctrl-C while they load;
+# `featurestore.Store` and `from featurestore import Store` work as before.
+_LAZY = {"Settings": "featurestore.config", "Store": "featurestore.store", "FeatureSet": "featurestore.store"}
+
 
 def __getattr__(name: str) -> Any:
-    # Loaded on first use, so that importing a submodule (the `fs` entry point, which must catch
-    # Ctrl-C while numpy, SQLAlchemy and h5py load) does not pull in the whole store first.
-    if name == "Settings":
-        from featurestore.config import Settings
+    if name in _LAZY:
+        import importlib
 
-        return Settings
-    if name in ("FeatureSet", "Store"):
-        from featurestore import store
-
-        return getattr(store, name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'featurestore' has no attribute {name!r}")
 
 

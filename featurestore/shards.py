@@ -265,3 +265,27 @@ def read_selected(path: Path, rows: np.ndarray, sha256: str | None = None) -> tu
             return ids_ds[...][sel], vec_ds[sel.tolist()] if len(sel) else vec_ds[:0]
     except (OSError, KeyError) as exc:
         raise _open_error(path, exc) from None
+
+
+def read_span_rows(path: Path, rows: np.ndarray, window: int = 16_384) -> np.ndarray:
+    """The vectors at ``rows`` (ascending, no repeats) of one shard, read as contiguous slices.
+
+    Rows close together are read as one slice of at most ``window`` rows (HDF5
+    reads whole chunks anyway), so memory stays bounded by the window however
+    large the shard, and scattered rows never fall back to reading the whole shard.
+    """
+    sel = np.asarray(rows, dtype=np.int64)
+    try:
+        with h5py.File(path, "r") as fh:
+            ds = fh["vectors"]
+            out = np.empty((len(sel), ds.shape[1]), dtype=np.float32)
+            i = 0
+            while i < len(sel):
+                lo = int(sel[i])
+                j = int(np.searchsorted(sel, lo + window, side="left"))
+                hi = int(sel[j - 1]) + 1
+                out[i:j] = ds[lo:hi][sel[i:j] - lo]
+                i = j
+            return out
+    except (OSError, KeyError, IndexError) as exc:
+        raise _open_error(path, exc) from None

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -50,18 +50,20 @@ from featurestore.errors import (
     MissingFeaturesError,
     ParamsMismatchError,
 )
-from featurestore.features.base import Extractor, FeatureSpec
-from featurestore.features.registry import extract_hint, extractor_for
 from featurestore.io.atomic import is_temp
 from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
 from featurestore.io.verified import digest_written
-from featurestore.search import index as ann_index
-from featurestore.search import service as search_service
 from featurestore.search.cache import SearchCache, SetState
-from featurestore.search.kernel import VectorIndex
 from featurestore.shards import place, read_rows_into, read_shard, remove_orphans, write_shard
-from featurestore.training.artifacts import load_artifact
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from featurestore.features.base import Extractor, FeatureSpec
+    from featurestore.search import index as ann_index
+    from featurestore.search import service as search_service
+    from featurestore.search.kernel import VectorIndex
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,22 @@ class FeatureSet:
         Every result has ``distance`` (lower is better, for every metric) and,
         for cosine, ``similarity``; see :func:`featurestore.search.service.search`.
         """
+        from featurestore.search import service as search_service
+
         return search_service.search(self._store, self.name, query, k, where=where, metric=metric, **kwargs)
+
+    def to_arrow(self, *, dataset: str | None = None, where: str | None = None) -> pa.Table:
+        """Every stored vector as a ``pyarrow.Table`` (one row per image, in id order).
+
+        Columns ``image_id``, ``sha256``, ``label``, ``superclass``, ``datasets``
+        and one ``fixed_size_list<float32>`` column named after the set; ``dataset``
+        and ``where`` (a SQL condition, as in :meth:`search`) select the images.
+        """
+        from featurestore import arrow  # pyarrow is imported only when Arrow is asked for
+
+        store = self._store
+        plan = arrow.plan_features(store.catalog, store.settings, [self.name], dataset=dataset, where=where)
+        return arrow.feature_table(store.catalog, store.root, plan)
 
 
 class Store:
@@ -135,8 +152,19 @@ class Store:
         self._extractors: dict[tuple[Any, ...], tuple[Extractor, threading.Lock]] = {}
         self._models: dict[tuple[int, str], Any] = {}
         self._indexes: OrderedDict[tuple[int, str], tuple[tuple[Any, ...], VectorIndex, int]] = OrderedDict()
-        self.ann_indexes = ann_index.OpenedIndexes()  # issue 14: memory-mapped HNSW indexes (search/index.py)
         self.search_cache = SearchCache()  # issue 31: per-set facts and compiled filters (search/cache.py)
+        self._ann_indexes: ann_index.OpenedIndexes | None = None
+
+    @property
+    def ann_indexes(self) -> ann_index.OpenedIndexes:
+        """The memory-mapped HNSW indexes opened so far (issue 14; search/index.py), made on first use
+        so that commands that never search (``fs status``) do not import the search stack."""
+        from featurestore.search import index as ann_index
+
+        with self._lock:
+            if self._ann_indexes is None:
+                self._ann_indexes = ann_index.OpenedIndexes()
+            return self._ann_indexes
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -223,6 +251,8 @@ class Store:
                 lost = folder.name == "artifacts" and path.suffix == ".pkl" and path.name not in artifacts
                 if path.is_file() and (is_temp(path) or lost):
                     path.unlink(missing_ok=True)
+        from featurestore.search import index as ann_index
+
         ann_index.remove_orphans(self)  # issue 14: index files of crashed builds and dropped sets
 
     # -- images ----------------------------------------------------------------------
@@ -429,6 +459,8 @@ class Store:
         keep = np.ones(len(ids), dtype=bool)
         for fs in sets:
             if not present[fs.id].all() and not skip_missing:
+                from featurestore.features.registry import extract_hint
+
                 raise MissingFeaturesError(fs.name, int((~present[fs.id]).sum()), extract_hint(fs))
             keep &= present[fs.id]
         if not keep.all():
@@ -497,6 +529,8 @@ class Store:
         with self._lock:
             hit = self._extractors.get(key)
         if hit is None:
+            from featurestore.features.registry import extractor_for  # every feature kind's code
+
             hit = (extractor_for(self, fs, batch_size=batch_size), threading.Lock())
             with self._lock:
                 hit = self._extractors.setdefault(key, hit)
@@ -513,6 +547,8 @@ class Store:
         with self._lock:
             model = self._models.get(key)
         if model is None:
+            from featurestore.training.artifacts import load_artifact
+
             model = load_artifact(self.root / run.artifact_path, run.artifact_sha256)
             with self._lock:
                 model = self._models.setdefault(key, model)
@@ -532,6 +568,8 @@ class Store:
                 return entry[1]
             self._indexes.pop(key, None)
         ids, mat = self.read_set(fs.name)
+        from featurestore.search.kernel import VectorIndex
+
         index = VectorIndex(ids, mat, metric, copy=False)
         del mat
         budget = self.settings.search_memory_mb * 2**20
@@ -547,8 +585,9 @@ class Store:
             self._extractors.clear()
             self._models.clear()
             self._indexes.clear()
-        self.ann_indexes.clear()
         self.search_cache.clear()
+        if self._ann_indexes is not None:
+            self._ann_indexes.clear()
 
     # -- maintenance ---------------------------------------------------------------
     def compact(self, feature_set: str | None = None, min_rows: int = 10_000) -> list[tuple[str, int, int]]:

@@ -31,7 +31,6 @@ import numpy as np
 from PIL import Image as PILImage
 
 from featurestore.catalog import versions
-from featurestore.catalog.readonly import ReadOnlyCatalog, dialect_of, where_is_cacheable
 from featurestore.errors import (
     DimensionMismatchError,
     FeatureStoreError,
@@ -39,7 +38,6 @@ from featurestore.errors import (
     InvalidInputError,
     NoVectorError,
 )
-from featurestore.features.registry import extract_hint
 from featurestore.io.images import load_rgb, to_rgb
 from featurestore.io.objects import is_object_url
 from featurestore.search import index as ann
@@ -155,6 +153,8 @@ def where_ids(store: Store, condition: str) -> np.ndarray:
         It ran longer than the timeout.
     """
     # hook (issue 11): user SQL goes through catalog.readonly only
+    from featurestore.catalog.readonly import ReadOnlyCatalog  # sqlglot: only for a --where
+
     ids = ReadOnlyCatalog.from_settings(store.settings).image_ids_where(condition)
     return np.asarray(ids, dtype=np.int64)
 
@@ -183,6 +183,8 @@ def stored_vector(store: Store, feature_set: str | FeatureSet, image_id: int) ->
     if not exists:
         raise ImageNotFoundError(image_id, 'list ids with `fs sql "SELECT id, source_path, label FROM images"`')
     if loc is None:
+        from featurestore.features.registry import extract_hint  # every feature kind's code: errors only
+
         raise NoVectorError(image_id, fs.name, extract_hint(fs), "or search with --image PATH")
     return np.asarray(read_row(store.root / loc[0], loc[1], loc[2]), dtype=np.float32).reshape(-1)
 
@@ -366,6 +368,8 @@ def _search_at(store: Store, state: SetState, query: Any, k: int, where: str | N
 
 def _compiled(store: Store, state: SetState, where: str) -> CompiledFilter:
     """``where`` compiled to the ids and bitmap it allows, once per condition and catalog version."""
+    from featurestore.catalog.readonly import dialect_of, where_is_cacheable  # sqlglot: only for a --where
+
     def compile_ids(condition: str) -> tuple[np.ndarray, bool]:
         ids = where_ids(store, condition)  # checks the condition first: a bad one is never cached
         return ids, where_is_cacheable(condition, dialect_of(store.settings.catalog_url))

@@ -39,6 +39,7 @@ import numpy as np
 
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.features.cnn.onnx_export import INPUT_NAME, read_metadata
+from featurestore.features.cnn.precision import CALIBRATION_IMAGES, CALIBRATION_MIN, MIN_COSINE, PRECISIONS
 
 __all__ = [
     "CALIBRATION_IMAGES",
@@ -58,13 +59,6 @@ __all__ = [
     "read_int8_record",
 ]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "int8")
-CALIBRATION_IMAGES = 100
-"""Default sample size (calibration plus held-back images)."""
-CALIBRATION_MIN = 20
-"""Fewest images a sample may have: 16 to calibrate, 4 held back for the guard."""
-MIN_COSINE = 0.98
-"""Default lowest mean cosine (int8 vs fp32, per tap, on the held-back images) accepted."""
 INT8_KEY = "featurestore.int8"
 INT8_FORMAT = "featurestore-int8/1"
 # Images per calibration run. The MinMax calibrator keeps only each tensor's min and max per run (its
