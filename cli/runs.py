@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from featurestore.catalog.run_notes import run_note, set_run_note
 from featurestore.cli import common, train
 
 app = typer.Typer(invoke_without_command=True)  # help: the callback's docstring
@@ -30,6 +29,8 @@ def name(run: int = typer.Argument(..., help="Run id (see `fs runs`)."),
 
     Example: fs runs name 4 "rp128 + effnet, grid search" --notes "baseline for the spring catalogue"
     """
+    from featurestore.catalog.run_notes import set_run_note
+
     with common.open_store() as store, store.writing():
         row = set_run_note(store.engine, run, text, notes, keep_notes=notes is None)
     common.err(f"run {run}: " + (f"named {row.name!r}" if row.name else "name removed")
@@ -42,6 +43,8 @@ def show_notes(run: int = typer.Argument(..., help="Run id (see `fs runs`).")) -
 
     Example: fs runs show-notes 4
     """
+    from featurestore.catalog.run_notes import run_note
+
     with common.open_store() as store:
         store.catalog.run(run)  # unknown run: the usual error
         row = run_note(store.engine, run)

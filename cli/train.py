@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from featurestore.catalog.run_notes import run_names
 from featurestore.cli import common
 from featurestore.errors import InvalidInputError
 
@@ -302,6 +301,8 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
 
     store = common.open_store()
     try:
+        from featurestore.catalog.run_notes import run_names
+
         names = run_names(store.engine)
         rows = [{"run": r.id, "name": names.get(r.id, ""), "created": r.created_at.strftime("%Y-%m-%d %H:%M"),
                  "features": ",".join(r.features),

@@ -54,7 +54,6 @@ from featurestore.io.atomic import is_temp
 from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
 from featurestore.io.verified import digest_written
-from featurestore.search.cache import SearchCache, SetState
 from featurestore.shards import place, read_rows_into, read_shard, remove_orphans, write_shard
 
 if TYPE_CHECKING:
@@ -63,6 +62,7 @@ if TYPE_CHECKING:
     from featurestore.features.base import Extractor, FeatureSpec
     from featurestore.search import index as ann_index
     from featurestore.search import service as search_service
+    from featurestore.search.cache import SearchCache, SetState
     from featurestore.search.kernel import VectorIndex
 
 
@@ -152,8 +152,18 @@ class Store:
         self._extractors: dict[tuple[Any, ...], tuple[Extractor, threading.Lock]] = {}
         self._models: dict[tuple[int, str], Any] = {}
         self._indexes: OrderedDict[tuple[int, str], tuple[tuple[Any, ...], VectorIndex, int]] = OrderedDict()
-        self.search_cache = SearchCache()  # issue 31: per-set facts and compiled filters (search/cache.py)
+        self._search_cache: SearchCache | None = None
         self._ann_indexes: ann_index.OpenedIndexes | None = None
+
+    @property
+    def search_cache(self) -> SearchCache:
+        """Per-set facts and compiled filters of searches (issue 31; search/cache.py), made on first use."""
+        from featurestore.search.cache import SearchCache
+
+        with self._lock:
+            if self._search_cache is None:
+                self._search_cache = SearchCache()
+            return self._search_cache
 
     @property
     def ann_indexes(self) -> ann_index.OpenedIndexes:
@@ -585,7 +595,8 @@ class Store:
             self._extractors.clear()
             self._models.clear()
             self._indexes.clear()
-        self.search_cache.clear()
+        if self._search_cache is not None:
+            self._search_cache.clear()
         if self._ann_indexes is not None:
             self._ann_indexes.clear()
 
