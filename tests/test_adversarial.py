@@ -961,13 +961,14 @@ def test_db_upgrade_on_a_version_set_back_is_one_line(image_tree: Path, tmp_path
 
 
 def test_ctrl_c_while_fs_starts_is_one_line() -> None:
-    # Ctrl-C arriving while the CLI's modules load, made deterministic: an import hook raises it
-    # when featurestore.store is first imported (about halfway through loading numpy, h5py, SQLAlchemy).
+    # Ctrl-C arriving while the CLI's modules load, made deterministic: an import hook raises it when
+    # featurestore.cli.common is first imported (the CLI loads it with every command module; the store and
+    # its numpy, h5py and SQLAlchemy load later, when a command runs).
     script = (
         "import sys\n"
         "class Hook:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'featurestore.store':\n"
+        "        if name == 'featurestore.cli.common':\n"
         "            raise KeyboardInterrupt\n"
         "sys.meta_path.insert(0, Hook())\n"
         "sys.argv = ['fs', 'status']\n"

@@ -82,6 +82,14 @@ def _console(problems: list[str], pg: Any, m: Any) -> None:
         problems.append(f"console {m.type}: {m.text}")
 
 
+def _failed(problems: list[str], req: Any) -> None:
+    # The browser's own favicon fetch is cancelled (net::ERR_ABORTED) when a test navigates on before it
+    # finished: not a failure of the page. Every other failed request is one.
+    if req.url.endswith("/ui/static/favicon.svg") and "ERR_ABORTED" in str(req.failure):
+        return
+    problems.append(f"request failed: {req.url} {req.failure}")
+
+
 @pytest.fixture
 def page(context: Any, server: str, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh page that records every console error, page error, failed request, HTTP error and request to
@@ -91,7 +99,7 @@ def page(context: Any, server: str, request: pytest.FixtureRequest) -> Iterator[
     host = server.split("//", 1)[1]
     pg.on("console", lambda m: _console(problems, pg, m))
     pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    pg.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
+    pg.on("requestfailed", lambda r: _failed(problems, r))
     pg.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}")
           if r.status >= 400 and r.status not in _EXPECTED.get(id(pg), set()) else None)
     pg.on("request", lambda r: problems.append(f"request to another host: {r.url}")
