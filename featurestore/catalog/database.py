@@ -246,3 +246,18 @@ def _safe(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         return repr(url.rpartition("@")[2] if "@" in url else url[:80])
+
+
+def driver_rows(engine: Engine, sql: str) -> list[tuple[Any, ...]]:
+    """All rows of one SQL statement as plain DB-API tuples, through the driver's own cursor.
+
+    For hot paths where SQLAlchemy's per-statement and per-row overhead dominates.
+    Only for SQL whose rendered values are integers or names we produced.
+    """
+    with engine.connect() as conn:
+        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(sql)
+            return list(cur.fetchall())
+        finally:
+            cur.close()

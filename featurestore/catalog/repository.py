@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from sqlalchemy.sql import ColumnElement, Select
 
 from featurestore.catalog.audits import KINDS as FINDING_KINDS
+from featurestore.catalog.database import driver_rows
 from featurestore.catalog.run_images import RunImages, insert_run_images
 from featurestore.catalog.schema import (
     AnnIndex,
@@ -96,12 +97,7 @@ class Catalog:
         which are rendered inline.
         """
         sql = str(query.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
-        with self.engine.connect() as conn:
-            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            cur.execute(sql)
-            rows = cur.fetchall()
-            cur.close()
-        return rows  # type: ignore[no-any-return]
+        return driver_rows(self.engine, sql)
 
     # -- datasets ------------------------------------------------------------------
     def dataset_id(self, s: Session, name: str, create: bool = False) -> int:

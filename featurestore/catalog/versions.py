@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from featurestore.catalog.database import driver_rows
 from featurestore.catalog.schema import AnnIndex, CatalogVersion, FeatureSet, FeatureShard
 
 
@@ -92,13 +93,7 @@ def rows_at_version(engine: Engine, image_ids: Sequence[int]) -> tuple[int, dict
     ids = ",".join(str(int(i)) for i in image_ids) or "NULL"
     sql = ("SELECT version, NULL, NULL, NULL FROM catalog_version WHERE id = 1 UNION ALL "
            f"SELECT NULL, id, source_path, label FROM images WHERE id IN ({ids})")
-    with engine.connect() as conn:
-        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cur.execute(sql)
-            got = cur.fetchall()
-        finally:
-            cur.close()
+    got = driver_rows(engine, sql)
     version = next(int(v) for v, i, _, _ in got if i is None)
     return version, {int(i): (str(p), lb) for _, i, p, lb in got if i is not None}
 
@@ -109,13 +104,8 @@ def vector_location(engine: Engine, feature_set_id: int, image_id: int
     sql = ("SELECT i.id, s.path, r.\"row\", s.sha256 FROM images i LEFT JOIN feature_rows r ON r.image_id = i.id "
            f"AND r.feature_set_id = {int(feature_set_id)} LEFT JOIN feature_shards s ON s.id = r.shard_id "
            f"WHERE i.id = {int(image_id)}")
-    with engine.connect() as conn:
-        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cur.execute(sql)
-            got = cur.fetchone()
-        finally:
-            cur.close()
-    if got is None:
+    rows = driver_rows(engine, sql)
+    if not rows:
         return False, None
+    got = rows[0]
     return True, (None if got[1] is None else (str(got[1]), int(got[2]), got[3]))
