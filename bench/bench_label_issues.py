@@ -139,7 +139,6 @@ def kfold_audit(store: Any, feats: list[str], ids: np.ndarray, classifier: str, 
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    from featurestore.catalog.labels import run_oof
     from featurestore.pipelines.labels import audit_labels
     from featurestore.pipelines.train import TrainConfig, train
 
@@ -153,7 +152,7 @@ def kfold_audit(store: Any, feats: list[str], ids: np.ndarray, classifier: str, 
         fits["n"] = 0
         audit = audit_labels(store, run_id)
         fits_audit = fits["n"]
-        oof = run_oof(store.catalog.engine, run_id)
+        oof = store.catalog.run_oof(run_id)
         assert oof is not None
         given = np.asarray([oof.classes.index(lb) for lb in oof.labels])
         direct_flagged = np.asarray(find_label_issues(given, oof.probabilities, n_jobs=1), dtype=bool)
@@ -179,16 +178,15 @@ def in_sample_ranking(store: Any, run_id: int, ids: np.ndarray) -> np.ndarray:
     """The `fs report --mistakes` ranking as a score per image: the final model predicts the train images
     (in-sample); its wrong predictions come first, most confident first (score = probability > 0), then the
     right ones, least confident first (score = -probability)."""
-    from featurestore.catalog.repository import confident_mistakes, run_facts, run_predictions_of
     from featurestore.pipelines.predict import predict
 
     with store.writing(sweep=False):
         predict(store, run_id, ids.tolist())
-    engine = store.catalog.engine
+    catalog = store.catalog
     pos = {int(i): k for k, i in enumerate(ids)}
-    stored = run_predictions_of(engine, run_id, ids.tolist())
+    stored = catalog.run_predictions_of(run_id, ids.tolist())
     score = -np.array([stored[int(i)][1] for i in ids])
-    for image_id, _truth, _pred, prob in confident_mistakes(engine, run_facts(engine, run_id), limit=len(ids)):
+    for image_id, _truth, _pred, prob in catalog.confident_mistakes(catalog.run_facts(run_id), limit=len(ids)):
         score[pos[image_id]] = prob
     return score
 

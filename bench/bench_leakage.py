@@ -72,12 +72,11 @@ def plant(originals: list[Path], dest: Path, share: float, seed: int = 0) -> lis
 
 def cross_split_pairs(store, run_id: int, grouping, planted: set[tuple[int, int]]) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     """(near-duplicate train/test pairs summed over the run's splits, planted copy pairs straddling a split)."""
-    from featurestore.catalog.run_images import run_image_ids, split_test_ids
     from featurestore.search.groups import cross_pairs
 
-    ids = run_image_ids(store.engine, run_id)
+    ids = store.catalog.run_image_ids(run_id)
     total = mine = 0
-    for test in split_test_ids(store.engine, run_id).values():
+    for test in store.catalog.split_test_ids(run_id).values():
         pairs = cross_pairs(store, grouping, ids[~np.isin(ids, test)], test)
         total += len(pairs)
         in_test = set(test.tolist())

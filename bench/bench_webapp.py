@@ -47,9 +47,8 @@ from sqlalchemy import insert, select
 
 from bench.bench_serve import free_port, start_server
 from bench.common import fashion_images
-from featurestore.catalog.repository import ImageFilter, browse_page, count_images, facets
+from featurestore.catalog.repository import ImageFilter
 from featurestore.catalog.schema import DatasetMember, Image, Prediction, Run
-from featurestore.catalog.selections import save_as_dataset
 from featurestore.config import Settings
 from featurestore.features.projection import projection_extractor
 from featurestore.pipelines.extract import extract
@@ -75,7 +74,7 @@ def build(root: Path, n: int) -> None:
         run = train(store, TrainConfig(["rp64"], n_splits=2, trees=20)).run_id
         predict(store, run, [r[0] for r in store.select_images()])
         ids = [r[0] for r in store.select_images()]
-        save_as_dataset(store.engine, "fashion-test", ids[-max(2, n // 10):])
+        store.catalog.save_as_dataset("fashion-test", ids[-max(2, n // 10):])
         fixed = TrainConfig(["rp64"], trees=20, dataset="fashion", test_dataset="fashion-test")
         train(store, fixed)
         evaluate_many(store, [["rp16"]], fixed)
@@ -272,7 +271,7 @@ def sql_figures(n: int) -> None:
         print(f"\ngrid queries on a {n:,}-image catalogue (built in {time.perf_counter() - t:.0f}s), "
               "median of 5, page + count + filter menus:")
         with Store.open(Settings(store=root)) as store:
-            engine = store.engine
+            catalog = store.catalog
             middle = n // 2
             cases = [("no filter", ImageFilter()), ("label", ImageFilter(label="class3")),
                      ("superclass", ImageFilter(superclass="group1")), ("dataset", ImageFilter(dataset="big")),
@@ -289,10 +288,10 @@ def sql_figures(n: int) -> None:
                         times.append(time.perf_counter() - t0)
                     return 1000 * statistics.median(times)
 
-                first = timed(lambda f=f: browse_page(engine, f, limit=100))
-                deep = timed(lambda f=f: browse_page(engine, f, after=middle, limit=100))
-                rest = timed(lambda f=f: (count_images(engine, f), facets(engine, f.run)))
-                print(f"{name:<38}{first:10.1f}{deep:14.1f}{rest:16.1f}{count_images(engine, f):10,}")
+                first = timed(lambda f=f: catalog.browse_page(f, limit=100))
+                deep = timed(lambda f=f: catalog.browse_page(f, after=middle, limit=100))
+                rest = timed(lambda f=f: (catalog.count_images(f), catalog.facets(f.run)))
+                print(f"{name:<38}{first:10.1f}{deep:14.1f}{rest:16.1f}{catalog.count_images(f):10,}")
 
 
 def main() -> None:

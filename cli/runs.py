@@ -29,10 +29,9 @@ def name(run: int = typer.Argument(..., help="Run id (see `fs runs`)."),
 
     Example: fs runs name 4 "rp128 + effnet, grid search" --notes "baseline for the spring catalogue"
     """
-    from featurestore.catalog.run_notes import set_run_note
 
     with common.open_store() as store, store.writing():
-        row = set_run_note(store.engine, run, text, notes, keep_notes=notes is None)
+        row = store.catalog.set_run_note(run, text, notes, keep_notes=notes is None)
     common.err(f"run {run}: " + (f"named {row.name!r}" if row.name else "name removed")
                + ("" if notes is None else "; notes " + ("set" if row.notes else "removed")))
 
@@ -43,9 +42,8 @@ def show_notes(run: int = typer.Argument(..., help="Run id (see `fs runs`).")) -
 
     Example: fs runs show-notes 4
     """
-    from featurestore.catalog.run_notes import run_note
 
     with common.open_store() as store:
         store.catalog.run(run)  # unknown run: the usual error
-        row = run_note(store.engine, run)
+        row = store.catalog.run_note(run)
     typer.echo(f"name: {row.name or ''}\n{row.notes or ''}".rstrip())

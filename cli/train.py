@@ -301,9 +301,8 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
 
     store = common.open_store()
     try:
-        from featurestore.catalog.run_notes import run_names
 
-        names = run_names(store.engine)
+        names = store.catalog.run_names()
         rows = [{"run": r.id, "name": names.get(r.id, ""), "created": r.created_at.strftime("%Y-%m-%d %H:%M"),
                  "features": ",".join(r.features),
                  "classifier": r.classifier, "target": r.target, "images": r.n_images,

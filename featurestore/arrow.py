@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from featurestore.catalog.exports import image_facts, prediction_page
 from featurestore.catalog.readonly import ReadOnlyCatalog
-from featurestore.catalog.repository import Catalog, live_image_ids, locate
+from featurestore.catalog.repository import Catalog
 from featurestore.config import Settings
 from featurestore.errors import DimensionMismatchError, FeatureStoreError, IntegrityError, InvalidInputError
 from featurestore.shards import read_span_rows
@@ -93,7 +92,7 @@ def plan_features(catalog: Catalog, settings: Settings, names: Sequence[str], *,
         selected = np.intersect1d(selected, matched)
     ids, lacking = selected, {}
     for col in columns:
-        have = np.asarray(live_image_ids(catalog.engine, col.feature_set_id), dtype=np.int64)
+        have = np.asarray(catalog.live_image_ids(col.feature_set_id), dtype=np.int64)
         lacking[col.name] = int(len(selected) - np.isin(selected, have).sum())
         ids = np.intersect1d(ids, have)
     return FeaturePlan(columns, ids, lacking)
@@ -116,7 +115,7 @@ def feature_batches(catalog: Catalog, root: Path, plan: FeaturePlan, batch_rows:
     step = max(1, batch_rows or plan.batch_rows)
     for start in range(0, len(plan.image_ids), step):
         chunk = plan.image_ids[start : start + step]
-        facts = image_facts(catalog.engine, chunk)
+        facts = catalog.export_facts(chunk)
         if len(facts) != len(chunk):
             raise FeatureStoreError("images were removed from the catalog during the export; run it again")
         arrays: list[pa.Array] = [
@@ -145,7 +144,7 @@ def _vectors_replanned(catalog: Catalog, root: Path, col: VectorColumn, image_id
 
 def _vectors(catalog: Catalog, root: Path, col: VectorColumn, image_ids: np.ndarray) -> np.ndarray:
     """The vectors of ``image_ids`` (ascending) in one set, read shard by shard as contiguous slices."""
-    loc = locate(catalog.engine, col.feature_set_id, image_ids)  # (image_id, shard_id, row) by shard, row
+    loc = catalog.locate(col.feature_set_id, image_ids)  # (image_id, shard_id, row) by shard, row
     if len(loc) != len(image_ids):
         raise FeatureStoreError(f"{len(image_ids) - len(loc)} image(s) lost their vector in {col.name} during the "
                                 "export (the set was replaced or re-extracted); run the export again")
@@ -184,7 +183,7 @@ def prediction_batches(catalog: Catalog, run_id: int, batch_rows: int = 50_000) 
     """
     schema = prediction_schema(run_id)
     after = 0
-    while page := prediction_page(catalog.engine, run_id, after, max(1, batch_rows)):
+    while page := catalog.prediction_page(run_id, after, max(1, batch_rows)):
         yield pa.RecordBatch.from_arrays([
             pa.array([int(run_id)] * len(page), pa.int64()), pa.array([r.image_id for r in page], pa.int64()),
             pa.array([r.sha256 for r in page], pa.string()), pa.array([r.label for r in page], pa.string()),

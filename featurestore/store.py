@@ -289,7 +289,7 @@ class Store:
         The state is reused without asking the catalog; the search checks the
         catalog's change counter when it is done (see :mod:`featurestore.search.cache`).
         """
-        return self.search_cache.state(self.engine, name, lambda snap: FeatureSet(self, snap),
+        return self.search_cache.state(self.catalog, name, lambda snap: FeatureSet(self, snap),
                                        lambda: self.feature_set(name))
 
     def ensure_feature_set(self, spec: FeatureSpec, replace: bool = False) -> FeatureSet:

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
-from featurestore.catalog import audits
 from featurestore.catalog import repository as q
 from featurestore.cli.main import app
 from featurestore.errors import InvalidInputError
@@ -35,17 +34,17 @@ def test_leaks_between_two_datasets_are_listed_stored_and_filterable(store: Stor
     assert {(x.a, x.b) for x in rep.leaks} == {(o, c) for c, o in copy_of.items()}
     assert all(x.similarity >= 0.99 and x.a_label == x.b_label for x in rep.leaks)
     assert [x.similarity for x in rep.leaks] == sorted((x.similarity for x in rep.leaks), reverse=True)
-    stored = audits.findings(store.engine, kind="leak")
+    stored = store.catalog.findings(kind="leak")
     assert {(f.image_id, f.other_image_id) for f in stored} == {(x.a, x.b) for x in rep.leaks}
     # both images of a pair show in the grid's finding filter
-    page = q.browse_page(store.engine, q.ImageFilter(finding="leak"), limit=500)
+    page = store.catalog.browse_page(q.ImageFilter(finding="leak"), limit=500)
     assert {t.id for t in page.tiles} == set(copy_of) | set(copy_of.values())
-    assert q.count_images(store.engine, q.ImageFilter(finding="outlier")) == 0
+    assert store.catalog.count_images(q.ImageFilter(finding="outlier")) == 0
     with pytest.raises(InvalidInputError, match="unknown finding"):
-        q.count_images(store.engine, q.ImageFilter(finding="nope"))
+        store.catalog.count_images(q.ImageFilter(finding="nope"))
     # a second audit replaces the first one's findings instead of adding to them
     again = audit_leaks(store, 0.99, dataset="train", against="test", feature_set="c")
-    assert len(audits.findings(store.engine, kind="leak")) == len(again.leaks) == 12
+    assert len(store.catalog.findings(kind="leak")) == len(again.leaks) == 12
     inside = audit_leaks(store, 0.99, dataset="train", feature_set="c")
     assert inside.leaks == []  # no two originals are near copies
 
@@ -113,7 +112,7 @@ def test_outliers_find_a_mislabelled_and_a_stranger(store: Store, tmp_path: Path
     assert by_id[mislabelled].to_all < rep.fence_all  # it has neighbours: those of class c
     assert by_id[stranger].to_all > rep.fence_all
     assert [r.score for r in rep.rows] == sorted((r.score for r in rep.rows), reverse=True)
-    page = q.browse_page(store.engine, q.ImageFilter(finding="outlier", dataset="o"))
+    page = store.catalog.browse_page(q.ImageFilter(finding="outlier", dataset="o"))
     assert {t.id for t in page.tiles} == {mislabelled, stranger}
     store.close()
     out = runner.invoke(app, ["audit", "outliers", "--features", "e", "--k", "5", "--format", "json"])
@@ -172,9 +171,9 @@ def test_photo_audit_flags_each_problem_by_its_definition(store: Store, tmp_path
     assert got == {("blurred", "blurred"), ("dark", "dark"), ("bright", "bright"), ("constant", "constant"),
                    ("tiny", "tiny"), ("aspect", "aspect")}, got
     assert rep.examined == 7 and rep.unreadable == []
-    stored = {(names[f.image_id], f.kind) for f in audits.findings(store.engine, audit="images")}
+    stored = {(names[f.image_id], f.kind) for f in store.catalog.findings(audit="images")}
     assert stored == got
-    assert q.count_images(store.engine, q.ImageFilter(finding="blurred")) == 1
+    assert store.catalog.count_images(q.ImageFilter(finding="blurred")) == 1
     # a photo whose file vanished is still size-checked and listed as not measured, never skipped silently
     (d / "tiny.png").unlink()
     shutil.rmtree(store.root / "thumbnails")  # its cached thumbnail would still be measured

@@ -79,7 +79,7 @@ def test_sql_allow_list_is_the_schema() -> None:
     from featurestore.catalog.schema import Base
 
     assert catalog_tables() == frozenset(Base.metadata.tables) | {"alembic_version"}, (
-        "add the new table to _SCHEMA_TABLES in featurestore/catalog/readonly.py")
+        "add the new table to _SCHEMA_TABLES in featurestore/catalog/readonly_rules.py")
 
 
 def test_shipped_head_matches_alembic() -> None:

@@ -10,7 +10,6 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from featurestore.catalog.labels import run_oof
 from featurestore.cli.main import app
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.features.base import FeatureSpec
@@ -119,7 +118,7 @@ def test_kfold_run_stores_oof_and_compares_fold_by_fold(kstore: Store) -> None:
     run = get_run(kstore, one.run_id)
     assert run.split_scheme == "stratified-kfold" and run.n_splits == 3
     assert run.oof_classes == ["sandal", "shirt", "sneaker"] and run.label_version == 0
-    oof = run_oof(kstore.catalog.engine, one.run_id)
+    oof = kstore.catalog.run_oof(one.run_id)
     assert oof is not None and len(oof.image_ids) == 36
     assert sorted(np.bincount(oof.folds).tolist()) == [12, 12, 12]
     assert sum(s.n_test for s in one.evaluation.splits) == 36
@@ -155,7 +154,7 @@ def test_audit_labels_finds_the_flipped_images_and_matches_cleanlab(kstore: Stor
     from cleanlab.filter import find_label_issues as cl_find
     from cleanlab.rank import get_label_quality_scores
 
-    oof = run_oof(kstore.catalog.engine, run)
+    oof = kstore.catalog.run_oof(run)
     assert oof is not None
     given = np.array([oof.classes.index(lb) for lb in oof.labels])
     direct = cl_find(given, oof.probabilities)

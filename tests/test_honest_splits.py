@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from featurestore.catalog.run_images import run_image_ids, split_test_ids
 from featurestore.cli.main import app
 from featurestore.errors import FeatureStoreError, InvalidInputError, MissingFeaturesError
 from featurestore.features.base import FeatureSpec
@@ -77,12 +76,12 @@ def test_grouped_run_keeps_copies_on_one_side_and_stores_split_images(store: Sto
         plain = train(store, TrainConfig(["r"], n_splits=6, test_size=0.25, trees=5, seed=1), fit_final=False)
         grouped = train(store, TrainConfig(["r"], n_splits=6, test_size=0.25, trees=5, seed=1,
                                            group_duplicates=0.99, group_features="c"), fit_final=False)
-    engine = store.engine
-    ids = run_image_ids(engine, grouped.run_id)
-    assert ids.size == 36 and np.array_equal(ids, run_image_ids(engine, plain.run_id))
+    catalog = store.catalog
+    ids = catalog.run_image_ids(grouped.run_id)
+    assert ids.size == 36 and np.array_equal(ids, catalog.run_image_ids(plain.run_id))
 
     def splits_of(run_id: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        tests = split_test_ids(engine, run_id)
+        tests = catalog.split_test_ids(run_id)
         assert sorted(tests) == list(range(6))
         return [(np.flatnonzero(~np.isin(ids, t)), np.flatnonzero(np.isin(ids, t))) for t in tests.values()]
 
@@ -95,10 +94,10 @@ def test_grouped_run_keeps_copies_on_one_side_and_stores_split_images(store: Sto
     assert get_run(store, plain.run_id).n_groups is None
     # the same images' pairs across each split, found from the stored rows: none with groups
     found = group_near_duplicates(store, "c", ids, 0.99)
-    for split, test in split_test_ids(engine, grouped.run_id).items():
+    for split, test in catalog.split_test_ids(grouped.run_id).items():
         assert cross_pairs(store, found, ids[~np.isin(ids, test)], test) == [], split
     assert sum(len(cross_pairs(store, found, ids[~np.isin(ids, t)], t))
-               for t in split_test_ids(engine, plain.run_id).values()) > 0
+               for t in catalog.split_test_ids(plain.run_id).values()) > 0
 
 
 def test_default_group_set_is_the_first_cnn_set(store: Store, tmp_path: Path) -> None:
@@ -135,8 +134,8 @@ def test_fixed_test_leaves_out_near_copies_of_test_images(store: Store, tmp_path
     run = get_run(store, grouped.run_id)
     assert (run.n_test_overlap, run.n_near_overlap, run.n_groups) == (12, 12, 12)
     assert get_run(store, plain.run_id).n_test_overlap == 0
-    train_ids = set(run_image_ids(store.engine, grouped.run_id).tolist()) - set(
-        split_test_ids(store.engine, grouped.run_id)[0].tolist())
+    train_ids = set(store.catalog.run_image_ids(grouped.run_id).tolist()) - set(
+        store.catalog.split_test_ids(grouped.run_id)[0].tolist())
     assert not train_ids & set(copy_of.values())
 
 

@@ -17,7 +17,6 @@ import pytest
 from sqlalchemy import func, insert, inspect, select
 from typer.testing import CliRunner
 
-from featurestore.catalog import repository as repo
 from featurestore.catalog.schema import Dataset, DatasetMember, Image
 from featurestore.cli.main import app
 from featurestore.config import Settings
@@ -150,7 +149,7 @@ def test_params_are_checked(store: Store) -> None:
         store.ensure_feature_set(FeatureSpec("empty", "test", 4, {}))
     with pytest.raises(InvalidInputError, match="'empty' has no vectors yet"):
         ann.build_index(store, "empty")
-    assert repo.list_indexes(store.engine) == []
+    assert store.catalog.list_indexes() == []
 
 
 def test_schema_has_the_table(store: Store) -> None:
@@ -184,7 +183,7 @@ def test_new_shards_are_searched_exactly_then_added(indexed) -> None:  # type: i
     assert ann.build_index(store, "v").action == "unchanged"
     # only the registered file is left
     files = list((store.root / "indexes" / "v").iterdir())
-    assert [f.name for f in files] == [Path(repo.get_index(store.engine, 1).path).name]  # type: ignore[union-attr]
+    assert [f.name for f in files] == [Path(store.catalog.get_index(1).path).name]  # type: ignore[union-attr]
 
 
 def test_compaction_keeps_results_exact_and_rebuilds(store: Store) -> None:
@@ -214,10 +213,10 @@ def test_compaction_keeps_results_exact_and_rebuilds(store: Store) -> None:
 
 def test_replaced_feature_set_loses_its_index(indexed) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
-    old = store.root / repo.list_indexes(store.engine)[0].path
+    old = store.root / store.catalog.list_indexes()[0].path
     with store.writing():
         store.ensure_feature_set(FeatureSpec("v", "test", DIM, {}), replace=True)
-    assert repo.list_indexes(store.engine) == []  # the row went with the feature set (ON DELETE CASCADE)
+    assert store.catalog.list_indexes() == []  # the row went with the feature set (ON DELETE CASCADE)
     append(store, "v", ids[:100], mat[:100] + 1, 100)
     got = search(store, "v", mat[0], k=5)
     assert got.method == "exact" and got.note == ""  # no index any more
@@ -227,10 +226,10 @@ def test_replaced_feature_set_loses_its_index(indexed) -> None:  # type: ignore[
 
 def test_parameter_changes(indexed) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
-    first = repo.list_indexes(store.engine)[0]
+    first = store.catalog.list_indexes()[0]
     r = ann.build_index(store, "v", expansion_search=64)
-    assert r.action == "updated" and repo.list_indexes(store.engine)[0].path == first.path
-    assert repo.list_indexes(store.engine)[0].params["expansion_search"] == 64
+    assert r.action == "updated" and store.catalog.list_indexes()[0].path == first.path
+    assert store.catalog.list_indexes()[0].params["expansion_search"] == 64
     r = ann.build_index(store, "v", metric="l2")
     assert r.action == "rebuilt" and "metric cosine -> l2" in r.reason
     assert not (store.root / first.path).exists()
@@ -242,7 +241,7 @@ def test_parameter_changes(indexed) -> None:  # type: ignore[no-untyped-def]
 
 def test_missing_or_damaged_file_is_an_error(indexed) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
-    path = store.root / repo.list_indexes(store.engine)[0].path
+    path = store.root / store.catalog.list_indexes()[0].path
     store.ann_indexes.clear()
     path.rename(path.with_suffix(".moved"))
     with pytest.raises(IntegrityError, match="index file .* is missing; rebuild it with `fs index build"):
@@ -265,7 +264,7 @@ def test_missing_or_damaged_file_is_an_error(indexed) -> None:  # type: ignore[n
 
 def test_damaged_header_is_a_one_line_error(indexed) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
-    path = store.root / repo.list_indexes(store.engine)[0].path
+    path = store.root / store.catalog.list_indexes()[0].path
     store.ann_indexes.clear()
     with open(path, "r+b") as fh:  # same size, scrambled header: usearch's own ValueError before the fix
         fh.write(bytes(64))
@@ -280,7 +279,7 @@ def test_damaged_header_is_a_one_line_error(indexed) -> None:  # type: ignore[no
 
 def test_index_is_memory_mapped(indexed) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
-    path = (store.root / repo.list_indexes(store.engine)[0].path).resolve()
+    path = (store.root / store.catalog.list_indexes()[0].path).resolve()
     search(store, "v", mat[0], k=3)
     maps = Path("/proc/self/maps").read_text()
     assert str(path) in maps  # opened with view=True: the file is mapped, not read into memory
@@ -428,6 +427,7 @@ BUILDER = textwrap.dedent(
     from featurestore.config import Settings
     from featurestore.store import Store
     from featurestore.search import index as ann
+    from featurestore.catalog.repository import Catalog
     mode = sys.argv[2]
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -438,10 +438,10 @@ BUILDER = textwrap.dedent(
     if mode == "before-rename":  # temp file written (then hashed), not renamed
         ann.sha256_file = die
     elif mode == "after-rename":  # file in place, catalog not told
-        ann.repo.replace_index = die
+        Catalog.replace_index = die
     elif mode == "after-register":  # catalog points at the new file, the old one not yet deleted
-        original = ann.repo.replace_index
-        ann.repo.replace_index = lambda *a, **k: (original(*a, **k), die())
+        original = Catalog.replace_index
+        Catalog.replace_index = lambda *a, **k: (original(*a, **k), die())
     store = Store.open(Settings.from_env(store=Path(sys.argv[1])))
     print("ready", flush=True)
     ann.build_index(store, "v", expansion_add=256, rebuild=True, progress=progress)
@@ -452,7 +452,7 @@ BUILDER = textwrap.dedent(
 
 def _consistent(store: Store) -> None:
     """The registered index (if any) is complete and matches its sha256; search works."""
-    for record in repo.list_indexes(store.engine):
+    for record in store.catalog.list_indexes():
         path = store.root / record.path
         assert path.is_file() and sha256_file(path) == record.sha256 and path.stat().st_size == record.bytes
     store.ann_indexes.clear()
@@ -486,7 +486,7 @@ def test_kill_9_during_build_leaves_store_consistent(tmp_path: Path) -> None:
             assert code == (0 if mode == "none" else -signal.SIGKILL)
         store = Store.open(settings)
         try:
-            before = repo.list_indexes(store.engine)
+            before = store.catalog.list_indexes()
             _consistent(store)
             folder = root / "indexes" / "v"
             on_disk = {p.name for p in folder.iterdir()} if folder.exists() else set()
@@ -497,7 +497,7 @@ def test_kill_9_during_build_leaves_store_consistent(tmp_path: Path) -> None:
             report = ann.build_index(store, "v", rebuild=True)  # the next build completes...
             assert report.vectors == 6_000
             left = {p.name for p in folder.iterdir()}
-            assert left == {Path(r.path).name for r in repo.list_indexes(store.engine)}  # ...and sweeps
+            assert left == {Path(r.path).name for r in store.catalog.list_indexes()}  # ...and sweeps
             _consistent(store)
         finally:
             store.close()
@@ -565,7 +565,7 @@ def test_cli_errors(indexed) -> None:  # type: ignore[no-untyped-def]
     assert "Error: feature set 'v' has no index (no feature set has one yet): build one with " \
            "`fs index build --features v`" in result.stderr
     ann.build_index(store, "v")
-    path = store.root / repo.list_indexes(store.engine)[0].path
+    path = store.root / store.catalog.list_indexes()[0].path
     with open(path, "r+b") as fh:
         fh.seek(100)
         data = fh.read(16)

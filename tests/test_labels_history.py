@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from featurestore.catalog.labels import LaterChangeError, history, label_version
+from featurestore.catalog.labels import LaterChangeError
 from featurestore.cli.main import app
 from featurestore.errors import InvalidInputError
 from featurestore.pipelines.ingest import ingest
@@ -47,24 +47,24 @@ def test_set_records_history_and_updates_images(lstore: Store) -> None:
     shirt = _ids(lstore, "shirt")
     with lstore.writing():
         changed = set_labels(lstore, shirt[:2], "sneaker", reason="looked again")
-    assert changed == [1, 2] and label_version(lstore.catalog.engine) == 2
+    assert changed == [1, 2] and lstore.catalog.label_version() == 2
     labels = _labels(lstore)
     assert labels[shirt[0]] == ("sneaker", "footwear")  # the superclass follows the label's images
-    rows = history(lstore.catalog.engine)
+    rows = lstore.catalog.label_history()
     assert [r.id for r in rows] == [2, 1]
     assert {(r.image_id, r.old_label, r.old_superclass, r.new_label, r.new_superclass) for r in rows} == {
         (shirt[0], "shirt", "tops", "sneaker", "footwear"), (shirt[1], "shirt", "tops", "sneaker", "footwear")}
     assert all(r.changed_by == cli_user() and r.source == "cli" and r.reason == "looked again" for r in rows)
     with lstore.writing():
         assert set_labels(lstore, shirt[:2], "sneaker") == []  # nothing to change: no history row
-    assert label_version(lstore.catalog.engine) == 2
+    assert lstore.catalog.label_version() == 2
 
 
 def test_unknown_label_needs_new_label(lstore: Store) -> None:
     shirt = _ids(lstore, "shirt")
     with lstore.writing(), pytest.raises(InvalidInputError, match="unknown label 'sneakr'.*--new-label"):
         set_labels(lstore, shirt[:1], "sneakr")
-    assert history(lstore.catalog.engine) == []
+    assert lstore.catalog.label_history() == []
     with lstore.writing():
         set_labels(lstore, shirt[:1], "t-shirt", superclass="tops", new_label=True)
     assert _labels(lstore)[shirt[0]] == ("t-shirt", "tops")
@@ -83,13 +83,13 @@ def test_undo_and_refusals(lstore: Store) -> None:
             undo(lstore, [first])
         back, = undo(lstore, [second])
     assert _labels(lstore)[sandal[0]] == ("sneaker", "footwear")
-    newest = history(lstore.catalog.engine, sandal[0])[0]
+    newest = lstore.catalog.label_history(sandal[0])[0]
     assert newest.id == back and newest.undoes == second and newest.source == "undo"
     r = fs("labels", "undo", str(second))  # undone already: the undo is the later change
     assert r.exit_code == 1 and f"overwritten by change {back}" in r.output
     r = fs("labels", "undo", str(back), str(first))  # undo the undo, then the first change: all in one go
     assert r.exit_code == 1 and f"change {first} of image {sandal[0]} was overwritten" in r.output
-    assert label_version(lstore.catalog.engine) == back  # refused as a whole: nothing written
+    assert lstore.catalog.label_version() == back  # refused as a whole: nothing written
     r = fs("labels", "undo", "99")
     assert r.exit_code == 1 and "unknown label change '99'" in r.output
 
@@ -176,7 +176,7 @@ def test_import_failing_midway_writes_nothing(lstore: Store, tmp_path: Path) -> 
 
     with lstore.writing(), pytest.raises(OSError, match="injected"):
         import_labels(lstore, path, before_each=fail_at_third)
-    assert _labels(lstore) == before and history(lstore.catalog.engine) == []
+    assert _labels(lstore) == before and lstore.catalog.label_history() == []
 
 
 _KILLED_IMPORT = """
@@ -213,7 +213,7 @@ def test_killed_import_leaves_none_of_its_rows(lstore: Store, tmp_path: Path) ->
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert _labels(lstore) == before and history(lstore.catalog.engine) == []
+    assert _labels(lstore) == before and lstore.catalog.label_history() == []
     with lstore.writing():  # the kernel released the killed writer's lock
         assert len(import_labels(lstore, path)[0]) == 4  # (PostgreSQL's sequence skips the rolled-back ids)
     assert {lb for i, (lb, _) in _labels(lstore).items() if i in shirt} == {"sandal"}
@@ -225,4 +225,4 @@ def test_writers_are_serialised_by_the_store_lock(lstore: Store, monkeypatch: py
     with lstore.writing():
         r = fs("labels", "set", "--id", str(shirt[0]), "sandal")
     assert r.exit_code == 1 and r.output.startswith("Error: store is busy")
-    assert history(lstore.catalog.engine) == []
+    assert lstore.catalog.label_history() == []

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from sqlalchemy import func, insert, select, update
 
-from featurestore.catalog import repository as repo
-from featurestore.catalog import versions
 from featurestore.catalog.readonly import ReadOnlyCatalog, where_is_cacheable
 from featurestore.catalog.schema import Dataset, DatasetMember, Image, IngestError
 from featurestore.config import Settings
@@ -89,9 +87,9 @@ def counting(monkeypatch: pytest.MonkeyPatch, calls: Counter[str], owner: Any, n
 
 def test_counter_moves_with_every_write_a_search_reads(store: Store) -> None:
     def moved(write: Callable[[], object]) -> bool:
-        before = versions.current(store.engine)
+        before = store.catalog.catalog_version()
         write()
-        return versions.current(store.engine) > before
+        return store.catalog.catalog_version() > before
 
     ids = np.empty(0, dtype=np.int64)
 
@@ -156,8 +154,9 @@ def test_compiled_filter_bitmap() -> None:
 def test_second_search_asks_the_catalog_once(vset, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat, _ = vset
     calls: Counter[str] = Counter()
-    for owner, name in ((versions, "set_snapshot"), (versions, "rows_at_version"), (repo, "index_state"),
-                        (repo, "get_index"), (repo, "live_shards"), (ReadOnlyCatalog, "image_ids_where"),
+    cat = type(store.catalog)
+    for owner, name in ((cat, "set_snapshot"), (cat, "rows_at_version"), (cat, "index_state"),
+                        (cat, "get_index"), (cat, "live_shards"), (ReadOnlyCatalog, "image_ids_where"),
                         (type(store.catalog), "feature_set"), (type(store.catalog), "image_paths_labels")):
         counting(monkeypatch, calls, owner, name)
     where = "label IN ('class1', 'class2', 'class3')"

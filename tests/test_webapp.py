@@ -23,7 +23,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 from webapp_support import build_store, class_image
 
-from featurestore.catalog.repository import ImageFilter, browse_page, count_images, image_file
+from featurestore.catalog.repository import ImageFilter
 from featurestore.cli.main import app as cli_app
 from featurestore.config import Settings
 from featurestore.features.pixels import PixelsExtractor
@@ -130,15 +130,15 @@ def test_grid_filters_by_label_and_pages_by_keyset(client: TestClient, store_pat
 
 def test_grid_run_filters(client: TestClient, store_path: Path) -> None:
     with Store.open(Settings(store=store_path)) as store:
-        engine = store.engine
-        wrong = browse_page(engine, ImageFilter(run=1, correct=False)).tiles
+        catalog = store.catalog
+        wrong = catalog.browse_page(ImageFilter(run=1, correct=False)).tiles
         assert {t.id for t in wrong} == {27, 30, 33}  # the three "odd" images of dataset later
         assert all(t.correct is False and t.predicted != t.label for t in wrong)
-        assert count_images(engine, ImageFilter(run=1, correct=True)) == 30
-        assert count_images(engine, ImageFilter(run=1, held_out=True)) == 9
-        low = browse_page(engine, ImageFilter(run=1, below=0.999)).tiles
+        assert catalog.count_images(ImageFilter(run=1, correct=True)) == 30
+        assert catalog.count_images(ImageFilter(run=1, held_out=True)) == 9
+        low = catalog.browse_page(ImageFilter(run=1, below=0.999)).tiles
         assert all(t.probability is not None and t.probability < 0.999 for t in low)
-        assert count_images(engine, ImageFilter(dataset="later", label="shirt", run=1, predicted="sneaker")) == 1
+        assert catalog.count_images(ImageFilter(dataset="later", label="shirt", run=1, predicted="sneaker")) == 1
     html = client.get("/ui/browse", params={"run": 1, "correct": "no"}).text
     assert _tile_ids(html) == [27, 30, 33] and html.count('class="tile bad"') == 3
     assert "pick one" in _html_error(client.get("/ui/browse", params={"correct": "no"}), 422)
@@ -268,7 +268,7 @@ def test_thumbnail_endpoint_caches_and_revalidates(store_path: Path, tmp_path: P
         assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
         assert Image.open(io.BytesIO(r.content)).size == (20, 60)
         with Store.open(Settings(store=store_path)) as store:
-            found = image_file(store.engine, image_id)
+            found = store.catalog.image_file(image_id)
         assert found is not None and sha
         cached = thumbnail_path(store_path, found.sha256, 128)
         assert cached.read_bytes() == r.content

@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 from webapp_support import CHROMIUM, CHROMIUM_ARGS, build_store, serving
 
-from featurestore.catalog.labels import history, reviewed
 from featurestore.config import Settings
 from featurestore.http.app import create_app
 from featurestore.pipelines.labels import audit_labels
@@ -73,7 +72,7 @@ def test_queue_read_only_shows_evidence_and_refuses_writes(store_path: Path) -> 
         assert c.get("/ui/audit?run=1").status_code == 400  # a run without out-of-fold probabilities
         assert "--folds" in c.get("/ui/audit?run=1").text
     with Store.open(Settings(store=store_path)) as store:
-        assert history(store.engine) == []
+        assert store.catalog.label_history() == []
 
 
 def test_queue_without_kfold_run(tmp_path: Path) -> None:
@@ -102,11 +101,11 @@ def test_queue_decisions_land_in_history(store_path: Path) -> None:
             c.post("/ui/audit", data={"run": 4, "image_id": flagged[1], "action": "right"}, headers=AUTH)
             assert f'data-image-id="{flagged[1]}"' not in c.get("/ui/audit?run=4", headers=AUTH).text
     with Store.open(Settings(store=store_path)) as store:
-        rows = history(store.engine)
+        rows = store.catalog.label_history()
         assert [(r.image_id, r.new_label, r.source) for r in rows] == [(flagged[0], suggested, "http")]
         assert rows[0].changed_by == "http token holder (127.0.0.1)"
         assert rows[0].reason == "review of run 4: suggestion accepted"
-        assert reviewed(store.engine, 4) == (set(flagged[1:2]))
+        assert store.catalog.reviewed(4) == (set(flagged[1:2]))
 
 
 @pytest.mark.browser
@@ -148,6 +147,6 @@ def test_review_keys_in_chromium(tmp_path: Path) -> None:
         browser.close()
     assert problems == []
     with Store.open(Settings(store=path)) as store:
-        rows = history(store.engine)
+        rows = store.catalog.label_history()
         assert [(str(r.image_id), r.new_label, r.source) for r in rows] == [(second, suggested, "http")]
-        assert {str(i) for i in reviewed(store.engine, 4)} == {first}
+        assert {str(i) for i in store.catalog.reviewed(4)} == {first}

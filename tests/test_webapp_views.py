@@ -24,7 +24,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 from webapp_support import add_fixed_test_runs, build_store
 
-from featurestore.catalog.repository import ImageFilter, browse_page, matching_ids
+from featurestore.catalog.repository import ImageFilter
 from featurestore.cli.main import app as cli_app
 from featurestore.config import Settings
 from featurestore.http.app import create_app
@@ -82,16 +82,16 @@ def _walk(client: TestClient, url: str) -> list[int]:
 
 def test_fixed_test_run_views_read_the_test_predictions(store_path: Path) -> None:
     with Store.open(Settings(store=store_path)) as store:
-        engine = store.engine
-        wrong = browse_page(engine, ImageFilter(run=4, correct=False)).tiles
+        catalog = store.catalog
+        wrong = catalog.browse_page(ImageFilter(run=4, correct=False)).tiles
         assert [t.id for t in wrong] == [27, 30, 33] and all(t.probability is None for t in wrong)
-        stored = browse_page(engine, ImageFilter(run=4, source="stored", correct=False, held_out=True)).tiles
+        stored = catalog.browse_page(ImageFilter(run=4, source="stored", correct=False, held_out=True)).tiles
         assert [t.id for t in stored] == [27, 30, 33] and all(t.probability is not None for t in stored)
         # Only A right / only B right: the McNemar counts' images.
-        assert matching_ids(engine, ImageFilter(run=4, versus=5, outcome="a_only")) == [25]
-        assert matching_ids(engine, ImageFilter(run=4, versus=5, outcome="b_only")) == []
-        assert matching_ids(engine, ImageFilter(run=5, versus=4, outcome="b_only")) == [25]
-        assert matching_ids(engine, ImageFilter(run=4, versus=5, outcome="neither")) == [27, 30, 33]
+        assert catalog.matching_ids(ImageFilter(run=4, versus=5, outcome="a_only")) == [25]
+        assert catalog.matching_ids(ImageFilter(run=4, versus=5, outcome="b_only")) == []
+        assert catalog.matching_ids(ImageFilter(run=5, versus=4, outcome="b_only")) == [25]
+        assert catalog.matching_ids(ImageFilter(run=4, versus=5, outcome="neither")) == [27, 30, 33]
 
 
 def test_compare_page_links_mcnemar_counts_and_pairs_classes(client: TestClient) -> None:
@@ -111,10 +111,10 @@ def test_sorted_views_page_through_every_image_once(client: TestClient, store_pa
         seen = _walk(client, f"/ui/browse?run=1&sort={sort}&size=4")
         assert sorted(seen) == every and len(seen) == 33, sort
     with Store.open(Settings(store=store_path)) as store:
-        tiles = browse_page(store.engine, ImageFilter(run=1, sort="confidence"), limit=33).tiles
+        tiles = store.catalog.browse_page(ImageFilter(run=1, sort="confidence"), limit=33).tiles
         probs = [t.probability for t in tiles]
         assert probs == sorted(probs, reverse=True)
-        margins = [t.margin for t in browse_page(store.engine, ImageFilter(run=1, sort="margin"), limit=33).tiles]
+        margins = [t.margin for t in store.catalog.browse_page(ImageFilter(run=1, sort="margin"), limit=33).tiles]
         assert margins == sorted(margins)
     shuffled = _walk(client, "/ui/browse?sort=random&seed=1&size=10")
     assert shuffled != every and sorted(shuffled) == every
@@ -288,32 +288,28 @@ def test_tsne_runs_in_the_background_and_one_write_does_not_hide_the_map(store_p
 def test_view_queries_on_each_catalog_backend(backend_url: str | None, tmp_path: Path) -> None:
     """The new SQL (JSON margin, the seeded hash order, test-set sources, outcomes, narrowed menus, saved
     selections, run notes) on SQLite and PostgreSQL alike."""
-    from featurestore.catalog.repository import count_images, facets
-    from featurestore.catalog.run_notes import run_names, set_run_note
-    from featurestore.catalog.run_outcomes import per_class_pair
-    from featurestore.catalog.selections import save_as_dataset
 
     store_path = build_store(tmp_path)
     add_fixed_test_runs(store_path)
     with Store.open(Settings(store=store_path)) as store:
-        engine = store.engine
+        catalog = store.catalog
         for sort in ("confidence", "margin", "random"):
             ids, after = [], None
             while True:
-                page = browse_page(engine, ImageFilter(run=1, sort=sort, seed=5), after=after, limit=7)
+                page = catalog.browse_page(ImageFilter(run=1, sort=sort, seed=5), after=after, limit=7)
                 ids += [t.id for t in page.tiles]
                 if not page.has_next:
                     break
                 after = page.last
             assert sorted(ids) == list(range(1, 34)), sort
-        assert count_images(engine, ImageFilter(run=4, correct=False)) == 3
-        assert matching_ids(engine, ImageFilter(run=4, versus=5, outcome="neither")) == [27, 30, 33]
-        assert [(c.label, c.images) for c in per_class_pair(engine, 4, 5)] == [("sandal", 3), ("shirt", 3),
+        assert catalog.count_images(ImageFilter(run=4, correct=False)) == 3
+        assert catalog.matching_ids(ImageFilter(run=4, versus=5, outcome="neither")) == [27, 30, 33]
+        assert [(c.label, c.images) for c in catalog.per_class_pair(4, 5)] == [("sandal", 3), ("shirt", 3),
                                                                                ("sneaker", 3)]
-        menus = facets(engine, None, ImageFilter(dataset="later", superclass="footwear"))
+        menus = catalog.facets(None, ImageFilter(dataset="later", superclass="footwear"))
         assert menus.labels == [("sandal", 3), ("sneaker", 3)]
         with store.writing():
-            assert save_as_dataset(engine, "picked", [3, 1, 2]) == 3
-            set_run_note(engine, 4, "named", "notes")
+            assert catalog.save_as_dataset("picked", [3, 1, 2]) == 3
+            catalog.set_run_note(4, "named", "notes")
         assert sorted(r[0] for r in store.select_images(dataset="picked")) == [1, 2, 3]
-        assert run_names(engine) == {4: "named"}
+        assert catalog.run_names() == {4: "named"}

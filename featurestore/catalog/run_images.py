@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from featurestore.catalog.common import Repository
 from featurestore.catalog.schema import RunImage, RunSplitImage
 
 _ROWS = 5_000  # rows per INSERT (bound parameters stay under SQLite's limit)
@@ -40,20 +41,23 @@ def insert_run_images(s: Session, run_id: int, images: RunImages) -> None:
         s.execute(insert(RunSplitImage), split_rows[start : start + _ROWS])
 
 
-def run_image_ids(engine: Engine, run_id: int) -> np.ndarray:
-    """Ids of the images run ``run_id`` was evaluated on, ascending (empty for runs recorded before 0010)."""
-    with engine.connect() as conn:
-        ids = conn.execute(select(RunImage.image_id).where(RunImage.run_id == run_id)
-                           .order_by(RunImage.image_id)).scalars().all()
-    return np.asarray(ids, dtype=np.int64)
+class RunImageSets(Repository):
+    """Which images each run used."""
 
+    def run_image_ids(self, run_id: int) -> np.ndarray:
+        """Ids of the images run ``run_id`` was evaluated on, ascending (empty for runs recorded before 0010)."""
+        with self.engine.connect() as conn:
+            ids = conn.execute(select(RunImage.image_id).where(RunImage.run_id == run_id)
+                               .order_by(RunImage.image_id)).scalars().all()
+        return np.asarray(ids, dtype=np.int64)
 
-def split_test_ids(engine: Engine, run_id: int) -> dict[int, np.ndarray]:
-    """Split number -> ids of its test images, ascending."""
-    with engine.connect() as conn:
-        rows = conn.execute(select(RunSplitImage.split, RunSplitImage.image_id).where(RunSplitImage.run_id == run_id)
-                            .order_by(RunSplitImage.split, RunSplitImage.image_id)).all()
-    out: dict[int, list[int]] = {}
-    for split, image_id in rows:
-        out.setdefault(int(split), []).append(int(image_id))
-    return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
+    def split_test_ids(self, run_id: int) -> dict[int, np.ndarray]:
+        """Split number -> ids of its test images, ascending."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(RunSplitImage.split, RunSplitImage.image_id)
+                                .where(RunSplitImage.run_id == run_id)
+                                .order_by(RunSplitImage.split, RunSplitImage.image_id)).all()
+        out: dict[int, list[int]] = {}
+        for split, image_id in rows:
+            out.setdefault(int(split), []).append(int(image_id))
+        return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}

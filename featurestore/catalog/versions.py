@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 
+from featurestore.catalog.common import Repository
 from featurestore.catalog.database import driver_rows
 from featurestore.catalog.schema import AnnIndex, CatalogVersion, FeatureSet, FeatureShard
 
@@ -56,56 +57,56 @@ class SetSnapshot:
     shards: tuple[ShardFacts, ...]
 
 
-def current(engine: Engine) -> int:
-    """The catalog's change counter now."""
-    with engine.connect() as conn:
-        return int(conn.execute(select(CatalogVersion.version).where(CatalogVersion.id == 1)).scalar_one())
+class Versions(Repository):
+    """The change counter and what a search caches against it."""
 
+    def catalog_version(self) -> int:
+        """The catalog's change counter now."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(CatalogVersion.version).where(CatalogVersion.id == 1)).scalar_one())
 
-def set_snapshot(engine: Engine, name: str) -> SetSnapshot | None:
-    """The counter, then the set ``name``'s row, index key and shards (None: no such set)."""
-    with engine.connect() as conn:
-        version = int(conn.execute(select(CatalogVersion.version).where(CatalogVersion.id == 1)).scalar_one())
-        row = conn.execute(select(FeatureSet.id, FeatureSet.kind, FeatureSet.dim, FeatureSet.dtype,
-                                  FeatureSet.params).where(FeatureSet.name == name)).first()
-        if row is None:
-            return None
-        fid = int(row[0])
-        idx = conn.execute(select(AnnIndex.id, AnnIndex.sha256, AnnIndex.params)
-                           .where(AnnIndex.feature_set_id == fid)).first()
-        shards = conn.execute(select(FeatureShard.id, FeatureShard.path, FeatureShard.rows)
-                              .where(FeatureShard.feature_set_id == fid).order_by(FeatureShard.id)).all()
-    key = None
-    if idx is not None:
-        params = idx[2] if isinstance(idx[2], str) else json.dumps(idx[2], sort_keys=True)
-        key = (int(idx[0]), str(idx[1]), params)
-    return SetSnapshot(version, fid, name, str(row[1]), int(row[2]), str(row[3]), dict(row[4] or {}), key,
-                       tuple(ShardFacts(int(i), str(p), int(n)) for i, p, n in shards))
+    def set_snapshot(self, name: str) -> SetSnapshot | None:
+        """The counter, then the set ``name``'s row, index key and shards (None: no such set)."""
+        with self.engine.connect() as conn:
+            version = int(conn.execute(select(CatalogVersion.version).where(CatalogVersion.id == 1)).scalar_one())
+            row = conn.execute(select(FeatureSet.id, FeatureSet.kind, FeatureSet.dim, FeatureSet.dtype,
+                                      FeatureSet.params).where(FeatureSet.name == name)).first()
+            if row is None:
+                return None
+            fid = int(row[0])
+            idx = conn.execute(select(AnnIndex.id, AnnIndex.sha256, AnnIndex.params)
+                               .where(AnnIndex.feature_set_id == fid)).first()
+            shards = conn.execute(select(FeatureShard.id, FeatureShard.path, FeatureShard.rows)
+                                  .where(FeatureShard.feature_set_id == fid).order_by(FeatureShard.id)).all()
+        key = None
+        if idx is not None:
+            params = idx[2] if isinstance(idx[2], str) else json.dumps(idx[2], sort_keys=True)
+            key = (int(idx[0]), str(idx[1]), params)
+        return SetSnapshot(version, fid, name, str(row[1]), int(row[2]), str(row[3]), dict(row[4] or {}), key,
+                           tuple(ShardFacts(int(i), str(p), int(n)) for i, p, n in shards))
 
+    def rows_at_version(self, image_ids: Sequence[int]) -> tuple[int, dict[int, tuple[str, str | None]]]:
+        """(the counter, image id -> (source path, label)) in one statement.
 
-def rows_at_version(engine: Engine, image_ids: Sequence[int]) -> tuple[int, dict[int, tuple[str, str | None]]]:
-    """(the counter, image id -> (source path, label)) in one statement.
+        Plain driver SQL: the only values rendered into it are integers. The
+        counter comes as the row whose image id is NULL (a ``UNION ALL``: both parts
+        are primary-key lookups, which a join ``ON i.id IN (...)`` was not in SQLite).
+        """
+        ids = ",".join(str(int(i)) for i in image_ids) or "NULL"
+        sql = ("SELECT version, NULL, NULL, NULL FROM catalog_version WHERE id = 1 UNION ALL "
+               f"SELECT NULL, id, source_path, label FROM images WHERE id IN ({ids})")
+        got = driver_rows(self.engine, sql)
+        version = next(int(v) for v, i, _, _ in got if i is None)
+        return version, {int(i): (str(p), lb) for _, i, p, lb in got if i is not None}
 
-    Plain driver SQL: the only values rendered into it are integers. The
-    counter comes as the row whose image id is NULL (a ``UNION ALL``: both parts
-    are primary-key lookups, which a join ``ON i.id IN (...)`` was not in SQLite).
-    """
-    ids = ",".join(str(int(i)) for i in image_ids) or "NULL"
-    sql = ("SELECT version, NULL, NULL, NULL FROM catalog_version WHERE id = 1 UNION ALL "
-           f"SELECT NULL, id, source_path, label FROM images WHERE id IN ({ids})")
-    got = driver_rows(engine, sql)
-    version = next(int(v) for v, i, _, _ in got if i is None)
-    return version, {int(i): (str(p), lb) for _, i, p, lb in got if i is not None}
-
-
-def vector_location(engine: Engine, feature_set_id: int, image_id: int
-                    ) -> tuple[bool, tuple[str, int, str | None] | None]:
-    """(whether the image exists, (shard path, row, shard sha256) of its vector or None), in one statement."""
-    sql = ("SELECT i.id, s.path, r.\"row\", s.sha256 FROM images i LEFT JOIN feature_rows r ON r.image_id = i.id "
-           f"AND r.feature_set_id = {int(feature_set_id)} LEFT JOIN feature_shards s ON s.id = r.shard_id "
-           f"WHERE i.id = {int(image_id)}")
-    rows = driver_rows(engine, sql)
-    if not rows:
-        return False, None
-    got = rows[0]
-    return True, (None if got[1] is None else (str(got[1]), int(got[2]), got[3]))
+    def vector_location(self, feature_set_id: int, image_id: int
+                        ) -> tuple[bool, tuple[str, int, str | None] | None]:
+        """(whether the image exists, (shard path, row, shard sha256) of its vector or None), in one statement."""
+        sql = ("SELECT i.id, s.path, r.\"row\", s.sha256 FROM images i LEFT JOIN feature_rows r ON r.image_id = i.id "
+               f"AND r.feature_set_id = {int(feature_set_id)} LEFT JOIN feature_shards s ON s.id = r.shard_id "
+               f"WHERE i.id = {int(image_id)}")
+        rows = driver_rows(self.engine, sql)
+        if not rows:
+            return False, None
+        got = rows[0]
+        return True, (None if got[1] is None else (str(got[1]), int(got[2]), got[3]))

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from importlib import resources
 
 from featurestore import __version__
-from featurestore.catalog.repository import image_file
 from featurestore.errors import FeatureStoreError
 from featurestore.http import charts
 from featurestore.http.templating import render
@@ -26,7 +25,7 @@ MISSING = "data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAE
 
 
 def _thumbnail_uri(store: Store, image_id: int, size: int = 128) -> str:
-    found = image_file(store.engine, image_id)
+    found = store.catalog.image_file(image_id)
     if found is None:
         return MISSING
     try:

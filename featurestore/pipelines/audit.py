@@ -15,9 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.catalog import audits as findings_db
 from featurestore.catalog.audits import Finding
-from featurestore.catalog.run_images import run_image_ids, split_test_ids
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.io import quality
 from featurestore.io.thumbnails import thumbnail
@@ -79,12 +77,12 @@ def audit_leaks(store: Store, threshold: float, dataset: str | None = None, agai
     sides: list[tuple[str, np.ndarray, np.ndarray]]
     if run is not None:
         r = store.catalog.run(run)
-        ids = run_image_ids(store.engine, run)
+        ids = store.catalog.run_image_ids(run)
         if ids.size == 0:
             raise FeatureStoreError(f"run {run} was recorded before featurestore stored each split's images; "
                                     "evaluate it again to audit its splits")
         name = feature_set or r.group_features or default_feature_set(store, list(r.features))
-        tests = split_test_ids(store.engine, run)
+        tests = store.catalog.split_test_ids(run)
         sides = [(f"split {s}", ids[~np.isin(ids, test)], test) for s, test in tests.items()]
     else:
         assert dataset is not None
@@ -111,7 +109,7 @@ def audit_leaks(store: Store, threshold: float, dataset: str | None = None, agai
                                                           **({"run": run} if run is not None else {})},
                     other_image_id=x.b, feature_set=name) for x in leaks]
     with store.writing():
-        findings_db.replace_findings(store.engine, "leaks", ids.tolist(), rows)
+        store.catalog.replace_findings("leaks", ids.tolist(), rows)
     return LeakReport(leaks, name, threshold, grouping.method, grouping.seconds, int(ids.size), [grouping.note])
 
 
@@ -166,7 +164,7 @@ def audit_outliers(store: Store, feature_set: str, dataset: str | None = None, k
                      {**detail, "to_all": r.to_all, "to_class": r.to_class}, feature_set=fs.name)
              for r in rows if r.outlier]
     with store.writing():
-        findings_db.replace_findings(store.engine, "outliers", fm.image_ids.tolist(), found)
+        store.catalog.replace_findings("outliers", fm.image_ids.tolist(), found)
     return OutlierReport(rows, fs.name, k, s.fence_all, s.fence_class)
 
 
@@ -191,7 +189,7 @@ class PhotoReport:
 
 def audit_images(store: Store, dataset: str | None = None, progress: Progress | None = None) -> PhotoReport:
     """Blurred, dark, bright, near-constant, tiny and oddly shaped photos (:mod:`featurestore.io.quality`)."""
-    facts = findings_db.image_facts(store.engine, dataset)
+    facts = store.catalog.audit_facts(dataset)
     rows: list[PhotoRow] = []
     unreadable: list[tuple[str, str]] = []
     for n, f in enumerate(facts, start=1):
@@ -210,5 +208,5 @@ def audit_images(store: Store, dataset: str | None = None, progress: Progress | 
                              r.image_id))
     found = [Finding("images", r.kind, r.image_id, r.value, {"definition": r.definition}) for r in rows]
     with store.writing():
-        findings_db.replace_findings(store.engine, "images", [f.id for f in facts], found)
+        store.catalog.replace_findings("images", [f.id for f in facts], found)
     return PhotoReport(rows, len(facts), unreadable)

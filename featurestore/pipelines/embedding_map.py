@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.catalog.repository import live_image_ids, shard_fingerprint
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.io.atomic import write_bytes_atomic
 from featurestore.io.params import params_key
@@ -90,7 +89,7 @@ def _check(method: str, n: int) -> None:
 def cache_path(store: Store, feature_set: str, method: str, n: int, seed: int) -> str:
     """The cache file (relative to the store) of a map of the set as it is now."""
     fs = store.feature_set(feature_set)
-    shards = shard_fingerprint(store.engine, fs.id)
+    shards = store.catalog.shard_fingerprint(fs.id)
     version = 2 if method == "tsne" else 1  # 2: openTSNE, with what placing new images needs
     key = json.dumps({"set": fs.id, "params": fs.params, "shards": shards, "v": version}, sort_keys=True,
                      default=str)
@@ -288,7 +287,7 @@ def embedding_map(store: Store, feature_set: str, method: str = "pca", n: int = 
         except (OSError, KeyError, ValueError):
             pass
         t0 = time.perf_counter()
-        live = np.asarray(live_image_ids(store.engine, fs.id), dtype=np.int64)
+        live = np.asarray(store.catalog.live_image_ids(fs.id), dtype=np.int64)
         if live.size < 2:
             raise FeatureStoreError(f"feature set {fs.name} has {live.size} vector(s); a map needs at least 2")
         placed = _placed_map(store, fs, live, n, seed) if method == "tsne" else None

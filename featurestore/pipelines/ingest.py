@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featurestore.catalog.datasets import dataset_exists, drop_if_empty
-from featurestore.catalog.image_paths import record_moves
 from featurestore.catalog.repository import check_name
 from featurestore.catalog.schema import utcnow
 from featurestore.config import Settings
@@ -220,7 +218,7 @@ def ingest(
         )
     check_name("dataset", name)
     with store.catalog.session() as s:
-        created = not dataset_exists(s, name)
+        created = not store.catalog.dataset_exists(s, name)
         dataset_id = store.catalog.dataset_id(s, name, create=True)
     seen = _Seen()
     max_pixels = store.settings.max_image_pixels
@@ -247,7 +245,7 @@ def ingest(
                 progress(done, len(candidates))
     if created and not summary.image_ids:  # nothing readable (a FIFO, a broken file): no empty dataset left
         with store.catalog.session() as s:
-            drop_if_empty(s, dataset_id)
+            store.catalog.drop_if_empty(s, dataset_id)
     return summary
 
 
@@ -349,5 +347,5 @@ def _store_batch(store: Store, dataset_id: int, results: list, seen: _Seen, summ
             summary.new += len(new_rows)
         catalog.add_members(s, dataset_id, [(seen.ids[sha], path) for sha, path in joins], now)
         catalog.set_labels(s, {seen.ids[sha]: lab for sha, lab in relabel.items()})
-        record_moves(s, moves)
+        catalog.record_moves(s, moves)
         summary.image_ids.extend(seen.ids[sha] for sha in readable)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.catalog import labels as catalog_labels
 from featurestore.catalog.labels import LabelChangeRow, LaterChangeError, PlannedChange
 from featurestore.catalog.repository import check_ids
 from featurestore.errors import FeatureStoreError, ImageNotFoundError, InvalidInputError
@@ -69,7 +68,7 @@ def audit_labels(store: Store, run_id: int) -> LabelAudit:
     The labels judged are the ones the run saw (``run_oof.label``), not later corrections.
     """
     run = store.catalog.run(run_id)  # NotFoundError lists the runs
-    oof = catalog_labels.run_oof(store.catalog.engine, run_id)
+    oof = store.catalog.run_oof(run_id)
     if oof is None:
         raise NoOutOfFoldError(run_id)
     column = {c: j for j, c in enumerate(oof.classes)}
@@ -133,13 +132,13 @@ def set_labels(store: Store, image_ids: Sequence[int], label: str, superclass: s
     ids = check_ids(image_ids)
     if not ids:
         raise InvalidInputError("no images selected: give --id N (repeatable) or a --where condition that matches")
-    target = resolve_label(catalog_labels.known_labels(store.catalog.engine), label, superclass, new_label)
-    found = catalog_labels.current_labels(store.catalog.engine, ids)
+    target = resolve_label(store.catalog.known_labels(), label, superclass, new_label)
+    found = store.catalog.labels_of(ids)
     missing = [i for i in ids if i not in found]
     if missing:
         raise ImageNotFoundError(missing[0], f"{len(missing)} of the ids given do not exist; {FIND_IDS}")
     changes = [PlannedChange(i, target.label, target.superclass, reason) for i in dict.fromkeys(ids)]
-    return catalog_labels.apply_changes(store.catalog.engine, changes, changed_by or cli_user(), source)
+    return store.catalog.apply_changes(changes, changed_by or cli_user(), source)
 
 
 @dataclass(frozen=True)
@@ -166,14 +165,14 @@ def plan_import(store: Store, path: Path, new_label: bool = False) -> ImportPlan
     rows = list(csv.reader(io.StringIO(text)))
     if rows and rows[0] and rows[0][0].strip().lower() in ("image", "image_id", "id", "path"):
         rows = [[]] + rows[1:]  # keep line numbers
-    engine = store.catalog.engine
-    known = catalog_labels.known_labels(engine)
+    catalog = store.catalog
+    known = catalog.known_labels()
     lines = [(n, row) for n, row in enumerate(rows, start=1) if row and any(c.strip() for c in row)]
     for n, row in lines:
         if len(row) < 2 or len(row) > 4:
             raise InvalidInputError(f"{path} line {n}: expected image,label[,reason[,superclass]], "
                                     f"got {','.join(row)!r}")
-    found = catalog_labels.resolve_images(engine, [_ref(row[0]) for _, row in lines])
+    found = catalog.resolve_images([_ref(row[0]) for _, row in lines])
     wanted: list[tuple[int, int, str, str | None, str | None]] = []  # line, image id, label, reason, superclass
     for n, row in lines:
         where = f"{path} line {n}: "
@@ -192,7 +191,7 @@ def plan_import(store: Store, path: Path, new_label: bool = False) -> ImportPlan
             raise InvalidInputError(f"{path} line {n}: image {image_id} is already relabelled on line "
                                     f"{seen[image_id]}; keep one row per image")
         seen[image_id] = n
-    current = catalog_labels.current_labels(engine, [w[1] for w in wanted])
+    current = catalog.labels_of([w[1] for w in wanted])
     changes = [PlannedChange(i, lb, sc, reason) for _, i, lb, reason, sc in wanted if current[i] != (lb, sc)]
     return ImportPlan(changes, len(wanted) - len(changes))
 
@@ -209,7 +208,7 @@ def import_labels(store: Store, path: Path, new_label: bool = False, changed_by:
                   before_each: Callable[[int], None] | None = None) -> tuple[list[int], int]:
     """Apply a label CSV: every row or none (one transaction). Returns (change ids, rows already so)."""
     plan = plan_import(store, path, new_label)
-    ids = catalog_labels.apply_changes(store.catalog.engine, plan.changes, changed_by or cli_user(), "import",
+    ids = store.catalog.apply_changes(plan.changes, changed_by or cli_user(), "import",
                                        before_each)
     return ids, plan.unchanged
 
@@ -220,7 +219,7 @@ def history(store: Store, image_id: int | None = None, limit: int | None = None)
         check_ids([image_id])
         if not store.catalog.image_exists(image_id):
             raise ImageNotFoundError(image_id, FIND_IDS)
-    return catalog_labels.history(store.catalog.engine, image_id, limit)
+    return store.catalog.label_history(image_id, limit)
 
 
 def undo(store: Store, change_ids: Sequence[int], changed_by: str | None = None, source: str = "undo"
@@ -230,11 +229,11 @@ def undo(store: Store, change_ids: Sequence[int], changed_by: str | None = None,
     Refused (nothing written) when a later change of the same image overwrote
     one of them: :class:`LaterChangeError` names the later change.
     """
-    engine = store.catalog.engine
+    catalog = store.catalog
     planned = []
     for cid in dict.fromkeys(check_ids(change_ids, "change id")):
-        row = catalog_labels.change(engine, cid)
-        later = catalog_labels.later_change(engine, row)
+        row = catalog.label_change(cid)
+        later = catalog.later_label_change(row)
         if later is not None:
             raise LaterChangeError(row.id, row.image_id, later)
         if row.old_label is None:
@@ -242,4 +241,4 @@ def undo(store: Store, change_ids: Sequence[int], changed_by: str | None = None,
                                     "be made unlabelled again, set the right label with `fs labels set`")
         planned.append(PlannedChange(row.image_id, row.old_label, row.old_superclass, f"undo of change {row.id}",
                                      undoes=row.id))
-    return catalog_labels.apply_changes(engine, planned, changed_by or cli_user(), source)
+    return catalog.apply_changes(planned, changed_by or cli_user(), source)

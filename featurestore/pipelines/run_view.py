@@ -23,11 +23,6 @@ from featurestore.catalog.repository import (
     PredictionCoverage,
     RunFacts,
     SplitRow,
-    confident_mistakes,
-    confusion_counts,
-    prediction_coverage,
-    run_facts,
-    run_splits,
 )
 from featurestore.catalog.schema import Run
 from featurestore.pipelines.train import get_run
@@ -89,12 +84,12 @@ def run_view(store: Store, run_id: int, held_out_only: bool = False, mistakes: i
         ``source`` is "test" and the run has no test-set predictions.
     """
     run = get_run(store, run_id)
-    facts = run_facts(store.engine, run.id)
+    facts = store.catalog.run_facts(run.id)
     kind = facts.source(source)
     held = held_out_only and kind == "stored"
-    confusion = Confusion.from_counts(confusion_counts(store.engine, facts, held, kind))
-    stored = prediction_coverage(store.engine, facts, "stored") if kind == "test" else None
-    coverage = prediction_coverage(store.engine, facts, kind)
-    return RunView(run, facts, run_splits(store.engine, run.id), confusion, coverage, held,
-                   confident_mistakes(store.engine, facts, mistakes, held, kind) if mistakes else [], kind,
+    confusion = Confusion.from_counts(store.catalog.confusion_counts(facts, held, kind))
+    stored = store.catalog.prediction_coverage(facts, "stored") if kind == "test" else None
+    coverage = store.catalog.prediction_coverage(facts, kind)
+    return RunView(run, facts, store.catalog.run_splits(run.id), confusion, coverage, held,
+                   store.catalog.confident_mistakes(facts, mistakes, held, kind) if mistakes else [], kind,
                    (stored or coverage).stored)

@@ -23,7 +23,7 @@ import scipy
 import sklearn
 
 from featurestore import __version__
-from featurestore.catalog.labels import label_version, oof_rows
+from featurestore.catalog.labels import oof_rows
 from featurestore.catalog.run_images import RunImages
 from featurestore.catalog.schema import Run
 from featurestore.errors import FeatureStoreError, InvalidInputError
@@ -324,7 +324,7 @@ def _summary(found: DuplicateGroups, y: np.ndarray | None, labels: np.ndarray | 
 
 def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepared:
     """Assemble the features and cut the splits: repeated random ones, or one fixed train/test split."""
-    version = label_version(store.catalog.engine)  # under the store lock: no label changes while we read
+    version = store.catalog.label_version()  # under the store lock: no label changes while we read
     if cfg.test_dataset is None:
         fm = _load_matrix(store, cfg, features)
         y, superclass_of = _targets(fm, cfg.target)

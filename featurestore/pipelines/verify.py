@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featurestore.catalog import repository as repo
 from featurestore.errors import IntegrityError
 from featurestore.io.verified import check_file
 from featurestore.shards import check_shard
@@ -130,7 +129,7 @@ def verify(store: Store, feature_set: str | None = None, progress: Progress | No
 def _verify_files(store: Store, set_ids: set[int], everything: bool, report: VerifyReport) -> None:
     """Check index files (of ``set_ids``) and, when ``everything``, run artifacts and model checkpoints."""
     todo: list[tuple[str, str, str, str | None]] = [
-        ("index", r.feature_set, r.path, r.sha256) for r in repo.list_indexes(store.engine)
+        ("index", r.feature_set, r.path, r.sha256) for r in store.catalog.list_indexes()
         if r.feature_set_id in set_ids]
     if everything:
         todo += [("artifact", f"run {r.id}", r.artifact_path, r.artifact_sha256) for r in store.catalog.runs()
@@ -162,7 +161,7 @@ def drop_damaged_indexes(store: Store, problems: Sequence[FileProblem]) -> list[
         if p.kind != "index":
             continue
         fs = store.feature_set(p.owner)
-        rel = repo.drop_index(store.engine, fs.id)
+        rel = store.catalog.drop_index(fs.id)
         if rel is not None:
             path = store.root / rel
             if path.is_symlink() or not path.is_dir():

@@ -11,7 +11,7 @@ index does not cover, compiled filters, exact subsets of filtered rows).
 
 How it stays correct: :func:`featurestore.search.service.search` runs on the
 cached state, then fetches the hits' paths and labels together with the
-counter in one statement (:func:`featurestore.catalog.versions.rows_at_version`).
+counter in one statement (:meth:`featurestore.catalog.versions.Versions.rows_at_version`).
 If the counter moved since the state was read, the state is dropped and the
 search runs again on a fresh one; so a write committed before a search finished
 is seen by it, and a search costs one catalog round trip when nothing changed.
@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.catalog import versions
 from featurestore.catalog.versions import SetSnapshot
 
 # Compiled filters kept per set (least recently used dropped first).
@@ -154,7 +153,7 @@ class SearchCache:
         self._lock = threading.Lock()
         self._states: dict[str, SetState] = {}
 
-    def state(self, engine: Any, name: str, handle: Callable[[SetSnapshot], Any],
+    def state(self, catalog: Any, name: str, handle: Callable[[SetSnapshot], Any],
               missing: Callable[[], Any]) -> SetState:
         """The cached state of set ``name``, read from the catalog when there is none.
 
@@ -164,7 +163,7 @@ class SearchCache:
             hit = self._states.get(name)
         if hit is not None:
             return hit
-        snap = versions.set_snapshot(engine, name)
+        snap = catalog.set_snapshot(name)
         if snap is None:
             missing()
             raise AssertionError(f"no feature set {name!r}")  # missing() raises

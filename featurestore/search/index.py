@@ -56,7 +56,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featurestore.catalog import repository as repo
 from featurestore.catalog.repository import IndexChangedError, IndexRecord, LiveShard
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError, NotFoundError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp, sha256_file
@@ -212,8 +211,8 @@ class IndexStatus:
 def list_indexes(store: Store, verify: bool = False) -> list[IndexStatus]:
     """Every index with its coverage; ``verify`` also re-hashes each file against the catalog's sha256."""
     out = []
-    for record in repo.list_indexes(store.engine):
-        shards = [s for s in repo.live_shards(store.engine, record.feature_set_id) if s.live]
+    for record in store.catalog.list_indexes():
+        shards = [s for s in store.catalog.live_shards(record.feature_set_id) if s.live]
         covered = set(record.shard_ids)
         uncovered = [s for s in shards if s.id not in covered]
         ok = None
@@ -310,12 +309,12 @@ def build_index(
     started = time.perf_counter()
     report = progress or _no_progress
     fs = store.feature_set(feature_set)
-    current = repo.get_index(store.engine, fs.id)
+    current = store.catalog.get_index(fs.id)
     base = IndexParams.from_json(current.params) if current is not None else IndexParams()
     given: dict[str, Any] = {"metric": metric, "dtype": dtype, "connectivity": connectivity,
                              "expansion_add": expansion_add, "expansion_search": expansion_search}
     params = replace(base, **{k: v for k, v in given.items() if v is not None}).check()
-    shards = [s for s in repo.live_shards(store.engine, fs.id) if s.live]
+    shards = [s for s in store.catalog.live_shards(fs.id) if s.live]
     if not shards:
         raise InvalidInputError(f"feature set {fs.name!r} has no vectors yet: extract them first (`fs extract`)")
     plan = _plan_build(store, current, base, params, shards, rebuild)
@@ -323,7 +322,7 @@ def build_index(
         assert current is not None
         if plan.action == "updated":
             with store.writing():
-                repo.update_params(store.engine, current.id, params.to_json())
+                store.catalog.update_params(current.id, params.to_json())
         return BuildReport(fs.name, plan.action, plan.reason, params, current.vectors, 0, 0,
                            time.perf_counter() - started, store.root / current.path, current.bytes)
 
@@ -435,7 +434,7 @@ def _live_ids(store: Store, shard: LiveShard) -> np.ndarray:
     if shard.live == shard.rows:
         ids, _ = read_shard(store.root / shard.path, shard.sha256)  # rows are whole-shard: the file's own ids
         return ids
-    return repo.shard_live_rows(store.engine, shard.id)[0]
+    return store.catalog.live_rows_of_shard(shard.id)[:, 0]
 
 
 def _read_live(store: Store, shard: LiveShard) -> tuple[np.ndarray, np.ndarray]:
@@ -443,7 +442,7 @@ def _read_live(store: Store, shard: LiveShard) -> tuple[np.ndarray, np.ndarray]:
     path = store.root / shard.path
     if shard.live == shard.rows:
         return read_shard(path, shard.sha256)
-    ids, rows = repo.shard_live_rows(store.engine, shard.id)
+    ids, rows = store.catalog.live_rows_of_shard(shard.id).T
     _, vecs = read_selected(path, rows, shard.sha256)
     return ids, np.asarray(vecs, dtype=np.float32)
 
@@ -455,7 +454,7 @@ def _read_shards(store: Store, shards: Sequence[LiveShard]
         try:
             ids, vecs = _read_live(store, shard)
         except IntegrityError:
-            if repo.shard_exists(store.engine, shard.id):
+            if store.catalog.shard_exists(shard.id):
                 raise
             yield shard, None, None  # its rows moved to a newer shard, which stays uncovered
             continue
@@ -479,8 +478,8 @@ def _save_and_register(store: Store, fs: FeatureSet, current: IndexRecord | None
             index.save(str(tmp))
             digest, nbytes = sha256_file(tmp), tmp.stat().st_size
         try:
-            old = repo.replace_index(
-                store.engine, fs.id, current.id if current is not None else None, params=params.to_json(),
+            old = store.catalog.replace_index(
+                fs.id, current.id if current is not None else None, params=params.to_json(),
                 vectors=len(index), shard_ids=covered, nbytes=nbytes, sha256=digest,
                 path=str(final.relative_to(store.root)))
         except IndexChangedError as exc:
@@ -501,9 +500,9 @@ def drop_index(store: Store, feature_set: str) -> Path:
     """Unregister a feature set's index and delete its file (returns the file's path)."""
     fs = store.feature_set(feature_set)
     with store.writing():
-        rel = repo.drop_index(store.engine, fs.id)
+        rel = store.catalog.drop_index(fs.id)
         if rel is None:
-            raise IndexNotFoundError(fs.name, [r.feature_set for r in repo.list_indexes(store.engine)])
+            raise IndexNotFoundError(fs.name, [r.feature_set for r in store.catalog.list_indexes()])
         (store.root / rel).unlink(missing_ok=True)
     _forget(store, fs.id)
     return store.root / rel
@@ -517,7 +516,7 @@ def remove_orphans(store: Store) -> list[Path]:
     root = store.root / FOLDER
     if not root.is_dir():
         return []
-    keep = {(store.root / p).resolve() for p in repo.registered_paths(store.engine)}
+    keep = {(store.root / p).resolve() for p in store.catalog.registered_paths()}
     removed = []
     for folder in root.iterdir():
         if not folder.is_dir():
@@ -625,14 +624,14 @@ def _current(store: Store, fs: FeatureSet, cached: SetState | None = None) -> _S
             shards = cached.remember("shards", lambda: [LiveShard(sh.id, sh.path, sh.rows, sh.rows)
                                                         for sh in cached.snapshot.shards])
         else:
-            key, shards = repo.index_state(store.engine, fs.id)
+            key, shards = store.catalog.index_state(fs.id)
         if key is None:
             return None
         with cache.lock:
             hit = cache.opened.get(int(fs.id))
         if hit is not None and hit.key == key:
             return _State(hit.record, hit, shards)
-        record = repo.get_index(store.engine, fs.id)
+        record = store.catalog.get_index(fs.id)
         if record is None:
             continue
         if hit is not None and (hit.record.id, hit.record.sha256) == (record.id, record.sha256):
@@ -643,7 +642,7 @@ def _current(store: Store, fs: FeatureSet, cached: SetState | None = None) -> _S
         try:
             opened = _view(store, fs, record, key)
         except IntegrityError:
-            if attempt or repo.get_index(store.engine, fs.id) == record:
+            if attempt or store.catalog.get_index(fs.id) == record:
                 raise
             continue
         with cache.lock:
@@ -753,7 +752,7 @@ def _coverage(store: Store, fs: FeatureSet, covered: set[int], shards: list[Live
     stale = bool(covered - {s.id for s in shards})
     if not new:
         return [], stale
-    counted = repo.live_shards(store.engine, fs.id, count=new)
+    counted = store.catalog.live_shards(fs.id, count=new)
     return [s for s in counted if s.id not in covered and s.live], stale
 
 
@@ -784,7 +783,7 @@ def _candidate_filter(store: Store, fs: FeatureSet, covered: set[int], excl: np.
         if allowed is not None:
             mask &= allowed.allows(keys)
         if check_live and mask.any():
-            loc = repo.locate(store.engine, fs.id, keys[mask])
+            loc = store.catalog.locate(fs.id, keys[mask])
             ok_ids = loc[np.isin(loc[:, 1], list(covered)), 0]
             mask &= np.isin(keys, ok_ids)
         return mask
@@ -849,8 +848,8 @@ def _filtered_exact(store: Store, fs: FeatureSet, shards: list[LiveShard], allow
 def _subset_index(store: Store, fs: FeatureSet, ids: np.ndarray, metric: str) -> VectorIndex:
     """The live vectors of the images ``ids`` (those that have one) in an in-memory exact index."""
     for attempt in range(2):
-        loc = repo.locate(store.engine, fs.id, ids)
-        paths = {s.id: store.root / s.path for s in repo.live_shards(store.engine, fs.id, count=[])}
+        loc = store.catalog.locate(fs.id, ids)
+        paths = {s.id: store.root / s.path for s in store.catalog.live_shards(fs.id, count=[])}
         try:
             got_ids, blocks = [], []
             bounds = np.flatnonzero(np.r_[True, loc[1:, 1] != loc[:-1, 1], True]) if len(loc) else [0]
@@ -870,8 +869,8 @@ def _exact_subset(store: Store, fs: FeatureSet, ids: np.ndarray, q: np.ndarray, 
                   excl: np.ndarray) -> list[Hit]:
     """Exact top-``k`` among the rows of ``ids`` only, read from their shards."""
     for attempt in range(2):
-        loc = repo.locate(store.engine, fs.id, ids)
-        shards = {s.id: s for s in repo.live_shards(store.engine, fs.id, count=[])}
+        loc = store.catalog.locate(fs.id, ids)
+        shards = {s.id: s for s in store.catalog.live_shards(fs.id, count=[])}
 
         def chunks(loc: np.ndarray = loc, shards: dict[int, LiveShard] = shards
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -934,7 +933,7 @@ def duplicate_groups_indexed(
         return None
     record, opened = state.record, state.opened
     report = progress or _no_progress
-    shards = [s for s in repo.live_shards(store.engine, fs.id) if s.live]
+    shards = [s for s in store.catalog.live_shards(fs.id) if s.live]
     covered = set(record.shard_ids)
     uncovered = [s for s in shards if s.id not in covered]
     allowed = None if allowed_ids is None else np.unique(np.asarray(allowed_ids, dtype=np.int64))

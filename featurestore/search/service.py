@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image as PILImage
 
-from featurestore.catalog import versions
 from featurestore.errors import (
     DimensionMismatchError,
     FeatureStoreError,
@@ -179,7 +178,7 @@ def stored_vector(store: Store, feature_set: str | FeatureSet, image_id: int) ->
     image_id = int(image_id)
     # Typed errors (HTTP answers 404 / 409 by type); both are also InvalidInputError.
     exists, loc = (False, None) if not 1 <= image_id <= 2**63 - 1 else \
-        versions.vector_location(store.engine, fs.id, image_id)
+        store.catalog.vector_location(fs.id, image_id)
     if not exists:
         raise ImageNotFoundError(image_id, 'list ids with `fs sql "SELECT id, source_path, label FROM images"`')
     if loc is None:
@@ -299,11 +298,11 @@ def search(
         except (FeatureStoreError, OSError):
             # A write since the state was cached (a compacted shard, a rebuilt index, a dropped set)
             # fails like damage would: look again on the catalog as it is now before reporting it.
-            if last or versions.current(store.engine) == state.version:
+            if last or store.catalog.catalog_version() == state.version:
                 raise
             cache.drop(feature_set, state)
             continue
-        version, rows = versions.rows_at_version(store.engine, [h.image_id for h in hits])
+        version, rows = store.catalog.rows_at_version([h.image_id for h in hits])
         if version == state.version or last:
             return Found(_results(rows, hits, metric, methods), method, note)
         cache.drop(feature_set, state)  # the catalog changed during or before this search: again, on it as it is

@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 
-from featurestore.catalog import labels as catalog_labels
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.http.access import require_page_access, writes_allowed
 from featurestore.http.routes.ui import MAX_ID, PageRoute, Svc, _page
@@ -40,8 +39,8 @@ def caller(request: Request) -> str:
 
 def _queue(svc: Any, run: int) -> tuple[list[AuditRow], Any]:
     audit = audit_labels(svc.store, run)
-    done = catalog_labels.reviewed(svc.store.engine, run)
-    current = catalog_labels.current_labels(svc.store.engine, [r.image_id for r in audit.rows if r.flagged])
+    done = svc.store.catalog.reviewed(run)
+    current = svc.store.catalog.labels_of([r.image_id for r in audit.rows if r.flagged])
     # flagged, not marked right, and not relabelled since the run (its label is still the one judged)
     todo = [r for r in audit.rows if r.flagged and r.image_id not in done
             and current.get(r.image_id, (None,))[0] == r.label]
@@ -60,7 +59,7 @@ def audit_page(request: Request, svc: Svc, run: RunId | None = None,
     """The next flagged image of ``run`` (after ``skip`` skipped ones), with its evidence and the review keys.
     Without ``run``: the newest run that kept out-of-fold probabilities."""
     if run is None:
-        runs = catalog_labels.oof_runs(svc.store.engine)
+        runs = svc.store.catalog.oof_runs()
         if not runs:
             return _page(request, "audit.html", "audit", run=None, item=None)
         run = runs[0]
@@ -107,7 +106,7 @@ def audit_decide(request: Request, svc: Svc, run: Annotated[int, Form(ge=1, le=M
             set_labels(svc.store, [image_id], (label or "").strip(), reason=f"review of run {run}: picked",
                        changed_by=who, source="http")
         elif action == "right":
-            catalog_labels.mark_reviewed(svc.store.engine, run, image_id, item.label, who)
+            svc.store.catalog.mark_reviewed(run, image_id, item.label, who)
         else:
             raise InvalidInputError(f"action must be accept, pick or right, not {action!r}")
     return RedirectResponse(f"/ui/audit?{urlencode({'run': run, 'skip': skip})}", status_code=303)

@@ -7,8 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 
-from featurestore.catalog import audits
-from featurestore.catalog import repository as q
 from featurestore.http.access import require_page_access
 from featurestore.http.routes.ui import PageRoute, Svc, _page
 
@@ -18,9 +16,9 @@ router = APIRouter(include_in_schema=False, route_class=PageRoute, dependencies=
 @router.get("/ui/leaks")
 def leaks_page(request: Request, svc: Svc, size: Annotated[int, Query(ge=1, le=500)] = 100) -> HTMLResponse:
     """The most similar near-duplicate pairs of the last `fs audit leaks`, with both thumbnails."""
-    engine = svc.store.engine
-    pairs = audits.findings(engine, kind="leak", limit=size, highest_first=True)
-    labels = q.labels_of(engine, [i for f in pairs for i in (f.image_id, f.other_image_id) if i is not None])
+    catalog = svc.store.catalog
+    pairs = catalog.findings(kind="leak", limit=size, highest_first=True)
+    labels = catalog.labels_of([i for f in pairs for i in (f.image_id, f.other_image_id) if i is not None])
     rows = [{"a": f.image_id, "b": f.other_image_id, "similarity": f.score, "where": f.detail.get("where", ""),
              "a_label": labels.get(f.image_id, (None, None))[0],
              "b_label": labels.get(f.other_image_id or 0, (None, None))[0]} for f in pairs]

@@ -12,7 +12,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from featurestore.catalog import repository as q
-from featurestore.catalog.selections import paths_of
 from featurestore.http.access import paths_visible
 from featurestore.http.deps import Authenticated, StoreDep
 from featurestore.http.views import VIEW_KEYS, parse_view, query, whole
@@ -34,9 +33,9 @@ def browse(request: Request, store: StoreDep,
            ) -> dict[str, Any]:
     """Images matching the grid's filters, in its order, one page at a time (follow ``next`` for the rest)."""
     view = parse_view({k: request.query_params.get(k) for k in VIEW_KEYS})
-    page = q.browse_page(store.engine, view.filter, after=whole(str(after) if after else None, "after"),
+    page = store.catalog.browse_page(view.filter, after=whole(str(after) if after else None, "after"),
                          limit=limit)
-    paths = paths_of(store.engine, [t.id for t in page.tiles]) if paths_visible(request) else {}
+    paths = store.catalog.paths_of([t.id for t in page.tiles]) if paths_visible(request) else {}
     nxt = f"/v1/browse?{query({**view.params, 'limit': limit, 'after': page.last})}" if page.has_next else None
-    return {"count": q.count_images(store.engine, view.filter), "view": view.params,
+    return {"count": store.catalog.count_images(view.filter), "view": view.params,
             "images": [tile_record(t, paths.get(t.id)) for t in page.tiles], "next": nxt}

@@ -20,7 +20,7 @@ from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from featurestore.catalog.repository import ImageFile, image_file
+from featurestore.catalog.repository import ImageFile
 from featurestore.errors import ImageNotFoundError
 from featurestore.http.deps import Authenticated, get_settings, get_store
 from featurestore.http.schemas import ErrorOut
@@ -58,7 +58,7 @@ MEDIA_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _catalogued(request: Request, image_id: int) -> ImageFile:
-    found = image_file(get_store(request).engine, image_id)
+    found = get_store(request).catalog.image_file(image_id)
     if found is None:
         raise ImageNotFoundError(image_id)
     return found

@@ -42,9 +42,6 @@ from starlette.exceptions import HTTPException
 
 from featurestore import __version__
 from featurestore.catalog import repository as q
-from featurestore.catalog.run_notes import run_names, run_note, set_run_note
-from featurestore.catalog.run_outcomes import per_class_pair, test_prediction_counts
-from featurestore.catalog.selections import paths_of, save_as_dataset
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.http import charts
@@ -249,15 +246,15 @@ _facets_cache: dict[tuple[int, q.ImageFilter], tuple[float, q.Facets]] = {}
 _facets_lock = threading.Lock()
 
 
-def _facets(engine: Any, f: q.ImageFilter) -> q.Facets:
+def _facets(catalog: Any, f: q.ImageFilter) -> q.Facets:
     """The grid's filter menus narrowed to the view, recomputed at most every FACETS_TTL seconds per view."""
-    key = (id(engine), q.ImageFilter(**{**f.__dict__, "sort": "id", "seed": 0}))
+    key = (id(catalog), q.ImageFilter(**{**f.__dict__, "sort": "id", "seed": 0}))
     now = time.monotonic()
     with _facets_lock:
         hit = _facets_cache.get(key)
     if hit is not None and now - hit[0] < FACETS_TTL:
         return hit[1]
-    fresh = q.facets(engine, f.run, key[1])
+    fresh = catalog.facets(f.run, key[1])
     with _facets_lock:
         if len(_facets_cache) >= FACETS_KEPT:
             _facets_cache.clear()
@@ -271,7 +268,7 @@ def _view_of(request: Request) -> View:
 
 def _run_labels(svc: Any) -> dict[int, str]:
     """What the run menus say of each run: id, name, features, classifier and its datasets."""
-    names = run_names(svc.store.engine)
+    names = svc.store.catalog.run_names()
     out = {}
     for r in list_runs(svc.store):
         data = f" on {r.dataset}" if r.dataset else ""
@@ -293,18 +290,19 @@ def browse_page(request: Request, svc: Svc, after: TEXT = None, before: TEXT = N
     view = _view_of(request)
     f = view.filter
     limit = _int(size, "page size", 1, 500) or 100
-    engine = svc.store.engine
-    page = q.browse_page(engine, f, after=_int(after, "after"), before=_int(before, "before"), at=_int(at, "at"),
+    catalog = svc.store.catalog
+    page = catalog.browse_page(f, after=_int(after, "after"), before=_int(before, "before"), at=_int(at, "at"),
                          limit=limit)
     filters = {**{k: view.params.get(k) for k in VIEW_KEYS}, "size": limit if limit != 100 else None}
     prev_url = f"?{_query({**filters, 'before': page.first})}" if page.has_prev else None
     next_url = f"?{_query({**filters, 'after': page.last})}" if page.has_next else None
-    run = q.run_facts(engine, f.run) if f.run is not None else None
-    return _page(request, "browse.html", "browse", page=page, filters=filters, count=q.count_images(engine, f),
-                 facets=_facets(engine, f), prev_url=prev_url, next_url=next_url, page_sizes=PAGE_SIZES,
+    run = catalog.run_facts(f.run) if f.run is not None else None
+    return _page(request, "browse.html", "browse", page=page, filters=filters, count=catalog.count_images(f),
+                 facets=_facets(catalog, f), prev_url=prev_url, next_url=next_url, page_sizes=PAGE_SIZES,
                  limit=limit, first_url=f"?{_query(filters)}" if page.has_prev else None, view=view,
                  run=run, source=run.source(f.source) if run else None, run_labels=_run_labels(svc),
-                 focus=_int(at, "at"), sorts=q.SORTS, findings=q.FINDING_KINDS, tested=test_prediction_counts(engine),
+                 focus=_int(at, "at"), sorts=q.SORTS, findings=q.FINDING_KINDS,
+                 tested=catalog.prediction_counts(test=True),
                  saved=_int(request.query_params.get("saved"), "saved", 0), selection=f.ids,
                  unselected="?" + _query({k: v for k, v in view.params.items() if k != "selection"}))
 
@@ -317,8 +315,8 @@ def _rows(svc: Any, request: Request, view: View) -> Iterator[dict[str, Any]]:
     visible = paths_visible(request)
     after = None
     while True:
-        page = q.browse_page(svc.store.engine, view.filter, after=after, limit=q.MAX_PAGE)
-        paths = paths_of(svc.store.engine, [t.id for t in page.tiles]) if visible else {}
+        page = svc.store.catalog.browse_page(view.filter, after=after, limit=q.MAX_PAGE)
+        paths = svc.store.catalog.paths_of([t.id for t in page.tiles]) if visible else {}
         for t in page.tiles:
             yield tile_record(t, paths.get(t.id))
         if not page.has_next:
@@ -362,9 +360,9 @@ async def save_selection(request: Request, svc: Svc) -> Response:
     values = {k: str(form.get(k) or "") or None for k in VIEW_KEYS}
     view = parse_view(values)
     name = str(form.get("name") or "").strip()
-    ids = q.matching_ids(svc.store.engine, view.filter)
+    ids = svc.store.catalog.matching_ids(view.filter)
     with svc.store.writing():
-        count = save_as_dataset(svc.store.engine, name, ids)
+        count = svc.store.catalog.save_as_dataset(name, ids)
     return RedirectResponse(f"/ui/browse?{_query({'dataset': name, 'saved': count})}", status_code=303)
 
 
@@ -391,7 +389,7 @@ def _top(entries: list[Any]) -> list[tuple[str, float]]:
 
 def _predictions(svc: Any, image_id: int, sets: list[str]) -> list[dict[str, Any]]:
     """Each run's top-5 for the image: its stored row, or its model applied to the stored vectors now."""
-    stored = q.image_predictions(svc.store.engine, image_id)
+    stored = svc.store.catalog.image_predictions(image_id)
     out, live = [], 0
     for run in reversed(list_runs(svc.store)):
         item: dict[str, Any] = {"run": run, "top": [], "source": "", "note": ""}
@@ -459,11 +457,11 @@ def image_step(request: Request, svc: Svc, image_id: Annotated[int, PathParam(ge
     view = _view_of(request)
     if to not in ("prev", "next"):
         raise InvalidInputError("to must be prev or next")
-    engine = svc.store.engine
+    catalog = svc.store.catalog
     if to == "next":
-        tiles = q.browse_page(engine, view.filter, after=image_id, limit=1).tiles
+        tiles = catalog.browse_page(view.filter, after=image_id, limit=1).tiles
     else:
-        tiles = q.browse_page(engine, view.filter, before=image_id, limit=1).tiles
+        tiles = catalog.browse_page(view.filter, before=image_id, limit=1).tiles
     if not tiles:
         return RedirectResponse(f"/ui/images/{image_id}?{_query({**view.params, 'end': to})}", status_code=303)
     suffix = f"?{view.query}" if view.query else ""
@@ -498,7 +496,7 @@ def image_page(request: Request, svc: Svc,
 
 
 def _search_choices(svc: Any) -> dict[str, Any]:
-    facets = _facets(svc.store.engine, q.ImageFilter())
+    facets = _facets(svc.store.catalog, q.ImageFilter())
     return {"feature_sets": [fs.name for fs in svc.store.feature_sets()],
             "model_runs": [r for r in reversed(list_runs(svc.store)) if r.artifact_path],
             "labels": [lb for lb, _ in facets.labels], "datasets": facets.datasets}
@@ -571,7 +569,7 @@ def search_form(request: Request, svc: Svc, upload: TEXT = None, image: TEXT = N
         if image is not None:
             image_id = _int(image, "image")
             assert image_id is not None
-            found = q.image_file(svc.store.engine, image_id)
+            found = svc.store.catalog.image_file(image_id)
             if found is None:
                 raise HTTPException(404, f"no image with id {image_id} in the catalog")
             try:
@@ -663,9 +661,9 @@ def search_upload(request: Request, svc: Svc, file: Annotated[UploadFile | None,
 def runs_page(request: Request, svc: Svc) -> HTMLResponse:
     """The runs table (as `fs runs`); tick two to compare them."""
     runs = list(reversed(list_runs(svc.store)))
-    splits = {r.id: rows[0] for r in runs if r.test_dataset and (rows := q.run_splits(svc.store.engine, r.id))}
-    return _page(request, "runs.html", "runs", runs=runs, predictions=q.prediction_counts(svc.store.engine),
-                 names=run_names(svc.store.engine), splits=splits)
+    splits = {r.id: rows[0] for r in runs if r.test_dataset and (rows := svc.store.catalog.run_splits(r.id))}
+    return _page(request, "runs.html", "runs", runs=runs, predictions=svc.store.catalog.prediction_counts(),
+                 names=svc.store.catalog.run_names(), splits=splits)
 
 
 @pages.get("/ui/runs/{run_id}")
@@ -686,7 +684,7 @@ def run_page(request: Request, svc: Svc, run_id: Annotated[int, PathParam(ge=1, 
         return "/ui/browse?" + _query({**base, truth_param: truth, "predicted": predicted})
 
     sort = "confidence" if view.source_kind == "stored" else None
-    return _page(request, "run.html", "runs", view=view, note=run_note(svc.store.engine, run_id),
+    return _page(request, "run.html", "runs", view=view, note=svc.store.catalog.run_note(run_id),
                  saved=bool(_text(request.query_params.get("saved"))),
                  split_chart=charts.split_bars([("test accuracy", [s.test_accuracy for s in view.splits])],
                                                f"run {run_id}: test accuracy per split"),
@@ -705,7 +703,7 @@ def save_run_notes(request: Request, svc: Svc, run_id: Annotated[int, PathParam(
         raise HTTPException(403, "this server does not accept edits: it needs `fs serve --allow-writes`, "
                                  "FS_API_TOKEN, and you logged in; or use `fs runs name`")
     with svc.store.writing():
-        set_run_note(svc.store.engine, run_id, name, notes)
+        svc.store.catalog.set_run_note(run_id, name, notes)
     return RedirectResponse(f"/ui/runs/{run_id}?saved=1#run-notes", status_code=303)
 
 
@@ -732,9 +730,9 @@ def compare_page(request: Request, svc: Svc, run: Annotated[list[str] | None, Qu
     except FeatureStoreError as exc:
         test, refusal = None, str(exc)
     labels = _run_labels(svc)
-    series = [(f"A = run {a}", [s.test_accuracy for s in q.run_splits(svc.store.engine, a)]),
-              (f"B = run {b}", [s.test_accuracy for s in q.run_splits(svc.store.engine, b)])]
-    pairs = per_class_pair(svc.store.engine, a, b, ra.target) if test is not None and test.kind == "mcnemar" else []
+    series = [(f"A = run {a}", [s.test_accuracy for s in svc.store.catalog.run_splits(a)]),
+              (f"B = run {b}", [s.test_accuracy for s in svc.store.catalog.run_splits(b)])]
+    pairs = svc.store.catalog.per_class_pair(a, b, ra.target) if test is not None and test.kind == "mcnemar" else []
 
     def outcome(which: str) -> str:
         return "/ui/browse?" + _query({"run": a, "source": "test", "versus": b, "outcome": which})
@@ -776,7 +774,7 @@ def map_page(request: Request, svc: Svc, features: TEXT = None, method: TEXT = N
     """
     labels = _run_labels(svc)
     runs = [(r.id, labels[r.id]) for r in reversed(list_runs(svc.store))]
-    datasets = _facets(svc.store.engine, q.ImageFilter()).datasets
+    datasets = _facets(svc.store.catalog, q.ImageFilter()).datasets
     try:
         params = _map_params(svc, features, method, n, color, run, dataset, scope)
     except InvalidInputError as exc:
@@ -801,23 +799,23 @@ def _map_query(params: dict[str, Any], **extra: Any) -> str:
 
 def _map_colours(svc: Any, ids: np.ndarray, color: str, run: int | None
                  ) -> tuple[list[str], list[tuple[str, str]], list[str]]:
-    info = q.labels_of(svc.store.engine, ids.tolist())
+    info = svc.store.catalog.labels_of(ids.tolist())
     if color in ("label", "superclass"):
         k = 0 if color == "label" else 1
         values = [info.get(int(i), (None, None))[k] for i in ids]
         colours, legend = charts.colour_for(values)
         return colours, legend, ["" if v is None else v for v in values]
     assert run is not None
-    facts = q.run_facts(svc.store.engine, run)
+    facts = svc.store.catalog.run_facts(run)
     source = facts.source()
     if source == "test":  # a fixed-test run: its test-set predictions (the predictions table may be empty)
         preds: dict[int, tuple[str, float | None]] = {}
         for part in range(0, len(ids), q.MAX_PAGE):
             chunk = tuple(int(i) for i in ids[part:part + q.MAX_PAGE])
-            tiles = q.browse_page(svc.store.engine, q.ImageFilter(run=run, ids=chunk), limit=q.MAX_PAGE)
+            tiles = svc.store.catalog.browse_page(q.ImageFilter(run=run, ids=chunk), limit=q.MAX_PAGE)
             preds.update((t.id, (str(t.predicted), None)) for t in tiles.tiles)
     else:
-        preds = dict(q.run_predictions_of(svc.store.engine, run, ids.tolist()))
+        preds = dict(svc.store.catalog.run_predictions_of(run, ids.tolist()))
     kind = "test-set" if source == "test" else "stored"
     colours, captions = [], []
     for i in ids.tolist():
@@ -844,7 +842,7 @@ def _restrict(svc: Any, emap: Any, params: dict[str, Any]) -> tuple[np.ndarray, 
         members = svc.store.catalog.image_ids_where(dataset=params["dataset"])
         keep &= np.isin(ids, members)
     if params["scope"] == "run":
-        predicted = np.asarray(q.matching_ids(svc.store.engine, q.ImageFilter(run=params["run"])), dtype=np.int64)
+        predicted = np.asarray(svc.store.catalog.matching_ids(q.ImageFilter(run=params["run"])), dtype=np.int64)
         keep &= np.isin(ids, predicted)
     return ids[keep], xy[keep]
 
