@@ -92,9 +92,6 @@ def oof_rows(image_ids: Sequence[int] | np.ndarray, folds: Sequence[int] | np.nd
             for i, f, lb, row in zip(image_ids, folds, labels, np.asarray(probabilities), strict=True)]
 
 
-# -- reviews (web app review queue) ----------------------------------------------------------------
-
-
 class Labels(Repository):
     """Queries on label changes, reviews and out-of-fold probabilities."""
 
