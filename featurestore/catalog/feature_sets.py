@@ -11,7 +11,7 @@ from sqlalchemy import Connection, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from featurestore.catalog.common import CHUNK, Repository, chunks
-from featurestore.catalog.schema import FeatureRow, FeatureSet, FeatureShard, Image
+from featurestore.catalog.schema import FeatureRow, FeatureSet, FeatureShard
 from featurestore.errors import NotFoundError
 
 
@@ -49,8 +49,9 @@ class FeatureSets(Repository):
     """Queries on feature sets, their shards and the rows that point into them."""
 
     def feature_set(self, name: str) -> FeatureSet:
+        """The feature set named ``name``; NotFoundError (listing the others) when there is none."""
         with self.session() as s:
-            fs = s.scalar(select(FeatureSet).where(FeatureSet.name == name))
+            fs = self.find_feature_set(s, name)
             if fs is None:
                 names = list(s.scalars(select(FeatureSet.name)))
                 raise NotFoundError(
@@ -86,10 +87,6 @@ class FeatureSets(Repository):
         with self.session() as s:
             fs_id = s.scalar(select(FeatureSet.id).where(FeatureSet.name == feature_set))
         return set() if fs_id is None else set(self.live_image_ids(int(fs_id)))
-
-    def all_image_ids(self) -> list[int]:
-        with self.session() as s:
-            return [int(i) for i in s.scalars(select(Image.id).order_by(Image.id))]
 
     def has_vector(self, feature_set_id: int, image_id: int) -> bool:
         with self.engine.connect() as conn:

@@ -117,6 +117,10 @@ class Images(Repository):
         with self.session() as s:
             return int(s.scalar(select(func.count(Image.id))) or 0)
 
+    def all_image_ids(self) -> list[int]:
+        with self.session() as s:
+            return [int(i) for i in s.scalars(select(Image.id).order_by(Image.id))]
+
     def image_exists(self, image_id: int) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(select(Image.id).where(Image.id == int(image_id))).first() is not None

@@ -39,6 +39,13 @@ class IndexRecord:
     created_at: datetime
 
 
+def index_key(row: Sequence[Any]) -> tuple[int, str, str]:
+    """``(id, sha256, params as JSON text)`` of an index row read as (id, sha256, params): what a search compares
+    to tell whether its loaded index is still the registered one (PostgreSQL returns JSON decoded, SQLite as text)."""
+    params = row[2] if isinstance(row[2], str) else json.dumps(row[2], sort_keys=True)
+    return int(row[0]), str(row[1]), params
+
+
 def _select() -> Any:
     return select(*AnnIndex.__table__.columns, FeatureSet.name.label("feature_set_name")).join(
         FeatureSet, FeatureSet.id == AnnIndex.feature_set_id)
@@ -83,9 +90,8 @@ class Indexes(Repository):
                 shards = cur.fetchall()
             finally:
                 cur.close()
-        params = row[2] if isinstance(row[2], str) else json.dumps(row[2], sort_keys=True)
         live = [LiveShard(int(i), str(p), int(n), int(n), h) for i, p, n, h in shards]
-        return (int(row[0]), str(row[1]), params), live
+        return index_key(row), live
 
     def list_indexes(self) -> list[IndexRecord]:
         """Every registered index, by feature set name."""

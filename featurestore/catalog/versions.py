@@ -17,7 +17,6 @@ catalog round trip, and sees a write committed before it finished.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from sqlalchemy import select
 
 from featurestore.catalog.common import Repository
 from featurestore.catalog.database import driver_rows
+from featurestore.catalog.indexes import index_key
 from featurestore.catalog.schema import AnnIndex, CatalogVersion, FeatureSet, FeatureShard
 
 
@@ -78,10 +78,7 @@ class Versions(Repository):
                                .where(AnnIndex.feature_set_id == fid)).first()
             shards = conn.execute(select(FeatureShard.id, FeatureShard.path, FeatureShard.rows)
                                   .where(FeatureShard.feature_set_id == fid).order_by(FeatureShard.id)).all()
-        key = None
-        if idx is not None:
-            params = idx[2] if isinstance(idx[2], str) else json.dumps(idx[2], sort_keys=True)
-            key = (int(idx[0]), str(idx[1]), params)
+        key = None if idx is None else index_key(idx)
         return SetSnapshot(version, fid, name, str(row[1]), int(row[2]), str(row[3]), dict(row[4] or {}), key,
                            tuple(ShardFacts(int(i), str(p), int(n)) for i, p, n in shards))
 
