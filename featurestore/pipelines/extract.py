@@ -138,7 +138,7 @@ def plan_extract(store: Store, extractors: list[Extractor], *, replace: bool, da
     if not extractors:
         raise InvalidInputError("nothing to extract: give --rp K, --pixels WxH, --lowlevel or --model NAME")
     images = store.select_images(dataset=dataset, image_ids=image_ids)
-    path_of = {r[0]: r[1] for r in images}
+    path_of = {r.id: r.source_path for r in images}
     all_ids = list(path_of)
     work: list[Work] = []
     sets: dict[str, FeatureSetHandle] = {}
