@@ -45,7 +45,7 @@ class ImageRow(NamedTuple):
     superclass: str | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeatureMatrix:
     """Feature sets assembled into one aligned matrix (rows = images, in id order)."""
 
@@ -195,8 +195,12 @@ def read_images(root: Path, engine: Engine, fs: RegisteredSet, image_ids: Sequen
             got_ids, blocks = [], []
             bounds = np.flatnonzero(np.r_[True, loc[1:, 1] != loc[:-1, 1], True]) if len(loc) else [0]
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                shard = shards[int(loc[a, 1])]
-                blocks.append(read_span_rows(root / shard.path, loc[a:b, 2], window, shard.sha256))
+                shard, rows = shards[int(loc[a, 1])], loc[a:b, 2]
+                if len(rows) <= 32:  # one point selection touches only their chunks
+                    vecs = read_selected(root / shard.path, rows, shard.sha256)[1]
+                else:
+                    vecs = read_span_rows(root / shard.path, rows, window, shard.sha256)
+                blocks.append(np.asarray(vecs, dtype=np.float32))
                 got_ids.append(loc[a:b, 0])
             break
         except (IntegrityError, KeyError):
