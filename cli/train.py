@@ -278,10 +278,10 @@ def predict(
                     ids += summary.image_ids
             else:
                 rows = store.select_images(dataset=dataset)
-                ids = [r[0] for r in rows if not unlabelled or r[2] is None]
+                ids = [r.id for r in rows if not unlabelled or r.label is None]
             with common.progress("featurize") as tick:
                 out = run_predict(store, run, ids, batch_size=batch, progress=tick)
-            paths_of = {r[0]: r[1] for r in store.select_images(image_ids=[r["image_id"] for r in out.rows])}
+            paths_of = {r.id: r.source_path for r in store.select_images(image_ids=[r["image_id"] for r in out.rows])}
     finally:
         store.close()
     for fp, reason in out.skipped:

@@ -17,14 +17,14 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from featurestore.config import Settings
-    from featurestore.store import FeatureSet, Store
+    from featurestore.store import FeatureSetHandle, Store
 
-__all__ = ["FeatureSet", "Settings", "Store", "__version__", "connect"]
+__all__ = ["FeatureSetHandle", "Settings", "Store", "__version__", "connect"]
 
 # Loaded on first use (PEP 562), so `import featurestore.cli.main` for `fs --help` does not pay for
 # numpy, SQLAlchemy and pydantic, and the `fs` entry point can catch Ctrl-C while they load;
 # `featurestore.Store` and `from featurestore import Store` work as before.
-_LAZY = {"Settings": "featurestore.config", "Store": "featurestore.store", "FeatureSet": "featurestore.store"}
+_LAZY = {"Settings": "featurestore.config", "Store": "featurestore.store", "FeatureSetHandle": "featurestore.store"}
 
 
 def __getattr__(name: str) -> Any:

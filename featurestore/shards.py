@@ -267,16 +267,17 @@ def read_selected(path: Path, rows: np.ndarray, sha256: str | None = None) -> tu
         raise _open_error(path, exc) from None
 
 
-def read_span_rows(path: Path, rows: np.ndarray, window: int = 16_384) -> np.ndarray:
+def read_span_rows(path: Path, rows: np.ndarray, window: int = 16_384, sha256: str | None = None) -> np.ndarray:
     """The vectors at ``rows`` (ascending, no repeats) of one shard, read as contiguous slices.
 
     Rows close together are read as one slice of at most ``window`` rows (HDF5
     reads whole chunks anyway), so memory stays bounded by the window however
     large the shard, and scattered rows never fall back to reading the whole shard.
+    With ``sha256`` the file is first checked against it, like every other read.
     """
     sel = np.asarray(rows, dtype=np.int64)
     try:
-        with h5py.File(path, "r") as fh:
+        with _open(path, sha256) if sha256 is not None else h5py.File(path, "r") as fh:
             ds = fh["vectors"]
             out = np.empty((len(sel), ds.shape[1]), dtype=np.float32)
             i = 0

@@ -29,13 +29,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from sqlalchemy.orm import Session
 
+from featurestore import vectors
 from featurestore.catalog import database
 from featurestore.catalog.repository import Catalog, check_name
 from featurestore.catalog.schema import FeatureSet as FeatureSetRow
@@ -54,7 +54,8 @@ from featurestore.io.atomic import is_temp
 from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
 from featurestore.io.verified import digest_written
-from featurestore.shards import place, read_rows_into, read_shard, remove_orphans, write_shard
+from featurestore.shards import remove_orphans, write_shard
+from featurestore.vectors import FeatureMatrix, ImageRow, RegisteredSet, ShardPart
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -64,36 +65,32 @@ if TYPE_CHECKING:
     from featurestore.search import service as search_service
     from featurestore.search.cache import SearchCache, SetState
     from featurestore.search.kernel import VectorIndex
+    from featurestore.search.service import Query
 
 
-@dataclass(frozen=True)
-class ShardPart:
-    """The live rows of one shard: all ``live`` rows when ``rows`` is None, else these (with their ids)."""
+class SetCoverage(NamedTuple):
+    """One feature set's coverage (:meth:`Store.coverage`): images with a readable vector, shards present."""
 
-    path: Path
-    live: int
-    ids: np.ndarray | None
-    rows: np.ndarray | None
-    sha256: str | None = None  # of the file's bytes, as the catalog recorded them
-
-
-@dataclass
-class FeatureMatrix:
-    """Feature sets assembled into one aligned matrix (rows = images, in id order)."""
-
-    image_ids: np.ndarray
-    X: np.ndarray
-    blocks: dict[str, tuple[int, int]]
-    labels: np.ndarray
-    superclasses: np.ndarray
-    paths: list[str] = field(default_factory=list)
+    name: str
+    kind: str
+    dim: int
+    images: int
+    shards: int
 
 
-class FeatureSet:
+class Compacted(NamedTuple):
+    """What :meth:`Store.compact` did to one feature set."""
+
+    feature_set: str
+    shards_merged: int
+    rows: int
+
+
+class FeatureSetHandle:
     """A handle on one stored feature set: its catalog facts plus ``read`` and ``search``.
 
     ``name``, ``kind``, ``dim``, ``dtype``, ``params`` and ``id`` are those the
-    catalog records.
+    catalog records (its catalog row is :class:`featurestore.catalog.schema.FeatureSet`).
     """
 
     def __init__(self, store: Store, row: FeatureSetRow | SetSnapshot):
@@ -106,7 +103,7 @@ class FeatureSet:
         self.params: dict[str, Any] = dict(row.params or {})
 
     def __repr__(self) -> str:
-        return f"FeatureSet({self.name!r}, kind={self.kind!r}, dim={self.dim})"
+        return f"FeatureSetHandle({self.name!r}, kind={self.kind!r}, dim={self.dim})"
 
     def read(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(image_ids, vectors)``: every stored vector, or those of ``ids`` (in id order)."""
@@ -115,7 +112,7 @@ class FeatureSet:
         fm = self._store.read_matrix([self.name], image_ids=ids, skip_missing=True)
         return fm.image_ids, fm.X
 
-    def search(self, query: Any, k: int = 10, *, where: str | None = None, metric: str = "cosine",
+    def search(self, query: Query, k: int = 10, *, where: str | None = None, metric: str = "cosine",
                **kwargs: Any) -> list[search_service.SearchResult]:
         """The ``k`` stored images nearest to ``query`` (an image id, a vector, an image path or a PIL image).
 
@@ -271,17 +268,17 @@ class Store:
         dataset: str | None = None,
         labelled_only: bool = False,
         image_ids: Sequence[int] | None = None,
-    ) -> list[tuple[int, str, str | None, str | None]]:
+    ) -> list[ImageRow]:
         """(id, source_path, label, superclass) of the selected images, by id."""
-        return self.catalog.image_rows(dataset, labelled_only, image_ids, ids_only=False)
+        return [ImageRow(*r) for r in self.catalog.image_rows(dataset, labelled_only, image_ids, ids_only=False)]
 
     # -- feature sets ----------------------------------------------------------------
-    def feature_sets(self) -> list[FeatureSet]:
-        return [FeatureSet(self, row) for row in self.catalog.feature_sets()]
+    def feature_sets(self) -> list[FeatureSetHandle]:
+        return [FeatureSetHandle(self, row) for row in self.catalog.feature_sets()]
 
-    def feature_set(self, name: str) -> FeatureSet:
+    def feature_set(self, name: str) -> FeatureSetHandle:
         """The stored feature set ``name`` (:class:`NotFoundError` lists the existing ones)."""
-        return FeatureSet(self, self.catalog.feature_set(name))
+        return FeatureSetHandle(self, self.catalog.feature_set(name))
 
     def search_state(self, name: str) -> SetState:
         """What a search of set ``name`` caches (its facts and compiled filters), valid at one catalog version.
@@ -289,10 +286,10 @@ class Store:
         The state is reused without asking the catalog; the search checks the
         catalog's change counter when it is done (see :mod:`featurestore.search.cache`).
         """
-        return self.search_cache.state(self.catalog, name, lambda snap: FeatureSet(self, snap),
+        return self.search_cache.state(self.catalog, name, lambda snap: FeatureSetHandle(self, snap),
                                        lambda: self.feature_set(name))
 
-    def ensure_feature_set(self, spec: FeatureSpec, replace: bool = False) -> FeatureSet:
+    def ensure_feature_set(self, spec: FeatureSpec, replace: bool = False) -> FeatureSetHandle:
         """Register ``spec`` or check it matches what is stored. Call under :meth:`writing`.
 
         With ``replace`` an existing set of that name is dropped first; its
@@ -316,7 +313,7 @@ class Store:
             else:
                 row = self.catalog.add_feature_set(s, spec.name, spec.kind, params, spec.dim, spec.dtype)
         self._discard_files(spec.name, dropped)
-        return FeatureSet(self, row)
+        return FeatureSetHandle(self, row)
 
     def drop_feature_set(self, name: str) -> None:
         """Delete a feature set: catalog first, then its files. Call under :meth:`writing`."""
@@ -343,7 +340,7 @@ class Store:
         ids = image_ids if image_ids is not None else self.catalog.all_image_ids()
         return [int(i) for i in ids if int(i) not in have]
 
-    def append_vectors(self, feature_set: FeatureSet, image_ids: Sequence[int] | np.ndarray,
+    def append_vectors(self, feature_set: RegisteredSet, image_ids: Sequence[int] | np.ndarray,
                        vectors: np.ndarray | list[np.ndarray], session: Session | None = None,
                        runtime: str | None = None) -> Path:
         """Write one shard and register it with its rows in one transaction. Call under :meth:`writing`.
@@ -365,7 +362,7 @@ class Store:
         return self._write_and_register(feature_set, np.asarray(image_ids, dtype=np.int64), rows, session=session,
                                         runtime=runtime)
 
-    def _write_and_register(self, fs: FeatureSet, ids: np.ndarray, vecs: np.ndarray | list[np.ndarray],
+    def _write_and_register(self, fs: RegisteredSet, ids: np.ndarray, vecs: np.ndarray | list[np.ndarray],
                             replaces: set[int] | None = None, session: Session | None = None,
                             runtime: str | None = None) -> Path:
         """Write a shard, then register it (taking over the ``replaces`` shards) in one transaction.
@@ -382,7 +379,7 @@ class Store:
             raise
         return path
 
-    def coverage(self) -> list[tuple[str, str, int, int, int]]:
+    def coverage(self) -> list[SetCoverage]:
         """(name, kind, dim, images with a readable vector, shards present) per feature set.
 
         Rows of a registered shard whose file is missing do not count (the next
@@ -390,7 +387,7 @@ class Store:
         """
         gone = [i for i, p in self.catalog.shard_refs().items() if not (self.root / p).is_file()]
         lost = self.catalog.rows_in_shards(gone) if gone else {}
-        return [(n, k, d, c - lost.get(n, (0, 0))[0], sh - lost.get(n, (0, 0))[1])
+        return [SetCoverage(n, k, d, c - lost.get(n, (0, 0))[0], sh - lost.get(n, (0, 0))[1])
                 for n, k, d, c, sh in self.catalog.coverage()]
 
     # -- reading -------------------------------------------------------------------
@@ -434,38 +431,21 @@ class Store:
         col = 0
         for fs in sets:
             cols = slice(col, col + fs.dim)
-            jobs += [(fs.id, part, cols) for part in self._plan(fs)]
+            jobs += [(part, cols, present[fs.id]) for part in self._plan(fs)]
             blocks[fs.name] = (col, col + fs.dim)
             col += fs.dim
-
-        def load(fs_id: int, part: ShardPart, cols: slice) -> None:
-            file_ids, block = read_shard(part.path, part.sha256)
-            if block.shape[1] != cols.stop - cols.start:
-                raise DimensionMismatchError(
-                    f"feature shard {part.path} has dim {block.shape[1]}, catalog says {cols.stop - cols.start}"
-                )
-            shard_ids, rows = (file_ids, np.arange(len(file_ids))) if part.rows is None else (part.ids, part.rows)
-            assert shard_ids is not None
-            if not len(ids):
-                return
-            pos = np.minimum(np.searchsorted(ids, shard_ids), len(ids) - 1)
-            hit = ids[pos] == shard_ids
-            if not hit.all():
-                pos, rows = pos[hit], rows[hit]
-            present[fs_id][pos] = True
-            place(X, block, pos, rows, cols)
 
         # HDF5 reads are serial (h5py holds a global lock) but numpy copies release the GIL:
         # two workers each read a shard and place it, so one copies while the other reads.
         # The images' paths and labels are fetched by a third thread meanwhile.
         with ThreadPoolExecutor(max_workers=3) as pool:
             meta = pool.submit(self.select_images, dataset, labelled_only, image_ids)
-            for future in [pool.submit(load, *job) for job in jobs]:
+            for future in [pool.submit(vectors.place_part, ids, part, X, cols, seen) for part, cols, seen in jobs]:
                 future.result()
             images = meta.result()
         if len(images) != len(ids):  # an ingest committed in between: keep the rows we placed
-            by_id = {r[0]: r for r in images}
-            images = [by_id.get(int(i), (int(i), "", None, None)) for i in ids]
+            by_id = {r.id: r for r in images}
+            images = [by_id.get(int(i), ImageRow(int(i), "", None, None)) for i in ids]
         keep = np.ones(len(ids), dtype=bool)
         for fs in sets:
             if not present[fs.id].all() and not skip_missing:
@@ -478,36 +458,19 @@ class Store:
         kept = [r for r, k in zip(images, keep, strict=True) if k]
         return FeatureMatrix(
             image_ids=ids[keep], X=X, blocks=blocks,
-            labels=np.array([r[2] for r in kept], dtype=object),
-            superclasses=np.array([r[3] for r in kept], dtype=object),
-            paths=[r[1] for r in kept],
+            labels=np.array([r.label for r in kept], dtype=object),
+            superclasses=np.array([r.superclass for r in kept], dtype=object),
+            paths=[r.source_path for r in kept],
         )
 
-    def _plan(self, fs: FeatureSet) -> list[ShardPart]:
-        """The live rows of each shard of a feature set, in shard order.
-
-        When the catalog points at every row of a shard (the normal case) ``ids``
-        and ``rows`` are None: the shard's own ``image_ids`` are used, which is much
-        faster than fetching one catalog row per vector.
-        """
-        counts = self.catalog.live_row_counts(fs.id)
-        plan: list[ShardPart] = []
-        for shard in self.catalog.shards(fs.id):
-            live = counts.get(shard.id, 0)
-            if live == shard.rows:
-                plan.append(ShardPart(self.root / shard.path, live, None, None, shard.sha256))
-            elif live:
-                rows = self.catalog.live_rows_of_shard(shard.id)
-                plan.append(ShardPart(self.root / shard.path, live, rows[:, 0], rows[:, 1], shard.sha256))
-        return plan
+    def _plan(self, fs: RegisteredSet) -> list[ShardPart]:
+        """The live rows of each shard of a feature set, in shard order (:func:`featurestore.vectors.live_parts`)."""
+        return vectors.live_parts(self.root, self.catalog, fs.id)
 
     def iter_shards(self, feature_set: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(image_ids, vectors) per shard, only rows the catalog points at; one shard in memory at a time."""
         for part in self._plan(self.feature_set(feature_set)):
-            ids, vecs = read_shard(part.path, part.sha256)
-            if part.rows is not None:
-                ids, vecs = ids[part.rows], vecs[part.rows]
-            yield ids, vecs
+            yield vectors.read_part(part)
 
     def read_set(self, feature_set: str) -> tuple[np.ndarray, np.ndarray]:
         """(image_ids, vectors) of every live row of one feature set, in shard order.
@@ -517,16 +480,8 @@ class Store:
         """
         return self._replanned(lambda: self._read_set(self.feature_set(feature_set)))  # type: ignore[no-any-return]
 
-    def _read_set(self, fs: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
-        plan = self._plan(fs)
-        n = sum(part.live for part in plan)
-        ids = np.empty(n, dtype=np.int64)
-        mat = np.empty((n, fs.dim), dtype=np.float32)
-        pos = 0
-        for part in plan:
-            read_rows_into(part.path, part.rows, ids, mat, pos, part.sha256)
-            pos += part.live
-        return ids, mat
+    def _read_set(self, fs: RegisteredSet) -> tuple[np.ndarray, np.ndarray]:
+        return vectors.read_parts_into(self._plan(fs), int(fs.dim))
 
     # -- caches ----------------------------------------------------------------------
     def extractor(self, feature_set: str, batch_size: int = 1) -> tuple[Extractor, threading.Lock]:
@@ -564,7 +519,7 @@ class Store:
                 model = self._models.setdefault(key, model)
         return model
 
-    def vector_index(self, fs: FeatureSet, metric: str, shard_key: tuple[Any, ...], size: int) -> VectorIndex:
+    def vector_index(self, fs: RegisteredSet, metric: str, shard_key: tuple[Any, ...], size: int) -> VectorIndex:
         """The in-memory exact index of ``fs`` (cached), reloaded when its shards changed.
 
         Least recently used indexes are dropped so the cache stays within
@@ -601,7 +556,7 @@ class Store:
             self._ann_indexes.clear()
 
     # -- maintenance ---------------------------------------------------------------
-    def compact(self, feature_set: str | None = None, min_rows: int = 10_000) -> list[tuple[str, int, int]]:
+    def compact(self, feature_set: str | None = None, min_rows: int = 10_000) -> list[Compacted]:
         """Merge shards smaller than ``min_rows`` of each set into one. Call under :meth:`writing`.
 
         The merged shard is registered (taking over the old shards' rows) in one
@@ -617,13 +572,7 @@ class Store:
                 continue
             small_ids = {sh.id for sh in small}
             parts = [part for part in self._plan(fs) if part.path in {self.root / sh.path for sh in small}]
-            parts_ids, parts_vecs = [], []
-            for part in parts:
-                ids, vecs = read_shard(part.path, part.sha256)
-                if part.rows is not None:
-                    ids, vecs = ids[part.rows], vecs[part.rows]
-                parts_ids.append(ids)
-                parts_vecs.append(vecs)
+            parts_ids, parts_vecs = zip(*map(vectors.read_part, parts), strict=True) if parts else ((), ())
             all_ids = np.concatenate(parts_ids) if parts_ids else np.empty(0, dtype=np.int64)
             order = np.argsort(all_ids, kind="stable")
             all_vecs = np.concatenate(parts_vecs)[order] if parts_vecs else np.empty((0, fs.dim), np.float32)
@@ -631,7 +580,7 @@ class Store:
             self._write_and_register(fs, all_ids[order], all_vecs, replaces=small_ids, runtime=runtime)
             for sh in small:
                 (self.root / sh.path).unlink(missing_ok=True)
-            done.append((fs.name, len(small), len(all_ids)))
+            done.append(Compacted(fs.name, len(small), len(all_ids)))
         return done
 
     # -- reporting -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Parquet exports (`fs export features|predictions`) and FeatureSet.to_arrow, read back with pyarrow and DuckDB."""
+"""Parquet exports (`fs export features|predictions`) and FeatureSetHandle.to_arrow, read back with pyarrow, DuckDB."""
 
 from __future__ import annotations
 

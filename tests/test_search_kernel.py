@@ -207,7 +207,7 @@ def test_near_duplicates_validation():
 def test_product_gate_size_follows_the_blas_threads():
     from threadpoolctl import threadpool_limits
 
-    from featurestore.search.kernel import _ProductGate
+    from featurestore.search.blas import ProductGate as _ProductGate
 
     cores = len(os.sched_getaffinity(0))
     with threadpool_limits(limits=1, user_api="blas"):
@@ -218,7 +218,7 @@ def test_product_gate_size_follows_the_blas_threads():
 
 @pytest.mark.parametrize("slots", [1, 2])
 def test_product_gate_admits_at_most_its_slots(slots):
-    from featurestore.search.kernel import _ProductGate
+    from featurestore.search.blas import ProductGate as _ProductGate
 
     class Gate(_ProductGate):
         def size(self) -> int:

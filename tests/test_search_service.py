@@ -246,6 +246,50 @@ def test_duplicates_finds_a_reencoded_copy(store: Store, tmp_path: Path):
         tight.close()
 
 
+def test_duplicates_where_reads_only_the_rows_it_keeps(store: Store, image_tree: Path, monkeypatch):
+    """`--where` under a budget the whole set exceeds: the budget is checked on, and only, the kept rows are read.
+
+    Duplicate search once checked the budget on the filtered rows and then loaded the whole set.
+    """
+    import h5py
+
+    dim = 40_000  # 160 KB a vector: the 12 images need 1.9 MB, over a 1 MiB budget; the 4 kept ones 640 KB
+    with store.writing():
+        ingest(store, image_tree, dataset="d")
+        ids = np.array([r.id for r in store.select_images()], dtype=np.int64)
+        fs = store.ensure_feature_set(FeatureSpec(name="wide", kind="test", dim=dim, params={}))
+        mat = np.random.default_rng(5).normal(size=(len(ids), dim)).astype(np.float32)
+        mat[1] = mat[0]  # a duplicate pair among the kept images
+        mat[11] = mat[0]  # and a copy outside them, which the filter must not bring in
+        store.append_vectors(fs, ids, mat)
+    read = [0]  # bytes of vectors read from shards
+    real_getitem, real_read_direct = h5py.Dataset.__getitem__, h5py.Dataset.read_direct
+
+    def getitem(self, key):  # type: ignore[no-untyped-def]
+        out = real_getitem(self, key)
+        if self.name == "/vectors":
+            read[0] += np.asarray(out).nbytes
+        return out
+
+    def read_direct(self, dest, source_sel=None, dest_sel=None):  # type: ignore[no-untyped-def]
+        real_read_direct(self, dest, source_sel, dest_sel)
+        if self.name == "/vectors":
+            read[0] += dest[dest_sel].nbytes if dest_sel is not None else dest.nbytes
+
+    tight = Store.open(Settings.from_env(store=store.root, database_url=store.settings.database_url,
+                                         search_memory_mb=1))
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", getitem)
+    monkeypatch.setattr(h5py.Dataset, "read_direct", read_direct)
+    try:
+        found = duplicates(tight, "wide", threshold=0.99, where=f"id <= {int(ids[3])}")
+        assert [(d.group, d.image_id) for d in found] == [(1, int(ids[0])), (1, int(ids[1]))]
+        assert read[0] == 4 * dim * 4  # the 4 kept rows, not the 12 of the set
+        with pytest.raises(FeatureStoreError, match="does not stream"):
+            duplicates(tight, "wide", threshold=0.99)  # the whole set is over the budget
+    finally:
+        tight.close()
+
+
 @pytest.mark.realmodel
 def test_cnn_embedder_matches_extract(store: Store, tmp_path: Path):
     from featurestore.features.cnn.registry import cnn_extractor

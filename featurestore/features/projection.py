@@ -66,6 +66,7 @@ from featurestore.errors import (
 from featurestore.features.base import Extractor, FeatureSpec
 from featurestore.features.resize import check_rule, check_size, resize_params, resize_rgb
 from featurestore.io.atomic import atomic_open
+from featurestore.vectors import StoreView
 
 FORMAT_VERSION = 1
 GENERATOR = "pcg64-raw32-rowmajor-v1"
@@ -545,7 +546,7 @@ class RandomProjectionExtractor(Extractor):
 
 
 def projection_extractor(
-    store: Any,
+    store: StoreView,
     k: int,
     size: tuple[int, int] = (640, 480),
     rule: str = "stretch",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.features import lowlevel, pixels, projection
@@ -26,23 +26,11 @@ from featurestore.features.base import Extractor
 from featurestore.features.cnn import registry as cnn_registry
 from featurestore.features.cnn import views as cnn_views
 from featurestore.io.params import canonical
+from featurestore.vectors import StoredSet, StoreView
 
-if TYPE_CHECKING:
-    from featurestore.store import Store
-
-
-class StoredSet(Protocol):
-    """What the registry needs of a stored feature set (a catalog row or a store handle)."""
-
-    name: str
-    kind: str
-    dim: int
-    params: dict[str, Any]
-
-
-Builder = Callable[["Store", str, dict[str, Any], int], Extractor]
+Builder = Callable[[StoreView, str, dict[str, Any], int], Extractor]
 Hint = Callable[[str, dict[str, Any], int], str]
-ManyBuilder = Callable[["Store", Sequence[StoredSet], int], Extractor]
+ManyBuilder = Callable[[StoreView, Sequence[StoredSet], int], Extractor]
 
 
 @dataclass(frozen=True)
@@ -107,7 +95,7 @@ def extract_hint(fs: StoredSet) -> str:
     return kind.command(fs.name, dict(fs.params or {}), fs.dim) if kind else "fs extract"
 
 
-def build_extractor(store: Store, fs: StoredSet, batch_size: int = 32) -> Extractor:
+def build_extractor(store: StoreView, fs: StoredSet, batch_size: int = 32) -> Extractor:
     """The extractor that produced ``fs``, rebuilt from its kind and params (not yet checked)."""
     kind = KINDS.get(fs.kind)
     if kind is None:
@@ -124,7 +112,7 @@ def build_extractor(store: Store, fs: StoredSet, batch_size: int = 32) -> Extrac
         ) from None
 
 
-def extractor_for(store: Store, fs: StoredSet | str, batch_size: int = 32) -> Extractor:
+def extractor_for(store: StoreView, fs: StoredSet | str, batch_size: int = 32) -> Extractor:
     """An extractor that reproduces a stored feature set exactly (same projection, model, preprocessing).
 
     The extractor is rebuilt from the set's catalog row and its output params
@@ -144,7 +132,7 @@ def extractor_for(store: Store, fs: StoredSet | str, batch_size: int = 32) -> Ex
     return ex
 
 
-def extractor_for_sets(store: Store, sets: Sequence[StoredSet], batch_size: int = 32) -> Extractor:
+def extractor_for_sets(store: StoreView, sets: Sequence[StoredSet], batch_size: int = 32) -> Extractor:
     """One extractor that reproduces every set of ``sets`` exactly (the sets one extractor produced together).
 
     Several taps of one CNN are rebuilt as one network with several outputs, so

@@ -39,7 +39,7 @@ import numpy as np
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.io.atomic import write_bytes_atomic
 from featurestore.io.params import params_key
-from featurestore.store import FeatureSet, Store
+from featurestore.store import FeatureSetHandle, Store
 
 METHODS = ("pca", "tsne")
 MAX_POINTS = 20_000
@@ -143,18 +143,18 @@ def _reduce(X: np.ndarray, fitted: _Fitted) -> np.ndarray:
     return X if not fitted.pca_components.size else (X - fitted.pca_mean) @ fitted.pca_components.T
 
 
-def _params_digest(fs: FeatureSet) -> str:
+def _params_digest(fs: FeatureSetHandle) -> str:
     return hashlib.sha256(params_key(fs.params).encode()).hexdigest()[:16]
 
 
-def _fitted_maps(store: Store, fs: FeatureSet, n: int, seed: int) -> list[Path]:
+def _fitted_maps(store: Store, fs: FeatureSetHandle, n: int, seed: int) -> list[Path]:
     """This set's cached t-SNE maps of ``n`` images and ``seed``, newest first."""
     folder = store.root / FOLDER / fs.name
     files = list(folder.glob(f"tsne-n{n}-s{seed}-*.npz")) if folder.is_dir() else []
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def _load_fitted(path: Path, fs: FeatureSet) -> _Fitted | None:
+def _load_fitted(path: Path, fs: FeatureSetHandle) -> _Fitted | None:
     """The fitted map in ``path`` if it was fitted (not placed) on this very set (same id and params)."""
     try:
         with np.load(path) as z:
@@ -203,7 +203,7 @@ def place_points(X_ref: np.ndarray, xy_ref: np.ndarray, X_new: np.ndarray, perpl
     return np.asarray(emb, dtype=np.float32), new_xy  # transform centred the map in place: read it back after
 
 
-def _place(store: Store, fs: FeatureSet, fitted: _Fitted, shown: np.ndarray, added: np.ndarray, seed: int
+def _place(store: Store, fs: FeatureSetHandle, fitted: _Fitted, shown: np.ndarray, added: np.ndarray, seed: int
            ) -> tuple[np.ndarray, np.ndarray]:
     """Image ids (ascending) and coordinates of ``shown`` fitted images plus ``added`` ones placed on the map."""
     fm = store.read_matrix([fs.name], image_ids=np.union1d(fitted.image_ids, added).tolist())
@@ -215,7 +215,7 @@ def _place(store: Store, fs: FeatureSet, fitted: _Fitted, shown: np.ndarray, add
     return ids[order], np.concatenate([ref_xy[np.searchsorted(fitted.image_ids, shown)], new_xy])[order]
 
 
-def _placed_map(store: Store, fs: FeatureSet, live: np.ndarray, n: int, seed: int
+def _placed_map(store: Store, fs: FeatureSetHandle, live: np.ndarray, n: int, seed: int
                 ) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Images added since the newest fitted map of the set placed on it, or None if it must be fitted."""
     for path in _fitted_maps(store, fs, n, seed):
@@ -233,7 +233,7 @@ def _placed_map(store: Store, fs: FeatureSet, live: np.ndarray, n: int, seed: in
     return None
 
 
-def _fresh(store: Store, fs: FeatureSet, method: str, live: np.ndarray, n: int, seed: int
+def _fresh(store: Store, fs: FeatureSetHandle, method: str, live: np.ndarray, n: int, seed: int
            ) -> tuple[np.ndarray, np.ndarray, _Fitted | None]:
     ids = live if live.size <= n else np.sort(np.random.default_rng(seed).choice(live, n, replace=False))
     fm = store.read_matrix([fs.name], image_ids=ids.tolist())
@@ -244,7 +244,7 @@ def _fresh(store: Store, fs: FeatureSet, method: str, live: np.ndarray, n: int, 
     return fitted.image_ids, fitted.xy, fitted
 
 
-def _save(path: Path, emap: EmbeddingMap, fs: FeatureSet, fitted: _Fitted | None) -> None:
+def _save(path: Path, emap: EmbeddingMap, fs: FeatureSetHandle, fitted: _Fitted | None) -> None:
     extra: dict[str, Any] = {}
     if emap.method == "tsne":
         extra = {"placed": np.int64(emap.placed), "set_id": np.int64(fs.id), "params_digest": _params_digest(fs)}

@@ -30,7 +30,7 @@ from featurestore.features.base import Extractor
 from featurestore.io.batching import prefetch_batches
 from featurestore.io.images import ImageDecodeError, decode_bytes, read_bytes
 from featurestore.io.objects import reader_threads
-from featurestore.store import FeatureSet, Store
+from featurestore.store import FeatureSetHandle, Store
 
 Progress = Callable[[int, int], None]
 FLUSH_BYTES = 128 * 2**20
@@ -127,7 +127,7 @@ class ExtractPlan:
     """The images to featurize and, per extractor, what each lacks (shared with the cluster path)."""
 
     work: list[Work]
-    sets: dict[str, FeatureSet]
+    sets: dict[str, FeatureSetHandle]
     todo: list[tuple[int, str]]  # (image id, source path) of every image lacking a requested set
     runtimes: dict[str, str | None] = field(default_factory=dict)  # what computes each set, kept per shard
 
@@ -138,10 +138,10 @@ def plan_extract(store: Store, extractors: list[Extractor], *, replace: bool, da
     if not extractors:
         raise InvalidInputError("nothing to extract: give --rp K, --pixels WxH, --lowlevel or --model NAME")
     images = store.select_images(dataset=dataset, image_ids=image_ids)
-    path_of = {r[0]: r[1] for r in images}
+    path_of = {r.id: r.source_path for r in images}
     all_ids = list(path_of)
     work: list[Work] = []
-    sets: dict[str, FeatureSet] = {}
+    sets: dict[str, FeatureSetHandle] = {}
     for ex in extractors:
         handles = [store.ensure_feature_set(spec, replace=replace) for spec in ex.outputs()]
         lacking = {fs.name: set(store.images_lacking(fs.name, all_ids)) for fs in handles}

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.catalog.versions import SetSnapshot
+from featurestore.vectors import RegisteredSet
 
 # Compiled filters kept per set (least recently used dropped first).
 FILTERS_PER_SET = 16
@@ -106,7 +107,7 @@ class SetState:
     """A feature set's catalog facts at one value of the change counter, and what was derived from them."""
 
     snapshot: SetSnapshot
-    handle: Any  # the store's FeatureSet handle built from the snapshot
+    handle: RegisteredSet  # the store's FeatureSetHandle built from the snapshot
     lock: threading.Lock = field(default_factory=threading.Lock)
     filters: OrderedDict[Hashable, CompiledFilter] = field(default_factory=OrderedDict)
     memo: dict[Any, Any] = field(default_factory=dict)
@@ -153,7 +154,7 @@ class SearchCache:
         self._lock = threading.Lock()
         self._states: dict[str, SetState] = {}
 
-    def state(self, catalog: Any, name: str, handle: Callable[[SetSnapshot], Any],
+    def state(self, catalog: Any, name: str, handle: Callable[[SetSnapshot], RegisteredSet],
               missing: Callable[[], Any]) -> SetState:
         """The cached state of set ``name``, read from the catalog when there is none.
 

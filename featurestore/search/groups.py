@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,9 +23,7 @@ from featurestore.errors import FeatureStoreError, InvalidInputError, MissingFea
 from featurestore.features.registry import extract_hint
 from featurestore.search import index as ann
 from featurestore.search.kernel import near_duplicate_groups
-
-if TYPE_CHECKING:
-    from featurestore.store import Store
+from featurestore.search.protocol import SearchStore
 
 
 def check_threshold(threshold: float) -> float:
@@ -95,14 +92,15 @@ def group_labels(image_ids: np.ndarray, groups: Sequence[Sequence[int]]) -> np.n
     return labels
 
 
-def group_near_duplicates(store: Store, feature_set: str, image_ids: Sequence[int] | np.ndarray, threshold: float,
+def group_near_duplicates(store: SearchStore, feature_set: str, image_ids: Sequence[int] | np.ndarray, threshold: float,
                           exact: bool = False, progress: Callable[[int, int], None] | None = None
                           ) -> DuplicateGroups:
     """Group ``image_ids`` by near duplication: cosine similarity >= ``threshold`` in ``feature_set``, transitively.
 
     Parameters
     ----------
-    store : Store
+    store : SearchStore
+        A :class:`featurestore.store.Store`.
     feature_set : str
     image_ids : sequence of int
         The images to group (others are ignored, even when they would link two of these).
@@ -157,7 +155,7 @@ class LeakPair:
     similarity: float
 
 
-def cross_pairs(store: Store, grouping: DuplicateGroups, side_a: Sequence[int] | np.ndarray,
+def cross_pairs(store: SearchStore, grouping: DuplicateGroups, side_a: Sequence[int] | np.ndarray,
                 side_b: Sequence[int] | np.ndarray) -> list[LeakPair]:
     """Pairs (a in ``side_a``, b in ``side_b``, a != b) with cosine similarity >= the grouping's threshold.
 

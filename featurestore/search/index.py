@@ -72,10 +72,13 @@ from featurestore.search.kernel import (
     near_duplicate_groups,
     top_k,
 )
-from featurestore.shards import read_selected, read_shard
+from featurestore.shards import read_selected
+from featurestore.vectors import live_part, part_ids, read_images, read_part
 
 if TYPE_CHECKING:
-    from featurestore.store import FeatureSet, Store
+    # the narrow interfaces the store satisfies (search sits below it), under the names used here
+    from featurestore.search.protocol import SearchStore as Store
+    from featurestore.vectors import RegisteredSet as FeatureSet
 
 FOLDER = "indexes"
 SUFFIX = ".usearch"
@@ -431,20 +434,12 @@ def _remove_stale(store: Store, index: Any, keep: list[LiveShard]) -> int:
 
 
 def _live_ids(store: Store, shard: LiveShard) -> np.ndarray:
-    if shard.live == shard.rows:
-        ids, _ = read_shard(store.root / shard.path, shard.sha256)  # rows are whole-shard: the file's own ids
-        return ids
-    return store.catalog.live_rows_of_shard(shard.id)[:, 0]
+    return part_ids(live_part(store.root, store.catalog, shard))
 
 
 def _read_live(store: Store, shard: LiveShard) -> tuple[np.ndarray, np.ndarray]:
     """The live (image ids, vectors) of one shard."""
-    path = store.root / shard.path
-    if shard.live == shard.rows:
-        return read_shard(path, shard.sha256)
-    ids, rows = store.catalog.live_rows_of_shard(shard.id).T
-    _, vecs = read_selected(path, rows, shard.sha256)
-    return ids, np.asarray(vecs, dtype=np.float32)
+    return read_part(live_part(store.root, store.catalog, shard))
 
 
 def _read_shards(store: Store, shards: Sequence[LiveShard]
@@ -847,22 +842,8 @@ def _filtered_exact(store: Store, fs: FeatureSet, shards: list[LiveShard], allow
 
 def _subset_index(store: Store, fs: FeatureSet, ids: np.ndarray, metric: str) -> VectorIndex:
     """The live vectors of the images ``ids`` (those that have one) in an in-memory exact index."""
-    for attempt in range(2):
-        loc = store.catalog.locate(fs.id, ids)
-        paths = {s.id: store.root / s.path for s in store.catalog.live_shards(fs.id, count=[])}
-        try:
-            got_ids, blocks = [], []
-            bounds = np.flatnonzero(np.r_[True, loc[1:, 1] != loc[:-1, 1], True]) if len(loc) else [0]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                file_ids, vecs = read_selected(paths[int(loc[a, 1])], loc[a:b, 2])
-                got_ids.append(np.asarray(file_ids, dtype=np.int64))
-                blocks.append(np.asarray(vecs, dtype=np.float32))
-            break
-        except (IntegrityError, KeyError):
-            if attempt:  # `fs compact` replaced a shard between locating and reading: locate again once
-                raise
-    mat = np.concatenate(blocks) if blocks else np.empty((0, int(fs.dim)), dtype=np.float32)
-    return VectorIndex(np.concatenate(got_ids) if got_ids else np.empty(0, np.int64), mat, metric, copy=False)
+    got_ids, mat = read_images(store.root, store.catalog, fs, ids)
+    return VectorIndex(got_ids, mat, metric, copy=False)
 
 
 def _exact_subset(store: Store, fs: FeatureSet, ids: np.ndarray, q: np.ndarray, k: int, metric: str,

@@ -1,6 +1,6 @@
-"""Exact nearest-neighbour search over feature vectors, and over a store's feature sets.
+"""Exact nearest-neighbour search over feature vectors.
 
-The kernel (first half) is pure numpy and knows nothing about the catalog or
+The kernel is pure numpy and knows nothing about the catalog or
 HDF5: callers hand in ``(ids, matrix)`` pairs and get :class:`Hit` objects
 back. Three entry points:
 
@@ -25,31 +25,22 @@ Hits come best first; equal scores are ordered by ascending image id, so the
 result does not depend on how the rows were split into chunks. Fewer than
 ``k`` hits come back when fewer rows are eligible.
 
-Store level (second half)
--------------------------
-* :func:`search` ranks a feature set of a :class:`~featurestore.store.Store`
-  against a stored image (by id), a vector, or a new image (embedded on the fly
-  with the set's recorded extractor, see :func:`embedder_for`), optionally
-  filtered by a read-only SQL condition on the ``images`` table
-  (:func:`where_ids`). Sets that fit ``Settings.search_memory_mb`` are loaded
-  once into a :class:`VectorIndex` cached on the store object; larger ones are
-  streamed shard by shard through :func:`top_k`. Both are exact.
-* :func:`duplicates` groups the near-duplicate images of a feature set.
+Searching a store's feature sets (catalog, shards, filters) is
+:mod:`featurestore.search.service`; matrix products go through
+:mod:`featurestore.search.blas`.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from threadpoolctl import ThreadpoolController
 
 from featurestore.errors import DimensionMismatchError, InvalidInputError
+from featurestore.search import blas
 
 METRICS = ("cosine", "l2")
 
@@ -58,56 +49,6 @@ METRICS = ("cosine", "l2")
 _EXCLUDE_PREFILTER = 256
 # search_many scores at most this many (query, row) pairs at once (64 MiB float32).
 _BATCH_CELLS = 1 << 24
-
-
-class _ProductGate:
-    """At most as many matrix products at once as the cores hold.
-
-    Each product already runs on every BLAS thread; several threads of one process
-    (``fs serve`` answers requests in a thread pool) starting products at once give
-    the cores more BLAS threads than they have, and OpenBLAS's spinning threads
-    then slow every request down (concurrency 8 below concurrency 1). Products
-    beyond ``cores // BLAS threads`` wait here instead; with single-threaded BLAS
-    as many run at once as there are cores. The BLAS thread count is read once,
-    at the first product.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._slots: threading.BoundedSemaphore | None = None
-
-    def size(self) -> int:
-        blas = [lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers]
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // max(blas, default=1))
-
-    def __enter__(self) -> None:
-        if self._slots is None:
-            with self._lock:
-                if self._slots is None:
-                    self._slots = threading.BoundedSemaphore(self.size())
-        self._slots.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._slots is not None
-        self._slots.release()
-
-
-_PRODUCTS = _ProductGate()
-
-# A matrix-vector product of at most this many cells runs on this thread (numpy's einsum loop, no
-# BLAS): waking BLAS's worker threads between queries took milliseconds on a loaded machine, far
-# more than the product itself (a 2,000 x 128 product between queries: 18 ms a call on average through
-# 2-thread OpenBLAS, against 25 us for 1,000 x 256 on one thread; load average 22 on 2 cores).
-_ONE_THREAD_CELLS = 1 << 22
-
-
-def _product(rows: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """``rows @ q``: small ones on this thread, larger ones through BLAS and the gate."""
-    if rows.size <= _ONE_THREAD_CELLS:
-        return np.einsum("ij,j->i", rows, q)
-    with _PRODUCTS:
-        return rows @ q
 
 
 @dataclass(frozen=True)
@@ -308,7 +249,7 @@ def top_k(
         if ids.size == 0:
             continue
 
-        with _PRODUCTS:
+        with blas.GATE:
             dots = mat @ qdir.astype(mat.dtype)
         _reject_nonfinite(dots, ids)
         if cosine:
@@ -451,9 +392,9 @@ class VectorIndex:
         pos = self._positions(allowed_ids) if allowed_positions is None else allowed_positions
         if pos is not None and pos.size * 4 < len(self):
             # few rows allowed: gathering them is cheaper than scoring every row
-            scores = _product(self._rows[pos], qdir)
+            scores = blas.product(self._rows[pos], qdir)
         else:
-            scores = _product(self._rows, qdir)
+            scores = blas.product(self._rows, qdir)
         return self._rank(scores, q, k, excl, pos)
 
     def search_many(
@@ -512,7 +453,7 @@ class VectorIndex:
 
         out: list[list[Hit]] = []
         for start in range(0, Q.shape[0], step):
-            with _PRODUCTS:
+            with blas.GATE:
                 block = Qdir[start : start + step] @ rows.T
             for j in range(block.shape[0]):
                 i = start + j

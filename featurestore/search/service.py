@@ -22,10 +22,10 @@ cosine, ``similarity``; the CLI, the HTTP API and Python use these names.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -42,12 +42,13 @@ from featurestore.io.objects import is_object_url
 from featurestore.search import index as ann
 from featurestore.search.cache import CompiledFilter, IdFilter, SetState
 from featurestore.search.kernel import Hit, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
+from featurestore.search.protocol import SearchStore
 from featurestore.shards import read_row
-
-if TYPE_CHECKING:
-    from featurestore.store import FeatureSet, Store
+from featurestore.vectors import RegisteredSet, read_images
 
 Embedder = Callable[[PILImage.Image], np.ndarray]
+# What a search can be asked about: a stored image's id, a vector, an image file (path or s3:// URL) or a PIL image.
+Query = int | np.integer[Any] | np.ndarray | Sequence[float] | str | os.PathLike[str] | PILImage.Image
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class DuplicateImage:
     label: str | None
 
 
-def embedder_for(store: Store, feature_set_name: str) -> Embedder:
+def embedder_for(store: SearchStore, feature_set_name: str) -> Embedder:
     """A function embedding a new image exactly like the vectors of a stored feature set.
 
     The extractor comes from the store's cache (rebuilt from the feature set's
@@ -119,7 +120,7 @@ def embedder_for(store: Store, feature_set_name: str) -> Embedder:
     return embed
 
 
-def _index_key(store: Store, fs: FeatureSet) -> tuple[tuple[Any, ...], int]:
+def _index_key(store: SearchStore, fs: RegisteredSet) -> tuple[tuple[Any, ...], int]:
     """(cache key of the set's current shards, bytes its vectors need in memory)."""
     shards = store.catalog.shards(fs.id)
     # Shard row counts bound the live rows from above (compaction may orphan a few).
@@ -127,12 +128,12 @@ def _index_key(store: Store, fs: FeatureSet) -> tuple[tuple[Any, ...], int]:
     return (fs.name, tuple((sh.id, sh.rows) for sh in shards)), size
 
 
-def clear_cache(store: Store) -> None:
+def clear_cache(store: SearchStore) -> None:
     """Drop the indexes and extractors cached by ``store`` (frees their memory)."""
     store.clear_caches()
 
 
-def where_ids(store: Store, condition: str) -> np.ndarray:
+def where_ids(store: SearchStore, condition: str) -> np.ndarray:
     """Ids of the images matching a SQL condition, run read-only under the SQL timeout.
 
     The condition is evaluated on the columns of the ``images`` table (``id``,
@@ -158,12 +159,12 @@ def where_ids(store: Store, condition: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def _set(store: Store, feature_set: str | FeatureSet) -> FeatureSet:
+def _set(store: SearchStore, feature_set: str | RegisteredSet) -> RegisteredSet:
     """The feature set named ``feature_set``, or the handle itself (saves a catalog query per call)."""
     return store.feature_set(feature_set) if isinstance(feature_set, str) else feature_set
 
 
-def stored_vector(store: Store, feature_set: str | FeatureSet, image_id: int) -> np.ndarray:
+def stored_vector(store: SearchStore, feature_set: str | RegisteredSet, image_id: int) -> np.ndarray:
     """The stored vector of one image in a feature set (float32, shape ``(dim,)``).
 
     Raises
@@ -188,7 +189,7 @@ def stored_vector(store: Store, feature_set: str | FeatureSet, image_id: int) ->
     return np.asarray(read_row(store.root / loc[0], loc[1], loc[2]), dtype=np.float32).reshape(-1)
 
 
-def query_vector(store: Store, feature_set: str | FeatureSet, query: Any) -> tuple[np.ndarray, int | None]:
+def query_vector(store: SearchStore, feature_set: str | RegisteredSet, query: Query) -> tuple[np.ndarray, int | None]:
     """The query as a vector of ``feature_set``, plus the image id when it is a stored image.
 
     ``query`` is an image id (int), a vector (array of the set's dim), a
@@ -214,7 +215,7 @@ def query_vector(store: Store, feature_set: str | FeatureSet, query: Any) -> tup
     )
 
 
-def add_image(store: Store, feature_set: str, image_id: int, vector: np.ndarray) -> bool:
+def add_image(store: SearchStore, feature_set: str, image_id: int, vector: np.ndarray) -> bool:
     """Store ``vector`` as image ``image_id``'s row of ``feature_set`` unless it has one.
 
     For an image just ingested (``IngestSummary.image_ids``) whose vector was
@@ -228,9 +229,9 @@ def add_image(store: Store, feature_set: str, image_id: int, vector: np.ndarray)
 
 
 def search(
-    store: Store,
+    store: SearchStore,
     feature_set: str,
-    query: Any,
+    query: Query,
     k: int = 10,
     where: str | None = None,
     metric: str = "cosine",
@@ -243,7 +244,8 @@ def search(
 
     Parameters
     ----------
-    store : Store
+    store : SearchStore
+        A :class:`featurestore.store.Store`.
     feature_set : str
         Name of the feature set to rank.
     query : int, ndarray, str, os.PathLike or PIL.Image
@@ -315,11 +317,11 @@ def search(
 _ATTEMPTS = 3
 
 
-def _search_at(store: Store, state: SetState, query: Any, k: int, where: str | None, metric: str,
+def _search_at(store: SearchStore, state: SetState, query: Query, k: int, where: str | None, metric: str,
                exclude_ids: Iterable[int] | None, allowed_ids: np.ndarray | None, exact: bool,
                id_filter: IdFilter | None = None) -> tuple[list[Hit], list[str] | None, str, str]:
     """:func:`search` on one cached state of the set: (hits, how each was found, method, note)."""
-    fs: FeatureSet = state.handle
+    fs: RegisteredSet = state.handle
     vec, self_id = query_vector(store, fs, query)
     excl = {int(i) for i in exclude_ids} if exclude_ids is not None else set()
     if self_id is not None:
@@ -365,7 +367,7 @@ def _search_at(store: Store, state: SetState, query: Any, k: int, where: str | N
     return hits, None, "exact", note
 
 
-def _compiled(store: Store, state: SetState, where: str) -> CompiledFilter:
+def _compiled(store: SearchStore, state: SetState, where: str) -> CompiledFilter:
     """``where`` compiled to the ids and bitmap it allows, once per condition and catalog version."""
     from featurestore.catalog.readonly import dialect_of, where_is_cacheable  # sqlglot: only for a --where
 
@@ -391,7 +393,7 @@ def _results(rows: dict[int, tuple[str, str | None]], hits: list[Hit], metric: s
 
 
 def duplicates(
-    store: Store,
+    store: SearchStore,
     feature_set: str,
     threshold: float = 0.97,
     where: str | None = None,
@@ -429,7 +431,7 @@ def duplicates(
     # --- end of the ANN index hook ---
     shard_key, need = _index_key(store, fs)
     if keep_ids is not None:
-        # the budget applies to what is compared: the rows --where keeps
+        # the budget applies to what is compared, and only that is read: the rows --where keeps
         need = min(need, int(keep_ids.size) * int(fs.dim) * 4)
     budget = store.settings.search_memory_mb * 2**20
     if need > budget:
@@ -440,15 +442,15 @@ def duplicates(
         )
     if not shard_key[1]:
         return Found([], "exact")
-    ids, mat = store.read_set(fs.name)
     if keep_ids is not None:
-        keep = np.isin(ids, keep_ids)
-        ids, mat = ids[keep], mat[keep]
+        ids, mat = read_images(store.root, store.catalog, fs, keep_ids)
+    else:
+        ids, mat = store.read_set(fs.name)
     groups = near_duplicate_groups(ids, mat, threshold=threshold)
     return Found(_duplicate_rows(store, groups), "exact")
 
 
-def _duplicate_rows(store: Store, groups: list[list[int]]) -> list[DuplicateImage]:
+def _duplicate_rows(store: SearchStore, groups: list[list[int]]) -> list[DuplicateImage]:
     info = store.catalog.image_paths_labels([i for g in groups for i in g])
     return [
         DuplicateImage(n, i, *info.get(i, ("", None)))

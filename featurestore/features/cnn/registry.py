@@ -57,7 +57,7 @@ from featurestore.io.atomic import copy_atomic, sha256_file
 from featurestore.io.images import ImageDecodeError, load_rgb
 
 if TYPE_CHECKING:
-    from featurestore.store import Store
+    from featurestore.vectors import StoreView as Store  # the narrow interface the store satisfies
 from featurestore.catalog.repository import check_name
 
 
