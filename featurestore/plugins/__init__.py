@@ -131,11 +131,9 @@ _REGISTERS = {"register_feature_kinds": ("feature kind", "kind"), "register_cnn_
 def _provides(pm: pluggy.PluginManager, plugin: Any) -> tuple[str, ...]:
     """What ``plugin``'s own registration hooks register (calling them imports the code they register)."""
     out: list[str] = []
-    for caller in pm.get_hookcallers(plugin) or ():
-        if caller.name not in _REGISTERS:
-            continue
-        what, key = _REGISTERS[caller.name]
-        for impl in caller.get_hookimpls():
+    callers = {caller.name: caller for caller in pm.get_hookcallers(plugin) or ()}
+    for hook, (what, key) in _REGISTERS.items():
+        for impl in callers[hook].get_hookimpls() if hook in callers else ():
             if impl.plugin is plugin:
                 found: list[Any] = []
                 impl.function(register=found.append)
