@@ -126,8 +126,9 @@ def _json(*args: str) -> Any:
 
 
 def test_builtins_register_through_the_hooks() -> None:
-    assert {"random_projection", "pixels", "lowlevel", "cnn"} <= set(feature_kinds())
-    assert {"onnxruntime", "mxnet"} <= set(cnn_runtimes())
+    # in registration order, built-ins first ("use onnxruntime or mxnet" in messages)
+    assert list(feature_kinds())[:4] == ["random_projection", "pixels", "lowlevel", "cnn"]
+    assert list(cnn_runtimes())[:2] == ["onnxruntime", "mxnet"]
     assert "usearch" in index_backends() and index_backend().name == "usearch"
     listed = {p.name: p for p in plugins.plugins()}
     kinds = listed["featurestore.plugins.feature_kinds"]
@@ -169,6 +170,7 @@ def test_unknown_feature_and_runtime_are_bad_arguments(test_plugin: TestPlugin, 
     assert bad.exit_code == 2 and "unknown feature kind 'nope'" in bad.output and "grey-mean" in bad.output
     bad = runner.invoke(app, ["extract", "--feature", "grey-mean:scale"])
     assert bad.exit_code == 2 and "is not key=value" in bad.output
+    assert list(cnn_runtimes()) == ["onnxruntime", "mxnet", "test-runtime"]  # the plugin's after the built-ins
     bad = runner.invoke(app, ["extract", "--model", "x", "--runtime", "nope"])
     assert bad.exit_code == 2 and "test-runtime" in bad.output and "onnxruntime" in bad.output
 

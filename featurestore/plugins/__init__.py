@@ -148,16 +148,16 @@ def _own_version() -> str | None:
         return None
 
 
-def call(hook: str, **kwargs: Any) -> list[Any]:
-    """Call ``hook`` on every plugin (the registries use this)."""
-    result: list[Any] = getattr(plugin_manager().hook, hook)(**kwargs)
-    return result
-
-
 def collect(hook: str) -> list[Any]:
-    """What the plugins pass to ``register`` when ``hook(register=...)`` is called, in registration order."""
+    """What the plugins pass to ``register`` when ``hook(register=...)`` is called.
+
+    Plugins are asked in the order they were registered (the built-ins first),
+    each keeping its own order, so listings are stable; pluggy would call the
+    last registered first.
+    """
     found: list[Any] = []
-    call(hook, register=found.append)
+    for impl in getattr(plugin_manager().hook, hook).get_hookimpls():
+        impl.function(register=found.append)
     return found
 
 
@@ -174,7 +174,7 @@ def named(hook: str, key: str, what: str) -> dict[str, Any]:
         Two registrations use the same name (a plugin cannot replace a built-in silently).
     """
     out: dict[str, Any] = {}
-    for item in reversed(collect(hook)):  # pluggy calls the last registered plugin first
+    for item in collect(hook):
         name = getattr(item, key)
         if name in out:
             raise PluginError(f"two plugins register the {what} {name!r}; uninstall one of the two plugins")

@@ -4,8 +4,10 @@ One index per feature set, built by :func:`build_index` (``fs index build``),
 saved under ``<store>/indexes/<feature_set>/`` and registered in the catalog
 table ``vector_indexes`` with its params, vector count, the shards it covers and
 its sha256. The search functions of :mod:`featurestore.search.service` call
-:func:`search_indexed` and :func:`duplicate_groups_indexed` first and fall back
-to exact search when they return nothing to use.
+:func:`~featurestore.search.index_query.search_indexed` and
+:func:`~featurestore.search.index_query.duplicate_groups_indexed` first, through the
+``usearch`` backend of :mod:`featurestore.search.backends` (the built-in index
+backend plugin), and fall back to exact search when they return nothing to use.
 
 Guarantees
 ----------
