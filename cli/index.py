@@ -73,9 +73,11 @@ def build(
 
     Example: fs index build --features efficientnet-lite0 --dtype i8 --expansion-search 200
     """
-    from featurestore.search.backends import index_backend
+    from featurestore.search.backends import index_backends
 
-    build_index = index_backend(backend).build
+    if backend not in (found := index_backends()):
+        raise typer.BadParameter(f"use {' or '.join(found)}", param_hint="--backend")
+    build_index = found[backend].build
     names = _names(features)
     _check_range(connectivity, 2, 256, "--connectivity")
     _check_range(expansion_add, 1, 65_536, "--expansion-add")

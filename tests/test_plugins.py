@@ -171,6 +171,8 @@ def test_unknown_feature_and_runtime_are_bad_arguments(test_plugin: TestPlugin, 
     bad = runner.invoke(app, ["extract", "--feature", "grey-mean:scale"])
     assert bad.exit_code == 2 and "is not key=value" in bad.output
     assert list(cnn_runtimes()) == ["onnxruntime", "mxnet", "test-runtime"]  # the plugin's after the built-ins
+    bad = runner.invoke(app, ["index", "build", "--features", "x", "--backend", "faiss"])
+    assert bad.exit_code == 2 and "use usearch" in bad.output
     bad = runner.invoke(app, ["extract", "--model", "x", "--runtime", "nope"])
     assert bad.exit_code == 2 and "test-runtime" in bad.output and "onnxruntime" in bad.output
 
