@@ -202,6 +202,22 @@ def test_a_plugin_cannot_take_a_builtin_name() -> None:
         plugins.unregister(clash)
 
 
+def test_a_plugin_failing_in_its_hook_is_named() -> None:
+    class Failing:
+        @hookimpl
+        def register_feature_kinds(self, register: Callable[[Any], None]) -> None:
+            raise ModuleNotFoundError("No module named 'cv2'")
+
+    failing = Failing()
+    plugins.register(failing, name="needs-opencv")
+    try:
+        with pytest.raises(plugins.PluginError, match=r"plugin needs-opencv failed in its hook register_feature_"
+                           r"kinds \(ModuleNotFoundError: No module named 'cv2'\)"):
+            feature_kinds()
+    finally:
+        plugins.unregister(failing)
+
+
 def test_a_broken_plugin_is_listed_with_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
     class Broken:
         name, value, dist = "broken", "broken_plugin:nothing", None

@@ -148,6 +148,10 @@ def _own_version() -> str | None:
         return None
 
 
+class PluginError(FeatureStoreError):
+    """Two plugins register the same name, or a plugin registers something featurestore cannot use."""
+
+
 def collect(hook: str) -> list[Any]:
     """What the plugins pass to ``register`` when ``hook(register=...)`` is called.
 
@@ -157,12 +161,12 @@ def collect(hook: str) -> list[Any]:
     """
     found: list[Any] = []
     for impl in getattr(plugin_manager().hook, hook).get_hookimpls():
-        impl.function(register=found.append)
+        try:
+            impl.function(register=found.append)
+        except Exception as exc:
+            raise PluginError(f"plugin {impl.plugin_name} failed in its hook {hook} ({type(exc).__name__}: "
+                              f"{exc}); fix or uninstall it") from exc
     return found
-
-
-class PluginError(FeatureStoreError):
-    """Two plugins register the same name, or a plugin registers something featurestore cannot use."""
 
 
 def named(hook: str, key: str, what: str) -> dict[str, Any]:
