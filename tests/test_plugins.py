@@ -214,6 +214,8 @@ def test_a_plugin_failing_in_its_hook_is_named() -> None:
         with pytest.raises(plugins.PluginError, match=r"plugin needs-opencv failed in its hook register_feature_"
                            r"kinds \(ModuleNotFoundError: No module named 'cv2'\)"):
             feature_kinds()
+        listed = {p.name: p for p in plugins.plugins()}["needs-opencv"]
+        assert listed.provides == ("register_feature_kinds failed (ModuleNotFoundError: No module named 'cv2')",)
     finally:
         plugins.unregister(failing)
 

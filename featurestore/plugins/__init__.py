@@ -136,8 +136,11 @@ def _provides(pm: pluggy.PluginManager, plugin: Any) -> tuple[str, ...]:
         for impl in callers[hook].get_hookimpls() if hook in callers else ():
             if impl.plugin is plugin:
                 found: list[Any] = []
-                impl.function(register=found.append)
-                out += [f"{what} {getattr(item, key)}" for item in found]
+                try:
+                    impl.function(register=found.append)
+                except Exception as exc:  # noqa: BLE001 - listed, so that `fs plugins` shows which one fails
+                    out.append(f"{hook} failed ({type(exc).__name__}: {exc})")
+                out += [f"{what} {getattr(item, key, '?')}" for item in found]
     return tuple(out)
 
 
