@@ -54,7 +54,8 @@ from bench.common import fashion_images, image_files, row, temp_store
 from featurestore.errors import RuntimeUnavailableError
 from featurestore.features.cnn.mxnet_backend import import_mxnet
 from featurestore.features.cnn.onnx_backend import OnnxModel
-from featurestore.features.cnn.registry import cnn_extractor, load_model, load_onnx_model
+from featurestore.features.cnn.registry import cnn_extractor
+from featurestore.features.cnn.runtimes import load_model, load_onnx_model
 from featurestore.io.images import load_rgb
 from featurestore.pipelines.extract import extract
 from featurestore.pipelines.ingest import ingest

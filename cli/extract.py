@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -62,6 +62,9 @@ def extract(  # noqa: PLR0915 -- its eight function-local imports keep `fs --hel
     exact_decode: bool = typer.Option(False, "--exact-decode", help="Decode JPEGs in full for --model. By default "
                                       "a pass of --model sets only decodes JPEGs at 1/2, 1/4 or 1/8 scale when "
                                       "that still covers the network input (recorded as decode: draft)."),
+    feature: list[str] = typer.Option([], "--feature", help="A feature kind by name, with options as "
+                                      "KIND:key=value,key=value, e.g. a plugin's --feature colour-moments:space=hsv "
+                                      "(`fs plugins` lists the kinds installed). Repeatable."),
     batch: int = typer.Option(32, "--batch", help="Images per batch."),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Only images of this dataset."),
     replace: bool = typer.Option(False, "--replace", help="Drop the named feature sets and recompute them."),
@@ -81,12 +84,13 @@ def extract(  # noqa: PLR0915 -- its eight function-local imports keep `fs --hel
     Example: fs extract --rp 128 --lowlevel --model efficientnet-lite0 --runtime onnxruntime --ray auto
 
     Example: fs extract --model efficientnet-lite0 --precision int8
+
+    Example: fs extract --feature colour-moments (a plugin's feature kind; see `fs plugins`)
     """
-    from featurestore.config import CNN_RUNTIMES
-    from featurestore.features.cnn.registry import cnn_extractor
-    from featurestore.features.lowlevel import LowLevelExtractor
-    from featurestore.features.pixels import PixelsExtractor, check_pixels
-    from featurestore.features.projection import check_projection, projection_extractor
+    from featurestore.features.cnn.registry import cnn_runtimes
+    from featurestore.features.pixels import check_pixels
+    from featurestore.features.projection import check_projection
+    from featurestore.features.registry import new_extractor
     from featurestore.features.resize import check_size
     from featurestore.pipelines.extract import extract as run_extract
 
@@ -97,8 +101,9 @@ def extract(  # noqa: PLR0915 -- its eight function-local imports keep `fs --hel
     rule = resize or "stretch"  # --rp/--pixels/--lowlevel; a --model defaults to its own rule
     if layers and not model:
         raise typer.BadParameter("--layers needs --model", param_hint="--layers")
-    if runtime is not None and runtime not in CNN_RUNTIMES:
-        raise typer.BadParameter(f"use {' or '.join(CNN_RUNTIMES)}", param_hint="--runtime")
+    if runtime is not None and runtime not in (runtimes := cnn_runtimes()):
+        raise typer.BadParameter(f"use {' or '.join(runtimes)}", param_hint="--runtime")
+    requested = _parse_features(feature)
     int8 = _check_precision(precision, runtime, bool(model), calibration, min_cosine)
     wh = common.parse_size(size, "--size")
     pixel_size = common.parse_size(pixels, "--pixels") if pixels else None
@@ -113,23 +118,24 @@ def extract(  # noqa: PLR0915 -- its eight function-local imports keep `fs --hel
     store = common.open_store()
     try:
         with store.writing():
-            extractors: list[Extractor] = []
-            if rp is not None:
-                extractors.append(projection_extractor(store, rp, wh, rule, seed, replace=replace))
-            if pixel_size:
-                extractors.append(PixelsExtractor(pixel_size, rule=rule))
-            if lowlevel:
-                extractors.append(LowLevelExtractor(rule=rule))
+            # every family through the feature-kind registry (built-ins and plugins alike)
+            kinds = [*([("random_projection", {"k": rp, "size": wh, "rule": rule, "seed": seed, "replace": replace})]
+                       if rp is not None else []),
+                     *([("pixels", {"size": pixel_size, "rule": rule})] if pixel_size else []),
+                     *([("lowlevel", {"rule": rule})] if lowlevel else []), *requested]
+            extractors: list[Extractor] = [new_extractor(store, kind, options) for kind, options in kinds]
             # issue 29: a pass of CNN sets only decodes JPEGs at the scale the network needs
             exact = exact_decode or bool(extractors)
-            cnn = [cnn_extractor(store, name, wanted, batch_size=batch, resize=resize, tta=tta, runtime=runtime,
-                                 save_export=True, grid=grid, precision=precision, int8=int8,
-                                 decode="exact" if exact else "draft", follow_stored=not (replace or exact_decode))
+            cnn = [new_extractor(store, "cnn", {
+                "model": name, "layers": wanted, "batch_size": batch, "resize": resize, "tta": tta,
+                "runtime": runtime, "save_export": True, "grid": grid, "precision": precision, "int8": int8,
+                "decode": "exact" if exact else "draft", "follow_stored": not (replace or exact_decode)})
                    for name in model]
             _report_int8(cnn)
             extractors += cnn
             if not extractors:
-                raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME")
+                raise typer.BadParameter("give at least one of --rp K, --pixels WxH, --lowlevel, --model NAME, "
+                                         "--feature KIND")
             with common.progress("extract") as tick:
                 if address:
                     from featurestore.pipelines.cluster import extract_on_ray  # Ray and scikit-learn
@@ -143,6 +149,34 @@ def extract(  # noqa: PLR0915 -- its eight function-local imports keep `fs --hel
     finally:
         store.close()
     _report(summary)
+
+
+def _parse_features(texts: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The --feature requests, each a kind the registry can compute from options."""
+    from featurestore.features.registry import feature_kinds
+
+    requested = [_parse_feature(text) for text in texts]
+    known = feature_kinds() if requested else {}
+    for kind, _ in requested:
+        if kind not in known or known[kind].create is None:
+            usable = ", ".join(k for k, v in known.items() if v.create is not None)
+            raise typer.BadParameter(f"unknown feature kind {kind!r}; use one of {usable}", param_hint="--feature")
+    return requested
+
+
+def _parse_feature(text: str) -> tuple[str, dict[str, Any]]:
+    """``KIND[:key=value,key=value]`` -> (kind, options as strings)."""
+    kind, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not (eq and key.strip()):
+            raise typer.BadParameter(f"{item!r} is not key=value; write KIND:key=value,key=value",
+                                     param_hint="--feature")
+        options[key.strip()] = value.strip()
+    if not kind.strip():
+        raise typer.BadParameter("give a feature kind, e.g. --feature lowlevel", param_hint="--feature")
+    return kind.strip(), options
 
 
 def _ray_address(ray: str | None, workers: int | None, threads: int) -> str | None:

@@ -60,6 +60,8 @@ def build(
                                                 "changing only this does not rebuild. Default 128."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Build from scratch even if only new shards would "
                                  "need adding."),
+    backend: str = typer.Option("usearch", "--backend", help="Index library: usearch (built in) or one a plugin "
+                                "adds (`fs plugins` lists them)."),
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
 ) -> None:
     """Build or update the HNSW index of feature sets (usearch), stored crash-safely in the store.
@@ -71,8 +73,11 @@ def build(
 
     Example: fs index build --features efficientnet-lite0 --dtype i8 --expansion-search 200
     """
-    from featurestore.search.index import build_index
+    from featurestore.search.backends import index_backends
 
+    if backend not in (found := index_backends()):
+        raise typer.BadParameter(f"use {' or '.join(found)}", param_hint="--backend")
+    build_index = found[backend].build
     names = _names(features)
     _check_range(connectivity, 2, 256, "--connectivity")
     _check_range(expansion_add, 1, 65_536, "--expansion-add")
@@ -119,7 +124,9 @@ def list_(
 
     Example: fs index list --verify
     """
-    from featurestore.search.index import list_indexes
+    from featurestore.search.backends import index_backend
+
+    list_indexes = index_backend().list
 
     store = common.open_store()
     try:
@@ -150,7 +157,9 @@ def drop(name: str = typer.Argument(..., help="Feature set whose index to remove
 
     Example: fs index drop efficientnet-lite0
     """
-    from featurestore.search.index import drop_index
+    from featurestore.search.backends import index_backend
+
+    drop_index = index_backend().drop
 
     store = common.open_store()
     try:

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from featurestore import __version__
+from featurestore import __version__, plugins
 from featurestore.cli import (
     audit,
     common,
@@ -30,6 +30,7 @@ from featurestore.cli import (
     train,
     verify,
 )
+from featurestore.cli import plugins as cli_plugins
 from featurestore.errors import FeatureStoreError
 
 
@@ -124,6 +125,13 @@ def _register() -> None:
         app.add_typer(module.app, name=module.__name__.rsplit(".", 1)[-1])
     for module in (ingest, status, extract, models, train, search, index, serve, report, verify):
         module.register(app)
+    # Commands from plugins (hook register_commands), `fs plugins` among them; a plugin that cannot be
+    # imported is reported once here and listed by `fs plugins`, and the other commands still run.
+    plugin_manager = plugins.plugin_manager()
+    plugin_manager.register(cli_plugins, name="featurestore.cli.plugins")
+    plugin_manager.hook.register_commands(cli=app)
+    for bad in plugins.failed():
+        typer.echo(f"warning: plugin {bad.name} ({bad.distribution}) is not loaded: {bad.error}", err=True)
 
 
 _register()

@@ -53,7 +53,7 @@ def show(name: str = typer.Argument(..., help="Model name."),
 
     Example: fs models show efficientnet-lite0
     """
-    from featurestore.features.cnn.registry import describe_layers
+    from featurestore.features.cnn.describe import describe_layers
 
     store = common.open_existing_store()  # never writes: a built-in model is converted to a temp folder
     try:

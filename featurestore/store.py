@@ -258,9 +258,9 @@ class Store:
                 lost = folder.name == "artifacts" and path.suffix == ".pkl" and path.name not in artifacts
                 if path.is_file() and (is_temp(path) or lost):
                     path.unlink(missing_ok=True)
-        from featurestore.search import index as ann_index
+        from featurestore.search import backends
 
-        ann_index.remove_orphans(self)  # issue 14: index files of crashed builds and dropped sets
+        backends.remove_orphans(self)  # issue 14: index files of crashed builds and dropped sets
 
     # -- images ----------------------------------------------------------------------
     def select_images(

@@ -44,6 +44,8 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 make_venv "$PY" .venv
 pip_install .venv -e ".[test]"
+# the worked plugin example (README "Writing a plugin"): its tests and tests/test_plugins.py use it installed
+pip_install .venv -e examples/plugins/featurestore-colour-moments
 .venv/bin/python -c "import featurestore, numpy, onnx; print('.venv: featurestore', featurestore.__version__, 'numpy',
 numpy.__version__, 'onnx', onnx.__version__)"
 

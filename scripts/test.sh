@@ -18,6 +18,7 @@ fi
 .venv/bin/mypy
 bash scripts/lint-imports.sh
 .venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q examples/plugins/featurestore-colour-moments/tests
 if [ -x .venv-mxnet/bin/python ]; then
   .venv-mxnet/bin/python -m pytest -q -m mxnet "$@"
 else

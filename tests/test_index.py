@@ -24,6 +24,7 @@ from featurestore.errors import IntegrityError, InvalidInputError, NotFoundError
 from featurestore.features.base import FeatureSpec
 from featurestore.io.atomic import sha256_file
 from featurestore.search import index as ann
+from featurestore.search import index_query
 from featurestore.search.kernel import near_duplicate_groups
 from featurestore.search.service import duplicates, search, where_ids
 from featurestore.store import Store
@@ -291,8 +292,8 @@ def test_index_is_memory_mapped(indexed) -> None:  # type: ignore[no-untyped-def
 
 def test_filters_with_the_index(indexed, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
-    monkeypatch.setattr(ann, "EXACT_ALLOWED_MAX", 20)  # small test sets: exercise the over-fetch path
-    monkeypatch.setattr(ann, "EXACT_ROWS_PER_CANDIDATE", 0)
+    monkeypatch.setattr(index_query, "EXACT_ALLOWED_MAX", 20)  # small test sets: exercise the over-fetch path
+    monkeypatch.setattr(index_query, "EXACT_ROWS_PER_CANDIDATE", 0)
     rng = np.random.default_rng(11)
     for selectivity in (0.5, 0.1, 0.02):
         allowed = np.sort(rng.choice(ids, int(len(ids) * selectivity), replace=False))
@@ -313,9 +314,9 @@ def test_filters_with_the_index(indexed, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_filter_the_over_fetch_cannot_satisfy_goes_exact(indexed, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
-    monkeypatch.setattr(ann, "EXACT_ALLOWED_MAX", 5)
-    monkeypatch.setattr(ann, "FETCH_MAX", 100)
-    monkeypatch.setattr(ann, "EXACT_ROWS_PER_CANDIDATE", 0)
+    monkeypatch.setattr(index_query, "EXACT_ALLOWED_MAX", 5)
+    monkeypatch.setattr(index_query, "FETCH_MAX", 100)
+    monkeypatch.setattr(index_query, "EXACT_ROWS_PER_CANDIDATE", 0)
     q = mat[0]
     # the 500 images farthest from q: the index's first 100 candidates include none of them
     far = ids[np.argsort(mat @ q / np.linalg.norm(mat, axis=1))[:500]]
@@ -330,8 +331,8 @@ def test_small_filters_over_budget_read_only_their_rows(indexed,  # type: ignore
     lean = Store.open(Settings.from_env(store=store.root, database_url=store.settings.database_url,
                                         search_memory_mb=0))  # the set does not fit: nothing is loaded whole
     calls = []
-    original = ann._exact_subset
-    monkeypatch.setattr(ann, "_exact_subset", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = index_query._exact_subset
+    monkeypatch.setattr(index_query, "_exact_subset", lambda *a, **k: calls.append(1) or original(*a, **k))
     try:
         few = ids[[4, 400, 1400, 1900]]
         for q in mat[:3]:
@@ -359,8 +360,8 @@ def test_concurrent_searches_share_one_index(indexed) -> None:  # type: ignore[n
 
 def test_filters_with_new_shards(indexed, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
-    monkeypatch.setattr(ann, "EXACT_ALLOWED_MAX", 20)
-    monkeypatch.setattr(ann, "EXACT_ROWS_PER_CANDIDATE", 0)
+    monkeypatch.setattr(index_query, "EXACT_ALLOWED_MAX", 20)
+    monkeypatch.setattr(index_query, "EXACT_ROWS_PER_CANDIDATE", 0)
     new_ids = add_images(store, 200)
     new = clustered(200, seed=8)
     append(store, "v", new_ids, new, 200)

@@ -8,7 +8,8 @@ that the rebuilt extractor records exactly the stored params, so a changed
 library or model cannot silently produce other vectors.
 
 A new feature kind is one module with an :class:`~featurestore.features.base.Extractor`
-subclass plus one :func:`register` call below. A kind whose one extractor
+subclass plus one :class:`FeatureKind` registered by a plugin's ``register_feature_kinds``
+hook (the built-ins: :mod:`featurestore.plugins.feature_kinds`). A kind whose one extractor
 produces several sets in one pass (the taps of a CNN) also gives ``build_many``,
 so :func:`extractor_for_sets` rebuilds them as one extractor (the cluster path's
 workers use it: one forward pass per image, as on the local path).
@@ -20,25 +21,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from featurestore.errors import FeatureStoreError, InvalidInputError
-from featurestore.features import lowlevel, pixels, projection
+from featurestore.errors import FeatureStoreError, InvalidInputError, NotFoundError
 from featurestore.features.base import Extractor
-from featurestore.features.cnn import registry as cnn_registry
-from featurestore.features.cnn import views as cnn_views
 from featurestore.io.params import canonical
 from featurestore.vectors import StoredSet, StoreView
 
 Builder = Callable[[StoreView, str, dict[str, Any], int], Extractor]
 Hint = Callable[[str, dict[str, Any], int], str]
 ManyBuilder = Callable[[StoreView, Sequence[StoredSet], int], Extractor]
+Creator = Callable[[StoreView, dict[str, Any]], Extractor]
 
 
 @dataclass(frozen=True)
 class FeatureKind:
     """One feature family: how to rebuild its extractor and which command computes it.
 
-    ``build_many`` (optional) rebuilds one extractor producing several stored
-    sets of this kind at once.
+    Registered by the hook ``register_feature_kinds`` (:mod:`featurestore.plugins.hookspecs`).
+    ``build(store, name, params, batch_size)`` rebuilds the extractor of a stored
+    set from its params; ``command(name, params, dim)`` is the command that
+    computes it (for messages); ``build_many`` (optional) rebuilds one extractor
+    producing several stored sets of this kind at once; ``create(store, options)``
+    (optional) makes a new extractor from request options (strings from
+    ``--feature KIND:key=value``, typed values from the built-in options).
     """
 
     kind: str
@@ -46,58 +50,47 @@ class FeatureKind:
     build: Builder
     command: Hint
     build_many: ManyBuilder | None = None
+    create: Creator | None = None
+    description: str = ""
 
 
-KINDS: dict[str, FeatureKind] = {}
+def feature_kinds() -> dict[str, FeatureKind]:
+    """Every feature kind the built-ins and plugins register (hook ``register_feature_kinds``), by kind."""
+    from featurestore import plugins
+
+    kinds: dict[str, FeatureKind] = plugins.named("register_feature_kinds", "kind", "feature kind")
+    return kinds
 
 
-def register(kind: FeatureKind) -> None:
-    KINDS[kind.kind] = kind
+def new_extractor(store: StoreView, kind: str, options: dict[str, Any]) -> Extractor:
+    """A new extractor of ``kind`` from request options (``fs extract --feature KIND:key=value,...``).
 
-
-def _size(p: dict[str, Any]) -> tuple[int, int]:
-    return int(p["size"][0]), int(p["size"][1])
-
-
-register(FeatureKind(
-    "random_projection", projection.RandomProjectionExtractor,
-    lambda store, name, p, batch: projection.projection_extractor(
-        store, k=int(p["k"]), size=_size(p), rule=p["resize_rule"], seed=int(p["seed"]), name=name),
-    lambda name, p, dim: f"fs extract --rp {p.get('k', dim)}",
-))
-register(FeatureKind(
-    "pixels", pixels.PixelsExtractor,
-    lambda store, name, p, batch: pixels.PixelsExtractor(_size(p), rule=p["resize_rule"], name=name),
-    lambda name, p, dim: "fs extract --pixels {}x{}".format(*p.get("size", ["W", "H"])),
-))
-register(FeatureKind(
-    "lowlevel", lowlevel.LowLevelExtractor,
-    lambda store, name, p, batch: lowlevel.LowLevelExtractor.from_params(name, p),
-    lambda name, p, dim: "fs extract --lowlevel",
-))
-register(FeatureKind(
-    "cnn", cnn_registry.CNNExtractor,
-    # issue 16: the model, layer, resize rule, grid and TTA (+center-crop / +grid<N> / +flip sets) all come
-    # from the params.
-    lambda store, name, p, batch: cnn_registry.cnn_extractor_from_params(store, p, batch_size=batch),
-    lambda name, p, dim: cnn_views.extract_command(name, p),
-    # one extractor for several taps of the same model, resize rule, grid and TTA (the cluster path)
-    lambda store, sets, batch: cnn_registry.cnn_extractor(
-        store, sets[0].params["model"], [fs.params["layer"] for fs in sets], batch_size=batch,
-        resize=sets[0].params["preprocess"]["resize"], tta=sets[0].params.get("tta", "none"),
-        grid=int(sets[0].params.get("grid", 1)), **cnn_registry.stored_precision(sets[0].params)),
-))
+    Raises
+    ------
+    NotFoundError
+        No built-in or plugin registers ``kind``.
+    InvalidInputError
+        The kind cannot be computed on request (it has no ``create``), or its options are wrong.
+    """
+    kinds = feature_kinds()
+    found = kinds.get(kind)
+    if found is None:
+        raise NotFoundError("feature kind", kind, [k for k, v in kinds.items() if v.create is not None],
+                            "A plugin adds kinds (installed plugins are listed with their hooks)")
+    if found.create is None:
+        raise InvalidInputError(f"feature kind {kind!r} cannot be computed from options; it has its own options")
+    return found.create(store, dict(options))
 
 
 def extract_hint(fs: StoredSet) -> str:
     """The ``fs extract`` command that computes ``fs`` (for messages)."""
-    kind = KINDS.get(fs.kind)
+    kind = feature_kinds().get(fs.kind)
     return kind.command(fs.name, dict(fs.params or {}), fs.dim) if kind else "fs extract"
 
 
 def build_extractor(store: StoreView, fs: StoredSet, batch_size: int = 32) -> Extractor:
     """The extractor that produced ``fs``, rebuilt from its kind and params (not yet checked)."""
-    kind = KINDS.get(fs.kind)
+    kind = feature_kinds().get(fs.kind)
     if kind is None:
         raise InvalidInputError(
             f"feature set {fs.name!r} has kind {fs.kind!r}, which cannot featurize new images; "
@@ -147,7 +140,7 @@ def extractor_for_sets(store: StoreView, sets: Sequence[StoredSet], batch_size: 
     if len(sets) == 1:
         return extractor_for(store, sets[0], batch_size)
     names = ", ".join(fs.name for fs in sets)
-    kind = KINDS.get(sets[0].kind)
+    kind = feature_kinds().get(sets[0].kind)
     if kind is None or kind.build_many is None or any(fs.kind != kind.kind for fs in sets):
         raise FeatureStoreError(f"the feature sets {names} are not produced by one extractor; rebuild them one by one")
     try:

@@ -21,7 +21,7 @@ import numpy as np
 
 from featurestore.errors import FeatureStoreError, InvalidInputError, MissingFeaturesError
 from featurestore.features.registry import extract_hint
-from featurestore.search import index as ann
+from featurestore.search import backends as ann
 from featurestore.search.kernel import near_duplicate_groups
 from featurestore.search.protocol import SearchStore
 

@@ -39,7 +39,7 @@ from featurestore.errors import (
 )
 from featurestore.io.images import load_rgb, to_rgb
 from featurestore.io.objects import is_object_url
-from featurestore.search import index as ann
+from featurestore.search import backends as ann
 from featurestore.search.cache import CompiledFilter, IdFilter, SetState
 from featurestore.search.kernel import Hit, _as_query, _check_k, _check_metric, near_duplicate_groups, top_k
 from featurestore.search.protocol import SearchStore
@@ -336,13 +336,12 @@ def _search_at(store: SearchStore, state: SetState, query: Query, k: int, where:
     if allowed is not None and allowed.size == 0:
         return [], None, "exact", ""
     note = ""
-    # --- ANN index hook (issue 14): use the set's HNSW index when it has one; see search/index.py ---
+    # ANN index (issue 14): the backend that made the set's index (search/backends.py) searches it
     if not exact and state.snapshot.index_key is not None:
         indexed = ann.search_indexed(store, fs, vec, k, metric, excl, allowed, cached=state)
         if indexed is not None and indexed.hits is not None:
             return indexed.hits, indexed.methods, indexed.method, indexed.note
         note = indexed.note if indexed is not None else ""
-    # --- end of the ANN index hook ---
     shard_key = (fs.name, tuple((sh.id, sh.rows) for sh in state.snapshot.shards))
     # Shard row counts bound the live rows from above (compaction may orphan a few).
     size = sum(sh.rows for sh in state.snapshot.shards) * int(fs.dim) * 4
@@ -423,12 +422,11 @@ def duplicates(
     """
     fs = store.feature_set(feature_set)
     keep_ids = where_ids(store, where) if where is not None else None
-    # --- ANN index hook (issue 14): near duplicates through the set's cosine index; see search/index.py ---
+    # ANN index (issue 14): near duplicates through the set's cosine index, by its backend (search/backends.py)
     if not exact:
         indexed = ann.duplicate_groups_indexed(store, fs, threshold, keep_ids, progress, expansion)
         if indexed is not None:
             return Found(_duplicate_rows(store, indexed.groups), "index", indexed.note)
-    # --- end of the ANN index hook ---
     shard_key, need = _index_key(store, fs)
     if keep_ids is not None:
         # the budget applies to what is compared, and only that is read: the rows --where keeps

@@ -17,15 +17,13 @@ are not registered taps are exported for the session only.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from featurestore.catalog.schema import Model
-from featurestore.config import check_cnn_runtime
 from featurestore.errors import (
     FeatureStoreError,
     IntegrityError,
@@ -34,11 +32,11 @@ from featurestore.errors import (
     NotFoundError,
     RuntimeUnavailableError,
 )
-from featurestore.features.cnn.mx2onnx import MxNetwork, UnsupportedOperatorError
-from featurestore.features.cnn.mxnet_backend import CheckpointModel, CNNExtractor, Preprocess, TapModel
+from featurestore.features.cnn.mx2onnx import UnsupportedOperatorError
+from featurestore.features.cnn.mxnet_backend import CNNExtractor, Preprocess, TapModel
 from featurestore.features.cnn.onnx_backend import OnnxModel
 from featurestore.features.cnn.onnx_export import export_onnx, store_onnx
-from featurestore.features.cnn.onnx_import import export_onnx_backbone, onnx_layers, tap_name
+from featurestore.features.cnn.onnx_import import export_onnx_backbone, tap_name
 from featurestore.features.cnn.quantize import (
     CALIBRATION_MIN,
     Calibration,
@@ -59,6 +57,32 @@ from featurestore.io.images import ImageDecodeError, load_rgb
 if TYPE_CHECKING:
     from featurestore.vectors import StoreView as Store  # the narrow interface the store satisfies
 from featurestore.catalog.repository import check_name
+
+
+class RuntimeLoader(Protocol):
+    def __call__(self, store: Store, name: str, layers: list[str] | None, batch_size: int, *, save_export: bool,
+                 resize: str | None, grid: int) -> tuple[TapModel, Model]: ...
+
+
+@dataclass(frozen=True)
+class CNNRuntime:
+    """A CNN runtime, registered by the hook ``register_cnn_runtimes`` (built-ins: onnxruntime, mxnet).
+
+    ``load(store, name, layers, batch_size, *, save_export, resize, grid)`` returns a
+    verified model with the requested taps (the ``TapModel`` interface) and its catalog row.
+    """
+
+    name: str
+    load: RuntimeLoader
+    description: str = ""
+
+
+def cnn_runtimes() -> dict[str, CNNRuntime]:
+    """Every CNN runtime the built-ins and plugins register, by name."""
+    from featurestore import plugins
+
+    found: dict[str, CNNRuntime] = plugins.named("register_cnn_runtimes", "name", "CNN runtime")
+    return found
 
 
 @dataclass
@@ -286,27 +310,6 @@ def verify_files(store: Store, row: Model) -> tuple[Path, Path]:
     return paths
 
 
-def load_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32,
-               resize: str | None = None, grid: int = 1) -> tuple[CheckpointModel, Model]:
-    """A verified, bound model with the requested taps (default: the model's default tap).
-
-    ``resize`` overrides the model's resize rule (``stretch`` / ``center-crop``); ``grid``
-    pools the taps' maps over a grid (:meth:`CheckpointModel.load`).
-    """
-    row = model_record(store, name)
-    if is_onnx_model(row):
-        raise RuntimeUnavailableError(
-            f"model {name} was registered from an ONNX file: it runs on onnxruntime only (leave out "
-            "--runtime mxnet, or set FS_CNN_RUNTIME=onnxruntime)"
-        )
-    symbol, params = verify_files(store, row)
-    taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
-    pre = _preprocess(row)
-    if resize is not None:
-        pre = replace(pre, resize=check_cnn_resize(resize))
-    return CheckpointModel.load(symbol, params, pre, taps, batch_size=batch_size, grid=grid), row
-
-
 # --- onnxruntime (issue 12) -------------------------------------------------------------------------
 def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path, save_export: bool) -> tuple[bytes, str]:
     """The model's ONNX export, checked against the sha256 recorded in the catalog, and its name.
@@ -337,24 +340,6 @@ def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path, save_expor
             f"it was modified: restore it or run `fs models add {row.name} ... --replace`"
         )
     return data, str(path)
-
-
-def load_onnx_model(store: Store, name: str, layers: list[str] | None = None, batch_size: int = 32,
-                    save_export: bool = False, resize: str | None = None, grid: int = 1
-                    ) -> tuple[OnnxModel, Model]:
-    """A verified onnxruntime session with the requested taps (default: the model's default tap).
-
-    Registered taps come from the stored export; other layers are exported from the
-    verified checkpoint for this session only. The checkpoint files are verified
-    too, whatever runs: the feature sets record them as their lineage.
-    Intra-op threads: ``FS_WORKERS``. ``save_export``: see :func:`cnn_extractor`.
-    """
-    row = model_record(store, name)
-    taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
-    data, where = _fp32_export(store, row, taps, save_export)
-    model = OnnxModel.load(data, _resized(row, resize), taps, batch_size=batch_size, threads=store.settings.workers,
-                           where=where, grid=grid)
-    return model, row
 
 
 def _resized(row: Model, resize: str | None) -> Preprocess:
@@ -542,7 +527,10 @@ def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batc
     check_precision(precision)
     if decode not in ("exact", "draft"):
         raise InvalidInputError(f"unknown decode {decode!r}; choose exact or draft")
-    chosen = check_cnn_runtime(runtime or ("onnxruntime" if precision == "int8" else store.settings.cnn_runtime))
+    runtimes = cnn_runtimes()
+    chosen = runtime or ("onnxruntime" if precision == "int8" else store.settings.cnn_runtime)
+    if chosen not in runtimes:
+        raise InvalidInputError(f"unknown CNN runtime {chosen!r}; use {' or '.join(runtimes)}")
     if precision == "int8" and chosen != "onnxruntime":
         raise InvalidInputError("int8 models run on onnxruntime only; drop --runtime mxnet or use --precision fp32")
     row = model_record(store, name)
@@ -561,11 +549,9 @@ def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batc
         model, row, recorded = load_int8_model(store, name, layers, batch_size, opts=int8, save_export=save_export,
                                                resize=resize, grid=grid)
         lineage.update(recorded)
-    elif chosen == "onnxruntime":
-        model, row = load_onnx_model(store, name, layers, batch_size, save_export=save_export, resize=resize,
-                                     grid=grid)
-    else:
-        model, row = load_model(store, name, layers, batch_size, resize=resize, grid=grid)
+    else:  # the runtime plugins register (hook register_cnn_runtimes)
+        model, row = runtimes[chosen].load(store, name, layers, batch_size, save_export=save_export,
+                                           resize=resize, grid=grid)
     plain = CNNExtractor(name, model, taps=model.taps, default_tap=row.default_tap, lineage=lineage,
                          draft=decode == "draft")
     return ViewsExtractor(plain, suffix, flip=tta == "flip") if suffix else plain
@@ -599,30 +585,3 @@ def stored_precision(params: dict[str, Any]) -> dict[str, Any]:
         out["precision"] = params["precision"]
         out["int8"] = Int8Options(min_cosine=None, sha256=params["quantization"]["sha256"])
     return out
-
-
-def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[str, tuple[int, ...]]]]:
-    """All tap-able layers of a model with their output shapes; never writes to the store.
-
-    A built-in model that the store has not converted yet (or without a store)
-    is converted into a temporary folder for the look and discarded.
-    """
-    row = store.catalog.model(name) if store is not None else None
-    if row is not None:
-        assert store is not None
-        symbol, params = verify_files(store, row)
-        if is_onnx_model(row):
-            return row, [(layer.tap, layer.shape) for layer in onnx_layers(symbol, _preprocess(row).size)]
-        return row, MxNetwork.load(symbol, params, _preprocess(row).size).layers()
-    spec = BUILTIN_MODELS.get(name)
-    if spec is None or not spec.builtin:
-        if store is None and spec is None:
-            raise NotFoundError("model", name, BUILTIN_MODELS, "Register a checkpoint with `fs models add NAME ...`")
-        model_record(store, name) if store is not None else None  # raises the helpful error
-        raise ModelFilesMissingError(f"model {name} is not registered: run `fs models add {name} ...`")
-    with tempfile.TemporaryDirectory(prefix="fs-model-") as tmp:
-        symbol, params = model_files(spec, Path(tmp))
-        layers = MxNetwork.load(symbol, params, spec.preprocess.size).layers()
-        info = Model(name=spec.name, taps=_spec_taps(spec), default_tap=spec.default_tap,
-                     preprocess=spec.preprocess.to_params(), source=spec.source)
-        return info, layers
