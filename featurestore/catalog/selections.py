@@ -16,7 +16,8 @@ class DatasetExistsError(InvalidInputError):
     """A selection would be saved under the name of an existing dataset."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(f"a dataset named {name!r} already exists: pick another name (see `fs datasets list`)")
+        super().__init__(f"a dataset named {name!r} already exists: pick another name", remedy="see-datasets",
+                         name=name)
 
 
 def paths_of(engine: Engine, image_ids: Sequence[int]) -> dict[int, str]:

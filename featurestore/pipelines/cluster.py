@@ -54,7 +54,12 @@ from typing import Any
 import numpy as np
 
 from featurestore.config import Settings
-from featurestore.errors import ClusterError, FeatureStoreError, IntegrityError, InvalidInputError
+from featurestore.errors import (
+    ClusterError,
+    FeatureStoreError,
+    IntegrityError,
+    InvalidParameterError,
+)
 from featurestore.features.base import Extractor
 from featurestore.features.registry import extractor_for_sets
 from featurestore.io.atomic import tmp_path_for
@@ -165,10 +170,9 @@ class Featurizer:
             seen = None
         if seen != token:
             raise ClusterError(
-                f"the store folder {self.root} is not visible here (the check file {path} the driver wrote is "
-                "missing); put the store on storage every node mounts at the same path (e.g. NFS) and pass that "
-                "path as --store / FS_STORE"
-            )
+                "the store folder {root} is not visible here (the check file {path} the driver wrote is missing); put "
+                "the store on storage every node mounts at the same path (e.g. NFS) and pass that path as {store} / "
+                "FS_STORE", params=("store",), root=self.root, path=path)
 
     def ready(self) -> str | None:
         """None when the extractors are built, else why not."""
@@ -246,7 +250,7 @@ class Registrar:
             ids = read_shard_ids(self.store.root / rel, digest)  # what the file holds, read by the driver itself
             if len(ids) != rows or not set(ids.tolist()) <= set(task.lacking.get(name, ())):
                 raise IntegrityError(f"shard {rel} written by node {result.node} does not hold the images of "
-                                     f"task {task.index}; run `fs extract` again")
+                                     f"task {task.index}", remedy="extract-again", path=rel)
             shards[name] = (rel, ids, digest)
         # Tasks are disjoint, so only a replayed task can hold images already registered (then all of them).
         if any(self.have.get(name, set()).intersection(ids.tolist()) for name, (_, ids, _) in shards.items()):
@@ -410,10 +414,10 @@ def extract_on_ray(
     task_rows : int, optional
         Images per task, i.e. per shard written (default: about 8 tasks per actor).
     """
-    for value, option in ((batch_size, "--batch"), (threads, "--ray-threads"), (workers or 1, "--ray-workers"),
-                          (task_rows or 1, "task_rows")):
+    for value, param in ((batch_size, "batch_size"), (threads, "ray_threads"), (workers or 1, "ray_workers"),
+                         (task_rows or 1, "task_rows")):
         if value < 1:
-            raise InvalidInputError(f"{option} must be at least 1")
+            raise InvalidParameterError(f"{{{param}}} must be at least 1", param, value=value)
     summary = ExtractSummary()
     start = time.perf_counter()
     with ray_session(address) as ray:

@@ -36,7 +36,8 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ClusterError("--ray needs Ray, which is not installed: pip install 'featurestore[ray]'") from None
+        raise ClusterError("{ray_address} needs Ray, which is not installed: pip install 'featurestore[ray]'",
+                           params=("ray_address",)) from None
     return ray
 
 
@@ -85,10 +86,9 @@ def ray_session(address: str) -> Iterator[Any]:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _stop(ray, temp)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ClusterError(
-            f"cannot connect to the Ray cluster at {address!r} ({first}); start one with `ray start --head` "
-            "(then use --ray auto) or use --ray local"
-        ) from None
+        raise ClusterError("cannot connect to the Ray cluster at {address!r} ({reason}); start one with `ray start "
+                           "--head` (then use {ray_address} auto) or use {ray_address} local", params=("ray_address",),
+                           address=address, reason=first) from None
     except BaseException as exc:  # Ctrl-C or `kill` while the cluster starts
         _stop(ray, temp)
         if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM and callable(sigterm) \
@@ -168,14 +168,15 @@ def _probe(address: str) -> None:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise ClusterError(f"--ray {address!r} is not HOST:PORT, local or auto")
+        raise ClusterError("{ray_address} {address!r} is not HOST:PORT, local or auto", params=("ray_address",),
+                           address=address)
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
     except OSError as exc:
         raise ClusterError(
-            f"cannot connect to the Ray cluster at {address!r} ({exc.strerror or exc}); start one with "
-            "`ray start --head` (then use --ray auto or its HOST:6379) or use --ray local"
-        ) from None
+            "cannot connect to the Ray cluster at {address!r} ({reason}); start one with `ray start --head` (then "
+            "use {ray_address} auto or its HOST:6379) or use {ray_address} local", params=("ray_address",),
+            address=address, reason=exc.strerror or exc) from None
 
 
 def _stop(ray: Any, temp: str | None) -> None:
@@ -215,7 +216,7 @@ def check_catalog(settings: Settings, nodes: Sequence[Node]) -> None:
         raise ClusterError(
             f"the catalog is SQLite ({url.database}) but the Ray cluster has {len(nodes)} nodes: SQLite on a "
             "network filesystem shared by several machines is unsafe (its locking does not hold there); put the "
-            "catalog in PostgreSQL: set FS_DATABASE_URL=postgresql+psycopg2://USER@HOST/DB and run `fs db upgrade`"
+            "catalog in PostgreSQL: set FS_DATABASE_URL=postgresql+psycopg2://USER@HOST/DB", remedy="db-upgrade-and"
         )
     remote_nodes = len(nodes) > 1 and any(not _is_loopback(n.address) for n in nodes)
     if remote_nodes and url.get_backend_name() != "sqlite" and _is_loopback(url.host):
@@ -230,9 +231,11 @@ def pool_size(nodes: Sequence[Node], threads: int, workers: int | None) -> int:
     capacity = sum(n.cpus // threads for n in nodes)
     shape = ", ".join(f"{n.address}: {n.cpus} CPU" for n in nodes) or "no nodes"
     if capacity < 1:
-        raise ClusterError(f"no node of the Ray cluster has {threads} CPU(s) for one worker ({shape}); "
-                           "lower --ray-threads")
+        raise ClusterError("no node of the Ray cluster has {threads} CPU(s) for one worker ({shape}); lower "
+                           "{ray_threads}", params=("ray_threads",), threads=threads, shape=shape)
     if workers is not None and workers > capacity:
-        raise ClusterError(f"{workers} workers of {threads} thread(s) do not fit on the Ray cluster ({shape}: "
-                           f"room for {capacity}); lower --ray-workers or --ray-threads")
+        raise ClusterError("{workers} workers of {threads} thread(s) do not fit on the Ray cluster ({shape}: room "
+                           "for {capacity}); lower {ray_workers} or {ray_threads}",
+                           params=("ray_workers", "ray_threads"), workers=workers, threads=threads, shape=shape,
+                           capacity=capacity)
     return workers or capacity
