@@ -61,7 +61,7 @@ from featurestore.http.access import (
     writes_allowed,
 )
 from featurestore.http.deps import SettingsDep, StoreDep, Upload, decode_upload
-from featurestore.http.errors import http_error, status_for, validation_message
+from featurestore.http.errors import http_error, page_message, status_for, validation_message
 from featurestore.http.routes.browse import tile_record
 from featurestore.http.templating import render
 from featurestore.http.throttle import LoginThrottle
@@ -96,7 +96,7 @@ class PageRoute(APIRoute):
                 return await handler(request)
             except FeatureStoreError as exc:
                 # The status follows the error's type, as in the JSON API (e.g. 413/415 for uploads).
-                return _error_page(request, status_for(exc), str(exc))
+                return _error_page(request, status_for(exc), page_message(exc))
             except HTTPException as exc:
                 if exc.status_code < 400:
                     raise
