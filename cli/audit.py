@@ -23,7 +23,7 @@ def _threshold(value: float) -> float:
     try:
         return check_threshold(value)
     except InvalidInputError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--threshold") from None
+        raise typer.BadParameter(common.error_text(exc), param_hint="--threshold") from None
 
 
 @app.command("leaks")

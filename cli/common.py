@@ -74,6 +74,14 @@ class Format(str, Enum):
     json = "json"
 
 
+def error_text(exc: BaseException) -> str:
+    """An error as ``fs`` words it: a library error with its hint (:mod:`featurestore.cli.hints`), else its text."""
+    from featurestore.cli import hints
+    from featurestore.errors import FeatureStoreError
+
+    return hints.message(exc) if isinstance(exc, FeatureStoreError) else str(exc)
+
+
 def err(msg: str) -> None:
     typer.echo(msg, err=True)
 

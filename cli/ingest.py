@@ -36,7 +36,7 @@ def ingest(
     try:
         parse_labels(labels)
     except Exception as exc:
-        raise typer.BadParameter(str(exc), param_hint="--labels") from None
+        raise typer.BadParameter(common.error_text(exc), param_hint="--labels") from None
     store = common.open_store(create=True)
     try:
         with store.writing(), common.progress("ingest") as tick:

@@ -18,6 +18,7 @@ from featurestore.cli import (
     db,
     export,
     extract,
+    hints,
     index,
     ingest,
     labels,
@@ -67,7 +68,7 @@ class _Group(TyperGroup):
 
 def _message(exc: Exception) -> str:
     if isinstance(exc, FeatureStoreError):
-        return str(exc)
+        return hints.message(exc)
     if isinstance(exc, OSError):  # a path the user gave that cannot be created, read or written
         where = f"{exc.filename}: " if exc.filename else ""
         return f"{where}{exc.strerror or exc}; check the path and its permissions (or free disk space)"

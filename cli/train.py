@@ -66,7 +66,7 @@ def _cfg(features: list[str], target: str, select: str | None, classifier: str, 
     try:
         cfg.check()
     except InvalidInputError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(common.error_text(exc)) from None
     return cfg
 
 

@@ -166,9 +166,8 @@ class Settings(BaseSettings):
                 "set FS_DATABASE_URL=postgresql+psycopg2://USER@HOST/DB"
             )
         raise InvalidInputError(
-            f"FS_STORE={url}: a store in a bucket is not supported yet (images can be: `fs ingest s3://...`); "
-            "set FS_STORE to a folder"
-        )
+            f"FS_STORE={url}: a store in a bucket is not supported yet; set FS_STORE to a folder",
+            remedy="store-in-bucket", url=url)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

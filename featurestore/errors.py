@@ -7,17 +7,69 @@ builtin so callers that only know Python's exceptions still catch them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 class FeatureStoreError(Exception):
-    """Base class: the CLI prints ``Error: <message>`` and exits 1."""
+    """Base class: the CLI prints ``Error: <message>`` and exits 1.
+
+    The message states facts: what happened, to which file, set, image or value.
+    What to run next belongs to the front end: ``remedy`` names that step (a key
+    that ``featurestore.cli.hints`` words as an `fs` command line), and the facts
+    it needs are attributes of the error (``facts`` lists them). A message that
+    names parameters of the call (``folds``, ``test_dataset``) gives them as
+    ``params`` and writes each as a ``{field}`` of the message: it reads with
+    the Python names, and a front end puts its own spelling (see :meth:`worded`).
+
+    Parameters
+    ----------
+    *args
+        The message (as for any exception); a ``str.format`` template when ``params`` is given.
+    remedy
+        The next step, as a key of the CLI's hints; empty when there is none to suggest.
+    params
+        Names of the parameters the message names; other template fields come from ``facts``.
+    **facts
+        Values the message or the remedy names (a feature set, a file, a run id...), kept as attributes.
+
+    Examples
+    --------
+    >>> str(FeatureStoreError("{folds} and {test_dataset} exclude each other", params=("folds", "test_dataset")))
+    'folds and test_dataset exclude each other'
+    >>> str(InvalidParameterError("{trees} must be at least 1, got {value}", "trees", value=0))
+    'trees must be at least 1, got 0'
+    """
+
+    remedy: str = ""
+    template: str = ""
+    params: tuple[str, ...] = ()
+
+    def __init__(self, *args: object, remedy: str = "", params: Iterable[str] = (), **facts: Any) -> None:
+        self.facts: dict[str, Any] = {**getattr(self, "facts", {}), **facts}
+        if params:
+            self.template, self.params = str(args[0]), tuple(params)
+            args = (self.worded(str), *args[1:])
+        super().__init__(*args)
+        if remedy:
+            self.remedy = remedy
+        for key, value in facts.items():
+            setattr(self, key, value)
+
+    def worded(self, name: Callable[[str], str]) -> str:
+        """The message with each parameter it names spelled by ``name`` (the CLI: its ``--flag``)."""
+        if not self.params:
+            return str(self)
+        try:
+            return self.template.format_map({**self.facts, **{p: name(p) for p in self.params}})
+        except (KeyError, IndexError, ValueError):  # a value with braces already in the text: leave it as it is
+            return self.template
 
 
 class NotFoundError(FeatureStoreError, LookupError):
     """Something named by the user does not exist (feature set, run, model...)."""
 
-    def __init__(self, what: str, name: str, available: Iterable[str] = (), hint: str = ""):
+    def __init__(self, what: str, name: str, available: Iterable[str] = (), hint: str = "", *, remedy: str = ""):
         avail = sorted(available)
         msg = f"unknown {what} {name!r}"
         if avail:
@@ -26,13 +78,25 @@ class NotFoundError(FeatureStoreError, LookupError):
             msg += f"; no {what}s exist yet"
         if hint:
             msg += f". {hint}"
-        super().__init__(msg)
+        super().__init__(msg, remedy=remedy, what=what)
         self.name = name
         self.available = avail
 
 
 class InvalidInputError(FeatureStoreError, ValueError):
     """A value or file given by the user cannot be used."""
+
+
+class InvalidParameterError(InvalidInputError):
+    """An argument out of range, or two that exclude each other, named as the Python API names them.
+
+    ``InvalidParameterError(template, *params, **facts)`` is
+    ``InvalidInputError(template, params=params, **facts)``: the message names
+    each parameter as a ``{field}`` (see :class:`FeatureStoreError`).
+    """
+
+    def __init__(self, template: str, *params: str, remedy: str = "", **facts: Any) -> None:
+        super().__init__(template, remedy=remedy, params=params, **facts)
 
 
 class DimensionMismatchError(FeatureStoreError, ValueError):
@@ -45,19 +109,20 @@ class ParamsMismatchError(FeatureStoreError, ValueError):
     def __init__(self, name: str, stored: dict, requested: dict):
         diff = sorted(k for k in set(stored) | set(requested) if stored.get(k) != requested.get(k))
         shown = ", ".join(f"{k}: stored {stored.get(k)!r} vs requested {requested.get(k)!r}" for k in diff)
-        super().__init__(
-            f"feature set {name!r} already exists with different parameters ({shown}); "
-            "choose a new name or pass --replace to drop and recompute it"
-        )
+        super().__init__(f"feature set {name!r} already exists with different parameters ({shown})",
+                         remedy="replace-set", name=name, stored=stored, requested=requested)
 
 
 class MissingFeaturesError(FeatureStoreError, LookupError):
-    """Some selected images have no vector in a requested feature set."""
+    """Some selected images have no vector in a requested feature set.
 
-    def __init__(self, feature_set: str, missing: int, command: str):
-        super().__init__(
-            f"{missing} image(s) lack {feature_set}: run `{command}` (or pass --skip-missing)"
-        )
+    ``stored`` is the feature set's catalog row (its kind and params say how to
+    compute the missing vectors); ``command`` is the older way callers said it.
+    """
+
+    def __init__(self, feature_set: str, missing: int, command: str = "", *, stored: Any = None):
+        super().__init__(f"{missing} image(s) lack {feature_set}", remedy="extract-missing",
+                         feature_set=feature_set, command=command, stored=stored)
         self.missing = missing
 
 
@@ -85,11 +150,8 @@ class CatalogCorruptError(FeatureStoreError, RuntimeError):
     """The catalog's SQLite file is not a database (overwritten, truncated or another file)."""
 
     def __init__(self, path: object, reason: str):
-        super().__init__(
-            f"the catalog {path} is not a readable SQLite database ({reason}); move it aside "
-            f"(mv {path} {path}.bad) and restore it from a backup, or point --store/FS_STORE at another store"
-        )
-        self.path = path
+        super().__init__(f"the catalog {path} is not a readable SQLite database ({reason})",
+                         remedy="catalog-corrupt", path=path, reason=reason)
 
 
 class UnsupportedMediaError(InvalidInputError):
@@ -101,20 +163,30 @@ class PayloadTooLargeError(InvalidInputError):
 
 
 class ImageNotFoundError(NotFoundError, InvalidInputError):
-    """No image has this id (also an :class:`InvalidInputError`: the id was given by the user)."""
+    """No image has this id (also an :class:`InvalidInputError`: the id was given by the user).
 
-    def __init__(self, image_id: int, hint: str = ""):
-        FeatureStoreError.__init__(self, f"no image with id {image_id} in the catalog" + (f"; {hint}" if hint else ""))
+    ``absent`` counts the ids of the same request that do not exist either (when more than one was given).
+    """
+
+    def __init__(self, image_id: int, absent: int = 0, *, remedy: str = ""):
+        msg = f"no image with id {image_id} in the catalog"
+        if absent:
+            msg += f"; {absent} of the ids given do not exist"
+        FeatureStoreError.__init__(self, msg, remedy=remedy, image_id=image_id, absent=absent)
         self.name = str(image_id)
         self.available = []
 
 
 class NoVectorError(MissingFeaturesError, InvalidInputError):
-    """One image has no vector in a feature set (HTTP 409: run `fs extract` first)."""
+    """One image has no vector in a feature set (HTTP 409: its vectors are still to be extracted).
 
-    def __init__(self, image_id: int, feature_set: str, command: str, hint: str = ""):
-        msg = f"image {image_id} has no vector in {feature_set}: run `{command}` first"
-        FeatureStoreError.__init__(self, msg + (f", {hint}" if hint else ""))
+    ``stored`` is the feature set's catalog row, as for :class:`MissingFeaturesError`.
+    """
+
+    def __init__(self, image_id: int, feature_set: str, command: str = "", *, stored: Any = None,
+                 remedy: str = "extract-first"):
+        FeatureStoreError.__init__(self, f"image {image_id} has no vector in {feature_set}", remedy=remedy,
+                                   image_id=image_id, feature_set=feature_set, command=command, stored=stored)
         self.missing = 1
 
 

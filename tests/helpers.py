@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from featurestore.cli import hints
 from featurestore.features.base import FeatureSpec
 from featurestore.pipelines.ingest import ingest
 from featurestore.store import Store
@@ -79,3 +85,16 @@ def ingest_with_near_copies(store: Store, tmp_path: Path, per_class: int = 8, co
         fr = store.ensure_feature_set(FeatureSpec("r", "random_projection", 3, {}))
         store.append_vectors(fr, ids, rng.normal(size=(len(ids), 3)).astype(np.float32))
     return copy_of
+
+
+@contextmanager
+def raises_cli(exc_type: type[BaseException], match: str) -> Iterator[Any]:
+    """``pytest.raises`` for a library error whose line, as ``fs`` prints it (``cli/hints.py``), matches ``match``.
+
+    The library's message states the facts; the command or flag to run next is
+    the CLI's wording, so that is what a check naming `fs` or a ``--flag`` reads.
+    """
+    with pytest.raises(exc_type) as info:
+        yield info
+    line = hints.message(info.value)
+    assert re.search(match, line), f"{match!r} not in {line!r}"

@@ -23,7 +23,7 @@ from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.train import TrainConfig, train
 from featurestore.search.outliers import outlier_scores
 from featurestore.store import Store
-from helpers import ingest_with_near_copies, make_image
+from helpers import ingest_with_near_copies, make_image, raises_cli
 
 runner = CliRunner()
 
@@ -58,7 +58,7 @@ def test_leaks_across_a_runs_splits_vanish_with_grouping(store: Store, tmp_path:
     leaky = audit_leaks(store, 0.99, run=plain.run_id, feature_set="c")
     assert leaky.leaks and all(x.where.startswith("split ") for x in leaky.leaks)
     assert audit_leaks(store, 0.99, run=grouped.run_id).leaks == []  # the run's grouping set is the default
-    with pytest.raises(InvalidInputError, match="--dataset A .* or --run R"):
+    with raises_cli(InvalidInputError, match="--dataset A .* or --run R"):
         audit_leaks(store, 0.9)
 
 

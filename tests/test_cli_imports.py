@@ -66,11 +66,26 @@ def test_status_and_sql_import_only_what_they_use(tmp_path: Path) -> None:
     code, modules = _loaded_after("status", cwd=tmp_path)
     assert code in (0, None)
     assert "featurestore.store" in modules and "sqlalchemy" in modules  # it did open the store
-    assert _offending(modules, (*HEAVY, "sqlglot")) == []
+    assert _offending(modules, (*HEAVY, "sqlglot", "h5py")) == []  # counts come from the catalog, no shard opened
     code, modules = _loaded_after("sql", "SELECT count(*) FROM images", cwd=tmp_path)
     assert code in (0, None)
     assert "sqlglot" in modules
     assert _offending(modules, (*HEAVY, "h5py", "featurestore.store", "sqlalchemy.orm")) == []
+
+
+def test_search_by_id_imports_no_scipy_or_learning_libraries(tmp_path: Path) -> None:
+    for i in range(3):
+        make_image(tmp_path / "shoes" / "a" / "b" / f"{i}.png", seed=i)
+    runner = CliRunner()
+    for args in (["ingest", str(tmp_path / "shoes")], ["extract", "--rp", "8", "--size", "32x24"]):
+        done = runner.invoke(app, args)
+        assert done.exit_code == 0, done.output
+    code, modules = _loaded_after("search", "--features", "rp8", "--id", "1", "-k", "2", cwd=tmp_path)
+    assert code in (0, None)
+    assert "featurestore.search.service" in modules and "h5py" in modules  # it did read the stored vector
+    # scipy only groups dense duplicate tiles; the rest never serves a search from the command line
+    assert _offending(modules, ("scipy", "sklearn", "onnxruntime", "fastapi", "ray", "mxnet", "pyarrow",
+                                "featurestore.pipelines", "featurestore.http", "featurestore.training")) == []
 
 
 def test_sql_allow_list_is_the_schema() -> None:

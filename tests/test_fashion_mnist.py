@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from featurestore.cli import hints
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.io.fashion_mnist import (
     FASHION_MNIST_CLASSES,
@@ -204,7 +205,7 @@ def test_missing_dataset_message(tmp_path):
         export_fashion_mnist(tmp_path / "out", source=tmp_path / "nowhere")
     err = info.value
     assert isinstance(err, FeatureStoreError) and isinstance(err, FileNotFoundError)
-    msg = str(err)
+    msg = hints.message(err)  # the line `fs datasets export` prints: the facts and the CLI's way out
     assert f"Fashion-MNIST not found at {tmp_path / 'nowhere'}" in msg
     assert "`apt-get install dataset-fashion-mnist` (or pass --source DIR)" in msg
     assert "train-images-idx3-ubyte.gz" in msg

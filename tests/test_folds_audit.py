@@ -19,7 +19,7 @@ from featurestore.pipelines.train import TrainConfig, compare, evaluate_many, ge
 from featurestore.store import Store
 from featurestore.training.evaluation import evaluate, make_folds
 from featurestore.training.label_issues import find_label_issues
-from helpers import make_image
+from helpers import make_image, raises_cli
 
 runner = CliRunner()
 CLASSES = [("footwear", "sneaker"), ("footwear", "sandal"), ("tops", "shirt")]
@@ -132,11 +132,11 @@ def test_kfold_run_stores_oof_and_compares_fold_by_fold(kstore: Store) -> None:
 
 
 def test_folds_refuse_test_dataset_and_ray(kstore: Store) -> None:
-    with pytest.raises(InvalidInputError, match="--folds and --test-dataset"):
+    with raises_cli(InvalidInputError, match="--folds and --test-dataset"):
         _cfg(["a"], folds=3, test_dataset="x").check()
-    with pytest.raises(InvalidInputError, match="--folds must be at least 2"):
+    with raises_cli(InvalidInputError, match="--folds must be at least 2"):
         _cfg(["a"], folds=1).check()
-    with kstore.writing(), pytest.raises(InvalidInputError, match="--folds runs on this machine only"):
+    with kstore.writing(), raises_cli(InvalidInputError, match="--folds runs on this machine only"):
         train(kstore, _cfg(["a"], folds=3), ray_address="local")
 
 
@@ -171,7 +171,7 @@ def test_audit_labels_finds_the_flipped_images_and_matches_cleanlab(kstore: Stor
 def test_audit_refuses_run_without_oof(kstore: Store) -> None:
     with kstore.writing():
         run = train(kstore, _cfg(["a"], n_splits=3), fit_final=False).run_id
-    with pytest.raises(NoOutOfFoldError, match="--folds"):
+    with raises_cli(NoOutOfFoldError, match="--folds"):
         audit_labels(kstore, run)
     result = runner.invoke(app, ["audit", "labels", "--run", str(run)])
     assert result.exit_code == 1

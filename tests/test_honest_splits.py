@@ -16,7 +16,7 @@ from featurestore.pipelines.train import TrainConfig, evaluate_many, get_run, tr
 from featurestore.search.groups import check_threshold, cross_pairs, group_near_duplicates
 from featurestore.store import Store
 from featurestore.training.evaluation import make_splits, unsplittable_classes
-from helpers import ingest_with_near_copies, make_image
+from helpers import ingest_with_near_copies, make_image, raises_cli
 
 runner = CliRunner()
 
@@ -105,7 +105,7 @@ def test_default_group_set_is_the_first_cnn_set(store: Store, tmp_path: Path) ->
     with store.writing():
         outs = evaluate_many(store, [["r"], ["r", "c"]], TrainConfig(["r"], n_splits=3, trees=5,
                                                                      group_duplicates=0.99))
-        with pytest.raises(InvalidInputError, match="none of r is one: name one with --group-features"):
+        with raises_cli(InvalidInputError, match="none of r is one: name one with --group-features"):
             train(store, TrainConfig(["r"], n_splits=3, trees=5, group_duplicates=0.99), fit_final=False)
     assert {get_run(store, o.run_id).group_features for o in outs} == {"c"}
     assert len({get_run(store, o.run_id).splits_fingerprint for o in outs}) == 1
@@ -117,7 +117,7 @@ def test_missing_group_vectors_name_fs_extract(store: Store, tmp_path: Path) -> 
     with store.writing():
         (new,) = ingest(store, tmp_path / "late", dataset="late").image_ids
         store.append_vectors(store.feature_set("r"), [new], np.zeros((1, 3), dtype=np.float32))
-        with pytest.raises(MissingFeaturesError, match="1 image.* lack c: run `fs extract"):
+        with raises_cli(MissingFeaturesError, match="1 image.* lack c: run `fs extract"):
             train(store, TrainConfig(["r"], n_splits=3, trees=5, group_duplicates=0.9, group_features="c"),
                   fit_final=False)
 
@@ -199,5 +199,5 @@ def test_grouping_without_index_respects_the_memory_budget(store: Store, tmp_pat
     ingest_with_near_copies(store, tmp_path)
     store.settings = store.settings.replace(search_memory_mb=0)
     ids = [r[0] for r in store.select_images()]
-    with pytest.raises(FeatureStoreError, match="search memory budget .* `fs index build --features c`"):
+    with raises_cli(FeatureStoreError, match="search memory budget .* `fs index build --features c`"):
         group_near_duplicates(store, "c", ids, 0.95)

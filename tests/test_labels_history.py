@@ -19,6 +19,7 @@ from featurestore.errors import InvalidInputError
 from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.labels import cli_user, import_labels, set_labels, undo
 from featurestore.store import Store
+from helpers import raises_cli
 
 runner = CliRunner()
 
@@ -62,7 +63,7 @@ def test_set_records_history_and_updates_images(lstore: Store) -> None:
 
 def test_unknown_label_needs_new_label(lstore: Store) -> None:
     shirt = _ids(lstore, "shirt")
-    with lstore.writing(), pytest.raises(InvalidInputError, match="unknown label 'sneakr'.*--new-label"):
+    with lstore.writing(), raises_cli(InvalidInputError, match="unknown label 'sneakr'.*--new-label"):
         set_labels(lstore, shirt[:1], "sneakr")
     assert lstore.catalog.label_history() == []
     with lstore.writing():

@@ -10,6 +10,7 @@ from featurestore.catalog import database
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, SchemaOutdatedError
 from featurestore.store import Store
+from helpers import raises_cli
 
 
 def _url(tmp_path: Path, backend_url: str | None) -> str:
@@ -37,7 +38,7 @@ def test_older_revision_asks_for_upgrade(tmp_path: Path, backend_url: str | None
     database.upgrade(engine, url, "0001")
     engine.dispose()
     settings = Settings.from_env(store=tmp_path / ".fs", database_url=backend_url)
-    with pytest.raises(SchemaOutdatedError, match="at revision 0001, older .* run `fs db upgrade`"):
+    with raises_cli(SchemaOutdatedError, match="at revision 0001, older .* run `fs db upgrade`"):
         Store.open(settings)
     engine = database.make_engine(url)
     database.upgrade(engine, url)

@@ -16,7 +16,7 @@ from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.predict import predict
 from featurestore.pipelines.train import TrainConfig, compare, evaluate_many, get_run, parse_select, train
 from featurestore.store import Store
-from helpers import make_image
+from helpers import make_image, raises_cli
 
 runner = CliRunner()
 CLASSES = [("footwear", "sneaker"), ("footwear", "sandal"), ("tops", "shirt")]
@@ -176,5 +176,5 @@ def test_cv_and_mlp_runs_train_save_and_predict(trained_store: Store, classifier
 def test_logreg_cv_too_few_images_is_a_one_line_error(trained_store: Store) -> None:
     # 90 % test: each training part holds one image per class, too few for 3-fold CV
     with trained_store.writing():
-        with pytest.raises(InvalidInputError, match="logreg-cv picks C.*--classifier logreg"):
+        with raises_cli(InvalidInputError, match="logreg-cv picks C.*--classifier logreg"):
             train(trained_store, TrainConfig(["a"], n_splits=2, test_size=0.9, classifier="logreg-cv"))

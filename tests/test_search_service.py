@@ -23,7 +23,7 @@ from featurestore.search.service import (
     where_ids,
 )
 from featurestore.store import Store
-from helpers import brute, make_image
+from helpers import brute, make_image, raises_cli
 
 DIM = 12
 
@@ -156,7 +156,7 @@ def test_id_errors(vec_store):
     with store.writing():
         fs = store.ensure_feature_set(FeatureSpec(name="partial", kind="test", dim=DIM))
         store.append_vectors(fs, ids[:2], np.ones((2, DIM), np.float32))
-    with pytest.raises(InvalidInputError, match=rf"image {int(ids[5])} has no vector in partial: run `fs extract"):
+    with raises_cli(InvalidInputError, match=rf"image {int(ids[5])} has no vector in partial: run `fs extract"):
         search(store, "partial", int(ids[5]))
     with pytest.raises(InvalidInputError, match="cannot featurize new images"):
         embedder_for(store, "emb")

@@ -18,6 +18,7 @@ from featurestore.errors import (
 from featurestore.features.base import FeatureSpec
 from featurestore.pipelines.ingest import ingest
 from featurestore.store import Store
+from helpers import raises_cli
 
 
 def _ingested(store: Store, tree: Path) -> list[int]:
@@ -53,7 +54,7 @@ def test_missing_vectors_error_names_the_command(store: Store, image_tree: Path)
     with store.writing():
         fs = store.ensure_feature_set(FeatureSpec("rp8", "random_projection", 2, {"k": 8}))
         store.append_vectors(fs, ids[:5], np.zeros((5, 2)))
-    with pytest.raises(MissingFeaturesError, match=r"7 image\(s\) lack rp8: run `fs extract --rp 8`"):
+    with raises_cli(MissingFeaturesError, match=r"7 image\(s\) lack rp8: run `fs extract --rp 8`"):
         store.read_matrix(["rp8"])
     fm = store.read_matrix(["rp8"], skip_missing=True)
     assert list(fm.image_ids) == ids[:5]
@@ -72,7 +73,7 @@ def test_params_mismatch_refused_and_replace_drops(store: Store, image_tree: Pat
     with store.writing():
         fs = store.ensure_feature_set(FeatureSpec("rp4", "random_projection", 4, {"seed": 0}))
         store.append_vectors(fs, ids, np.ones((len(ids), 4)))
-        with pytest.raises(ParamsMismatchError, match="seed: stored 0 vs requested 1.*--replace"):
+        with raises_cli(ParamsMismatchError, match="seed: stored 0 vs requested 1.*--replace"):
             store.ensure_feature_set(FeatureSpec("rp4", "random_projection", 4, {"seed": 1}))
         assert store.read_matrix(["rp4"]).X.shape == (len(ids), 4)
         store.ensure_feature_set(FeatureSpec("rp4", "random_projection", 4, {"seed": 1}), replace=True)

@@ -35,6 +35,7 @@ from featurestore.training.twoflow import (
     describe_model,
     kept_features,
 )
+from helpers import raises_cli
 
 BLOCKS = {"rp": (0, 20), "cnn": (20, 60)}
 SMALL = {"trees": 15, "selector_trees": 15, "n_jobs": 1}
@@ -115,7 +116,7 @@ def test_other_classifiers(data, classifier):
 def test_logreg_cv_refuses_too_few_images_per_class_in_one_line():
     X = np.random.default_rng(0).normal(size=(6, 60))
     model = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="logreg-cv", n_jobs=1)
-    with pytest.raises(InvalidInputError, match="needs at least 3 images of some class.*--classifier logreg"):
+    with raises_cli(InvalidInputError, match="needs at least 3 images of some class.*--classifier logreg"):
         model.fit(X, np.array([0, 0, 1, 1, 2, 2]))
 
 
@@ -123,7 +124,7 @@ def test_mlp_refuses_a_training_part_too_small_to_hold_out_in_one_line():
     X = np.random.default_rng(0).normal(size=(12, 60))
     model = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="mlp", n_jobs=1)
     # a tenth of 12 images is 2, fewer than the 3 classes
-    with pytest.raises(InvalidInputError, match=r"mlp holds out a tenth.*\(2 here\).*--classifier logreg"):
+    with raises_cli(InvalidInputError, match=r"mlp holds out a tenth.*\(2 here\).*--classifier logreg"):
         model.fit(X, np.repeat(["coat", "shirt", "bag"], 4))
 
 

@@ -24,8 +24,8 @@ class CatalogUnavailableError(FeatureStoreError, ConnectionError):
     """The catalog database cannot be reached or opened."""
 
     def __init__(self, url: str, reason: str):
-        super().__init__(f"cannot open the catalog at {_safe(url)} ({reason}); check FS_DATABASE_URL / --store "
-                         "and that the database server is running and reachable")
+        super().__init__(f"cannot open the catalog at {_safe(url)} ({reason})", remedy="catalog-unreachable",
+                         url=_safe(url), reason=reason)
 
 
 def configure_sqlite(engine: Engine) -> None:
@@ -173,16 +173,12 @@ def ensure_schema(engine: Engine, url: str, create: bool) -> None:
     if current is None:
         tables = set(inspect(engine).get_table_names())
         if tables - {"alembic_version"} and current_revision(engine) != head:  # (not another store's first use)
-            raise FeatureStoreError(
-                f"the database at {_safe(url)} has tables but no featurestore schema version; "
-                "point FS_DATABASE_URL/--store at an empty database or a featurestore catalog"
-            )
+            raise FeatureStoreError(f"the database at {_safe(url)} has tables but no featurestore schema version",
+                                    remedy="not-a-catalog", url=_safe(url))
         if tables - {"alembic_version"}:
             return
         if not create:
-            raise FeatureStoreError(
-                f"the catalog at {_safe(url)} is empty: run `fs ingest PATH` (or `fs db upgrade`) first"
-            )
+            raise FeatureStoreError(f"the catalog at {_safe(url)} is empty", remedy="empty-catalog", url=_safe(url))
         upgrade(engine, url)
         return
     script = ScriptDirectory.from_config(alembic_config(url))
@@ -193,9 +189,8 @@ def ensure_schema(engine: Engine, url: str, create: bool) -> None:
             f"(head {head}); upgrade featurestore"
         )
     raise SchemaOutdatedError(
-        f"the catalog at {_safe(url)} is at revision {current}, older than this featurestore "
-        f"(head {head}): run `fs db upgrade`"
-    )
+        f"the catalog at {_safe(url)} is at revision {current}, older than this featurestore (head {head})",
+        remedy="db-upgrade", url=_safe(url), revision=current, head=head)
 
 
 # `revision = "0008"` / `down_revision = "0007"` (or None) lines of the shipped migration files.

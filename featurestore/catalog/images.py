@@ -22,7 +22,8 @@ class DatasetExistsError(InvalidInputError):
     """A selection would be saved under the name of an existing dataset."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(f"a dataset named {name!r} already exists: pick another name (see `fs datasets list`)")
+        super().__init__(f"a dataset named {name!r} already exists: pick another name", remedy="see-datasets",
+                         name=name)
 
 
 @dataclass(frozen=True)

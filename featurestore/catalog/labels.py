@@ -57,8 +57,8 @@ class LaterChangeError(FeatureStoreError, ValueError):
 
     def __init__(self, change_id: int, image_id: int, later_id: int):
         super().__init__(f"change {change_id} of image {image_id} was overwritten by change {later_id}; "
-                         f"undo {later_id} first (or set the label you want with `fs labels set`)")
-        self.later_id = later_id
+                         f"undo {later_id} first", remedy="or-labels-set", change_id=change_id, image_id=image_id,
+                         later_id=later_id)
 
 
 _COLUMNS = (LabelChange.id, LabelChange.image_id, LabelChange.old_label, LabelChange.old_superclass,
@@ -151,7 +151,7 @@ class Labels(Repository):
             if row is None:
                 last = conn.execute(select(func.max(LabelChange.id))).scalar()
                 hint = f"change ids run from 1 to {last}" if last else "no label was changed yet"
-                raise NotFoundError("label change", str(change_id), hint=f"{hint}; see `fs labels history`")
+                raise NotFoundError("label change", str(change_id), hint=hint, remedy="see-labels-history")
         return _row(row)
 
     def later_label_change(self, change_row: LabelChangeRow) -> int | None:

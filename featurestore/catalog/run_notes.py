@@ -61,7 +61,7 @@ class RunNotes(Repository):
         with self.engine.begin() as conn:
             if conn.execute(select(Run.id).where(Run.id == run_id)).first() is None:
                 ids = [str(i) for i in conn.execute(select(Run.id).order_by(Run.id)).scalars()]
-                raise NotFoundError("run", str(run_id), ids, "See `fs runs`")
+                raise NotFoundError("run", str(run_id), ids, remedy="see-runs")
             if keep_notes:
                 clean_notes = conn.execute(select(RunNote.notes).where(RunNote.run_id == run_id)).scalar()
             conn.execute(delete(RunNote).where(RunNote.run_id == run_id))

@@ -39,7 +39,7 @@ def check_pixels(size: Any, batch_size: int = 1) -> tuple[int, int]:
             f"pixels{w}x{h} vectors would hold {w * h * 3:,} float32 values = {vector / 2**20:,.0f} MiB per "
             f"image; the limit is {MAX_VECTOR_BYTES / 2**20:g} MiB per vector (at most "
             f"{MAX_VECTOR_BYTES // 12:,} pixels, e.g. 2560x2160), since vectors are held in memory and shards; "
-            "use a smaller size or a random projection (--rp)"
+            "use a smaller size or a random projection ({rp})", params=("rp",)
         )
     per_image = vector + w * h * 3
     if batch_size * per_image > MAX_BATCH_BYTES:

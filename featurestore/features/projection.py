@@ -60,6 +60,7 @@ from featurestore.errors import (
     DimensionMismatchError,
     IntegrityError,
     InvalidInputError,
+    InvalidParameterError,
     NotFoundError,
     ParamsMismatchError,
 )
@@ -123,8 +124,8 @@ def check_projection(n_features: int, n_components: int, density: float | None =
             f"a random projection of {d:,} input values to {k:,} dimensions would draw {d * k:,.0f} random numbers "
             f"and hold about {nonzeros:,.0f} non-zeros ({need / 2**30:,.1f} GiB while generating and projecting); "
             f"the limits are {MAX_PROJECTION_DRAWS:,} draws (minutes of work) and {MAX_PROJECTION_BYTES / 2**30:g} "
-            f"GiB, so at this input size K can be at most {k_max:,} (typical: 64 to 1,024; or use a smaller --size)"
-        )
+            f"GiB, so at this input size K can be at most {k_max:,} (typical: 64 to 1,024; or use a smaller {{size}})",
+            params=("size",), k_max=k_max)
 
 
 def _scale(density: float, n_components: int) -> np.float32:
@@ -562,7 +563,7 @@ def projection_extractor(
     records, so every image of a feature set is projected identically.
     """
     if k < 1:
-        raise InvalidInputError(f"--rp must be a positive number of dimensions, got {k}")
+        raise InvalidParameterError("{rp} must be a positive number of dimensions, got {value}", "rp", value=k)
     w, h = check_size(size)
     check_rule(rule)
     check_projection(w * h * 3, k)
@@ -584,8 +585,7 @@ def projection_extractor(
         if not path.is_file():
             raise IntegrityError(
                 f"the projection matrix of {name} ({path}) is missing; without it new images cannot be "
-                f"projected like the stored ones: run `fs extract --rp {k} --replace` to recompute all"
-            )
+                "projected like the stored ones", remedy="extract-rp-replace", feature_set=name, path=path, k=k)
         projection = SparseRandomProjection.load(path, expected_sha256=sha)
     else:
         projection = SparseRandomProjection.generate(size[0] * size[1] * 3, k, seed)

@@ -94,14 +94,14 @@ def build_extractor(store: StoreView, fs: StoredSet, batch_size: int = 32) -> Ex
     if kind is None:
         raise InvalidInputError(
             f"feature set {fs.name!r} has kind {fs.kind!r}, which cannot featurize new images; "
-            "use images already in the store (e.g. search by --id)"
+            "use images already in the store (e.g. search by {image_id})", params=("image_id",), feature_set=fs.name
         )
     try:
         return kind.build(store, fs.name, dict(fs.params or {}), batch_size)
     except KeyError as exc:
         raise FeatureStoreError(
             f"feature set {fs.name!r} ({fs.kind}) does not record {exc.args[0]!r} in its params, so new "
-            f"images cannot be embedded like its stored ones; recompute it with `fs extract ... --replace`"
+            "images cannot be embedded like its stored ones", remedy="recompute-it", feature_set=fs.name
         ) from None
 
 
@@ -147,8 +147,8 @@ def extractor_for_sets(store: StoreView, sets: Sequence[StoredSet], batch_size: 
         ex = kind.build_many(store, sets, batch_size)
     except KeyError as exc:
         raise FeatureStoreError(
-            f"feature sets {names} ({kind.kind}) do not record {exc.args[0]!r} in their params; recompute them "
-            "with `fs extract ... --replace`"
+            f"feature sets {names} ({kind.kind}) do not record {exc.args[0]!r} in their params",
+            remedy="recompute-them", feature_sets=[fs.name for fs in sets]
         ) from None
     for fs in sets:
         _check_rebuilt(ex, fs)
@@ -162,7 +162,7 @@ def _check_rebuilt(ex: Extractor, fs: StoredSet) -> None:
     if spec is None:
         raise FeatureStoreError(
             f"the {fs.kind} extractor rebuilt for {fs.name!r} produces {', '.join(sorted(specs))}, not "
-            f"{fs.name!r}; recompute the feature set with `fs extract ... --replace`"
+            f"{fs.name!r}", remedy="recompute-the-set", feature_set=fs.name
         )
     stored, rebuilt = canonical(fs.params), canonical(spec.params)
     if stored != rebuilt or spec.dim != fs.dim or spec.kind != fs.kind:
@@ -171,6 +171,5 @@ def _check_rebuilt(ex: Extractor, fs: StoredSet) -> None:
             diff.append(f"dim (stored {fs.dim} vs now {spec.dim})")
         raise FeatureStoreError(
             f"new images cannot be featurized like the stored vectors of {fs.name!r}: the extractor now "
-            f"records different parameters ({', '.join(diff) or 'kind'}); recompute the set with "
-            f"`fs extract ... --replace`"
+            f"records different parameters ({', '.join(diff) or 'kind'})", remedy="recompute-set", feature_set=fs.name
         )

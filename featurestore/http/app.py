@@ -42,6 +42,9 @@ from featurestore.http.routes import (
     media,
     runs,
     ui,
+    ui_map,
+    ui_runs,
+    ui_search,
 )
 from featurestore.store import Store
 
@@ -85,6 +88,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(media.router)  # thumbnails and files of catalogued images
     app.include_router(ui.router)  # the web app's pages under /ui (and / -> /ui/browse)
+    app.include_router(ui_search.router)  # /ui/search
+    app.include_router(ui_runs.router)  # /ui/runs, /ui/compare
+    app.include_router(ui_map.router)  # /ui/map
     app.include_router(audit.router)  # the label review queue, /ui/audit
     app.include_router(audit_pages.router)  # /ui/leaks: pairs found by `fs audit leaks`
     return app

@@ -69,6 +69,17 @@ STATUS: dict[type[BaseException], int] = {
 }
 DEFAULT_STATUS = 400  # any other FeatureStoreError: the request asked for something the store cannot do
 
+# What a web page adds after a library error's facts, by the error's remedy key (the CLI words its own in
+# featurestore.cli.hints); a key not listed shows the facts alone.
+PAGE_REMEDIES: dict[str, str] = {
+    "evaluate-folds": "; audit a run evaluated with --folds, e.g. `fs evaluate --features ... --folds 5`",
+}
+
+
+def page_message(exc: BaseException) -> str:
+    """A library error as a web page words it: its facts, and the next step where the page has one."""
+    return str(exc) + PAGE_REMEDIES.get(getattr(exc, "remedy", ""), "")
+
 
 def status_for(exc: BaseException) -> int:
     """The HTTP status of a library error: that of the nearest class in its MRO listed in :data:`STATUS`."""

@@ -108,14 +108,11 @@ class DatasetMissingError(FeatureStoreError, FileNotFoundError):
     """The files of a packaged data set are not where they were looked for."""
 
     def __init__(self, directory: Path, missing: list[str] | None = None):
-        msg = (
-            f"Fashion-MNIST not found at {directory}: install it with "
-            "`apt-get install dataset-fashion-mnist` (or pass --source DIR)"
-        )
+        msg = "Fashion-MNIST not found at {directory}: install it with `apt-get install dataset-fashion-mnist` " \
+              "(or pass {source} DIR)"
         if missing:
-            msg += f"; missing: {', '.join(missing)}"
-        super().__init__(msg)
-        self.directory = directory
+            msg += "; missing: {missing_files}"
+        super().__init__(msg, params=("source",), directory=directory, missing_files=", ".join(missing or []))
         self.missing = list(missing or [])
 
 
@@ -385,9 +382,9 @@ def _check_export_args(fmt: str, limit: int | None, workers: int, size: tuple[in
     need = size[0] * size[1] * 3
     if need > MAX_EXPORT_IMAGE_BYTES:
         raise InvalidInputError(
-            f"--size {size[0]}x{size[1]} would need {need / 2**20:,.0f} MiB per image (RGB, one per worker, "
+            f"{{size}} {size[0]}x{size[1]} would need {need / 2**20:,.0f} MiB per image (RGB, one per worker, "
             f"several times that while encoding); the limit is {MAX_EXPORT_IMAGE_BYTES // 2**20} MiB per image, "
-            "e.g. 4096x4096"
+            "e.g. 4096x4096", params=("size",)
         )
     return size
 

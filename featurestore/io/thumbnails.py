@@ -77,9 +77,8 @@ def read_source(path: Path | str, sha256: str, nbytes: int) -> bytes:
         data = _read_file_source(path, nbytes)
     digest = hashlib.sha256(data).hexdigest()
     if len(data) != nbytes or not hmac.compare_digest(digest, sha256):
-        raise SourceChangedError(
-            f"image file {path} changed since it was ingested (sha256 differs); re-ingest it with `fs ingest`"
-        )
+        raise SourceChangedError(f"image file {path} changed since it was ingested (sha256 differs)",
+                                 remedy="re-ingest", path=path)
     return data
 
 
@@ -89,9 +88,8 @@ def _read_object_source(url: str, nbytes: int) -> bytes:
     except ObjectNotFoundError:
         raise SourceUnavailableError(f"image object {url} is missing (moved or deleted since ingest)") from None
     except ObjectTooLargeError:
-        raise SourceChangedError(
-            f"image object {url} changed since it was ingested (size differs); re-ingest it with `fs ingest`"
-        ) from None
+        raise SourceChangedError(f"image object {url} changed since it was ingested (size differs)",
+                                 remedy="re-ingest", path=url) from None
     except ObjectStorageError as exc:
         raise SourceUnavailableError(str(exc)) from None
 

@@ -37,6 +37,10 @@ _lock = threading.Lock()
 _checked: dict[str, tuple[tuple[int, ...], str]] = {}  # path -> (stat key, digest found to match)
 
 
+def _damaged(message: str, hint: str, remedy: str, path: Path | str) -> IntegrityError:
+    return IntegrityError(f"{message}; {hint}" if hint else message, remedy=remedy, path=path)
+
+
 def kind_of(mode: int) -> str:
     """What a non-regular file is, in words (``a FIFO (named pipe)``, ``a directory``...)."""
     for test, name in _SPECIAL:
@@ -45,7 +49,7 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def regular_stat(path: Path | str, what: str, hint: str) -> os.stat_result:
+def regular_stat(path: Path | str, what: str, hint: str = "", *, remedy: str = "") -> os.stat_result:
     """``os.stat(path)`` (symlinks followed) of a regular file; anything else is an :class:`IntegrityError`.
 
     Parameters
@@ -53,16 +57,18 @@ def regular_stat(path: Path | str, what: str, hint: str) -> os.stat_result:
     what : str
         What the file is, for the message (``feature shard``, ``index file``...).
     hint : str
-        What to run next, appended to the message.
+        Appended to the message (after "; ") when given.
+    remedy : str
+        The next step, as a key the front ends word (:class:`~featurestore.errors.FeatureStoreError`).
     """
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise IntegrityError(f"{what} {path} is missing or unreadable (no such file); {hint}") from None
+        raise _damaged(f"{what} {path} is missing or unreadable (no such file)", hint, remedy, path) from None
     except OSError as exc:
-        raise IntegrityError(f"{what} {path} is missing or unreadable ({exc.strerror or exc}); {hint}") from None
+        raise _damaged(f"{what} {path} is missing or unreadable ({exc.strerror or exc})", hint, remedy, path) from None
     if not stat.S_ISREG(st.st_mode):
-        raise IntegrityError(f"{what} {path} is not a regular file ({kind_of(st.st_mode)}); {hint}")
+        raise _damaged(f"{what} {path} is not a regular file ({kind_of(st.st_mode)})", hint, remedy, path)
     return st
 
 
@@ -70,7 +76,8 @@ def _key(st: os.stat_result) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def file_sha256(path: Path | str, what: str = "file", hint: str = "check the file") -> tuple[str, os.stat_result]:
+def file_sha256(path: Path | str, what: str = "file", hint: str = "check the file", *,
+                remedy: str = "") -> tuple[str, os.stat_result]:
     """sha256 of a regular file's bytes and its stat, opened without blocking (a FIFO swapped in cannot hang).
 
     Raises
@@ -78,15 +85,15 @@ def file_sha256(path: Path | str, what: str = "file", hint: str = "check the fil
     IntegrityError
         The path is missing or not a regular file.
     """
-    regular_stat(path, what, hint)
+    regular_stat(path, what, hint, remedy=remedy)
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
-        raise IntegrityError(f"{what} {path} is missing or unreadable ({exc.strerror or exc}); {hint}") from None
+        raise _damaged(f"{what} {path} is missing or unreadable ({exc.strerror or exc})", hint, remedy, path) from None
     try:
         st = os.fstat(fd)  # the file opened, not one swapped in since the stat
         if not stat.S_ISREG(st.st_mode):
-            raise IntegrityError(f"{what} {path} is not a regular file ({kind_of(st.st_mode)}); {hint}")
+            raise _damaged(f"{what} {path} is not a regular file ({kind_of(st.st_mode)})", hint, remedy, path)
         h = hashlib.sha256()
         while block := os.read(fd, 1 << 20):
             h.update(block)
@@ -95,7 +102,7 @@ def file_sha256(path: Path | str, what: str = "file", hint: str = "check the fil
     return h.hexdigest(), st
 
 
-def check_file(path: Path | str, sha256: str | None, what: str, hint: str) -> None:
+def check_file(path: Path | str, sha256: str | None, what: str, hint: str = "", *, remedy: str = "") -> None:
     """Refuse ``path`` unless it is a regular file whose bytes have the recorded ``sha256``.
 
     ``sha256=None`` (a file registered before digests were recorded) checks only
@@ -108,7 +115,7 @@ def check_file(path: Path | str, sha256: str | None, what: str, hint: str) -> No
         Missing, not a regular file, or other bytes than the catalog records;
         the message names the file and ends with ``hint``.
     """
-    st = regular_stat(path, what, hint)
+    st = regular_stat(path, what, hint, remedy=remedy)
     if not sha256:
         return
     name = os.fspath(path)
@@ -116,14 +123,12 @@ def check_file(path: Path | str, sha256: str | None, what: str, hint: str) -> No
         hit = _checked.get(name)
     if hit is not None and hit == (_key(st), sha256):
         return
-    digest, st = file_sha256(path, what, hint)
+    digest, st = file_sha256(path, what, hint, remedy=remedy)
     if digest != sha256:
         with _lock:
             _checked.pop(name, None)
-        raise IntegrityError(
-            f"{what} {path} is corrupt or was replaced: its bytes do not match the sha256 the catalog recorded "
-            f"for it (sha256 {digest[:12]}..., recorded {sha256[:12]}...); {hint}"
-        )
+        raise _damaged(f"{what} {path} is corrupt or was replaced: its bytes do not match the sha256 the catalog "
+                       f"recorded for it (sha256 {digest[:12]}..., recorded {sha256[:12]}...)", hint, remedy, path)
     with _lock:
         _checked[name] = (_key(st), sha256)
 

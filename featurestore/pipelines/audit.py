@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.catalog.audits import Finding
-from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.errors import FeatureStoreError, InvalidParameterError
 from featurestore.io import quality
 from featurestore.io.thumbnails import thumbnail
 from featurestore.search.groups import check_threshold, cross_pairs, group_near_duplicates
@@ -32,10 +32,8 @@ def default_feature_set(store: Store, preferred: list[str] | None = None) -> str
     for name in names:
         if store.feature_set(name).kind == "cnn":
             return name
-    raise InvalidInputError(
-        f"no CNN feature set among {', '.join(names) or 'the store (it has none)'}: name one with --features SET "
-        "(or extract one with `fs extract --model efficientnet-lite0`)"
-    )
+    raise InvalidParameterError("no CNN feature set among {names}: name one with {feature_set} SET", "feature_set",
+                                names=", ".join(names) or "the store (it has none)", remedy="extract-cnn")
 
 
 # -- leaks -----------------------------------------------------------------------------------------
@@ -71,9 +69,11 @@ def audit_leaks(store: Store, threshold: float, dataset: str | None = None, agai
     alone, or between each split's training and test images of ``run``; stored as ``leak`` findings."""
     threshold = check_threshold(threshold)
     if (run is None) == (dataset is None):
-        raise InvalidInputError("give --dataset A (with --against B, or alone for pairs inside A) or --run R")
+        raise InvalidParameterError("give {dataset} A (with {against} B, or alone for pairs inside A) or {run} R",
+                                    "dataset", "against", "run")
     if run is not None and against is not None:
-        raise InvalidInputError("--against compares two datasets; --run compares the splits of one run")
+        raise InvalidParameterError("{against} compares two datasets; {run} compares the splits of one run",
+                                    "against", "run")
     sides: list[tuple[str, np.ndarray, np.ndarray]]
     if run is not None:
         r = store.catalog.run(run)
@@ -93,7 +93,7 @@ def audit_leaks(store: Store, threshold: float, dataset: str | None = None, agai
         name = feature_set or default_feature_set(store)
         sides = [(f"{dataset} vs {against}" if against else f"inside {dataset}", a_ids, b_ids)]
     if ids.size == 0:
-        raise FeatureStoreError("no images to compare: the dataset is empty (see `fs datasets list`)")
+        raise FeatureStoreError("no images to compare: the dataset is empty", remedy="see-datasets")
     grouping = group_near_duplicates(store, name, ids, threshold, exact=exact, progress=progress)
     info = store.catalog.image_paths_labels(grouping.image_ids[np.isin(grouping.image_ids, np.asarray(
         [i for g in grouping.groups for i in g], dtype=np.int64))].tolist())
@@ -149,9 +149,10 @@ def audit_outliers(store: Store, feature_set: str, dataset: str | None = None, k
     fs = store.feature_set(feature_set)
     need = store.catalog.image_count() * fs.dim * 4
     if need > store.settings.search_memory_mb * 2**20 and dataset is None:
-        raise FeatureStoreError(f"the outlier audit is exact and {fs.name} needs {need / 2**20:,.0f} MiB, more than "
-                                f"the search memory budget ({store.settings.search_memory_mb} MiB): audit one "
-                                "--dataset at a time or raise FS_SEARCH_MEMORY_MB")
+        raise FeatureStoreError("the outlier audit is exact and {feature_set} needs {need_mib:,.0f} MiB, more than the "
+                                "search memory budget ({budget_mib} MiB): audit one {dataset} at a time or raise "
+                                "FS_SEARCH_MEMORY_MB", params=("dataset",), feature_set=fs.name,
+                                need_mib=need / 2**20, budget_mib=store.settings.search_memory_mb)
     fm = store.read_matrix([fs.name], dataset=dataset, skip_missing=skip_missing)
     s = outlier_scores(fm.image_ids, fm.X, fm.labels, k)
     order = np.argsort(-s.score, kind="stable")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.errors import InvalidInputError
+from featurestore.errors import InvalidInputError, InvalidParameterError
 from featurestore.features.base import Extractor
 from featurestore.io.batching import prefetch_batches
 from featurestore.io.images import ImageDecodeError, decode_bytes, read_bytes
@@ -136,7 +136,7 @@ def plan_extract(store: Store, extractors: list[Extractor], *, replace: bool, da
                  image_ids: list[int] | None, summary: ExtractSummary) -> ExtractPlan:
     """Register (or check) every extractor's feature sets and find the images lacking them. Under the lock."""
     if not extractors:
-        raise InvalidInputError("nothing to extract: give --rp K, --pixels WxH, --lowlevel or --model NAME")
+        raise InvalidInputError("nothing to extract: no extractor was given", remedy="extract-what")
     images = store.select_images(dataset=dataset, image_ids=image_ids)
     path_of = {r.id: r.source_path for r in images}
     all_ids = list(path_of)
@@ -194,7 +194,7 @@ def extract(
 ) -> ExtractSummary:
     """Compute the missing vectors of every extractor's feature sets. Call under ``store.writing()``."""
     if batch_size < 1:
-        raise InvalidInputError("--batch must be at least 1")
+        raise InvalidParameterError("{batch_size} must be at least 1", "batch_size", value=batch_size)
     summary = ExtractSummary()
     plan = plan_extract(store, extractors, replace=replace, dataset=dataset, image_ids=image_ids, summary=summary)
     if not plan.todo:

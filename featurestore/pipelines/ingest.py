@@ -23,7 +23,7 @@ from typing import Any
 from featurestore.catalog.repository import check_name
 from featurestore.catalog.schema import utcnow
 from featurestore.config import Settings
-from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.errors import FeatureStoreError, InvalidInputError, InvalidParameterError
 from featurestore.io.batching import prefetch_batches
 from featurestore.io.images import ImageDecodeError, decode_bytes, is_image_path, read_bytes
 from featurestore.io.objects import is_object_url, list_objects, parse_url, reader_threads
@@ -76,7 +76,7 @@ def parse_labels(spec: str) -> tuple[str, Path | None]:
         return spec, None
     if spec.startswith("csv:") and len(spec) > 4:
         return "csv", Path(spec[4:])
-    raise InvalidInputError(f"--labels {spec!r} is not one of dir, none, csv:FILE")
+    raise InvalidParameterError("{labels} {value!r} is not one of dir, none, csv:FILE", "labels", value=spec)
 
 
 def scan(root: Path, labels: str = "dir") -> list[Candidate]:
@@ -114,7 +114,8 @@ def scan_objects(url: str, labels: str = "dir", settings: Settings | None = None
     """
     mode, _ = parse_labels(labels)
     if mode == "csv":
-        raise InvalidInputError("--labels csv:FILE is for folders; label objects by their key (dir) or none")
+        raise InvalidParameterError("{labels} csv:FILE is for folders; label objects by their key (dir) or none",
+                                    "labels")
     parsed = parse_url(url)
     prefix = parsed.key if not parsed.key or parsed.key.endswith("/") else parsed.key + "/"
     out = []

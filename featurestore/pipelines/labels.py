@@ -24,7 +24,6 @@ from featurestore.store import Store
 from featurestore.training.label_issues import find_label_issues
 
 SOURCES = ("cli", "import", "undo", "http")
-FIND_IDS = 'find ids with `fs sql "SELECT id, source_path, label FROM images"`'
 
 
 # -- audit ----------------------------------------------------------------------------------------
@@ -58,8 +57,7 @@ class NoOutOfFoldError(FeatureStoreError, LookupError):
     """A run without out-of-fold probabilities."""
 
     def __init__(self, run_id: int):
-        super().__init__(f"run {run_id} kept no out-of-fold probabilities; audit a run evaluated with --folds, "
-                         f"e.g. `fs evaluate --features ... --folds 5`")
+        super().__init__(f"run {run_id} kept no out-of-fold probabilities", remedy="evaluate-folds", run_id=run_id)
 
 
 def audit_labels(store: Store, run_id: int) -> LabelAudit:
@@ -116,7 +114,7 @@ def resolve_label(known: dict[str, list[str | None]], label: str, superclass: st
     if label not in known and not new_label:
         close = sorted(known, key=lambda k: (k.lower() != label.lower(), k))[:8]
         raise InvalidInputError(f"{where}unknown label {label!r} (labels in use: {', '.join(close)}"
-                                f"{' ...' if len(known) > 8 else ''}); pass --new-label to create it")
+                                f"{' ...' if len(known) > 8 else ''})", remedy="new-label", label=label)
     if superclass is None and label in known:
         superclass = known[label][0]
     return LabelTarget(label, superclass)
@@ -131,12 +129,12 @@ def set_labels(store: Store, image_ids: Sequence[int], label: str, superclass: s
     """
     ids = check_ids(image_ids)
     if not ids:
-        raise InvalidInputError("no images selected: give --id N (repeatable) or a --where condition that matches")
+        raise InvalidInputError("no images selected", remedy="select-images")
     target = resolve_label(store.catalog.known_labels(), label, superclass, new_label)
     found = store.catalog.labels_of(ids)
     missing = [i for i in ids if i not in found]
     if missing:
-        raise ImageNotFoundError(missing[0], f"{len(missing)} of the ids given do not exist; {FIND_IDS}")
+        raise ImageNotFoundError(missing[0], len(missing), remedy="find-ids")
     changes = [PlannedChange(i, target.label, target.superclass, reason) for i in dict.fromkeys(ids)]
     return store.catalog.apply_changes(changes, changed_by or cli_user(), source)
 
@@ -178,7 +176,7 @@ def plan_import(store: Store, path: Path, new_label: bool = False) -> ImportPlan
         where = f"{path} line {n}: "
         image_id = found.get(_ref(row[0]))
         if image_id is None:
-            raise InvalidInputError(f"{where}no stored image has the id or path {row[0].strip()!r}; {FIND_IDS}")
+            raise InvalidInputError(f"{where}no stored image has the id or path {row[0].strip()!r}", remedy="find-ids")
         reason = (row[2].strip() or None) if len(row) > 2 else None
         superclass = (row[3].strip() or None) if len(row) > 3 else None
         target = resolve_label(known, row[1], superclass, new_label, where)
@@ -218,7 +216,7 @@ def history(store: Store, image_id: int | None = None, limit: int | None = None)
     if image_id is not None:
         check_ids([image_id])
         if not store.catalog.image_exists(image_id):
-            raise ImageNotFoundError(image_id, FIND_IDS)
+            raise ImageNotFoundError(image_id, remedy="find-ids")
     return store.catalog.label_history(image_id, limit)
 
 
@@ -238,7 +236,8 @@ def undo(store: Store, change_ids: Sequence[int], changed_by: str | None = None,
             raise LaterChangeError(row.id, row.image_id, later)
         if row.old_label is None:
             raise InvalidInputError(f"change {row.id} labelled the unlabelled image {row.image_id}; an image cannot "
-                                    "be made unlabelled again, set the right label with `fs labels set`")
+                                    "be made unlabelled again", remedy="labels-set-instead", change_id=row.id,
+                                    image_id=row.image_id)
         planned.append(PlannedChange(row.image_id, row.old_label, row.old_superclass, f"undo of change {row.id}",
                                      undoes=row.id))
     return catalog.apply_changes(planned, changed_by or cli_user(), source)

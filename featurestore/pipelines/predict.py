@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from featurestore.catalog.repository import Catalog
 from featurestore.catalog.schema import Run, utcnow
-from featurestore.errors import FeatureStoreError, InvalidInputError, UnsupportedMediaError
+from featurestore.errors import FeatureStoreError, InvalidParameterError, UnsupportedMediaError
 from featurestore.io.atomic import write_bytes_atomic
 from featurestore.io.images import DecodedImage
 from featurestore.pipelines.extract import extract
@@ -63,7 +63,8 @@ def predict(store: Store, run_id: int, image_ids: Sequence[int], batch_size: int
     model = store.run_model(run)
     ids = sorted({int(i) for i in image_ids})
     if not ids:
-        raise InvalidInputError("no images to predict: give --dataset, --unlabelled or image paths")
+        raise InvalidParameterError("no images to predict: give {dataset}, {unlabelled} or image paths", "dataset",
+                                    "unlabelled")
     skipped: list[tuple[str, str]] = []
     lacking = sorted(set().union(*(store.images_lacking(f, ids) for f in run.features)))
     if lacking:

@@ -29,15 +29,6 @@ from featurestore.pipelines.train import get_run
 from featurestore.store import Store
 from featurestore.training.confusion import Confusion
 
-CONFUSION_SOURCE = (
-    "Computed from this run's stored predictions (the predictions table, written by `fs predict --run {id}`) "
-    "joined with the images' catalogue {truth}s, not from the run's evaluation splits."
-)
-TEST_SOURCE = (
-    "Computed from the predictions this run made of its test dataset {test} when it was evaluated (never trained "
-    "on), joined with the images' catalogue {truth}s."
-)
-
 
 @dataclass
 class RunView:
@@ -55,18 +46,6 @@ class RunView:
     def truth(self) -> str:
         return "superclass" if self.facts.target == "superclass" else "label"
 
-    @property
-    def source(self) -> str:
-        """The source sentence as plain text (commands in backticks, as the CLI prints them)."""
-        if self.source_kind == "test":
-            return TEST_SOURCE.format(test=self.run.test_dataset, truth=self.truth)
-        return CONFUSION_SOURCE.format(id=self.run.id, truth=self.truth)
-
-    @property
-    def source_parts(self) -> list[tuple[str, bool]]:
-        """The source sentence split into (text, is_code) parts, for pages that show commands as code."""
-        parts = self.source.split("`")
-        return [(p, i % 2 == 1) for i, p in enumerate(parts) if p]
 
 
 def run_view(store: Store, run_id: int, held_out_only: bool = False, mistakes: int = 0,

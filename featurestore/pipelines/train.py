@@ -26,7 +26,7 @@ from featurestore import __version__
 from featurestore.catalog.labels import oof_rows
 from featurestore.catalog.run_images import RunImages
 from featurestore.catalog.schema import Run
-from featurestore.errors import FeatureStoreError, InvalidInputError
+from featurestore.errors import FeatureStoreError, InvalidInputError, InvalidParameterError
 from featurestore.pipelines import cluster
 from featurestore.search.groups import DuplicateGroups, check_threshold, group_near_duplicates
 from featurestore.store import FeatureMatrix, Store
@@ -73,35 +73,39 @@ class TrainConfig:
 
     def check(self) -> None:
         if not self.features:
-            raise InvalidInputError("give feature sets, e.g. --features rp128,efficientnet-lite0")
+            raise InvalidParameterError("give feature sets, e.g. {features} rp128,efficientnet-lite0", "features")
         if len(set(self.features)) != len(self.features):
             raise InvalidInputError(f"a feature set is listed twice in {','.join(self.features)}")
         if self.target not in TARGETS:
-            raise InvalidInputError(f"--target must be one of {', '.join(TARGETS)}")
+            raise InvalidParameterError("{target} must be one of {choices}", "target", choices=", ".join(TARGETS))
         if self.classifier not in CLASSIFIERS:
-            raise InvalidInputError(f"--classifier must be one of {', '.join(CLASSIFIERS)}")
+            raise InvalidParameterError("{classifier} must be one of {choices}", "classifier",
+                                        choices=", ".join(CLASSIFIERS))
         if self.trees < 1:
-            raise InvalidInputError("--trees must be at least 1")
+            raise InvalidParameterError("{trees} must be at least 1", "trees")
         if self.n_splits < 2 and self.test_dataset is None:
-            raise InvalidInputError("--splits must be at least 2 (a paired t-test needs two)")
+            raise InvalidParameterError("{n_splits} must be at least 2 (a paired t-test needs two)", "n_splits")
         if self.test_dataset is not None and self.test_dataset == self.dataset:
-            raise InvalidInputError("--test-dataset must differ from --dataset: an image cannot test what it trained")
+            raise InvalidParameterError("{test_dataset} must differ from {dataset}: an image cannot test what it "
+                                        "trained", "test_dataset", "dataset")
         if not 0 < self.test_size < 1:
-            raise InvalidInputError("--test-size must be between 0 and 1, e.g. 0.1")
+            raise InvalidParameterError("{test_size} must be between 0 and 1, e.g. 0.1", "test_size")
         self._check_protocol()
 
     def _check_protocol(self) -> None:
         """--folds and --group-duplicates / --group-features."""
         if self.folds is not None:
             if self.folds < 2:
-                raise InvalidInputError("--folds must be at least 2, e.g. --folds 5")
+                raise InvalidParameterError("{folds} must be at least 2, e.g. {folds} 5", "folds")
             if self.test_dataset is not None:
-                raise InvalidInputError("--folds and --test-dataset exclude each other: K folds score every "
-                                        "selected image, a test dataset is one fixed split")
+                raise InvalidParameterError("{folds} and {test_dataset} exclude each other: K folds score every "
+                                            "selected image, a test dataset is one fixed split", "folds",
+                                            "test_dataset")
         if self.group_duplicates is not None:
             check_threshold(self.group_duplicates)
         elif self.group_features is not None:
-            raise InvalidInputError("--group-features needs --group-duplicates THRESHOLD")
+            raise InvalidParameterError("{group_features} needs {group_duplicates} THRESHOLD", "group_features",
+                                        "group_duplicates")
 
 
 def parse_select(spec: str | None, features: Sequence[str]) -> dict[str, int | str | None]:
@@ -119,9 +123,8 @@ def parse_select(spec: str | None, features: Sequence[str]) -> dict[str, int | s
     for part in spec.split(","):
         name, sep, value = part.strip().partition("=")
         if not sep or name not in out:
-            raise InvalidInputError(
-                f"--select {spec!r}: expected NAME=K|auto|none for the feature sets {', '.join(features)}"
-            )
+            raise InvalidParameterError("{select} {spec!r}: expected NAME=K|auto|none for the feature sets {names}",
+                                        "select", spec=spec, names=", ".join(features))
         if value in ("auto", "none"):
             out[name] = None if value == "auto" else "none"
         else:
@@ -130,7 +133,8 @@ def parse_select(spec: str | None, features: Sequence[str]) -> dict[str, int | s
                 if k < 1:
                     raise ValueError
             except ValueError:
-                raise InvalidInputError(f"--select {name}={value}: K must be a positive integer") from None
+                raise InvalidParameterError("{select} {name}={value}: K must be a positive integer", "select",
+                                            name=name, value=value) from None
             out[name] = k
     return out
 
@@ -143,10 +147,8 @@ def _versions() -> dict[str, str]:
 def _targets(fm: FeatureMatrix, target: str) -> tuple[np.ndarray, dict[str, str] | None]:
     y = fm.labels if target == "label" else fm.superclasses
     if any(v is None for v in y):
-        raise FeatureStoreError(
-            "some labelled images have no superclass; train with --target label or label them with "
-            "superclass/class folders"
-        )
+        raise FeatureStoreError("some labelled images have no superclass; train with {target} label or label them "
+                                "with superclass/class folders", params=("target",))
     superclass_of: dict[str, str] | None = None
     if target == "label" and len(fm.superclasses) and all(s is not None for s in fm.superclasses):
         pairs = set(zip(fm.labels.tolist(), fm.superclasses.tolist(), strict=True))
@@ -201,10 +203,8 @@ def _describe_unfitted(cfg: TrainConfig, blocks: dict[str, tuple[int, int]]) -> 
 def _load_matrix(store: Store, cfg: TrainConfig, features: Sequence[str]) -> FeatureMatrix:
     fm = store.read_matrix(features, dataset=cfg.dataset, labelled_only=True, skip_missing=cfg.skip_missing)
     if len(fm.image_ids) < 4:
-        raise FeatureStoreError(
-            f"only {len(fm.image_ids)} labelled images have {', '.join(features)}; ingest labelled images "
-            "(folders superclass/class/*.jpg) and run `fs extract`"
-        )
+        raise FeatureStoreError(f"only {len(fm.image_ids)} labelled images have {', '.join(features)}",
+                                remedy="ingest-labelled", features=list(features))
     return fm
 
 
@@ -302,10 +302,9 @@ def group_feature_set(store: Store, cfg: TrainConfig, features: Sequence[str]) -
     for name in features:
         if store.feature_set(name).kind == "cnn":
             return name
-    raise InvalidInputError(
-        f"--group-duplicates compares images in a CNN feature set and none of {', '.join(features)} is one: "
-        "name one with --group-features SET"
-    )
+    raise InvalidParameterError("{group_duplicates} compares images in a CNN feature set and none of {names} is "
+                                "one: name one with {group_features} SET", "group_duplicates", "group_features",
+                                names=", ".join(features))
 
 
 def _group(store: Store, cfg: TrainConfig, features: Sequence[str], image_ids: np.ndarray) -> DuplicateGroups:
@@ -361,8 +360,7 @@ def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepar
     if len(train_idx) < 2 or len(test_idx) < 1:
         raise FeatureStoreError(
             f"the fixed split has {len(train_idx)} labelled training and {len(test_idx)} labelled test images "
-            f"with {', '.join(features)}; ingest labelled images into both datasets and run `fs extract`"
-        )
+            f"with {', '.join(features)}", remedy="ingest-both", features=list(features))
     y, superclass_of = _targets(fm, cfg.target)
     splits = [(train_idx, test_idx)]
     return _Prepared(fm, y, superclass_of, splits, "fixed-test", splits_fingerprint(fm.image_ids, splits), excluded,
@@ -437,7 +435,7 @@ def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfi
     matrix is shipped once; same scores as here).
     """
     if not combos:
-        raise InvalidInputError("give at least one --features combination")
+        raise InvalidParameterError("give at least one {features} combination", "features")
     union = list(dict.fromkeys(f for c in combos for f in c))
     base = TrainConfig(**{**cfg.__dict__, "features": union})
     base.check()
@@ -479,8 +477,9 @@ def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfi
 
 def _check_ray(cfg: TrainConfig, ray_address: str | None) -> None:
     if ray_address and cfg.folds is not None:
-        raise InvalidInputError("--folds runs on this machine only (the Ray path keeps no out-of-fold "
-                                "probabilities): drop --ray or use --splits")
+        raise InvalidParameterError("{folds} runs on this machine only (the Ray path keeps no out-of-fold "
+                                    "probabilities): drop {ray_address} or use {n_splits}", "folds", "ray_address",
+                                    "n_splits")
 
 
 def get_run(store: Store, run_id: int) -> Run:
@@ -520,9 +519,8 @@ def compare(store: Store, a: int, b: int, confidence: float = 0.95) -> Compariso
         one, other = (ra, rb) if fixed[0] else (rb, ra)
         raise FeatureStoreError(
             f"run {one.id} was scored on the fixed test dataset {one.test_dataset} and run {other.id} on repeated "
-            "random splits, so no paired test applies; compare it with another run on the same test dataset "
-            "(`fs evaluate --test-dataset ...`)"
-        )
+            "random splits, so no paired test applies; compare it with another run on the same test dataset",
+            remedy="evaluate-test-dataset")
     reasons = []
     if ra.n_images != rb.n_images:
         reasons.append(f"run {a} used {ra.n_images} images, run {b} {rb.n_images}")
@@ -542,9 +540,7 @@ def compare(store: Store, a: int, b: int, confidence: float = 0.95) -> Compariso
     if reasons:
         raise FeatureStoreError(
             f"runs {a} and {b} were not evaluated on the same splits ({'; '.join(reasons)}), so a paired test "
-            "does not apply; evaluate both with `fs evaluate --features ... --features ...` or the same "
-            "--seed/--splits on the same images"
-        )
+            "does not apply", remedy="evaluate-both", reasons=reasons)
     return Comparison(ra, rb, paired_ttest(store.catalog.split_scores(a), store.catalog.split_scores(b), confidence),
                       labels_note(ra, rb))
 
@@ -561,8 +557,7 @@ def _compare_fixed(store: Store, ra: Run, rb: Run, confidence: float) -> McNemar
     if missing:
         raise FeatureStoreError(
             f"run {missing[0]} was recorded before featurestore kept the per-image predictions of fixed-test runs, "
-            "so McNemar's test cannot pair it; evaluate it again (`fs evaluate --test-dataset ...`)"
-        )
+            "so McNemar's test cannot pair it; evaluate it again", remedy="evaluate-again", run_id=missing[0])
     a_rows, b_rows = got[ra.id], got[rb.id]
     if a_rows.keys() != b_rows.keys():
         raise FeatureStoreError(
@@ -580,9 +575,8 @@ def check_features_unchanged(store: Store, run: Run) -> None:
         recorded = run.feature_params.get(name, {})
         if recorded.get("params") != fs.params or recorded.get("dim") != fs.dim:
             raise FeatureStoreError(
-                f"feature set {name} was recomputed with other params since run {run.id} was trained; "
-                f"retrain with `fs train --features {','.join(run.features)}`"
-            )
+                f"feature set {name} was recomputed with other params since run {run.id} was trained",
+                remedy="retrain", feature_set=name, run_id=run.id, features=",".join(run.features))
 
 
 def list_runs(store: Store) -> list[Run]:

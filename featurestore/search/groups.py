@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from featurestore.errors import FeatureStoreError, InvalidInputError, MissingFeaturesError
-from featurestore.features.registry import extract_hint
 from featurestore.search import backends as ann
 from featurestore.search.kernel import near_duplicate_groups
 from featurestore.search.protocol import SearchStore
@@ -125,7 +124,7 @@ def group_near_duplicates(store: SearchStore, feature_set: str, image_ids: Seque
     ids = np.unique(np.asarray(image_ids, dtype=np.int64))
     lacking = store.images_lacking(fs.name, ids.tolist())
     if lacking:
-        raise MissingFeaturesError(fs.name, len(lacking), extract_hint(fs))
+        raise MissingFeaturesError(fs.name, len(lacking), stored=fs)
     start = time.perf_counter()
     found = None if exact else ann.duplicate_groups_indexed(store, fs, threshold, ids, progress)
     if found is not None:
@@ -136,9 +135,8 @@ def group_near_duplicates(store: SearchStore, feature_set: str, image_ids: Seque
         if need > budget:
             raise FeatureStoreError(
                 f"grouping {ids.size:,} images by {fs.name} needs {need / 2**20:,.0f} MiB of vectors, more than the "
-                f"search memory budget of {store.settings.search_memory_mb} MiB: build an index with "
-                f"`fs index build --features {fs.name}` (memory bounded), or raise FS_SEARCH_MEMORY_MB"
-            )
+                f"search memory budget of {store.settings.search_memory_mb} MiB", remedy="index-or-budget",
+                feature_set=fs.name)
         fm = store.read_matrix([fs.name], image_ids=ids.tolist())
         groups = near_duplicate_groups(fm.image_ids, fm.X, threshold=threshold)
         method, note = "exact", f"every pair of {ids.size:,} vectors of {fs.name} compared"

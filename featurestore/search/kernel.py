@@ -36,8 +36,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from featurestore.errors import DimensionMismatchError, InvalidInputError
 from featurestore.search import blas
@@ -504,6 +502,10 @@ def _union_edges(uf: _UnionFind, rows: np.ndarray, cols: np.ndarray) -> None:
     most proportional to the number of distinct vertices.
     """
     if rows.size > 4 * np.unique(np.concatenate([rows, cols])).size:
+        # scipy costs ~0.3 s to import: only duplicate grouping with dense tiles needs it, never a search
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
         verts, inv = np.unique(np.concatenate([rows, cols]), return_inverse=True)
         r, c = inv[: rows.size], inv[rows.size :]
         graph = coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(verts.size, verts.size))

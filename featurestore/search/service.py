@@ -181,11 +181,9 @@ def stored_vector(store: SearchStore, feature_set: str | RegisteredSet, image_id
     exists, loc = (False, None) if not 1 <= image_id <= 2**63 - 1 else \
         store.catalog.vector_location(fs.id, image_id)
     if not exists:
-        raise ImageNotFoundError(image_id, 'list ids with `fs sql "SELECT id, source_path, label FROM images"`')
+        raise ImageNotFoundError(image_id, remedy="list-ids")
     if loc is None:
-        from featurestore.features.registry import extract_hint  # every feature kind's code: errors only
-
-        raise NoVectorError(image_id, fs.name, extract_hint(fs), "or search with --image PATH")
+        raise NoVectorError(image_id, fs.name, stored=fs, remedy="extract-first-or-image")
     return np.asarray(read_row(store.root / loc[0], loc[1], loc[2]), dtype=np.float32).reshape(-1)
 
 
@@ -436,7 +434,8 @@ def duplicates(
         raise FeatureStoreError(
             f"feature set {fs.name!r} needs {need / 2**20:,.0f} MiB in memory to look for duplicates, more "
             f"than the search memory budget of {store.settings.search_memory_mb} MiB; duplicate search does "
-            "not stream: raise FS_SEARCH_MEMORY_MB (or --memory-mb), or narrow it with --where"
+            "not stream: raise FS_SEARCH_MEMORY_MB (or {memory_mb}), or narrow it with {where}",
+            params=("memory_mb", "where"), feature_set=fs.name
         )
     if not shard_key[1]:
         return Found([], "exact")

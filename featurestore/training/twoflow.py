@@ -164,7 +164,7 @@ class CVLogisticRegression(LogisticRegressionCV):
             raise InvalidInputError(
                 f"logreg-cv picks C by {folds}-fold cross-validation on the training images, which needs at "
                 f"least {folds} images of some class; this training part has at most {largest}: use more images "
-                "or --classifier logreg"
+                "or {classifier} logreg", params=("classifier",)
             )
         super().fit(X, y, **kwargs)
         return self
@@ -194,7 +194,7 @@ class EarlyStoppedMLP(ClassifierMixin, BaseEstimator):
                 f"mlp holds out a tenth of its training images ({held_out} here) to know when to stop, which "
                 f"needs at least one image of each of the {classes.size} classes and 2 of each in all; this "
                 f"training part has {labels.size} images, {int(counts.min(initial=0))} in its smallest class: "
-                "use more images or --classifier logreg"
+                "use more images or {classifier} logreg", params=("classifier",)
             )
         self.encoder_ = LabelEncoder().fit(labels)
         self.classes_ = self.encoder_.classes_

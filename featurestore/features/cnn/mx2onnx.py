@@ -59,8 +59,8 @@ class UnsupportedOperatorError(InvalidInputError):
         what = f"operator {node.op}" + (f" ({detail})" if detail else "")
         super().__init__(
             f"{path}: {what} in layer {node.name!r} is not supported by featurestore's MXNet reader "
-            f"(it reads {_SUPPORTED_SUMMARY}); export the network to ONNX yourself and register it with "
-            "`fs models add NAME --onnx FILE`"
+            f"(it reads {_SUPPORTED_SUMMARY}); export the network to ONNX yourself and register it",
+            remedy="models-add-onnx", path=path
         )
 
 

@@ -376,8 +376,8 @@ def grid_dim(tap: str, shape: tuple[int, ...], grid: int) -> int:
         got = "x".join(str(d) for d in shape)
         raise InvalidInputError(
             f"layer {tap} gives {got} values per image, not a feature map of at least {grid}x{grid}, so it cannot "
-            f"be pooled over a {grid}x{grid} grid; choose mid-level layers (e.g. --layers block10_out) or leave "
-            "out --grid"
+            f"be pooled over a {grid}x{grid} grid; choose mid-level layers (e.g. {{layers}} block10_out) or leave "
+            "out {grid}", params=("layers", "grid"), tap=tap
         )
     return int(shape[0]) * grid * grid
 

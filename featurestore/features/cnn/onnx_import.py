@@ -84,7 +84,8 @@ def _image_input(model: Any, path: Path, size: tuple[int, int]) -> Any:
     if not ok:
         raise InvalidInputError(
             f"{path} has no image input of shape (batch, 3, {h}, {w}) (its inputs: {described}); export the "
-            "model with one float NCHW image input, of the size given to --input-size"
+            "model with one float NCHW image input, of the size given to {input_size}", params=("input_size",),
+            path=path
         )
     return inputs[0]
 
@@ -149,7 +150,7 @@ def _resolve(layers: dict[str, OnnxLayer], taps: Sequence[str], path: Path) -> l
     for tap in dict.fromkeys(taps):
         layer = layers.get(tap) or by_tensor.get(tap)
         if layer is None:
-            raise NotFoundError("layer", tap, layers, hint=f"see the layers of {path.name} (`fs models show`)")
+            raise NotFoundError("layer", tap, layers, hint=f"see the layers of {path.name}", remedy="models-show")
         out.append(layer)
     return out
 

@@ -74,7 +74,7 @@ class CalibrationTooSmallError(InvalidInputError):
     def __init__(self, model: str, have: int, need: int = CALIBRATION_MIN):
         super().__init__(
             f"int8 calibration of {model} needs at least {need} readable images in the store, found {have}; "
-            "ingest more images or keep --precision fp32"
+            "ingest more images or keep {precision} fp32", params=("precision",), model=model, have=have, need=need
         )
 
 
@@ -84,7 +84,8 @@ class LowCosineError(FeatureStoreError, ValueError):
     def __init__(self, model: str, tap: str, cosine: float, held_back: int, threshold: float):
         super().__init__(
             f"int8 {model} refused: mean cosine to fp32 on {held_back} held-back images is {cosine:.4f} for "
-            f"tap {tap}, below the threshold {threshold:g} (--min-cosine); keep --precision fp32"
+            f"tap {tap}, below the threshold {threshold:g} ({{min_cosine}}); keep {{precision}} fp32",
+            params=("min_cosine", "precision"), model=model, tap=tap, cosine=cosine, threshold=threshold
         )
 
 
@@ -94,7 +95,7 @@ class QuantizedModelError(FeatureStoreError, RuntimeError):
     def __init__(self, model: str, reason: str):
         super().__init__(
             f"the int8 graph of model {model} cannot be loaded by onnxruntime ({reason}); its fp32 export is "
-            "unchanged: extract with --precision fp32"
+            "unchanged: extract with {precision} fp32", params=("precision",), model=model, reason=reason
         )
 
 

@@ -7,6 +7,10 @@ Pages: ``/ui/browse`` (filtered, keyset-paged thumbnail grid), ``/ui/images/{id}
 test of two runs: t-test over splits, McNemar on one test set) and ``/ui/map``
 (2-D embedding map). ``/`` sends the browser to the grid.
 
+This module holds what every page shares (the error pages, the access rules, the
+page renderer) and the grid, selections and image pages; the search, run and map
+pages are in ``ui_search``, ``ui_runs`` and ``ui_map``.
+
 Same rules as the JSON API: read-only unless the server allows writes (then the
 upload of a search can be stored, by an authenticated user who asks for it);
 with ``FS_API_TOKEN`` set, pages need the session cookie set by ``/ui/login``
@@ -16,24 +20,20 @@ Security Policy: scripts, styles and images only from this server (and data: ima
 
 from __future__ import annotations
 
-import base64
 import csv
-import hashlib
 import io
 import json
 import os
 import stat
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, Form, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -44,7 +44,6 @@ from featurestore import __version__
 from featurestore.catalog import repository as q
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
-from featurestore.http import charts
 from featurestore.http.access import (
     COOKIE,
     COOKIE_MAX_AGE,
@@ -58,26 +57,17 @@ from featurestore.http.access import (
     token_matches,
     writes_allowed,
 )
-from featurestore.http.deps import SettingsDep, StoreDep, Upload, decode_upload, decode_upload_bytes
-from featurestore.http.errors import http_error, status_for, validation_message
-from featurestore.http.report import render_report
+from featurestore.http.deps import SettingsDep, StoreDep, Upload, decode_upload
+from featurestore.http.errors import http_error, page_message, status_for, validation_message
 from featurestore.http.routes.browse import tile_record
-from featurestore.http.schemas import UploadInfo
 from featurestore.http.templating import render
 from featurestore.http.throttle import LoginThrottle
 from featurestore.http.views import MAX_ID, VIEW_KEYS, View, keep_selection, parse_view
-from featurestore.http.views import flag as _flag
 from featurestore.http.views import query as _query
-from featurestore.http.views import source as _source
 from featurestore.http.views import text as _text
 from featurestore.http.views import whole as _int
-from featurestore.io.thumbnails import render_thumbnail
-from featurestore.pipelines import map_jobs
-from featurestore.pipelines.embedding_map import MAX_POINTS, METHODS, EmbeddingMap, embedding_map
-from featurestore.pipelines.predict import predict_upload
-from featurestore.pipelines.run_view import run_view
-from featurestore.pipelines.train import check_features_unchanged, compare, get_run, list_runs
-from featurestore.search.service import embedder_for, search, stored_vector
+from featurestore.pipelines.train import check_features_unchanged, list_runs
+from featurestore.search.service import search, stored_vector
 from featurestore.store import Store
 
 PAGE_SIZES = (25, 50, 100, 200)
@@ -90,7 +80,6 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", 
 STATIC = {"app.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "favicon.svg": "image/svg+xml", "audit.js": "text/javascript; charset=utf-8"}
 TEXT = Annotated[str | None, Query(max_length=200)]
-METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
 
 
 class PageRoute(APIRoute):
@@ -104,7 +93,7 @@ class PageRoute(APIRoute):
                 return await handler(request)
             except FeatureStoreError as exc:
                 # The status follows the error's type, as in the JSON API (e.g. 413/415 for uploads).
-                return _error_page(request, status_for(exc), str(exc))
+                return _error_page(request, status_for(exc), page_message(exc))
             except HTTPException as exc:
                 if exc.status_code < 400:
                     raise
@@ -490,436 +479,6 @@ def image_page(request: Request, svc: Svc,
                  end=_text(request.query_params.get("end")),
                  grid_url=f"/ui/browse?{_query({**view.params, 'at': image_id})}#t{image_id}" if view.params
                  else f"/ui/browse?at={image_id}#t{image_id}", in_view=bool(view.params))
-
-
-# -- search by photo ------------------------------------------------------------------------------
-
-
-def _search_choices(svc: Any) -> dict[str, Any]:
-    facets = _facets(svc.store.catalog, q.ImageFilter())
-    return {"feature_sets": [fs.name for fs in svc.store.feature_sets()],
-            "model_runs": [r for r in reversed(list_runs(svc.store)) if r.artifact_path],
-            "labels": [lb for lb, _ in facets.labels], "datasets": facets.datasets}
-
-
-UPLOADS_KEPT = 32  # photos held in memory so a search result is a link (GET) that survives a reload
-UPLOADS_BYTES = 64 * 2**20  # ... and at most this many bytes of them (the newest one always stays)
-_uploads: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
-_uploads_lock = threading.Lock()
-
-
-def _keep_upload(data: bytes, filename: str) -> str:
-    key = hashlib.sha256(data).hexdigest()[:24]
-    with _uploads_lock:
-        _uploads[key] = (data, filename)
-        _uploads.move_to_end(key)
-        while len(_uploads) > UPLOADS_KEPT or (len(_uploads) > 1 and
-                                               sum(len(d) for d, _ in _uploads.values()) > UPLOADS_BYTES):
-            _uploads.popitem(last=False)
-    return key
-
-
-def _kept_upload(key: str) -> tuple[bytes, str] | None:
-    with _uploads_lock:
-        return _uploads.get(key)
-
-
-def _search_settings(svc: Any, values: dict[str, str | None]) -> dict[str, Any]:
-    """The search form's settings, checked (InvalidInputError names the bad one)."""
-    choices = _search_choices(svc)
-    name = _text(values.get("features")) or (choices["feature_sets"][0] if choices["feature_sets"] else None)
-    return {"features": name, "k": _int(values.get("k"), "k", 1, 100) or NEIGHBOURS,
-            "run": _int(values.get("run"), "run"), "label": _text(values.get("label")),
-            "dataset": _text(values.get("dataset")), "store": False}
-
-
-def _settings_query(chosen: dict[str, Any]) -> dict[str, Any]:
-    return {k: chosen[k] for k in ("features", "k", "run", "label", "dataset") if chosen[k] not in (None, "")}
-
-
-def _search_form(request: Request, svc: Any, chosen: dict[str, Any], status: int = 200, error: str | None = None,
-                 result: dict[str, Any] | None = None, current: dict[str, Any] | None = None) -> HTMLResponse:
-    return _page(request, "search.html", "search", status=status, result=result, chosen=chosen, error=error,
-                 current=current, **_search_choices(svc))
-
-
-@pages.get("/ui/search")
-def search_form(request: Request, svc: Svc, upload: TEXT = None, image: TEXT = None, stored: TEXT = None,
-                features: TEXT = None, k: TEXT = None, run: TEXT = None, label: TEXT = None,
-                dataset: TEXT = None) -> HTMLResponse:
-    """Drop a photo: its nearest neighbours and a run's prediction.
-
-    A search is a link: ``?upload=KEY`` (a photo the server holds in memory for a while) or ``?image=N`` (a
-    stored image), with the settings (feature set, k, run, neighbours' label and dataset) as parameters, so it
-    can be reloaded, bookmarked, and re-run with other settings without choosing the file again.
-    """
-    choices = _search_choices(svc)
-    latest = choices["model_runs"][0].id if choices["model_runs"] else None
-    values = {"features": features, "k": k, "run": run, "label": label, "dataset": dataset}
-    try:
-        chosen = _search_settings(svc, values)
-    except InvalidInputError as exc:
-        return _search_form(request, svc, {"features": None, "k": NEIGHBOURS, "run": latest, "label": None,
-                                           "dataset": None, "store": False}, 422, str(exc))
-    if upload is None and image is None:
-        if run is None:
-            chosen["run"] = latest
-        return _search_form(request, svc, chosen)
-    try:
-        if image is not None:
-            image_id = _int(image, "image")
-            assert image_id is not None
-            found = svc.store.catalog.image_file(image_id)
-            if found is None:
-                raise HTTPException(404, f"no image with id {image_id} in the catalog")
-            try:
-                data, filename = Path(found.source_path).read_bytes(), f"image {image_id}"
-            except OSError:
-                raise FeatureStoreError(f"the file of image {image_id} is unavailable (moved or deleted)") from None
-            current: dict[str, Any] = {"image": image_id, "stored": bool(_text(stored)), "upload": None}
-        else:
-            kept = _kept_upload(upload or "")
-            if kept is None:
-                raise InvalidInputError("the server no longer holds that photo (it keeps the last "
-                                        f"{UPLOADS_KEPT} for a while): choose or drop it again")
-            data, filename = kept
-            current = {"upload": upload, "image": None, "stored": False}
-        result = _search_result(svc, data, filename, chosen)
-    except FeatureStoreError as exc:
-        return _search_form(request, svc, chosen, status_for(exc), str(exc))
-    if image is None:
-        result["same_as"] = svc.store.catalog.image_id_by_sha256(hashlib.sha256(data).hexdigest())
-    return _search_form(request, svc, chosen, result=result, current=current)
-
-
-def _search_result(svc: Any, data: bytes, filename: str, chosen: dict[str, Any]) -> dict[str, Any]:
-    up = decode_upload_bytes(data, filename, svc.settings)
-    name = chosen["features"]
-    if name is None:
-        raise InvalidInputError("the store has no feature sets to search: run `fs extract` first")
-    allowed = None
-    if chosen["label"] or chosen["dataset"]:
-        allowed = svc.store.catalog.image_ids_where(label=chosen["label"], dataset=chosen["dataset"])
-    hits = search(svc.store, name, embedder_for(svc.store, name)(up.image), k=chosen["k"], allowed_ids=allowed)
-    prediction = None
-    if chosen["run"] is not None:
-        out = predict_upload(svc.store, chosen["run"], up.decoded, up.data, k=5, keep=False)
-        prediction = {"run": get_run(svc.store, chosen["run"]), "top": [(t["label"], t["probability"])
-                                                                        for t in out.top]}
-    preview = base64.b64encode(render_thumbnail(up.data, 256, svc.settings.max_image_pixels)).decode()
-    return {"feature_set": name, "hits": hits, "prediction": prediction, "stored_id": None, "same_as": None,
-            "upload": UploadInfo.from_decoded(up.decoded), "preview": f"data:image/jpeg;base64,{preview}",
-            "filename": filename}
-
-
-@pages.post("/ui/search")
-def search_upload(request: Request, svc: Svc, file: Annotated[UploadFile | None, File()] = None,
-                  features: Annotated[str, Form(max_length=200)] = "", k: Annotated[str, Form(max_length=10)] = "",
-                  run: Annotated[str, Form(max_length=30)] = "", label: Annotated[str, Form(max_length=200)] = "",
-                  dataset: Annotated[str, Form(max_length=200)] = "",
-                  upload: Annotated[str, Form(max_length=64)] = "", image: Annotated[str, Form(max_length=30)] = "",
-                  store: Annotated[str, Form(max_length=10)] = "") -> Response:
-    """Receive the photo, then send the browser to the search's link (GET), so a reload does not upload again.
-
-    The upload is decoded here (a bad file re-shows the form with the reason); it is stored only if asked and
-    allowed (then the link names the new image). Without a new file, the photo of the current search is kept.
-    """
-    values: dict[str, str | None] = {"features": features, "k": k, "run": run, "label": label, "dataset": dataset}
-    want_store = bool(_text(store))
-    chosen: dict[str, Any] = {"features": _text(features), "k": NEIGHBOURS, "run": None, "label": _text(label),
-              "dataset": _text(dataset), "store": want_store}
-    try:
-        chosen = {**_search_settings(svc, values), "store": want_store}
-        if want_store and not writes_allowed(request):
-            raise HTTPException(403, "this server does not store uploads: it needs `fs serve --allow-writes`, "
-                                     "FS_API_TOKEN, and you logged in")
-        params = _settings_query(chosen)
-        if file is None or not file.filename:
-            if _text(upload) or _text(image):
-                kept = {"upload": _text(upload)} if _text(upload) else {"image": _text(image)}
-                return RedirectResponse(f"/ui/search?{_query({**kept, **params})}", status_code=303)
-            raise InvalidInputError("choose or drop an image file to search with")
-        up = svc.read_upload(file)
-        if want_store:
-            if chosen["run"] is None:
-                raise InvalidInputError("storing an upload stores its prediction too: pick a run with a model")
-            out = predict_upload(svc.store, chosen["run"], up.decoded, up.data, k=5, keep=True)
-            return RedirectResponse(f"/ui/search?{_query({'image': out.image_id, 'stored': 1, **params})}",
-                                    status_code=303)
-        key = _keep_upload(up.data, file.filename)
-        return RedirectResponse(f"/ui/search?{_query({'upload': key, **params})}", status_code=303)
-    except HTTPException as exc:
-        return _search_form(request, svc, chosen, exc.status_code, str(exc.detail))
-    except FeatureStoreError as exc:
-        return _search_form(request, svc, chosen, status_for(exc), str(exc))
-
-
-# -- runs -----------------------------------------------------------------------------------------
-
-
-@pages.get("/ui/runs")
-def runs_page(request: Request, svc: Svc) -> HTMLResponse:
-    """The runs table (as `fs runs`); tick two to compare them."""
-    runs = list(reversed(list_runs(svc.store)))
-    splits = {r.id: rows[0] for r in runs if r.test_dataset and (rows := svc.store.catalog.run_splits(r.id))}
-    return _page(request, "runs.html", "runs", runs=runs, predictions=svc.store.catalog.prediction_counts(),
-                 names=svc.store.catalog.run_names(), splits=splits)
-
-
-@pages.get("/ui/runs/{run_id}")
-def run_page(request: Request, svc: Svc, run_id: Annotated[int, PathParam(ge=1, le=MAX_ID)],
-             held_out: TEXT = None, source: TEXT = None) -> HTMLResponse:
-    """Per-split accuracy, the confusion matrix of the run's test-set or stored predictions, per-class scores.
-
-    It opens on the honest figure: a fixed-test run's test-set predictions, else the stored predictions of
-    images its training selection cannot have held (``held_out=0`` shows all of them, optimistic).
-    """
-    view = run_view(svc.store, run_id, held_out_only=_flag(held_out, "held_out", True), mistakes=12,
-                    source=_source(source))
-    truth_param = "superclass" if view.truth == "superclass" else "label"
-    base = {"run": run_id, "source": view.source_kind if view.facts.test_predictions else None,
-            "held_out": "1" if view.held_out_only else None}
-
-    def link(truth: str, predicted: str) -> str:
-        return "/ui/browse?" + _query({**base, truth_param: truth, "predicted": predicted})
-
-    sort = "confidence" if view.source_kind == "stored" else None
-    return _page(request, "run.html", "runs", view=view, note=svc.store.catalog.run_note(run_id),
-                 saved=bool(_text(request.query_params.get("saved"))),
-                 split_chart=charts.split_bars([("test accuracy", [s.test_accuracy for s in view.splits])],
-                                               f"run {run_id}: test accuracy per split"),
-                 matrix=charts.confusion_matrix(view.confusion, link),
-                 scores_chart=charts.class_scores(view.confusion.per_class()),
-                 wrong_url="/ui/browse?" + _query({**base, "correct": "no"}),
-                 mistakes_url="/ui/browse?" + _query({**base, "correct": "no", "sort": sort}))
-
-
-@pages.post("/ui/runs/{run_id}/notes")
-def save_run_notes(request: Request, svc: Svc, run_id: Annotated[int, PathParam(ge=1, le=MAX_ID)],
-                   name: Annotated[str, Form(max_length=200)] = "",
-                   notes: Annotated[str, Form(max_length=20_000)] = "") -> Response:
-    """Name a run and set its notes (as `fs runs name`); needs writes allowed and a logged-in user."""
-    if not writes_allowed(request):
-        raise HTTPException(403, "this server does not accept edits: it needs `fs serve --allow-writes`, "
-                                 "FS_API_TOKEN, and you logged in; or use `fs runs name`")
-    with svc.store.writing():
-        svc.store.catalog.set_run_note(run_id, name, notes)
-    return RedirectResponse(f"/ui/runs/{run_id}?saved=1#run-notes", status_code=303)
-
-
-@pages.get("/ui/runs/{run_id}/report")
-def run_report(request: Request, svc: Svc, run_id: Annotated[int, PathParam(ge=1, le=MAX_ID)]) -> Response:
-    """The run's `fs report` (one self-contained HTML file) as a download."""
-    html = render_report(svc.store, run_id)
-    return Response(html, media_type="text/html; charset=utf-8",
-                    headers={"Content-Disposition": f'attachment; filename="run{run_id}-report.html"',
-                             "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
-
-
-@pages.get("/ui/compare")
-def compare_page(request: Request, svc: Svc, run: Annotated[list[str] | None, Query(max_length=30)] = None
-                 ) -> HTMLResponse:
-    """The paired test of two runs (as `fs compare A B`): t-test over the same splits, McNemar on one test set."""
-    ids = [i for i in (_int(r, "run") for r in (run or [])) if i is not None]
-    if len(ids) != 2:
-        raise InvalidInputError(f"pick exactly two runs to compare (got {len(ids)})")
-    a, b = ids
-    ra, rb = get_run(svc.store, a), get_run(svc.store, b)
-    try:
-        test, refusal = compare(svc.store, a, b).test, None
-    except FeatureStoreError as exc:
-        test, refusal = None, str(exc)
-    labels = _run_labels(svc)
-    series = [(f"A = run {a}", [s.test_accuracy for s in svc.store.catalog.run_splits(a)]),
-              (f"B = run {b}", [s.test_accuracy for s in svc.store.catalog.run_splits(b)])]
-    pairs = svc.store.catalog.per_class_pair(a, b, ra.target) if test is not None and test.kind == "mcnemar" else []
-
-    def outcome(which: str) -> str:
-        return "/ui/browse?" + _query({"run": a, "source": "test", "versus": b, "outcome": which})
-
-    return _page(request, "compare.html", "runs", a=ra, b=rb, test=test, refusal=refusal, labels=labels,
-                 pairs=pairs, outcome=outcome, swap_url=f"/ui/compare?run={b}&run={a}",
-                 chart=charts.split_bars(series, f"test accuracy per split: A (run {a}) vs B (run {b})"))
-
-
-# -- embedding map --------------------------------------------------------------------------------
-
-
-def _map_params(svc: Any, features: str | None, method: str | None, n: str | None, color: str | None,
-                run: str | None, dataset: str | None = None, scope: str | None = None) -> dict[str, Any]:
-    sets = [fs.name for fs in svc.store.feature_sets()]
-    params = {"features": _text(features) or (sets[0] if sets else None), "method": _text(method) or "pca",
-              "n": _int(n, "number of images", 2, MAX_POINTS) or 5000, "color": _text(color) or "label",
-              "run": _int(run, "run"), "dataset": _text(dataset), "scope": _text(scope) or "all"}
-    if params["method"] not in METHODS:
-        raise InvalidInputError(f"method must be one of {', '.join(METHODS)}")
-    if params["color"] not in ("label", "superclass", "correct"):
-        raise InvalidInputError("colour by label, superclass or correct")
-    if params["color"] == "correct" and params["run"] is None:
-        raise InvalidInputError("colouring by correctness needs a run: pick one")
-    if params["scope"] not in ("all", "run"):
-        raise InvalidInputError("show all images or the run's (scope all or run)")
-    if params["scope"] == "run" and params["run"] is None:
-        raise InvalidInputError("showing only a run's images needs a run: pick one")
-    return {**params, "sets": sets}
-
-
-@pages.get("/ui/map")
-def map_page(request: Request, svc: Svc, features: TEXT = None, method: TEXT = None, n: TEXT = None,
-             color: TEXT = None, run: TEXT = None, dataset: TEXT = None, scope: TEXT = None) -> HTMLResponse:
-    """A 2-D map of a feature set; the plot itself is fetched from /ui/map/plot (a t-SNE runs in the background
-    with its progress shown). Zoom, pan, legend toggles and a lasso that opens the selected images in the grid.
-
-    A mistake in the form (colour by correctness without a run, say) shows the form again with the reason.
-    """
-    labels = _run_labels(svc)
-    runs = [(r.id, labels[r.id]) for r in reversed(list_runs(svc.store))]
-    datasets = _facets(svc.store.catalog, q.ImageFilter()).datasets
-    try:
-        params = _map_params(svc, features, method, n, color, run, dataset, scope)
-    except InvalidInputError as exc:
-        sets = [fs.name for fs in svc.store.feature_sets()]
-        raw = {"features": _text(features) or (sets[0] if sets else None), "method": _text(method) or "pca",
-               "n": _text(n) or 5000, "color": _text(color) or "label", "run": None, "sets": sets,
-               "dataset": _text(dataset), "scope": "all"}
-        return _page(request, "map.html", "map", status=422, params=raw, plot_url=None, runs=runs,
-                     max_points=MAX_POINTS, error=str(exc), datasets=datasets)
-    plot_url = "/ui/map/plot?" + _map_query(params)
-    return _page(request, "map.html", "map", params=params, plot_url=plot_url if params["features"] else None,
-                 runs=runs, max_points=MAX_POINTS, error=None, datasets=datasets)
-
-
-PLOTS_KEPT = 16  # drawn map fragments kept (a 20,000-point map is ~2 MB of SVG)
-_plots: dict[tuple[Any, ...], tuple[float, str]] = {}
-
-
-def _map_query(params: dict[str, Any], **extra: Any) -> str:
-    return _query({**{k: v for k, v in params.items() if k != "sets" and not (k == "scope" and v == "all")}, **extra})
-
-
-def _map_colours(svc: Any, ids: np.ndarray, color: str, run: int | None
-                 ) -> tuple[list[str], list[tuple[str, str]], list[str]]:
-    info = svc.store.catalog.labels_of(ids.tolist())
-    if color in ("label", "superclass"):
-        k = 0 if color == "label" else 1
-        values = [info.get(int(i), (None, None))[k] for i in ids]
-        colours, legend = charts.colour_for(values)
-        return colours, legend, ["" if v is None else v for v in values]
-    assert run is not None
-    facts = svc.store.catalog.run_facts(run)
-    source = facts.source()
-    if source == "test":  # a fixed-test run: its test-set predictions (the predictions table may be empty)
-        preds: dict[int, tuple[str, float | None]] = {}
-        for part in range(0, len(ids), q.MAX_PAGE):
-            chunk = tuple(int(i) for i in ids[part:part + q.MAX_PAGE])
-            tiles = svc.store.catalog.browse_page(q.ImageFilter(run=run, ids=chunk), limit=q.MAX_PAGE)
-            preds.update((t.id, (str(t.predicted), None)) for t in tiles.tiles)
-    else:
-        preds = dict(svc.store.catalog.run_predictions_of(run, ids.tolist()))
-    kind = "test-set" if source == "test" else "stored"
-    colours, captions = [], []
-    for i in ids.tolist():
-        label, superclass = info.get(i, (None, None))
-        truth = superclass if facts.target == "superclass" else label
-        pred = preds.get(i)
-        if pred is None or truth is None:
-            colours.append(charts.OTHER)
-            captions.append(f"{truth or 'unlabelled'}; no {kind} prediction")
-        else:
-            colours.append(charts.CORRECT if pred[0] == truth else charts.WRONG)
-            sure = f" ({100 * pred[1]:.0f}%)" if pred[1] is not None else ""
-            captions.append(f"{truth} \u2192 {pred[0]}{sure}")
-    legend = [("correct", charts.CORRECT), ("wrong", charts.WRONG), (f"no {kind} prediction / unlabelled",
-                                                                     charts.OTHER)]
-    return colours, legend, captions
-
-
-def _restrict(svc: Any, emap: Any, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The map's points, limited to a dataset's images and / or the run's predicted images."""
-    ids, xy = emap.image_ids, emap.xy
-    keep = np.ones(len(ids), dtype=bool)
-    if params["dataset"] is not None:
-        members = svc.store.catalog.image_ids_where(dataset=params["dataset"])
-        keep &= np.isin(ids, members)
-    if params["scope"] == "run":
-        predicted = np.asarray(svc.store.catalog.matching_ids(q.ImageFilter(run=params["run"])), dtype=np.int64)
-        keep &= np.isin(ids, predicted)
-    return ids[keep], xy[keep]
-
-
-@pages.get("/ui/map/plot")
-def map_plot(request: Request, svc: Svc, features: TEXT = None, method: TEXT = None, n: TEXT = None,
-             color: TEXT = None, run: TEXT = None, dataset: TEXT = None, scope: TEXT = None,
-             fresh: TEXT = None) -> Response:
-    """The map as an SVG fragment, cached in the store under maps/.
-
-    PCA is computed here. A t-SNE not in the cache is started in a background process: the answer is 202 with
-    its progress, and the page asks again when it is done; meanwhile (unless ``fresh``) the newest map of an
-    earlier version of the set is shown, so one write does not hide the map for a minute.
-    """
-    params = _map_params(svc, features, method, n, color, run, dataset, scope)
-    if params["features"] is None:
-        raise InvalidInputError("the store has no feature sets: run `fs extract` first")
-    name, method_, size = params["features"], params["method"], params["n"]
-    stale = False
-    if method_ == "pca":
-        emap: EmbeddingMap | None = embedding_map(svc.store, name, method_, size)
-    else:
-        emap = map_jobs.cached(svc.store, name, method_, size)
-        if emap is None:
-            job = map_jobs.state(svc.store, name, method_, size)
-            if job is not None and job.state == "failed":
-                raise FeatureStoreError(f"the map could not be computed: {job.message}")
-            older = None if _text(fresh) else map_jobs.latest(svc.store, name, method_, size)
-            if older is None:
-                job = map_jobs.start(svc.store, name, method_, size)
-                return HTMLResponse(render("map_progress.html", job=job, method=METHOD_NAMES[method_],
-                                           status_url="/ui/map/status?" + _map_query(params)),
-                                    status_code=202, headers=HEADERS)
-            emap, stale = older, True
-    assert emap is not None
-    key = (id(svc.store.engine), emap.feature_set, emap.method, len(emap.image_ids), emap.available, emap.seconds,
-           stale, _map_query(params))
-    now = time.monotonic()
-    with _facets_lock:
-        hit = _plots.get(key)
-    if hit is not None and now - hit[0] < FACETS_TTL:  # colours follow labels and predictions: same lag as menus
-        return HTMLResponse(hit[1], headers=HEADERS)
-    ids, xy = _restrict(svc, emap, params)
-    colours, legend, captions = _map_colours(svc, ids, params["color"], params["run"])
-    title = f"{emap.feature_set}: {METHOD_NAMES.get(emap.method, emap.method)} of {len(ids):,} images"
-    current = svc.store.feature_set(name)
-    html = render("map_plot.html", emap=emap, legend=legend, shown=len(ids), stale=stale,
-                  method=METHOD_NAMES.get(emap.method, emap.method), run=params["run"],
-                  fresh_url="/ui/map?" + _map_query(params, fresh=1) if stale else None,
-                  svg=charts.scatter(ids, xy, colours, title, captions, legend=legend), set_name=current.name)
-    with _facets_lock:
-        if len(_plots) >= PLOTS_KEPT:
-            _plots.clear()
-        _plots[key] = (now, html)
-    return HTMLResponse(html, headers=HEADERS)
-
-
-@pages.get("/ui/map/status")
-def map_status(request: Request, svc: Svc, features: TEXT = None, method: TEXT = None, n: TEXT = None,
-               color: TEXT = None, run: TEXT = None, dataset: TEXT = None, scope: TEXT = None) -> Response:
-    """How the background computation of a map is going (JSON: state, seconds, estimate, message)."""
-    params = _map_params(svc, features, method, n, color, run, dataset, scope)
-    job = map_jobs.state(svc.store, params["features"], params["method"], params["n"])
-    body = {"state": "none"} if job is None else {"state": job.state, "seconds": round(job.seconds, 1),
-                                                   "estimate": None if job.estimate is None else
-                                                   round(job.estimate, 1), "message": job.message}
-    return Response(json.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
-
-
-@pages.post("/ui/map/cancel")
-def map_cancel(request: Request, svc: Svc, features: Annotated[str, Form(max_length=200)] = "",
-               method: Annotated[str, Form(max_length=20)] = "", n: Annotated[str, Form(max_length=10)] = ""
-               ) -> Response:
-    """Stop the background computation of a map (anyone who may see the map may stop it: it writes nothing)."""
-    params = _map_params(svc, features, method, n, None, None)
-    stopped = map_jobs.cancel(svc.store, params["features"], params["method"], params["n"])
-    return Response(json.dumps({"cancelled": stopped}), media_type="application/json")
 
 
 router.include_router(pages)
