@@ -29,6 +29,7 @@ from featurestore.cli import (
     status,
     train,
     verify,
+    versions,
 )
 from featurestore.errors import FeatureStoreError
 
@@ -122,7 +123,7 @@ def root(
 def _register() -> None:
     for module in (datasets, db, audit, labels, runs, export):
         app.add_typer(module.app, name=module.__name__.rsplit(".", 1)[-1])
-    for module in (ingest, status, extract, models, train, search, index, serve, report, verify):
+    for module in (ingest, status, extract, models, train, search, index, serve, report, verify, versions):
         module.register(app)
 
 

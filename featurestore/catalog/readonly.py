@@ -180,6 +180,7 @@ _SCHEMA_TABLES = frozenset({
     "models", "predictions", "run_splits", "run_test_predictions", "runs", "vector_indexes",
     "audit_findings", "catalog_version", "label_changes", "label_reviews", "run_images", "run_notes", "run_oof",
     "run_split_images",
+    "feature_set_versions", "run_feature_versions",
 })
 
 

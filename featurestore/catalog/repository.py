@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -24,6 +24,7 @@ from sqlalchemy.sql import ColumnElement, Select
 
 from featurestore.catalog.audits import KINDS as FINDING_KINDS
 from featurestore.catalog.database import driver_rows
+from featurestore.catalog.feature_versions import newest_only, record_run
 from featurestore.catalog.run_images import RunImages, insert_run_images
 from featurestore.catalog.schema import (
     AnnIndex,
@@ -208,7 +209,7 @@ class Catalog:
             datasets = list(s.scalars(select(Dataset.name).join(DatasetMember, DatasetMember.dataset_id == Dataset.id)
                                       .where(DatasetMember.image_id == image_id).order_by(Dataset.name)))
             sets = list(s.scalars(select(FeatureSet.name).join(FeatureRow, FeatureRow.feature_set_id == FeatureSet.id)
-                                  .where(FeatureRow.image_id == image_id).order_by(FeatureSet.name)))
+                                  .where(FeatureRow.image_id == image_id, newest_only()).order_by(FeatureSet.name)))
             return img, datasets, sets
 
     def image_ids_where(self, label: str | None = None, dataset: str | None = None) -> np.ndarray:
@@ -285,7 +286,7 @@ class Catalog:
         with self.session() as s:
             fs = s.scalar(select(FeatureSet).where(FeatureSet.name == name))
             if fs is None:
-                names = list(s.scalars(select(FeatureSet.name)))
+                names = list(s.scalars(select(FeatureSet.name).where(newest_only())))
                 raise NotFoundError(
                     "feature set", name, names, "Create it with `fs extract` (see `fs extract --help`)"
                 )
@@ -296,7 +297,7 @@ class Catalog:
 
     def feature_sets(self) -> list[FeatureSet]:
         with self.session() as s:
-            return list(s.scalars(select(FeatureSet).order_by(FeatureSet.name)))
+            return list(s.scalars(select(FeatureSet).where(newest_only()).order_by(FeatureSet.name)))
 
     def add_feature_set(self, s: Session, name: str, kind: str, params: dict[str, Any], dim: int,
                         dtype: str) -> FeatureSet:
@@ -347,7 +348,7 @@ class Catalog:
                 FeatureSet.name, FeatureSet.kind, FeatureSet.dim,
                 select(func.count()).where(FeatureRow.feature_set_id == FeatureSet.id).scalar_subquery(),
                 select(func.count()).where(FeatureShard.feature_set_id == FeatureSet.id).scalar_subquery(),
-            ).order_by(FeatureSet.name))
+            ).where(newest_only()).order_by(FeatureSet.name))
             return [tuple(r) for r in rows]  # type: ignore[misc]
 
     # -- shards ---------------------------------------------------------------------------
@@ -460,10 +461,11 @@ class Catalog:
 
     # -- runs ------------------------------------------------------------------------------
     def add_run(self, run: Run, splits: list[dict[str, Any]], test_predictions: list[dict[str, Any]] | None = None,
-                oof: list[dict[str, Any]] | None = None, images: RunImages | None = None) -> int:
+                oof: list[dict[str, Any]] | None = None, images: RunImages | None = None,
+                feature_versions: Mapping[str, int] | None = None) -> int:
         """Insert a run, its per-split scores, (fixed-test runs) its per-image test predictions, (K-fold runs)
-        its out-of-fold probabilities and (``images``) the images it used with each split's test images, in one
-        transaction."""
+        its out-of-fold probabilities, (``images``) the images it used with each split's test images and
+        (``feature_versions``) the version of each feature set it read, in one transaction."""
         with self.session() as s:
             s.add(run)
             s.flush()
@@ -474,6 +476,8 @@ class Catalog:
                 s.execute(insert(RunOutOfFold), [{"run_id": run.id, **row} for row in part])
             if images is not None:
                 insert_run_images(s, int(run.id), images)
+            if feature_versions:
+                record_run(s, int(run.id), feature_versions)
             return int(run.id)
 
     def test_correctness(self, run_id: int) -> dict[int, bool]:

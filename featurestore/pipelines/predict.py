@@ -59,23 +59,36 @@ def predict(store: Store, run_id: int, image_ids: Sequence[int], batch_size: int
     Call under ``store.writing()``.
     """
     run = store.catalog.run(run_id)
-    check_features_unchanged(store, run)
+    stored = check_features_unchanged(store, run)  # the versions of the sets the run was trained on
     model = store.run_model(run)
     ids = sorted({int(i) for i in image_ids})
     if not ids:
         raise InvalidInputError("no images to predict: give --dataset, --unlabelled or image paths")
     skipped: list[tuple[str, str]] = []
-    lacking = sorted(set().union(*(store.images_lacking(f, ids) for f in run.features)))
+    lacking = sorted(set().union(*(store.images_lacking(stored[f], ids) for f in run.features)))
     if lacking:
+        _check_extendable(run, stored, len(lacking))
         extractors = [store.extractor(f, batch_size)[0] for f in run.features]
         summary = extract(store, extractors, image_ids=lacking, batch_size=batch_size, progress=progress)
         skipped = summary.failed
-    fm = store.read_matrix(run.features, image_ids=ids, skip_missing=True)
+    fm = store.read_matrix([stored[f] for f in run.features], image_ids=ids, skip_missing=True)
     if len(fm.image_ids) == 0:
         raise FeatureStoreError("none of the images could be featurized; see the skipped files above")
     rows = _top(run, model, np.asarray(model.predict_proba(fm.X)), fm.image_ids.tolist())
     store.catalog.replace_predictions(run.id, rows)
     return PredictSummary(run.id, len(rows), skipped, rows)
+
+
+def _check_extendable(run: Run, stored: dict[str, str], lacking: int) -> None:
+    """Refuse to compute new vectors for a run that read an older version of a set: new vectors are only
+    ever added to a set's newest version (an older one is kept as it was)."""
+    old = [f"{name} (kept as {row})" for name, row in stored.items() if row != name]
+    if old:
+        raise FeatureStoreError(
+            f"run {run.id} was trained on an older version of {', '.join(old)}, and {lacking} image(s) lack a "
+            f"vector in it; older versions are kept read-only: predict images that have one, or retrain on the "
+            f"newest version with `fs train --features {','.join(run.features)}`"
+        )
 
 
 @dataclass
@@ -111,7 +124,7 @@ def predict_upload(store: Store, run_id: int, upload: DecodedImage, data: bytes,
     only while those are written.
     """
     run = store.catalog.run(run_id)
-    check_features_unchanged(store, run)
+    _check_extendable(run, check_features_unchanged(store, run), 1)
     model = store.run_model(run)
     writer = _UploadWriter(store, run, upload, data) if keep else None
     try:
