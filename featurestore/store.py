@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,6 +138,10 @@ class FeatureSet:
 
         store = self._store
         plan = arrow.plan_features(store.catalog, store.settings, [self.name], dataset=dataset, where=where)
+        public = versions.public_name(self.name)
+        if public != self.name:  # an older version (``feature_set(name, version=N)``): the column keeps the name
+            plan = replace(plan, columns=tuple(replace(c, name=public) for c in plan.columns),
+                           lacking={public: plan.lacking[self.name]})
         return arrow.feature_table(store.catalog, store.root, plan)
 
 

@@ -155,6 +155,10 @@ def test_train_evaluate_export_record_and_read_the_version(versioned, tmp_path: 
         np.testing.assert_array_equal(np.array(table.column("a").to_pylist(), dtype=np.float32), want)
         meta = json.loads(table.schema.metadata[b"featurestore"])
         assert meta["feature_sets"]["a"].get("version") == (1 if version else None)
+    with Store.open(Settings.from_env()) as s:  # the Python API: the column keeps the set's name
+        old = s.feature_set("a", version=1).to_arrow()
+        assert old.column_names[-1] == "a"
+        np.testing.assert_array_equal(np.array(old.column("a").to_pylist(), dtype=np.float32), v1)
 
 
 def test_predict_uses_the_version_the_run_read(versioned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form
 
+from featurestore.catalog.feature_versions import run_pins
 from featurestore.http.deps import Authenticated, StoreDep, StoreRequested, UploadDep
 from featurestore.http.params import MAX_K, RunId
 from featurestore.http.schemas import (
@@ -42,7 +43,8 @@ def get_runs(store: StoreDep) -> list[RunOut]:
 def get_run(run_id: RunId, store: StoreDep) -> RunDetailOut:
     """One run with its per-split test accuracy."""
     run = store.catalog.run(run_id)
-    return RunDetailOut(**RunOut.fields(run), split_accuracies=store.catalog.split_scores(run_id))
+    return RunDetailOut(**RunOut.fields(run), split_accuracies=store.catalog.split_scores(run_id),
+                        feature_versions=run_pins(store.engine, [run_id]).get(run_id, {}))
 
 
 @router.post("/{run_id}/predict", responses=WRITE_ERRORS)
