@@ -287,3 +287,62 @@ def test_migration_gives_existing_sets_and_runs_version_1(versioned) -> None:  #
         _replace(s, "a", {"v": 9}, v1, ids)  # a replace after the migration numbers on from 1
         assert [v.version for v in list_versions(s, "a")] == [1, 2]
         np.testing.assert_array_equal(s.read_matrix(["a"], version=1).X, v2)
+
+
+def test_group_duplicates_compare_the_version_read(versioned) -> None:  # type: ignore[no-untyped-def]
+    store, ids, v1, v2 = versioned
+    with store.writing():
+        old = train(store, _cfg(versions=1, group_duplicates=0.99, group_features="a"), fit_final=False)
+        new = train(store, _cfg(group_duplicates=0.99, group_features="a"), fit_final=False)
+    assert store.catalog.run(old.run_id).group_features == "a@v1"  # the version-1 vectors were compared
+    assert store.catalog.run(new.run_id).group_features == "a"
+
+
+def test_upload_prediction_refused_for_a_run_on_an_older_version(versioned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from PIL import Image
+
+    from featurestore.io.images import decode_bytes
+    from featurestore.pipelines.predict import predict_upload
+
+    store, ids, v1, v2 = versioned
+    with store.writing():
+        run_id = train(store, _cfg(versions=1)).run_id
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), (200, 10, 10)).save(buf, format="PNG")
+    with pytest.raises(FeatureStoreError, match=r"older version of a \(kept as a@v1\)"):
+        predict_upload(store, run_id, decode_bytes(buf.getvalue()), buf.getvalue(), keep=True)
+    assert len(store.select_images()) == len(ids)  # nothing stored
+
+
+def test_replace_with_the_same_params_still_predicts_new_images(versioned) -> None:  # type: ignore[no-untyped-def]
+    """`--replace` that only recomputed (same params, e.g. to add checksums): a run on the older version reads
+    its own vectors, and an image that version lacks takes the newest version's."""
+    from sqlalchemy import delete
+
+    from featurestore.catalog.schema import FeatureRow
+
+    store, ids, v1, v2 = versioned
+    with store.writing():
+        out = train(store, _cfg())  # reads version 2 ({"v": 2})
+    v3 = np.full((len(ids) - 1, 6), 5, dtype=np.float32)
+    _replace(store, "a", {"v": 2}, v3, ids[:-1])  # version 3: same params, other vectors, one image fewer
+    model = store.run_model(store.catalog.run(out.run_id))
+
+    def top(X: np.ndarray) -> list[float]:
+        return np.max(model.predict_proba(X), axis=1).tolist()
+
+    with store.writing():
+        got = predict(store, out.run_id, ids)
+    assert [r["probability"] for r in got.rows] == pytest.approx(top(v2))  # the run's own version 2
+    with store.session() as s:  # image 0 loses its version-2 vector: it takes version 3's
+        s.execute(delete(FeatureRow).where(FeatureRow.feature_set_id == store.feature_set("a", 2).id,
+                                           FeatureRow.image_id == ids[0]))
+    mixed = v2.copy()
+    mixed[0] = v3[0]
+    assert top(mixed)[0] != pytest.approx(top(v2)[0])  # the two versions tell apart which was read
+    with store.writing():
+        got = predict(store, out.run_id, ids)
+    assert [r["image_id"] for r in got.rows] == ids
+    assert [r["probability"] for r in got.rows] == pytest.approx(top(mixed))

@@ -318,7 +318,11 @@ def group_feature_set(store: Store, cfg: TrainConfig, features: Sequence[str]) -
 
 def _group(store: Store, cfg: TrainConfig, features: Sequence[str], image_ids: np.ndarray) -> DuplicateGroups:
     assert cfg.group_duplicates is not None
-    return group_near_duplicates(store, group_feature_set(store, cfg, features), image_ids, cfg.group_duplicates)
+    name = group_feature_set(store, cfg, features)
+    pins = cfg.versions if isinstance(cfg.versions, dict) else {}
+    if name in pins:  # compare the vectors of the version the run reads (an older one: its `<set>@v<N>` row)
+        name = store.feature_set(name, pins[name]).name
+    return group_near_duplicates(store, name, image_ids, cfg.group_duplicates)
 
 
 def _summary(found: DuplicateGroups, y: np.ndarray | None, labels: np.ndarray | None, near_excluded: int = 0
