@@ -346,3 +346,39 @@ def test_replace_with_the_same_params_still_predicts_new_images(versioned) -> No
         got = predict(store, out.run_id, ids)
     assert [r["image_id"] for r in got.rows] == ids
     assert [r["probability"] for r in got.rows] == pytest.approx(top(mixed))
+
+
+def test_cli_extract_replace_end_to_end(image_tree: Path, tmp_path: Path) -> None:
+    """The real path: `fs extract --rp --replace` keeps version 1 (shards and projection), runs pin it."""
+    def ok(*args: str) -> str:
+        r = runner.invoke(app, list(args))
+        assert r.exit_code == 0, (args, r.output)
+        return r.stdout
+
+    ok("ingest", str(image_tree))
+    ok("extract", "--rp", "16", "--size", "32x24")
+    assert json.loads(ok("train", "--features", "rp16", "--splits", "2", "--test-size", "0.25", "--trees", "5",
+                         "-f", "json"))["run"] == 1
+    replaced = runner.invoke(app, ["extract", "--rp", "16", "--size", "32x24", "--seed", "9", "--replace"])
+    assert replaced.exit_code == 0 and "rp16: 12 vectors written" in replaced.output
+    got = json.loads(ok("versions", "rp16", "-f", "json"))
+    assert [(v["version"], v["params"]["seed"], v["rows"], v["runs"]) for v in got] == [(1, 0, 12, [1]),
+                                                                                      (2, 9, 12, [])]
+    assert len(list((tmp_path / ".fs" / "projections").glob("rp16-*.npz"))) == 2  # both projections stay
+    with Store.open(Settings.from_env()) as s:
+        assert [fs.name for fs in s.feature_sets()] == ["rp16"]
+        old = s.read_matrix(["rp16"], version=1)
+        assert not np.allclose(old.X, s.read_matrix(["rp16"]).X)
+    want, _ = brute(old.X[0], old.image_ids, old.X, 3, "cosine", exclude=[int(old.image_ids[0])])
+    hits = json.loads(ok("search", "--features", "rp16", "--id", str(old.image_ids[0]), "-k", "3", "--version", "1",
+                         "-f", "json"))
+    assert [h["image_id"] for h in hits] == want
+    assert len(json.loads(ok("predict", "--run", "1", "--dataset", "shoes", "-f", "json", "--show", "100"))) == 12
+    new = make_image(tmp_path / "new" / "n.png", seed=77)
+    refused = runner.invoke(app, ["predict", "--run", "1", str(new)])
+    assert refused.exit_code == 1
+    assert "run 1 was trained on an older version of rp16 (kept as rp16@v1)" in refused.stderr
+    assert "would delete 0 version(s), kept 1 that runs read" in runner.invoke(app, ["gc", "--dry-run"]).stderr
+    ok("gc", "--force")
+    gone = runner.invoke(app, ["predict", "--run", "1", "--dataset", "shoes"])
+    assert gone.exit_code == 1 and "version 1 of feature set rp16, which was deleted" in gone.stderr

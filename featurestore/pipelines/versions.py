@@ -76,10 +76,13 @@ def gc(store: Store, keep: int = 1, *, dry_run: bool = False, force: bool = Fals
 
     The catalog forgets them in one transaction and the files go after; a crash
     in between leaves unregistered files that the next writer's sweep deletes.
+    A dry run only reads: it neither waits for the lock nor sweeps.
     """
+    if dry_run:
+        return plan_gc(store, keep, force, names, dry_run=True)
     with store.writing():
-        plan = plan_gc(store, keep, force, names, dry_run)
-        if dry_run or not plan.delete:
+        plan = plan_gc(store, keep, force, names)
+        if not plan.delete:
             return plan
         files = store.delete_versions([v.feature_set_id for v in plan.delete])
     return GcPlan(plan.delete, plan.referenced, keep, False, tuple(files))
