@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from featurestore.cli import common
+from featurestore.cli import common, versions
 
 app = typer.Typer(help="Write feature sets or a run's predictions to a Parquet file (readable by pandas, polars, "
                   "DuckDB, Hugging Face datasets).", no_args_is_help=True)
@@ -33,6 +33,8 @@ def features(
                                      "--where`), e.g. \"label = 'sneaker' AND dataset = 'spring'\"."),
     rows: int | None = typer.Option(None, "--row-group-rows", min=1, help="Rows per Parquet row group (default: "
                                     "about 32 MiB of vectors, at most 65,536)."),
+    version: str | None = typer.Option(None, "--version", metavar="N|SET=N,...", show_default=False,
+                                       help=versions.VERSION_HELP),
 ) -> None:
     """Export feature sets to Parquet: image_id, sha256, label, superclass, datasets and one fixed-size
     float32 list column per set, for the images that have a vector in every set (the others are counted).
@@ -44,9 +46,10 @@ def features(
     from featurestore.pipelines.export import export_features
 
     names = _sets(sets)
+    pinned = versions.parse_version(version)
     with common.open_store() as store, common.progress("export") as tick:
         summary = export_features(store, names, dest, dataset=dataset, where=where, batch_rows=rows,
-                                  progress=tick)
+                                  progress=tick, version=pinned)
     for name, n in summary.lacking.items():
         if n:
             common.err(f"left out {n} selected image(s) without a vector in {name} (`fs extract` computes them)")

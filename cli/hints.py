@@ -69,6 +69,7 @@ REMEDIES: dict[str, Remedy] = {
     "or-labels-set": " (or set the label you want with `fs labels set`)",
     "see-labels-history": "; see `fs labels history`",
     "see-runs": ". See `fs runs`",
+    "create-set": ". Create it with `fs extract` (see `fs extract --help`)",
     "see-datasets": " (see `fs datasets list`)",
     "store-in-bucket": Line("FS_STORE={url}: a store in a bucket is not supported yet (images can be: "
                             "`fs ingest s3://...`); set FS_STORE to a folder"),

@@ -30,6 +30,7 @@ from featurestore.cli import (
     status,
     train,
     verify,
+    versions,
 )
 from featurestore.cli import plugins as cli_plugins
 from featurestore.errors import FeatureStoreError
@@ -124,7 +125,7 @@ def root(
 def _register() -> None:
     for module in (datasets, db, audit, labels, runs, export):
         app.add_typer(module.app, name=module.__name__.rsplit(".", 1)[-1])
-    for module in (ingest, status, extract, models, train, search, index, serve, report, verify):
+    for module in (ingest, status, extract, models, train, search, index, serve, report, verify, versions):
         module.register(app)
     # Commands from plugins (hook register_commands), `fs plugins` among them; a plugin that cannot be
     # imported is reported once here and listed by `fs plugins`, and the other commands still run.

@@ -49,6 +49,9 @@ def search(
     memory_mb: int | None = typer.Option(None, "--memory-mb", help=MEMORY_HELP),
     exact: bool = typer.Option(False, "--exact", help="Score every vector even if the feature set has an index "
                                "(`fs index build`); without one the search is always exact."),
+    version: int | None = typer.Option(None, "--version", min=1, metavar="N", show_default=False,
+                                       help="Search an older version of the set (see `fs versions SET`); default "
+                                       "the newest."),
 ) -> None:
     """Find the images nearest to a query image in a feature set.
 
@@ -75,8 +78,12 @@ def search(
         raise typer.BadParameter("--dataset is only used with --ingest", param_hint="--dataset")
     if memory_mb is not None and memory_mb < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--memory-mb")
+    if ingest and version is not None:
+        raise typer.BadParameter("--ingest adds to the newest version; leave out --version", param_hint="--ingest")
     store = common.open_store(search_memory_mb=memory_mb)
     try:
+        if version is not None:  # an older version is searched through its own catalog row
+            features = store.feature_set(features, version).name
         query: object = image_id if image_id is not None else image
         if ingest:
             # embed once: the same vector is searched and then stored

@@ -53,7 +53,8 @@ def sql(
     Exactly one query over the catalog tables (datasets, dataset_members, images,
     ingest_errors, feature_sets, feature_shards, feature_rows, models, runs,
     run_splits, run_test_predictions, run_notes, predictions, vector_indexes, catalog_version,
-    run_oof, label_changes, label_reviews, run_images, run_split_images, audit_findings), with plain
+    run_oof, label_changes, label_reviews, run_images, run_split_images, audit_findings,
+    feature_set_versions, run_feature_versions), with plain
     functions only (aggregates, string, math, date, JSON); anything else (several
     statements, COPY, SELECT INTO, writes, file or setting functions, PRAGMA,
     ATTACH) is refused before it reaches the database. It runs read-only (SQLite

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from featurestore.cli import common
+from featurestore.cli.versions import VERSION_HELP, parse_version
 from featurestore.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -53,16 +54,17 @@ GROUP_DUPLICATES = typer.Option(None, "--group-duplicates", metavar="THRESHOLD",
 GROUP_FEATURES = typer.Option(None, "--group-features", metavar="SET", show_default=False,
                               help="Feature set compared by --group-duplicates (default: the first CNN set of "
                               "--features); through its index when it has one (`fs index build`).")
+VERSION = typer.Option(None, "--version", metavar="N|SET=N,...", show_default=False, help=VERSION_HELP)
 
 
 def _cfg(features: list[str], target: str, select: str | None, classifier: str, trees: int, splits: int,
          test_size: float, seed: int, dataset: str | None, skip_missing: bool,
          test_dataset: str | None = None, folds: int | None = None, group_duplicates: float | None = None,
-         group_features: str | None = None) -> TrainConfig:
+         group_features: str | None = None, version: str | None = None) -> TrainConfig:
     from featurestore.pipelines.train import TrainConfig
 
     cfg = TrainConfig(features, target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
-                      test_dataset, folds, group_duplicates, group_features)
+                      test_dataset, folds, group_duplicates, group_features, parse_version(version))
     try:
         cfg.check()
     except InvalidInputError as exc:
@@ -78,6 +80,7 @@ def train(
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
     ray: str | None = common.RAY_OPTION,
     group_duplicates: float | None = GROUP_DUPLICATES, group_features: str | None = GROUP_FEATURES,
+    version: str | None = VERSION,
 ) -> None:
     """Evaluate a feature combination on repeated splits, then fit the final model on all labelled images.
 
@@ -89,13 +92,14 @@ def train(
     is scored once out of fold and its class probabilities are kept for `fs audit labels --run ID`.
 
     With --group-duplicates 0.95, near-duplicate photos never straddle a split (see README "Honest splits").
+    The run records the version of each feature set it read (--version N for an older one; `fs versions SET`).
 
     Example: fs train --features rp128,efficientnet-lite0 --select rp128=55,efficientnet-lite0=400
     """
     from featurestore.pipelines.train import train as run_train
 
     cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
-               skip_missing, test_dataset, folds, group_duplicates, group_features)
+               skip_missing, test_dataset, folds, group_duplicates, group_features, version)
     store = common.open_store(ray_address=ray)
     try:
         with store.writing(), common.progress("splits") as tick:
@@ -130,6 +134,7 @@ def evaluate(
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
     ray: str | None = common.RAY_OPTION,
     group_duplicates: float | None = GROUP_DUPLICATES, group_features: str | None = GROUP_FEATURES,
+    version: str | None = VERSION,
 ) -> None:
     """Evaluate several feature combinations on the same splits and print a Table-1-style comparison.
 
@@ -146,7 +151,7 @@ def evaluate(
         raise typer.BadParameter("fs evaluate takes auto or none (per-set K: use fs train)", param_hint="--select")
     combos = [_features(f) for f in features]
     cfg = _cfg(combos[0], target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
-               test_dataset, folds, group_duplicates, group_features)
+               test_dataset, folds, group_duplicates, group_features, version)
     store = common.open_store(ray_address=ray)
     try:
         with store.writing(), common.progress("evaluate") as tick:
@@ -303,17 +308,20 @@ def runs(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f"
     try:
 
         names = store.catalog.run_names()
+        found = list_runs(store)
+        pins = store.catalog.run_pins([r.id for r in found])
         rows = [{"run": r.id, "name": names.get(r.id, ""), "created": r.created_at.strftime("%Y-%m-%d %H:%M"),
                  "features": ",".join(r.features),
+                 "versions": ",".join(f"{n}=v{v}" for n, v in pins.get(r.id, {}).items()),
                  "classifier": r.classifier, "target": r.target, "images": r.n_images,
                  "splits": _splits_cell(r), "accuracy": _pm(r.accuracy_mean, r.accuracy_std),
                  "macro_f1": _pm(r.macro_f1_mean, None), "model": "yes" if r.artifact_path else "",
                  "group": (r.comparison_group or "")[:8], "labels": r.label_version or 0}
-                for r in list_runs(store)]
+                for r in found]
     finally:
         store.close()
-    common.emit(rows, fmt, ["run", "name", "created", "features", "classifier", "target", "images", "splits",
-                            "accuracy", "macro_f1", "model", "group", "labels"])
+    common.emit(rows, fmt, ["run", "name", "created", "features", "versions", "classifier", "target", "images",
+                            "splits", "accuracy", "macro_f1", "model", "group", "labels"])
     versions = sorted({r["labels"] for r in rows})
     if len(versions) > 1:
         common.err(f"labels: the label version each run read (last change id); runs saw {len(versions)} different "

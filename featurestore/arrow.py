@@ -45,6 +45,7 @@ class VectorColumn:
     kind: str
     dim: int
     params: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None  # the set's version when one was asked for (`--version`)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ def feature_schema(columns: Sequence[VectorColumn]) -> pa.Schema:
               pa.field("label", pa.string()), pa.field("superclass", pa.string()),
               pa.field("datasets", pa.list_(pa.string()))]
     fields += [pa.field(c.name, pa.list_(pa.float32(), c.dim)) for c in columns]
-    meta = {"feature_sets": {c.name: {"kind": c.kind, "dim": c.dim, "params": c.params} for c in columns}}
+    meta = {"feature_sets": {c.name: {"kind": c.kind, "dim": c.dim, "params": c.params,
+                                      **({"version": c.version} if c.version is not None else {})}
+                             for c in columns}}
     return pa.schema(fields, metadata={"featurestore": json.dumps(meta, sort_keys=True, default=str)})
 
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -37,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from featurestore import vectors
 from featurestore.catalog import database
+from featurestore.catalog import feature_versions as versions
 from featurestore.catalog.repository import Catalog, check_name
 from featurestore.catalog.schema import FeatureSet as FeatureSetRow
 from featurestore.catalog.schema import Run
@@ -134,6 +136,10 @@ class FeatureSetHandle:
 
         store = self._store
         plan = arrow.plan_features(store.catalog, store.settings, [self.name], dataset=dataset, where=where)
+        public = versions.public_name(self.name)
+        if public != self.name:  # an older version (``feature_set(name, version=N)``): the column keeps the name
+            plan = replace(plan, columns=tuple(replace(c, name=public) for c in plan.columns),
+                           lacking={public: plan.lacking[self.name]})
         return arrow.feature_table(store.catalog, store.root, plan)
 
 
@@ -276,9 +282,19 @@ class Store:
     def feature_sets(self) -> list[FeatureSetHandle]:
         return [FeatureSetHandle(self, row) for row in self.catalog.feature_sets()]
 
-    def feature_set(self, name: str) -> FeatureSetHandle:
-        """The stored feature set ``name`` (:class:`NotFoundError` lists the existing ones)."""
-        return FeatureSetHandle(self, self.catalog.feature_set(name))
+    def feature_set(self, name: str, version: int | None = None) -> FeatureSetHandle:
+        """The stored feature set ``name`` (:class:`NotFoundError` lists the existing ones).
+
+        ``version`` picks an older version kept by ``fs extract --replace`` (default: the newest);
+        a version that does not exist raises :class:`~featurestore.catalog.feature_versions.VersionNotFoundError`
+        listing those that do. An older version's handle has the row name ``<name>@v<N>``.
+        """
+        return FeatureSetHandle(self, self.catalog.feature_set(self.catalog.resolve_version(name, version)))
+
+    def pin_versions(self, names: Sequence[str], version: int | Mapping[str, int] | None = None) -> dict[str, int]:
+        """The version of each set in ``names`` a read would use (``version``: one for all, or per set;
+        default the newest), every one checked to exist."""
+        return self.catalog.pin_versions(names, version)
 
     def search_state(self, name: str) -> SetState:
         """What a search of set ``name`` caches (its facts and compiled filters), valid at one catalog version.
@@ -292,16 +308,16 @@ class Store:
     def ensure_feature_set(self, spec: FeatureSpec, replace: bool = False) -> FeatureSetHandle:
         """Register ``spec`` or check it matches what is stored. Call under :meth:`writing`.
 
-        With ``replace`` an existing set of that name is dropped first; its
-        files are deleted only after the catalog no longer points at them.
+        With ``replace`` an existing set of that name is kept as an older
+        version (renamed ``<name>@v<N>``, its files untouched; ``fs gc`` deletes
+        old versions) and a new version is registered under the name.
         """
         check_name("feature set", spec.name)
         params = canonical(spec.params)
-        dropped: list[str] = []
         with self.session() as s:
             row = self.catalog.find_feature_set(s, spec.name)
             if row is not None and replace:
-                dropped = self.catalog.delete_feature_set(s, row)
+                versions.retire(s, row)  # the old vectors stay, as version N (`fs versions`, `fs gc`)
                 row = None
             if row is not None:
                 stored = dict(row.params)
@@ -312,7 +328,7 @@ class Store:
                     raise ParamsMismatchError(spec.name, stored, params)
             else:
                 row = self.catalog.add_feature_set(s, spec.name, spec.kind, params, spec.dim, spec.dtype)
-        self._discard_files(spec.name, dropped)
+                versions.record_new(s, row)
         return FeatureSetHandle(self, row)
 
     def drop_feature_set(self, name: str) -> None:
@@ -324,6 +340,26 @@ class Store:
                 return
             dropped = self.catalog.delete_feature_set(s, row)
         self._discard_files(name, dropped)
+
+    def delete_versions(self, feature_set_ids: Sequence[int]) -> list[str]:
+        """Delete the given feature-set rows (old versions) and then their files. Call under :meth:`writing`.
+
+        One catalog transaction unregisters every version, its rows, shards and
+        index; the files go after it commits, so the catalog never points at a
+        deleted file. A crash in between leaves unregistered files, which the next
+        writer's orphan sweep deletes. Returns the shard paths deleted.
+        """
+        dropped: list[str] = []
+        with self.session() as s:
+            for fid in feature_set_ids:
+                row = s.get(FeatureSetRow, int(fid))
+                if row is not None:
+                    dropped += self.catalog.delete_feature_set(s, row)
+        self._discard_files("", dropped)
+        from featurestore.search import index as ann_index
+
+        ann_index.remove_orphans(self)  # the deleted versions' index files
+        return dropped
 
     def _discard_files(self, name: str, paths: list[str]) -> None:
         """Delete a dropped set's shard files, after the commit that unregistered them.
@@ -399,8 +435,13 @@ class Store:
         labelled_only: bool = False,
         image_ids: Sequence[int] | None = None,
         skip_missing: bool = False,
+        version: int | Mapping[str, int] | None = None,
     ) -> FeatureMatrix:
         """Assemble ``feature_sets`` into one matrix aligned on image ids.
+
+        ``version`` reads older versions kept by ``fs extract --replace``: one
+        number for every set, or ``{set: version}`` (sets not named: the newest).
+        ``blocks`` are keyed by the names given, whatever the version.
 
         Each shard is read once. Images lacking a set raise
         :class:`MissingFeaturesError` naming the ``fs extract`` command, unless
@@ -410,7 +451,7 @@ class Store:
         if not feature_sets:
             raise InvalidInputError("no feature sets given; list them like --features rp128,efficientnet-lite0")
         return self._replanned(lambda: self._read_matrix(feature_sets, dataset, labelled_only, image_ids,
-                                                         skip_missing))
+                                                         skip_missing, version))
 
     def _replanned(self, read: Callable[[], Any]) -> Any:
         try:
@@ -420,8 +461,10 @@ class Store:
             return read()
 
     def _read_matrix(self, feature_sets: Sequence[str], dataset: str | None, labelled_only: bool,
-                     image_ids: Sequence[int] | None, skip_missing: bool) -> FeatureMatrix:
-        sets = [self.feature_set(n) for n in feature_sets]
+                     image_ids: Sequence[int] | None, skip_missing: bool,
+                     version: int | Mapping[str, int] | None = None) -> FeatureMatrix:
+        sets = [self.feature_set(n, version.get(n) if isinstance(version, Mapping) else version)
+                for n in feature_sets]
         ids = np.array([r[0] for r in self.catalog.image_rows(dataset, labelled_only, image_ids, ids_only=True)],
                        dtype=np.int64)
         X = np.empty((len(ids), sum(fs.dim for fs in sets)), dtype=np.float32)
@@ -432,7 +475,7 @@ class Store:
         for fs in sets:
             cols = slice(col, col + fs.dim)
             jobs += [(part, cols, present[fs.id]) for part in self._plan(fs)]
-            blocks[fs.name] = (col, col + fs.dim)
+            blocks[versions.public_name(fs.name)] = (col, col + fs.dim)
             col += fs.dim
 
         # HDF5 reads are serial (h5py holds a global lock) but numpy copies release the GIL:

@@ -125,6 +125,7 @@ REPLACER = textwrap.dedent(
     from pathlib import Path
     from featurestore.config import Settings
     from featurestore.features.base import FeatureSpec
+    from featurestore.pipelines.versions import gc
     from featurestore.store import Store
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -132,12 +133,14 @@ REPLACER = textwrap.dedent(
     store = Store.open(Settings(store=Path(sys.argv[1])))
     with store.writing():
         store.ensure_feature_set(FeatureSpec("v", "test", 3, {"version": 2}), replace=True)
+    gc(store)  # issue 26: replace keeps the old version; gc deletes it
     """
 )
 
 
 def test_kill_between_replace_commit_and_file_delete(tmp_path: Path) -> None:
-    """`--replace` commits first and deletes after: a kill in between never leaves rows pointing at missing files."""
+    """`--replace` then `fs gc` (which deletes the old version) commit first and delete after: a kill in between
+    never leaves rows pointing at missing files."""
     root = tmp_path / ".fs"
     store = Store.open(Settings(store=root), create=True)
     for k in range(6):

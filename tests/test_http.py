@@ -214,6 +214,7 @@ def test_runs_and_run(client: TestClient) -> None:
     assert 0 <= run["accuracy_mean"] <= 1
     detail = client.get("/v1/runs/1").json()
     assert len(detail["split_accuracies"]) == 2
+    assert detail["feature_versions"] == {"rp16": 1}  # issue 26: the version of each set the run read
     assert "unknown run '7'" in _error(client.get("/v1/runs/7"), 404)
 
 

@@ -126,6 +126,10 @@ def test_predict_replaces_rows_and_refuses_changed_features(trained_store: Store
         assert c.exec_driver_sql("SELECT count(*) FROM predictions").scalar() == 10
     with trained_store.writing():
         trained_store.ensure_feature_set(FeatureSpec("a", "test", 6, {"changed": True}), replace=True)
+        # issue 26: the run reads the version it was trained on, which --replace kept
+        assert predict(trained_store, out.run_id, ids[:10]).rows == again.rows
+        with trained_store.session() as s:  # a catalog where that version now has other params
+            trained_store.catalog.find_feature_set(s, "a@v1").params = {"changed": True}
         with pytest.raises(FeatureStoreError, match="recomputed with other params since run"):
             predict(trained_store, out.run_id, ids)
 

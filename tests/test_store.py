@@ -68,7 +68,7 @@ def test_unknown_feature_set_lists_available(store: Store, image_tree: Path) -> 
         store.read_matrix(["nope"])
 
 
-def test_params_mismatch_refused_and_replace_drops(store: Store, image_tree: Path) -> None:
+def test_params_mismatch_refused_and_replace_keeps_the_old_version(store: Store, image_tree: Path) -> None:
     ids = _ingested(store, image_tree)
     with store.writing():
         fs = store.ensure_feature_set(FeatureSpec("rp4", "random_projection", 4, {"seed": 0}))
@@ -78,7 +78,9 @@ def test_params_mismatch_refused_and_replace_drops(store: Store, image_tree: Pat
         assert store.read_matrix(["rp4"]).X.shape == (len(ids), 4)
         store.ensure_feature_set(FeatureSpec("rp4", "random_projection", 4, {"seed": 1}), replace=True)
     assert store.images_lacking("rp4", ids) == ids
-    assert not list((store.root / "features").glob("rp4/*.h5"))
+    # issue 26: the old vectors stay, as version 1 (`fs gc` deletes them)
+    assert len(list((store.root / "features").glob("rp4/*.h5"))) == 1
+    assert store.read_matrix(["rp4"], version=1).X.shape == (len(ids), 4)
 
 
 def test_shard_is_self_describing(store: Store, image_tree: Path) -> None:
@@ -189,12 +191,16 @@ def test_reader_replans_when_compaction_replaced_its_shards(store: Store, image_
     np.testing.assert_array_equal(got[np.argsort(got_ids)], expected)
 
 
-def test_replace_deletes_old_files_after_the_commit(store: Store, image_tree: Path) -> None:
+def test_gc_deletes_old_files_after_the_commit(store: Store, image_tree: Path) -> None:
+    """A replaced set's old version is deleted by `fs gc`: catalog first, files after it commits."""
+    from featurestore.pipelines.versions import gc
+
     ids = _ingested(store, image_tree)
     with store.writing():
         fs = store.ensure_feature_set(FeatureSpec("r", "test", 2, {"v": 1}))
         store.append_vectors(fs, ids, np.ones((len(ids), 2)))
         old = list((store.root / "features" / "r").glob("*.h5"))
+        store.ensure_feature_set(FeatureSpec("r", "test", 2, {"v": 2}), replace=True)
         seen: list[bool] = []
         real = store.catalog.delete_feature_set
 
@@ -204,7 +210,7 @@ def test_replace_deletes_old_files_after_the_commit(store: Store, image_tree: Pa
             return paths
 
         store.catalog.delete_feature_set = delete_then_check  # type: ignore[method-assign]
-        store.ensure_feature_set(FeatureSpec("r", "test", 2, {"v": 2}), replace=True)
+    gc(store)
     assert seen == [True] and old and not any(p.exists() for p in old)
     assert store.images_lacking("r") == ids
 

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from featurestore.catalog.common import CHUNK, Repository, chunks
+from featurestore.catalog.feature_versions import newest_only
 from featurestore.catalog.schema import FeatureRow, FeatureSet, FeatureShard
 from featurestore.errors import NotFoundError
 
@@ -53,9 +54,9 @@ class FeatureSets(Repository):
         with self.session() as s:
             fs = self.find_feature_set(s, name)
             if fs is None:
-                names = list(s.scalars(select(FeatureSet.name)))
+                names = list(s.scalars(select(FeatureSet.name).where(newest_only())))
                 raise NotFoundError(
-                    "feature set", name, names, "Create it with `fs extract` (see `fs extract --help`)"
+                    "feature set", name, names, remedy="create-set"
                 )
             return fs
 
@@ -64,7 +65,7 @@ class FeatureSets(Repository):
 
     def feature_sets(self) -> list[FeatureSet]:
         with self.session() as s:
-            return list(s.scalars(select(FeatureSet).order_by(FeatureSet.name)))
+            return list(s.scalars(select(FeatureSet).where(newest_only()).order_by(FeatureSet.name)))
 
     def add_feature_set(self, s: Session, name: str, kind: str, params: dict[str, Any], dim: int,
                         dtype: str) -> FeatureSet:
@@ -100,7 +101,7 @@ class FeatureSets(Repository):
                 FeatureSet.name, FeatureSet.kind, FeatureSet.dim,
                 select(func.count()).where(FeatureRow.feature_set_id == FeatureSet.id).scalar_subquery(),
                 select(func.count()).where(FeatureShard.feature_set_id == FeatureSet.id).scalar_subquery(),
-            ).order_by(FeatureSet.name))
+            ).where(newest_only()).order_by(FeatureSet.name))
             return [tuple(r) for r in rows]  # type: ignore[misc]
 
     # -- shards ---------------------------------------------------------------------------

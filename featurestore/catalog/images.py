@@ -11,6 +11,7 @@ from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from featurestore.catalog.common import CHUNK, Repository, check_name, chunks
+from featurestore.catalog.feature_versions import newest_only
 from featurestore.catalog.schema import Dataset, DatasetMember, FeatureRow, FeatureSet, Image, IngestError, utcnow
 from featurestore.errors import InvalidInputError, NotFoundError
 
@@ -151,7 +152,7 @@ class Images(Repository):
             datasets = list(s.scalars(select(Dataset.name).join(DatasetMember, DatasetMember.dataset_id == Dataset.id)
                                       .where(DatasetMember.image_id == image_id).order_by(Dataset.name)))
             sets = list(s.scalars(select(FeatureSet.name).join(FeatureRow, FeatureRow.feature_set_id == FeatureSet.id)
-                                  .where(FeatureRow.image_id == image_id).order_by(FeatureSet.name)))
+                                  .where(FeatureRow.image_id == image_id, newest_only()).order_by(FeatureSet.name)))
             return img, datasets, sets
 
     def image_ids_where(self, label: str | None = None, dataset: str | None = None) -> np.ndarray:

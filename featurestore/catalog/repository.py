@@ -33,6 +33,7 @@ from featurestore.catalog.browse import MAX_PAGE, OUTCOMES, SORTS, Browse, Facet
 from featurestore.catalog.common import CHUNK, NAME_RE, check_ids, check_name, chunks
 from featurestore.catalog.exports import Exports
 from featurestore.catalog.feature_sets import FeatureSets, LiveShard, ShardRef
+from featurestore.catalog.feature_versions import FeatureVersions
 from featurestore.catalog.images import DatasetExistsError, ImageFile, Images
 from featurestore.catalog.indexes import IndexChangedError, Indexes, IndexRecord
 from featurestore.catalog.labels import Labels
@@ -50,8 +51,8 @@ __all__ = [
 ]
 
 
-class Catalog(Images, FeatureSets, Versions, Indexes, Models, Browse, RunImageSets, RunNotes, RunOutcomes, Labels,
-              Audits, Exports):
+class Catalog(Images, FeatureSets, FeatureVersions, Versions, Indexes, Models, Browse, RunImageSets, RunNotes,
+              RunOutcomes, Labels, Audits, Exports):
     """All queries on the catalog tables: the one way in (``store.catalog``).
 
     Parameters

@@ -6,7 +6,7 @@ what the browse queries need to know about a run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement
 
 from featurestore.catalog.common import Repository, chunks
+from featurestore.catalog.feature_versions import record_run
 from featurestore.catalog.run_images import RunImages, insert_run_images
 from featurestore.catalog.schema import (
     Dataset,
@@ -120,10 +121,11 @@ class Runs(Repository):
     """Queries on runs, their scores and their predictions."""
 
     def add_run(self, run: Run, splits: list[dict[str, Any]], test_predictions: list[dict[str, Any]] | None = None,
-                oof: list[dict[str, Any]] | None = None, images: RunImages | None = None) -> int:
+                oof: list[dict[str, Any]] | None = None, images: RunImages | None = None,
+                feature_versions: Mapping[str, int] | None = None) -> int:
         """Insert a run, its per-split scores, (fixed-test runs) its per-image test predictions, (K-fold runs)
-        its out-of-fold probabilities and (``images``) the images it used with each split's test images, in one
-        transaction."""
+        its out-of-fold probabilities, (``images``) the images it used with each split's test images and
+        (``feature_versions``) the version of each feature set it read, in one transaction."""
         with self.session() as s:
             s.add(run)
             s.flush()
@@ -134,6 +136,8 @@ class Runs(Repository):
                 s.execute(insert(RunOutOfFold), [{"run_id": run.id, **row} for row in part])
             if images is not None:
                 insert_run_images(s, int(run.id), images)
+            if feature_versions:
+                record_run(s, int(run.id), feature_versions)
             return int(run.id)
 
     def test_correctness(self, run_id: int) -> dict[int, bool]:

@@ -406,3 +406,37 @@ class AuditFinding(Base):
     feature_set: Mapped[str | None] = mapped_column(String(200), nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+# -- feature-set versions (migration 0014, issue 26 item 5) -----------------------------------------
+
+
+class FeatureSetVersion(Base):
+    """One version of a feature set: ``fs extract --replace`` makes a new one and keeps the old.
+
+    Every ``feature_sets`` row has one. The newest version keeps the set's own
+    name; an older one's row is renamed ``<name>@v<version>`` (``@`` is not
+    allowed in user names) and keeps its shards, rows and index, so a run that
+    read it can still be reproduced. ``name`` is the set's name as users give it.
+    """
+
+    __tablename__ = "feature_set_versions"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_feature_set_versions_name_version"),)
+
+    feature_set_id: Mapped[int] = mapped_column(ForeignKey("feature_sets.id", ondelete="CASCADE"),
+                                                primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class RunFeatureVersion(Base):
+    """The version of each feature set a run read (``fs predict`` with the run reads the same one).
+
+    No foreign key to the version: ``fs gc --force`` may delete a version a run read, and the run then
+    says so instead of silently reading another.
+    """
+
+    __tablename__ = "run_feature_versions"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    feature_set: Mapped[str] = mapped_column(String(200), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)

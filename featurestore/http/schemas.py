@@ -149,6 +149,8 @@ class RunOut(BaseModel):
 
 class RunDetailOut(RunOut):
     split_accuracies: list[float]
+    feature_versions: dict[str, int] = Field(default_factory=dict, description="The version of each feature set "
+                                             "the run read (`fs versions SET`); prediction reads the same.")
 
 
 class LabelProbability(BaseModel):

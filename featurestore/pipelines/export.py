@@ -8,8 +8,8 @@ Parquet (zstd), readable by pandas, polars, DuckDB and Hugging Face ``datasets``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,8 @@ class ExportSummary:
 
 def export_features(store: Store, feature_sets: Sequence[str], dest: Path | str, *, dataset: str | None = None,
                     where: str | None = None, batch_rows: int | None = None,
-                    progress: Progress | None = None) -> ExportSummary:
+                    progress: Progress | None = None,
+                    version: int | Mapping[str, int] | None = None) -> ExportSummary:
     """Write feature sets to one Parquet file: one row per image that has a vector in every set.
 
     Parameters
@@ -47,11 +48,21 @@ def export_features(store: Store, feature_sets: Sequence[str], dest: Path | str,
         Select the images (a dataset; a SQL condition as in ``--where``).
     batch_rows : int, optional
         Rows per row group (default: as many as fit in about 32 MiB of vectors).
+    version : int or mapping, optional
+        Export older versions (``fs versions``): one number for every set, or per set; columns keep the
+        sets' names and the file's metadata records each version. Default: the newest.
     """
     from featurestore import arrow
 
     target = _destination(dest)
-    plan = arrow.plan_features(store.catalog, store.settings, feature_sets, dataset=dataset, where=where)
+    pins = store.pin_versions(feature_sets, version) if version is not None else {}
+    stored = {n: store.feature_set(n, pins[n]).name if n in pins else n for n in feature_sets}
+    plan = arrow.plan_features(store.catalog, store.settings, [stored[n] for n in feature_sets], dataset=dataset,
+                               where=where)
+    if pins:  # an older version is read through its own row: name the columns after the sets again
+        columns = tuple(replace(c, name=n, version=pins.get(n)) for c, n in zip(plan.columns, feature_sets,
+                                                                                 strict=True))
+        plan = replace(plan, columns=columns, lacking={n: plan.lacking[stored[n]] for n in feature_sets})
     total = len(plan.image_ids)
     rows, groups, size = _write(target, arrow.feature_schema(plan.columns),
                                 arrow.feature_batches(store.catalog, store.root, plan, batch_rows), total, progress)

@@ -59,24 +59,70 @@ def predict(store: Store, run_id: int, image_ids: Sequence[int], batch_size: int
     Call under ``store.writing()``.
     """
     run = store.catalog.run(run_id)
-    check_features_unchanged(store, run)
+    stored = check_features_unchanged(store, run)  # the versions of the sets the run was trained on
     model = store.run_model(run)
     ids = sorted({int(i) for i in image_ids})
     if not ids:
         raise InvalidParameterError("no images to predict: give {dataset}, {unlabelled} or image paths", "dataset",
                                     "unlabelled")
     skipped: list[tuple[str, str]] = []
-    lacking = sorted(set().union(*(store.images_lacking(f, ids) for f in run.features)))
+    lacking = sorted(set().union(*(store.images_lacking(stored[f], ids) for f in run.features)))
+    if lacking:
+        _check_extendable(store, run, stored, len(lacking))
+        lacking = sorted(set().union(*(store.images_lacking(f, lacking) for f in run.features)))
     if lacking:
         extractors = [store.extractor(f, batch_size)[0] for f in run.features]
         summary = extract(store, extractors, image_ids=lacking, batch_size=batch_size, progress=progress)
         skipped = summary.failed
-    fm = store.read_matrix(run.features, image_ids=ids, skip_missing=True)
-    if len(fm.image_ids) == 0:
+    image_ids_out, X = _run_matrix(store, run, stored, ids)
+    if len(image_ids_out) == 0:
         raise FeatureStoreError("none of the images could be featurized; see the skipped files above")
-    rows = _top(run, model, np.asarray(model.predict_proba(fm.X)), fm.image_ids.tolist())
+    rows = _top(run, model, np.asarray(model.predict_proba(X)), image_ids_out.tolist())
     store.catalog.replace_predictions(run.id, rows)
     return PredictSummary(run.id, len(rows), skipped, rows)
+
+
+def _run_matrix(store: Store, run: Run, stored: dict[str, str], ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(image ids, X) of ``ids`` in the versions the run read; an image without a vector in such an older
+    version takes the newest version's (allowed only when both have the same params, see
+    :func:`_check_extendable`). Images lacking a vector in either are left out."""
+    fm = store.read_matrix([stored[f] for f in run.features], image_ids=ids, skip_missing=True)
+    rest = sorted(set(ids) - set(fm.image_ids.tolist()))
+    if not rest or all(stored[f] == f for f in run.features):
+        return fm.image_ids, fm.X
+    blocks = []
+    for name in run.features:
+        got: dict[int, np.ndarray] = {}
+        for row_name in dict.fromkeys((stored[name], name)):  # the run's version first, then the newest
+            part = store.read_matrix([row_name], image_ids=[i for i in ids if i not in got], skip_missing=True)
+            got.update(zip(part.image_ids.tolist(), part.X, strict=True))
+        blocks.append(got)
+    keep = [i for i in ids if all(i in b for b in blocks)]
+    if not keep:
+        return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
+    return np.asarray(keep, dtype=np.int64), np.hstack([np.stack([b[i] for i in keep]) for b in blocks])
+
+
+def _check_extendable(store: Store, run: Run, stored: dict[str, str], lacking: int) -> None:
+    """Refuse new vectors for a run that read an older version of a set with other params than the newest.
+
+    An older version is kept as it was: new vectors go to the newest version. When it has the same
+    kind, dim and params (``--replace`` only recomputed them), the newest version's vectors stand in
+    for an image the older one lacks; otherwise there is no extractor that reproduces the older one.
+    """
+    old = []
+    for name, row in stored.items():
+        if row == name:
+            continue
+        was, now = store.feature_set(row), store.feature_set(name)
+        if (was.kind, was.dim, was.params) != (now.kind, now.dim, now.params):
+            old.append(f"{name} (kept as {row})")
+    if old:
+        raise FeatureStoreError(
+            f"run {run.id} was trained on an older version of {', '.join(old)}, and {lacking} image(s) lack a "
+            f"vector in it; older versions are kept read-only and the newest has other params: predict images "
+            f"that have one, or retrain on the newest version with `fs train --features {','.join(run.features)}`"
+        )
 
 
 @dataclass
@@ -112,7 +158,7 @@ def predict_upload(store: Store, run_id: int, upload: DecodedImage, data: bytes,
     only while those are written.
     """
     run = store.catalog.run(run_id)
-    check_features_unchanged(store, run)
+    _check_extendable(store, run, check_features_unchanged(store, run), 1)
     model = store.run_model(run)
     writer = _UploadWriter(store, run, upload, data) if keep else None
     try:

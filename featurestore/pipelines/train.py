@@ -28,6 +28,7 @@ from featurestore.catalog.run_images import RunImages
 from featurestore.catalog.schema import Run
 from featurestore.errors import FeatureStoreError, InvalidInputError, InvalidParameterError
 from featurestore.pipelines import cluster
+from featurestore.pipelines.versions import run_sets
 from featurestore.search.groups import DuplicateGroups, check_threshold, group_near_duplicates
 from featurestore.store import FeatureMatrix, Store
 from featurestore.training.artifacts import save_artifact
@@ -70,6 +71,9 @@ class TrainConfig:
     grouped with a test image are left out (issue 25)."""
     group_features: str | None = None
     """The feature set compared for group_duplicates (default: the first CNN set of ``features``)."""
+    versions: int | dict[str, int] | None = None
+    """The version of the feature sets to read (one for all, or per set; default the newest). ``train`` and
+    ``evaluate_many`` pin it to a number per set before reading, and each run records it."""
 
     def check(self) -> None:
         if not self.features:
@@ -201,7 +205,8 @@ def _describe_unfitted(cfg: TrainConfig, blocks: dict[str, tuple[int, int]]) -> 
 
 
 def _load_matrix(store: Store, cfg: TrainConfig, features: Sequence[str]) -> FeatureMatrix:
-    fm = store.read_matrix(features, dataset=cfg.dataset, labelled_only=True, skip_missing=cfg.skip_missing)
+    fm = store.read_matrix(features, dataset=cfg.dataset, labelled_only=True, skip_missing=cfg.skip_missing,
+                           version=cfg.versions)
     if len(fm.image_ids) < 4:
         raise FeatureStoreError(f"only {len(fm.image_ids)} labelled images have {', '.join(features)}",
                                 remedy="ingest-labelled", features=list(features))
@@ -211,7 +216,9 @@ def _load_matrix(store: Store, cfg: TrainConfig, features: Sequence[str]) -> Fea
 def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prepared, ev: EvaluationResult,
             model_desc: dict[str, Any], timings: dict[str, float], artifact: tuple[str, str] | None,
             group: str | None) -> int:
-    sets = {name: store.feature_set(name) for name in features}
+    pins = cfg.versions if isinstance(cfg.versions, dict) else store.pin_versions(features, cfg.versions)
+    pins = {name: pins[name] for name in features if name in pins}
+    sets = {name: store.feature_set(name, pins.get(name)) for name in features}
     s_ = ev.summary
     run = Run(
         status="complete",
@@ -251,7 +258,8 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prep
         {"split": r.index, "test_accuracy": r.accuracy, "train_accuracy": r.train_accuracy,
          "macro_f1": r.macro_f1, "superclass_accuracy": r.superclass_accuracy, "fit_seconds": r.fit_seconds,
          "n_train": r.n_train, "n_test": r.n_test} for r in ev.splits], _test_predictions(prep, ev), oof,
-        RunImages(prep.fm.image_ids.tolist(), [prep.fm.image_ids[test].tolist() for _, test in prep.splits]))
+        RunImages(prep.fm.image_ids.tolist(), [prep.fm.image_ids[test].tolist() for _, test in prep.splits]),
+        feature_versions=pins)
 
 
 def _test_size(cfg: TrainConfig, prep: _Prepared) -> float:
@@ -309,7 +317,11 @@ def group_feature_set(store: Store, cfg: TrainConfig, features: Sequence[str]) -
 
 def _group(store: Store, cfg: TrainConfig, features: Sequence[str], image_ids: np.ndarray) -> DuplicateGroups:
     assert cfg.group_duplicates is not None
-    return group_near_duplicates(store, group_feature_set(store, cfg, features), image_ids, cfg.group_duplicates)
+    name = group_feature_set(store, cfg, features)
+    pins = cfg.versions if isinstance(cfg.versions, dict) else {}
+    if name in pins:  # compare the vectors of the version the run reads (an older one: its `<set>@v<N>` row)
+        name = store.feature_set(name, pins[name]).name
+    return group_near_duplicates(store, name, image_ids, cfg.group_duplicates)
 
 
 def _summary(found: DuplicateGroups, y: np.ndarray | None, labels: np.ndarray | None, near_excluded: int = 0
@@ -340,7 +352,7 @@ def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepar
     selected = {int(r[0]) for r in store.catalog.image_rows(cfg.dataset, True, None, ids_only=True)}
     excluded = len(selected & test_ids)
     fm = store.read_matrix(features, labelled_only=True, image_ids=sorted(selected | test_ids),
-                           skip_missing=cfg.skip_missing)
+                           skip_missing=cfg.skip_missing, version=cfg.versions)
     is_test = np.isin(fm.image_ids, np.fromiter(test_ids, dtype=np.int64, count=len(test_ids)))
     grouping = None
     if cfg.group_duplicates is not None:
@@ -378,6 +390,7 @@ def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_
     """
     cfg.check()
     _check_ray(cfg, ray_address)
+    cfg = replace(cfg, versions=store.pin_versions(cfg.features, cfg.versions))  # the versions this run reads
     t0 = time.perf_counter()
     prep = _prepare(store, cfg, cfg.features)
     fm, y = prep.fm, prep.y
@@ -437,6 +450,7 @@ def evaluate_many(store: Store, combos: Sequence[Sequence[str]], cfg: TrainConfi
     if not combos:
         raise InvalidParameterError("give at least one {features} combination", "features")
     union = list(dict.fromkeys(f for c in combos for f in c))
+    cfg = replace(cfg, versions=store.pin_versions(union, cfg.versions))  # every run reads the same versions
     base = TrainConfig(**{**cfg.__dict__, "features": union})
     base.check()
     _check_ray(base, ray_address)
@@ -569,14 +583,18 @@ def _compare_fixed(store: Store, ra: Run, rb: Run, confidence: float) -> McNemar
     return mcnemar([a_rows[i] for i in ids], [b_rows[i] for i in ids], confidence)
 
 
-def check_features_unchanged(store: Store, run: Run) -> None:
+def check_features_unchanged(store: Store, run: Run) -> dict[str, str]:
+    """Check the versions of the feature sets ``run`` read still have its params; returns set -> the catalog
+    row name of that version (what to read for the run: :func:`featurestore.pipelines.versions.run_sets`)."""
+    stored = run_sets(store, run)
     for name in run.features:
-        fs = store.feature_set(name)
+        fs = store.feature_set(stored[name])
         recorded = run.feature_params.get(name, {})
         if recorded.get("params") != fs.params or recorded.get("dim") != fs.dim:
             raise FeatureStoreError(
                 f"feature set {name} was recomputed with other params since run {run.id} was trained",
                 remedy="retrain", feature_set=name, run_id=run.id, features=",".join(run.features))
+    return stored
 
 
 def list_runs(store: Store) -> list[Run]:

@@ -42,7 +42,8 @@ def get_runs(store: StoreDep) -> list[RunOut]:
 def get_run(run_id: RunId, store: StoreDep) -> RunDetailOut:
     """One run with its per-split test accuracy."""
     run = store.catalog.run(run_id)
-    return RunDetailOut(**RunOut.fields(run), split_accuracies=store.catalog.split_scores(run_id))
+    return RunDetailOut(**RunOut.fields(run), split_accuracies=store.catalog.split_scores(run_id),
+                        feature_versions=store.catalog.run_pins([run_id]).get(run_id, {}))
 
 
 @router.post("/{run_id}/predict", responses=WRITE_ERRORS)
