@@ -24,10 +24,12 @@ crash leaves at most a temp file or an unregistered shard, both removed by
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,7 +45,21 @@ _CHUNK_BYTES = 1 << 20
 _HINT = "run `fs verify` to list the damaged shards and repair the catalog"
 
 
-def _open(path: Path, sha256: str | None) -> h5py.File:
+@dataclass(frozen=True)
+class ShardBytes:
+    """A shard's bytes held in memory (an object of a bucket store, already checked against its sha256)."""
+
+    name: str  # its URL, for messages
+    data: bytes
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ShardSource = Path | ShardBytes  # a local file, or the verified bytes of an object
+
+
+def _open(path: ShardSource, sha256: str | None) -> h5py.File:
     """Open a shard for reading once it is known to be a regular file with the recorded bytes.
 
     Nothing else reaches h5py: a FIFO would block the open, ``/dev/zero`` or a
@@ -51,6 +67,8 @@ def _open(path: Path, sha256: str | None) -> h5py.File:
     through h5py, whose own checksums the writer recomputes) differs from the
     sha256 the catalog recorded for this shard (see :mod:`featurestore.io.verified`).
     """
+    if isinstance(path, ShardBytes):
+        return h5py.File(io.BytesIO(path.data), "r")
     check_file(path, sha256, "feature shard", _HINT)
     return h5py.File(path, "r")
 
@@ -108,7 +126,7 @@ def write_shard(
     return final
 
 
-def read_shard(path: Path, sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_shard(path: ShardSource, sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All ``(image_ids, vectors)`` of one shard (``sha256``: what the catalog recorded for it)."""
     try:
         with _open(path, sha256) as fh:
@@ -117,7 +135,7 @@ def read_shard(path: Path, sha256: str | None = None) -> tuple[np.ndarray, np.nd
         raise _open_error(path, exc) from None
 
 
-def read_shard_ids(path: Path, sha256: str | None = None) -> np.ndarray:
+def read_shard_ids(path: ShardSource, sha256: str | None = None) -> np.ndarray:
     """The ``image_ids`` of one shard, without reading its vectors."""
     try:
         with _open(path, sha256) as fh:
@@ -126,9 +144,9 @@ def read_shard_ids(path: Path, sha256: str | None = None) -> np.ndarray:
         raise _open_error(path, exc) from None
 
 
-def _open_error(path: Path, exc: Exception) -> IntegrityError:
+def _open_error(path: ShardSource, exc: Exception) -> IntegrityError:
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if not Path(path).exists():
+    if isinstance(path, Path) and not path.exists():
         return IntegrityError(f"feature shard {path} is missing or unreadable (no such file); run `fs verify` to "
                               "list the damaged shards and repair the catalog")
     if _is_checksum_failure(exc):
@@ -150,7 +168,7 @@ class ShardCheck(NamedTuple):
     checksummed: bool
 
 
-def check_shard(path: Path, rows: int, dim: int, block_bytes: int = 64 << 20, sha256: str | None = None
+def check_shard(path: ShardSource, rows: int, dim: int, block_bytes: int = 64 << 20, sha256: str | None = None
                 ) -> ShardCheck:
     """Read a whole shard, verifying its layout against the catalog and every chunk's checksum.
 
@@ -197,7 +215,7 @@ def place(out: np.ndarray, block: np.ndarray, positions: np.ndarray, rows: np.nd
         out[positions, cols] = block[rows]
 
 
-def read_row(path: Path, row: int, sha256: str | None = None) -> np.ndarray:
+def read_row(path: ShardSource, row: int, sha256: str | None = None) -> np.ndarray:
     """One vector of a shard."""
     try:
         with _open(path, sha256) as fh:
@@ -206,7 +224,7 @@ def read_row(path: Path, row: int, sha256: str | None = None) -> np.ndarray:
         raise _open_error(path, exc) from None
 
 
-def read_rows_into(path: Path, rows: np.ndarray | None, ids: np.ndarray, mat: np.ndarray, pos: int,
+def read_rows_into(path: ShardSource, rows: np.ndarray | None, ids: np.ndarray, mat: np.ndarray, pos: int,
                    sha256: str | None = None) -> None:
     """Copy a shard's ``rows`` (``None``: all of them) into ``ids``/``mat`` from row ``pos`` on.
 
@@ -250,7 +268,7 @@ def remove_orphans(folder: Path, registered: Iterable[str]) -> list[Path]:
     return removed
 
 
-def read_selected(path: Path, rows: np.ndarray, sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_selected(path: ShardSource, rows: np.ndarray, sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(image_ids, vectors)`` of some rows of a shard (``rows`` ascending, no repeats).
 
     A few rows are read as one point selection; more (h5py selects them one by

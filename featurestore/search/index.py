@@ -433,14 +433,15 @@ def _remove_stale(store: Store, index: Any, keep: list[LiveShard]) -> int:
 
 def _live_ids(store: Store, shard: LiveShard) -> np.ndarray:
     if shard.live == shard.rows:
-        ids, _ = read_shard(store.root / shard.path, shard.sha256)  # rows are whole-shard: the file's own ids
+        # rows are whole-shard: the file's own ids
+        ids, _ = read_shard(store.shard_source(shard.path, shard.sha256), shard.sha256)
         return ids
     return repo.shard_live_rows(store.engine, shard.id)[0]
 
 
 def _read_live(store: Store, shard: LiveShard) -> tuple[np.ndarray, np.ndarray]:
     """The live (image ids, vectors) of one shard."""
-    path = store.root / shard.path
+    path = store.shard_source(shard.path, shard.sha256)
     if shard.live == shard.rows:
         return read_shard(path, shard.sha256)
     ids, rows = repo.shard_live_rows(store.engine, shard.id)
@@ -850,12 +851,13 @@ def _subset_index(store: Store, fs: FeatureSet, ids: np.ndarray, metric: str) ->
     """The live vectors of the images ``ids`` (those that have one) in an in-memory exact index."""
     for attempt in range(2):
         loc = repo.locate(store.engine, fs.id, ids)
-        paths = {s.id: store.root / s.path for s in repo.live_shards(store.engine, fs.id, count=[])}
+        live = {s.id: s for s in repo.live_shards(store.engine, fs.id, count=[])}
         try:
             got_ids, blocks = [], []
             bounds = np.flatnonzero(np.r_[True, loc[1:, 1] != loc[:-1, 1], True]) if len(loc) else [0]
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                file_ids, vecs = read_selected(paths[int(loc[a, 1])], loc[a:b, 2])
+                shard = live[int(loc[a, 1])]
+                file_ids, vecs = read_selected(store.shard_source(shard.path, shard.sha256), loc[a:b, 2])
                 got_ids.append(np.asarray(file_ids, dtype=np.int64))
                 blocks.append(np.asarray(vecs, dtype=np.float32))
             break
@@ -878,7 +880,7 @@ def _exact_subset(store: Store, fs: FeatureSet, ids: np.ndarray, q: np.ndarray, 
             bounds = np.flatnonzero(np.r_[True, loc[1:, 1] != loc[:-1, 1], True]) if len(loc) else [0]
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                 shard = shards[int(loc[a, 1])]
-                file_ids, vecs = read_selected(store.root / shard.path, loc[a:b, 2], shard.sha256)
+                file_ids, vecs = read_selected(store.shard_source(shard.path, shard.sha256), loc[a:b, 2], shard.sha256)
                 yield file_ids, vecs
 
         try:

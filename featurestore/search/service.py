@@ -186,7 +186,7 @@ def stored_vector(store: Store, feature_set: str | FeatureSet, image_id: int) ->
         from featurestore.features.registry import extract_hint  # every feature kind's code: errors only
 
         raise NoVectorError(image_id, fs.name, extract_hint(fs), "or search with --image PATH")
-    return np.asarray(read_row(store.root / loc[0], loc[1], loc[2]), dtype=np.float32).reshape(-1)
+    return np.asarray(read_row(store.shard_source(loc[0], loc[2]), loc[1], loc[2]), dtype=np.float32).reshape(-1)
 
 
 def query_vector(store: Store, feature_set: str | FeatureSet, query: Any) -> tuple[np.ndarray, int | None]:
