@@ -376,11 +376,15 @@ class Store:
         import datetime as dt
 
         assert self.bucket is not None
-        keep = set(refs.values())
+        from featurestore.search import index as ann_index
+
+        keep = set(refs.values()) | ann_index.registered_objects(self)
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.settings.orphan_grace)
         removed = []
-        for obj in self.bucket.list("features/"):
-            if obj.key.endswith(".h5") and obj.key not in keep and obj.modified <= cutoff:
+        listed = [*self.bucket.list("features/"), *self.bucket.list(ann_index.FOLDER + "/")]
+        for obj in listed:
+            ours = obj.key.endswith(".h5") or obj.key.endswith(ann_index.SUFFIX)
+            if ours and obj.key not in keep and obj.modified <= cutoff:
                 self.bucket.delete(obj.key)
                 removed.append(obj.key)
         return removed

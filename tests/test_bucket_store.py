@@ -158,3 +158,40 @@ def test_bad_bucket_settings_are_one_line(s3_prefix: str, monkeypatch: pytest.Mo
     out = fs("status")
     assert out.exit_code == 1 and "FS_DATABASE_URL" in out.stderr and "Traceback" not in out.output, out.output
     monkeypatch.delenv("FS_STORE")  # the prefix fixture's clean-up reads the settings
+
+
+def test_an_index_built_on_one_machine_is_used_on_another(bucket_store: str, image_tree: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    assert fs("extract", "--rp", "8", "--size", "32x24").exit_code == 0
+    out = fs("index", "build", "--features", "rp8")
+    assert out.exit_code == 0, out.output
+    assert [k for k in _keys(bucket_store) if "/indexes/rp8/" in k and k.endswith(".usearch")]
+    monkeypatch.setenv("FS_CACHE_DIR", str(tmp_path / "cache-b"))
+    out = fs("search", "--features", "rp8", "--id", "1", "-k", "3", "--format", "json")
+    assert out.exit_code == 0, out.output
+    hits = json.loads(out.stdout)
+    assert len(hits) == 3 and {h["method"] for h in hits} == {"index"}, hits
+    assert fs("index", "drop", "rp8").exit_code == 0
+    assert not [k for k in _keys(bucket_store) if "/indexes/" in k]
+
+
+@pytest.mark.parametrize("backend", ["folder", "bucket"])
+def test_both_storage_backends_do_the_same(backend: str, s3_prefix: str, tmp_path: Path) -> None:
+    from featurestore.io.objects import ObjectNotFoundError
+    from featurestore.io.storage import BucketStorage, FolderStorage, Storage
+
+    storage: Storage = FolderStorage(tmp_path / "root") if backend == "folder" else \
+        BucketStorage(s3_prefix + "root", Settings.from_env())
+    storage.put("features/a/x.h5", b"0123456789")
+    storage.put("features/b.h5", b"abc")
+    storage.put("models/m.onnx", b"m")
+    assert storage.get("features/a/x.h5") == b"0123456789"
+    assert storage.get_range("features/a/x.h5", 2, 5) == b"234"
+    assert [(o.key, o.size) for o in storage.list("features/")] == [("features/a/x.h5", 10), ("features/b.h5", 3)]
+    assert storage.exists("models/m.onnx") and not storage.exists("models/none")
+    storage.delete("features/b.h5")
+    storage.delete("features/b.h5")  # already gone: no error
+    assert [o.key for o in storage.list("")] == ["features/a/x.h5", "models/m.onnx"]
+    with pytest.raises(ObjectNotFoundError):
+        storage.get("features/b.h5")
