@@ -343,7 +343,7 @@ class Store:
         """Delete temp files, unregistered shards and artifacts, and deleted sets' folders. Under the lock."""
         refs = self.catalog.shard_refs()
         if self.bucket is not None:
-            self._remove_orphan_objects(refs)
+            self.remove_orphan_objects(["features/", "indexes/"])
         # A registered shard whose file is gone (deleted by hand, a lost disk) is unregistered, so its
         # images count as lacking and a plain `fs extract` recomputes them.
         found = self.present(list(refs.values()))
@@ -366,24 +366,26 @@ class Store:
 
         ann_index.remove_orphans(self)  # issue 14: index files of crashed builds and dropped sets
 
-    def _remove_orphan_objects(self, refs: dict[int, str]) -> list[str]:
-        """Delete shard objects the catalog does not know, once older than ``orphan_grace`` seconds.
+    def remove_orphan_objects(self, prefixes: Sequence[str], grace: float | None = None) -> list[str]:
+        """Delete shard and index objects under ``prefixes`` the catalog does not know. Under the lock.
 
-        A crashed writer (or a Ray worker whose driver died) leaves complete but
-        unregistered objects; the grace period spares one a live writer on
-        another machine has put but not yet registered.
+        Only objects older than ``grace`` seconds (default ``orphan_grace``) go: a
+        crashed writer (or a Ray worker whose driver died) leaves complete but
+        unregistered objects, and the grace period spares one that a live
+        writer on another machine has put but not yet registered.
         """
         import datetime as dt
 
         assert self.bucket is not None
         from featurestore.search import index as ann_index
 
-        keep = set(refs.values()) | ann_index.registered_objects(self)
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.settings.orphan_grace)
+        keep = set(self.catalog.shard_refs().values()) | ann_index.registered_objects(self)
+        wait = self.settings.orphan_grace if grace is None else grace
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=wait)
         removed = []
-        listed = [*self.bucket.list("features/"), *self.bucket.list(ann_index.FOLDER + "/")]
-        for obj in listed:
-            ours = obj.key.endswith(".h5") or obj.key.endswith(ann_index.SUFFIX)
+        for obj in [o for prefix in prefixes for o in self.bucket.list(prefix)]:
+            name = obj.key.rsplit("/", 1)[-1]
+            ours = obj.key.endswith((".h5", ann_index.SUFFIX)) or is_temp(Path(name))
             if ours and obj.key not in keep and obj.modified <= cutoff:
                 self.bucket.delete(obj.key)
                 removed.append(obj.key)
