@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from featurestore.errors import IntegrityError, InvalidInputError
-from featurestore.io.atomic import is_temp, write_bytes_atomic
+from featurestore.io.atomic import is_temp, tmp_path_for
+from featurestore.io.verified import mark_checked
 
 
 def _digest(path: Path) -> str | None:
@@ -85,7 +86,15 @@ class ReadCache:
             return data
         self.evict(self.max_bytes - len(data))
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, data)
+        # Temp name and rename (a reader sees a whole copy or none) but no fsync: a copy lost or torn by a
+        # power cut fails the sha256 check on its next use and is fetched again.
+        tmp = tmp_path_for(path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._remember(path, sha256)
         return path
 
     def _intact(self, path: Path, sha256: str) -> bool:
@@ -105,11 +114,16 @@ class ReadCache:
             return False
         try:
             os.utime(path)  # most recently used
-            st = path.stat()
+            self._remember(path, sha256)
         except OSError:
             return False
-        self._checked[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         return True
+
+    def _remember(self, path: Path, sha256: str) -> None:
+        # Both here and for the shard readers' own check (featurestore.io.verified): one hash per copy.
+        st = path.stat()
+        self._checked[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        mark_checked(path, sha256)
 
     def adopt(self, path: Path, sha256: str) -> None:
         """Move a file this process just wrote and uploaded (bytes of ``sha256``) into the cache.
@@ -126,6 +140,7 @@ class ReadCache:
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(path, dst)
+            self._remember(dst, sha256)
         except OSError:
             path.unlink(missing_ok=True)
 
