@@ -195,3 +195,15 @@ def test_both_storage_backends_do_the_same(backend: str, s3_prefix: str, tmp_pat
     assert [o.key for o in storage.list("")] == ["features/a/x.h5", "models/m.onnx"]
     with pytest.raises(ObjectNotFoundError):
         storage.get("features/b.h5")
+
+
+def test_the_web_app_serves_thumbnails_of_a_bucket_store(bucket_store: str, image_tree: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http.app import create_app
+
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    with TestClient(create_app(Settings.from_env())) as client:
+        got = client.get("/v1/images/1/thumbnail?size=128")
+        assert got.status_code == 200 and got.content[:2] == b"\xff\xd8", got.text[:200]
+    assert not (Path.cwd() / "s3:").exists()  # in the working folder, not a local folder named after the URL
