@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     ----------
     store:
         Folder holding ``catalog.db`` (SQLite), ``features/``, ``models/`` and
-        ``artifacts/``. ``FS_STORE``; default ``./.fs``.
+        ``artifacts/``, or ``s3://bucket/prefix`` for a store in a bucket (which
+        needs ``database_url``: PostgreSQL). ``FS_STORE``; default ``./.fs``.
     database_url:
         SQLAlchemy URL of the catalog when it is not the store's SQLite file
         (e.g. PostgreSQL). ``FS_DATABASE_URL``.
