@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ def fs(*args: str) -> Any:
 
 
 @pytest.fixture
-def bucket_store(s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def bucket_store(s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """FS_STORE=<a fresh prefix>/store, a fresh PostgreSQL catalog and a private read cache."""
     from conftest import PG_URL, _pg_database
 
@@ -207,3 +208,33 @@ def test_the_web_app_serves_thumbnails_of_a_bucket_store(bucket_store: str, imag
         got = client.get("/v1/images/1/thumbnail?size=128")
         assert got.status_code == 200 and got.content[:2] == b"\xff\xd8", got.text[:200]
     assert not (Path.cwd() / "s3:").exists()  # in the working folder, not a local folder named after the URL
+
+
+@pytest.fixture
+def refusing_endpoint() -> Iterator[str]:
+    """A loopback server answering every request as S3 does a wrong key (SeaweedFS in tests accepts any)."""
+    import http.server
+    import threading
+
+    from test_objects import _Refusing
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_refused_credentials_of_a_bucket_store_are_one_line(refusing_endpoint: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FS_DATABASE_URL", "postgresql+psycopg2://u@127.0.0.1:1/never-reached")
+    monkeypatch.setenv("FS_STORE", "s3://photos/store")
+    monkeypatch.setenv("FS_S3_ENDPOINT", refusing_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    out = fs("status")
+    err = out.stderr.strip()
+    assert out.exit_code == 1 and "refused access to s3://photos/store/" in err, out.output
+    assert "AWS_ACCESS_KEY_ID" in err and len(err.splitlines()) == 1
