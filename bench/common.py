@@ -77,6 +77,33 @@ def fake_store(root: Path, n: int, dims: dict[str, int], shard_rows: int = 10_00
     return store
 
 
+def fake_rows(store: Any, n: int, dims: dict[str, int], shard_rows: int = 10_000, seed: int = 0,
+              labels: int = 10) -> None:
+    """Add ``n`` catalog images (no files) and random vectors for each feature set in ``dims`` to ``store``."""
+    import numpy as np
+    from sqlalchemy import insert
+
+    from featurestore.catalog.schema import Dataset, Image
+    from featurestore.features.base import FeatureSpec
+
+    rng = np.random.default_rng(seed)
+    with store.writing():
+        with store.session() as s:
+            ds = Dataset(name="bench")
+            s.add(ds)
+            s.flush()
+            s.execute(insert(Image), [
+                {"sha256": f"{i:064x}", "source_path": f"/nonexistent/{i}.jpg", "width": 1, "height": 1,
+                 "format": "JPEG", "mode": "RGB", "bytes": 1, "label": f"class{i % labels}",
+                 "superclass": f"group{i % labels // 3}", "dataset_id": ds.id} for i in range(n)])
+        ids = np.array([r[0] for r in store.select_images()], dtype=np.int64)
+        for name, dim in dims.items():
+            fs = store.ensure_feature_set(FeatureSpec(name, "bench", dim, {"dim": dim}))
+            for start in range(0, n, shard_rows):
+                chunk = ids[start : start + shard_rows]
+                store.append_vectors(fs, chunk, rng.standard_normal((len(chunk), dim), dtype=np.float32))
+
+
 @contextmanager
 def temp_store(prefix: str, **settings: Any) -> Iterator[Any]:
     """A fresh store in a temp folder, closed and deleted afterwards."""

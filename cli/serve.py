@@ -50,7 +50,8 @@ def serve(
         raise typer.BadParameter("must be between 1 and 65535", param_hint="FS_PORT")
     server.prepare(settings)  # an unsafe bind or a missing store fails before listening
     how = "writes allowed" if settings.allow_writes else "read-only"
-    common.err(f"serving {settings.store.resolve()} on http://{_url_host(settings.host)}:{settings.port} "
+    where = settings.store_url or settings.store.resolve()
+    common.err(f"serving {where} on http://{_url_host(settings.host)}:{settings.port} "
                f"({how}; {workers} worker{'s' if workers > 1 else ''}; docs at /docs)")
     server.serve(settings, workers=workers, log_level=log_level)
     if workers > 1:

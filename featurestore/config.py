@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     ----------
     store:
         Folder holding ``catalog.db`` (SQLite), ``features/``, ``models/`` and
-        ``artifacts/``. ``FS_STORE``; default ``./.fs``.
+        ``artifacts/``, or ``s3://bucket/prefix`` for a store in a bucket (which
+        needs ``database_url``: PostgreSQL). ``FS_STORE``; default ``./.fs``.
     database_url:
         SQLAlchemy URL of the catalog when it is not the store's SQLite file
         (e.g. PostgreSQL). ``FS_DATABASE_URL``.
@@ -103,6 +104,17 @@ class Settings(BaseSettings):
     s3_timeout:
         Seconds an object-storage request may take before it fails (a connect
         gets at most a fifth of it). ``FS_S3_TIMEOUT``; default 30.
+    cache_dir:
+        Local folder of a bucket store's read cache (verified copies of its
+        shards) and working files. ``FS_CACHE_DIR``; default
+        ``~/.cache/featurestore``.
+    cache_bytes:
+        Size cap of the read cache in bytes; least recently used copies are
+        evicted beyond it. ``FS_CACHE_BYTES``; default 8 GiB.
+    orphan_grace:
+        Seconds an unregistered object in a bucket store must be old before
+        the orphan sweep deletes it (a writer on another machine may be about
+        to register it). ``FS_ORPHAN_GRACE``; default 3600.
     """
 
     model_config = SettingsConfigDict(env_prefix="FS_", frozen=True, extra="ignore")
@@ -136,6 +148,9 @@ class Settings(BaseSettings):
                                               validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY"))
     aws_region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
     s3_timeout: float = Field(default=30.0, gt=0)
+    cache_dir: Path | None = None
+    cache_bytes: int = Field(default=8 << 30, ge=0)
+    orphan_grace: float = Field(default=3600.0, ge=0)
 
     def __init__(self, **values: Any):
         # An empty variable means "unset", as for most command-line tools.
@@ -155,19 +170,33 @@ class Settings(BaseSettings):
         self._refuse_bucket_store()
 
     def _refuse_bucket_store(self) -> None:
-        # Path() folds "s3://b/p" to "s3:/b/p": without this the store would be a local folder named "s3:".
-        text = str(self.store)
-        if not text.startswith("s3:"):
+        url = self.store_url
+        if url is None:
             return
-        url = "s3://" + text[3:].lstrip("/")
+        if not url[len("s3://"):].split("/")[0]:
+            raise InvalidInputError(f"FS_STORE={url} names no bucket; set FS_STORE=s3://BUCKET/PREFIX")
         if not self.database_url or self.database_url.startswith("sqlite"):
             raise InvalidInputError(
                 f"FS_STORE={url}: a store in a bucket needs a PostgreSQL catalog that every machine reaches; "
                 "set FS_DATABASE_URL=postgresql+psycopg2://USER@HOST/DB"
             )
-        raise InvalidInputError(
-            f"FS_STORE={url}: a store in a bucket is not supported yet; set FS_STORE to a folder",
-            remedy="store-in-bucket", url=url)
+
+    @property
+    def store_url(self) -> str | None:
+        """``s3://bucket/prefix`` when the store is in a bucket, else None (a folder)."""
+        # Path() folds "s3://b/p" to "s3:/b/p": without this the store would be a local folder named "s3:".
+        text = str(self.store)
+        if not text.startswith("s3:"):
+            return None
+        return "s3://" + text[3:].lstrip("/")
+
+    @property
+    def cache_folder(self) -> Path:
+        """``cache_dir``, or ``~/.cache/featurestore`` (``$XDG_CACHE_HOME`` respected)."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "featurestore"
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

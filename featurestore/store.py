@@ -52,17 +52,19 @@ from featurestore.errors import (
     MissingFeaturesError,
     ParamsMismatchError,
 )
-from featurestore.io.atomic import is_temp
+from featurestore.io.atomic import is_temp, write_bytes_atomic
 from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
 from featurestore.io.verified import digest_written
-from featurestore.shards import remove_orphans, write_shard
+from featurestore.shards import ShardBytes, ShardSource, remove_orphans, write_shard
 from featurestore.vectors import FeatureMatrix, ImageRow, RegisteredSet, ShardPart
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from featurestore.features.base import Extractor, FeatureSpec
+    from featurestore.io.cache import ReadCache
+    from featurestore.io.storage import BucketStorage
     from featurestore.search import index as ann_index
     from featurestore.search import service as search_service
     from featurestore.search.cache import SearchCache, SetState
@@ -148,7 +150,18 @@ class Store:
 
     def __init__(self, settings: Settings, engine: Any):
         self.settings = settings
-        self.root = settings.store
+        self.url = settings.store_url  # s3://bucket/prefix/ of a store in a bucket, else None
+        # A bucket store works in a local folder (temp files, files being written, copies of small files)
+        # and keeps every file that matters in the bucket; the catalog's relative paths are the same.
+        self.root = work_folder(settings) if self.url else settings.store
+        self.bucket: BucketStorage | None = None
+        self._read_cache: ReadCache | None = None
+        if self.url:
+            from featurestore.io.cache import ReadCache
+            from featurestore.io.storage import BucketStorage
+
+            self.bucket = BucketStorage(self.url, settings)
+            self._read_cache = ReadCache(settings.cache_folder / "objects", settings.cache_bytes)
         self.engine = engine
         self.catalog = Catalog(engine)
         self._lock = threading.Lock()
@@ -189,6 +202,8 @@ class Store:
         get a clear error when there is no store yet, and never write.
         """
         settings = settings or Settings()
+        if settings.store_url:
+            return cls._open_bucket(settings, create)
         root = settings.store
         if not root.exists():
             if not create:
@@ -209,6 +224,28 @@ class Store:
                     database.ensure_schema(engine, url, create=True)
             else:
                 database.ensure_schema(engine, url, create=False)
+        except Exception:
+            engine.dispose()
+            raise
+        return cls(settings, engine)
+
+    @classmethod
+    def _open_bucket(cls, settings: Settings, create: bool) -> Store:
+        from featurestore.catalog.locks import advisory_lock
+        from featurestore.io.storage import BucketStorage
+
+        url = settings.store_url
+        assert url is not None
+        BucketStorage(url, settings).probe()  # a missing bucket, bad credentials, no server: one line, now
+        work_folder(settings).mkdir(parents=True, exist_ok=True)
+        catalog_url = settings.catalog_url
+        engine = database.make_engine(catalog_url)
+        try:
+            if create and not database.is_current(engine, catalog_url):
+                with advisory_lock(engine, url, settings.lock_timeout):
+                    database.ensure_schema(engine, catalog_url, create=True)
+            else:
+                database.ensure_schema(engine, catalog_url, create=False)
         except Exception:
             engine.dispose()
             raise
@@ -239,17 +276,108 @@ class Store:
         """
         for sub in ("features", "models", "artifacts"):
             (self.root / sub).mkdir(exist_ok=True)
-        with write_lock(self.root, self.settings.lock_timeout):
+        if self.url:
+            from featurestore.catalog.locks import advisory_lock
+
+            lock = advisory_lock(self.engine, self.url, self.settings.lock_timeout)
+        else:
+            lock = write_lock(self.root, self.settings.lock_timeout)
+        with lock:
             if sweep:
                 self._remove_orphans()
             yield
 
+    # -- files of a bucket store -------------------------------------------------------
+    def publish(self, path: Path) -> None:
+        """Upload a file just written under :attr:`root` to the bucket (no-op for a folder store).
+
+        Call before the catalog registers it: an object is complete once the PUT
+        returns, so the catalog never points at a partial object.
+        """
+        if self.bucket is not None:
+            self.bucket.put(path.relative_to(self.root).as_posix(), path.read_bytes())
+
+    def local_file(self, rel: str, sha256: str | None = None) -> Path:
+        """A local path holding the store file ``rel`` (fetched from the bucket into :attr:`root` if needed).
+
+        ``sha256`` (what the catalog records) is checked on download; a mismatch
+        is an :class:`IntegrityError`. For a folder store this is ``root / rel``.
+        """
+        path = self.root / rel
+        if self.bucket is None or path.is_file():
+            return path
+        import hashlib
+
+        data = self.bucket.get(rel)
+        if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+            raise IntegrityError(f"{self.bucket.url}{rel} does not match the sha256 recorded in the catalog: "
+                                 "the object was damaged or replaced; run `fs verify`")
+        write_bytes_atomic(path, data)
+        return path
+
+    def delete_file(self, rel: str) -> None:
+        """Delete a store file (its local copy and, for a bucket store, its object)."""
+        (self.root / rel).unlink(missing_ok=True)
+        if self.bucket is not None:
+            self.bucket.delete(rel)
+
+    def shard_source(self, rel: str, sha256: str | None) -> ShardSource:
+        """What the shard readers open for the shard ``rel``: its file, or for a bucket store the verified
+        copy in the read cache (or its bytes, when larger than the cache)."""
+        if self.bucket is None or self._read_cache is None:
+            return self.root / rel
+        bucket = self.bucket
+        if not sha256:  # registered without a digest: nothing to key the cache by
+            return ShardBytes(bucket.url + rel, bucket.get(rel))
+        got = self._read_cache.fetch(bucket.url + rel, sha256, lambda: bucket.get(rel))
+        return got if isinstance(got, Path) else ShardBytes(bucket.url + rel, got)
+
+    def _part_source(self, part: ShardPart) -> ShardSource:
+        return self.shard_source(part.path.relative_to(self.root).as_posix(), part.sha256)
+
+    @contextmanager
+    def _fetching(self, parts: Sequence[ShardPart]) -> Iterator[Callable[[int], ShardSource]]:
+        """``source(i)``: what to open for ``parts[i]``, fetched ahead with several GETs in flight.
+
+        For a bucket store a GET mostly waits on the network and hashing releases
+        the GIL, so 8 at a time come close to the server's raw rate; the readers
+        open the verified copies in the read cache (HDF5 reads a file faster than
+        bytes in memory). A folder store opens its files directly.
+        """
+        if self.bucket is None:
+            yield lambda i: self._part_source(parts[i])
+            return
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            ahead: list[Any] = [pool.submit(self._part_source, part) for part in parts]
+
+            def source(i: int) -> ShardSource:
+                got = ahead[i].result()
+                ahead[i] = None  # bytes of a shard larger than the cache are freed once read
+                return got  # type: ignore[no-any-return]
+
+            try:
+                yield source
+            finally:
+                for future in ahead:
+                    if future is not None:
+                        future.cancel()
+
+    def present(self, rels: Sequence[str]) -> set[str]:
+        """Which of the store files ``rels`` exist (one listing of ``features/`` for a bucket store)."""
+        if self.bucket is None:
+            return {r for r in rels if (self.root / r).is_file()}
+        listed = {o.key for o in self.bucket.list("features/")}
+        return {r for r in rels if r in listed or (not r.startswith("features/") and self.bucket.exists(r))}
+
     def _remove_orphans(self) -> None:
         """Delete temp files, unregistered shards and artifacts, and deleted sets' folders. Under the lock."""
         refs = self.catalog.shard_refs()
+        if self.bucket is not None:
+            self.remove_orphan_objects(["features/", "indexes/"])
         # A registered shard whose file is gone (deleted by hand, a lost disk) is unregistered, so its
         # images count as lacking and a plain `fs extract` recomputes them.
-        gone = {i: p for i, p in refs.items() if not (self.root / p).is_file()}
+        found = self.present(list(refs.values()))
+        gone = {i: p for i, p in refs.items() if p not in found}
         if gone:
             self.catalog.unregister_shards(gone)
         names = {Path(p).name for i, p in refs.items() if i not in gone}
@@ -267,6 +395,31 @@ class Store:
         from featurestore.search import backends
 
         backends.remove_orphans(self)  # issue 14: index files of crashed builds and dropped sets
+
+    def remove_orphan_objects(self, prefixes: Sequence[str], grace: float | None = None) -> list[str]:
+        """Delete shard and index objects under ``prefixes`` the catalog does not know. Under the lock.
+
+        Only objects older than ``grace`` seconds (default ``orphan_grace``) go: a
+        crashed writer (or a Ray worker whose driver died) leaves complete but
+        unregistered objects, and the grace period spares one that a live
+        writer on another machine has put but not yet registered.
+        """
+        import datetime as dt
+
+        assert self.bucket is not None
+        from featurestore.search import index as ann_index
+
+        keep = set(self.catalog.shard_refs().values()) | ann_index.registered_objects(self)
+        wait = self.settings.orphan_grace if grace is None else grace
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=wait)
+        removed = []
+        for obj in [o for prefix in prefixes for o in self.bucket.list(prefix)]:
+            name = obj.key.rsplit("/", 1)[-1]
+            ours = obj.key.endswith((".h5", ann_index.SUFFIX)) or is_temp(Path(name))
+            if ours and obj.key not in keep and obj.modified <= cutoff:
+                self.bucket.delete(obj.key)
+                removed.append(obj.key)
+        return removed
 
     # -- images ----------------------------------------------------------------------
     def select_images(
@@ -368,7 +521,7 @@ class Store:
         orphan sweep removes; the catalog never points at a deleted file.
         """
         for rel in paths:
-            (self.root / rel).unlink(missing_ok=True)
+            self.delete_file(rel)
 
     def images_lacking(self, feature_set: str, image_ids: Sequence[int] | None = None) -> list[int]:
         """Ids of images (all, or among ``image_ids``) without a vector in ``feature_set``."""
@@ -407,12 +560,18 @@ class Store:
         the file is an orphan that the next writer removes.
         """
         path = write_shard(self.root / "features" / fs.name, fs.name, fs.kind, fs.params, ids, vecs, runtime)
+        rel = path.relative_to(self.root).as_posix()
         try:
-            self.catalog.register_shard(fs.id, str(path.relative_to(self.root)), ids, replaces, s=session,
-                                        runtime=runtime, sha256=digest_written(path))
+            digest = digest_written(path)
+            self.publish(path)  # complete in the bucket before the catalog points at it
+            self.catalog.register_shard(fs.id, rel, ids, replaces, s=session, runtime=runtime, sha256=digest)
         except BaseException:
             path.unlink(missing_ok=True)
+            if self.bucket is not None:
+                self.bucket.delete(rel)
             raise
+        if self._read_cache is not None:
+            self._read_cache.adopt(path, digest)  # the first read of the shard needs no download
         return path
 
     def coverage(self) -> list[SetCoverage]:
@@ -421,7 +580,9 @@ class Store:
         Rows of a registered shard whose file is missing do not count (the next
         writer unregisters such shards; `fs verify` also checks the bytes).
         """
-        gone = [i for i, p in self.catalog.shard_refs().items() if not (self.root / p).is_file()]
+        refs = self.catalog.shard_refs()
+        found = self.present(list(refs.values()))
+        gone = [i for i, p in refs.items() if p not in found]
         lost = self.catalog.rows_in_shards(gone) if gone else {}
         return [SetCoverage(n, k, d, c - lost.get(n, (0, 0))[0], sh - lost.get(n, (0, 0))[1])
                 for n, k, d, c, sh in self.catalog.coverage()]
@@ -470,7 +631,7 @@ class Store:
         X = np.empty((len(ids), sum(fs.dim for fs in sets)), dtype=np.float32)
         present = {fs.id: np.zeros(len(ids), dtype=bool) for fs in sets}
         blocks: dict[str, tuple[int, int]] = {}
-        jobs = []
+        jobs: list[tuple[ShardPart, slice, np.ndarray]] = []
         col = 0
         for fs in sets:
             cols = slice(col, col + fs.dim)
@@ -481,9 +642,10 @@ class Store:
         # HDF5 reads are serial (h5py holds a global lock) but numpy copies release the GIL:
         # two workers each read a shard and place it, so one copies while the other reads.
         # The images' paths and labels are fetched by a third thread meanwhile.
-        with ThreadPoolExecutor(max_workers=3) as pool:
+        with self._fetching([job[0] for job in jobs]) as source, ThreadPoolExecutor(max_workers=3) as pool:
             meta = pool.submit(self.select_images, dataset, labelled_only, image_ids)
-            for future in [pool.submit(vectors.place_part, ids, part, X, cols, seen) for part, cols, seen in jobs]:
+            for future in [pool.submit(vectors.place_part, ids, part, X, cols, seen, source(k))
+                           for k, (part, cols, seen) in enumerate(jobs)]:
                 future.result()
             images = meta.result()
         if len(images) != len(ids):  # an ingest committed in between: keep the rows we placed
@@ -513,7 +675,7 @@ class Store:
     def iter_shards(self, feature_set: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(image_ids, vectors) per shard, only rows the catalog points at; one shard in memory at a time."""
         for part in self._plan(self.feature_set(feature_set)):
-            yield vectors.read_part(part)
+            yield vectors.read_part(part, self._part_source(part))
 
     def read_set(self, feature_set: str) -> tuple[np.ndarray, np.ndarray]:
         """(image_ids, vectors) of every live row of one feature set, in shard order.
@@ -524,7 +686,9 @@ class Store:
         return self._replanned(lambda: self._read_set(self.feature_set(feature_set)))  # type: ignore[no-any-return]
 
     def _read_set(self, fs: RegisteredSet) -> tuple[np.ndarray, np.ndarray]:
-        return vectors.read_parts_into(self._plan(fs), int(fs.dim))
+        plan = self._plan(fs)
+        with self._fetching(plan) as source:
+            return vectors.read_parts_into(plan, int(fs.dim), source)
 
     # -- caches ----------------------------------------------------------------------
     def extractor(self, feature_set: str, batch_size: int = 1) -> tuple[Extractor, threading.Lock]:
@@ -557,7 +721,7 @@ class Store:
         if model is None:
             from featurestore.training.artifacts import load_artifact
 
-            model = load_artifact(self.root / run.artifact_path, run.artifact_sha256)
+            model = load_artifact(self.local_file(run.artifact_path, run.artifact_sha256), run.artifact_sha256)
             with self._lock:
                 model = self._models.setdefault(key, model)
         return model
@@ -615,14 +779,15 @@ class Store:
                 continue
             small_ids = {sh.id for sh in small}
             parts = [part for part in self._plan(fs) if part.path in {self.root / sh.path for sh in small}]
-            parts_ids, parts_vecs = zip(*map(vectors.read_part, parts), strict=True) if parts else ((), ())
+            read = [vectors.read_part(part, self._part_source(part)) for part in parts]
+            parts_ids, parts_vecs = zip(*read, strict=True) if read else ((), ())
             all_ids = np.concatenate(parts_ids) if parts_ids else np.empty(0, dtype=np.int64)
             order = np.argsort(all_ids, kind="stable")
             all_vecs = np.concatenate(parts_vecs)[order] if parts_vecs else np.empty((0, fs.dim), np.float32)
             runtime = ",".join(sorted({sh.runtime for sh in small if sh.runtime})) or None  # keeps them all
             self._write_and_register(fs, all_ids[order], all_vecs, replaces=small_ids, runtime=runtime)
             for sh in small:
-                (self.root / sh.path).unlink(missing_ok=True)
+                self.delete_file(sh.path)
             done.append(Compacted(fs.name, len(small), len(all_ids)))
         return done
 
@@ -637,3 +802,11 @@ class Store:
             for n, k, d, c, sh in self.coverage()
         ]
         return info
+
+
+def work_folder(settings: Settings) -> Path:
+    """The local working folder of the bucket store ``settings`` describe (under the cache folder)."""
+    import hashlib
+
+    url = settings.store_url or str(settings.store)
+    return settings.cache_folder / "work" / hashlib.sha256(url.encode()).hexdigest()[:16]

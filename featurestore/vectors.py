@@ -18,7 +18,7 @@ for type hints:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -27,7 +27,7 @@ import numpy as np
 
 from featurestore.catalog.repository import Catalog, LiveShard
 from featurestore.errors import DimensionMismatchError, IntegrityError
-from featurestore.shards import place, read_rows_into, read_selected, read_shard, read_shard_ids, read_span_rows
+from featurestore.shards import ShardSource, place, read_rows_into, read_selected, read_shard, read_shard_ids, read_span_rows
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -94,6 +94,8 @@ class StoreView(Protocol):
 
     def feature_set(self, name: str) -> RegisteredSet: ...
 
+    def shard_source(self, rel: str, sha256: str | None) -> ShardSource: ...
+
     def select_images(self, dataset: str | None = None, labelled_only: bool = False,
                       image_ids: Sequence[int] | None = None) -> list[ImageRow]: ...
 
@@ -128,26 +130,31 @@ def live_parts(root: Path, catalog: Catalog, feature_set_id: int) -> list[ShardP
     return [live_part(root, catalog, sh) for sh in catalog.live_shards(feature_set_id) if sh.live]
 
 
-def read_part(part: ShardPart) -> tuple[np.ndarray, np.ndarray]:
-    """The live ``(image_ids, vectors)`` of one shard (float32)."""
+def read_part(part: ShardPart, source: ShardSource | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The live ``(image_ids, vectors)`` of one shard (float32).
+
+    ``source``: what to open instead of ``part.path`` (a bucket store's cached copy or bytes).
+    """
+    src = part.path if source is None else source
     if part.rows is None:
-        return read_shard(part.path, part.sha256)
+        return read_shard(src, part.sha256)
     assert part.ids is not None
-    _, vecs = read_selected(part.path, part.rows, part.sha256)
+    _, vecs = read_selected(src, part.rows, part.sha256)
     return part.ids, np.asarray(vecs, dtype=np.float32)
 
 
-def part_ids(part: ShardPart) -> np.ndarray:
+def part_ids(part: ShardPart, source: ShardSource | None = None) -> np.ndarray:
     """The live image ids of one shard, without reading its vectors."""
-    return part.ids if part.ids is not None else read_shard_ids(part.path, part.sha256)
+    return part.ids if part.ids is not None else read_shard_ids(part.path if source is None else source, part.sha256)
 
 
-def place_part(ids: np.ndarray, part: ShardPart, out: np.ndarray, cols: slice, present: np.ndarray) -> None:
+def place_part(ids: np.ndarray, part: ShardPart, out: np.ndarray, cols: slice, present: np.ndarray,
+               source: ShardSource | None = None) -> None:
     """Copy the live rows of one shard whose image is among ``ids`` (ascending) into ``out[:, cols]``.
 
     Row ``i`` of ``out`` is image ``ids[i]``; ``present[i]`` is set for every row placed.
     """
-    shard_ids, block = read_part(part)
+    shard_ids, block = read_part(part, source)
     if block.shape[1] != cols.stop - cols.start:
         raise DimensionMismatchError(
             f"feature shard {part.path} has dim {block.shape[1]}, catalog says {cols.stop - cols.start}"
@@ -163,14 +170,18 @@ def place_part(ids: np.ndarray, part: ShardPart, out: np.ndarray, cols: slice, p
     place(out, block, pos, rows, cols)
 
 
-def read_parts_into(parts: Sequence[ShardPart], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every live row of ``parts`` in one preallocated matrix, in part order (whole shards without a copy)."""
+def read_parts_into(parts: Sequence[ShardPart], dim: int, source: Callable[[int], ShardSource] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Every live row of ``parts`` in one preallocated matrix, in part order (whole shards without a copy).
+
+    ``source(i)``: what to open for ``parts[i]`` instead of its path (a bucket store's fetched copy).
+    """
     n = sum(part.live for part in parts)
     ids = np.empty(n, dtype=np.int64)
     mat = np.empty((n, dim), dtype=np.float32)
     pos = 0
-    for part in parts:
-        read_rows_into(part.path, part.rows, ids, mat, pos, part.sha256)
+    for k, part in enumerate(parts):
+        read_rows_into(part.path if source is None else source(k), part.rows, ids, mat, pos, part.sha256)
         pos += part.live
     return ids, mat
 
@@ -179,8 +190,8 @@ def read_parts_into(parts: Sequence[ShardPart], dim: int) -> tuple[np.ndarray, n
 _WINDOW_BYTES = 8 * 2**20
 
 
-def read_images(root: Path, catalog: Catalog, fs: RegisteredSet, image_ids: Sequence[int] | np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
+def read_images(root: Path, catalog: Catalog, fs: RegisteredSet, image_ids: Sequence[int] | np.ndarray,
+                open_shard: Callable[[str, str | None], ShardSource] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(image ids, vectors)`` of just these images (those with a vector), grouped by shard.
 
     Only their rows are read (in bounded windows of each shard), so memory and
@@ -196,10 +207,11 @@ def read_images(root: Path, catalog: Catalog, fs: RegisteredSet, image_ids: Sequ
             bounds = np.flatnonzero(np.r_[True, loc[1:, 1] != loc[:-1, 1], True]) if len(loc) else [0]
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                 shard, rows = shards[int(loc[a, 1])], loc[a:b, 2]
+                src = root / shard.path if open_shard is None else open_shard(shard.path, shard.sha256)
                 if len(rows) <= 32:  # one point selection touches only their chunks
-                    vecs = read_selected(root / shard.path, rows, shard.sha256)[1]
+                    vecs = read_selected(src, rows, shard.sha256)[1]
                 else:
-                    vecs = read_span_rows(root / shard.path, rows, window, shard.sha256)
+                    vecs = read_span_rows(src, rows, window, shard.sha256)
                 blocks.append(np.asarray(vecs, dtype=np.float32))
                 got_ids.append(loc[a:b, 0])
             break

@@ -582,6 +582,13 @@ def projection_extractor(
             raise ParamsMismatchError(name, stored, requested)
         sha = existing.params["projection_sha256"]
         path = folder / f"{name}-{sha[:16]}.npz"
+        if not path.is_file() and getattr(store, "bucket", None) is not None:
+            from featurestore.io.objects import ObjectNotFoundError
+
+            try:  # a bucket store: the matrix lives in the bucket, fetched (checked below) on first use
+                store.local_file(f"projections/{path.name}")
+            except ObjectNotFoundError:
+                pass
         if not path.is_file():
             raise IntegrityError(
                 f"the projection matrix of {name} ({path}) is missing; without it new images cannot be "
@@ -593,4 +600,6 @@ def projection_extractor(
         path = folder / f"{name}-{projection.sha256()[:16]}.npz"
         if not path.is_file():
             projection.save(path)
+        if getattr(store, "bucket", None) is not None:
+            store.publish(path)  # in the bucket before the feature set that records its sha256
     return RandomProjectionExtractor(projection, size=size, rule=rule, name=name)

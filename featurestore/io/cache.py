@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from featurestore.errors import IntegrityError, InvalidInputError
-from featurestore.io.atomic import is_temp, write_bytes_atomic
+from featurestore.io.atomic import is_temp, tmp_path_for
+from featurestore.io.verified import mark_checked
 
 
 def _digest(path: Path) -> str | None:
@@ -48,6 +49,7 @@ class ReadCache:
             raise InvalidInputError(f"the read cache's size cap must be >= 0, got {max_bytes}")
         self.folder = Path(folder)
         self.max_bytes = int(max_bytes)
+        self._checked: dict[Path, tuple[int, ...]] = {}  # copies hashed by this object, by stat key
 
     def path_for(self, sha256: str) -> Path:
         """Where the copy of the content with this sha256 lives."""
@@ -71,11 +73,7 @@ class ReadCache:
             The downloaded bytes do not match ``sha256``.
         """
         path = self.path_for(sha256)
-        if _digest(path) == sha256:
-            try:
-                os.utime(path)  # most recently used
-            except OSError:
-                pass
+        if self._intact(path, sha256):
             return path
         data = download()
         got = hashlib.sha256(data).hexdigest()
@@ -88,8 +86,63 @@ class ReadCache:
             return data
         self.evict(self.max_bytes - len(data))
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, data)
+        # Temp name and rename (a reader sees a whole copy or none) but no fsync: a copy lost or torn by a
+        # power cut fails the sha256 check on its next use and is fetched again.
+        tmp = tmp_path_for(path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._remember(path, sha256)
         return path
+
+    def _intact(self, path: Path, sha256: str) -> bool:
+        """Whether the copy at ``path`` has the bytes of ``sha256``; marks it most recently used.
+
+        A copy is hashed once per process per version of the file (its stat
+        key, recorded after our own ``utime``): a copy damaged or replaced on
+        disk changes size or ctime and is hashed again.
+        """
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if self._checked.get(path) != key and _digest(path) != sha256:
+            self._checked.pop(path, None)
+            return False
+        try:
+            os.utime(path)  # most recently used
+            self._remember(path, sha256)
+        except OSError:
+            return False
+        return True
+
+    def _remember(self, path: Path, sha256: str) -> None:
+        # Both here and for the shard readers' own check (featurestore.io.verified): one hash per copy.
+        st = path.stat()
+        self._checked[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        mark_checked(path, sha256)
+
+    def adopt(self, path: Path, sha256: str) -> None:
+        """Move a file this process just wrote and uploaded (bytes of ``sha256``) into the cache.
+
+        Renamed when the cache is on the same file system, else dropped: the
+        first read then fetches it.
+        """
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            path.unlink(missing_ok=True)
+            return
+        self.evict(self.max_bytes - size)
+        dst = self.path_for(sha256)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, dst)
+            self._remember(dst, sha256)
+        except OSError:
+            path.unlink(missing_ok=True)
 
     def _entries(self) -> list[tuple[Path, os.stat_result]]:
         out: list[tuple[Path, os.stat_result]] = []

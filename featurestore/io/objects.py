@@ -176,6 +176,17 @@ class Bucket:
 
         return sorted(self._call(prefix, run), key=lambda o: o.url.key)
 
+    def probe(self, prefix: str = "") -> None:
+        """List at most one object under ``prefix``: a missing bucket, refused credentials or a silent
+        endpoint fail here, in one line, before any work starts."""
+        import obstore
+
+        def run() -> None:
+            for _chunk in obstore.list(self._store, prefix=prefix or None, chunk_size=1):
+                break
+
+        self._call(prefix, run)
+
     def size(self, key: str) -> int:
         """The object's size in bytes."""
         import obstore

@@ -141,6 +141,13 @@ def digest_written(path: Path | str) -> str:
     return digest
 
 
+def mark_checked(path: Path | str, sha256: str) -> None:
+    """Record that ``path``, as it is now, has been found to hold the bytes of ``sha256`` (by the caller)."""
+    st = os.stat(path)
+    with _lock:
+        _checked[os.fspath(path)] = (_key(st), sha256)
+
+
 def forget() -> None:
     """Drop the record of files already checked (the next open of each hashes it again)."""
     with _lock:

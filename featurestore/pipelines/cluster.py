@@ -63,6 +63,7 @@ from featurestore.errors import (
 from featurestore.features.base import Extractor
 from featurestore.features.registry import extractor_for_sets
 from featurestore.io.atomic import tmp_path_for
+from featurestore.io.storage import BucketStorage
 from featurestore.io.verified import digest_written
 from featurestore.pipelines.extract import (
     FLUSH_BYTES,
@@ -80,8 +81,8 @@ from featurestore.pipelines.ray_cluster import (
     pool_size,
     ray_session,
 )
-from featurestore.shards import read_shard_ids, remove_orphans, write_shard
-from featurestore.store import Store
+from featurestore.shards import ShardBytes, read_shard_ids, remove_orphans, write_shard
+from featurestore.store import Store, work_folder
 from featurestore.training.evaluation import EvaluationResult, Split, check_inputs, collect, fit_and_score
 
 # Tasks in flight per actor: one running, one queued behind it so the actor never waits for the driver.
@@ -137,6 +138,11 @@ class Featurizer:
             os.environ[var] = str(threads)
         self.node = _node_address()
         self.root = Path(settings["store"])
+        # A store in a bucket: shards are written here, put to the bucket, and the local file dropped.
+        self.bucket: BucketStorage | None = None
+        if str(settings["store"]).startswith("s3://"):
+            self.root = work_folder(Settings(**settings))
+            self.bucket = BucketStorage(str(settings["store"]), Settings(**settings))
         self.max_pixels = int(settings["max_image_pixels"])
         self.max_bytes = int(float(settings["max_file_mb"]) * 1024 * 1024)
         self.batch_size = batch_size
@@ -164,6 +170,10 @@ class Featurizer:
             self.extractors.append((ex, [r.name for r in group]))
 
     def _check_probe(self, path: str, token: str) -> None:
+        if self.bucket is not None:  # the object the driver put (errors name FS_S3_ENDPOINT / AWS_* to fix)
+            if self.bucket.get(path).decode() != token:
+                raise ClusterError(f"the check object {self.bucket.url}{path} holds another token here")
+            return
         try:
             seen = Path(path).read_text()
         except OSError:
@@ -199,7 +209,13 @@ class Featurizer:
             rec = self.sets[name]
             path = write_shard(self.root / "features" / name, name, rec.kind, rec.params, np.concatenate(parts),
                                np.concatenate(vecs[name]))
-            shards[name] = (str(path.relative_to(self.root)), sum(len(p) for p in parts))
+            rel = path.relative_to(self.root).as_posix()
+            if self.bucket is not None:  # straight to the bucket: no shared file system; the driver registers it
+                try:
+                    self.bucket.put(rel, path.read_bytes())
+                finally:
+                    path.unlink(missing_ok=True)
+            shards[name] = (rel, sum(len(p) for p in parts))
         runtimes = {name: ex.runtime for ex, names in self.extractors for name in names}
         return TaskResult(task.index, shards, failed, processed, self.node, runtimes)
 
@@ -246,8 +262,15 @@ class Registrar:
         self.done.add(result.task)
         shards = {}
         for name, (rel, rows) in result.shards.items():
-            digest = digest_written(self.store.root / rel)  # the bytes registered are the bytes checked here
-            ids = read_shard_ids(self.store.root / rel, digest)  # what the file holds, read by the driver itself
+            if self.store.bucket is not None:  # the object as the bucket holds it, read by the driver itself
+                import hashlib
+
+                data = self.store.bucket.get(rel)
+                digest = hashlib.sha256(data).hexdigest()
+                ids = read_shard_ids(ShardBytes(self.store.bucket.url + rel, data), digest)
+            else:
+                digest = digest_written(self.store.root / rel)  # the bytes registered are the bytes checked here
+                ids = read_shard_ids(self.store.root / rel, digest)  # what the file holds, read by the driver
             if len(ids) != rows or not set(ids.tolist()) <= set(task.lacking.get(name, ())):
                 raise IntegrityError(f"shard {rel} written by node {result.node} does not hold the images of "
                                      f"task {task.index}", remedy="extract-again", path=rel)
@@ -271,8 +294,13 @@ class _Pool:
     def __init__(self, ray: Any, store: Store, plan: ExtractPlan, size: int, threads: int, batch_size: int,
                  probe: tuple[str, str]):
         self.ray = ray
-        settings = {"store": str(store.root.resolve()), "database_url": store.settings.database_url,
-                    "max_image_pixels": store.settings.max_image_pixels, "max_file_mb": store.settings.max_file_mb}
+        s = store.settings
+        settings = {"store": store.url or str(store.root.resolve()), "database_url": s.database_url,
+                    "max_image_pixels": s.max_image_pixels, "max_file_mb": s.max_file_mb}
+        if store.url:  # the workers reach the same bucket the same way
+            settings.update({"s3_endpoint": s.s3_endpoint, "s3_timeout": s.s3_timeout, "AWS_REGION": s.aws_region,
+                             "AWS_ACCESS_KEY_ID": s.aws_access_key_id,
+                             "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key})
         groups = [[_record(plan.sets[name]) for name in w.lacking] for w in plan.work]
         actor = ray.remote(Featurizer).options(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES,
                                                scheduling_strategy="SPREAD")
@@ -368,10 +396,18 @@ def _store_probe(store: Store, plan: ExtractPlan) -> Iterator[tuple[str, str]]:
     It has a temp name inside a feature set's folder, so if the driver dies the
     next writer's orphan sweep removes it.
     """
+    token = uuid.uuid4().hex
+    if store.bucket is not None:  # an object the workers read from the bucket; a temp name the sweep removes
+        key = f"features/{next(iter(plan.sets))}/{tmp_path_for(Path('ray-check')).name}"
+        store.bucket.put(key, token.encode())
+        try:
+            yield key, token
+        finally:
+            store.bucket.delete(key)
+        return
     folder = store.root.resolve() / "features" / next(iter(plan.sets))
     folder.mkdir(parents=True, exist_ok=True)
     path = tmp_path_for(folder / "ray-check")
-    token = uuid.uuid4().hex
     path.write_text(token)
     try:
         yield str(path), token
@@ -382,6 +418,9 @@ def _store_probe(store: Store, plan: ExtractPlan) -> Iterator[tuple[str, str]]:
 def sweep_orphans(store: Store, plan: ExtractPlan) -> None:
     """Remove the shards written by tasks that were replayed or cancelled (never registered). Under the lock."""
     registered = store.catalog.shard_paths()
+    if store.bucket is not None:  # under the lock, after the job's actors are gone: no grace needed
+        store.remove_orphan_objects([f"features/{name}/" for name in plan.sets], grace=0.0)
+        return
     for name in plan.sets:
         remove_orphans(store.root / "features" / name, registered)
 

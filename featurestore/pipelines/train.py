@@ -419,6 +419,7 @@ def train(store: Store, cfg: TrainConfig, progress: Progress | None = None, fit_
         kept = {k: len(v) for k, v in final.kept_features_.items()}
         rel = f"artifacts/{uuid.uuid4().hex}.pkl"
         sha = save_artifact(final, store.root / rel)
+        store.publish(store.root / rel)  # a bucket store keeps it in the bucket, before the run records it
         artifact = (rel, sha)
     timings = {"assemble_seconds": assembled, "evaluate_seconds": evaluated, "final_fit_seconds": final_seconds}
     run_id = _record(store, cfg, cfg.features, prep, ev, model_desc, timings, artifact, None)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from featurestore.errors import IntegrityError
+from featurestore.io.objects import ObjectNotFoundError
 from featurestore.io.verified import check_file
-from featurestore.shards import check_shard
+from featurestore.shards import ShardSource, check_shard
 from featurestore.store import Store
 
 Progress = Callable[[int, int], None]
@@ -105,25 +107,39 @@ def verify(store: Store, feature_set: str | None = None, progress: Progress | No
                     rows: int = rows) -> None:
             report.problems.append(ShardProblem(name, shard_id, rel, rows, kind, detail))
 
-        if not path.exists() and not path.is_symlink():
-            problem("missing", f"{path} does not exist")
-        else:
-            try:
-                check = check_shard(path, rows, dim, sha256=sha256)
-            except IntegrityError as exc:
-                problem("corrupt", str(exc))
-            else:
-                if not check.checksummed:
-                    report.unchecked.append(rel)
-                if sha256 is None:
-                    report.undigested.append(rel)
-                why = _mismatch(check.image_ids, store.catalog.live_rows_of_shard(shard_id))
-                if why:
-                    problem("mismatch", why)
+        try:
+            source = _source(store, rel, sha256)
+            gone = isinstance(source, Path) and not source.exists() and not source.is_symlink()
+            check = None if gone else check_shard(source, rows, dim, sha256=sha256)
+        except IntegrityError as exc:
+            problem("corrupt", str(exc))
+            check = None
+            gone = False
+        if gone:
+            problem("missing", f"{store.bucket.url + rel if store.bucket else path} does not exist")
+        elif check is not None:
+            if not check.checksummed:
+                report.unchecked.append(rel)
+            if sha256 is None:
+                report.undigested.append(rel)
+            why = _mismatch(check.image_ids, store.catalog.live_rows_of_shard(shard_id))
+            if why:
+                problem("mismatch", why)
         if progress:
             progress(k, len(shards))
     _verify_files(store, {fs.id for fs in sets}, feature_set is None, report)
     return report
+
+
+def _source(store: Store, rel: str, sha256: str | None) -> ShardSource:
+    """The shard to check: its file, or for a bucket store its object through the sha256-checked read cache
+    (an :class:`IntegrityError` when the bytes no longer match; a path that does not exist when it is gone)."""
+    if store.bucket is None:
+        return store.root / rel
+    try:
+        return store.shard_source(rel, sha256)
+    except ObjectNotFoundError:
+        return store.root / rel
 
 
 def _verify_files(store: Store, set_ids: set[int], everything: bool, report: VerifyReport) -> None:
@@ -141,7 +157,13 @@ def _verify_files(store: Store, set_ids: set[int], everything: bool, report: Ver
                 todo.append(("model", f"model {m.name}", m.onnx_path, m.onnx_sha256))
     for kind, owner, rel, sha256 in todo:
         report.files += 1
-        path = store.root / rel
+        try:
+            path = store.local_file(rel, sha256)  # a bucket store: fetched (and checked) first
+        except ObjectNotFoundError:
+            path = store.root / rel
+        except IntegrityError as exc:
+            report.file_problems.append(FileProblem(kind, owner, rel, "corrupt", str(exc).rstrip("; ")))
+            continue
         if not path.exists() and not path.is_symlink():
             report.file_problems.append(FileProblem(kind, owner, rel, "missing", f"{path} does not exist"))
             continue
@@ -166,6 +188,8 @@ def drop_damaged_indexes(store: Store, problems: Sequence[FileProblem]) -> list[
             path = store.root / rel
             if path.is_symlink() or not path.is_dir():
                 path.unlink(missing_ok=True)
+            if store.bucket is not None:
+                store.bucket.delete(rel)
             dropped.append(p.owner)
     store.ann_indexes.clear()
     return dropped

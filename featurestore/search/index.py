@@ -194,7 +194,7 @@ def list_indexes(store: Store, verify: bool = False) -> list[IndexStatus]:
         uncovered = [s for s in shards if s.id not in covered]
         ok = None
         if verify:
-            path = store.root / record.path
+            path = _local(store, record.path)
             ok = path.is_file() and sha256_file(path) == record.sha256
         out.append(IndexStatus(
             record=record, params=IndexParams.from_json(record.params), live_shards=len(shards),
@@ -355,7 +355,7 @@ def _plan_build(store: Store, current: IndexRecord | None, base: IndexParams, pa
         changed = [f"{n} {a} -> {b}" for n, a, b in zip(("metric", "dtype", "connectivity", "expansion_add"),
                                                           base.structure(), params.structure(), strict=True) if a != b]
         return _Plan("rebuilt", "params changed: " + ", ".join(changed), shards)
-    if not (store.root / current.path).is_file():
+    if not _local(store, current.path).is_file():
         return _Plan("rebuilt", f"its file {current.path} is missing", shards)
     covered = set(current.shard_ids)
     keep = [s for s in shards if s.id in covered]
@@ -381,7 +381,7 @@ def _load_for_update(store: Store, record: IndexRecord, params: IndexParams) -> 
     """The current index loaded into memory (not a view: views cannot be changed), sha256 checked first."""
     import usearch.index as ui
 
-    path = store.root / record.path
+    path = _local(store, record.path)
     check_file(path, None, "index file", f"rebuild it with `fs index build --features {record.feature_set} --rebuild`")
     if sha256_file(path) != record.sha256:
         raise IntegrityError(
@@ -408,12 +408,13 @@ def _remove_stale(store: Store, index: Any, keep: list[LiveShard]) -> int:
 
 
 def _live_ids(store: Store, shard: LiveShard) -> np.ndarray:
-    return part_ids(live_part(store.root, store.catalog, shard))
+    shard_part = live_part(store.root, store.catalog, shard)
+    return part_ids(shard_part, store.shard_source(shard.path, shard.sha256))
 
 
 def _read_live(store: Store, shard: LiveShard) -> tuple[np.ndarray, np.ndarray]:
     """The live (image ids, vectors) of one shard."""
-    return read_part(live_part(store.root, store.catalog, shard))
+    return read_part(live_part(store.root, store.catalog, shard), store.shard_source(shard.path, shard.sha256))
 
 
 def _read_shards(store: Store, shards: Sequence[LiveShard]
@@ -447,6 +448,7 @@ def _save_and_register(store: Store, fs: FeatureSet, current: IndexRecord | None
             index.save(str(tmp))
             digest, nbytes = sha256_file(tmp), tmp.stat().st_size
         try:
+            store.publish(final)  # a bucket store: the object is complete before the catalog points at it
             old = store.catalog.replace_index(
                 fs.id, current.id if current is not None else None, params=params.to_json(),
                 vectors=len(index), shard_ids=covered, nbytes=nbytes, sha256=digest,
@@ -456,10 +458,10 @@ def _save_and_register(store: Store, fs: FeatureSet, current: IndexRecord | None
             raise FeatureStoreError(f"the index of {fs.name!r} was not registered: {exc}; run the build again") \
                 from None
         except BaseException:
-            final.unlink(missing_ok=True)
+            store.delete_file(str(final.relative_to(store.root)))
             raise
         if old is not None and old != str(final.relative_to(store.root)):
-            (store.root / old).unlink(missing_ok=True)
+            store.delete_file(old)
             fsync_dir(folder)
     _forget(store, fs.id)
     return final, nbytes
@@ -472,9 +474,24 @@ def drop_index(store: Store, feature_set: str) -> Path:
         rel = store.catalog.drop_index(fs.id)
         if rel is None:
             raise IndexNotFoundError(fs.name, [r.feature_set for r in store.catalog.list_indexes()])
-        (store.root / rel).unlink(missing_ok=True)
+        store.delete_file(rel)
     _forget(store, fs.id)
     return store.root / rel
+
+
+def _local(store: Store, rel: str) -> Path:
+    """``store.root / rel``, fetched first from the bucket of a bucket store (the callers check its sha256)."""
+    from featurestore.io.objects import ObjectNotFoundError
+
+    try:
+        return store.local_file(rel)
+    except ObjectNotFoundError:
+        return store.root / rel  # missing: the callers say so
+
+
+def registered_objects(store: Store) -> set[str]:
+    """Store-relative paths of the registered index files (the bucket store's orphan sweep keeps them)."""
+    return set(store.catalog.registered_paths())
 
 
 def remove_orphans(store: Store) -> list[Path]:

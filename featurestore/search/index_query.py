@@ -26,6 +26,7 @@ from featurestore.search.index import (
     IndexParams,
     Progress,
     _live_ids,
+    _local,
     _no_progress,
     _Opened,
     _parse,
@@ -73,7 +74,7 @@ def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str
     """Open an index file memory-mapped, after checking its size, sha256 and header against the catalog."""
     import usearch.index as ui
 
-    path = store.root / record.path
+    path = _local(store, record.path)
     hint = (f"rebuild it with `fs index build --features {fs.name} --rebuild` "
             f"or remove it with `fs index drop {fs.name}`")
     try:
@@ -342,7 +343,7 @@ def _filtered_exact(store: Store, fs: FeatureSet, shards: list[LiveShard], allow
 
 def _subset_index(store: Store, fs: FeatureSet, ids: np.ndarray, metric: str) -> VectorIndex:
     """The live vectors of the images ``ids`` (those that have one) in an in-memory exact index."""
-    got_ids, mat = read_images(store.root, store.catalog, fs, ids)
+    got_ids, mat = read_images(store.root, store.catalog, fs, ids, store.shard_source)
     return VectorIndex(got_ids, mat, metric, copy=False)
 
 
@@ -358,7 +359,7 @@ def _exact_subset(store: Store, fs: FeatureSet, ids: np.ndarray, q: np.ndarray, 
             bounds = np.flatnonzero(np.r_[True, loc[1:, 1] != loc[:-1, 1], True]) if len(loc) else [0]
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                 shard = shards[int(loc[a, 1])]
-                file_ids, vecs = read_selected(store.root / shard.path, loc[a:b, 2], shard.sha256)
+                file_ids, vecs = read_selected(store.shard_source(shard.path, shard.sha256), loc[a:b, 2], shard.sha256)
                 yield file_ids, vecs
 
         try:

@@ -184,7 +184,7 @@ def stored_vector(store: SearchStore, feature_set: str | RegisteredSet, image_id
         raise ImageNotFoundError(image_id, remedy="list-ids")
     if loc is None:
         raise NoVectorError(image_id, fs.name, stored=fs, remedy="extract-first-or-image")
-    return np.asarray(read_row(store.root / loc[0], loc[1], loc[2]), dtype=np.float32).reshape(-1)
+    return np.asarray(read_row(store.shard_source(loc[0], loc[2]), loc[1], loc[2]), dtype=np.float32).reshape(-1)
 
 
 def query_vector(store: SearchStore, feature_set: str | RegisteredSet, query: Query) -> tuple[np.ndarray, int | None]:
@@ -440,7 +440,7 @@ def duplicates(
     if not shard_key[1]:
         return Found([], "exact")
     if keep_ids is not None:
-        ids, mat = read_images(store.root, store.catalog, fs, keep_ids)
+        ids, mat = read_images(store.root, store.catalog, fs, keep_ids, store.shard_source)
     else:
         ids, mat = store.read_set(fs.name)
     groups = near_duplicate_groups(ids, mat, threshold=threshold)

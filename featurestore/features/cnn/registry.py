@@ -107,7 +107,7 @@ def list_models(store: Store | None) -> list[ModelInfo]:
         spec = BUILTIN_MODELS.get(name)
         row = rows.get(name)
         if row is not None and store is not None:
-            ok = (store.root / row.symbol_path).is_file() and (store.root / row.params_path).is_file()
+            ok = {row.symbol_path, row.params_path} <= store.present([row.symbol_path, row.params_path])
             status = "ready" if ok else "files missing"
             out.append(ModelInfo(name, status, list(row.taps), row.default_tap, row.source,
                                  spec.description if spec else
@@ -166,7 +166,7 @@ def add_model(
         targets.append(dst)
     sym_dst, par_dst = targets
     onnx_path, onnx_sha = store_onnx(folder, name, exported)
-    row = store.catalog.save_model(
+    row = _save_model(store,
         name,
         symbol_path=str(sym_dst.relative_to(store.root)),
         params_path=str(par_dst.relative_to(store.root)),
@@ -240,7 +240,7 @@ def add_onnx_model(
     copy_atomic(Path(onnx_file), dst)
     onnx_path, onnx_sha = store_onnx(folder, f"{name}-taps", exported)
     sha, rel = sha256_file(dst), str(dst.relative_to(store.root))
-    row = store.catalog.save_model(
+    row = _save_model(store,
         name, symbol_path=rel, params_path=rel, symbol_sha256=sha, params_sha256=sha,
         preprocess=pre.to_params(), taps=tap_list, default_tap=default,
         source=f"added from ONNX file {Path(onnx_file).resolve()}",
@@ -255,7 +255,7 @@ def _register_builtin(store: Store, spec: ModelSpec) -> Model:
     symbol, params = model_files(spec, store.root / "models" / spec.name)
     onnx_path, onnx_sha = store_onnx(Path(symbol).parent, spec.name,
                                      export_onnx(symbol, params, spec.preprocess, _spec_taps(spec)))
-    return store.catalog.save_model(
+    return _save_model(store,
         spec.name,
         symbol_path=str(Path(symbol).relative_to(store.root)),
         params_path=str(Path(params).relative_to(store.root)),
@@ -288,6 +288,25 @@ def model_record(store: Store, name: str) -> Model:
     )
 
 
+def _save_model(store: Store, name: str, **columns: Any) -> Model:
+    """``store.catalog.save_model`` once the files the row names are in the store (the bucket, for a bucket
+    store: a row never points at a file other machines cannot fetch)."""
+    for key in ("symbol_path", "params_path", "onnx_path"):
+        if columns.get(key):
+            store.publish(store.root / columns[key])
+    return store.catalog.save_model(name, **columns)
+
+
+def _fetched(store: Store, rel: str) -> Path:
+    """``store.root / rel``, fetched from the bucket of a bucket store when not yet here (checked by the caller)."""
+    from featurestore.io.objects import ObjectNotFoundError
+
+    try:
+        return store.local_file(rel)
+    except ObjectNotFoundError:
+        return store.root / rel  # missing: the caller names the fix
+
+
 def _preprocess(row: Model) -> Preprocess:
     p: dict[str, Any] = dict(row.preprocess)
     return Preprocess(size=tuple(p["size"]), resize=p["resize"], mean=tuple(p["mean"]), std=tuple(p["std"]),
@@ -296,7 +315,7 @@ def _preprocess(row: Model) -> Preprocess:
 
 def verify_files(store: Store, row: Model) -> tuple[Path, Path]:
     """Paths of the model's files after checking their sha256 against the catalog."""
-    paths = (store.root / row.symbol_path, store.root / row.params_path)
+    paths = (_fetched(store, row.symbol_path), _fetched(store, row.params_path))
     for path, expected in zip(paths, (row.symbol_sha256, row.params_sha256), strict=True):
         if not path.is_file():
             raise ModelFilesMissingError(
@@ -325,9 +344,9 @@ def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path, save_expor
             return data, f"the ONNX export of {symbol.name}"
         path, sha = store_onnx(symbol.parent, row.name, data)
         row.onnx_path, row.onnx_sha256 = str(path.relative_to(store.root)), sha
-        store.catalog.save_model(row.name, onnx_path=row.onnx_path, onnx_sha256=sha)
+        _save_model(store, row.name, onnx_path=row.onnx_path, onnx_sha256=sha)
         return data, str(path)
-    path = store.root / row.onnx_path
+    path = _fetched(store, row.onnx_path)
     if not path.is_file():
         raise ModelFilesMissingError(
             f"{path} (the ONNX export of model {row.name}) is missing from the store: "
@@ -372,6 +391,7 @@ def _int8_path(store: Store, name: str, sha: str) -> Path:
 def _stored_int8(store: Store, name: str, sha: str) -> bytes:
     """The int8 file a feature set recorded, checked against that sha256."""
     path = _int8_path(store, name, sha)
+    path = _fetched(store, path.relative_to(store.root).as_posix())
     if not path.is_file():
         raise ModelFilesMissingError(
             f"{path} (the int8 model of {name}) is missing from the store: recompute the int8 sets with "
@@ -460,7 +480,7 @@ def int8_export(store: Store, row: Model, taps: list[str], opts: Int8Options, sa
         calibrate, held, cal = calibration_sample(store, row, opts.sample, opts.seed)
         data, record = quantize_export(fp32, calibrate, held, cal, row.name)
         if save:  # refused by the guard or not, so the next run does not calibrate it again
-            store_onnx(store.root / "models" / row.name, f"{row.name}+int8", data)
+            store.publish(store_onnx(store.root / "models" / row.name, f"{row.name}+int8", data)[0])
         found = data, hashlib.sha256(data).hexdigest(), record
     if opts.min_cosine is not None:
         check_cosine(found[2], taps, opts.min_cosine, row.name)

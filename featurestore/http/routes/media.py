@@ -100,11 +100,12 @@ def _thumbnail_response(request: Request, image_id: int, size: int) -> Response:
     if (cached := _not_modified(request, etag)) is not None:
         return cached
     settings = get_settings(request)
-    if settings.store not in _swept:  # once per process: temp files of cache writers that crashed
-        _swept.add(settings.store)
-        sweep_temp_files(settings.store)
+    folder = get_store(request).root  # a bucket store's thumbnails stay in its local working folder
+    if folder not in _swept:  # once per process: temp files of cache writers that crashed
+        _swept.add(folder)
+        sweep_temp_files(folder)
     try:
-        jpeg = thumbnail(settings.store, found.source_path, found.sha256, found.bytes, size,
+        jpeg = thumbnail(folder, found.source_path, found.sha256, found.bytes, size,
                          settings.max_image_pixels)
     except (SourceUnavailableError, SourceChangedError, ImageDecodeError) as exc:
         raise _failed(exc) from None
