@@ -366,7 +366,9 @@ def test_efficientnet_lite0_int8_close_to_fp32_on_real_photos(tmp_path: Path) ->
     r = runner.invoke(app, ["extract", "--model", "efficientnet-lite0"])
     assert r.exit_code == 0, r.output
     store = Store.open(Settings.from_env())
-    cosine = store.feature_set("efficientnet-lite0+int8").params["quantization"]["cosine"]
+    q = store.feature_set("efficientnet-lite0+int8").params["quantization"]
+    cosine = q["cosine"]
+    assert q["correction"] == "tap-mean" and set(q["cosine_uncorrected"]) == set(cosine)
     assert set(cosine) == set(model_record(store, "efficientnet-lite0").taps)
     assert all(v >= 0.98 for v in cosine.values()), cosine
     fp32, int8 = store.read_matrix(["efficientnet-lite0"]).X, store.read_matrix(["efficientnet-lite0+int8"]).X
