@@ -81,6 +81,7 @@ def test_int8_extract_records_calibration_and_cosine_and_reuses_the_model(tmp_pa
     assert "inception21k+int8: int8 model" in r.output
     assert "(calibrated on 16 images, seed 0); mean cosine to fp32 on 4 held-back images: global_pool 0.9" in r.output
     assert "inception21k+int8: 24 vectors written" in r.output
+    assert "(after the tap bias correction)" in r.output
     [path] = _int8_files(tmp_path)
     store = Store.open(Settings.from_env())
     fs = store.feature_set("inception21k+int8")
