@@ -65,6 +65,7 @@ from featurestore.features.cnn.precision import CALIBRATION_IMAGES, CALIBRATION_
 __all__ = [
     "CALIBRATION_IMAGES",
     "CALIBRATION_MIN",
+    "CORRECTION",
     "MIN_COSINE",
     "PRECISIONS",
     "Calibration",
@@ -78,6 +79,8 @@ __all__ = [
     "mean_cosine",
     "quantize_export",
     "read_int8_record",
+    "subtract_at_outputs",
+    "tap_bias",
 ]
 
 INT8_KEY = "featurestore.int8"
