@@ -248,7 +248,8 @@ def _report_int8(extractors: list[Extractor]) -> None:
             cal = q["calibration"]
             cosines = ", ".join(f"{tap} {value:.4f}" for tap, value in q["cosine"].items())
             common.err(f"{spec.name}: int8 model {q['sha256'][:12]} (calibrated on {cal['images']} images, seed "
-                       f"{cal['seed']}); mean cosine to fp32 on {cal['held_back']} held-back images: {cosines}")
+                       f"{cal['seed']}); mean cosine to fp32 on {cal['held_back']} held-back images: {cosines}"
+                       + (" (after the tap bias correction)" if q.get("correction", "none") != "none" else ""))
 
 
 def _check_grid(grid: int, layers: str | None) -> None:

@@ -81,6 +81,7 @@ def test_int8_extract_records_calibration_and_cosine_and_reuses_the_model(tmp_pa
     assert "inception21k+int8: int8 model" in r.output
     assert "(calibrated on 16 images, seed 0); mean cosine to fp32 on 4 held-back images: global_pool 0.9" in r.output
     assert "inception21k+int8: 24 vectors written" in r.output
+    assert "(after the tap bias correction)" in r.output
     [path] = _int8_files(tmp_path)
     store = Store.open(Settings.from_env())
     fs = store.feature_set("inception21k+int8")
@@ -90,6 +91,7 @@ def test_int8_extract_records_calibration_and_cosine_and_reuses_the_model(tmp_pa
     assert path.name == f"inception21k+int8-{q['sha256'][:12]}.onnx"
     assert q["calibration"] == {"images": 16, "held_back": 4, "seed": 0, "requested": 20}
     assert q["format"] == "QDQ" and q["weights"] == "int8 per-channel" and q["activations"] == "uint8"
+    assert q["correction"] == "tap-mean" and set(q["cosine_uncorrected"]) == set(q["cosine"])
     assert set(q["cosine"]) == set(model_record(store, "inception21k").taps)  # every tap of the export
     assert q["cosine"]["global_pool"] >= 0.98
     record = read_int8_record(onnx.load(str(path)), str(path))
@@ -210,6 +212,55 @@ def test_stored_int8_model_checked_before_use(store: Store, tmp_path: Path, tiny
     assert extractor_for(store, "inception21k+int8").outputs()[0].params == sets[0].params
 
 
+def test_tap_bias_correction_removes_the_mean_difference_at_every_tap(tiny_ckpt) -> None:
+    """The correction subtracts int8 - fp32's mean over the calibration images at each tap, nothing else."""
+    import onnxruntime as ort
+
+    from featurestore.features.cnn.onnx_export import INPUT_NAME, export_onnx, read_metadata
+    from featurestore.features.cnn.quantize import quantize_export, subtract_at_outputs, tap_bias
+    from featurestore.features.cnn.specs import BUILTIN_MODELS
+
+    spec = BUILTIN_MODELS["inception21k"]
+    fp32 = export_onnx(*tiny_ckpt, spec.preprocess, list(spec.taps))
+    taps, _ = read_metadata(onnx.load_from_string(fp32), "tiny")
+    outputs = [t.output for t in taps]
+    rng = np.random.default_rng(1)
+    calibrate = rng.uniform(-1, 1, (24, 3, 224, 224)).astype(np.float32)
+    held = rng.uniform(-1, 1, (6, 3, 224, 224)).astype(np.float32)
+    data, record = quantize_export(fp32, calibrate, held, Calibration.split(30, 0), "tiny")
+    assert record.correction == "tap-mean" and set(record.cosine) == set(record.cosine_uncorrected) == set(spec.taps)
+
+    def run(model: bytes, x: np.ndarray) -> list[np.ndarray]:
+        return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(outputs, {INPUT_NAME: x})
+
+    # over the calibration images the corrected int8 vectors have the fp32 mean, tap by tap
+    for got, want in zip(run(data, calibrate), run(fp32, calibrate), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.mean(axis=0), want.mean(axis=0), atol=1e-4)
+    # the graph edit alone: the outputs keep their names and are shifted by exactly the bias
+    model = onnx.load_from_string(fp32)
+    shift = {o: np.full(v.shape[1:], 0.5, np.float32) for o, v in zip(outputs, run(fp32, held), strict=True)}
+    subtract_at_outputs(model, shift)
+    assert [o.name for o in model.graph.output] == [o.name for o in onnx.load_from_string(fp32).graph.output]
+    for got, want in zip(run(model.SerializeToString(), held), run(fp32, held), strict=True):
+        np.testing.assert_allclose(got, want - 0.5, atol=1e-5)
+    bias = tap_bias(fp32, fp32, outputs, held)  # a model against itself: nothing to correct
+    assert all(float(np.abs(b).max()) == 0.0 for b in bias.values())
+
+
+def test_stored_uncorrected_int8_model_is_not_reused() -> None:
+    """An int8 model made before the tap correction (its record says "none") is not picked for a new set."""
+    from featurestore.features.cnn.quantize import CORRECTION, Int8Options, Int8Record
+
+    cal = Calibration.split(20, 0, 20)
+    old = Int8Record("abc", cal, {"global_pool": 0.97})
+    assert old.correction == "none" and not old.matches("abc", Int8Options(sample=20))
+    new = Int8Record("abc", cal, {"global_pool": 0.99}, correction=CORRECTION)
+    assert new.matches("abc", Int8Options(sample=20))
+    assert not new.matches("abd", Int8Options(sample=20)) and not new.matches("abc", Int8Options(sample=21))
+    assert not new.matches("abc", Int8Options(sample=20, seed=1))
+
+
 def test_calibration_sample_is_seeded_and_split() -> None:
     assert Calibration.split(20, 3) == Calibration(16, 4, 3, 20)
     assert Calibration.split(100, 0) == Calibration(80, 20, 0, 100)
@@ -316,7 +367,9 @@ def test_efficientnet_lite0_int8_close_to_fp32_on_real_photos(tmp_path: Path) ->
     r = runner.invoke(app, ["extract", "--model", "efficientnet-lite0"])
     assert r.exit_code == 0, r.output
     store = Store.open(Settings.from_env())
-    cosine = store.feature_set("efficientnet-lite0+int8").params["quantization"]["cosine"]
+    q = store.feature_set("efficientnet-lite0+int8").params["quantization"]
+    cosine = q["cosine"]
+    assert q["correction"] == "tap-mean" and set(q["cosine_uncorrected"]) == set(cosine)
     assert set(cosine) == set(model_record(store, "efficientnet-lite0").taps)
     assert all(v >= 0.98 for v in cosine.values()), cosine
     fp32, int8 = store.read_matrix(["efficientnet-lite0"]).X, store.read_matrix(["efficientnet-lite0+int8"]).X

@@ -419,8 +419,7 @@ def _find_int8(store: Store, name: str, source_sha: str, opts: Int8Options) -> t
             record = read_int8_record(onnx.load_from_string(data), str(path))
         except Exception:  # not a readable int8 model: ignored like a damaged one
             continue
-        cal = record.calibration
-        if (record.source_sha256, cal.seed, cal.requested) == (source_sha, opts.seed, opts.sample):
+        if record.matches(source_sha, opts):  # same export, calibration request and correction
             return data, sha, record
     return None
 
