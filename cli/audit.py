@@ -148,7 +148,7 @@ def labels(
     of how many labels are wrong. `confidence` is the suggested class's out-of-fold probability. Fix them
     with `fs labels set --id N LABEL` or `fs labels import FILE.csv`.
 
-    Example: fs evaluate --features efficientnet-lite0 --folds 5 && fs audit labels --run 1 --limit 20
+    Example: fs evaluate --features efficientnet-lite0 --folds 5 --classifier logreg-strong && fs audit labels --run 1
     """
     from featurestore.pipelines.labels import audit_labels
     from featurestore.training.label_issues import FILTERS
