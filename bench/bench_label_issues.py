@@ -20,7 +20,9 @@ under FS_BENCH_DIR). Each run then works on a copy of that store:
 6. every flagged image relabelled to its suggestion (`fs labels set`), then the
    official test accuracy after the fix.
 
-Run: python bench/bench_label_issues.py [--n-train 10000] [--n-test 10000] [--folds 5]
+Defaults: classifier logreg-strong on every column (--select none), `fs audit labels --filter-by both`.
+
+Run: python bench/bench_label_issues.py [--n-train 10000] [--n-test 10000] [--folds 5] [--min-confidence P]
 """
 
 from __future__ import annotations
