@@ -20,7 +20,9 @@ under FS_BENCH_DIR). Each run then works on a copy of that store:
 6. every flagged image relabelled to its suggestion (`fs labels set`), then the
    official test accuracy after the fix.
 
-Run: python bench/bench_label_issues.py [--n-train 10000] [--n-test 10000] [--folds 5]
+Defaults: classifier logreg-strong on every column (--select none), `fs audit labels --filter-by both`.
+
+Run: python bench/bench_label_issues.py [--n-train 10000] [--n-test 10000] [--folds 5] [--min-confidence P]
 """
 
 from __future__ import annotations
@@ -132,8 +134,8 @@ def _counting_fits() -> tuple[Any, dict[str, int]]:
     return mock.patch.object(TwoFlowClassifier, "fit", counted_fit), fits
 
 
-def kfold_audit(store: Any, feats: list[str], ids: np.ndarray, classifier: str, folds: int, seed: int,
-                dataset: str) -> Audit:
+def kfold_audit(store: Any, feats: list[str], ids: np.ndarray, classifier: str, select: str | None, folds: int,
+                seed: int, dataset: str, filter_by: str, min_confidence: float) -> Audit:
     """`fs train --folds K` (final model kept for the baseline), `fs audit labels`, cleanlab directly."""
     from cleanlab.count import num_label_issues
     from cleanlab.filter import find_label_issues
@@ -146,16 +148,20 @@ def kfold_audit(store: Any, feats: list[str], ids: np.ndarray, classifier: str, 
     t = time.perf_counter()
     with patch:
         with store.writing(sweep=False):
-            run_id = train(store, TrainConfig(feats, classifier=classifier, dataset=dataset, folds=folds, seed=seed),
-                           fit_final=True).run_id
+            run_id = train(store, TrainConfig(feats, select=select, classifier=classifier, dataset=dataset,
+                                              folds=folds, seed=seed), fit_final=True).run_id
         fits_kfold = fits["n"]
         fits["n"] = 0
-        audit = audit_labels(store, run_id)
+        audit = audit_labels(store, run_id, filter_by, min_confidence)
         fits_audit = fits["n"]
         oof = store.catalog.run_oof(run_id)
         assert oof is not None
         given = np.asarray([oof.classes.index(lb) for lb in oof.labels])
-        direct_flagged = np.asarray(find_label_issues(given, oof.probabilities, n_jobs=1), dtype=bool)
+        direct_flagged = np.asarray(find_label_issues(given, oof.probabilities, filter_by=filter_by, n_jobs=1),
+                                    dtype=bool)
+        others = oof.probabilities.copy()
+        others[np.arange(len(given)), given] = -np.inf
+        direct_flagged &= others.max(axis=1) >= min_confidence  # the --min-confidence rule
         direct_quality = get_label_quality_scores(given, oof.probabilities)
         direct_estimate = int(num_label_issues(given, oof.probabilities))
         fits_direct = fits["n"] - fits_audit
@@ -218,7 +224,8 @@ def write_noise(store: Any, csv_path: Path, ids: np.ndarray, noisy: np.ndarray, 
 
 
 def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: float, share_uniform: float,
-        seed: int, sample: int | None = None) -> dict[str, Any]:
+        seed: int, sample: int | None = None, select: str | None = "none", filter_by: str = "both",
+        min_confidence: float = 0.0) -> dict[str, Any]:
     from featurestore import connect
     from featurestore.pipelines.labels import set_labels
     from featurestore.pipelines.train import TrainConfig, train
@@ -242,7 +249,8 @@ def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: flo
 
         def fixed_test(what: str) -> float:
             t = time.perf_counter()
-            cfg = TrainConfig(feats, classifier=classifier, dataset=train_set, test_dataset="test", seed=seed)
+            cfg = TrainConfig(feats, select=select, classifier=classifier, dataset=train_set, test_dataset="test",
+                              seed=seed)
             with store.writing(sweep=False):
                 acc = float(train(store, cfg, fit_final=False).evaluation.splits[0].accuracy)
             print(f"{what}: official test accuracy {acc:.4f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
@@ -254,7 +262,7 @@ def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: flo
         is_flip = noisy != truth
         write_noise(store, work / "noise.csv", ids, noisy, is_flip)
         acc_noisy = fixed_test("noisy labels")
-        audit = kfold_audit(store, feats, ids, classifier, folds, seed, train_set)
+        audit = kfold_audit(store, feats, ids, classifier, select, folds, seed, train_set, filter_by, min_confidence)
         print(f"{folds}-fold run + audit: {audit.seconds:.0f} s", file=sys.stderr)
         in_sample = in_sample_ranking(store, audit.run_id, ids)
         with store.writing(sweep=False):  # accept every flagged suggestion
@@ -271,6 +279,7 @@ def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: flo
     lost = acc_clean - acc_noisy
     return {
         "n_train": int(len(ids)), "n_test": n_test, "folds": folds, "classifier": classifier,
+        "select": select or "default", "filter_by": filter_by, "min_confidence": min_confidence,
         "features": feats, "look_alike": alike, "true_flips": int(is_flip.sum()),
         "flips_look_alike": round(share_alike * len(ids)), "flips_uniform": round(share_uniform * len(ids)),
         "auroc_in_sample": auroc(is_flip, in_sample), "auroc_oof": auroc(is_flip, -audit.quality),
@@ -287,7 +296,8 @@ def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: flo
 def report(f: dict[str, Any]) -> None:
     print(f"{f['n_train']} Fashion-MNIST train images, {f['true_flips']} labels flipped "
           f"({f['flips_look_alike']} to the look-alike class, {f['flips_uniform']} uniformly); "
-          f"{f['classifier']} on {' + '.join(f['features'])}; {f['folds']} folds")
+          f"{f['classifier']} (--select {f['select']}) on {' + '.join(f['features'])}; {f['folds']} folds; "
+          f"fs audit labels --filter-by {f['filter_by']} --min-confidence {f['min_confidence']:g}")
     print(f"{'ranking':<44} {'AUROC':>6} {'flagged':>8} {'precision':>9} {'recall':>6}")
     print(f"{'in-sample: fs report --mistakes (baseline)':<44} {f['auroc_in_sample']:6.3f} "
           f"{f['in_sample_flagged']:8d} {f['in_sample_precision']:9.3f} {f['in_sample_recall']:6.3f}")
@@ -309,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=10_000)
     parser.add_argument("--n-test", type=int, default=10_000)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--classifier", default="logreg")
+    parser.add_argument("--classifier", default="logreg-strong")
+    parser.add_argument("--select", default="none", help="fs train --select (default none: every column)")
+    parser.add_argument("--filter-by", default="both", help="fs audit labels --filter-by")
+    parser.add_argument("--min-confidence", type=float, default=0.0, help="fs audit labels --min-confidence")
     parser.add_argument("--look-alike", type=float, default=0.05, help="share flipped to the look-alike class")
     parser.add_argument("--uniform", type=float, default=0.05, help="share flipped to a uniform other class")
     parser.add_argument("--seed", type=int, default=0)
@@ -332,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample is not None and not 10 * args.folds <= args.sample <= args.n_train:
         parser.error("--sample must be between 10 x folds and --n-train")
     figures = run(args.n_train, args.n_test, args.folds, args.classifier, args.look_alike, args.uniform, args.seed,
-                  args.sample)
+                  args.sample, args.select or None, args.filter_by, args.min_confidence)
     if args.json:
         print(json.dumps(figures, indent=2))
     else:

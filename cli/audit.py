@@ -133,21 +133,31 @@ def labels(
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
     limit: int | None = typer.Option(None, "--limit", min=0, help="Rows to print, worst first (default: every "
                                      "flagged image on a table, every image in csv/json)."),
+    filter_by: str = typer.Option("both", "--filter-by", help="cleanlab's find_label_issues method: both "
+                                  "(default: flagged both per class and per noise rate), prune_by_noise_rate "
+                                  "(cleanlab's default), prune_by_class, confident_learning, predicted_neq_given."),
+    min_confidence: float = typer.Option(0.0, "--min-confidence", min=0.0, max=1.0, help="Flag an image only "
+                                         "when its suggested class has at least this out-of-fold probability "
+                                         "(0: every image cleanlab flags)."),
 ) -> None:
     """Rank the labels of a K-fold run's images by how likely they are wrong (cleanlab, confident learning).
 
     Reads the run's stored out-of-fold probabilities (`fs evaluate --folds K`); fits no model. One row per
     labelled image of the run, worst first: the given label, the most probable other class (suggested),
     cleanlab's label-quality score (lower is worse) and whether cleanlab flags it; plus cleanlab's estimate
-    of how many labels are wrong. Fix them with `fs labels set --id N LABEL` or `fs labels import FILE.csv`.
+    of how many labels are wrong. `confidence` is the suggested class's out-of-fold probability. Fix them
+    with `fs labels set --id N LABEL` or `fs labels import FILE.csv`.
 
-    Example: fs evaluate --features efficientnet-lite0 --folds 5 && fs audit labels --run 1 --limit 20
+    Example: fs evaluate --features efficientnet-lite0 --folds 5 --classifier logreg-strong && fs audit labels --run 1
     """
     from featurestore.pipelines.labels import audit_labels
+    from featurestore.training.label_issues import FILTERS
 
+    if filter_by not in FILTERS:
+        raise typer.BadParameter(f"must be one of {', '.join(FILTERS)}", param_hint="--filter-by")
     store = common.open_store()
     try:
-        audit = audit_labels(store, run)
+        audit = audit_labels(store, run, filter_by, min_confidence)
     finally:
         store.close()
     rows = audit.rows
@@ -156,11 +166,11 @@ def labels(
     elif fmt == common.Format.table:
         rows = [r for r in rows if r.flagged]
     out = [{"image_id": r.image_id, "label": r.label, "suggested": r.suggested, "quality": round(r.quality, 6),
-            "flagged": r.flagged, "fold": r.fold} for r in rows]
+            "confidence": round(r.confidence, 6), "flagged": r.flagged, "fold": r.fold} for r in rows]
     if fmt == common.Format.json:
         typer.echo(json.dumps({"run": audit.run_id, "images": len(audit.rows), "flagged": audit.n_flagged,
                                "estimated_issues": audit.estimated_issues, "rows": out}, indent=2))
     else:
-        common.emit(out, fmt, ["image_id", "label", "suggested", "quality", "flagged", "fold"])
+        common.emit(out, fmt, ["image_id", "label", "suggested", "quality", "confidence", "flagged", "fold"])
     common.err(f"run {audit.run_id}: {len(audit.rows)} images, {audit.n_flagged} flagged, cleanlab estimates "
                f"{audit.estimated_issues} wrong label(s); shown {len(out)}")

@@ -33,7 +33,8 @@ TARGET = typer.Option("label", "--target", help="What to predict: label (class) 
 SELECT = typer.Option(None, "--select", help="Per-set RF-importance selection: NAME=K|auto|none,... or "
                       "auto/none for all. Default: none for one set, auto for several (Two-Flow).")
 CLASSIFIER = typer.Option("rf", "--classifier", help="Final classifier: rf (paper), logreg, logreg-cv "
-                          "(its C chosen by 3-fold CV on the training images), hgb or mlp (one hidden "
+                          "(its C chosen by 3-fold CV on the training images), logreg-strong (C = 0.01: "
+                          "out-of-fold probabilities for `fs audit labels`), hgb or mlp (one hidden "
                           "layer of 1,024 units, stopped early on a tenth of the training images).")
 TREES = typer.Option(200, "--trees", help="Trees of the final Random Forest (hgb: boosting rounds).")
 SPLITS = typer.Option(10, "--splits", help="Repeated random train/test splits.")

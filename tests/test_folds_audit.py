@@ -18,7 +18,7 @@ from featurestore.pipelines.labels import NoOutOfFoldError, audit_labels, set_la
 from featurestore.pipelines.train import TrainConfig, compare, evaluate_many, get_run, train
 from featurestore.store import Store
 from featurestore.training.evaluation import evaluate, make_folds
-from featurestore.training.label_issues import find_label_issues
+from featurestore.training.label_issues import DEFAULT_FILTER, FILTERS, find_label_issues
 from helpers import make_image, raises_cli
 
 runner = CliRunner()
@@ -157,7 +157,7 @@ def test_audit_labels_finds_the_flipped_images_and_matches_cleanlab(kstore: Stor
     oof = kstore.catalog.run_oof(run)
     assert oof is not None
     given = np.array([oof.classes.index(lb) for lb in oof.labels])
-    direct = cl_find(given, oof.probabilities)
+    direct = cl_find(given, oof.probabilities, filter_by=DEFAULT_FILTER)
     by_id = {r.image_id: r for r in audit.rows}
     assert [by_id[int(i)].flagged for i in oof.image_ids] == direct.tolist()
     assert np.allclose([by_id[int(i)].quality for i in oof.image_ids],
@@ -185,6 +185,72 @@ def test_find_label_issues_refuses_bad_shapes() -> None:
         find_label_issues(np.array([0, 1]), np.ones((3, 2)) / 2)
     with pytest.raises(InvalidInputError, match="nobody's given label"):
         find_label_issues(np.array([0, 0, 0]), np.full((3, 2), 0.5))
+
+
+def _noisy_probabilities(n: int = 300, k: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Given labels (a tenth wrong) and probabilities that mostly believe the true class."""
+    rng = np.random.default_rng(seed)
+    truth = np.arange(n) % k
+    given = truth.copy()
+    wrong = rng.choice(n, n // 10, replace=False)
+    given[wrong] = (truth[wrong] + 1 + rng.integers(k - 1, size=wrong.size)) % k
+    logits = rng.normal(size=(n, k)) + 3.0 * np.eye(k)[truth]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return given, probs
+
+
+@pytest.mark.parametrize("filter_by", FILTERS)
+def test_find_label_issues_filter_by_matches_cleanlab(filter_by: str) -> None:
+    from cleanlab.filter import find_label_issues as cl_find
+
+    given, probs = _noisy_probabilities()
+    issues = find_label_issues(given, probs, filter_by=filter_by)
+    direct = np.asarray(cl_find(given, probs, filter_by=filter_by, n_jobs=1), dtype=bool)
+    assert issues.flagged.tolist() == direct.tolist() and direct.any()
+
+
+def test_find_label_issues_min_confidence_keeps_confident_suggestions() -> None:
+    given, probs = _noisy_probabilities()
+    every = find_label_issues(given, probs)
+    others = probs.copy()
+    others[np.arange(len(given)), given] = 0.0
+    assert np.allclose(every.confidence, others.max(axis=1))
+    assert np.array_equal(every.suggested, others.argmax(axis=1))
+    threshold = float(np.median(every.confidence[every.flagged]))
+    some = find_label_issues(given, probs, min_confidence=threshold)
+    assert some.flagged.tolist() == (every.flagged & (every.confidence >= threshold)).tolist()
+    assert 0 < some.flagged.sum() < every.flagged.sum()
+    assert np.array_equal(some.quality, every.quality) and some.estimated_issues == every.estimated_issues
+    assert not find_label_issues(given, probs, min_confidence=1.0).flagged.any()
+
+
+def test_find_label_issues_refuses_bad_options() -> None:
+    given, probs = _noisy_probabilities()
+    with pytest.raises(InvalidInputError, match="filter_by must be one of both, "):
+        find_label_issues(given, probs, filter_by="nope")
+    with pytest.raises(InvalidInputError, match="min_confidence must be between 0 and 1"):
+        find_label_issues(given, probs, min_confidence=1.5)
+
+
+def test_cli_audit_labels_filter_and_min_confidence(kstore: Store) -> None:
+    with kstore.writing():
+        run = train(kstore, _cfg(["a"], folds=3), fit_final=False).run_id
+    kstore.close()
+    r = runner.invoke(app, ["audit", "labels", "--run", str(run), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    assert all(0.0 <= x["confidence"] <= 1.0 for x in rows) and any(x["flagged"] for x in rows)
+    r = runner.invoke(app, ["audit", "labels", "--run", str(run), "--format", "json", "--min-confidence", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["flagged"] == 0
+    r = runner.invoke(app, ["audit", "labels", "--run", str(run), "--format", "json", "--filter-by",
+                            "prune_by_noise_rate"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["flagged"] >= FLIPPED
+    r = runner.invoke(app, ["audit", "labels", "--run", str(run), "--filter-by", "nope"])
+    assert r.exit_code == 2 and "must be one of both, prune_by_noise_rate" in r.output
+    r = runner.invoke(app, ["audit", "labels", "--run", str(run), "--min-confidence", "2"])
+    assert r.exit_code == 2
 
 
 def test_cli_folds_audit_runs_and_compare_label_note(kstore: Store) -> None:

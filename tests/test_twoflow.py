@@ -29,6 +29,7 @@ from featurestore.training.evaluation import (
 from featurestore.training.stats import mcnemar, paired_ttest
 from featurestore.training.twoflow import (
     LOGREG_CS,
+    LOGREG_STRONG_C,
     MLP_HIDDEN,
     TwoFlowClassifier,
     build_model,
@@ -102,7 +103,7 @@ def test_none_passes_block_through(data):
     assert description["n_kept"] == 60
 
 
-@pytest.mark.parametrize("classifier", ["logreg", "logreg-cv", "hgb", "mlp"])
+@pytest.mark.parametrize("classifier", ["logreg", "logreg-cv", "logreg-strong", "hgb", "mlp"])
 def test_other_classifiers(data, classifier):
     X, y = data
     model = TwoFlowClassifier(BLOCKS, {"rp": 5, "cnn": 10}, classifier=classifier, random_state=0, **SMALL)
@@ -111,6 +112,15 @@ def test_other_classifiers(data, classifier):
     proba = model.predict_proba(X[240:])
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
     assert describe_model(model)["classifier"]["kind"] == classifier
+
+
+def test_logreg_strong_is_the_logistic_regression_with_c_0_01():
+    plain = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="logreg", n_jobs=1)
+    strong = build_model(BLOCKS, {"rp": "none", "cnn": "none"}, classifier="logreg-strong", n_jobs=1)
+    assert plain.named_steps["clf"].C == 1.0 and strong.named_steps["clf"].C == LOGREG_STRONG_C == 0.01
+    assert "scale" in strong.named_steps
+    assert describe_model(plain)["classifier"]["kind"] == "logreg"
+    assert describe_model(strong)["classifier"]["kind"] == "logreg-strong"
 
 
 def test_logreg_cv_refuses_too_few_images_per_class_in_one_line():

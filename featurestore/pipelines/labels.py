@@ -21,7 +21,7 @@ from featurestore.catalog.labels import LabelChangeRow, LaterChangeError, Planne
 from featurestore.catalog.repository import check_ids
 from featurestore.errors import FeatureStoreError, ImageNotFoundError, InvalidInputError
 from featurestore.store import Store
-from featurestore.training.label_issues import find_label_issues
+from featurestore.training.label_issues import DEFAULT_FILTER, find_label_issues
 
 SOURCES = ("cli", "import", "undo", "http")
 
@@ -39,6 +39,8 @@ class AuditRow:
     quality: float
     flagged: bool
     fold: int
+    confidence: float
+    """Out-of-fold probability of the suggested class."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,12 @@ class NoOutOfFoldError(FeatureStoreError, LookupError):
         super().__init__(f"run {run_id} kept no out-of-fold probabilities", remedy="evaluate-folds", run_id=run_id)
 
 
-def audit_labels(store: Store, run_id: int) -> LabelAudit:
+def audit_labels(store: Store, run_id: int, filter_by: str = DEFAULT_FILTER,
+                 min_confidence: float = 0.0) -> LabelAudit:
     """cleanlab's label issues on the stored out-of-fold probabilities of ``run_id`` (no model is fitted).
 
     The labels judged are the ones the run saw (``run_oof.label``), not later corrections.
+    ``filter_by`` and ``min_confidence``: see :func:`featurestore.training.label_issues.find_label_issues`.
     """
     run = store.catalog.run(run_id)  # NotFoundError lists the runs
     oof = store.catalog.run_oof(run_id)
@@ -71,10 +75,11 @@ def audit_labels(store: Store, run_id: int) -> LabelAudit:
         raise NoOutOfFoldError(run_id)
     column = {c: j for j, c in enumerate(oof.classes)}
     given = np.asarray([column[str(lb)] for lb in oof.labels], dtype=np.int64)
-    issues = find_label_issues(given, oof.probabilities)
+    issues = find_label_issues(given, oof.probabilities, filter_by, min_confidence)
     rows = [AuditRow(image_id=int(oof.image_ids[i]), label=oof.classes[given[i]],
                      suggested=oof.classes[int(issues.suggested[i])], quality=float(issues.quality[i]),
-                     flagged=bool(issues.flagged[i]), fold=int(oof.folds[i]))
+                     flagged=bool(issues.flagged[i]), fold=int(oof.folds[i]),
+                     confidence=float(issues.confidence[i]))
             for i in issues.order(oof.image_ids)]
     return LabelAudit(run_id, rows, issues.estimated_issues, int(issues.flagged.sum()), oof.classes, run.target)
 

@@ -14,6 +14,15 @@ import numpy as np
 
 from featurestore.errors import InvalidInputError
 
+FILTERS = ("both", "prune_by_noise_rate", "prune_by_class", "confident_learning", "predicted_neq_given")
+"""cleanlab's ``find_label_issues(filter_by=...)`` methods."""
+
+DEFAULT_FILTER = "both"
+"""The default ``filter_by``. Measured on 10,000 Fashion-MNIST images with 10 % of the labels flipped
+(``bench/bench_label_issues.py``): "both" (an image must be flagged by pruning per class and per noise
+rate) kept the recall of cleanlab's own default ("prune_by_noise_rate") within 2 points at a higher
+precision."""
+
 
 @dataclass(frozen=True)
 class LabelIssues:
@@ -22,9 +31,12 @@ class LabelIssues:
     quality: np.ndarray
     """cleanlab's label-quality score (self-confidence), 0..1, lower is worse."""
     flagged: np.ndarray
-    """cleanlab's ``find_label_issues`` mask (confident learning, prune by noise rate)."""
+    """cleanlab's ``find_label_issues`` mask (confident learning, ``filter_by``), restricted to rows whose
+    suggestion reaches ``min_confidence``."""
     suggested: np.ndarray
     """Column of the most probable class other than the given one."""
+    confidence: np.ndarray
+    """Out-of-fold probability of the suggested class, 0..1."""
     estimated_issues: int
     """cleanlab's estimate of how many labels are wrong (``num_label_issues``)."""
 
@@ -34,7 +46,8 @@ class LabelIssues:
         return np.lexsort((keys, self.quality))
 
 
-def find_label_issues(labels: np.ndarray, probabilities: np.ndarray) -> LabelIssues:
+def find_label_issues(labels: np.ndarray, probabilities: np.ndarray, filter_by: str = DEFAULT_FILTER,
+                      min_confidence: float = 0.0) -> LabelIssues:
     """Rank and flag likely wrong labels.
 
     Parameters
@@ -43,6 +56,11 @@ def find_label_issues(labels: np.ndarray, probabilities: np.ndarray) -> LabelIss
         Given label of each row as a column index of ``probabilities``.
     probabilities : ndarray of shape (n_samples, n_classes)
         Out-of-fold class probabilities; each row sums to 1.
+    filter_by : str
+        cleanlab's method (one of :data:`FILTERS`, default :data:`DEFAULT_FILTER`).
+    min_confidence : float
+        Flag a row only when the out-of-fold probability of its suggested class is at least this
+        (0 keeps every row cleanlab flags): a flagged suggestion is then likely the right label.
 
     Returns
     -------
@@ -61,16 +79,24 @@ def find_label_issues(labels: np.ndarray, probabilities: np.ndarray) -> LabelIss
         raise InvalidInputError(f"need at least 2 rows and 2 classes to find label issues, got {probs.shape}")
     if labels.min() < 0 or labels.max() >= n_classes:
         raise InvalidInputError("labels must be column indices of the probabilities")
+    if filter_by not in FILTERS:
+        raise InvalidInputError(f"filter_by must be one of {', '.join(FILTERS)}, not {filter_by!r}")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise InvalidInputError(f"min_confidence must be between 0 and 1, got {min_confidence}")
     missing = np.setdiff1d(np.arange(n_classes), labels)
     if missing.size:
         # cleanlab assumes every class is someone's given label; a class nobody holds any more
         # (all its images relabelled) would misalign its confident joint.
         raise InvalidInputError(f"{missing.size} class(es) of the probabilities are nobody's given label")
     # n_jobs=1: the answer does not depend on it, and a process pool is slower than it saves here.
-    flagged = np.asarray(cl_find(labels, probs, n_jobs=1), dtype=bool)
+    flagged = np.asarray(cl_find(labels, probs, filter_by=filter_by, n_jobs=1), dtype=bool)
     quality = np.asarray(get_label_quality_scores(labels, probs), dtype=np.float64)
     others = probs.copy()
     others[np.arange(labels.size), labels] = -np.inf
     suggested = np.argmax(others, axis=1)
+    confidence = probs[np.arange(labels.size), suggested]
+    if min_confidence > 0:
+        flagged &= confidence >= min_confidence
     estimated = int(num_label_issues(labels, probs))
-    return LabelIssues(quality=quality, flagged=flagged, suggested=suggested, estimated_issues=estimated)
+    return LabelIssues(quality=quality, flagged=flagged, suggested=suggested, confidence=confidence,
+                       estimated_issues=estimated)
