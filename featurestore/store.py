@@ -231,7 +231,7 @@ class Store:
 
     @classmethod
     def _open_bucket(cls, settings: Settings, create: bool) -> Store:
-        from featurestore.catalog.locks import advisory_lock
+        from featurestore.catalog.database import advisory_lock
         from featurestore.io.storage import BucketStorage
 
         url = settings.store_url
@@ -277,7 +277,7 @@ class Store:
         for sub in ("features", "models", "artifacts"):
             (self.root / sub).mkdir(exist_ok=True)
         if self.url:
-            from featurestore.catalog.locks import advisory_lock
+            from featurestore.catalog.database import advisory_lock
 
             lock = advisory_lock(self.engine, self.url, self.settings.lock_timeout)
         else:

@@ -887,6 +887,9 @@ def test_every_command_fails_in_one_line_when_the_catalog_cannot_open(tmp_path: 
         result = in_thread(lambda args=args: fs(*args), bound=60)
         assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
         assert "Traceback" not in result.output and "secret" not in result.output, (args, result.output)
+        if path == ["plugins"]:  # lists the installed plugins: the only command that never opens the catalog
+            assert result.exit_code == 0 and "featurestore.plugins" in result.output, (args, result.output)
+            continue
         assert result.exit_code in (1, 2), (args, result.exit_code, result.output)
         if result.exit_code == 1:
             err = result.stderr.strip()

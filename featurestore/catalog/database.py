@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
@@ -12,7 +16,13 @@ from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
-from featurestore.errors import CatalogCorruptError, FeatureStoreError, InvalidInputError, SchemaOutdatedError
+from featurestore.errors import (
+    CatalogCorruptError,
+    FeatureStoreError,
+    InvalidInputError,
+    SchemaOutdatedError,
+    StoreBusyError,
+)
 
 # Two store folders may initialise one empty PostgreSQL database at once (their write locks are
 # per folder): migrations take this transaction-level advisory lock, so the second waits and finds
@@ -256,3 +266,34 @@ def driver_rows(engine: Engine, sql: str) -> list[tuple[Any, ...]]:
             return list(cur.fetchall())
         finally:
             cur.close()
+
+
+# -- the write lock of a store in a bucket --------------------------------------------------------
+# A bucket has no flock; every machine writing to the store reaches the same PostgreSQL catalog, so the
+# lock lives there: a session-level advisory lock on a key derived from the store's URL, held by a
+# connection kept open for the duration. PostgreSQL releases it when that connection closes, including
+# when the process is killed (the server notices the dropped socket).
+
+
+def lock_key(url: str) -> int:
+    """The signed 64-bit advisory-lock key of a store URL."""
+    return int.from_bytes(hashlib.sha256(url.encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def advisory_lock(engine: Any, url: str, timeout: float) -> Iterator[None]:
+    """Hold the advisory lock of store ``url`` for the block; :class:`StoreBusyError` after ``timeout`` seconds."""
+    key = lock_key(url)
+    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not conn.exec_driver_sql("SELECT pg_try_advisory_lock(%s)", (key,)).scalar():
+            if time.monotonic() >= deadline:
+                raise StoreBusyError(None, f"the catalog's advisory lock of {url}")
+            time.sleep(0.1)
+        try:
+            yield
+        finally:
+            conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
+    finally:
+        conn.close()
