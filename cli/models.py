@@ -95,7 +95,7 @@ def add(
 
     Example: fs models add convnext --onnx convnext.onnx --input-size 224 --mean 123.7,116.3,103.5 --std 58.4,57.1,57.4
     """
-    from featurestore.features.cnn.registry import add_model, add_onnx_model
+    from featurestore.features.cnn.registration import add_model, add_onnx_model
 
     if (onnx is not None and (symbol or params)) or (onnx is None and (symbol is None or params is None)):
         raise typer.BadParameter("give --symbol and --params (an MXNet checkpoint) or --onnx FILE", param_hint="--onnx")

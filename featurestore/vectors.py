@@ -27,7 +27,15 @@ import numpy as np
 
 from featurestore.catalog.repository import Catalog, LiveShard
 from featurestore.errors import DimensionMismatchError, IntegrityError
-from featurestore.shards import ShardSource, place, read_rows_into, read_selected, read_shard, read_shard_ids, read_span_rows
+from featurestore.shards import (
+    ShardSource,
+    place,
+    read_rows_into,
+    read_selected,
+    read_shard,
+    read_shard_ids,
+    read_span_rows,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -95,6 +103,14 @@ class StoreView(Protocol):
     def feature_set(self, name: str) -> RegisteredSet: ...
 
     def shard_source(self, rel: str, sha256: str | None) -> ShardSource: ...
+
+    def local_file(self, rel: str, sha256: str | None = None) -> Path: ...
+
+    def publish(self, path: Path) -> None: ...
+
+    def delete_file(self, rel: str) -> None: ...
+
+    def present(self, rels: Sequence[str]) -> set[str]: ...
 
     def select_images(self, dataset: str | None = None, labelled_only: bool = False,
                       image_ids: Sequence[int] | None = None) -> list[ImageRow]: ...

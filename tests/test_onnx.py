@@ -27,7 +27,8 @@ from featurestore.features.cnn.mxnet_backend import CheckpointModel
 from featurestore.features.cnn.mxnet_format import SymbolBuilder, write_params
 from featurestore.features.cnn.onnx_backend import OnnxModel, _prune
 from featurestore.features.cnn.onnx_export import ONNX_OPSET, export_onnx, read_metadata
-from featurestore.features.cnn.registry import add_model, cnn_extractor, model_record
+from featurestore.features.cnn.registration import add_model
+from featurestore.features.cnn.registry import cnn_extractor, model_record
 from featurestore.features.cnn.specs import BUILTIN_MODELS
 from featurestore.features.cnn.testing import TINY_INCEPTION_DIMS, build_tiny_inception_checkpoint
 from featurestore.features.registry import extractor_for

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featurestore.catalog.repository import IndexChangedError, IndexRecord, LiveShard
+from featurestore.catalog.repository import Catalog, IndexChangedError, IndexRecord, LiveShard
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError, NotFoundError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp, sha256_file
 from featurestore.io.verified import check_file
@@ -489,9 +489,9 @@ def _local(store: Store, rel: str) -> Path:
         return store.root / rel  # missing: the callers say so
 
 
-def registered_objects(store: Store) -> set[str]:
+def registered_objects(catalog: Catalog) -> set[str]:
     """Store-relative paths of the registered index files (the bucket store's orphan sweep keeps them)."""
-    return set(store.catalog.registered_paths())
+    return set(catalog.registered_paths())
 
 
 def remove_orphans(store: Store) -> list[Path]:

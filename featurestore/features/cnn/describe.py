@@ -12,9 +12,9 @@ from featurestore.features.cnn.mx2onnx import MxNetwork
 from featurestore.features.cnn.onnx_import import onnx_layers
 from featurestore.features.cnn.registry import (
     _preprocess,
-    _spec_taps,
     is_onnx_model,
     model_record,
+    spec_taps,
     verify_files,
 )
 from featurestore.features.cnn.specs import BUILTIN_MODELS, model_files
@@ -45,6 +45,6 @@ def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[s
     with tempfile.TemporaryDirectory(prefix="fs-model-") as tmp:
         symbol, params = model_files(spec, Path(tmp))
         layers = MxNetwork.load(symbol, params, spec.preprocess.size).layers()
-        info = Model(name=spec.name, taps=_spec_taps(spec), default_tap=spec.default_tap,
+        info = Model(name=spec.name, taps=spec_taps(spec), default_tap=spec.default_tap,
                      preprocess=spec.preprocess.to_params(), source=spec.source)
         return info, layers

@@ -25,7 +25,6 @@ import numpy as np
 
 from featurestore.catalog.schema import Model
 from featurestore.errors import (
-    FeatureStoreError,
     IntegrityError,
     InvalidInputError,
     ModelFilesMissingError,
@@ -36,7 +35,7 @@ from featurestore.features.cnn.mx2onnx import UnsupportedOperatorError
 from featurestore.features.cnn.mxnet_backend import CNNExtractor, Preprocess, TapModel
 from featurestore.features.cnn.onnx_backend import OnnxModel
 from featurestore.features.cnn.onnx_export import export_onnx, store_onnx
-from featurestore.features.cnn.onnx_import import export_onnx_backbone, tap_name
+from featurestore.features.cnn.onnx_import import export_onnx_backbone
 from featurestore.features.cnn.quantize import (
     CALIBRATION_MIN,
     Calibration,
@@ -51,12 +50,11 @@ from featurestore.features.cnn.quantize import (
 )
 from featurestore.features.cnn.specs import BUILTIN_MODELS, ModelSpec, model_files
 from featurestore.features.cnn.views import ViewsExtractor, check_cnn_resize, check_tta, variant_suffix
-from featurestore.io.atomic import copy_atomic, sha256_file
+from featurestore.io.atomic import sha256_file
 from featurestore.io.images import ImageDecodeError, load_rgb
 
 if TYPE_CHECKING:
     from featurestore.vectors import StoreView as Store  # the narrow interface the store satisfies
-from featurestore.catalog.repository import check_name
 
 
 class RuntimeLoader(Protocol):
@@ -95,7 +93,8 @@ class ModelInfo:
     description: str
 
 
-def _spec_taps(spec: ModelSpec) -> list[str]:
+def spec_taps(spec: ModelSpec) -> list[str]:
+    """The taps a built-in spec registers (its default tap when it lists none)."""
     return list(spec.taps) or [spec.default_tap]
 
 
@@ -114,74 +113,9 @@ def list_models(store: Store | None) -> list[ModelInfo]:
                                  "registered ONNX model" if is_onnx_model(row) else "registered checkpoint"))
         elif spec is not None:
             status = "ready (converted on first use)" if spec.builtin else "files missing: run `fs models add`"
-            out.append(ModelInfo(name, status, _spec_taps(spec), spec.default_tap, spec.source,
+            out.append(ModelInfo(name, status, spec_taps(spec), spec.default_tap, spec.source,
                                  spec.description))
     return out
-
-
-def add_model(
-    store: Store,
-    name: str,
-    symbol: Path,
-    params: Path,
-    *,
-    size: int | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-    resize: str | None = None,
-    channels: str | None = None,
-    taps: list[str] | None = None,
-    default_tap: str | None = None,
-    replace: bool = False,
-) -> Model:
-    """Copy a checkpoint into the store and register it. Call under ``store.writing()``.
-
-    Preprocessing defaults come from the built-in spec of the same name
-    (e.g. ``inception21k``: 224x224, mean 117, std 1), else 224x224, mean 0, std 1.
-    The checkpoint is read and exported to ONNX (checking its operators, weights and the taps)
-    before anything is copied: a bad checkpoint leaves the store as it was.
-    """
-    check_name("model", name)
-    for p in (symbol, params):
-        if not Path(p).is_file():
-            raise ModelFilesMissingError(f"{p} does not exist; give the checkpoint's -symbol.json and .params")
-    spec = BUILTIN_MODELS.get(name)
-    if spec is not None and spec.builtin:
-        raise InvalidInputError(f"{name} is built in and needs no files; pick another name for your checkpoint")
-    pre = _preprocess_from(spec.preprocess if spec else Preprocess(), size, mean, std, resize, channels)
-    tap_list = taps or (_spec_taps(spec) if spec else ["global_pool"])
-    default = default_tap or (spec.default_tap if spec else tap_list[0])
-    if default not in tap_list:
-        tap_list = [default] + tap_list
-    # Export from the given files first: a bad checkpoint is refused before anything is copied.
-    exported = export_onnx(symbol, params, pre, tap_list)
-    existing = store.catalog.model(name)
-    if existing is not None and not replace:
-        raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
-    folder = store.root / "models" / name
-    targets = []
-    for src in (Path(symbol), Path(params)):
-        dst = folder / src.name
-        copy_atomic(src, dst)
-        targets.append(dst)
-    sym_dst, par_dst = targets
-    onnx_path, onnx_sha = store_onnx(folder, name, exported)
-    row = _save_model(store,
-        name,
-        symbol_path=str(sym_dst.relative_to(store.root)),
-        params_path=str(par_dst.relative_to(store.root)),
-        symbol_sha256=sha256_file(sym_dst),
-        params_sha256=sha256_file(par_dst),
-        preprocess=pre.to_params(),
-        taps=tap_list,
-        default_tap=default,
-        source=f"added from {Path(params).resolve()}",
-        onnx_path=str(onnx_path.relative_to(store.root)),
-        onnx_sha256=onnx_sha,
-    )
-    if existing is not None and existing.onnx_path and existing.onnx_path != row.onnx_path:
-        (store.root / existing.onnx_path).unlink(missing_ok=True)  # the replaced model's export, now unused
-    return row
 
 
 def is_onnx_model(row: Model) -> bool:
@@ -189,80 +123,18 @@ def is_onnx_model(row: Model) -> bool:
     return row.symbol_path.endswith(".onnx") and row.symbol_path == row.params_path
 
 
-def _preprocess_from(base: Preprocess, size: int | None, mean: tuple[float, float, float] | None,
-                     std: tuple[float, float, float] | None, resize: str | None, channels: str | None) -> Preprocess:
-    return Preprocess(
-        size=(size, size) if size else base.size,
-        resize=resize or base.resize,  # type: ignore[arg-type]  # validated by Preprocess
-        mean=mean or base.mean,
-        std=std or base.std,
-        channels=channels or base.channels,  # type: ignore[arg-type]
-    )
-
-
-def add_onnx_model(
-    store: Store,
-    name: str,
-    onnx_file: Path,
-    *,
-    size: int,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-    resize: str | None = None,
-    channels: str | None = None,
-    taps: list[str] | None = None,
-    default_tap: str | None = None,
-    replace: bool = False,
-) -> Model:
-    """Register any ONNX backbone (one NCHW image input). Call under ``store.writing()``.
-
-    The graph is checked and its taps exported (:func:`export_onnx_backbone`) before
-    anything is copied; the file is copied into ``models/<name>/`` with its sha256 (in
-    both the symbol and params columns) and the export stored beside it. Taps default to
-    the graph's outputs; preprocessing to mean 0, std 1 at ``size`` x ``size``.
-    """
-    check_name("model", name)
-    if name in BUILTIN_MODELS:
-        raise InvalidInputError(f"{name} is the name of a built-in model; pick another name for your ONNX model")
-    pre = _preprocess_from(Preprocess(), size, mean, std, resize, channels)
-    wanted = list(taps or [])
-    if default_tap and wanted and default_tap not in wanted:
-        wanted = [default_tap, *wanted]
-    exported, tap_list = export_onnx_backbone(onnx_file, pre, wanted or None)
-    default = tap_name(default_tap) if default_tap else tap_list[0]
-    if default not in tap_list:
-        raise InvalidInputError(f"default tap {default_tap!r} is not one of the taps {', '.join(tap_list)}")
-    existing = store.catalog.model(name)
-    if existing is not None and not replace:
-        raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
-    folder = store.root / "models" / name
-    dst = folder / Path(onnx_file).name
-    copy_atomic(Path(onnx_file), dst)
-    onnx_path, onnx_sha = store_onnx(folder, f"{name}-taps", exported)
-    sha, rel = sha256_file(dst), str(dst.relative_to(store.root))
-    row = _save_model(store,
-        name, symbol_path=rel, params_path=rel, symbol_sha256=sha, params_sha256=sha,
-        preprocess=pre.to_params(), taps=tap_list, default_tap=default,
-        source=f"added from ONNX file {Path(onnx_file).resolve()}",
-        onnx_path=str(onnx_path.relative_to(store.root)), onnx_sha256=onnx_sha,
-    )
-    if existing is not None and existing.onnx_path and existing.onnx_path != row.onnx_path:
-        (store.root / existing.onnx_path).unlink(missing_ok=True)
-    return row
-
-
 def _register_builtin(store: Store, spec: ModelSpec) -> Model:
     symbol, params = model_files(spec, store.root / "models" / spec.name)
     onnx_path, onnx_sha = store_onnx(Path(symbol).parent, spec.name,
-                                     export_onnx(symbol, params, spec.preprocess, _spec_taps(spec)))
-    return _save_model(store,
+                                     export_onnx(symbol, params, spec.preprocess, spec_taps(spec)))
+    return save_model(store,
         spec.name,
         symbol_path=str(Path(symbol).relative_to(store.root)),
         params_path=str(Path(params).relative_to(store.root)),
         symbol_sha256=sha256_file(symbol),
         params_sha256=sha256_file(params),
         preprocess=spec.preprocess.to_params(),
-        taps=_spec_taps(spec),
+        taps=spec_taps(spec),
         default_tap=spec.default_tap,
         source=spec.source,
         onnx_path=str(onnx_path.relative_to(store.root)),
@@ -288,7 +160,7 @@ def model_record(store: Store, name: str) -> Model:
     )
 
 
-def _save_model(store: Store, name: str, **columns: Any) -> Model:
+def save_model(store: Store, name: str, **columns: Any) -> Model:
     """``store.catalog.save_model`` once the files the row names are in the store (the bucket, for a bucket
     store: a row never points at a file other machines cannot fetch)."""
     for key in ("symbol_path", "params_path", "onnx_path"):
@@ -344,7 +216,7 @@ def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path, save_expor
             return data, f"the ONNX export of {symbol.name}"
         path, sha = store_onnx(symbol.parent, row.name, data)
         row.onnx_path, row.onnx_sha256 = str(path.relative_to(store.root)), sha
-        _save_model(store, row.name, onnx_path=row.onnx_path, onnx_sha256=sha)
+        save_model(store, row.name, onnx_path=row.onnx_path, onnx_sha256=sha)
         return data, str(path)
     path = _fetched(store, row.onnx_path)
     if not path.is_file():
