@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from featurestore.cli import common
+from featurestore.cli import common, hints
 
 app = typer.Typer(help="List, inspect and register CNN models (MXNet checkpoints, ONNX backbones).",
                   no_args_is_help=True)
@@ -37,7 +37,8 @@ def list_(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f
 
     store = common.open_existing_store()  # a listing never creates or writes a store
     try:
-        rows = [{"name": m.name, "status": m.status, "default_tap": m.default_tap, "taps": ",".join(m.taps),
+        rows = [{"name": m.name, "status": m.status + (hints.step(m.remedy) if m.remedy else ""),
+                 "default_tap": m.default_tap, "taps": ",".join(m.taps),
                  "description": m.description} for m in list_models(store)]
     finally:
         if store is not None:

@@ -52,12 +52,10 @@ def open_engine(settings: Settings, create: bool) -> Engine:
     root = settings.store
     if not root.exists():
         if not create:
-            raise FeatureStoreError(
-                f"no store at {root}: run `fs ingest PATH` to create one, or pass --store/FS_STORE"
-            )
+            raise FeatureStoreError(f"no store at {root}", remedy="create-store", path=root)
         root.mkdir(parents=True)
     elif not root.is_dir():
-        raise InvalidInputError(f"store path {root} is a file, not a folder; pass another --store")
+        raise InvalidInputError(f"store path {root} is a file, not a folder", remedy="another-store", path=root)
     url = settings.catalog_url
     engine = database.make_engine(url)
     try:
@@ -145,7 +143,7 @@ class StoreFiles:
         data = self.bucket.get(rel)
         if sha256 and hashlib.sha256(data).hexdigest() != sha256:
             raise IntegrityError(f"{self.bucket.url}{rel} does not match the sha256 recorded in the catalog: "
-                                 "the object was damaged or replaced; run `fs verify`")
+                                 "the object was damaged or replaced", remedy="run-verify", path=rel)
         write_bytes_atomic(path, data)
         return path
 

@@ -45,7 +45,7 @@ from featurestore.errors import (
     DimensionMismatchError,
     FeatureStoreError,
     IntegrityError,
-    InvalidInputError,
+    InvalidParameterError,
     MissingFeaturesError,
     ParamsMismatchError,
 )
@@ -395,7 +395,8 @@ class Store:
         compact`` between planning and reading makes the read re-plan once.
         """
         if not feature_sets:
-            raise InvalidInputError("no feature sets given; list them like --features rp128,efficientnet-lite0")
+            raise InvalidParameterError("no feature sets given; list them like {feature_sets} rp128,efficientnet-lite0",
+                                        "feature_sets")
         return self._replanned(lambda: self._read_matrix(feature_sets, dataset, labelled_only, image_ids,
                                                          skip_missing, version))
 
@@ -439,9 +440,7 @@ class Store:
         keep = np.ones(len(ids), dtype=bool)
         for fs in sets:
             if not present[fs.id].all() and not skip_missing:
-                from featurestore.features.registry import extract_hint
-
-                raise MissingFeaturesError(fs.name, int((~present[fs.id]).sum()), extract_hint(fs))
+                raise MissingFeaturesError(fs.name, int((~present[fs.id]).sum()), stored=fs)
             keep &= present[fs.id]
         if not keep.all():
             X = X[keep]
@@ -496,10 +495,8 @@ class Store:
     def run_model(self, run: Run) -> Any:
         """A run's fitted final model (cached), its artifact verified against the recorded sha256 first."""
         if not run.artifact_path or not run.artifact_sha256:
-            raise FeatureStoreError(
-                f"run {run.id} has no final model (it came from `fs evaluate`); train one with "
-                f"`fs train --features {','.join(run.features)}`"
-            )
+            raise FeatureStoreError(f"run {run.id} has no final model (it was evaluated, not trained)",
+                                    remedy="train-final", run_id=run.id, features=",".join(run.features))
         key = (int(run.id), str(run.artifact_sha256))
         with self._lock:
             model = self._models.get(key)

@@ -39,9 +39,9 @@ def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[s
     spec = BUILTIN_MODELS.get(name)
     if spec is None or not spec.builtin:
         if store is None and spec is None:
-            raise NotFoundError("model", name, BUILTIN_MODELS, "Register a checkpoint with `fs models add NAME ...`")
+            raise NotFoundError("model", name, BUILTIN_MODELS, remedy="models-add")
         model_record(store, name) if store is not None else None  # raises the helpful error
-        raise ModelFilesMissingError(f"model {name} is not registered: run `fs models add {name} ...`")
+        raise ModelFilesMissingError(f"model {name} is not registered", remedy="models-add-it", model=name)
     with tempfile.TemporaryDirectory(prefix="fs-model-") as tmp:
         symbol, params = model_files(spec, Path(tmp))
         layers = MxNetwork.load(symbol, params, spec.preprocess.size).layers()

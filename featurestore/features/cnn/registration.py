@@ -61,7 +61,7 @@ def add_model(
     exported = export_onnx(symbol, params, pre, tap_list)
     existing = store.catalog.model(name)
     if existing is not None and not replace:
-        raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
+        raise FeatureStoreError(f"model {name!r} is already registered", remedy="replace-model", model=name)
     folder = store.root / "models" / name
     targets = []
     for src in (Path(symbol), Path(params)):
@@ -133,7 +133,7 @@ def add_onnx_model(
         raise InvalidInputError(f"default tap {default_tap!r} is not one of the taps {', '.join(tap_list)}")
     existing = store.catalog.model(name)
     if existing is not None and not replace:
-        raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
+        raise FeatureStoreError(f"model {name!r} is already registered", remedy="replace-model", model=name)
     folder = store.root / "models" / name
     dst = folder / Path(onnx_file).name
     copy_atomic(Path(onnx_file), dst)

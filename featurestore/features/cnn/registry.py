@@ -27,6 +27,7 @@ from featurestore.catalog.schema import Model
 from featurestore.errors import (
     IntegrityError,
     InvalidInputError,
+    InvalidParameterError,
     ModelFilesMissingError,
     NotFoundError,
     RuntimeUnavailableError,
@@ -91,6 +92,7 @@ class ModelInfo:
     default_tap: str
     source: str
     description: str
+    remedy: str = ""  # the next step for this model's status, as a key the CLI words (FeatureStoreError.remedy)
 
 
 def spec_taps(spec: ModelSpec) -> list[str]:
@@ -111,10 +113,12 @@ def list_models(store: Store | None) -> list[ModelInfo]:
             out.append(ModelInfo(name, status, list(row.taps), row.default_tap, row.source,
                                  spec.description if spec else
                                  "registered ONNX model" if is_onnx_model(row) else "registered checkpoint"))
+        elif spec is not None and spec.builtin:
+            out.append(ModelInfo(name, "ready (converted on first use)", spec_taps(spec), spec.default_tap,
+                                 spec.source, spec.description))
         elif spec is not None:
-            status = "ready (converted on first use)" if spec.builtin else "files missing: run `fs models add`"
-            out.append(ModelInfo(name, status, spec_taps(spec), spec.default_tap, spec.source,
-                                 spec.description))
+            out.append(ModelInfo(name, "files missing", spec_taps(spec), spec.default_tap, spec.source,
+                                 spec.description, remedy="models-add-status"))
     return out
 
 
@@ -150,14 +154,13 @@ def model_record(store: Store, name: str) -> Model:
     spec = BUILTIN_MODELS.get(name)
     if spec is None:
         names = set(store.catalog.models()) | set(BUILTIN_MODELS)
-        raise NotFoundError("model", name, names, "Register a checkpoint with `fs models add NAME ...`")
+        raise NotFoundError("model", name, names, remedy="models-add")
     if spec.builtin:
         return _register_builtin(store, spec)
     raise ModelFilesMissingError(
         f"model {name} needs the files {spec.symbol_file} and {spec.params_file} ({spec.source}); "
-        f"featurestore cannot download them: run `fs models add {name} --symbol {spec.symbol_file} "
-        f"--params {spec.params_file}`"
-    )
+        "featurestore cannot download them", remedy="models-add-files", model=name, symbol_file=spec.symbol_file,
+        params_file=spec.params_file)
 
 
 def save_model(store: Store, name: str, **columns: Any) -> Model:
@@ -190,14 +193,12 @@ def verify_files(store: Store, row: Model) -> tuple[Path, Path]:
     paths = (_fetched(store, row.symbol_path), _fetched(store, row.params_path))
     for path, expected in zip(paths, (row.symbol_sha256, row.params_sha256), strict=True):
         if not path.is_file():
-            raise ModelFilesMissingError(
-                f"{path} is missing from the store: run `fs models add {row.name} ... --replace`"
-            )
+            raise ModelFilesMissingError(f"{path} is missing from the store", remedy="models-add-replace",
+                                         model=row.name, path=path)
         if sha256_file(path) != expected:
             raise IntegrityError(
-                f"{path} does not match the sha256 recorded when model {row.name} was registered; "
-                f"it was modified: restore it or run `fs models add {row.name} ... --replace`"
-            )
+                f"{path} does not match the sha256 recorded when model {row.name} was registered; it was modified",
+                remedy="restore-or-models-add", model=row.name, path=path)
     return paths
 
 
@@ -220,16 +221,13 @@ def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path, save_expor
         return data, str(path)
     path = _fetched(store, row.onnx_path)
     if not path.is_file():
-        raise ModelFilesMissingError(
-            f"{path} (the ONNX export of model {row.name}) is missing from the store: "
-            f"run `fs models add {row.name} ... --replace`"
-        )
+        raise ModelFilesMissingError(f"{path} (the ONNX export of model {row.name}) is missing from the store",
+                                     remedy="models-add-replace", model=row.name, path=path)
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != row.onnx_sha256:
         raise IntegrityError(
-            f"{path} does not match the sha256 recorded when model {row.name} was registered; "
-            f"it was modified: restore it or run `fs models add {row.name} ... --replace`"
-        )
+            f"{path} does not match the sha256 recorded when model {row.name} was registered; it was modified",
+            remedy="restore-or-models-add", model=row.name, path=path)
     return data, str(path)
 
 
@@ -249,10 +247,8 @@ def _fp32_export(store: Store, row: Model, taps: list[str], save_export: bool) -
             return data, f"the ONNX graph of {symbol.name}"
         return export_onnx(symbol, params, _preprocess(row), taps), f"the ONNX export of {symbol.name}"
     except UnsupportedOperatorError as exc:  # a model registered by 0.1 without an export
-        raise RuntimeUnavailableError(
-            f"model {row.name} cannot run on onnxruntime: {exc}; use the mxnet runtime "
-            "(`fs extract --runtime mxnet`; FS_CNN_RUNTIME=mxnet for search, predict and serve)"
-        ) from None
+        raise RuntimeUnavailableError(f"model {row.name} cannot run on onnxruntime: {exc}", remedy="use-mxnet",
+                                      model=row.name) from None
 
 
 # --- int8 (issue 29) ----------------------------------------------------------------------------------------
@@ -265,16 +261,13 @@ def _stored_int8(store: Store, name: str, sha: str) -> bytes:
     path = _int8_path(store, name, sha)
     path = _fetched(store, path.relative_to(store.root).as_posix())
     if not path.is_file():
-        raise ModelFilesMissingError(
-            f"{path} (the int8 model of {name}) is missing from the store: recompute the int8 sets with "
-            f"`fs extract --model {name} --precision int8 --replace`"
-        )
+        raise ModelFilesMissingError(f"{path} (the int8 model of {name}) is missing from the store",
+                                     remedy="recompute-int8", model=name, path=path)
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sha:
         raise IntegrityError(
-            f"{path} does not match the sha256 recorded with the int8 feature sets of {name}; it was modified: "
-            f"restore it or run `fs extract --model {name} --precision int8 --replace`"
-        )
+            f"{path} does not match the sha256 recorded with the int8 feature sets of {name}; it was modified",
+            remedy="restore-or-recompute-int8", model=name, path=path)
     return data
 
 
@@ -424,7 +417,8 @@ def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batc
     if chosen not in runtimes:
         raise InvalidInputError(f"unknown CNN runtime {chosen!r}; use {' or '.join(runtimes)}")
     if precision == "int8" and chosen != "onnxruntime":
-        raise InvalidInputError("int8 models run on onnxruntime only; drop --runtime mxnet or use --precision fp32")
+        raise InvalidParameterError("int8 models run on onnxruntime only; drop {runtime} mxnet or use {precision} fp32",
+                                    "runtime", "precision")
     row = model_record(store, name)
     taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
     suffix = variant_suffix(resize or str(row.preprocess["resize"]), str(row.preprocess["resize"]), tta, grid,
