@@ -258,7 +258,7 @@ def store_reads(args: argparse.Namespace, pg: str) -> None:
         keys = [str(o.url) for o in objects.list_objects(bucket.url + "/features/")]  # type: ignore[attr-defined]
         with ThreadPoolExecutor(8) as pool:
             t_get = timed(lambda: list(pool.map(objects.read_object, keys)))
-        cache = bucket._read_cache  # type: ignore[attr-defined]
+        cache = bucket.files.read_cache  # type: ignore[attr-defined]
         cache.evict(0)  # cold: the shards written were adopted into the cache
         t_cold = timed(lambda: bucket.read_matrix(["emb"]))
         t_warm = min(timed(lambda: bucket.read_matrix(["emb"])) for _ in range(2))

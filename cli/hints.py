@@ -22,6 +22,7 @@ FLAGS: dict[str, str] = {
     "n_splits": "--splits",
     "ray_address": "--ray",
     "image_id": "--id",
+    "feature_sets": "--features",
 }
 
 
@@ -34,14 +35,24 @@ class Line(str):
     """A remedy template for the whole line, where the step belongs inside the sentence."""
 
 
+def extract_command(fs: Any) -> str:
+    """The ``fs extract`` command that computes the stored feature set ``fs`` (its catalog row or handle).
+
+    Each feature kind words its own command (the ``command`` of its registration, hook
+    ``register_feature_kinds``); a kind that does not is ``fs extract``.
+    """
+    from featurestore.features.registry import feature_kinds  # the feature kinds: only when a hint is worded
+
+    kind = feature_kinds().get(fs.kind)
+    return kind.command(fs.name, dict(fs.params or {}), fs.dim) if kind else "fs extract"
+
+
 def _stored_command(exc: Any) -> str:
     """The `fs extract` line for the set an error names (its catalog row, or the command it was given)."""
     if getattr(exc, "command", ""):
         return str(exc.command)
     if getattr(exc, "stored", None) is not None:
-        from featurestore.features.registry import extract_hint  # the feature kinds: only on this error
-
-        return extract_hint(exc.stored)
+        return extract_command(exc.stored)
     return "fs extract"
 
 
@@ -71,8 +82,10 @@ REMEDIES: dict[str, Remedy] = {
     "see-runs": ". See `fs runs`",
     "create-set": ". Create it with `fs extract` (see `fs extract --help`)",
     "see-datasets": " (see `fs datasets list`)",
-    "store-in-bucket": Line("FS_STORE={url}: a store in a bucket is not supported yet (images can be: "
-                            "`fs ingest s3://...`); set FS_STORE to a folder"),
+    "see-versions": " (see `fs versions {feature_set}`)",
+    "ingest-first-or-store": ": run `fs ingest PATH` first, or pass --store",
+    "sql-reads-sqlite": ", which `fs sql` already opens read-only",
+    "db-upgrade-first": ": run `fs db upgrade` first",
     # pipelines
     "extract-cnn": " (or extract one with `fs extract --model efficientnet-lite0`)",
     "extract-what": Line("nothing to extract: give --rp K, --pixels WxH, --lowlevel or --model NAME"),
@@ -97,11 +110,45 @@ REMEDIES: dict[str, Remedy] = {
     "models-show": " (`fs models show`)",
     "models-add-onnx": " with `fs models add NAME --onnx FILE`",
     "re-ingest": "; re-ingest it with `fs ingest`",
+    "retrain-newest": " with `fs train --features {features}`",
+    "deleted-by-gc": " (`fs gc --force`); retrain with `fs train --features {features}`",
+    "train-final": Line("run {run_id} has no final model (it came from `fs evaluate`); train one with "
+                        "`fs train --features {features}`"),
+    # store and files
+    "create-store": ": run `fs ingest PATH` to create one, or pass --store/FS_STORE",
+    "another-store": "; pass another --store",
+    "run-verify": "; run `fs verify`",
+    # search indexes
+    "index-build": ": build one with `fs index build --features {feature_set}`",
+    "extract-them-first": ": extract them first (`fs extract`)",
+    "index-rebuild": "; rebuild it with `fs index build --features {feature_set} --rebuild`",
+    "index-rebuild-or-drop": "; rebuild it with `fs index build --features {feature_set} --rebuild` or remove it "
+                             "with `fs index drop {feature_set}`",
+    "rebuild-flag": "; rebuild it with --rebuild",
+    # CNN models
+    "models-add": ". Register a checkpoint with `fs models add NAME ...`",
+    "models-add-it": ": run `fs models add {model} ...`",
+    "models-add-status": ": run `fs models add`",
+    "models-add-files": ": run `fs models add {model} --symbol {symbol_file} --params {params_file}`",
+    "models-add-replace": ": run `fs models add {model} ... --replace`",
+    "restore-or-models-add": ": restore it or run `fs models add {model} ... --replace`",
+    "replace-model": "; pass --replace to swap its files",
+    "use-mxnet": "; use the mxnet runtime (`fs extract --runtime mxnet`; FS_CNN_RUNTIME=mxnet for search, predict "
+                 "and serve)",
+    "recompute-int8": ": recompute the int8 sets with `fs extract --model {model} --precision int8 --replace`",
+    "restore-or-recompute-int8": ": restore it or run `fs extract --model {model} --precision int8 --replace`",
     "index-or-budget": ": build an index with `fs index build --features {feature_set}` (memory bounded), or raise "
                        "FS_SEARCH_MEMORY_MB",
     # shards and files
     "verify-shards": "; run `fs verify` to list the damaged shards and repair the catalog",
 }
+
+
+def step(remedy: str, **facts: Any) -> str:
+    """The words of a remedy key that is not an error's (a status column), filled with ``facts``."""
+    worded = REMEDIES[remedy]
+    assert isinstance(worded, str), remedy  # a function of an error words errors only
+    return worded.format_map(facts)
 
 
 def message(exc: FeatureStoreError) -> str:

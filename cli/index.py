@@ -78,6 +78,7 @@ def build(
     if backend not in (found := index_backends()):
         raise typer.BadParameter(f"use {' or '.join(found)}", param_hint="--backend")
     build_index = found[backend].build
+    from featurestore.search.index import REBUILD_ASKED  # the reason the library gives a rebuild asked for
     names = _names(features)
     _check_range(connectivity, 2, 256, "--connectivity")
     _check_range(expansion_add, 1, 65_536, "--expansion-add")
@@ -95,8 +96,9 @@ def build(
                                 expansion_add=expansion_add, expansion_search=expansion_search, rebuild=rebuild,
                                 progress=update)
             size = f"{r.bytes / 2**20:,.1f} MiB"
+            because = "--rebuild asked for" if r.reason == REBUILD_ASKED else r.reason
             what = {"created": f"built an index of {r.vectors:,} vectors",
-                    "rebuilt": f"rebuilt the index ({r.reason}): {r.vectors:,} vectors",
+                    "rebuilt": f"rebuilt the index ({because}): {r.vectors:,} vectors",
                     "extended": f"added {r.added:,} vectors ({r.reason}); {r.vectors:,} in the index",
                     "updated": f"recorded {r.reason} (no rebuild needed)",
                     "unchanged": f"index up to date ({r.vectors:,} vectors, {r.reason})"}[r.action]

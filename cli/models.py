@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from featurestore.cli import common
+from featurestore.cli import common, hints
 
 app = typer.Typer(help="List, inspect and register CNN models (MXNet checkpoints, ONNX backbones).",
                   no_args_is_help=True)
@@ -37,7 +37,8 @@ def list_(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f
 
     store = common.open_existing_store()  # a listing never creates or writes a store
     try:
-        rows = [{"name": m.name, "status": m.status, "default_tap": m.default_tap, "taps": ",".join(m.taps),
+        rows = [{"name": m.name, "status": m.status + (hints.step(m.remedy) if m.remedy else ""),
+                 "default_tap": m.default_tap, "taps": ",".join(m.taps),
                  "description": m.description} for m in list_models(store)]
     finally:
         if store is not None:
@@ -95,7 +96,7 @@ def add(
 
     Example: fs models add convnext --onnx convnext.onnx --input-size 224 --mean 123.7,116.3,103.5 --std 58.4,57.1,57.4
     """
-    from featurestore.features.cnn.registry import add_model, add_onnx_model
+    from featurestore.features.cnn.registration import add_model, add_onnx_model
 
     if (onnx is not None and (symbol or params)) or (onnx is None and (symbol is None or params is None)):
         raise typer.BadParameter("give --symbol and --params (an MXNet checkpoint) or --onnx FILE", param_hint="--onnx")

@@ -97,17 +97,19 @@ def search(
     rows = [r.as_dict() for r in results]
     cols = ["rank", "image_id", "path", "label", "distance"] + (["similarity"] if metric == Metric.cosine else [])
     common.emit(rows, fmt, cols if fmt == common.Format.table else [*cols, "method"])
-    common.err(_how(results, exact))
+    common.err(_how(results, exact, features))
     if not rows and where:
         common.err(f"no results: no other image with a vector in {features} matches --where")
     if ingest:
         common.err(added)
 
 
-def _how(found: Found, exact: bool) -> str:
+def _how(found: Found, exact: bool, features: str) -> str:
     """The stderr line saying whether the ANN index or exact search answered."""
     if found.method == "index":
-        return f"search: {found.note}"
+        from featurestore.search.index_query import INDEX_BUILD_ADDS
+
+        return f"search: {found.note}".replace(INDEX_BUILD_ADDS, f"`fs index build --features {features}` adds them")
     if exact:
         return "search: exact (--exact)"
     return f"search: exact ({found.note})" if found.note else "search: exact (no index; `fs index build` makes one)"

@@ -219,7 +219,7 @@ def compare(
 
     Example: fs compare 3 1
     """
-    from featurestore.pipelines.train import compare as run_compare
+    from featurestore.pipelines.compare import compare as run_compare
     from featurestore.training.stats import McNemarTest
 
     store = common.open_store()

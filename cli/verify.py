@@ -31,7 +31,7 @@ def verify(
 
     Example: fs verify efficientnet-lite0 --repair
     """
-    from featurestore.features.registry import extract_hint
+    from featurestore.cli.hints import extract_command
     from featurestore.pipelines.verify import verify as run_verify
 
     store = common.open_store()
@@ -41,7 +41,7 @@ def verify(
         _print(report, fmt)
         if report.ok:
             return
-        hints = {name: extract_hint(store.feature_set(name)) for name in sorted({p.feature_set for p in
+        hints = {name: extract_command(store.feature_set(name)) for name in sorted({p.feature_set for p in
                                                                                 report.problems})}
         if not repair:
             _advise(report, hints)

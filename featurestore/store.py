@@ -29,7 +29,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -37,39 +36,34 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from featurestore import vectors
-from featurestore.catalog import database
 from featurestore.catalog import feature_versions as versions
 from featurestore.catalog.repository import Catalog, check_name
 from featurestore.catalog.schema import FeatureSet as FeatureSetRow
 from featurestore.catalog.schema import Run
-from featurestore.catalog.versions import SetSnapshot
 from featurestore.config import Settings
 from featurestore.errors import (
     DimensionMismatchError,
     FeatureStoreError,
     IntegrityError,
-    InvalidInputError,
+    InvalidParameterError,
     MissingFeaturesError,
     ParamsMismatchError,
 )
-from featurestore.io.atomic import is_temp, write_bytes_atomic
+from featurestore.files import StoreFiles, open_engine, work_folder
+from featurestore.handles import FeatureSetHandle
 from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
 from featurestore.io.verified import digest_written
-from featurestore.shards import ShardBytes, ShardSource, remove_orphans, write_shard
+from featurestore.shards import ShardSource, write_shard
 from featurestore.vectors import FeatureMatrix, ImageRow, RegisteredSet, ShardPart
 
 if TYPE_CHECKING:
-    import pyarrow as pa
 
     from featurestore.features.base import Extractor, FeatureSpec
-    from featurestore.io.cache import ReadCache
     from featurestore.io.storage import BucketStorage
     from featurestore.search import index as ann_index
-    from featurestore.search import service as search_service
     from featurestore.search.cache import SearchCache, SetState
     from featurestore.search.kernel import VectorIndex
-    from featurestore.search.service import Query
 
 
 class SetCoverage(NamedTuple):
@@ -90,61 +84,6 @@ class Compacted(NamedTuple):
     rows: int
 
 
-class FeatureSetHandle:
-    """A handle on one stored feature set: its catalog facts plus ``read`` and ``search``.
-
-    ``name``, ``kind``, ``dim``, ``dtype``, ``params`` and ``id`` are those the
-    catalog records (its catalog row is :class:`featurestore.catalog.schema.FeatureSet`).
-    """
-
-    def __init__(self, store: Store, row: FeatureSetRow | SetSnapshot):
-        self._store = store
-        self.id: int = int(row.id)
-        self.name: str = row.name
-        self.kind: str = row.kind
-        self.dim: int = int(row.dim)
-        self.dtype: str = row.dtype
-        self.params: dict[str, Any] = dict(row.params or {})
-
-    def __repr__(self) -> str:
-        return f"FeatureSetHandle({self.name!r}, kind={self.kind!r}, dim={self.dim})"
-
-    def read(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(image_ids, vectors)``: every stored vector, or those of ``ids`` (in id order)."""
-        if ids is None:
-            return self._store.read_set(self.name)
-        fm = self._store.read_matrix([self.name], image_ids=ids, skip_missing=True)
-        return fm.image_ids, fm.X
-
-    def search(self, query: Query, k: int = 10, *, where: str | None = None, metric: str = "cosine",
-               **kwargs: Any) -> list[search_service.SearchResult]:
-        """The ``k`` stored images nearest to ``query`` (an image id, a vector, an image path or a PIL image).
-
-        Every result has ``distance`` (lower is better, for every metric) and,
-        for cosine, ``similarity``; see :func:`featurestore.search.service.search`.
-        """
-        from featurestore.search import service as search_service
-
-        return search_service.search(self._store, self.name, query, k, where=where, metric=metric, **kwargs)
-
-    def to_arrow(self, *, dataset: str | None = None, where: str | None = None) -> pa.Table:
-        """Every stored vector as a ``pyarrow.Table`` (one row per image, in id order).
-
-        Columns ``image_id``, ``sha256``, ``label``, ``superclass``, ``datasets``
-        and one ``fixed_size_list<float32>`` column named after the set; ``dataset``
-        and ``where`` (a SQL condition, as in :meth:`search`) select the images.
-        """
-        from featurestore import arrow  # pyarrow is imported only when Arrow is asked for
-
-        store = self._store
-        plan = arrow.plan_features(store.catalog, store.settings, [self.name], dataset=dataset, where=where)
-        public = versions.public_name(self.name)
-        if public != self.name:  # an older version (``feature_set(name, version=N)``): the column keeps the name
-            plan = replace(plan, columns=tuple(replace(c, name=public) for c in plan.columns),
-                           lacking={public: plan.lacking[self.name]})
-        return arrow.feature_table(store.catalog, store.root, plan)
-
-
 class Store:
     """A feature store folder plus its catalog connection and caches."""
 
@@ -154,16 +93,10 @@ class Store:
         # A bucket store works in a local folder (temp files, files being written, copies of small files)
         # and keeps every file that matters in the bucket; the catalog's relative paths are the same.
         self.root = work_folder(settings) if self.url else settings.store
-        self.bucket: BucketStorage | None = None
-        self._read_cache: ReadCache | None = None
-        if self.url:
-            from featurestore.io.cache import ReadCache
-            from featurestore.io.storage import BucketStorage
-
-            self.bucket = BucketStorage(self.url, settings)
-            self._read_cache = ReadCache(settings.cache_folder / "objects", settings.cache_bytes)
-        self.engine = engine
         self.catalog = Catalog(engine)
+        self.files = StoreFiles(settings, self.catalog, self.root, self.url)
+        self.bucket: BucketStorage | None = self.files.bucket
+        self.engine = engine
         self._lock = threading.Lock()
         self._extractors: dict[tuple[Any, ...], tuple[Extractor, threading.Lock]] = {}
         self._models: dict[tuple[int, str], Any] = {}
@@ -199,57 +132,11 @@ class Store:
 
         ``create=True`` (writers) makes the folder and the schema on first use,
         under the write lock so two first writers cannot both migrate; readers
-        get a clear error when there is no store yet, and never write.
+        get a clear error when there is no store yet, and never write
+        (:func:`featurestore.files.open_engine`).
         """
         settings = settings or Settings()
-        if settings.store_url:
-            return cls._open_bucket(settings, create)
-        root = settings.store
-        if not root.exists():
-            if not create:
-                raise FeatureStoreError(
-                    f"no store at {root}: run `fs ingest PATH` to create one, or pass --store/FS_STORE"
-                )
-            root.mkdir(parents=True)
-        elif not root.is_dir():
-            raise InvalidInputError(f"store path {root} is a file, not a folder; pass another --store")
-        url = settings.catalog_url
-        engine = database.make_engine(url)
-        try:
-            if create and not database.is_current(engine, url):
-                # Two first writers must not both create the schema: migrate under the write lock.
-                for sub in ("features", "models", "artifacts"):
-                    (root / sub).mkdir(exist_ok=True)
-                with write_lock(root, settings.lock_timeout):
-                    database.ensure_schema(engine, url, create=True)
-            else:
-                database.ensure_schema(engine, url, create=False)
-        except Exception:
-            engine.dispose()
-            raise
-        return cls(settings, engine)
-
-    @classmethod
-    def _open_bucket(cls, settings: Settings, create: bool) -> Store:
-        from featurestore.catalog.database import advisory_lock
-        from featurestore.io.storage import BucketStorage
-
-        url = settings.store_url
-        assert url is not None
-        BucketStorage(url, settings).probe()  # a missing bucket, bad credentials, no server: one line, now
-        work_folder(settings).mkdir(parents=True, exist_ok=True)
-        catalog_url = settings.catalog_url
-        engine = database.make_engine(catalog_url)
-        try:
-            if create and not database.is_current(engine, catalog_url):
-                with advisory_lock(engine, url, settings.lock_timeout):
-                    database.ensure_schema(engine, catalog_url, create=True)
-            else:
-                database.ensure_schema(engine, catalog_url, create=False)
-        except Exception:
-            engine.dispose()
-            raise
-        return cls(settings, engine)
+        return cls(settings, open_engine(settings, create))
 
     def close(self) -> None:
         self.clear_caches()
@@ -287,139 +174,40 @@ class Store:
                 self._remove_orphans()
             yield
 
-    # -- files of a bucket store -------------------------------------------------------
+    # -- files (featurestore/files.py) ----------------------------------------------------
     def publish(self, path: Path) -> None:
-        """Upload a file just written under :attr:`root` to the bucket (no-op for a folder store).
-
-        Call before the catalog registers it: an object is complete once the PUT
-        returns, so the catalog never points at a partial object.
-        """
-        if self.bucket is not None:
-            self.bucket.put(path.relative_to(self.root).as_posix(), path.read_bytes())
+        """Upload a file just written under :attr:`root` to the bucket, before the catalog registers it
+        (:meth:`StoreFiles.publish <featurestore.files.StoreFiles.publish>`; no-op for a folder store)."""
+        self.files.publish(path)
 
     def local_file(self, rel: str, sha256: str | None = None) -> Path:
-        """A local path holding the store file ``rel`` (fetched from the bucket into :attr:`root` if needed).
-
-        ``sha256`` (what the catalog records) is checked on download; a mismatch
-        is an :class:`IntegrityError`. For a folder store this is ``root / rel``.
-        """
-        path = self.root / rel
-        if self.bucket is None or path.is_file():
-            return path
-        import hashlib
-
-        data = self.bucket.get(rel)
-        if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-            raise IntegrityError(f"{self.bucket.url}{rel} does not match the sha256 recorded in the catalog: "
-                                 "the object was damaged or replaced; run `fs verify`")
-        write_bytes_atomic(path, data)
-        return path
+        """A local path holding the store file ``rel``, fetched and checked against ``sha256`` if needed
+        (:meth:`StoreFiles.local_file <featurestore.files.StoreFiles.local_file>`)."""
+        return self.files.local_file(rel, sha256)
 
     def delete_file(self, rel: str) -> None:
         """Delete a store file (its local copy and, for a bucket store, its object)."""
-        (self.root / rel).unlink(missing_ok=True)
-        if self.bucket is not None:
-            self.bucket.delete(rel)
+        self.files.delete_file(rel)
 
     def shard_source(self, rel: str, sha256: str | None) -> ShardSource:
-        """What the shard readers open for the shard ``rel``: its file, or for a bucket store the verified
-        copy in the read cache (or its bytes, when larger than the cache)."""
-        if self.bucket is None or self._read_cache is None:
-            return self.root / rel
-        bucket = self.bucket
-        if not sha256:  # registered without a digest: nothing to key the cache by
-            return ShardBytes(bucket.url + rel, bucket.get(rel))
-        got = self._read_cache.fetch(bucket.url + rel, sha256, lambda: bucket.get(rel))
-        return got if isinstance(got, Path) else ShardBytes(bucket.url + rel, got)
-
-    def _part_source(self, part: ShardPart) -> ShardSource:
-        return self.shard_source(part.path.relative_to(self.root).as_posix(), part.sha256)
-
-    @contextmanager
-    def _fetching(self, parts: Sequence[ShardPart]) -> Iterator[Callable[[int], ShardSource]]:
-        """``source(i)``: what to open for ``parts[i]``, fetched ahead with several GETs in flight.
-
-        For a bucket store a GET mostly waits on the network and hashing releases
-        the GIL, so 8 at a time come close to the server's raw rate; the readers
-        open the verified copies in the read cache (HDF5 reads a file faster than
-        bytes in memory). A folder store opens its files directly.
-        """
-        if self.bucket is None:
-            yield lambda i: self._part_source(parts[i])
-            return
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            ahead: list[Any] = [pool.submit(self._part_source, part) for part in parts]
-
-            def source(i: int) -> ShardSource:
-                got = ahead[i].result()
-                ahead[i] = None  # bytes of a shard larger than the cache are freed once read
-                return got  # type: ignore[no-any-return]
-
-            try:
-                yield source
-            finally:
-                for future in ahead:
-                    if future is not None:
-                        future.cancel()
+        """What the shard readers open for the shard ``rel`` (its file, or a bucket store's verified copy)."""
+        return self.files.shard_source(rel, sha256)
 
     def present(self, rels: Sequence[str]) -> set[str]:
-        """Which of the store files ``rels`` exist (one listing of ``features/`` for a bucket store)."""
-        if self.bucket is None:
-            return {r for r in rels if (self.root / r).is_file()}
-        listed = {o.key for o in self.bucket.list("features/")}
-        return {r for r in rels if r in listed or (not r.startswith("features/") and self.bucket.exists(r))}
+        """Which of the store files ``rels`` exist."""
+        return self.files.present(rels)
+
+    def remove_orphan_objects(self, prefixes: Sequence[str], grace: float | None = None) -> list[str]:
+        """Delete bucket objects under ``prefixes`` the catalog does not know, older than ``grace`` seconds
+        (:meth:`StoreFiles.remove_orphan_objects <featurestore.files.StoreFiles.remove_orphan_objects>`)."""
+        return self.files.remove_orphan_objects(prefixes, grace)
 
     def _remove_orphans(self) -> None:
-        """Delete temp files, unregistered shards and artifacts, and deleted sets' folders. Under the lock."""
-        refs = self.catalog.shard_refs()
-        if self.bucket is not None:
-            self.remove_orphan_objects(["features/", "indexes/"])
-        # A registered shard whose file is gone (deleted by hand, a lost disk) is unregistered, so its
-        # images count as lacking and a plain `fs extract` recomputes them.
-        found = self.present(list(refs.values()))
-        gone = {i: p for i, p in refs.items() if p not in found}
-        if gone:
-            self.catalog.unregister_shards(gone)
-        names = {Path(p).name for i, p in refs.items() if i not in gone}
-        features = self.root / "features"
-        for folder in features.iterdir() if features.exists() else []:
-            if folder.is_dir():
-                remove_orphans(folder, names)
-        artifacts = {Path(p).name for p in self.catalog.artifact_paths()}
-        sweep = [self.root / "projections", self.root / "artifacts", *(self.root / "models").glob("*/")]
-        for folder in sweep:
-            for path in folder.iterdir() if folder.is_dir() else []:
-                lost = folder.name == "artifacts" and path.suffix == ".pkl" and path.name not in artifacts
-                if path.is_file() and (is_temp(path) or lost):
-                    path.unlink(missing_ok=True)
+        """Delete what crashed or finished writers left (files, objects, index files). Under the lock."""
+        self.files.sweep()
         from featurestore.search import backends
 
         backends.remove_orphans(self)  # issue 14: index files of crashed builds and dropped sets
-
-    def remove_orphan_objects(self, prefixes: Sequence[str], grace: float | None = None) -> list[str]:
-        """Delete shard and index objects under ``prefixes`` the catalog does not know. Under the lock.
-
-        Only objects older than ``grace`` seconds (default ``orphan_grace``) go: a
-        crashed writer (or a Ray worker whose driver died) leaves complete but
-        unregistered objects, and the grace period spares one that a live
-        writer on another machine has put but not yet registered.
-        """
-        import datetime as dt
-
-        assert self.bucket is not None
-        from featurestore.search import index as ann_index
-
-        keep = set(self.catalog.shard_refs().values()) | ann_index.registered_objects(self)
-        wait = self.settings.orphan_grace if grace is None else grace
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=wait)
-        removed = []
-        for obj in [o for prefix in prefixes for o in self.bucket.list(prefix)]:
-            name = obj.key.rsplit("/", 1)[-1]
-            ours = obj.key.endswith((".h5", ann_index.SUFFIX)) or is_temp(Path(name))
-            if ours and obj.key not in keep and obj.modified <= cutoff:
-                self.bucket.delete(obj.key)
-                removed.append(obj.key)
-        return removed
 
     # -- images ----------------------------------------------------------------------
     def select_images(
@@ -566,12 +354,9 @@ class Store:
             self.publish(path)  # complete in the bucket before the catalog points at it
             self.catalog.register_shard(fs.id, rel, ids, replaces, s=session, runtime=runtime, sha256=digest)
         except BaseException:
-            path.unlink(missing_ok=True)
-            if self.bucket is not None:
-                self.bucket.delete(rel)
+            self.files.discard(path)
             raise
-        if self._read_cache is not None:
-            self._read_cache.adopt(path, digest)  # the first read of the shard needs no download
+        self.files.adopt(path, digest)  # the first read of the shard needs no download
         return path
 
     def coverage(self) -> list[SetCoverage]:
@@ -610,7 +395,8 @@ class Store:
         compact`` between planning and reading makes the read re-plan once.
         """
         if not feature_sets:
-            raise InvalidInputError("no feature sets given; list them like --features rp128,efficientnet-lite0")
+            raise InvalidParameterError("no feature sets given; list them like {feature_sets} rp128,efficientnet-lite0",
+                                        "feature_sets")
         return self._replanned(lambda: self._read_matrix(feature_sets, dataset, labelled_only, image_ids,
                                                          skip_missing, version))
 
@@ -642,7 +428,7 @@ class Store:
         # HDF5 reads are serial (h5py holds a global lock) but numpy copies release the GIL:
         # two workers each read a shard and place it, so one copies while the other reads.
         # The images' paths and labels are fetched by a third thread meanwhile.
-        with self._fetching([job[0] for job in jobs]) as source, ThreadPoolExecutor(max_workers=3) as pool:
+        with self.files.fetching([job[0] for job in jobs]) as source, ThreadPoolExecutor(max_workers=3) as pool:
             meta = pool.submit(self.select_images, dataset, labelled_only, image_ids)
             for future in [pool.submit(vectors.place_part, ids, part, X, cols, seen, source(k))
                            for k, (part, cols, seen) in enumerate(jobs)]:
@@ -654,9 +440,7 @@ class Store:
         keep = np.ones(len(ids), dtype=bool)
         for fs in sets:
             if not present[fs.id].all() and not skip_missing:
-                from featurestore.features.registry import extract_hint
-
-                raise MissingFeaturesError(fs.name, int((~present[fs.id]).sum()), extract_hint(fs))
+                raise MissingFeaturesError(fs.name, int((~present[fs.id]).sum()), stored=fs)
             keep &= present[fs.id]
         if not keep.all():
             X = X[keep]
@@ -675,7 +459,7 @@ class Store:
     def iter_shards(self, feature_set: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(image_ids, vectors) per shard, only rows the catalog points at; one shard in memory at a time."""
         for part in self._plan(self.feature_set(feature_set)):
-            yield vectors.read_part(part, self._part_source(part))
+            yield vectors.read_part(part, self.files.part_source(part))
 
     def read_set(self, feature_set: str) -> tuple[np.ndarray, np.ndarray]:
         """(image_ids, vectors) of every live row of one feature set, in shard order.
@@ -687,7 +471,7 @@ class Store:
 
     def _read_set(self, fs: RegisteredSet) -> tuple[np.ndarray, np.ndarray]:
         plan = self._plan(fs)
-        with self._fetching(plan) as source:
+        with self.files.fetching(plan) as source:
             return vectors.read_parts_into(plan, int(fs.dim), source)
 
     # -- caches ----------------------------------------------------------------------
@@ -711,10 +495,8 @@ class Store:
     def run_model(self, run: Run) -> Any:
         """A run's fitted final model (cached), its artifact verified against the recorded sha256 first."""
         if not run.artifact_path or not run.artifact_sha256:
-            raise FeatureStoreError(
-                f"run {run.id} has no final model (it came from `fs evaluate`); train one with "
-                f"`fs train --features {','.join(run.features)}`"
-            )
+            raise FeatureStoreError(f"run {run.id} has no final model (it was evaluated, not trained)",
+                                    remedy="train-final", run_id=run.id, features=",".join(run.features))
         key = (int(run.id), str(run.artifact_sha256))
         with self._lock:
             model = self._models.get(key)
@@ -779,7 +561,7 @@ class Store:
                 continue
             small_ids = {sh.id for sh in small}
             parts = [part for part in self._plan(fs) if part.path in {self.root / sh.path for sh in small}]
-            read = [vectors.read_part(part, self._part_source(part)) for part in parts]
+            read = [vectors.read_part(part, self.files.part_source(part)) for part in parts]
             parts_ids, parts_vecs = zip(*read, strict=True) if read else ((), ())
             all_ids = np.concatenate(parts_ids) if parts_ids else np.empty(0, dtype=np.int64)
             order = np.argsort(all_ids, kind="stable")
@@ -803,10 +585,3 @@ class Store:
         ]
         return info
 
-
-def work_folder(settings: Settings) -> Path:
-    """The local working folder of the bucket store ``settings`` describe (under the cache folder)."""
-    import hashlib
-
-    url = settings.store_url or str(settings.store)
-    return settings.cache_folder / "work" / hashlib.sha256(url.encode()).hexdigest()[:16]

@@ -1068,7 +1068,7 @@ def test_error_bodies_hide_server_paths_from_remote_callers(ingested: str, tmp_p
 
 
 def test_projection_gathers_a_few_rows_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    from featurestore.features import projection
+    from featurestore.features import projection, sparse_projection
 
     proj = projection.SparseRandomProjection.generate(3000, 40, seed=1)
     X = np.random.default_rng(0).integers(0, 256, size=(9, 3000), dtype=np.uint8)
@@ -1080,7 +1080,7 @@ def test_projection_gathers_a_few_rows_at_a_time(monkeypatch: pytest.MonkeyPatch
         widest.append(rows.shape[0])
         real(self, rows, acc, out)
 
-    monkeypatch.setattr(projection, "_GATHER_BYTES", 2 * proj.nnz * 2)  # two rows of gathered values
+    monkeypatch.setattr(sparse_projection, "_GATHER_BYTES", 2 * proj.nnz * 2)  # two rows of gathered values
     monkeypatch.setattr(projection.SparseRandomProjection, "_project", spy)
     assert np.array_equal(proj.transform(X), whole)
     assert max(widest) == 2 and sum(widest) == 9

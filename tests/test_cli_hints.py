@@ -36,34 +36,28 @@ ALLOWED_FILES = {
     # The HTTP service is a front end like cli/: its messages address the person running `fs serve`
     # (--allow-writes, --port, --allowed-host) and its pages tell the reader which command wrote what.
     "http/",
-    # Being moved by other branches right now (catalog split, store/search interfaces, CNN registry): their
-    # errors are converted to remedy keys at merge. Remove each line once its file is converted.
-    "catalog/repository.py",
-    "catalog/readonly.py",
-    "search/index.py",
-    "store.py",
-    "features/cnn/registry.py",
 }
 # Single strings, by file and text: flags of other programs, and the feature kinds' own `fs extract` spelling.
 ALLOWED_STRINGS = {
     ("pipelines/ray_cluster.py", "`ray start --head`"),  # Ray's command, not ours
     ("features/cnn/efficientnet.py", "pip install --force-reinstall"),
     ("io/fashion_mnist.py", "apt-get install --reinstall"),
-    # features.registry.extract_hint: how each feature kind is extracted again, the one place that knows it.
-    # cli/hints.py words MissingFeaturesError with it; store.py still calls it (see ALLOWED_FILES). It moves to
-    # the feature-kind hook when kinds become plugins.
-    ("features/registry.py", "fs extract --rp "),
-    ("features/registry.py", "fs extract --pixels {}x{}"),
-    ("features/registry.py", "fs extract --lowlevel"),
-    ("features/registry.py", "fs extract"),
+    # The built-in feature kinds' `command` (hook register_feature_kinds): how each kind is extracted again,
+    # worded by the kind itself as a plugin's kind does; cli/hints.extract_command calls it.
+    ("plugins/feature_kinds.py", "fs extract --rp "),
+    ("plugins/feature_kinds.py", "fs extract --pixels {}x{}"),
+    ("plugins/feature_kinds.py", "fs extract --lowlevel"),
+    # The label of a user's SQL condition in its error messages, by default the flag that gives it.
+    ("catalog/readonly.py", "--where"),
+    ("catalog/readonly_rules.py", "--where"),
     ("features/cnn/views.py", "fs extract --model"),
     ("features/cnn/views.py", "--layers"),
     ("features/cnn/views.py", "--resize"),
     ("features/cnn/views.py", "--grid"),
     ("features/cnn/views.py", "--tta"),
     ("features/cnn/views.py", "--precision"),
-    # pipelines.train.labels_note: a note printed beside `fs compare`, pinned word for word by its test.
-    ("pipelines/train.py", ", see `fs labels history`)"),
+    # pipelines.compare.labels_note: a note printed beside `fs compare`, pinned word for word by its test.
+    ("pipelines/compare.py", ", see `fs labels history`)"),
 }
 
 

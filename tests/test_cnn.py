@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 import featurestore.pipelines.extract as extract_mod
+from featurestore.cli.hints import extract_command as extract_hint
 from featurestore.cli.main import app
 from featurestore.config import Settings
 from featurestore.errors import InvalidInputError, ModelFilesMissingError, NotFoundError
@@ -36,7 +37,7 @@ from featurestore.features.cnn.torch_pth import (
     load_legacy_state_dict,
 )
 from featurestore.features.cnn.views import ViewsExtractor, extract_command, variant_suffix
-from featurestore.features.registry import extract_hint, extractor_for, extractor_for_sets
+from featurestore.features.registry import extractor_for, extractor_for_sets
 from featurestore.http.app import create_app
 from featurestore.io.images import load_rgb
 from featurestore.search.service import embedder_for

@@ -15,8 +15,9 @@ from featurestore.catalog import database
 from featurestore.cli.main import app
 from featurestore.config import Settings
 from featurestore.features.base import FeatureSpec
+from featurestore.pipelines.compare import compare
 from featurestore.pipelines.ingest import ingest
-from featurestore.pipelines.train import TrainConfig, compare, evaluate_many, train
+from featurestore.pipelines.train import TrainConfig, evaluate_many, train
 from featurestore.store import Store
 from helpers import make_image
 

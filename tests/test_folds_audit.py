@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from featurestore.cli.main import app
 from featurestore.errors import FeatureStoreError, InvalidInputError
 from featurestore.features.base import FeatureSpec
+from featurestore.pipelines.compare import compare
 from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.labels import NoOutOfFoldError, audit_labels, set_labels
-from featurestore.pipelines.train import TrainConfig, compare, evaluate_many, get_run, train
+from featurestore.pipelines.train import TrainConfig, evaluate_many, get_run, train
 from featurestore.store import Store
 from featurestore.training.evaluation import evaluate, make_folds
 from featurestore.training.label_issues import DEFAULT_FILTER, FILTERS, find_label_issues
@@ -285,7 +286,7 @@ def test_cli_folds_audit_runs_and_compare_label_note(kstore: Store) -> None:
 
 def test_labels_note_names_the_versions() -> None:
     from featurestore.catalog.schema import Run
-    from featurestore.pipelines.train import labels_note
+    from featurestore.pipelines.compare import labels_note
 
     old, same, new = Run(id=1, label_version=None), Run(id=2, label_version=0), Run(id=3, label_version=4)
     assert labels_note(old, same) is None  # before label history = no change yet

@@ -28,7 +28,7 @@ from featurestore.search import index_query
 from featurestore.search.kernel import near_duplicate_groups
 from featurestore.search.service import duplicates, search, where_ids
 from featurestore.store import Store
-from helpers import brute
+from helpers import brute, raises_cli
 
 runner = CliRunner()
 DIM = 16
@@ -245,7 +245,7 @@ def test_missing_or_damaged_file_is_an_error(indexed) -> None:  # type: ignore[n
     path = store.root / store.catalog.list_indexes()[0].path
     store.ann_indexes.clear()
     path.rename(path.with_suffix(".moved"))
-    with pytest.raises(IntegrityError, match="index file .* is missing; rebuild it with `fs index build"):
+    with raises_cli(IntegrityError, match="index file .* is missing; rebuild it with `fs index build"):
         search(store, "v", mat[0], k=3)
     assert search(store, "v", mat[0], k=3, exact=True).method == "exact"
     path.with_suffix(".moved").rename(path)
@@ -269,7 +269,7 @@ def test_damaged_header_is_a_one_line_error(indexed) -> None:  # type: ignore[no
     store.ann_indexes.clear()
     with open(path, "r+b") as fh:  # same size, scrambled header: usearch's own ValueError before the fix
         fh.write(bytes(64))
-    with pytest.raises(IntegrityError, match=r"index file .* is damaged .*fs index build --features v --rebuild"):
+    with raises_cli(IntegrityError, match=r"index file .* is damaged .*fs index build --features v --rebuild"):
         search(store, "v", mat[0], k=3)
     assert search(store, "v", mat[0], k=3, exact=True).method == "exact"
     out = fs_cli("search", "--features", "v", "--id", str(int(ids[0])))

@@ -21,7 +21,8 @@ from featurestore.features.cnn.quantize import (
     mean_cosine,
     read_int8_record,
 )
-from featurestore.features.cnn.registry import add_model, cnn_extractor, model_record
+from featurestore.features.cnn.registration import add_model
+from featurestore.features.cnn.registry import cnn_extractor, model_record
 from featurestore.features.cnn.testing import build_tiny_inception_checkpoint
 from featurestore.features.cnn.views import extract_command
 from featurestore.features.registry import extractor_for, extractor_for_sets

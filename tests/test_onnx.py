@@ -27,7 +27,8 @@ from featurestore.features.cnn.mxnet_backend import CheckpointModel
 from featurestore.features.cnn.mxnet_format import SymbolBuilder, write_params
 from featurestore.features.cnn.onnx_backend import OnnxModel, _prune
 from featurestore.features.cnn.onnx_export import ONNX_OPSET, export_onnx, read_metadata
-from featurestore.features.cnn.registry import add_model, cnn_extractor, model_record
+from featurestore.features.cnn.registration import add_model
+from featurestore.features.cnn.registry import cnn_extractor, model_record
 from featurestore.features.cnn.specs import BUILTIN_MODELS
 from featurestore.features.cnn.testing import TINY_INCEPTION_DIMS, build_tiny_inception_checkpoint
 from featurestore.features.registry import extractor_for
@@ -35,6 +36,7 @@ from featurestore.pipelines.extract import extract
 from featurestore.pipelines.ingest import ingest
 from featurestore.search.service import embedder_for
 from featurestore.store import Store
+from helpers import raises_cli
 
 onnx = pytest.importorskip("onnx")
 skdata = pytest.importorskip("skimage.data")
@@ -133,7 +135,7 @@ def test_model_registered_by_0_1_without_export_says_to_use_mxnet(store: Store, 
         symbol_sha256=hashlib.sha256(sym.read_bytes()).hexdigest(),
         params_sha256=hashlib.sha256(params.read_bytes()).hexdigest(), preprocess=INCEPTION.preprocess.to_params(),
         taps=["global_pool"], default_tap="global_pool", source="0.1", onnx_path=None, onnx_sha256=None)
-    with pytest.raises(RuntimeUnavailableError, match="model odd cannot run on onnxruntime: .*--runtime mxnet"):
+    with raises_cli(RuntimeUnavailableError, match="model odd cannot run on onnxruntime: .*--runtime mxnet"):
         cnn_extractor(store, "odd", runtime="onnxruntime")
 
 

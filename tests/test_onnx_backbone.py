@@ -15,7 +15,8 @@ from featurestore.config import Settings
 from featurestore.errors import IntegrityError, InvalidInputError, NotFoundError, RuntimeUnavailableError
 from featurestore.features.cnn.mxnet_backend import Preprocess, grid_pool
 from featurestore.features.cnn.onnx_import import export_onnx_backbone, onnx_layers
-from featurestore.features.cnn.registry import add_onnx_model, cnn_extractor
+from featurestore.features.cnn.registration import add_onnx_model
+from featurestore.features.cnn.registry import cnn_extractor
 from featurestore.io.images import load_rgb
 from featurestore.store import Store
 

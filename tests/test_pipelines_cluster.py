@@ -32,7 +32,8 @@ from featurestore.cli.main import app
 from featurestore.config import Settings
 from featurestore.errors import ClusterError
 from featurestore.features.base import FeatureSpec
-from featurestore.features.cnn.registry import add_model, cnn_extractor
+from featurestore.features.cnn.registration import add_model
+from featurestore.features.cnn.registry import cnn_extractor
 from featurestore.features.cnn.testing import build_tiny_inception_checkpoint
 from featurestore.features.projection import projection_extractor
 from featurestore.pipelines import cluster

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from featurestore.cli.main import app
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError
 from featurestore.features.base import FeatureSpec
+from featurestore.pipelines.compare import compare
 from featurestore.pipelines.ingest import ingest
 from featurestore.pipelines.predict import predict
-from featurestore.pipelines.train import TrainConfig, compare, evaluate_many, get_run, parse_select, train
+from featurestore.pipelines.train import TrainConfig, evaluate_many, get_run, parse_select, train
 from featurestore.store import Store
 from helpers import make_image, raises_cli
 

@@ -156,7 +156,7 @@ def test_second_writer_gets_store_is_busy(tmp_path: Path) -> None:
 
 
 def test_reader_without_store_gets_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FeatureStoreError, match="no store at .*run `fs ingest PATH`"):
+    with raises_cli(FeatureStoreError, match="no store at .*run `fs ingest PATH`"):
         Store.open(Settings.from_env(store=tmp_path / "nothing"))
 
 

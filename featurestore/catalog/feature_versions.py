@@ -28,7 +28,7 @@ from featurestore.catalog.schema import (
     FeatureShard,
     RunFeatureVersion,
 )
-from featurestore.errors import NotFoundError
+from featurestore.errors import FeatureStoreError, NotFoundError
 
 RETIRED = "@v"
 
@@ -53,8 +53,8 @@ class VersionNotFoundError(NotFoundError):
 
     def __init__(self, name: str, version: int, existing: Sequence[int]):
         have = ", ".join(str(v) for v in existing) or "none"
-        Exception.__init__(self, f"feature set {name!r} has no version {version}; its versions: {have} "
-                                 f"(see `fs versions {name}`)")
+        FeatureStoreError.__init__(self, f"feature set {name!r} has no version {version}; its versions: {have}",
+                                   remedy="see-versions", feature_set=name)
         self.name = name
         self.available = [str(v) for v in existing]
 

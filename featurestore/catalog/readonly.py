@@ -251,7 +251,7 @@ class _SQLiteRunner:
 
     def _connect(self) -> sqlite3.Connection:
         if not self.path.is_file():
-            raise FeatureStoreError(f"no catalog at {self.path}: run `fs ingest PATH` first, or pass --store")
+            raise FeatureStoreError(f"no catalog at {self.path}", remedy="ingest-first-or-store", path=self.path)
         try:
             conn = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True,
                                    check_same_thread=False)
@@ -412,8 +412,8 @@ def create_readonly_role(url: str, name: str, password: str | None = None,
 
     check_role_name(name)
     if dialect_of(url) != "postgres":
-        raise InvalidInputError("a read-only role is a PostgreSQL feature; the catalog is SQLite, which "
-                                "`fs sql` already opens read-only")
+        raise InvalidInputError("a read-only role is a PostgreSQL feature; the catalog is SQLite",
+                                remedy="sql-reads-sqlite")
     engine = create_engine(url, poolclass=NullPool)
     done: list[str] = []
     try:
@@ -425,7 +425,7 @@ def create_readonly_role(url: str, name: str, password: str | None = None,
                 "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
             tables = sorted(catalog_tables() & present)
             if not tables:
-                raise FeatureStoreError(f"no catalog tables in schema {schema} of {db}: run `fs db upgrade` first")
+                raise FeatureStoreError(f"no catalog tables in schema {schema} of {db}", remedy="db-upgrade-first")
             found = conn.exec_driver_sql(
                 "SELECT rolsuper OR rolcreaterole OR rolcreatedb OR rolbypassrls OR rolreplication "
                 "FROM pg_roles WHERE rolname = %s", (name,)).first()

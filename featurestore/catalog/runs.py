@@ -114,7 +114,7 @@ def _seen_in_training(run: RunFacts) -> ColumnElement[bool]:
 
 
 def _no_such_run(run_ids: Iterable[int], run_id: int) -> NotFoundError:
-    return NotFoundError("run", str(run_id), [str(i) for i in run_ids], "See `fs runs`")
+    return NotFoundError("run", str(run_id), [str(i) for i in run_ids], remedy="see-runs")
 
 
 class Runs(Repository):

@@ -82,12 +82,6 @@ def new_extractor(store: StoreView, kind: str, options: dict[str, Any]) -> Extra
     return found.create(store, dict(options))
 
 
-def extract_hint(fs: StoredSet) -> str:
-    """The ``fs extract`` command that computes ``fs`` (for messages)."""
-    kind = feature_kinds().get(fs.kind)
-    return kind.command(fs.name, dict(fs.params or {}), fs.dim) if kind else "fs extract"
-
-
 def build_extractor(store: StoreView, fs: StoredSet, batch_size: int = 32) -> Extractor:
     """The extractor that produced ``fs``, rebuilt from its kind and params (not yet checked)."""
     kind = feature_kinds().get(fs.kind)

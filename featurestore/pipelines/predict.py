@@ -121,8 +121,8 @@ def _check_extendable(store: Store, run: Run, stored: dict[str, str], lacking: i
         raise FeatureStoreError(
             f"run {run.id} was trained on an older version of {', '.join(old)}, and {lacking} image(s) lack a "
             f"vector in it; older versions are kept read-only and the newest has other params: predict images "
-            f"that have one, or retrain on the newest version with `fs train --features {','.join(run.features)}`"
-        )
+            f"that have one, or retrain on the newest version", remedy="retrain-newest",
+            features=",".join(run.features))
 
 
 @dataclass

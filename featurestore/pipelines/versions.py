@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from featurestore.catalog.feature_versions import VersionInfo
 from featurestore.catalog.schema import Run
-from featurestore.errors import FeatureStoreError, InvalidInputError, NotFoundError
+from featurestore.errors import FeatureStoreError, InvalidParameterError, NotFoundError
 from featurestore.store import Store
 
 
@@ -49,7 +49,8 @@ def plan_gc(store: Store, keep: int = 1, force: bool = False, names: Sequence[st
     """Which versions ``fs gc`` deletes: all but each set's newest ``keep``, unless a run read them
     (``force``: those too)."""
     if keep < 1:
-        raise InvalidInputError(f"--keep must be at least 1 (the newest version is always kept), got {keep}")
+        raise InvalidParameterError("{keep} must be at least 1 (the newest version is always kept), got {value}",
+                                    "keep", value=keep)
     every = store.catalog.list_versions()
     if names:
         known = {v.name for v in every}
@@ -108,9 +109,8 @@ def run_sets(store: Store, run: Run) -> dict[str, str]:
             if version is None:
                 raise
             raise FeatureStoreError(
-                f"run {run.id} was trained on version {version} of feature set {name}, which was deleted "
-                f"(`fs gc --force`); retrain with `fs train --features {','.join(run.features)}`"
-            ) from None
+                f"run {run.id} was trained on version {version} of feature set {name}, which was deleted",
+                remedy="deleted-by-gc", features=",".join(run.features)) from None
     return out
 
 

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featurestore.catalog.repository import IndexChangedError, IndexRecord, LiveShard
+from featurestore.catalog.repository import Catalog, IndexChangedError, IndexRecord, LiveShard
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError, NotFoundError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp, sha256_file
 from featurestore.io.verified import check_file
@@ -76,6 +76,8 @@ SUFFIX = ".usearch"
 DTYPES = ("f32", "f16", "i8")
 USEARCH_METRIC = {"cosine": "cos", "l2": "l2sq"}
 
+# The reason of a rebuild the caller asked for (the CLI words it as its flag).
+REBUILD_ASKED = "rebuild asked for"
 # Incremental builds rebuild instead when more than this share of the index is stale.
 REBUILD_STALE_FRACTION = 0.2
 # Vectors added to / searched in the index per call while building or finding duplicates.
@@ -93,8 +95,8 @@ class IndexNotFoundError(NotFoundError):
 
     def __init__(self, feature_set: str, indexed: Sequence[str]):
         others = f"indexed sets: {', '.join(sorted(indexed))}" if indexed else "no feature set has one yet"
-        FeatureStoreError.__init__(self, f"feature set {feature_set!r} has no index ({others}): build one with "
-                                         f"`fs index build --features {feature_set}`")
+        FeatureStoreError.__init__(self, f"feature set {feature_set!r} has no index ({others})",
+                                   remedy="index-build", feature_set=feature_set)
         self.name = feature_set
         self.available = sorted(indexed)
 
@@ -293,7 +295,8 @@ def build_index(
     params = replace(base, **{k: v for k, v in given.items() if v is not None}).check()
     shards = [s for s in store.catalog.live_shards(fs.id) if s.live]
     if not shards:
-        raise InvalidInputError(f"feature set {fs.name!r} has no vectors yet: extract them first (`fs extract`)")
+        raise InvalidInputError(f"feature set {fs.name!r} has no vectors yet", remedy="extract-them-first",
+                                feature_set=fs.name)
     plan = _plan_build(store, current, base, params, shards, rebuild)
     if plan.action in ("unchanged", "updated"):
         assert current is not None
@@ -350,7 +353,7 @@ def _plan_build(store: Store, current: IndexRecord | None, base: IndexParams, pa
     if current is None:
         return _Plan("created", "no index yet", shards)
     if rebuild:
-        return _Plan("rebuilt", "--rebuild asked for", shards)
+        return _Plan("rebuilt", REBUILD_ASKED, shards)
     if params.structure() != base.structure():
         changed = [f"{n} {a} -> {b}" for n, a, b in zip(("metric", "dtype", "connectivity", "expansion_add"),
                                                           base.structure(), params.structure(), strict=True) if a != b]
@@ -382,16 +385,17 @@ def _load_for_update(store: Store, record: IndexRecord, params: IndexParams) -> 
     import usearch.index as ui
 
     path = _local(store, record.path)
-    check_file(path, None, "index file", f"rebuild it with `fs index build --features {record.feature_set} --rebuild`")
+    try:
+        check_file(path, None, "index file")
+    except IntegrityError as exc:
+        raise IntegrityError(str(exc), remedy="index-rebuild", feature_set=record.feature_set, path=path) from None
     if sha256_file(path) != record.sha256:
-        raise IntegrityError(
-            f"index file {path} does not match the sha256 recorded in the catalog; rebuild it with "
-            f"`fs index build --features {record.feature_set} --rebuild`"
-        )
+        raise IntegrityError(f"index file {path} does not match the sha256 recorded in the catalog",
+                             remedy="index-rebuild", feature_set=record.feature_set)
     index = ui.Index.restore(str(path), view=False, connectivity=params.connectivity,
                              expansion_add=params.expansion_add, expansion_search=params.expansion_search)
     if index is None:
-        raise IntegrityError(f"index file {path} is not a usearch index; rebuild it with --rebuild")
+        raise IntegrityError(f"index file {path} is not a usearch index", remedy="rebuild-flag")
     return index
 
 
@@ -489,9 +493,9 @@ def _local(store: Store, rel: str) -> Path:
         return store.root / rel  # missing: the callers say so
 
 
-def registered_objects(store: Store) -> set[str]:
+def registered_objects(catalog: Catalog) -> set[str]:
     """Store-relative paths of the registered index files (the bucket store's orphan sweep keeps them)."""
-    return set(store.catalog.registered_paths())
+    return set(catalog.registered_paths())
 
 
 def remove_orphans(store: Store) -> list[Path]:
@@ -557,4 +561,5 @@ def _parse(path: Path, hint: str, read: Callable[[], Any]) -> Any:
     try:
         return read()
     except (ValueError, RuntimeError) as exc:
-        raise IntegrityError(f"index file {path} is damaged ({exc}); {hint}") from None
+        raise IntegrityError(f"index file {path} is damaged ({exc}); {hint}" if hint else
+                             f"index file {path} is damaged ({exc})", path=path) from None

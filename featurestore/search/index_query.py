@@ -68,27 +68,40 @@ DUP_NEIGHBOURS_MAX = 1_024
 # time with ef=32, 2.5 % with 128 and 0.85 % with 256 (bench/bench_ann.py data); the pair of a
 # near copy is lost only if both of its queries miss.
 DUP_EXPANSION = 256
+# How a search note says the vectors searched exactly get into the index (the CLI names its command).
+INDEX_BUILD_ADDS = "a build of the index adds them"
 
 
 def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str, str]) -> _Opened:
-    """Open an index file memory-mapped, after checking its size, sha256 and header against the catalog."""
+    """Open an index file memory-mapped, after checking its size, sha256 and header against the catalog.
+
+    A failed check is an :class:`IntegrityError` whose next step is to rebuild or drop the index
+    (remedy ``index-rebuild-or-drop``).
+    """
+    try:
+        return _checked_view(store, fs, record, key)
+    except IntegrityError as exc:
+        raise IntegrityError(str(exc), remedy="index-rebuild-or-drop", feature_set=fs.name,
+                             path=exc.facts.get("path", record.path)) from None
+
+
+def _checked_view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str, str]) -> _Opened:
     import usearch.index as ui
 
     path = _local(store, record.path)
-    hint = (f"rebuild it with `fs index build --features {fs.name} --rebuild` "
-            f"or remove it with `fs index drop {fs.name}`")
+    hint = ""  # the remedy is added by _view
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise IntegrityError(f"index file {path} is missing; {hint}") from None
+        raise IntegrityError(f"index file {path} is missing") from None
     regular_stat(path, "index file", hint)  # not a FIFO, device or folder, before usearch reads its header
     size = st.st_size
     if size != record.bytes:
-        raise IntegrityError(f"index file {path} has {size:,} bytes, the catalog records {record.bytes:,}; {hint}")
+        raise IntegrityError(f"index file {path} has {size:,} bytes, the catalog records {record.bytes:,}")
     meta = _parse(path, hint, lambda: ui.Index.metadata(str(path)))
     if not meta or int(meta["dimensions"]) != int(fs.dim) or int(meta["count_present"]) != record.vectors:
         raise IntegrityError(f"index file {path} does not hold the {record.vectors:,} vectors of dim {fs.dim} "
-                             f"the catalog records; {hint}")
+                             "the catalog records")
     # usearch trusts the graph's bytes (a flipped offset crashed the process): hash them all before opening.
     check_file(path, record.sha256, "index file", hint)
     params = IndexParams.from_json(record.params)
@@ -227,7 +240,7 @@ def search_indexed(
     if uncovered:
         extra = sum(s.live for s in uncovered)
         note += (f"; {extra:,} vector(s) in {len(uncovered)} shard(s) written since the build searched exactly "
-                 f"(`fs index build --features {fs.name}` adds them)")
+                 f"({INDEX_BUILD_ADDS})")
     return IndexedSearch(hits, methods, "index", note)
 
 

@@ -12,9 +12,9 @@ from featurestore.features.cnn.mx2onnx import MxNetwork
 from featurestore.features.cnn.onnx_import import onnx_layers
 from featurestore.features.cnn.registry import (
     _preprocess,
-    _spec_taps,
     is_onnx_model,
     model_record,
+    spec_taps,
     verify_files,
 )
 from featurestore.features.cnn.specs import BUILTIN_MODELS, model_files
@@ -39,12 +39,12 @@ def describe_layers(store: Store | None, name: str) -> tuple[Model, list[tuple[s
     spec = BUILTIN_MODELS.get(name)
     if spec is None or not spec.builtin:
         if store is None and spec is None:
-            raise NotFoundError("model", name, BUILTIN_MODELS, "Register a checkpoint with `fs models add NAME ...`")
+            raise NotFoundError("model", name, BUILTIN_MODELS, remedy="models-add")
         model_record(store, name) if store is not None else None  # raises the helpful error
-        raise ModelFilesMissingError(f"model {name} is not registered: run `fs models add {name} ...`")
+        raise ModelFilesMissingError(f"model {name} is not registered", remedy="models-add-it", model=name)
     with tempfile.TemporaryDirectory(prefix="fs-model-") as tmp:
         symbol, params = model_files(spec, Path(tmp))
         layers = MxNetwork.load(symbol, params, spec.preprocess.size).layers()
-        info = Model(name=spec.name, taps=_spec_taps(spec), default_tap=spec.default_tap,
+        info = Model(name=spec.name, taps=spec_taps(spec), default_tap=spec.default_tap,
                      preprocess=spec.preprocess.to_params(), source=spec.source)
         return info, layers

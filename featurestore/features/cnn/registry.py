@@ -25,9 +25,9 @@ import numpy as np
 
 from featurestore.catalog.schema import Model
 from featurestore.errors import (
-    FeatureStoreError,
     IntegrityError,
     InvalidInputError,
+    InvalidParameterError,
     ModelFilesMissingError,
     NotFoundError,
     RuntimeUnavailableError,
@@ -36,7 +36,7 @@ from featurestore.features.cnn.mx2onnx import UnsupportedOperatorError
 from featurestore.features.cnn.mxnet_backend import CNNExtractor, Preprocess, TapModel
 from featurestore.features.cnn.onnx_backend import OnnxModel
 from featurestore.features.cnn.onnx_export import export_onnx, store_onnx
-from featurestore.features.cnn.onnx_import import export_onnx_backbone, tap_name
+from featurestore.features.cnn.onnx_import import export_onnx_backbone
 from featurestore.features.cnn.quantize import (
     CALIBRATION_MIN,
     Calibration,
@@ -51,12 +51,11 @@ from featurestore.features.cnn.quantize import (
 )
 from featurestore.features.cnn.specs import BUILTIN_MODELS, ModelSpec, model_files
 from featurestore.features.cnn.views import ViewsExtractor, check_cnn_resize, check_tta, variant_suffix
-from featurestore.io.atomic import copy_atomic, sha256_file
+from featurestore.io.atomic import sha256_file
 from featurestore.io.images import ImageDecodeError, load_rgb
 
 if TYPE_CHECKING:
     from featurestore.vectors import StoreView as Store  # the narrow interface the store satisfies
-from featurestore.catalog.repository import check_name
 
 
 class RuntimeLoader(Protocol):
@@ -93,9 +92,11 @@ class ModelInfo:
     default_tap: str
     source: str
     description: str
+    remedy: str = ""  # the next step for this model's status, as a key the CLI words (FeatureStoreError.remedy)
 
 
-def _spec_taps(spec: ModelSpec) -> list[str]:
+def spec_taps(spec: ModelSpec) -> list[str]:
+    """The taps a built-in spec registers (its default tap when it lists none)."""
     return list(spec.taps) or [spec.default_tap]
 
 
@@ -112,76 +113,13 @@ def list_models(store: Store | None) -> list[ModelInfo]:
             out.append(ModelInfo(name, status, list(row.taps), row.default_tap, row.source,
                                  spec.description if spec else
                                  "registered ONNX model" if is_onnx_model(row) else "registered checkpoint"))
+        elif spec is not None and spec.builtin:
+            out.append(ModelInfo(name, "ready (converted on first use)", spec_taps(spec), spec.default_tap,
+                                 spec.source, spec.description))
         elif spec is not None:
-            status = "ready (converted on first use)" if spec.builtin else "files missing: run `fs models add`"
-            out.append(ModelInfo(name, status, _spec_taps(spec), spec.default_tap, spec.source,
-                                 spec.description))
+            out.append(ModelInfo(name, "files missing", spec_taps(spec), spec.default_tap, spec.source,
+                                 spec.description, remedy="models-add-status"))
     return out
-
-
-def add_model(
-    store: Store,
-    name: str,
-    symbol: Path,
-    params: Path,
-    *,
-    size: int | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-    resize: str | None = None,
-    channels: str | None = None,
-    taps: list[str] | None = None,
-    default_tap: str | None = None,
-    replace: bool = False,
-) -> Model:
-    """Copy a checkpoint into the store and register it. Call under ``store.writing()``.
-
-    Preprocessing defaults come from the built-in spec of the same name
-    (e.g. ``inception21k``: 224x224, mean 117, std 1), else 224x224, mean 0, std 1.
-    The checkpoint is read and exported to ONNX (checking its operators, weights and the taps)
-    before anything is copied: a bad checkpoint leaves the store as it was.
-    """
-    check_name("model", name)
-    for p in (symbol, params):
-        if not Path(p).is_file():
-            raise ModelFilesMissingError(f"{p} does not exist; give the checkpoint's -symbol.json and .params")
-    spec = BUILTIN_MODELS.get(name)
-    if spec is not None and spec.builtin:
-        raise InvalidInputError(f"{name} is built in and needs no files; pick another name for your checkpoint")
-    pre = _preprocess_from(spec.preprocess if spec else Preprocess(), size, mean, std, resize, channels)
-    tap_list = taps or (_spec_taps(spec) if spec else ["global_pool"])
-    default = default_tap or (spec.default_tap if spec else tap_list[0])
-    if default not in tap_list:
-        tap_list = [default] + tap_list
-    # Export from the given files first: a bad checkpoint is refused before anything is copied.
-    exported = export_onnx(symbol, params, pre, tap_list)
-    existing = store.catalog.model(name)
-    if existing is not None and not replace:
-        raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
-    folder = store.root / "models" / name
-    targets = []
-    for src in (Path(symbol), Path(params)):
-        dst = folder / src.name
-        copy_atomic(src, dst)
-        targets.append(dst)
-    sym_dst, par_dst = targets
-    onnx_path, onnx_sha = store_onnx(folder, name, exported)
-    row = _save_model(store,
-        name,
-        symbol_path=str(sym_dst.relative_to(store.root)),
-        params_path=str(par_dst.relative_to(store.root)),
-        symbol_sha256=sha256_file(sym_dst),
-        params_sha256=sha256_file(par_dst),
-        preprocess=pre.to_params(),
-        taps=tap_list,
-        default_tap=default,
-        source=f"added from {Path(params).resolve()}",
-        onnx_path=str(onnx_path.relative_to(store.root)),
-        onnx_sha256=onnx_sha,
-    )
-    if existing is not None and existing.onnx_path and existing.onnx_path != row.onnx_path:
-        (store.root / existing.onnx_path).unlink(missing_ok=True)  # the replaced model's export, now unused
-    return row
 
 
 def is_onnx_model(row: Model) -> bool:
@@ -189,80 +127,18 @@ def is_onnx_model(row: Model) -> bool:
     return row.symbol_path.endswith(".onnx") and row.symbol_path == row.params_path
 
 
-def _preprocess_from(base: Preprocess, size: int | None, mean: tuple[float, float, float] | None,
-                     std: tuple[float, float, float] | None, resize: str | None, channels: str | None) -> Preprocess:
-    return Preprocess(
-        size=(size, size) if size else base.size,
-        resize=resize or base.resize,  # type: ignore[arg-type]  # validated by Preprocess
-        mean=mean or base.mean,
-        std=std or base.std,
-        channels=channels or base.channels,  # type: ignore[arg-type]
-    )
-
-
-def add_onnx_model(
-    store: Store,
-    name: str,
-    onnx_file: Path,
-    *,
-    size: int,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-    resize: str | None = None,
-    channels: str | None = None,
-    taps: list[str] | None = None,
-    default_tap: str | None = None,
-    replace: bool = False,
-) -> Model:
-    """Register any ONNX backbone (one NCHW image input). Call under ``store.writing()``.
-
-    The graph is checked and its taps exported (:func:`export_onnx_backbone`) before
-    anything is copied; the file is copied into ``models/<name>/`` with its sha256 (in
-    both the symbol and params columns) and the export stored beside it. Taps default to
-    the graph's outputs; preprocessing to mean 0, std 1 at ``size`` x ``size``.
-    """
-    check_name("model", name)
-    if name in BUILTIN_MODELS:
-        raise InvalidInputError(f"{name} is the name of a built-in model; pick another name for your ONNX model")
-    pre = _preprocess_from(Preprocess(), size, mean, std, resize, channels)
-    wanted = list(taps or [])
-    if default_tap and wanted and default_tap not in wanted:
-        wanted = [default_tap, *wanted]
-    exported, tap_list = export_onnx_backbone(onnx_file, pre, wanted or None)
-    default = tap_name(default_tap) if default_tap else tap_list[0]
-    if default not in tap_list:
-        raise InvalidInputError(f"default tap {default_tap!r} is not one of the taps {', '.join(tap_list)}")
-    existing = store.catalog.model(name)
-    if existing is not None and not replace:
-        raise FeatureStoreError(f"model {name!r} is already registered; pass --replace to swap its files")
-    folder = store.root / "models" / name
-    dst = folder / Path(onnx_file).name
-    copy_atomic(Path(onnx_file), dst)
-    onnx_path, onnx_sha = store_onnx(folder, f"{name}-taps", exported)
-    sha, rel = sha256_file(dst), str(dst.relative_to(store.root))
-    row = _save_model(store,
-        name, symbol_path=rel, params_path=rel, symbol_sha256=sha, params_sha256=sha,
-        preprocess=pre.to_params(), taps=tap_list, default_tap=default,
-        source=f"added from ONNX file {Path(onnx_file).resolve()}",
-        onnx_path=str(onnx_path.relative_to(store.root)), onnx_sha256=onnx_sha,
-    )
-    if existing is not None and existing.onnx_path and existing.onnx_path != row.onnx_path:
-        (store.root / existing.onnx_path).unlink(missing_ok=True)
-    return row
-
-
 def _register_builtin(store: Store, spec: ModelSpec) -> Model:
     symbol, params = model_files(spec, store.root / "models" / spec.name)
     onnx_path, onnx_sha = store_onnx(Path(symbol).parent, spec.name,
-                                     export_onnx(symbol, params, spec.preprocess, _spec_taps(spec)))
-    return _save_model(store,
+                                     export_onnx(symbol, params, spec.preprocess, spec_taps(spec)))
+    return save_model(store,
         spec.name,
         symbol_path=str(Path(symbol).relative_to(store.root)),
         params_path=str(Path(params).relative_to(store.root)),
         symbol_sha256=sha256_file(symbol),
         params_sha256=sha256_file(params),
         preprocess=spec.preprocess.to_params(),
-        taps=_spec_taps(spec),
+        taps=spec_taps(spec),
         default_tap=spec.default_tap,
         source=spec.source,
         onnx_path=str(onnx_path.relative_to(store.root)),
@@ -278,17 +154,16 @@ def model_record(store: Store, name: str) -> Model:
     spec = BUILTIN_MODELS.get(name)
     if spec is None:
         names = set(store.catalog.models()) | set(BUILTIN_MODELS)
-        raise NotFoundError("model", name, names, "Register a checkpoint with `fs models add NAME ...`")
+        raise NotFoundError("model", name, names, remedy="models-add")
     if spec.builtin:
         return _register_builtin(store, spec)
     raise ModelFilesMissingError(
         f"model {name} needs the files {spec.symbol_file} and {spec.params_file} ({spec.source}); "
-        f"featurestore cannot download them: run `fs models add {name} --symbol {spec.symbol_file} "
-        f"--params {spec.params_file}`"
-    )
+        "featurestore cannot download them", remedy="models-add-files", model=name, symbol_file=spec.symbol_file,
+        params_file=spec.params_file)
 
 
-def _save_model(store: Store, name: str, **columns: Any) -> Model:
+def save_model(store: Store, name: str, **columns: Any) -> Model:
     """``store.catalog.save_model`` once the files the row names are in the store (the bucket, for a bucket
     store: a row never points at a file other machines cannot fetch)."""
     for key in ("symbol_path", "params_path", "onnx_path"):
@@ -318,14 +193,12 @@ def verify_files(store: Store, row: Model) -> tuple[Path, Path]:
     paths = (_fetched(store, row.symbol_path), _fetched(store, row.params_path))
     for path, expected in zip(paths, (row.symbol_sha256, row.params_sha256), strict=True):
         if not path.is_file():
-            raise ModelFilesMissingError(
-                f"{path} is missing from the store: run `fs models add {row.name} ... --replace`"
-            )
+            raise ModelFilesMissingError(f"{path} is missing from the store", remedy="models-add-replace",
+                                         model=row.name, path=path)
         if sha256_file(path) != expected:
             raise IntegrityError(
-                f"{path} does not match the sha256 recorded when model {row.name} was registered; "
-                f"it was modified: restore it or run `fs models add {row.name} ... --replace`"
-            )
+                f"{path} does not match the sha256 recorded when model {row.name} was registered; it was modified",
+                remedy="restore-or-models-add", model=row.name, path=path)
     return paths
 
 
@@ -344,20 +217,17 @@ def _onnx_bytes(store: Store, row: Model, symbol: Path, params: Path, save_expor
             return data, f"the ONNX export of {symbol.name}"
         path, sha = store_onnx(symbol.parent, row.name, data)
         row.onnx_path, row.onnx_sha256 = str(path.relative_to(store.root)), sha
-        _save_model(store, row.name, onnx_path=row.onnx_path, onnx_sha256=sha)
+        save_model(store, row.name, onnx_path=row.onnx_path, onnx_sha256=sha)
         return data, str(path)
     path = _fetched(store, row.onnx_path)
     if not path.is_file():
-        raise ModelFilesMissingError(
-            f"{path} (the ONNX export of model {row.name}) is missing from the store: "
-            f"run `fs models add {row.name} ... --replace`"
-        )
+        raise ModelFilesMissingError(f"{path} (the ONNX export of model {row.name}) is missing from the store",
+                                     remedy="models-add-replace", model=row.name, path=path)
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != row.onnx_sha256:
         raise IntegrityError(
-            f"{path} does not match the sha256 recorded when model {row.name} was registered; "
-            f"it was modified: restore it or run `fs models add {row.name} ... --replace`"
-        )
+            f"{path} does not match the sha256 recorded when model {row.name} was registered; it was modified",
+            remedy="restore-or-models-add", model=row.name, path=path)
     return data, str(path)
 
 
@@ -377,10 +247,8 @@ def _fp32_export(store: Store, row: Model, taps: list[str], save_export: bool) -
             return data, f"the ONNX graph of {symbol.name}"
         return export_onnx(symbol, params, _preprocess(row), taps), f"the ONNX export of {symbol.name}"
     except UnsupportedOperatorError as exc:  # a model registered by 0.1 without an export
-        raise RuntimeUnavailableError(
-            f"model {row.name} cannot run on onnxruntime: {exc}; use the mxnet runtime "
-            "(`fs extract --runtime mxnet`; FS_CNN_RUNTIME=mxnet for search, predict and serve)"
-        ) from None
+        raise RuntimeUnavailableError(f"model {row.name} cannot run on onnxruntime: {exc}", remedy="use-mxnet",
+                                      model=row.name) from None
 
 
 # --- int8 (issue 29) ----------------------------------------------------------------------------------------
@@ -393,16 +261,13 @@ def _stored_int8(store: Store, name: str, sha: str) -> bytes:
     path = _int8_path(store, name, sha)
     path = _fetched(store, path.relative_to(store.root).as_posix())
     if not path.is_file():
-        raise ModelFilesMissingError(
-            f"{path} (the int8 model of {name}) is missing from the store: recompute the int8 sets with "
-            f"`fs extract --model {name} --precision int8 --replace`"
-        )
+        raise ModelFilesMissingError(f"{path} (the int8 model of {name}) is missing from the store",
+                                     remedy="recompute-int8", model=name, path=path)
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sha:
         raise IntegrityError(
-            f"{path} does not match the sha256 recorded with the int8 feature sets of {name}; it was modified: "
-            f"restore it or run `fs extract --model {name} --precision int8 --replace`"
-        )
+            f"{path} does not match the sha256 recorded with the int8 feature sets of {name}; it was modified",
+            remedy="restore-or-recompute-int8", model=name, path=path)
     return data
 
 
@@ -551,7 +416,8 @@ def cnn_extractor(store: Store, name: str, layers: list[str] | None = None, batc
     if chosen not in runtimes:
         raise InvalidInputError(f"unknown CNN runtime {chosen!r}; use {' or '.join(runtimes)}")
     if precision == "int8" and chosen != "onnxruntime":
-        raise InvalidInputError("int8 models run on onnxruntime only; drop --runtime mxnet or use --precision fp32")
+        raise InvalidParameterError("int8 models run on onnxruntime only; drop {runtime} mxnet or use {precision} fp32",
+                                    "runtime", "precision")
     row = model_record(store, name)
     taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
     suffix = variant_suffix(resize or str(row.preprocess["resize"]), str(row.preprocess["resize"]), tta, grid,

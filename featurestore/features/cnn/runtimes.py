@@ -40,9 +40,8 @@ def load_model(store: Store, name: str, layers: list[str] | None = None, batch_s
     row = model_record(store, name)
     if is_onnx_model(row):
         raise RuntimeUnavailableError(
-            f"model {name} was registered from an ONNX file: it runs on onnxruntime only (leave out "
-            "--runtime mxnet, or set FS_CNN_RUNTIME=onnxruntime)"
-        )
+            "model {model} was registered from an ONNX file: it runs on onnxruntime only (leave out "
+            "{runtime} mxnet, or set FS_CNN_RUNTIME=onnxruntime)", params=("runtime",), model=name)
     symbol, params = verify_files(store, row)
     taps = list(dict.fromkeys(layers)) if layers else [row.default_tap]
     pre = _preprocess(row)

@@ -32,8 +32,9 @@ from featurestore.http.views import query as _query
 from featurestore.http.views import source as _source
 from featurestore.http.views import text as _text
 from featurestore.http.views import whole as _int
+from featurestore.pipelines.compare import compare
 from featurestore.pipelines.run_view import run_view
-from featurestore.pipelines.train import compare, get_run, list_runs
+from featurestore.pipelines.train import get_run, list_runs
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute, dependencies=[Depends(require_page_access)])
 
