@@ -133,7 +133,7 @@ _SCHEMA_TABLES = frozenset({
     "dataset_members", "datasets", "feature_rows", "feature_sets", "feature_shards", "images", "ingest_errors",
     "models", "predictions", "run_splits", "run_test_predictions", "runs", "vector_indexes",
     "audit_findings", "catalog_version", "label_changes", "label_reviews", "run_images", "run_notes", "run_oof",
-    "run_split_images",
+    "run_split_images", "feature_set_versions", "run_feature_versions",
 })
 
 
