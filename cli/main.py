@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -147,6 +148,11 @@ def main() -> None:
     except KeyboardInterrupt:  # before or after a command runs (while parsing arguments, at exit)
         sys.stderr.write("Interrupted.\n")
         sys.exit(130)
+    finally:
+        # The process is ending: spare the interpreter's shutdown a garbage collection over every object
+        # SQLAlchemy, pydantic and typer built (0.15 s CPU of `fs status`); atexit handlers and explicit
+        # closes still run, and the memory goes back to the system with the process.
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -23,13 +23,14 @@ def status(
         info = store.status()
     finally:
         store.close()
+    where = store.settings.store  # not common.settings() again: pydantic reads the environment each time
     if fmt == common.Format.json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     if fmt == common.Format.csv:
         common.emit(info["feature_sets"], fmt, ["feature_set", "kind", "dim", "images", "coverage", "shards"])
         return
-    typer.echo(f"store: {common.settings().store}  images: {info['images']}\n")
+    typer.echo(f"store: {where}  images: {info['images']}\n")
     typer.echo("datasets\n" + common.table(info["datasets"], ["dataset", "images"]) + "\n")
     typer.echo("labels\n" + common.table(info["labels"], ["superclass", "label", "images"]) + "\n")
     typer.echo("feature sets\n" + common.table(

@@ -88,6 +88,19 @@ def test_search_by_id_imports_no_scipy_or_learning_libraries(tmp_path: Path) -> 
                                 "featurestore.pipelines", "featurestore.http", "featurestore.training")) == []
 
 
+def test_entry_point_spares_the_exit_a_collection(tmp_path: Path) -> None:
+    # main() freezes what the command built, so the interpreter's shutdown does not walk every object
+    script = ("import atexit, gc, sys\n"
+              "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
+              "sys.argv = ['fs', '--version']\n"
+              "from featurestore.cli.main import main\n"
+              "main()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "featurestore" in done.stdout
+    assert int(done.stdout.split("frozen")[-1]) > 1000
+
+
 def test_sql_allow_list_is_the_schema() -> None:
     # readonly.py names the tables so that `fs sql` need not import the ORM schema; a new table goes in both.
     from featurestore.catalog.readonly import catalog_tables

@@ -50,6 +50,27 @@ def test_ingest_status_sql_roundtrip(image_tree: Path) -> None:
     assert json.loads(js.stdout) == [{"n": 12}]
 
 
+def test_status_counts_members_labels_and_empty_datasets(image_tree: Path) -> None:
+    assert fs("ingest", str(image_tree), "--dataset", "spring").exit_code == 0
+    from featurestore import connect
+
+    with connect(Path(".fs")) as store:
+        footwear = [i for i, (_, label) in store.catalog.image_paths_labels(store.catalog.all_image_ids()).items()
+                    if label in ("sandal", "sneaker")]
+        assert store.catalog.save_as_dataset("autumn", footwear) == 8
+        with store.catalog.session() as s:
+            store.catalog.dataset_id(s, "empty", create=True)
+            s.commit()
+    info = json.loads(fs("status", "--format", "json").stdout)
+    assert info["images"] == 12
+    assert info["datasets"] == [{"dataset": "autumn", "images": 8}, {"dataset": "empty", "images": 0},
+                                {"dataset": "spring", "images": 12}]
+    assert [(r["superclass"], r["label"], r["images"]) for r in info["labels"]] == [
+        ("footwear", "sandal", 4), ("footwear", "sneaker", 4), ("tops", "shirt", 4)]
+    first = fs("status").stdout.splitlines()[0]
+    assert first.startswith("store: ") and first.endswith(".fs  images: 12")
+
+
 def test_sql_refuses_writes_and_reports_errors(image_tree: Path) -> None:
     fs("ingest", str(image_tree))
     result = fs("sql", "DELETE FROM images")

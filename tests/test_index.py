@@ -263,6 +263,45 @@ def test_missing_or_damaged_file_is_an_error(indexed) -> None:  # type: ignore[n
     assert ann.build_index(store, "v", rebuild=True).vectors == 2010
 
 
+def test_index_digest_is_remembered_until_the_file_changes(indexed,  # type: ignore[no-untyped-def]
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later process does not hash an unchanged index file again, but a rewritten one always."""
+    from featurestore.io import verified
+
+    store, ids, mat = indexed
+    path = store.root / store.catalog.list_indexes()[0].path
+    monkeypatch.setattr(verified, "RACY_NS", 50_000_000)  # records need a ctime older than this
+    time.sleep(0.1)
+    store.ann_indexes.clear()
+    verified.forget()
+    assert search(store, "v", mat[0], k=3).method == "index"
+    assert verified.record_path(store.root / verified.RECORDS_FOLDER, path).is_file()
+    hashed: list[str] = []
+    real = verified.file_sha256
+
+    def counting(p, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hashed.append(str(p))
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(verified, "file_sha256", counting)
+    store.ann_indexes.clear()
+    verified.forget()  # as a new process would start
+    assert search(store, "v", mat[0], k=3).method == "index"
+    assert hashed == []
+    before = path.stat()
+    with open(path, "r+b") as fh:  # same size, other bytes in the graph, mtime put back
+        fh.seek(before.st_size // 2)
+        data = fh.read(64)
+        fh.seek(before.st_size // 2)
+        fh.write(bytes(b ^ 0xFF for b in data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    store.ann_indexes.clear()
+    verified.forget()
+    with pytest.raises(IntegrityError, match="does not match the sha256|do not match the sha256"):
+        search(store, "v", mat[0], k=3)
+    assert hashed == [str(path)]
+
+
 def test_damaged_header_is_a_one_line_error(indexed) -> None:  # type: ignore[no-untyped-def]
     store, ids, mat = indexed
     path = store.root / store.catalog.list_indexes()[0].path

@@ -210,15 +210,24 @@ class Images(Repository):
             s.add(IngestError(path=path, reason=reason, dataset_id=dataset_id))
 
     def status(self) -> dict[str, Any]:
-        """Datasets, label counts, ingest failures and the number of images."""
-        datasets = [{"dataset": name, "images": n} for name, n, _ in self.dataset_counts()]
-        with self.session() as s:
-            labels = [{"superclass": sc, "label": lb, "images": n} for sc, lb, n in s.execute(
+        """Datasets, label counts, ingest failures and the number of images.
+
+        Aggregates only, on one connection and without an ORM session (``fs status`` runs this on every
+        call): members are counted per dataset id on the primary key's index before the join.
+        """
+        members = (select(DatasetMember.dataset_id, func.count().label("n"))
+                   .group_by(DatasetMember.dataset_id).subquery())
+        with self.engine.connect() as conn:
+            datasets = [{"dataset": str(name), "images": int(n or 0)} for name, n in conn.execute(
+                select(Dataset.name, members.c.n).join(members, members.c.dataset_id == Dataset.id, isouter=True)
+                .order_by(Dataset.name))]
+            labels = [{"superclass": sc, "label": lb, "images": int(n)} for sc, lb, n in conn.execute(
                 select(Image.superclass, Image.label, func.count()).group_by(Image.superclass, Image.label)
                 .order_by(Image.superclass, Image.label))]
-            errors = [{"path": p, "reason": r} for p, r in s.execute(
+            errors = [{"path": p, "reason": r} for p, r in conn.execute(
                 select(IngestError.path, IngestError.reason).order_by(IngestError.path))]
-        return {"images": self.image_count(), "datasets": datasets, "labels": labels, "ingest_errors": errors}
+            images = int(conn.scalar(select(func.count()).select_from(Image)) or 0)
+        return {"images": images, "datasets": datasets, "labels": labels, "ingest_errors": errors}
 
     def dataset_exists(self, s: Session, name: str) -> bool:
         return s.scalar(select(exists().where(Dataset.name == name))) is True

@@ -19,7 +19,7 @@ import numpy as np
 
 from featurestore.catalog.repository import IndexRecord, LiveShard
 from featurestore.errors import FeatureStoreError, IntegrityError
-from featurestore.io.verified import check_file, regular_stat
+from featurestore.io.verified import RECORDS_FOLDER, check_file, regular_stat
 from featurestore.search.cache import FILTERS_PER_SET, CompiledFilter, SetState
 from featurestore.search.index import (
     BATCH_ROWS,
@@ -102,8 +102,9 @@ def _checked_view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[
     if not meta or int(meta["dimensions"]) != int(fs.dim) or int(meta["count_present"]) != record.vectors:
         raise IntegrityError(f"index file {path} does not hold the {record.vectors:,} vectors of dim {fs.dim} "
                              "the catalog records")
-    # usearch trusts the graph's bytes (a flipped offset crashed the process): hash them all before opening.
-    check_file(path, record.sha256, "index file", hint)
+    # usearch trusts the graph's bytes (a flipped offset crashed the process): hash them all before opening,
+    # once per file version (a record in the store's working folder spares the next process re-reading it).
+    check_file(path, record.sha256, "index file", hint, remember_in=store.root / RECORDS_FOLDER)
     params = IndexParams.from_json(record.params)
     index = _parse(path, hint, lambda: ui.Index.restore(str(path), view=True,
                                                         expansion_search=params.expansion_search))
