@@ -49,31 +49,11 @@ def fake_store(root: Path, n: int, dims: dict[str, int], shard_rows: int = 10_00
     Image rows are bulk-inserted with fake sha256 values; vectors go through the
     normal ``append_vectors`` path in shards of ``shard_rows``.
     """
-    import numpy as np
-    from sqlalchemy import insert
-
-    from featurestore.catalog.schema import Dataset, Image
     from featurestore.config import Settings
-    from featurestore.features.base import FeatureSpec
     from featurestore.store import Store
 
     store = Store.open(Settings.from_env(store=root), create=True)
-    rng = np.random.default_rng(seed)
-    with store.writing():
-        with store.session() as s:
-            ds = Dataset(name="bench")
-            s.add(ds)
-            s.flush()
-            s.execute(insert(Image), [
-                {"sha256": f"{i:064x}", "source_path": f"/nonexistent/{i}.jpg", "width": 1, "height": 1,
-                 "format": "JPEG", "mode": "RGB", "bytes": 1, "label": f"class{i % labels}",
-                 "superclass": f"group{i % labels // 3}", "dataset_id": ds.id} for i in range(n)])
-        ids = np.array([r[0] for r in store.select_images()], dtype=np.int64)
-        for name, dim in dims.items():
-            fs = store.ensure_feature_set(FeatureSpec(name, "bench", dim, {"dim": dim}))
-            for start in range(0, n, shard_rows):
-                chunk = ids[start : start + shard_rows]
-                store.append_vectors(fs, chunk, rng.standard_normal((len(chunk), dim), dtype=np.float32))
+    fake_rows(store, n, dims, shard_rows, seed, labels)
     return store
 
 
