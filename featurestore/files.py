@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,14 +56,22 @@ def open_engine(settings: Settings, create: bool) -> Engine:
         root.mkdir(parents=True)
     elif not root.is_dir():
         raise InvalidInputError(f"store path {root} is a file, not a folder", remedy="another-store", path=root)
-    url = settings.catalog_url
+
+    def folder_lock(_: Engine) -> AbstractContextManager[None]:
+        for sub in ("features", "models", "artifacts"):
+            (root / sub).mkdir(exist_ok=True)
+        return write_lock(root, settings.lock_timeout)
+
+    return _migrated_engine(settings.catalog_url, create, folder_lock)
+
+
+def _migrated_engine(url: str, create: bool, lock: Callable[[Engine], AbstractContextManager[None]]) -> Engine:
+    """The catalog's engine with its schema current; a store being created is migrated under ``lock``
+    (two first writers must not both create the schema), a closed engine on any error."""
     engine = database.make_engine(url)
     try:
         if create and not database.is_current(engine, url):
-            # Two first writers must not both create the schema: migrate under the write lock.
-            for sub in ("features", "models", "artifacts"):
-                (root / sub).mkdir(exist_ok=True)
-            with write_lock(root, settings.lock_timeout):
+            with lock(engine):
                 database.ensure_schema(engine, url, create=True)
         else:
             database.ensure_schema(engine, url, create=False)
@@ -81,18 +89,8 @@ def _open_bucket(settings: Settings, create: bool) -> Engine:
     assert url is not None
     BucketStorage(url, settings).probe()  # a missing bucket, bad credentials, no server: one line, now
     work_folder(settings).mkdir(parents=True, exist_ok=True)
-    catalog_url = settings.catalog_url
-    engine = database.make_engine(catalog_url)
-    try:
-        if create and not database.is_current(engine, catalog_url):
-            with advisory_lock(engine, url, settings.lock_timeout):
-                database.ensure_schema(engine, catalog_url, create=True)
-        else:
-            database.ensure_schema(engine, catalog_url, create=False)
-    except Exception:
-        engine.dispose()
-        raise
-    return engine
+    return _migrated_engine(settings.catalog_url, create,
+                            lambda engine: advisory_lock(engine, url, settings.lock_timeout))
 
 
 class StoreFiles:
