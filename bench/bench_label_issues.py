@@ -191,9 +191,9 @@ def in_sample_ranking(store: Any, run_id: int, ids: np.ndarray) -> np.ndarray:
     catalog = store.catalog
     pos = {int(i): k for k, i in enumerate(ids)}
     stored = catalog.run_predictions_of(run_id, ids.tolist())
-    score = -np.array([stored[int(i)][1] for i in ids])
-    for image_id, _truth, _pred, prob in catalog.confident_mistakes(catalog.run_facts(run_id), limit=len(ids)):
-        score[pos[image_id]] = prob
+    score = -np.array([stored[int(i)].probability for i in ids])
+    for wrong in catalog.confident_mistakes(catalog.run_facts(run_id), limit=len(ids)):
+        score[pos[wrong.image_id]] = wrong.probability
     return score
 
 

@@ -67,7 +67,7 @@ def part_ray(root: Path, model: str, batch: int, workers: list[int]) -> dict[str
                     summary = extract_on_ray(store, [cnn_extractor(store, model, batch_size=batch)], address="local",
                                              workers=w, batch_size=batch, image_ids=ids)
                     seconds = time.perf_counter() - t
-                    shards = store.coverage()[0][4]
+                    shards = store.coverage()[0].shards
             assert summary.processed > 0 and not summary.failed, summary
             out[key] = {"seconds": seconds, "n": summary.processed, "shards": shards}
     return out

@@ -20,7 +20,8 @@ def list_(fmt: common.Format = typer.Option(common.Format.table, "--format", "-f
     Example: fs datasets list --format csv
     """
     with common.open_store() as store:
-        rows = [{"dataset": n, "images": c, "created": t} for n, c, t in store.catalog.dataset_counts()]
+        rows = [{"dataset": d.name, "images": d.images, "created": d.created_at}
+                for d in store.catalog.dataset_counts()]
     common.emit(rows, fmt, ["dataset", "images", "created"])
 
 
@@ -34,15 +35,16 @@ def show(name: str = typer.Argument(..., help="Dataset name (see `fs datasets li
     with common.open_store() as store:
         labels = store.catalog.dataset_labels(name)
         overlaps = store.catalog.dataset_overlaps(name)
-    rows = [{"superclass": sc, "label": lb, "images": n} for sc, lb, n in labels]
+    rows = [{"superclass": c.superclass, "label": c.label, "images": c.images} for c in labels]
+    total = sum(c.images for c in labels)
     if fmt == common.Format.json:
-        typer.echo(json.dumps({"dataset": name, "images": sum(n for *_, n in labels), "labels": rows,
-                               "overlap": [{"dataset": d, "images": n} for d, n in overlaps]}, indent=2))
+        typer.echo(json.dumps({"dataset": name, "images": total, "labels": rows,
+                               "overlap": [{"dataset": o.dataset, "images": o.images} for o in overlaps]}, indent=2))
         return
     common.emit(rows, fmt, ["superclass", "label", "images"])
-    common.err(f"{name}: {sum(n for *_, n in labels)} images")
-    for other, n in overlaps:
-        common.err(f"  {n} of them also in {other} (`fs datasets overlap {name} {other}`)")
+    common.err(f"{name}: {total} images")
+    for o in overlaps:
+        common.err(f"  {o.images} of them also in {o.dataset} (`fs datasets overlap {name} {o.dataset}`)")
 
 
 @app.command("overlap")

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from featurestore import vectors
 from featurestore.catalog import feature_versions as versions
-from featurestore.catalog.repository import Catalog, check_name
+from featurestore.catalog.repository import Catalog, ImageRow, SetCoverage, ShardTally, check_name
 from featurestore.catalog.schema import FeatureSet as FeatureSetRow
 from featurestore.catalog.schema import Run
 from featurestore.config import Settings
@@ -55,7 +55,7 @@ from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
 from featurestore.io.verified import digest_written
 from featurestore.shards import ShardSource, write_shard
-from featurestore.vectors import FeatureMatrix, ImageRow, RegisteredSet, ShardPart
+from featurestore.vectors import FeatureMatrix, RegisteredSet, ShardPart
 
 if TYPE_CHECKING:
 
@@ -64,16 +64,6 @@ if TYPE_CHECKING:
     from featurestore.search import index as ann_index
     from featurestore.search.cache import SearchCache, SetState
     from featurestore.search.kernel import VectorIndex
-
-
-class SetCoverage(NamedTuple):
-    """One feature set's coverage (:meth:`Store.coverage`): images with a readable vector, shards present."""
-
-    name: str
-    kind: str
-    dim: int
-    images: int
-    shards: int
 
 
 class Compacted(NamedTuple):
@@ -217,7 +207,7 @@ class Store:
         image_ids: Sequence[int] | None = None,
     ) -> list[ImageRow]:
         """(id, source_path, label, superclass) of the selected images, by id."""
-        return [ImageRow(*r) for r in self.catalog.image_rows(dataset, labelled_only, image_ids, ids_only=False)]
+        return self.catalog.image_rows(dataset, labelled_only, image_ids)
 
     # -- feature sets ----------------------------------------------------------------
     def feature_sets(self) -> list[FeatureSetHandle]:
@@ -369,8 +359,9 @@ class Store:
         found = self.present(list(refs.values()))
         gone = [i for i, p in refs.items() if p not in found]
         lost = self.catalog.rows_in_shards(gone) if gone else {}
-        return [SetCoverage(n, k, d, c - lost.get(n, (0, 0))[0], sh - lost.get(n, (0, 0))[1])
-                for n, k, d, c, sh in self.catalog.coverage()]
+        none = ShardTally(0, 0)
+        return [row._replace(images=row.images - lost.get(row.name, none).rows,
+                             shards=row.shards - lost.get(row.name, none).shards) for row in self.catalog.coverage()]
 
     # -- reading -------------------------------------------------------------------
     def read_matrix(
@@ -412,8 +403,7 @@ class Store:
                      version: int | Mapping[str, int] | None = None) -> FeatureMatrix:
         sets = [self.feature_set(n, version.get(n) if isinstance(version, Mapping) else version)
                 for n in feature_sets]
-        ids = np.array([r[0] for r in self.catalog.image_rows(dataset, labelled_only, image_ids, ids_only=True)],
-                       dtype=np.int64)
+        ids = np.array(self.catalog.selected_image_ids(dataset, labelled_only, image_ids), dtype=np.int64)
         X = np.empty((len(ids), sum(fs.dim for fs in sets)), dtype=np.float32)
         present = {fs.id: np.zeros(len(ids), dtype=bool) for fs in sets}
         blocks: dict[str, tuple[int, int]] = {}
@@ -579,9 +569,9 @@ class Store:
         info = self.catalog.status()
         total = info["images"]
         info["feature_sets"] = [
-            {"feature_set": n, "kind": k, "dim": d, "images": c, "coverage": (c / total if total else 0.0),
-             "shards": sh}
-            for n, k, d, c, sh in self.coverage()
+            {"feature_set": row.name, "kind": row.kind, "dim": row.dim, "images": row.images,
+             "coverage": (row.images / total if total else 0.0), "shards": row.shards}
+            for row in self.coverage()
         ]
         return info
 

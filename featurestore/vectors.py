@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from featurestore.catalog.repository import Catalog, LiveShard
+from featurestore.catalog.repository import Catalog, ImageRow, LiveShard
 from featurestore.errors import DimensionMismatchError, IntegrityError
 from featurestore.shards import (
     ShardSource,
@@ -41,15 +41,6 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from featurestore.config import Settings
-
-
-class ImageRow(NamedTuple):
-    """One image as the store lists it (``Store.select_images``)."""
-
-    id: int
-    source_path: str
-    label: str | None
-    superclass: str | None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Connection, delete, func, insert, select
@@ -36,6 +36,30 @@ class LiveShard:
     rows: int
     live: int
     sha256: str | None = None  # of the file's bytes at registration (None: registered before 0011)
+
+
+class SetCoverage(NamedTuple):
+    """One feature set's coverage: images with a vector, shards (``Store.coverage`` counts readable ones)."""
+
+    name: str
+    kind: str
+    dim: int
+    images: int
+    shards: int
+
+
+class ShardTally(NamedTuple):
+    """Catalog rows and shards of one feature set among some shards."""
+
+    rows: int
+    shards: int
+
+
+class ShardSize(NamedTuple):
+    """A shard's id and how many rows its file holds."""
+
+    id: int
+    rows: int
 
 
 def _live_counts(conn: Connection, feature_set_id: int, shard_ids: set[int] | None = None) -> dict[int, int]:
@@ -94,7 +118,7 @@ class FeatureSets(Repository):
             return conn.execute(select(FeatureRow.image_id).where(
                 FeatureRow.feature_set_id == feature_set_id, FeatureRow.image_id == int(image_id))).first() is not None
 
-    def coverage(self) -> list[tuple[str, str, int, int, int]]:
+    def coverage(self) -> list[SetCoverage]:
         """(name, kind, dim, images with a vector, shards) per feature set."""
         with self.session() as s:
             rows = s.execute(select(
@@ -102,7 +126,7 @@ class FeatureSets(Repository):
                 select(func.count()).where(FeatureRow.feature_set_id == FeatureSet.id).scalar_subquery(),
                 select(func.count()).where(FeatureShard.feature_set_id == FeatureSet.id).scalar_subquery(),
             ).where(newest_only()).order_by(FeatureSet.name))
-            return [tuple(r) for r in rows]  # type: ignore[misc]
+            return [SetCoverage(str(n), str(k), int(d), int(c), int(sh)) for n, k, d, c, sh in rows]
 
     # -- shards ---------------------------------------------------------------------------
     def shard_refs(self) -> dict[int, str]:
@@ -110,9 +134,9 @@ class FeatureSets(Repository):
         with self.session() as s:
             return {int(i): str(p) for i, p in s.execute(select(FeatureShard.id, FeatureShard.path))}
 
-    def rows_in_shards(self, shard_ids: Sequence[int]) -> dict[str, tuple[int, int]]:
-        """feature set name -> (catalog rows, shards) among ``shard_ids``."""
-        out: dict[str, tuple[int, int]] = {}
+    def rows_in_shards(self, shard_ids: Sequence[int]) -> dict[str, ShardTally]:
+        """feature set name -> its catalog rows and shards among ``shard_ids``."""
+        out: dict[str, ShardTally] = {}
         with self.session() as s:
             for part in chunks(list(shard_ids)):
                 for name, rows, shards in s.execute(
@@ -121,8 +145,8 @@ class FeatureSets(Repository):
                         .join(FeatureShard, FeatureShard.feature_set_id == FeatureSet.id)
                         .join(FeatureRow, FeatureRow.shard_id == FeatureShard.id, isouter=True)
                         .where(FeatureShard.id.in_(part)).group_by(FeatureSet.name)):
-                    r0, s0 = out.get(str(name), (0, 0))
-                    out[str(name)] = (r0 + int(rows), s0 + int(shards))
+                    before = out.get(str(name), ShardTally(0, 0))
+                    out[str(name)] = ShardTally(before.rows + int(rows), before.shards + int(shards))
         return out
 
     def shard_paths(self) -> set[str]:
@@ -197,9 +221,9 @@ class FeatureSets(Repository):
             return [int(i) for i in conn.execute(select(FeatureRow.image_id).where(
                 FeatureRow.feature_set_id == feature_set_id).order_by(FeatureRow.image_id)).scalars()]
 
-    def shard_fingerprint(self, feature_set_id: int) -> list[tuple[int, int]]:
-        """(shard id, rows) of the set's shards: changes whenever vectors are added, replaced or compacted."""
-        return [(s.id, s.rows) for s in self.shards(feature_set_id)]
+    def shard_fingerprint(self, feature_set_id: int) -> list[ShardSize]:
+        """Id and rows of the set's shards: changes whenever vectors are added, replaced or compacted."""
+        return [ShardSize(s.id, s.rows) for s in self.shards(feature_set_id)]
 
     def live_shards(self, feature_set_id: int, count: Sequence[int] | None = None) -> list[LiveShard]:
         """The shards of a feature set with their live row counts, in shard order.

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, delete, func, select
 from sqlalchemy.orm import Session
@@ -129,16 +129,23 @@ def record_run(s: Session, run_id: int, pins: Mapping[str, int]) -> None:
 # -- reading ---------------------------------------------------------------------------------------------
 
 
+class StoredVersion(NamedTuple):
+    """Version ``version`` of a set and the ``feature_sets`` row name holding it."""
+
+    version: int
+    row_name: str
+
+
 class FeatureVersions(Repository):
     """Reading feature-set versions and the versions runs read."""
 
-    def versions_of(self, name: str) -> list[tuple[int, str]]:
-        """(version, row name) of every version of ``name``, oldest first (empty: no such set)."""
+    def versions_of(self, name: str) -> list[StoredVersion]:
+        """Every version of ``name`` and the row holding it, oldest first (empty: no such set)."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(FeatureSetVersion.version, FeatureSet.name)
                                 .join(FeatureSet, FeatureSet.id == FeatureSetVersion.feature_set_id)
                                 .where(FeatureSetVersion.name == name).order_by(FeatureSetVersion.version)).all()
-        return [(int(v), str(n)) for v, n in rows]
+        return [StoredVersion(int(v), str(n)) for v, n in rows]
 
 
     def resolve_version(self, name: str, version: int | None) -> str:
@@ -154,12 +161,12 @@ class FeatureVersions(Repository):
         if version is None:
             return name
         have = self.versions_of(name)
-        for v, stored in have:
-            if v == int(version):
-                return stored
+        for found in have:
+            if found.version == int(version):
+                return found.row_name
         if not have:
             raise NotFoundError("feature set", name, [], remedy="create-set")
-        raise VersionNotFoundError(name, int(version), [v for v, _ in have])
+        raise VersionNotFoundError(name, int(version), [v.version for v in have])
 
 
     def pin_versions(self, names: Iterable[str], version: int | Mapping[str, int] | None) -> dict[str, int]:
@@ -169,17 +176,17 @@ class FeatureVersions(Repository):
         for name in dict.fromkeys(names):
             want = version.get(name) if isinstance(version, Mapping) else version
             have = self.versions_of(name)
-            current = [v for v, stored in have if stored == name]
+            current = [v.version for v in have if v.row_name == name]
             if want is None:
                 if not current:  # a set without a version row (not expected): read as it is, unpinned
                     continue
                 out[name] = current[0]
-            elif int(want) in {v for v, _ in have}:
+            elif int(want) in {v.version for v in have}:
                 out[name] = int(want)
             elif not have:
                 raise NotFoundError("feature set", name, [], remedy="create-set")
             else:
-                raise VersionNotFoundError(name, int(want), [v for v, _ in have])
+                raise VersionNotFoundError(name, int(want), [v.version for v in have])
         return out
 
 

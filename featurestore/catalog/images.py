@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import delete, exists, func, insert, select, update
@@ -38,6 +39,70 @@ class ImageFile:
     format: str
 
 
+class ImageRow(NamedTuple):
+    """One image as the store lists it (``Store.select_images``)."""
+
+    id: int
+    source_path: str
+    label: str | None
+    superclass: str | None
+
+
+class DatasetCount(NamedTuple):
+    """A dataset, how many images are its members and when it was made."""
+
+    name: str
+    images: int
+    created_at: datetime | None
+
+
+class LabelCount(NamedTuple):
+    """How many images carry one (superclass, label) pair."""
+
+    superclass: str | None
+    label: str | None
+    images: int
+
+
+class DatasetOverlap(NamedTuple):
+    """Another dataset and how many images it shares with the one asked about."""
+
+    dataset: str
+    images: int
+
+
+class PathLabel(NamedTuple):
+    """Where an image was ingested from, and its label."""
+
+    source_path: str
+    label: str | None
+
+
+class ImageLabels(NamedTuple):
+    """An image's label and superclass."""
+
+    label: str | None
+    superclass: str | None
+
+
+class StoredContent(NamedTuple):
+    """A catalogued image found by its content hash (``fs ingest`` meeting bytes it has seen)."""
+
+    image_id: int
+    label: str | None
+    superclass: str | None
+    source_path: str
+    member: bool  # already a member of the dataset being ingested
+
+
+class ImageDetail(NamedTuple):
+    """One image's catalog row, the datasets it belongs to and the feature sets it has a vector in."""
+
+    image: Image
+    datasets: list[str]
+    feature_sets: list[str]
+
+
 class Images(Repository):
     """Queries on images, datasets and their members."""
 
@@ -51,26 +116,26 @@ class Images(Repository):
             s.flush()
         return ds.id
 
-    def dataset_counts(self) -> list[tuple[str, int, Any]]:
-        """(name, member images, created_at) per dataset, by name."""
+    def dataset_counts(self) -> list[DatasetCount]:
+        """Name, member images and creation time of each dataset, by name."""
         with self.session() as s:
             rows = s.execute(select(Dataset.name, func.count(DatasetMember.image_id), Dataset.created_at)
                              .join(DatasetMember, DatasetMember.dataset_id == Dataset.id, isouter=True)
                              .group_by(Dataset.id, Dataset.name, Dataset.created_at).order_by(Dataset.name)).all()
-        return [(str(n), int(c), t) for n, c, t in rows]
+        return [DatasetCount(str(n), int(c), t) for n, c, t in rows]
 
-    def dataset_labels(self, name: str) -> list[tuple[str | None, str | None, int]]:
-        """(superclass, label, images) of one dataset's members."""
+    def dataset_labels(self, name: str) -> list[LabelCount]:
+        """Images per (superclass, label) among one dataset's members."""
         with self.session() as s:
             ds = self.dataset_id(s, name)
             rows = s.execute(select(Image.superclass, Image.label, func.count())
                              .join(DatasetMember, DatasetMember.image_id == Image.id)
                              .where(DatasetMember.dataset_id == ds)
                              .group_by(Image.superclass, Image.label).order_by(Image.superclass, Image.label)).all()
-        return [(sc, lb, int(n)) for sc, lb, n in rows]
+        return [LabelCount(sc, lb, int(n)) for sc, lb, n in rows]
 
-    def dataset_overlaps(self, name: str) -> list[tuple[str, int]]:
-        """(other dataset, images in both) for every dataset sharing images with ``name``."""
+    def dataset_overlaps(self, name: str) -> list[DatasetOverlap]:
+        """Every other dataset sharing images with ``name``, with how many images are in both."""
         other = DatasetMember.__table__.alias("other")
         with self.session() as s:
             ds = self.dataset_id(s, name)
@@ -80,7 +145,7 @@ class Images(Repository):
                              .join(Dataset, Dataset.id == other.c.dataset_id)
                              .where(DatasetMember.dataset_id == ds, other.c.dataset_id != ds)
                              .group_by(Dataset.name).order_by(Dataset.name)).all()
-        return [(str(n), int(c)) for n, c in rows]
+        return [DatasetOverlap(str(n), int(c)) for n, c in rows]
 
     def dataset_overlap(self, a: str, b: str) -> int:
         """How many images belong to both datasets."""
@@ -96,10 +161,19 @@ class Images(Repository):
         return {int(i) for i in self.image_ids_where(dataset=name)}
 
     # -- images ----------------------------------------------------------------------
-    def image_rows(self, dataset: str | None, labelled_only: bool, image_ids: Sequence[int] | None,
-                   ids_only: bool) -> list[Any]:
-        """(id,) or (id, source_path, label, superclass) of the selected images, by id."""
-        cols = [Image.id] if ids_only else [Image.id, Image.source_path, Image.label, Image.superclass]
+    def image_rows(self, dataset: str | None, labelled_only: bool, image_ids: Sequence[int] | None
+                   ) -> list[ImageRow]:
+        """The selected images, by id."""
+        return [ImageRow(*r) for r in self._selected(dataset, labelled_only, image_ids,
+                                                     [Image.id, Image.source_path, Image.label, Image.superclass])]
+
+    def selected_image_ids(self, dataset: str | None, labelled_only: bool, image_ids: Sequence[int] | None
+                           ) -> list[int]:
+        """Ids of the images :meth:`image_rows` would return, ascending."""
+        return [int(r[0]) for r in self._selected(dataset, labelled_only, image_ids, [Image.id])]
+
+    def _selected(self, dataset: str | None, labelled_only: bool, image_ids: Sequence[int] | None,
+                  cols: list[Any]) -> list[tuple[Any, ...]]:
         q = select(*cols).order_by(Image.id)
         if dataset is not None:
             with self.session() as s:
@@ -132,18 +206,18 @@ class Images(Repository):
             found = conn.execute(select(Image.id).where(Image.sha256 == sha256)).scalar()
         return None if found is None else int(found)
 
-    def image_paths_labels(self, image_ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
-        """image id -> (source path, label)."""
-        out: dict[int, tuple[str, str | None]] = {}
+    def image_paths_labels(self, image_ids: Sequence[int]) -> dict[int, PathLabel]:
+        """image id -> its source path and label."""
+        out: dict[int, PathLabel] = {}
         ids = [int(i) for i in image_ids]
         with self.engine.connect() as conn:
             for part in chunks(ids, 500):
                 for i, p, lb in conn.execute(select(Image.id, Image.source_path, Image.label)
                                              .where(Image.id.in_(part))):
-                    out[int(i)] = (str(p), lb)
+                    out[int(i)] = PathLabel(str(p), lb)
         return out
 
-    def image_detail(self, image_id: int) -> tuple[Image, list[str], list[str]] | None:
+    def image_detail(self, image_id: int) -> ImageDetail | None:
         """The image row, the datasets it belongs to and the feature sets it has a vector in."""
         with self.session() as s:
             img = s.get(Image, image_id)
@@ -153,7 +227,7 @@ class Images(Repository):
                                       .where(DatasetMember.image_id == image_id).order_by(Dataset.name)))
             sets = list(s.scalars(select(FeatureSet.name).join(FeatureRow, FeatureRow.feature_set_id == FeatureSet.id)
                                   .where(FeatureRow.image_id == image_id, newest_only()).order_by(FeatureSet.name)))
-            return img, datasets, sets
+            return ImageDetail(img, datasets, sets)
 
     def image_ids_where(self, label: str | None = None, dataset: str | None = None) -> np.ndarray:
         """Ids of the images with ``label`` and/or in ``dataset`` (bound parameters only)."""
@@ -176,16 +250,16 @@ class Images(Repository):
         return [int(i) for i in s.scalars(insert(Image).returning(Image.id), rows).all()]
 
     def stored_contents(self, s: Session, shas: Sequence[str], dataset_id: int
-                        ) -> dict[str, tuple[int, str | None, str | None, str, bool]]:
-        """sha256 -> (image id, label, superclass, source path, member of ``dataset_id``) of stored contents."""
-        out: dict[str, tuple[int, str | None, str | None, str, bool]] = {}
+                        ) -> dict[str, StoredContent]:
+        """sha256 -> the stored image with that content (and whether it is a member of ``dataset_id``)."""
+        out: dict[str, StoredContent] = {}
         member = select(DatasetMember.image_id).where(DatasetMember.dataset_id == dataset_id,
                                                       DatasetMember.image_id == Image.id).exists()
         for part in chunks(list(dict.fromkeys(shas))):
             for sha, i, lb, sc, path, is_member in s.execute(
                     select(Image.sha256, Image.id, Image.label, Image.superclass, Image.source_path, member)
                     .where(Image.sha256.in_(part))):
-                out[str(sha)] = (int(i), lb, sc, str(path), bool(is_member))
+                out[str(sha)] = StoredContent(int(i), lb, sc, str(path), bool(is_member))
         return out
 
     def add_members(self, s: Session, dataset_id: int, members: Sequence[tuple[int, str]], now: Any) -> None:
@@ -256,7 +330,7 @@ class Images(Repository):
 
     def paths_of(self, image_ids: Sequence[int]) -> dict[int, str]:
         """Image id -> the path it was ingested from."""
-        return {i: path for i, (path, _) in self.image_paths_labels(image_ids).items()}
+        return {i: found.source_path for i, found in self.image_paths_labels(image_ids).items()}
 
     def save_as_dataset(self, name: str, image_ids: Sequence[int]) -> int:
         """Create dataset ``name`` whose members are ``image_ids`` (one transaction); returns its member count.
@@ -294,13 +368,13 @@ class Images(Repository):
                                .where(Image.id == image_id)).first()
         return None if row is None else ImageFile(int(row[0]), str(row[1]), str(row[2]), int(row[3]), str(row[4]))
 
-    def labels_of(self, image_ids: Iterable[int]) -> dict[int, tuple[str | None, str | None]]:
-        """(label, superclass) of each image id."""
+    def labels_of(self, image_ids: Iterable[int]) -> dict[int, ImageLabels]:
+        """Label and superclass of each image id."""
         ids = [int(i) for i in image_ids]
-        out: dict[int, tuple[str | None, str | None]] = {}
+        out: dict[int, ImageLabels] = {}
         with self.engine.connect() as conn:
             for chunk in chunks(ids, 500):
                 for i, lb, sc in conn.execute(select(Image.id, Image.label, Image.superclass)
                                               .where(Image.id.in_(chunk))):
-                    out[int(i)] = (lb, sc)
+                    out[int(i)] = ImageLabels(lb, sc)
         return out

@@ -9,7 +9,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -39,11 +39,25 @@ class IndexRecord:
     created_at: datetime
 
 
-def index_key(row: Sequence[Any]) -> tuple[int, str, str]:
-    """``(id, sha256, params as JSON text)`` of an index row read as (id, sha256, params): what a search compares
-    to tell whether its loaded index is still the registered one (PostgreSQL returns JSON decoded, SQLite as text)."""
+class IndexKey(NamedTuple):
+    """What a search compares to tell whether its loaded index is still the registered one."""
+
+    id: int
+    sha256: str
+    params: str  # as JSON text
+
+
+class IndexState(NamedTuple):
+    """What a search checks before each use of a set's index (:meth:`Indexes.index_state`)."""
+
+    key: IndexKey | None  # None: the set has no index
+    shards: list[LiveShard]
+
+
+def index_key(row: Sequence[Any]) -> IndexKey:
+    """The key of an index row read as (id, sha256, params) (PostgreSQL returns JSON decoded, SQLite as text)."""
     params = row[2] if isinstance(row[2], str) else json.dumps(row[2], sort_keys=True)
-    return int(row[0]), str(row[1]), params
+    return IndexKey(int(row[0]), str(row[1]), params)
 
 
 def _select() -> Any:
@@ -69,11 +83,11 @@ class Indexes(Repository):
             row = conn.execute(_select().where(AnnIndex.feature_set_id == int(feature_set_id))).first()
         return _record(row) if row is not None else None
 
-    def index_state(self, feature_set_id: int) -> tuple[tuple[int, str, str] | None, list[LiveShard]]:
+    def index_state(self, feature_set_id: int) -> IndexState:
         """What a search checks before each use of an index, in one cheap round trip.
 
-        Returns ``(id, sha256, params as JSON text)`` of the set's index (None when it
-        has none) and the set's shards with ``live = rows`` (not counted). Plain driver
+        Returns the key of the set's index (None when it has none) and the set's
+        shards with ``live = rows`` (not counted; none when there is no index). Plain driver
         SQL: the ORM's per-statement overhead was most of an indexed query's time. The
         only values rendered into the SQL are integers.
         """
@@ -84,14 +98,14 @@ class Indexes(Repository):
                 cur.execute(f"SELECT id, sha256, params FROM vector_indexes WHERE feature_set_id = {fid}")
                 row = cur.fetchone()
                 if row is None:
-                    return None, []
+                    return IndexState(None, [])
                 cur.execute("SELECT id, path, rows, sha256 FROM feature_shards "
                             f"WHERE feature_set_id = {fid} ORDER BY id")
                 shards = cur.fetchall()
             finally:
                 cur.close()
         live = [LiveShard(int(i), str(p), int(n), int(n), h) for i, p, n, h in shards]
-        return index_key(row), live
+        return IndexState(index_key(row), live)
 
     def list_indexes(self) -> list[IndexRecord]:
         """Every registered index, by feature set name."""

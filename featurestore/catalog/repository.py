@@ -18,9 +18,10 @@ class per aggregate, each in its own module:
 
 One style: each repository is a class whose methods read ``self.engine``, run their own short
 transaction, or join the caller's transaction when given its :class:`~sqlalchemy.orm.Session` ``s``;
-rows come back as plain values or frozen dataclasses. The rest of the library reaches SQL only through
-``store.catalog`` (a :class:`Catalog`). User-written SQL (``fs sql``, ``--where``) runs on a separate
-read-only connection (:mod:`featurestore.catalog.readonly`), never through this class.
+rows come back as plain values, frozen dataclasses or NamedTuples (never bare tuples read by index).
+The rest of the library reaches SQL only through ``store.catalog`` (a :class:`Catalog`). User-written
+SQL (``fs sql``, ``--where``) runs on a separate read-only connection
+(:mod:`featurestore.catalog.readonly`), never through this class.
 
 The record types and constants of the aggregates are re-exported here for the callers that name them.
 """
@@ -32,22 +33,47 @@ from featurestore.catalog.audits import Audits
 from featurestore.catalog.browse import MAX_PAGE, OUTCOMES, SORTS, Browse, Facets, ImageFilter, Page, Tile
 from featurestore.catalog.common import CHUNK, NAME_RE, check_ids, check_name, chunks
 from featurestore.catalog.exports import Exports
-from featurestore.catalog.feature_sets import FeatureSets, LiveShard, ShardRef
-from featurestore.catalog.feature_versions import FeatureVersions
-from featurestore.catalog.images import DatasetExistsError, ImageFile, Images
-from featurestore.catalog.indexes import IndexChangedError, Indexes, IndexRecord
+from featurestore.catalog.feature_sets import FeatureSets, LiveShard, SetCoverage, ShardRef, ShardSize, ShardTally
+from featurestore.catalog.feature_versions import FeatureVersions, StoredVersion
+from featurestore.catalog.images import (
+    DatasetCount,
+    DatasetExistsError,
+    DatasetOverlap,
+    ImageDetail,
+    ImageFile,
+    ImageLabels,
+    ImageRow,
+    Images,
+    LabelCount,
+    PathLabel,
+    StoredContent,
+)
+from featurestore.catalog.indexes import IndexChangedError, Indexes, IndexKey, IndexRecord, IndexState
 from featurestore.catalog.labels import Labels
 from featurestore.catalog.models import Models
 from featurestore.catalog.run_images import RunImageSets
 from featurestore.catalog.run_notes import RunNotes
 from featurestore.catalog.run_outcomes import RunOutcomes
-from featurestore.catalog.runs import PredictionCoverage, RunFacts, SplitRow
-from featurestore.catalog.versions import Versions
+from featurestore.catalog.runs import (
+    ConfusionCount,
+    Mistake,
+    PredictedLabel,
+    PredictionCoverage,
+    RunFacts,
+    SplitRow,
+    StoredPrediction,
+)
+from featurestore.catalog.versions import RowsAtVersion, VectorAt, VectorLocation, Versions
 
 __all__ = [
     "CHUNK", "FINDING_KINDS", "MAX_PAGE", "NAME_RE", "OUTCOMES", "SORTS", "Catalog", "DatasetExistsError",
     "Facets", "ImageFile", "ImageFilter", "IndexChangedError", "IndexRecord", "LiveShard", "Page",
     "PredictionCoverage", "RunFacts", "ShardRef", "SplitRow", "Tile", "check_ids", "check_name", "chunks",
+    # records the repositories return instead of tuples
+    "ConfusionCount", "DatasetCount", "DatasetOverlap", "ImageDetail", "ImageLabels", "ImageRow", "IndexKey",
+    "IndexState", "LabelCount", "Mistake", "PathLabel", "PredictedLabel", "RowsAtVersion",
+    "SetCoverage", "ShardSize", "ShardTally", "StoredContent", "StoredPrediction", "StoredVersion", "VectorAt",
+    "VectorLocation",
 ]
 
 

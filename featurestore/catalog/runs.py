@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, case, delete, func, insert, not_, null, select
 from sqlalchemy.orm import Session
@@ -49,6 +49,39 @@ class RunFacts:
             raise InvalidInputError(f"run {self.id} has no test-set predictions (it was not scored on a fixed "
                                     "test dataset); use its stored predictions")
         return wanted or ("test" if self.test_predictions else "stored")
+
+
+class StoredPrediction(NamedTuple):
+    """A run's stored prediction of one image."""
+
+    label: str
+    probability: float
+    top5: list[Any]  # [{"label": ..., "probability": ...}, ...] as stored
+    predicted_at: datetime
+
+
+class PredictedLabel(NamedTuple):
+    """A run's predicted label of an image and its probability."""
+
+    label: str
+    probability: float
+
+
+class ConfusionCount(NamedTuple):
+    """How many of a run's predictions of labelled images had this (truth, predicted) pair."""
+
+    truth: str
+    predicted: str
+    images: int
+
+
+class Mistake(NamedTuple):
+    """A wrong prediction of a run (``probability`` None: a test-set prediction, which keeps none)."""
+
+    image_id: int
+    truth: str
+    predicted: str
+    probability: float | None
 
 
 @dataclass(frozen=True)
@@ -204,29 +237,29 @@ class Runs(Repository):
         with self.engine.connect() as conn:
             return {int(r): int(n) for r, n in conn.execute(select(run_id, func.count()).group_by(run_id))}
 
-    def image_predictions(self, image_id: int) -> dict[int, tuple[str, float, list[Any], datetime]]:
-        """Stored predictions of one image, per run id: (label, probability, top5, predicted_at)."""
+    def image_predictions(self, image_id: int) -> dict[int, StoredPrediction]:
+        """Stored predictions of one image, per run id."""
         # From runs, so each run's (run_id, image_id) unique index is probed (predictions has no image_id index).
         with self.engine.connect() as conn:
             rows = conn.execute(select(Prediction.run_id, Prediction.label, Prediction.probability, Prediction.top5,
                                        Prediction.predicted_at).select_from(Run)
                                 .join(Prediction, and_(Prediction.run_id == Run.id, Prediction.image_id == image_id)))
-            return {int(r[0]): (str(r[1]), float(r[2]), list(r[3] or []), r[4]) for r in rows}
+            return {int(r): StoredPrediction(str(lb), float(p), list(top5 or []), at) for r, lb, p, top5, at in rows}
 
-    def run_predictions_of(self, run_id: int, image_ids: Iterable[int]) -> dict[int, tuple[str, float]]:
-        """(predicted label, probability) of the images that have a stored prediction of ``run_id``."""
+    def run_predictions_of(self, run_id: int, image_ids: Iterable[int]) -> dict[int, PredictedLabel]:
+        """Predicted label and probability of the images that have a stored prediction of ``run_id``."""
         ids = [int(i) for i in image_ids]
-        out: dict[int, tuple[str, float]] = {}
+        out: dict[int, PredictedLabel] = {}
         with self.engine.connect() as conn:
             for chunk in chunks(ids, 500):
                 for i, lb, p in conn.execute(select(Prediction.image_id, Prediction.label, Prediction.probability)
                                              .where(Prediction.run_id == run_id, Prediction.image_id.in_(chunk))):
-                    out[int(i)] = (str(lb), float(p))
+                    out[int(i)] = PredictedLabel(str(lb), float(p))
         return out
 
     def confusion_counts(self, run: RunFacts, held_out_only: bool = False, source: str = "stored"
-                         ) -> list[tuple[str, str, int]]:
-        """(true label, predicted label, images) over the run's predictions of labelled images.
+                         ) -> list[ConfusionCount]:
+        """Images per (true label, predicted label) over the run's predictions of labelled images.
 
         The truth is the image's label, or its superclass for a run trained with ``--target superclass``.
         ``source`` "stored" reads the predictions table, "test" the run's fixed-test evaluation.
@@ -240,7 +273,7 @@ class Runs(Repository):
         if held_out_only and src.kind == "stored":
             q = q.where(not_(_seen_in_training(run)))
         with self.engine.connect() as conn:
-            return [(str(t), str(p), int(n)) for t, p, n in conn.execute(q)]
+            return [ConfusionCount(str(t), str(p), int(n)) for t, p, n in conn.execute(q)]
 
     def prediction_coverage(self, run: RunFacts, source: str = "stored") -> PredictionCoverage:
         truth = _truth(run.target)
@@ -255,9 +288,9 @@ class Runs(Repository):
         return PredictionCoverage(int(stored), int(labelled), int(seen))
 
     def confident_mistakes(self, run: RunFacts, limit: int = 12, held_out_only: bool = False,
-                           source: str = "stored") -> list[tuple[int, str, str, float | None]]:
-        """(image id, truth, predicted, probability) of the run's most confident wrong predictions (test-set
-        predictions keep no probability: those come by image id, probability None)."""
+                           source: str = "stored") -> list[Mistake]:
+        """The run's most confident wrong predictions (test-set predictions keep no probability: those come by
+        image id, probability None)."""
         truth = _truth(run.target)
         src = _Source(run, source)
         q = (select(Image.id, truth, src.label, src.probability).select_from(src.table)
@@ -267,4 +300,5 @@ class Runs(Repository):
         if held_out_only and src.kind == "stored":
             q = q.where(not_(_seen_in_training(run)))
         with self.engine.connect() as conn:
-            return [(int(i), str(t), str(p), None if pr is None else float(pr)) for i, t, p, pr in conn.execute(q)]
+            return [Mistake(int(i), str(t), str(p), None if pr is None else float(pr))
+                    for i, t, p, pr in conn.execute(q)]

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select
 
 from featurestore.catalog.common import Repository
 from featurestore.catalog.database import driver_rows
-from featurestore.catalog.indexes import index_key
+from featurestore.catalog.images import PathLabel
+from featurestore.catalog.indexes import IndexKey, index_key
 from featurestore.catalog.schema import AnnIndex, CatalogVersion, FeatureSet, FeatureShard
 
 
@@ -42,8 +43,7 @@ class ShardFacts:
 class SetSnapshot:
     """A feature set's catalog facts as of ``version``.
 
-    ``index_key`` is (id, sha256, params as JSON text) of its vector index, or
-    None when it has none; ``shards`` are in id order.
+    ``index_key`` names its vector index (None when it has none); ``shards`` are in id order.
     """
 
     version: int
@@ -53,8 +53,30 @@ class SetSnapshot:
     dim: int
     dtype: str
     params: dict[str, Any]
-    index_key: tuple[int, str, str] | None
+    index_key: IndexKey | None
     shards: tuple[ShardFacts, ...]
+
+
+class RowsAtVersion(NamedTuple):
+    """The change counter and some images' paths and labels, read in one statement."""
+
+    version: int
+    rows: dict[int, PathLabel]
+
+
+class VectorAt(NamedTuple):
+    """Where an image's vector is: its shard's path and sha256 (None: registered before 0011), the row in it."""
+
+    path: str
+    row: int
+    sha256: str | None
+
+
+class VectorLocation(NamedTuple):
+    """Whether an image exists, and where its vector is (None: it has none in the set)."""
+
+    exists: bool
+    vector: VectorAt | None
 
 
 class Versions(Repository):
@@ -82,8 +104,8 @@ class Versions(Repository):
         return SetSnapshot(version, fid, name, str(row[1]), int(row[2]), str(row[3]), dict(row[4] or {}), key,
                            tuple(ShardFacts(int(i), str(p), int(n)) for i, p, n in shards))
 
-    def rows_at_version(self, image_ids: Sequence[int]) -> tuple[int, dict[int, tuple[str, str | None]]]:
-        """(the counter, image id -> (source path, label)) in one statement.
+    def rows_at_version(self, image_ids: Sequence[int]) -> RowsAtVersion:
+        """The counter and image id -> (source path, label), in one statement.
 
         Plain driver SQL: the only values rendered into it are integers. The
         counter comes as the row whose image id is NULL (a ``UNION ALL``: both parts
@@ -94,16 +116,16 @@ class Versions(Repository):
                f"SELECT NULL, id, source_path, label FROM images WHERE id IN ({ids})")
         got = driver_rows(self.engine, sql)
         version = next(int(v) for v, i, _, _ in got if i is None)
-        return version, {int(i): (str(p), lb) for _, i, p, lb in got if i is not None}
+        return RowsAtVersion(version, {int(i): PathLabel(str(p), lb) for _, i, p, lb in got if i is not None})
 
     def vector_location(self, feature_set_id: int, image_id: int
-                        ) -> tuple[bool, tuple[str, int, str | None] | None]:
-        """(whether the image exists, (shard path, row, shard sha256) of its vector or None), in one statement."""
+                        ) -> VectorLocation:
+        """Whether the image exists and where its vector is, in one statement."""
         sql = ("SELECT i.id, s.path, r.\"row\", s.sha256 FROM images i LEFT JOIN feature_rows r ON r.image_id = i.id "
                f"AND r.feature_set_id = {int(feature_set_id)} LEFT JOIN feature_shards s ON s.id = r.shard_id "
                f"WHERE i.id = {int(image_id)}")
         rows = driver_rows(self.engine, sql)
         if not rows:
-            return False, None
+            return VectorLocation(False, None)
         got = rows[0]
-        return True, (None if got[1] is None else (str(got[1]), int(got[2]), got[3]))
+        return VectorLocation(True, None if got[1] is None else VectorAt(str(got[1]), int(got[2]), got[3]))

@@ -45,7 +45,7 @@ def render_report(store: Store, run_id: int, held_out_only: bool = False, mistak
         No such run.
     """
     view = run_view(store, run_id, held_out_only=held_out_only, mistakes=mistakes)
-    thumbs = {i: _thumbnail_uri(store, i) for i, *_ in view.mistakes}
+    thumbs = {m.image_id: _thumbnail_uri(store, m.image_id) for m in view.mistakes}
     css = (resources.files("featurestore.http") / "static" / "app.css").read_text(encoding="utf-8")
     return render(
         "report.html", view=view, css=css, csp=REPORT_CSP, version=__version__,

@@ -102,8 +102,8 @@ def audit_leaks(store: Store, threshold: float, dataset: str | None = None, agai
         pairs = cross_pairs(store, grouping, a, b)
         if against is None and run is None:
             pairs = [p for p in pairs if p.a < p.b]  # one dataset: each pair once
-        leaks += [Leak(p.a, p.b, p.similarity, info.get(p.a, ("", None))[1], info.get(p.b, ("", None))[1], where)
-                  for p in pairs]
+        leaks += [Leak(p.a, p.b, p.similarity, info[p.a].label if p.a in info else None,
+                       info[p.b].label if p.b in info else None, where) for p in pairs]
     leaks.sort(key=lambda x: (-x.similarity, x.a, x.b))
     rows = [Finding("leaks", "leak", x.a, x.similarity, {"threshold": threshold, "where": x.where,
                                                           **({"run": run} if run is not None else {})},

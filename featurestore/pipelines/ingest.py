@@ -294,11 +294,10 @@ def _label_conflict(stored: tuple[str | None, str | None, str], c: Candidate) ->
 def _learn_stored(store: Store, s: Any, dataset_id: int, results: list, seen: _Seen) -> None:
     """What the catalog holds of this batch's contents not met yet in this run."""
     shas = [r[0] for _, r in results if not isinstance(r, Exception) and r[0] not in seen.ids]
-    for sha, (image_id, label, superclass, path, member) in store.catalog.stored_contents(s, shas,
-                                                                                         dataset_id).items():
-        seen.ids[sha] = image_id
-        seen.labels[sha] = (label, superclass, path)
-        if member:
+    for sha, found in store.catalog.stored_contents(s, shas, dataset_id).items():
+        seen.ids[sha] = found.image_id
+        seen.labels[sha] = (found.label, found.superclass, found.source_path)
+        if found.member:
             seen.members.add(sha)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from featurestore.catalog.repository import (
+    Mistake,
     PredictionCoverage,
     RunFacts,
     SplitRow,
@@ -38,7 +39,7 @@ class RunView:
     confusion: Confusion
     coverage: PredictionCoverage
     held_out_only: bool
-    mistakes: list[tuple[int, str, str, float | None]] = field(default_factory=list)
+    mistakes: list[Mistake] = field(default_factory=list)
     source_kind: str = "stored"  # "test" or "stored": where the confusion matrix comes from
     stored_predictions: int = 0  # rows in the predictions table (to offer them beside the test set)
 

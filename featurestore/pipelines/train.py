@@ -347,7 +347,7 @@ def _prepare(store: Store, cfg: TrainConfig, features: Sequence[str]) -> _Prepar
         return _Prepared(fm, y, superclass_of, splits, scheme, splits_fingerprint(fm.image_ids, splits),
                          label_version=version, grouping=grouping)
     test_ids = store.catalog.dataset_image_ids(cfg.test_dataset)
-    selected = {int(r[0]) for r in store.catalog.image_rows(cfg.dataset, True, None, ids_only=True)}
+    selected = set(store.catalog.selected_image_ids(cfg.dataset, True, None))
     excluded = len(selected & test_ids)
     fm = store.read_matrix(features, labelled_only=True, image_ids=sorted(selected | test_ids),
                            skip_missing=cfg.skip_missing, version=cfg.versions)

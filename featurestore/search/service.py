@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
+from featurestore.catalog.repository import PathLabel, VectorLocation
 from featurestore.errors import (
     DimensionMismatchError,
     FeatureStoreError,
@@ -178,13 +179,14 @@ def stored_vector(store: SearchStore, feature_set: str | RegisteredSet, image_id
     fs = _set(store, feature_set)
     image_id = int(image_id)
     # Typed errors (HTTP answers 404 / 409 by type); both are also InvalidInputError.
-    exists, loc = (False, None) if not 1 <= image_id <= 2**63 - 1 else \
+    found = VectorLocation(False, None) if not 1 <= image_id <= 2**63 - 1 else \
         store.catalog.vector_location(fs.id, image_id)
-    if not exists:
+    if not found.exists:
         raise ImageNotFoundError(image_id, remedy="list-ids")
-    if loc is None:
+    if (at := found.vector) is None:
         raise NoVectorError(image_id, fs.name, stored=fs, remedy="extract-first-or-image")
-    return np.asarray(read_row(store.shard_source(loc[0], loc[2]), loc[1], loc[2]), dtype=np.float32).reshape(-1)
+    return np.asarray(read_row(store.shard_source(at.path, at.sha256), at.row, at.sha256),
+                      dtype=np.float32).reshape(-1)
 
 
 def query_vector(store: SearchStore, feature_set: str | RegisteredSet, query: Query) -> tuple[np.ndarray, int | None]:
@@ -302,9 +304,9 @@ def search(
                 raise
             cache.drop(feature_set, state)
             continue
-        version, rows = store.catalog.rows_at_version([h.image_id for h in hits])
-        if version == state.version or last:
-            return Found(_results(rows, hits, metric, methods), method, note)
+        now = store.catalog.rows_at_version([h.image_id for h in hits])
+        if now.version == state.version or last:
+            return Found(_results(now.rows, hits, metric, methods), method, note)
         cache.drop(feature_set, state)  # the catalog changed during or before this search: again, on it as it is
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -375,11 +377,14 @@ def _compiled(store: SearchStore, state: SetState, where: str) -> CompiledFilter
     return state.compiled(where, compile_ids)
 
 
-def _results(rows: dict[int, tuple[str, str | None]], hits: list[Hit], metric: str,
+_UNKNOWN = PathLabel("", None)  # an image deleted since it was found
+
+
+def _results(rows: dict[int, PathLabel], hits: list[Hit], metric: str,
              methods: list[str] | None = None) -> list[SearchResult]:
     out = []
     for rank, h in enumerate(hits, start=1):
-        path, label = rows.get(h.image_id, ("", None))
+        path, label = rows.get(h.image_id, _UNKNOWN)
         how = methods[rank - 1] if methods is not None else "exact"
         if metric == "cosine":
             out.append(SearchResult(rank, h.image_id, path, label, distance=1.0 - h.score, similarity=h.score,
@@ -450,7 +455,7 @@ def duplicates(
 def _duplicate_rows(store: SearchStore, groups: list[list[int]]) -> list[DuplicateImage]:
     info = store.catalog.image_paths_labels([i for g in groups for i in g])
     return [
-        DuplicateImage(n, i, *info.get(i, ("", None)))
+        DuplicateImage(n, i, (found := info.get(i, _UNKNOWN)).source_path, found.label)
         for n, group in enumerate(groups, start=1)
         for i in group
     ]

@@ -43,7 +43,7 @@ def _queue(svc: Any, run: int) -> tuple[list[AuditRow], Any]:
     current = svc.store.catalog.labels_of([r.image_id for r in audit.rows if r.flagged])
     # flagged, not marked right, and not relabelled since the run (its label is still the one judged)
     todo = [r for r in audit.rows if r.flagged and r.image_id not in done
-            and current.get(r.image_id, (None,))[0] == r.label]
+            and (current[r.image_id].label if r.image_id in current else None) == r.label]
     return todo, audit
 
 

@@ -20,6 +20,6 @@ def leaks_page(request: Request, svc: Svc, size: Annotated[int, Query(ge=1, le=5
     pairs = catalog.findings(kind="leak", limit=size, highest_first=True)
     labels = catalog.labels_of([i for f in pairs for i in (f.image_id, f.other_image_id) if i is not None])
     rows = [{"a": f.image_id, "b": f.other_image_id, "similarity": f.score, "where": f.detail.get("where", ""),
-             "a_label": labels.get(f.image_id, (None, None))[0],
-             "b_label": labels.get(f.other_image_id or 0, (None, None))[0]} for f in pairs]
+             "a_label": labels[f.image_id].label if f.image_id in labels else None,
+             "b_label": labels[f.other_image_id].label if f.other_image_id in labels else None} for f in pairs]
     return _page(request, "leaks.html", "browse", rows=rows, size=size)

@@ -14,4 +14,4 @@ router = APIRouter(prefix="/v1/datasets", tags=["catalog"], dependencies=[Authen
 @router.get("")
 def list_datasets(store: StoreDep) -> list[DatasetOut]:
     """Datasets with their image counts."""
-    return [DatasetOut(name=n, images=c, created_at=t) for n, c, t in store.catalog.dataset_counts()]
+    return [DatasetOut(name=d.name, images=d.images, created_at=d.created_at) for d in store.catalog.dataset_counts()]

@@ -59,8 +59,9 @@ def _allowed(store: Store, label: str | None, dataset: str | None) -> IdFilter |
 def list_feature_sets(store: StoreDep) -> list[FeatureSetOut]:
     """Feature sets with their coverage (images with a vector / all images) and shard counts."""
     total = store.catalog.image_count()
-    return [FeatureSetOut(name=n, kind=kd, dim=d, images=c, coverage=c / total if total else 0.0, shards=sh)
-            for n, kd, d, c, sh in store.coverage()]
+    return [FeatureSetOut(name=row.name, kind=row.kind, dim=row.dim, images=row.images,
+                          coverage=row.images / total if total else 0.0, shards=row.shards)
+            for row in store.coverage()]
 
 
 @router.get("/{name}/vectors/{image_id}", tags=["feature sets"], responses=ERRORS)

@@ -383,8 +383,9 @@ def _predictions(svc: Any, image_id: int, sets: list[str]) -> list[dict[str, Any
     for run in reversed(list_runs(svc.store)):
         item: dict[str, Any] = {"run": run, "top": [], "source": "", "note": ""}
         if run.id in stored:
-            label, prob, top5, at = stored[run.id]
-            item.update(top=_top(top5) or [(label, prob)], source=f"stored {at:%Y-%m-%d %H:%M}")
+            found = stored[run.id]
+            item.update(top=_top(found.top5) or [(found.label, found.probability)],
+                        source=f"stored {found.predicted_at:%Y-%m-%d %H:%M}")
         elif not run.artifact_path:
             item["note"] = "no final model"  # listed together on the page
         elif not set(run.features) <= set(sets):

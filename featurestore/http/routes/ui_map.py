@@ -98,12 +98,15 @@ def _map_query(params: dict[str, Any], **extra: Any) -> str:
     return _query({**{k: v for k, v in params.items() if k != "sets" and not (k == "scope" and v == "all")}, **extra})
 
 
+_UNLABELLED = q.ImageLabels(None, None)  # an image deleted since the map was drawn
+
+
 def _map_colours(svc: Any, ids: np.ndarray, color: str, run: int | None
                  ) -> tuple[list[str], list[tuple[str, str]], list[str]]:
     info = svc.store.catalog.labels_of(ids.tolist())
     if color in ("label", "superclass"):
-        k = 0 if color == "label" else 1
-        values = [info.get(int(i), (None, None))[k] for i in ids]
+        found = [info.get(int(i), _UNLABELLED) for i in ids]
+        values = [f.label if color == "label" else f.superclass for f in found]
         colours, legend = charts.colour_for(values)
         return colours, legend, ["" if v is None else v for v in values]
     assert run is not None
@@ -120,16 +123,17 @@ def _map_colours(svc: Any, ids: np.ndarray, color: str, run: int | None
     kind = "test-set" if source == "test" else "stored"
     colours, captions = [], []
     for i in ids.tolist():
-        label, superclass = info.get(i, (None, None))
-        truth = superclass if facts.target == "superclass" else label
+        image = info.get(i, _UNLABELLED)
+        truth = image.superclass if facts.target == "superclass" else image.label
         pred = preds.get(i)
         if pred is None or truth is None:
             colours.append(charts.OTHER)
             captions.append(f"{truth or 'unlabelled'}; no {kind} prediction")
         else:
-            colours.append(charts.CORRECT if pred[0] == truth else charts.WRONG)
-            sure = f" ({100 * pred[1]:.0f}%)" if pred[1] is not None else ""
-            captions.append(f"{truth} \u2192 {pred[0]}{sure}")
+            predicted, probability = pred
+            colours.append(charts.CORRECT if predicted == truth else charts.WRONG)
+            sure = f" ({100 * probability:.0f}%)" if probability is not None else ""
+            captions.append(f"{truth} \u2192 {predicted}{sure}")
     legend = [("correct", charts.CORRECT), ("wrong", charts.WRONG), (f"no {kind} prediction / unlabelled",
                                                                      charts.OTHER)]
     return colours, legend, captions
