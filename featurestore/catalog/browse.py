@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, exists, func, not_, or_, select
 from sqlalchemy.orm import aliased
@@ -107,17 +107,32 @@ class Page:
         return self.tiles[-1].id if self.tiles else None
 
 
-@dataclass
+class MenuCount(NamedTuple):
+    """One value offered by a filter menu and how many images have it."""
+
+    value: str
+    images: int
+
+
+class RunChoice(NamedTuple):
+    """A run offered by the grid's run menu."""
+
+    id: int
+    features: str  # comma-separated
+    stored_predictions: int
+
+
+@dataclass(frozen=True)
 class Facets:
     """Values offered by the grid's filter menus."""
 
     datasets: list[str] = field(default_factory=list)
     superclasses: list[str] = field(default_factory=list)
-    labels: list[tuple[str, int]] = field(default_factory=list)
-    runs: list[tuple[int, str, int]] = field(default_factory=list)  # id, features, stored predictions
+    labels: list[MenuCount] = field(default_factory=list)
+    runs: list[RunChoice] = field(default_factory=list)
     predicted: list[str] = field(default_factory=list)
-    superclass_counts: list[tuple[str, int]] = field(default_factory=list)  # under the other filters
-    predicted_counts: list[tuple[str, int]] = field(default_factory=list)  # under the other filters
+    superclass_counts: list[MenuCount] = field(default_factory=list)  # under the other filters
+    predicted_counts: list[MenuCount] = field(default_factory=list)  # under the other filters
 
 
 def _sort_key(f: ImageFilter, src: _Source | None, key: Any) -> Any:
@@ -286,36 +301,37 @@ class Browse(Runs):
         With ``f``, the menus narrow to the current view: each menu's counts are those of the images matching the
         other filters (the label menu under the dataset and superclass chosen, and so on).
         """
+        superclass_counts: list[MenuCount] = []
+        predicted_counts: list[MenuCount] = []
         with self.engine.connect() as conn:
-            out = Facets(
-                datasets=list(conn.execute(select(Dataset.name).order_by(Dataset.name)).scalars()),
-                superclasses=[s for s in conn.execute(select(Image.superclass).distinct().order_by(Image.superclass))
-                              .scalars() if s is not None],
-                labels=[(str(lb), int(n)) for lb, n in conn.execute(
+            datasets = list(conn.execute(select(Dataset.name).order_by(Dataset.name)).scalars())
+            if f is None:
+                superclasses = [s for s in conn.execute(select(Image.superclass).distinct()
+                                                        .order_by(Image.superclass)).scalars() if s is not None]
+                labels = [MenuCount(str(lb), int(n)) for lb, n in conn.execute(
                     select(Image.label, func.count()).where(Image.label.is_not(None)).group_by(Image.label)
-                    .order_by(Image.label))],
-            ) if f is None else Facets(
-                datasets=list(conn.execute(select(Dataset.name).order_by(Dataset.name)).scalars()))
-            if f is not None:
+                    .order_by(Image.label))]
+            else:
                 run = self.run_facts(f.run) if f.run is not None else None
 
-                def counts(column: Any, **drop: Any) -> list[tuple[str, int]]:
+                def counts(column: Any, **drop: Any) -> list[MenuCount]:
                     q, _ = _filtered(replace(f, **drop), run, [column, func.count()])
                     rows = conn.execute(q.where(column.is_not(None)).group_by(column).order_by(column))
-                    return [(str(v), int(n)) for v, n in rows]
+                    return [MenuCount(str(v), int(n)) for v, n in rows]
 
-                out.superclass_counts = counts(Image.superclass, superclass=None, label=None)
-                out.superclasses = [v for v, _ in out.superclass_counts]
-                out.labels = counts(Image.label, label=None)
+                superclass_counts = counts(Image.superclass, superclass=None, label=None)
+                superclasses = [c.value for c in superclass_counts]
+                labels = counts(Image.label, label=None)
                 if run is not None:
-                    out.predicted_counts = counts(_Source(run, f.source).label, predicted=None)
+                    predicted_counts = counts(_Source(run, f.source).label, predicted=None)
         counts_ = self.prediction_counts()
+        predicted: list[str] = []
         with self.engine.connect() as conn:
-            out.runs = [(int(i), ",".join(feats), int(counts_.get(i, 0)))
-                        for i, feats in conn.execute(select(Run.id, Run.features).order_by(Run.id.desc()))]
+            runs = [RunChoice(int(i), ",".join(feats), int(counts_.get(i, 0)))
+                    for i, feats in conn.execute(select(Run.id, Run.features).order_by(Run.id.desc()))]
             if run_id is not None and f is None:
-                out.predicted = list(conn.execute(select(Prediction.label).where(Prediction.run_id == run_id)
-                                                  .distinct().order_by(Prediction.label)).scalars())
+                predicted = list(conn.execute(select(Prediction.label).where(Prediction.run_id == run_id)
+                                              .distinct().order_by(Prediction.label)).scalars())
             elif f is not None:
-                out.predicted = [v for v, _ in out.predicted_counts]
-        return out
+                predicted = [c.value for c in predicted_counts]
+        return Facets(datasets, superclasses, labels, runs, predicted, superclass_counts, predicted_counts)

@@ -30,7 +30,18 @@ from __future__ import annotations
 
 from featurestore.catalog.audits import KINDS as FINDING_KINDS
 from featurestore.catalog.audits import Audits
-from featurestore.catalog.browse import MAX_PAGE, OUTCOMES, SORTS, Browse, Facets, ImageFilter, Page, Tile
+from featurestore.catalog.browse import (
+    MAX_PAGE,
+    OUTCOMES,
+    SORTS,
+    Browse,
+    Facets,
+    ImageFilter,
+    MenuCount,
+    Page,
+    RunChoice,
+    Tile,
+)
 from featurestore.catalog.common import CHUNK, NAME_RE, check_ids, check_name, chunks
 from featurestore.catalog.exports import Exports
 from featurestore.catalog.feature_sets import FeatureSets, LiveShard, SetCoverage, ShardRef, ShardSize, ShardTally
@@ -71,7 +82,7 @@ __all__ = [
     "PredictionCoverage", "RunFacts", "ShardRef", "SplitRow", "Tile", "check_ids", "check_name", "chunks",
     # records the repositories return instead of tuples
     "ConfusionCount", "DatasetCount", "DatasetOverlap", "ImageDetail", "ImageLabels", "ImageRow", "IndexKey",
-    "IndexState", "LabelCount", "Mistake", "PathLabel", "PredictedLabel", "RowsAtVersion",
+    "IndexState", "LabelCount", "MenuCount", "Mistake", "PathLabel", "PredictedLabel", "RowsAtVersion", "RunChoice",
     "SetCoverage", "ShardSize", "ShardTally", "StoredContent", "StoredPrediction", "StoredVersion", "VectorAt",
     "VectorLocation",
 ]

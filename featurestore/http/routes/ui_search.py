@@ -50,7 +50,7 @@ def _search_choices(svc: Any) -> dict[str, Any]:
     facets = _facets(svc.store.catalog, q.ImageFilter())
     return {"feature_sets": [fs.name for fs in svc.store.feature_sets()],
             "model_runs": [r for r in reversed(list_runs(svc.store)) if r.artifact_path],
-            "labels": [lb for lb, _ in facets.labels], "datasets": facets.datasets}
+            "labels": [c.value for c in facets.labels], "datasets": facets.datasets}
 
 
 UPLOADS_KEPT = 32  # photos held in memory so a search result is a link (GET) that survives a reload
