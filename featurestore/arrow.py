@@ -192,7 +192,7 @@ def prediction_batches(catalog: Catalog, run_id: int, batch_rows: int = 50_000) 
             pa.array([r.sha256 for r in page], pa.string()), pa.array([r.label for r in page], pa.string()),
             pa.array([r.superclass for r in page], pa.string()), pa.array([r.predicted for r in page], pa.string()),
             pa.array([r.probability for r in page], pa.float64()),
-            pa.array([[{"label": lb, "probability": p} for lb, p in r.top5] for r in page], _TOP),
+            pa.array([[{"label": t.label, "probability": t.probability} for t in r.top5] for r in page], _TOP),
             pa.array([r.predicted_at for r in page], pa.timestamp("us")),
         ], schema=schema)
         after = page[-1].image_id

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import select
@@ -30,6 +30,13 @@ class ImageFacts:
     datasets: tuple[str, ...]
 
 
+class LabelProbability(NamedTuple):
+    """One of a prediction's top labels and its probability."""
+
+    label: str
+    probability: float
+
+
 @dataclass(frozen=True)
 class PredictionRow:
     """One stored prediction of a run, with the image's facts at export time."""
@@ -40,12 +47,12 @@ class PredictionRow:
     superclass: str | None
     predicted: str
     probability: float
-    top5: tuple[tuple[str, float], ...]
+    top5: tuple[LabelProbability, ...]
     predicted_at: datetime | None
 
 
-def _top5(value: Any) -> tuple[tuple[str, float], ...]:
-    return tuple((str(t["label"]), float(t["probability"])) for t in (value or []))
+def _top5(value: Any) -> tuple[LabelProbability, ...]:
+    return tuple(LabelProbability(str(t["label"]), float(t["probability"])) for t in (value or []))
 
 
 class Exports(Repository):

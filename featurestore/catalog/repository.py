@@ -43,7 +43,7 @@ from featurestore.catalog.browse import (
     Tile,
 )
 from featurestore.catalog.common import CHUNK, NAME_RE, check_ids, check_name, chunks
-from featurestore.catalog.exports import Exports
+from featurestore.catalog.exports import Exports, LabelProbability
 from featurestore.catalog.feature_sets import FeatureSets, LiveShard, SetCoverage, ShardRef, ShardSize, ShardTally
 from featurestore.catalog.feature_versions import FeatureVersions, StoredVersion
 from featurestore.catalog.images import (
@@ -82,9 +82,9 @@ __all__ = [
     "PredictionCoverage", "RunFacts", "ShardRef", "SplitRow", "Tile", "check_ids", "check_name", "chunks",
     # records the repositories return instead of tuples
     "ConfusionCount", "DatasetCount", "DatasetOverlap", "ImageDetail", "ImageLabels", "ImageRow", "IndexKey",
-    "IndexState", "LabelCount", "MenuCount", "Mistake", "PathLabel", "PredictedLabel", "RowsAtVersion", "RunChoice",
-    "SetCoverage", "ShardSize", "ShardTally", "StoredContent", "StoredPrediction", "StoredVersion", "VectorAt",
-    "VectorLocation",
+    "IndexState", "LabelCount", "LabelProbability", "MenuCount", "Mistake", "PathLabel", "PredictedLabel",
+    "RowsAtVersion", "RunChoice", "SetCoverage", "ShardSize", "ShardTally", "StoredContent", "StoredPrediction",
+    "StoredVersion", "VectorAt", "VectorLocation",
 ]
 
 

@@ -56,7 +56,7 @@ class StoredPrediction(NamedTuple):
 
     label: str
     probability: float
-    top5: list[Any]  # [{"label": ..., "probability": ...}, ...] as stored
+    top5: list[dict[str, Any]]  # [{"label": ..., "probability": ...}, ...] as stored
     predicted_at: datetime
 
 
