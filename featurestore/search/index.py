@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featurestore.catalog.repository import Catalog, IndexChangedError, IndexRecord, LiveShard
+from featurestore.catalog.repository import Catalog, IndexChangedError, IndexKey, IndexRecord, LiveShard
 from featurestore.errors import FeatureStoreError, IntegrityError, InvalidInputError, NotFoundError
 from featurestore.io.atomic import atomic_path, fsync_dir, is_temp, sha256_file
 from featurestore.io.verified import check_file
@@ -533,7 +533,7 @@ class _Opened:
     params: IndexParams
     index: Any
     lock: threading.Lock  # concurrent searches of one usearch index are serialised
-    key: tuple[int, str, str]  # (id, sha256, params JSON) as the catalog had them when opened
+    key: IndexKey  # as the catalog had it when opened
 
 
 class OpenedIndexes:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featurestore.catalog.repository import IndexRecord, LiveShard
+from featurestore.catalog.repository import IndexKey, IndexRecord, LiveShard
 from featurestore.errors import FeatureStoreError, IntegrityError
 from featurestore.io.verified import RECORDS_FOLDER, check_file, regular_stat
 from featurestore.search.cache import FILTERS_PER_SET, CompiledFilter, SetState
@@ -72,7 +72,7 @@ DUP_EXPANSION = 256
 INDEX_BUILD_ADDS = "a build of the index adds them"
 
 
-def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str, str]) -> _Opened:
+def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: IndexKey) -> _Opened:
     """Open an index file memory-mapped, after checking its size, sha256 and header against the catalog.
 
     A failed check is an :class:`IntegrityError` whose next step is to rebuild or drop the index
@@ -85,7 +85,7 @@ def _view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str
                              path=exc.facts.get("path", record.path)) from None
 
 
-def _checked_view(store: Store, fs: FeatureSet, record: IndexRecord, key: tuple[int, str, str]) -> _Opened:
+def _checked_view(store: Store, fs: FeatureSet, record: IndexRecord, key: IndexKey) -> _Opened:
     import usearch.index as ui
 
     path = _local(store, record.path)
