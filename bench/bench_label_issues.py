@@ -205,7 +205,7 @@ def sample_dataset(store: Any, n: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     by_class: dict[str, list[Any]] = {}
     for r in rows:
-        by_class.setdefault(r[2], []).append(r)
+        by_class.setdefault(r.label, []).append(r)
     per = n // len(by_class)
     chosen = [r for c in sorted(by_class) for r in rng.permutation(np.array(by_class[c], dtype=object))[:per]]
     with store.writing(sweep=False), store.catalog.session() as s:
@@ -268,7 +268,7 @@ def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: flo
         with store.writing(sweep=False):  # accept every flagged suggestion
             for label, chosen in audit.suggestions.items():
                 set_labels(store, chosen, label, reason=f"bench: audit of run {audit.run_id}")
-        fixed = {int(r[0]): r[2] for r in store.select_images(image_ids=ids.tolist())}
+        fixed = {int(r.id): r.label for r in store.select_images(image_ids=ids.tolist())}
         right_after = np.array([fixed[int(i)] == truth[k] for k, i in enumerate(ids)])
         acc_fixed = fixed_test("after the fix")
         store.close()

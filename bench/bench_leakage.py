@@ -98,7 +98,7 @@ def _store_with_copies(store, src: Path, copies_dir: Path, planted_files, model:
         extract(store, [cnn_extractor(store, model)])
     cnn = next(fs.name for fs in store.feature_sets() if fs.kind == "cnn")
     print(f"ingest + extract {cnn}: {time.perf_counter() - t:.0f} s")
-    by_path = {r[1]: r[0] for r in store.select_images()}
+    by_path = {r.source_path: r.id for r in store.select_images()}
     planted = {(by_path[str(o)], by_path[str(c)]) for o, c, _ in planted_files
                if str(o) in by_path and str(c) in by_path}
     kinds = {(by_path[str(o)], by_path[str(c)]): k for o, c, k in planted_files

@@ -61,7 +61,7 @@ def part_ray(root: Path, model: str, batch: int, workers: list[int]) -> dict[str
         for key, w, limit in [("fixed", 2, 16)] + [(str(w), w, None) for w in workers]:
             with temp_store("ray") as store:
                 _prepared(store, root, model)
-                ids = [r[0] for r in store.select_images()][:limit] if limit else None
+                ids = [r.id for r in store.select_images()][:limit] if limit else None
                 with store.writing():
                     t = time.perf_counter()
                     summary = extract_on_ray(store, [cnn_extractor(store, model, batch_size=batch)], address="local",

@@ -72,8 +72,8 @@ def build(root: Path, n: int) -> None:
         extract(store, [projection_extractor(store, 64, (64, 64))])
         extract(store, [projection_extractor(store, 16, (32, 32))])
         run = train(store, TrainConfig(["rp64"], n_splits=2, trees=20)).run_id
-        predict(store, run, [r[0] for r in store.select_images()])
-        ids = [r[0] for r in store.select_images()]
+        predict(store, run, [r.id for r in store.select_images()])
+        ids = [r.id for r in store.select_images()]
         store.catalog.save_as_dataset("fashion-test", ids[-max(2, n // 10):])
         fixed = TrainConfig(["rp64"], trees=20, dataset="fashion", test_dataset="fashion-test")
         train(store, fixed)

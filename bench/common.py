@@ -76,7 +76,7 @@ def fake_rows(store: Any, n: int, dims: dict[str, int], shard_rows: int = 10_000
                 {"sha256": f"{i:064x}", "source_path": f"/nonexistent/{i}.jpg", "width": 1, "height": 1,
                  "format": "JPEG", "mode": "RGB", "bytes": 1, "label": f"class{i % labels}",
                  "superclass": f"group{i % labels // 3}", "dataset_id": ds.id} for i in range(n)])
-        ids = np.array([r[0] for r in store.select_images()], dtype=np.int64)
+        ids = np.array([r.id for r in store.select_images()], dtype=np.int64)
         for name, dim in dims.items():
             fs = store.ensure_feature_set(FeatureSpec(name, "bench", dim, {"dim": dim}))
             for start in range(0, n, shard_rows):
