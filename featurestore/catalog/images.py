@@ -53,7 +53,7 @@ class DatasetCount(NamedTuple):
 
     name: str
     images: int
-    created_at: datetime | None
+    created_at: datetime
 
 
 class LabelCount(NamedTuple):
