@@ -14,6 +14,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from featurestore.catalog.repository import DatasetCount, ImageDetail
 from featurestore.config import Settings
 from featurestore.errors import (
     DimensionMismatchError,
@@ -43,9 +44,9 @@ class FakeCatalog:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def dataset_counts(self) -> list[tuple[str, int, Any]]:
+    def dataset_counts(self) -> list[DatasetCount]:
         self.calls.append("dataset_counts")
-        return [("a", 3, datetime(2024, 1, 2)), ("b", 0, None)]
+        return [DatasetCount("a", 3, datetime(2024, 1, 2)), DatasetCount("b", 0, None)]
 
     def image_detail(self, image_id: int) -> Any:
         self.calls.append(f"image_detail({image_id})")
@@ -53,7 +54,7 @@ class FakeCatalog:
             return None
         img = SimpleNamespace(id=7, sha256="ab" * 32, source_path="/x/7.png", label="shirt", superclass="tops",
                               width=4, height=3, format="PNG", mode="RGB", bytes=99, ingested_at=None)
-        return img, ["a"], ["rp16"]
+        return ImageDetail(img, ["a"], ["rp16"])
 
     def run(self, run_id: int) -> Any:
         raise NotFoundError("run", str(run_id), ["1"], "See `fs runs`")

@@ -53,7 +53,7 @@ class DatasetCount(NamedTuple):
 
     name: str
     images: int
-    created_at: datetime
+    created_at: datetime | None
 
 
 class LabelCount(NamedTuple):
