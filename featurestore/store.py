@@ -427,11 +427,19 @@ class Store:
 
         # HDF5 reads are serial (h5py holds a global lock) but numpy copies release the GIL:
         # two workers each read a shard and place it, so one copies while the other reads.
-        # The images' paths and labels are fetched by a third thread meanwhile.
+        # The images' paths and labels are fetched by a third thread meanwhile. Each worker
+        # waits for its shard itself (a bucket store's is still downloading), so a shard is
+        # decoded as soon as its copy is verified.
         with self.files.fetching([job[0] for job in jobs]) as source, ThreadPoolExecutor(max_workers=3) as pool:
             meta = pool.submit(self.select_images, dataset, labelled_only, image_ids)
-            for future in [pool.submit(vectors.place_part, ids, part, X, cols, seen, source(k))
-                           for k, (part, cols, seen) in enumerate(jobs)]:
+
+            def place(k: int, part: ShardPart, cols: slice, seen: np.ndarray) -> None:
+                try:
+                    vectors.place_part(ids, part, X, cols, seen, source(k))
+                finally:
+                    source.done(k)
+
+            for future in [pool.submit(place, k, *job) for k, job in enumerate(jobs)]:
                 future.result()
             images = meta.result()
         if len(images) != len(ids):  # an ingest committed in between: keep the rows we placed
@@ -472,7 +480,7 @@ class Store:
     def _read_set(self, fs: RegisteredSet) -> tuple[np.ndarray, np.ndarray]:
         plan = self._plan(fs)
         with self.files.fetching(plan) as source:
-            return vectors.read_parts_into(plan, int(fs.dim), source)
+            return vectors.read_parts_into(plan, int(fs.dim), source, source.done)
 
     # -- caches ----------------------------------------------------------------------
     def extractor(self, feature_set: str, batch_size: int = 1) -> tuple[Extractor, threading.Lock]:

@@ -187,18 +187,23 @@ def place_part(ids: np.ndarray, part: ShardPart, out: np.ndarray, cols: slice, p
     place(out, block, pos, rows, cols)
 
 
-def read_parts_into(parts: Sequence[ShardPart], dim: int, source: Callable[[int], ShardSource] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def read_parts_into(parts: Sequence[ShardPart], dim: int, source: Callable[[int], ShardSource] | None = None,
+                    done: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every live row of ``parts`` in one preallocated matrix, in part order (whole shards without a copy).
 
-    ``source(i)``: what to open for ``parts[i]`` instead of its path (a bucket store's fetched copy).
+    ``source(i)``: what to open for ``parts[i]`` instead of its path (a bucket store's fetched copy);
+    ``done(i)`` is called once it has been read.
     """
     n = sum(part.live for part in parts)
     ids = np.empty(n, dtype=np.int64)
     mat = np.empty((n, dim), dtype=np.float32)
     pos = 0
     for k, part in enumerate(parts):
-        read_rows_into(part.path if source is None else source(k), part.rows, ids, mat, pos, part.sha256)
+        try:
+            read_rows_into(part.path if source is None else source(k), part.rows, ids, mat, pos, part.sha256)
+        finally:
+            if done is not None:
+                done(k)
         pos += part.live
     return ids, mat
 
