@@ -34,6 +34,7 @@ from featurestore.shards import (
     read_selected,
     read_shard,
     read_shard_ids,
+    read_shard_placed,
     read_span_rows,
 )
 
@@ -171,7 +172,21 @@ def place_part(ids: np.ndarray, part: ShardPart, out: np.ndarray, cols: slice, p
 
     Row ``i`` of ``out`` is image ``ids[i]``; ``present[i]`` is set for every row placed.
     """
-    shard_ids, block = read_part(part, source)
+    if part.rows is None:  # a whole shard: read in place when its images are a run of ``ids``
+        def start_of(shard_ids: np.ndarray) -> int | None:
+            n = len(shard_ids)
+            p0 = int(np.searchsorted(ids, shard_ids[0])) if n else 0
+            return p0 if n and p0 + n <= len(ids) and np.array_equal(ids[p0 : p0 + n], shard_ids) else None
+
+        shard_ids, placed = read_shard_placed(part.path if source is None else source, part.sha256, out, cols,
+                                              start_of)
+        if placed is None:
+            p0 = int(np.searchsorted(ids, shard_ids[0]))
+            present[p0 : p0 + len(shard_ids)] = True
+            return
+        block = np.asarray(placed, dtype=np.float32)
+    else:
+        shard_ids, block = read_part(part, source)
     if block.shape[1] != cols.stop - cols.start:
         raise DimensionMismatchError(
             f"feature shard {part.path} has dim {block.shape[1]}, catalog says {cols.stop - cols.start}"
