@@ -12,6 +12,7 @@ import pytest
 
 from featurestore.errors import IntegrityError, InvalidInputError
 from featurestore.io import objects, verified
+from featurestore.io.atomic import tmp_path_for
 from featurestore.io.cache import ReadCache
 from featurestore.io.objects import ObjectStream
 
@@ -137,7 +138,12 @@ def test_a_short_or_failed_download_leaves_no_entry(tmp_path: Path) -> None:
         cache.fetch("s3://b/wrong", _sha(data), lambda: _stream(os.urandom(1000)))
     assert cache.size() == 0 and not cache.path_for(_sha(data)).exists()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".tmp-")]
+    # A process killed mid-download leaves its temp file: removed by the next eviction once it is old.
+    left = tmp_path_for(cache.path_for(_sha(data)))
+    left.write_bytes(data[:300])
+    os.utime(left, ns=(1, 1))
     assert cache.fetch("s3://b/ok", _sha(data), lambda: _stream(data)) == cache.path_for(_sha(data))
+    assert not left.exists() and cache.size() == 1000
 
 
 def test_pinned_copies_stay_and_a_download_without_room_is_served_from_memory(tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ from featurestore.io.objects import ObjectStream
 RECORDS = "verified"
 # A copy used again within this long keeps its mtime: LRU order to the minute, and no record to renew.
 TOUCH_NS = 60 * 10**9
+# A temp file untouched this long is a download whose process died (a live one writes every few ms).
+STALE_TEMP_NS = 3600 * 10**9
 
 
 class ReadCache:
@@ -209,12 +211,15 @@ class ReadCache:
             if not sub.is_dir() or sub.name == RECORDS:
                 continue
             for f in sub.iterdir():
-                if is_temp(f):
-                    continue
                 try:
-                    out.append((f, f.stat()))
+                    st = f.stat()
+                    if is_temp(f):  # a download in progress, or one a killed process left: gone after an hour
+                        if time.time_ns() - st.st_mtime_ns > STALE_TEMP_NS:
+                            f.unlink()
+                        continue
                 except OSError:  # evicted by another process meanwhile
                     continue
+                out.append((f, st))
         return out
 
     def size(self) -> int:
