@@ -210,6 +210,39 @@ def test_the_web_app_serves_thumbnails_of_a_bucket_store(bucket_store: str, imag
     assert not (Path.cwd() / "s3:").exists()  # in the working folder, not a local folder named after the URL
 
 
+def test_thumbnails_of_a_bucket_store_are_made_once_and_kept_in_the_bucket(bucket_store: str, image_tree: Path,
+                                                                            tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http.app import create_app
+
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    with Store.open(Settings.from_env()) as store:
+        found = store.catalog.image_file(1)
+    assert found is not None
+    key = f"{bucket_store}/thumbnails/128/{found.sha256[:2]}/{found.sha256}.jpg"
+
+    def get_thumbnail() -> bytes:
+        with TestClient(create_app(Settings.from_env())) as client:
+            got = client.get("/v1/images/1/thumbnail?size=128")
+            assert got.status_code == 200 and got.content[:2] == b"\xff\xd8", got.text[:200]
+            return got.content
+
+    made = get_thumbnail()
+    assert objects.read_object(key) == made  # PUT once for the store
+    # Another machine, the original image gone: the thumbnail comes from the bucket, not from the image.
+    original = Path(found.source_path)
+    hidden = original.rename(tmp_path / "hidden")
+    monkeypatch.setenv("FS_CACHE_DIR", str(tmp_path / "cache-b"))
+    assert get_thumbnail() == made
+    # A damaged thumbnail object is not served: a third machine makes it again from the original and PUTs it.
+    hidden.rename(original)
+    objects.write_object(key, b"not a jpeg")
+    monkeypatch.setenv("FS_CACHE_DIR", str(tmp_path / "cache-c"))
+    assert get_thumbnail() == made and objects.read_object(key) == made
+
+
 @pytest.fixture
 def refusing_endpoint() -> Iterator[str]:
     """A loopback server answering every request as S3 does a wrong key (SeaweedFS in tests accepts any)."""
