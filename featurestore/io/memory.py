@@ -12,10 +12,9 @@ the GIL for the call. Anywhere else it does nothing.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import mmap
+import functools
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,20 +24,19 @@ MIN_BYTES = 16 << 20
 STEP = 64 << 20  # bytes per call (page multiple)
 
 
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+@functools.cache  # on first use: importing the store must not load ctypes or libc
+def _madvise() -> Callable[[int, int, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.madvise
+        fn = ctypes.CDLL(None, use_errno=True).madvise  # the C library the interpreter links
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
-    return fn
-
-
-_MADVISE = _madvise()
+    return fn  # type: ignore[no-any-return]
 
 
 def populate(arr: np.ndarray) -> bool:
@@ -47,8 +45,11 @@ def populate(arr: np.ndarray) -> bool:
     Best effort: a kernel without ``MADV_POPULATE_WRITE``, another system or a
     small array returns False and the pages are faulted in by the first writes.
     """
-    if _MADVISE is None or arr.nbytes < MIN_BYTES or not arr.flags.c_contiguous:
+    madvise = _madvise()
+    if madvise is None or arr.nbytes < MIN_BYTES or not arr.flags.c_contiguous:
         return False
+    import mmap
+
     page = mmap.PAGESIZE
     addr = arr.ctypes.data
     start = (addr + page - 1) // page * page
@@ -56,6 +57,6 @@ def populate(arr: np.ndarray) -> bool:
     # In steps: the kernel holds the process's memory-map lock through one call, and other threads
     # (a new thread's stack, a large buffer being allocated) must not wait for the whole array.
     for at in range(start, end, STEP):
-        if _MADVISE(at, min(STEP, end - at), MADV_POPULATE_WRITE) != 0:
+        if madvise(at, min(STEP, end - at), MADV_POPULATE_WRITE) != 0:
             return False
     return end > start
