@@ -28,7 +28,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -138,6 +138,27 @@ def read_shard(path: ShardSource, sha256: str | None = None) -> tuple[np.ndarray
     try:
         with _open(path, sha256) as fh:
             return fh["image_ids"][...], fh["vectors"][...]
+    except (OSError, KeyError) as exc:
+        raise _open_error(path, exc) from None
+
+
+def read_shard_placed(path: ShardSource, sha256: str | None, out: np.ndarray, cols: slice,
+                      start_of: Callable[[np.ndarray], int | None]) -> tuple[np.ndarray, np.ndarray | None]:
+    """A shard's ``image_ids``, its vectors read straight into ``out[p0:p0 + rows, cols]`` when
+    ``start_of(image_ids)`` gives ``p0`` (then ``None`` is returned for them), else returned.
+
+    Reading into place saves a copy and a fresh buffer per shard (``read_matrix``'s common case: a shard
+    whose images are a run of the matrix's rows).
+    """
+    try:
+        with _open(path, sha256) as fh:
+            ids = fh["image_ids"][...]
+            ds = fh["vectors"]
+            p0 = start_of(ids) if ds.ndim == 2 and ds.shape[1] == cols.stop - cols.start else None
+            if p0 is None or not out.flags.c_contiguous:
+                return ids, ds[...]
+            ds.read_direct(out, dest_sel=np.s_[p0 : p0 + len(ids), cols])
+            return ids, None
     except (OSError, KeyError) as exc:
         raise _open_error(path, exc) from None
 

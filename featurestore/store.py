@@ -51,6 +51,7 @@ from featurestore.errors import (
 )
 from featurestore.files import StoreFiles, open_engine, work_folder
 from featurestore.handles import FeatureSetHandle
+from featurestore.io import memory
 from featurestore.io.lock import write_lock
 from featurestore.io.params import canonical, params_key
 from featurestore.io.verified import digest_written
@@ -417,11 +418,21 @@ class Store:
 
         # HDF5 reads are serial (h5py holds a global lock) but numpy copies release the GIL:
         # two workers each read a shard and place it, so one copies while the other reads.
-        # The images' paths and labels are fetched by a third thread meanwhile.
-        with self.files.fetching([job[0] for job in jobs]) as source, ThreadPoolExecutor(max_workers=3) as pool:
+        # The images' paths and labels are fetched by a third thread, and the matrix's fresh
+        # pages faulted in by a fourth (io.memory), meanwhile. Each worker
+        # waits for its shard itself (a bucket store's is still downloading), so a shard is
+        # decoded as soon as its copy is verified.
+        with self.files.fetching([job[0] for job in jobs]) as source, ThreadPoolExecutor(max_workers=4) as pool:
+            pool.submit(memory.populate, X)  # the matrix's pages faulted in meanwhile, not under HDF5's lock
             meta = pool.submit(self.select_images, dataset, labelled_only, image_ids)
-            for future in [pool.submit(vectors.place_part, ids, part, X, cols, seen, source(k))
-                           for k, (part, cols, seen) in enumerate(jobs)]:
+
+            def place(k: int, part: ShardPart, cols: slice, seen: np.ndarray) -> None:
+                try:
+                    vectors.place_part(ids, part, X, cols, seen, source(k))
+                finally:
+                    source.done(k)
+
+            for future in [pool.submit(place, k, *job) for k, job in enumerate(jobs)]:
                 future.result()
             images = meta.result()
         if len(images) != len(ids):  # an ingest committed in between: keep the rows we placed
@@ -462,7 +473,7 @@ class Store:
     def _read_set(self, fs: RegisteredSet) -> tuple[np.ndarray, np.ndarray]:
         plan = self._plan(fs)
         with self.files.fetching(plan) as source:
-            return vectors.read_parts_into(plan, int(fs.dim), source)
+            return vectors.read_parts_into(plan, int(fs.dim), source, source.done)
 
     # -- caches ----------------------------------------------------------------------
     def extractor(self, feature_set: str, batch_size: int = 1) -> tuple[Extractor, threading.Lock]:

@@ -34,6 +34,7 @@ from featurestore.shards import (
     read_selected,
     read_shard,
     read_shard_ids,
+    read_shard_placed,
     read_span_rows,
 )
 
@@ -162,7 +163,21 @@ def place_part(ids: np.ndarray, part: ShardPart, out: np.ndarray, cols: slice, p
 
     Row ``i`` of ``out`` is image ``ids[i]``; ``present[i]`` is set for every row placed.
     """
-    shard_ids, block = read_part(part, source)
+    if part.rows is None:  # a whole shard: read in place when its images are a run of ``ids``
+        def start_of(shard_ids: np.ndarray) -> int | None:
+            n = len(shard_ids)
+            p0 = int(np.searchsorted(ids, shard_ids[0])) if n else 0
+            return p0 if n and p0 + n <= len(ids) and np.array_equal(ids[p0 : p0 + n], shard_ids) else None
+
+        shard_ids, placed = read_shard_placed(part.path if source is None else source, part.sha256, out, cols,
+                                              start_of)
+        if placed is None:
+            p0 = int(np.searchsorted(ids, shard_ids[0]))
+            present[p0 : p0 + len(shard_ids)] = True
+            return
+        block = np.asarray(placed, dtype=np.float32)
+    else:
+        shard_ids, block = read_part(part, source)
     if block.shape[1] != cols.stop - cols.start:
         raise DimensionMismatchError(
             f"feature shard {part.path} has dim {block.shape[1]}, catalog says {cols.stop - cols.start}"
@@ -178,18 +193,23 @@ def place_part(ids: np.ndarray, part: ShardPart, out: np.ndarray, cols: slice, p
     place(out, block, pos, rows, cols)
 
 
-def read_parts_into(parts: Sequence[ShardPart], dim: int, source: Callable[[int], ShardSource] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def read_parts_into(parts: Sequence[ShardPart], dim: int, source: Callable[[int], ShardSource] | None = None,
+                    done: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every live row of ``parts`` in one preallocated matrix, in part order (whole shards without a copy).
 
-    ``source(i)``: what to open for ``parts[i]`` instead of its path (a bucket store's fetched copy).
+    ``source(i)``: what to open for ``parts[i]`` instead of its path (a bucket store's fetched copy);
+    ``done(i)`` is called once it has been read.
     """
     n = sum(part.live for part in parts)
     ids = np.empty(n, dtype=np.int64)
     mat = np.empty((n, dim), dtype=np.float32)
     pos = 0
     for k, part in enumerate(parts):
-        read_rows_into(part.path if source is None else source(k), part.rows, ids, mat, pos, part.sha256)
+        try:
+            read_rows_into(part.path if source is None else source(k), part.rows, ids, mat, pos, part.sha256)
+        finally:
+            if done is not None:
+                done(k)
         pos += part.live
     return ids, mat
 

@@ -210,6 +210,39 @@ def test_the_web_app_serves_thumbnails_of_a_bucket_store(bucket_store: str, imag
     assert not (Path.cwd() / "s3:").exists()  # in the working folder, not a local folder named after the URL
 
 
+def test_thumbnails_of_a_bucket_store_are_made_once_and_kept_in_the_bucket(bucket_store: str, image_tree: Path,
+                                                                            tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from featurestore.http.app import create_app
+
+    assert fs("ingest", str(image_tree)).exit_code == 0
+    with Store.open(Settings.from_env()) as store:
+        found = store.catalog.image_file(1)
+    assert found is not None
+    key = f"{bucket_store}/thumbnails/128/{found.sha256[:2]}/{found.sha256}.jpg"
+
+    def get_thumbnail() -> bytes:
+        with TestClient(create_app(Settings.from_env())) as client:
+            got = client.get("/v1/images/1/thumbnail?size=128")
+            assert got.status_code == 200 and got.content[:2] == b"\xff\xd8", got.text[:200]
+            return got.content
+
+    made = get_thumbnail()
+    assert objects.read_object(key) == made  # PUT once for the store
+    # Another machine, the original image gone: the thumbnail comes from the bucket, not from the image.
+    original = Path(found.source_path)
+    hidden = original.rename(tmp_path / "hidden")
+    monkeypatch.setenv("FS_CACHE_DIR", str(tmp_path / "cache-b"))
+    assert get_thumbnail() == made
+    # A damaged thumbnail object is not served: a third machine makes it again from the original and PUTs it.
+    hidden.rename(original)
+    objects.write_object(key, b"not a jpeg")
+    monkeypatch.setenv("FS_CACHE_DIR", str(tmp_path / "cache-c"))
+    assert get_thumbnail() == made and objects.read_object(key) == made
+
+
 @pytest.fixture
 def refusing_endpoint() -> Iterator[str]:
     """A loopback server answering every request as S3 does a wrong key (SeaweedFS in tests accepts any)."""
@@ -238,3 +271,55 @@ def test_refused_credentials_of_a_bucket_store_are_one_line(refusing_endpoint: s
     err = out.stderr.strip()
     assert out.exit_code == 1 and "refused access to s3://photos/store/" in err, out.output
     assert "AWS_ACCESS_KEY_ID" in err and len(err.splitlines()) == 1
+
+
+def test_shards_stream_through_a_small_cache_and_a_later_process_does_not_hash_them(
+        bucket_store: str, image_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from featurestore.features.base import FeatureSpec
+    from featurestore.io import verified
+    from featurestore.pipelines.ingest import ingest
+
+    rng = np.random.default_rng(0)
+    with Store.open(Settings.from_env(), create=True) as store, store.writing():
+        ingest(store, image_tree)
+        ids = np.array([r[0] for r in store.select_images()], dtype=np.int64)
+        fs_ = store.ensure_feature_set(FeatureSpec("emb", "bench", 256, {"dim": 256}))
+        vecs = rng.standard_normal((len(ids), 256), dtype=np.float32)
+        for start in range(0, len(ids), 2):  # six shards
+            store.append_vectors(fs_, ids[start:start + 2], vecs[start:start + 2])
+    want = dict(zip(ids.tolist(), vecs, strict=True))
+
+    def rows(of: np.ndarray) -> np.ndarray:
+        return np.stack([want[int(i)] for i in of])
+
+    shard = max(o.size for o in objects.list_objects(bucket_store + "/features/"))
+    # Another machine whose cache holds two shards: every shard is streamed in (the rest served from memory
+    # while pinned copies wait for their reader), the matrix is whole and the cap holds.
+    monkeypatch.setenv("FS_CACHE_DIR", str(tmp_path / "cache-small"))
+    monkeypatch.setenv("FS_CACHE_BYTES", str(2 * shard + shard // 2))
+    verified.forget()
+    with Store.open(Settings.from_env()) as store:
+        got = store.read_matrix(["emb"])
+        assert sorted(got.image_ids.tolist()) == sorted(want) and np.array_equal(got.X, rows(got.image_ids))
+        assert store.files.read_cache is not None and 0 < store.files.read_cache.size() <= 2 * shard + shard // 2
+        got_ids, got_vecs = store.read_set("emb")
+        assert sorted(got_ids.tolist()) == sorted(want) and np.array_equal(got_vecs, rows(got_ids))
+    # A roomy cache, filled once; a later process (nothing remembered in memory) reads every shard from it
+    # without hashing a copy again or downloading.
+    monkeypatch.setenv("FS_CACHE_DIR", str(tmp_path / "cache-big"))
+    monkeypatch.delenv("FS_CACHE_BYTES")
+    with Store.open(Settings.from_env()) as store:
+        first = store.read_matrix(["emb"])
+    verified.forget()
+    hashed: list[str] = []  # copies read back to hash them, by any route
+    real, real_digest = verified.file_sha256, hashlib.file_digest
+    monkeypatch.setattr(verified, "file_sha256",
+                        lambda path, *a, **k: (hashed.append(str(path)), real(path, *a, **k))[1])
+    monkeypatch.setattr(hashlib, "file_digest", lambda fh, *a: (hashed.append(fh.name), real_digest(fh, *a))[1])
+    gets: list[str] = []
+    real_stream = objects.Bucket.stream
+    monkeypatch.setattr(objects.Bucket, "stream",
+                        lambda self, key, *a: (gets.append(key), real_stream(self, key, *a))[1])
+    with Store.open(Settings.from_env()) as store:
+        again = store.read_matrix(["emb"])
+    assert np.array_equal(first.X, again.X) and hashed == [] and gets == []

@@ -49,6 +49,38 @@ def test_read_matrix_aligns_sets_across_shards(store: Store, image_tree: Path) -
     assert set(fm.superclasses) == {"footwear", "tops"}
 
 
+def test_shards_that_are_runs_of_the_matrix_are_read_in_place(store: Store, image_tree: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from featurestore import shards
+
+    ids = sorted(_ingested(store, image_tree))
+    rng = np.random.default_rng(1)
+    truth = {name: {i: rng.normal(size=dim).astype(np.float32) for i in ids} for name, dim in (("a", 4), ("b", 3))}
+    with store.writing():
+        for name, dim in (("a", 4), ("b", 3)):
+            fs = store.ensure_feature_set(FeatureSpec(name, "test", dim, {}))
+            for run in (ids[:5], ids[5:]):  # each shard a run of the matrix's rows
+                store.append_vectors(fs, run, np.stack([truth[name][i] for i in run]))
+    in_place: list[bool] = []
+    real = shards.read_shard_placed
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        got = real(*args, **kwargs)
+        in_place.append(got[1] is None)
+        return got
+
+    monkeypatch.setattr("featurestore.vectors.read_shard_placed", spy)
+    fm = store.read_matrix(["a", "b"])
+    assert in_place == [True] * 4 and list(fm.image_ids) == ids
+    np.testing.assert_array_equal(fm.X, np.stack([np.r_[truth["a"][i], truth["b"][i]] for i in ids]))
+    # A subset of the images (every other one): no shard is a run of it, so each is read and placed row by row.
+    in_place.clear()
+    some = ids[::2]
+    fm = store.read_matrix(["b", "a"], image_ids=some)
+    assert in_place == [False] * 4 and list(fm.image_ids) == some
+    np.testing.assert_array_equal(fm.X, np.stack([np.r_[truth["b"][i], truth["a"][i]] for i in some]))
+
+
 def test_missing_vectors_error_names_the_command(store: Store, image_tree: Path) -> None:
     ids = _ingested(store, image_tree)
     with store.writing():

@@ -30,7 +30,7 @@ def _thumbnail_uri(store: Store, image_id: int, size: int = 128) -> str:
         return MISSING
     try:
         jpeg = thumbnail(store.root, found.source_path, found.sha256, found.bytes, size,
-                         store.settings.max_image_pixels)
+                         store.settings.max_image_pixels, store.files.bucket)
     except (FeatureStoreError, OSError):
         return MISSING  # the file is gone or changed: the report still shows the labels
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()

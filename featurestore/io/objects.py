@@ -12,10 +12,10 @@ so no temp-and-rename is needed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from featurestore.config import Settings
 from featurestore.errors import FeatureStoreError, InvalidInputError
@@ -67,6 +67,18 @@ class ObjectInfo:
     url: ObjectURL
     size: int
     last_modified: datetime
+
+
+class ObjectStream(NamedTuple):
+    """An object being downloaded: its size (from the response's headers) and its bytes, chunk by chunk."""
+
+    size: int
+    chunks: Iterator[bytes]
+
+
+# Chunks of a streamed GET: small enough that hashing and writing one overlaps the next's arrival
+# (hashlib and file writes release the GIL), large enough that the per-chunk Python work is noise.
+STREAM_CHUNK = 2 << 20
 
 
 def is_object_url(path: object) -> bool:
@@ -205,6 +217,23 @@ class Bucket:
             return bytes(result.bytes())
 
         return self._call(key, run)
+
+    def stream(self, key: str, chunk: int = STREAM_CHUNK) -> ObjectStream:
+        """Start a GET of the object: its size now, its bytes as they arrive (errors translated on the way)."""
+        import obstore
+
+        result = self._call(key, lambda: obstore.get(self._store, key))
+        size = int(result.meta["size"])
+        chunks = iter(result.stream(min_chunk_size=chunk))
+
+        def body() -> Iterator[bytes]:
+            while True:
+                block = self._call(key, lambda: next(chunks, None))
+                if block is None:
+                    return
+                yield block
+
+        return ObjectStream(size, body())
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``start`` (inclusive) to ``end`` (exclusive) of the object."""

@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 
 from featurestore.config import Settings
 from featurestore.io.atomic import is_temp, write_bytes_atomic
-from featurestore.io.objects import Bucket, ObjectNotFoundError, bucket, parse_url
+from featurestore.io.objects import Bucket, ObjectNotFoundError, ObjectStream, bucket, parse_url
 
 
 class StoredObject(NamedTuple):
@@ -121,6 +121,10 @@ class BucketStorage:
 
     def get(self, key: str) -> bytes:
         return self.bucket.get(self.key(key))
+
+    def stream(self, key: str) -> ObjectStream:
+        """The object as it downloads (:meth:`Bucket.stream`)."""
+        return self.bucket.stream(self.key(key))
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         return self.bucket.get_range(self.key(key), start, end)

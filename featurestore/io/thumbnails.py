@@ -10,6 +10,14 @@ crash leaves at most a ``.tmp-*`` file; :func:`sweep_temp_files` removes those.
 When the store cannot be written (a read-only mount) the thumbnail is served
 without being cached.
 
+A store in a bucket keeps them under its prefix too (the same key,
+``thumbnails/<size>/<sha[:2]>/<sha>.jpg``): a thumbnail is made once for the
+store, PUT whole, and every other machine GETs it into its local folder on
+first use instead of reading and decoding the original again. The catalog
+records no digest of a thumbnail, so one fetched from the bucket is accepted
+only if it is a JPEG Pillow can open at the expected size; anything else is
+made again from the (sha256-checked) original and PUT over it.
+
 Images are decoded as everywhere else (EXIF orientation applied, any mode to
 RGB, see :mod:`featurestore.io.images`); JPEGs are decoded at a reduced scale
 (``Image.draft``) when the thumbnail is much smaller than the original.
@@ -25,6 +33,7 @@ import stat
 import time
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image, ImageOps
 
@@ -53,8 +62,37 @@ class SourceUnavailableError(FeatureStoreError, FileNotFoundError):
     """The image's file is gone, unreadable or not a regular file."""
 
 
+class ThumbnailObjects(Protocol):
+    """Where a bucket store keeps its thumbnails (:class:`featurestore.io.storage.BucketStorage` is one)."""
+
+    def get(self, key: str) -> bytes: ...
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+
 def thumbnail_path(store_root: Path, sha256: str, size: int) -> Path:
-    return store_root / FOLDER / str(size) / sha256[:2] / f"{sha256}.jpg"
+    return store_root / thumbnail_key(sha256, size)
+
+
+def thumbnail_key(sha256: str, size: int) -> str:
+    """The thumbnail's path relative to the store (its object key in a bucket store)."""
+    return f"{FOLDER}/{size}/{sha256[:2]}/{sha256}.jpg"
+
+
+def _fetched(remote: ThumbnailObjects, key: str, size: int) -> bytes | None:
+    """The thumbnail another machine made, if the bucket has a sound one."""
+    try:
+        jpeg = remote.get(key)
+    except (ObjectNotFoundError, ObjectStorageError):
+        return None
+    try:
+        with warnings.catch_warnings(), Image.open(io.BytesIO(jpeg)) as im:
+            warnings.simplefilter("ignore")
+            sound = im.format == "JPEG" and max(im.size) <= size
+            im.load()
+    except Exception:  # noqa: BLE001 - any undecodable object is made again
+        return None
+    return jpeg if sound else None
 
 
 def read_source(path: Path | str, sha256: str, nbytes: int) -> bytes:
@@ -134,7 +172,7 @@ def render_thumbnail(data: bytes, size: int, max_pixels: int) -> bytes:
 
 
 def thumbnail(store_root: Path, source: Path | str, sha256: str, nbytes: int, size: int,
-              max_pixels: int = 89_478_485) -> bytes:
+              max_pixels: int = 89_478_485, remote: ThumbnailObjects | None = None) -> bytes:
     """The cached thumbnail of a catalogued image, made (and cached, when the store is writable) on first use.
 
     Parameters
@@ -145,6 +183,9 @@ def thumbnail(store_root: Path, source: Path | str, sha256: str, nbytes: int, si
         The image's file and the sha256 and size recorded at ingest.
     size : int
         One of :data:`THUMBNAIL_SIZES`.
+    remote : ThumbnailObjects, optional
+        A bucket store's objects: a thumbnail missing locally is fetched from
+        there, and one made here is PUT there (see the module docstring).
 
     Raises
     ------
@@ -160,7 +201,15 @@ def thumbnail(store_root: Path, source: Path | str, sha256: str, nbytes: int, si
         return cached.read_bytes()
     except OSError:
         pass
-    jpeg = render_thumbnail(read_source(source, sha256, nbytes), size, max_pixels)
+    key = thumbnail_key(sha256, size)
+    jpeg = _fetched(remote, key, size) if remote is not None else None
+    if jpeg is None:
+        jpeg = render_thumbnail(read_source(source, sha256, nbytes), size, max_pixels)
+        if remote is not None:
+            try:
+                remote.put(key, jpeg)
+            except ObjectStorageError:
+                pass  # served and kept locally; another machine makes its own
     try:
         write_bytes_atomic(cached, jpeg)
     except OSError:

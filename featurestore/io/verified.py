@@ -40,6 +40,14 @@ hashing per start). Why that is safe:
   rewrite the catalog, which sits in the same store, so it adds no new trust.
 * A record that cannot be read or written (read-only store, full disk) only
   means hashing again; ``fs verify`` never uses records and always hashes.
+
+A file the caller has just written itself from bytes it hashed on the way
+(a bucket store's read cache streams each download through sha256 into a
+private temp name and renames it into place) is recorded by :func:`vouch`
+without reading it again. The racy-tick rule cannot apply to it (its ctime is
+now); what it guards against there is a size-preserving write into the
+cache's copy, in place, by another program within one timestamp tick of the
+rename, and such a writer could as well have damaged the copy after it was hashed.
 """
 
 from __future__ import annotations
@@ -203,6 +211,33 @@ def check_file(path: Path | str, sha256: str | None, what: str, hint: str = "", 
         _checked[name] = (_key(st), sha256)
     if remember_in is not None:
         _remember(remember_in, path, st, digest, opened_ns)
+
+
+def vouch(path: Path | str, sha256: str, remember_in: Path | str | None = None) -> None:
+    """Record that ``path``, as it is now, holds the bytes of ``sha256``, which the caller hashed as it wrote them.
+
+    Remembered in this process and, with ``remember_in``, across processes (see
+    the module docstring for why the racy-tick rule is not applied here).
+    Recording is best effort, like :func:`check_file`'s.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    with _lock:
+        _checked[os.fspath(path)] = (_key(st), sha256)
+    if remember_in is not None:
+        _remember(remember_in, path, st, sha256, st.st_ctime_ns + RACY_NS)
+
+
+def forget_record(path: Path | str, remember_in: Path | str) -> None:
+    """Drop what is known of ``path`` (a file being deleted), in this process and in ``remember_in``."""
+    with _lock:
+        _checked.pop(os.fspath(path), None)
+    try:
+        record_path(remember_in, path).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def digest_written(path: Path | str) -> str:

@@ -195,7 +195,8 @@ def audit_images(store: Store, dataset: str | None = None, progress: Progress | 
     unreadable: list[tuple[str, str]] = []
     for n, f in enumerate(facts, start=1):
         try:
-            jpeg = thumbnail(store.root, Path(f.source_path), f.sha256, f.bytes, 256, store.settings.max_image_pixels)
+            jpeg = thumbnail(store.root, Path(f.source_path), f.sha256, f.bytes, 256, store.settings.max_image_pixels,
+                             store.files.bucket)
             m: quality.PhotoMeasures | None = quality.measure(jpeg)
         except (FeatureStoreError, OSError, ValueError) as exc:
             unreadable.append((f.source_path, str(exc)))

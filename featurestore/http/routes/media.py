@@ -100,13 +100,14 @@ def _thumbnail_response(request: Request, image_id: int, size: int) -> Response:
     if (cached := _not_modified(request, etag)) is not None:
         return cached
     settings = get_settings(request)
-    folder = get_store(request).root  # a bucket store's thumbnails stay in its local working folder
+    store = get_store(request)
+    folder = store.root  # a bucket store's local copies are in its working folder, the thumbnails in its bucket
     if folder not in _swept:  # once per process: temp files of cache writers that crashed
         _swept.add(folder)
         sweep_temp_files(folder)
     try:
         jpeg = thumbnail(folder, found.source_path, found.sha256, found.bytes, size,
-                         settings.max_image_pixels)
+                         settings.max_image_pixels, store.files.bucket)
     except (SourceUnavailableError, SourceChangedError, ImageDecodeError) as exc:
         raise _failed(exc) from None
     return Response(jpeg, media_type="image/jpeg", headers={"ETag": etag, "Cache-Control": CACHE,
