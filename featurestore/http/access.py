@@ -132,8 +132,11 @@ def writes_allowed(request: Request) -> bool:
     return bool(settings_of(request).allow_writes) and is_authenticated(request)
 
 
-def require_page_access(request: Request) -> None:
-    """Dependency of the web pages: without the token, send the browser to the login page (303)."""
+async def require_page_access(request: Request) -> None:
+    """Dependency of the web pages: without the token, send the browser to the login page (303).
+
+    ``async`` so that FastAPI does not run it in its thread pool (see :mod:`featurestore.http.deps`).
+    """
     if settings_of(request).api_token and not is_authenticated(request):
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise HTTPException(303, "log in first", headers={"Location": f"/ui/login?next={quote(target, safe='')}"})

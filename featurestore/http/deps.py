@@ -4,6 +4,12 @@ Routes declare them as ``Annotated`` types (``store: StoreDep``), so a test can
 replace any of them with ``app.dependency_overrides[get_store] = ...``. The app
 keeps the settings and the open store in ``app.state`` (see
 :func:`featurestore.http.app.create_app`).
+
+The dependencies that only read ``app.state`` or headers are ``async def``:
+FastAPI runs a plain ``def`` dependency in its thread pool, and each such hop
+(a queue put, a thread wake-up and a wake-up of the event loop) cost a search
+request more than the work itself (issue 31). Code outside dependency
+injection uses :func:`settings_of_app` and :func:`store_of_app`.
 """
 
 from __future__ import annotations
@@ -24,13 +30,13 @@ from featurestore.io.images import DecodedImage, ImageDecodeError, decode_bytes
 from featurestore.store import Store
 
 
-def get_settings(request: Request) -> Settings:
+def settings_of_app(request: Request) -> Settings:
     """The settings the app was created with."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> Store:
+def store_of_app(request: Request) -> Store:
     """The store the app opened at startup (its lifespan)."""
     store: Store | None = getattr(request.app.state, "store", None)
     if store is None:
@@ -39,14 +45,24 @@ def get_store(request: Request) -> Store:
     return store
 
 
+async def get_settings(request: Request) -> Settings:
+    """Dependency: the settings the app was created with (:func:`settings_of_app`)."""
+    return settings_of_app(request)
+
+
+async def get_store(request: Request) -> Store:
+    """Dependency: the store the app opened at startup (:func:`store_of_app`)."""
+    return store_of_app(request)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 
 _bearer = HTTPBearer(auto_error=False, description="FS_API_TOKEN of the server, when it has one.")
 
 
-def authenticate(request: Request, settings: SettingsDep,
-                 _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+async def authenticate(request: Request, settings: SettingsDep,
+                       _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """Require the token when the server has one (401 otherwise): ``Authorization: Bearer <FS_API_TOKEN>``,
     or the web app's session cookie (see :mod:`featurestore.http.access`).
 

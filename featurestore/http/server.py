@@ -13,6 +13,7 @@ service with :class:`WorkerExitedError` rather than being restarted in a loop.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import multiprocessing
 import signal
@@ -21,6 +22,7 @@ import sys
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import NamedTuple
 
 import uvicorn
 
@@ -46,6 +48,25 @@ class WorkerExitedError(FeatureStoreError, RuntimeError):
         super().__init__(f"worker process {pid} {how}; stopped the other workers (see the log above)")
 
 
+class Protocols(NamedTuple):
+    """uvicorn's ``http`` (request parser) and ``loop`` (event loop) options."""
+
+    http: str
+    loop: str
+
+
+def protocol_options() -> Protocols:
+    """``httptools`` and ``uvloop`` when importable (dependencies of the package), else ``h11`` and ``asyncio``.
+
+    Both are C extensions; uvloop has no Windows build, so each falls back on
+    its own. With the pure-Python h11 parser and asyncio's default loop the
+    HTTP layer costs a search more (issue 31, docs/RESULTS.md).
+    """
+    http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    return Protocols(http, loop)
+
+
 def prepare(settings: Settings) -> None:
     """Fail before listening: an unsafe bind (:func:`check_bind`) or no readable store at ``settings.store``."""
     check_bind(settings.host, settings)
@@ -59,7 +80,9 @@ def serve(settings: Settings, workers: int = 1, log_level: str = "info") -> None
         # onnxruntime sessions do not each start one thread per core.
         settings = settings.replace(workers=max(1, settings.workers // workers))
     if workers <= 1:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+        protocols = protocol_options()
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                    http=protocols.http, loop=protocols.loop)
     else:
         run_workers(settings, workers, log_level)
 
@@ -168,7 +191,9 @@ def _worker(settings: Settings, log_level: str, sock: socket.socket) -> None:
     # SIGINT is ignored from the start (see _start) and by _WorkerServer: the parent turns SIGINT and
     # SIGTERM into one SIGTERM per worker (uvicorn's graceful shutdown), so it never finds a worker gone
     # before it saw the signal itself.
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    protocols = protocol_options()
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                            http=protocols.http, loop=protocols.loop)
     server = _WorkerServer(config)
     server.run(sockets=[sock])
     if not server.started:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 
 from featurestore.http.access import paths_visible
 from featurestore.http.deps import Authenticated, StoreDep, UploadDep
@@ -24,6 +25,7 @@ from featurestore.http.params import (
     FormTopK,
     ImageId,
     Label,
+    Metric,
     MetricQuery,
     QueryImageId,
     SetName,
@@ -74,11 +76,18 @@ def get_vector(name: SetName, image_id: ImageId, store: StoreDep) -> VectorOut:
 
 
 @router.get("/{name}/search", tags=["feature sets"], responses=ERRORS)
-def search_by_id(request: Request, name: SetName, image_id: QueryImageId, store: StoreDep, k: TopK = 10,
-                 label: Label = None, dataset: DatasetName = None, metric: MetricQuery = "cosine",
-                 exact: ExactQuery = False) -> SearchOut:
+async def search_by_id(request: Request, name: SetName, image_id: QueryImageId, store: StoreDep, k: TopK = 10,
+                       label: Label = None, dataset: DatasetName = None, metric: MetricQuery = "cosine",
+                       exact: ExactQuery = False) -> SearchOut:
     """Images nearest to a stored image (through the set's ANN index if it has one, else exact), optionally
     only those with a label / in a dataset."""
+    # async with the search in one worker thread: as a plain def, FastAPI would hop to its thread pool for
+    # the route and again to check the returned model, each hop costing more than the check (issue 31)
+    return await run_in_threadpool(_search_by_id, request, name, image_id, store, k, label, dataset, metric, exact)
+
+
+def _search_by_id(request: Request, name: str, image_id: int, store: Store, k: int, label: str | None,
+                  dataset: str | None, metric: Metric, exact: bool) -> SearchOut:
     fs = store.search_state(name).handle  # cached with the search's state (issue 31): no catalog query
     allowed = _allowed(store, label, dataset)
     found = search(store, fs.name, image_id, k, metric=metric, id_filter=allowed, exact=exact)

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from featurestore.catalog.repository import ImageFile
 from featurestore.errors import ImageNotFoundError
-from featurestore.http.deps import Authenticated, get_settings, get_store
+from featurestore.http.deps import Authenticated, settings_of_app, store_of_app
 from featurestore.http.schemas import ErrorOut
 from featurestore.io.images import ImageDecodeError
 from featurestore.io.thumbnails import (
@@ -58,7 +58,7 @@ MEDIA_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _catalogued(request: Request, image_id: int) -> ImageFile:
-    found = get_store(request).catalog.image_file(image_id)
+    found = store_of_app(request).catalog.image_file(image_id)
     if found is None:
         raise ImageNotFoundError(image_id)
     return found
@@ -99,8 +99,8 @@ def _thumbnail_response(request: Request, image_id: int, size: int) -> Response:
     etag = f'"{found.sha256[:32]}-{size}"'
     if (cached := _not_modified(request, etag)) is not None:
         return cached
-    settings = get_settings(request)
-    store = get_store(request)
+    settings = settings_of_app(request)
+    store = store_of_app(request)
     folder = store.root  # a bucket store's local copies are in its working folder, the thumbnails in its bucket
     if folder not in _swept:  # once per process: temp files of cache writers that crashed
         _swept.add(folder)

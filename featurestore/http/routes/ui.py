@@ -133,7 +133,7 @@ class Service:
         return decode_upload(file, self.settings)
 
 
-def service(store: StoreDep, settings: SettingsDep) -> Service:
+async def service(store: StoreDep, settings: SettingsDep) -> Service:  # async: no thread-pool hop
     return Service(store, settings)
 
 
