@@ -13,7 +13,9 @@ round) and reports the ratio of the best times and the median of the per-round
 ratios. ``--against-commit REV`` also fits the Two-Flow classifier as it was at
 git revision REV, in the same rounds: a regression in our code shows up as a
 difference between the two, whatever the machine's speed that day; the script
-also says whether both fitted models predict the same labels.
+also says whether both fitted models predict the same labels. The CPU seconds of
+each fit (all threads of the process) are reported beside the wall times: on a
+loaded machine they are the steadier figure.
 
     python bench/bench_train.py --synthetic 5000
     python bench/bench_train.py --synthetic 5000 --selector-trees 50 --selector-max-samples 0.5
@@ -30,7 +32,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sklearn.datasets import make_classification
@@ -109,10 +111,19 @@ def synthetic(n: int, n_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, n
     return X, y, blocks
 
 
-def _timed_fit(estimator: Any, X: np.ndarray, y: np.ndarray) -> float:
-    start = time.perf_counter()
+class Fit(NamedTuple):
+    """Seconds one fit took: wall time, and CPU time of every thread of the process."""
+
+    wall: float
+    cpu: float
+
+
+def _timed_fit(estimator: Any, X: np.ndarray, y: np.ndarray) -> Fit:
+    # The forests fit on joblib threads, so process CPU time counts their work; unlike wall time it
+    # does not grow when other processes take the cores (per-round wall ratios at load 7-8: 0.89-5.14).
+    start, cpu = time.perf_counter(), time.process_time()
     estimator.fit(X, y)
-    return time.perf_counter() - start
+    return Fit(time.perf_counter() - start, time.process_time() - cpu)
 
 
 def _summary(times: list[float], base: list[float]) -> dict[str, Any]:
@@ -174,13 +185,16 @@ def run(
             ) from None
         makers["against"] = lambda: against(**kwargs)
     times: dict[str, list[float]] = {name: [] for name in makers}
+    cpu: dict[str, list[float]] = {name: [] for name in makers}
     fitted: dict[str, Any] = {}
     order = list(makers)
     for round_ in range(repeats):
         # Rotate the order so no model always runs first (or right after the slowest).
         for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
             fitted[name] = makers[name]()
-            times[name].append(_timed_fit(fitted[name], X_train, y_train))
+            fit = _timed_fit(fitted[name], X_train, y_train)
+            times[name].append(fit.wall)
+            cpu[name].append(fit.cpu)
         print(
             f"round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in order),
             file=sys.stderr,
@@ -193,7 +207,7 @@ def run(
     selector_seconds = 0.0
     for _name, step, cols in select_step.transformers:
         if step != "passthrough":
-            selector_seconds += _timed_fit(step.estimator, X_train[:, cols], y_train)
+            selector_seconds += _timed_fit(step.estimator, X_train[:, cols], y_train).wall
 
     ours = _summary(times["two_flow"], times["plain"])
     figures: dict[str, Any] = {
@@ -213,6 +227,7 @@ def run(
         "ratio": ours["ratio"],
         "ratio_median": ours["ratio_median"],
         "ratio_range": ours["ratio_range"],
+        "cpu": {name: _summary(cpu[name], cpu["plain"]) for name in makers},
         "plain_rf_accuracy": round(float(fitted["plain"].score(X_test, y_test)), 4),
         "two_flow_accuracy": round(float(two_flow.score(X_test, y_test)), 4),
         "kept": {k: int(v.size) for k, v in two_flow.kept_features_.items()},
@@ -220,10 +235,13 @@ def run(
     if against is not None:
         theirs = _summary(times["against"], times["plain"])
         paired = _summary(times["two_flow"], times["against"])  # ours / theirs, round by round
+        paired_cpu = _summary(cpu["two_flow"], cpu["against"])
         figures["against"] = {
             **theirs,
             "ours_to_theirs_median": paired["ratio_median"],
             "ours_to_theirs_range": paired["ratio_range"],
+            "ours_to_theirs_cpu_median": paired_cpu["ratio_median"],
+            "ours_to_theirs_cpu_range": paired_cpu["ratio_range"],
             "same_predictions": bool(np.array_equal(fitted["against"].predict(X_test), two_flow.predict(X_test))),
             "same_kept": all(
                 np.array_equal(fitted["against"].kept_features_[k], v) for k, v in two_flow.kept_features_.items()
@@ -250,6 +268,14 @@ def _report(figures: dict[str, Any], rev: str | None) -> None:
         f"per round median {figures['ratio_median']:.2f}x, range {figures['ratio_range'][0]:.2f}-"
         f"{figures['ratio_range'][1]:.2f} over {figures['repeats']} rounds"
     )
+    c = figures["cpu"]
+    print(
+        f"CPU seconds (all threads), best: plain RF {c['plain']['best_s']:.2f}, "
+        f"Two-Flow {c['two_flow']['best_s']:.2f}; "
+        f"ratio {c['two_flow']['ratio']:.2f}x of the best, per round median {c['two_flow']['ratio_median']:.2f}x, "
+        f"range {c['two_flow']['ratio_range'][0]:.2f}-{c['two_flow']['ratio_range'][1]:.2f}"
+        + (f"; at {rev}: {c['against']['best_s']:.2f}, ratio {c['against']['ratio']:.2f}x" if "against" in c else "")
+    )
     if "against" in figures:
         a = figures["against"]
         print(
@@ -260,7 +286,9 @@ def _report(figures: dict[str, Any], rev: str | None) -> None:
         )
         print(
             f"ours / {rev}, round by round: median {a['ours_to_theirs_median']:.3f}x, range "
-            f"{a['ours_to_theirs_range'][0]:.2f}-{a['ours_to_theirs_range'][1]:.2f}"
+            f"{a['ours_to_theirs_range'][0]:.2f}-{a['ours_to_theirs_range'][1]:.2f}; CPU median "
+            f"{a['ours_to_theirs_cpu_median']:.3f}x, range {a['ours_to_theirs_cpu_range'][0]:.2f}-"
+            f"{a['ours_to_theirs_cpu_range'][1]:.2f}"
         )
 
 
