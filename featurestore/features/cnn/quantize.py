@@ -39,7 +39,8 @@ lowest per-tap mean cosine before -> after both: Lite0 0.972 -> 0.995, Lite1
 biases differ), so the int8 speed is too. A higher cosine is not a better
 classifier, though: on the 5,000-image Fashion-MNIST protocol the corrected Lite0's
 logistic regression scored 0.66 points below fp32's (paired, p = 0.03), where the
-tap-corrected model had been +0.16 (docs/RESULTS.md, issue 29). Cost: one session and one pass of the
+tap-corrected model had been +0.16; a second pair of models calibrated alike gave
+-0.28 against +0.10, neither significant (docs/RESULTS.md, issue 29). Cost: one session and one pass of the
 calibration images through the network's prefix per convolution (49 for Lite0,
 64 for Lite1 and Lite2): Lite0 93 s, Lite1 115 s, Lite2 164 s to make, at a load
 average of 6-7 on 2 cores. What did not help, measured before step 1 existed:
