@@ -27,7 +27,7 @@ with the full JPEG decode (`--exact-decode`, today's default before issue 29) an
 the draft decode; the ratio of int8 + draft to fp32 + exact end to end (target
 >= 1.6 for lite0), the mean cosine of the int8 vectors to the fp32 ones, the
 one-off cost of making the int8 model (with its guard's per-tap cosine, before and
-after the tap bias correction), the CPU's SIMD flags and the operators of
+after the bias corrections), the CPU's SIMD flags and the operators of
 the int8 graph after onnxruntime's optimisation (QLinearConv = int8 kernels).
 Also printed per row: the process CPU time per image (all threads; on a shared
 machine steadier than wall time) and the cores busy (CPU time / wall time); and
@@ -203,7 +203,8 @@ def _int8_model_rows(store, name: str, args: argparse.Namespace, files: list) ->
     cal = q["calibration"]
     print(f"\n{name}: int8 model made in {made:.1f} s (calibrated "
           f"on {cal['images']} images, {cal['held_back']} held back; guard cosine "
-          f"{', '.join(f'{t} {v:.4f}' for t, v in q['cosine'].items())}; before the tap bias correction "
+          f"{', '.join(f'{t} {v:.4f}' for t, v in q['cosine'].items())}; "
+          f"{q.get('convs_corrected', 0)} convolution biases corrected; before the bias corrections "
           f"{', '.join(f'{t} {v:.4f}' for t, v in q.get('cosine_uncorrected', {}).items())})")
     print(f"  int8 graph after optimisation: {optimized_ops(data, store.settings.workers)}")
     print(f"{row('  forward only, fp32 (base)', k, f32.seconds)}  {1000 * f32.cpu / k:5.1f} ms CPU/img")

@@ -249,7 +249,9 @@ def _report_int8(extractors: list[Extractor]) -> None:
             cosines = ", ".join(f"{tap} {value:.4f}" for tap, value in q["cosine"].items())
             common.err(f"{spec.name}: int8 model {q['sha256'][:12]} (calibrated on {cal['images']} images, seed "
                        f"{cal['seed']}); mean cosine to fp32 on {cal['held_back']} held-back images: {cosines}"
-                       + (" (after the tap bias correction)" if q.get("correction", "none") != "none" else ""))
+                       + (" (after the tap bias correction)" if q.get("correction", "none") != "none" else "")
+                       + (f"; {q['convs_corrected']} convolution biases corrected one by one"
+                          if q.get("convs_corrected") else ""))
 
 
 def _check_grid(grid: int, layers: str | None) -> None:
