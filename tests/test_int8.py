@@ -265,7 +265,7 @@ def test_stored_uncorrected_int8_model_is_not_reused() -> None:
 
 
 def test_old_int8_records_read_and_recognised() -> None:
-    """A stored record from before the correction inside the network reads as "none" there and is not reused."""
+    """A stored record from before the correction inside the network reads as "none" there (taps' correction only)."""
     import json
     from dataclasses import asdict
 
@@ -280,13 +280,51 @@ def test_old_int8_records_read_and_recognised() -> None:
     old = read_int8_record(model, "old.onnx")
     assert (old.correction, old.bias_correction, old.convs_corrected) == ("tap-mean", "none", 0)
     assert old.cosine == {"global_pool": 0.97} and old.calibration == cal
-    assert not old.matches("abc", Int8Options(sample=20))  # a new set gets a model with both corrections
+    # the taps' correction alone is still a valid model: reused for requests whose guard it passes
+    # (registry._find_int8 checks the taps), the convolutions corrected only when one fails
+    assert old.matches("abc", Int8Options(sample=20))
+    assert not old.matches("abc", Int8Options(sample=20, seed=1))
     assert old.to_params("f" * 64)["bias_correction"] == "none"  # the sets that use it say what it is
     new = Int8Record("abc", cal, {"global_pool": 0.99}, correction="tap-mean", convs_corrected=3)
     assert new.bias_correction == BIAS_CORRECTION == "conv-sequential" and new.matches("abc", Int8Options(sample=20))
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, {INT8_KEY: json.dumps({"format_version": INT8_FORMAT, **asdict(new)})})
     assert read_int8_record(model, "new.onnx") == new  # as finish_int8 writes it
+
+
+def test_int8_convolutions_corrected_only_when_the_guard_needs_it(tmp_path: Path, tiny_ckpt) -> None:
+    """The taps' correction alone is made and used while it passes the guard; a stricter guard gets the model
+    corrected inside too (made beside it), and the first is still reused for the requests it passes."""
+    _setup(tmp_path, tiny_ckpt)
+    r = runner.invoke(app, ["extract", "--model", "inception21k", "--precision", "int8", "--calibration", "20"])
+    assert r.exit_code == 0, r.output
+    [plain] = _int8_files(tmp_path)
+    first = read_int8_record(onnx.load(str(plain)), str(plain))
+    assert (first.bias_correction, first.convs_corrected) == ("none", 0)
+    assert "convolution biases corrected" not in r.output
+    strict = min(1.0, first.cosine["global_pool"] + 1e-6)  # just above what the taps' correction reached
+    r = runner.invoke(app, ["extract", "--model", "inception21k", "--precision", "int8", "--calibration", "20",
+                            "--replace", "--min-cosine", str(strict)])
+    [inside_path] = set(_int8_files(tmp_path)) - {plain}
+    inside = read_int8_record(onnx.load(str(inside_path)), str(inside_path))
+    assert inside.bias_correction == "conv-sequential" and inside.convs_corrected > 0
+    assert inside.cosine_uncorrected == first.cosine_uncorrected  # the same quantised graph underneath
+    if r.exit_code == 0:  # the correction inside reached the stricter guard: the new version uses it
+        assert "convolution biases corrected one by one" in r.output, r.output
+        store = Store.open(Settings.from_env())
+        assert store.feature_set("inception21k+int8").params["quantization"]["bias_correction"] == "conv-sequential"
+        store.close()
+    else:
+        assert "refused" in r.output, r.output
+    # the default guard again: the taps-only model passes it and is picked, nothing new is made
+    r = runner.invoke(app, ["extract", "--model", "inception21k", "--precision", "int8", "--calibration", "20",
+                            "--replace"])
+    assert r.exit_code == 0, r.output
+    assert set(_int8_files(tmp_path)) == {plain, inside_path}
+    store = Store.open(Settings.from_env())
+    q = store.feature_set("inception21k+int8").params["quantization"]
+    assert q["bias_correction"] == "none" and q["sha256"] == hashlib.sha256(plain.read_bytes()).hexdigest()
+    store.close()
 
 
 def test_refusal_never_prints_a_cosine_equal_to_the_threshold() -> None:
@@ -486,14 +524,24 @@ def test_efficientnet_lite0_int8_close_to_fp32_on_real_photos(tmp_path: Path) ->
     q = store.feature_set("efficientnet-lite0+int8").params["quantization"]
     cosine = q["cosine"]
     assert q["correction"] == "tap-mean" and set(q["cosine_uncorrected"]) == set(cosine)
-    # every quantised convolution's bias corrected in turn; it raises the lowest tap's cosine
-    assert q["bias_correction"] == "conv-sequential" and q["convs_corrected"] == 49
-    assert min(cosine.values()) > min(q["cosine_uncorrected"].values()), q
+    # the taps' correction passed the guard, so the convolutions were left as quantised
+    assert q["bias_correction"] == "none" and q["convs_corrected"] == 0
     assert set(cosine) == set(model_record(store, "efficientnet-lite0").taps)
     assert all(v >= 0.98 for v in cosine.values()), cosine
     fp32, int8 = store.read_matrix(["efficientnet-lite0"]).X, store.read_matrix(["efficientnet-lite0+int8"]).X
     assert len(fp32) == k == 48 and mean_cosine(int8, fp32) >= 0.98
     store.close()
+    # a guard the taps' correction cannot pass: every quantised convolution's bias corrected in turn, which
+    # raises the lowest tap's cosine (refused all the same at 0.9999; the model is kept with its figures)
+    folder = tmp_path / ".fs" / "models" / "efficientnet-lite0"
+    before = set(folder.glob("efficientnet-lite0+int8-*.onnx"))
+    r = runner.invoke(app, ["extract", "--model", "efficientnet-lite0", "--precision", "int8", "--calibration", "40",
+                            "--replace", "--min-cosine", "0.9999"])
+    assert r.exit_code == 1 and "refused" in r.output, r.output
+    [made] = set(folder.glob("efficientnet-lite0+int8-*.onnx")) - before
+    inside = read_int8_record(onnx.load(str(made)), str(made))
+    assert inside.bias_correction == "conv-sequential" and inside.convs_corrected == 49
+    assert min(inside.cosine.values()) > min(cosine.values()), (inside.cosine, cosine)
 
 
 def test_calibration_ranges_cover_every_batch(tiny_ckpt) -> None:

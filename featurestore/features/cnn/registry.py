@@ -38,6 +38,7 @@ from featurestore.features.cnn.onnx_backend import OnnxModel
 from featurestore.features.cnn.onnx_export import export_onnx, store_onnx
 from featurestore.features.cnn.onnx_import import export_onnx_backbone
 from featurestore.features.cnn.quantize import (
+    BIAS_CORRECTION,
     CALIBRATION_MIN,
     Calibration,
     CalibrationTooSmallError,
@@ -271,9 +272,34 @@ def _stored_int8(store: Store, name: str, sha: str) -> bytes:
     return data
 
 
-def _find_int8(store: Store, name: str, source_sha: str, opts: Int8Options) -> tuple[bytes, str, Int8Record] | None:
-    """A stored int8 model quantised from the export ``source_sha`` with the same calibration request."""
+def _find_int8(store: Store, name: str, source_sha: str, opts: Int8Options, taps: list[str]
+               ) -> tuple[bytes, str, Int8Record] | None:
+    """A stored int8 model quantised from the export ``source_sha`` with the same calibration request.
+
+    The one with the taps' correction only when it passes the guard for ``taps``, else the one
+    corrected inside too; None when neither is stored, or only the first and it fails.
+    """
+    found = [f for f in _stored_int8_models(store, name) if f[2].matches(source_sha, opts)]
+    plain = [f for f in found if f[2].bias_correction != BIAS_CORRECTION and _passes(f[2].cosine, taps, opts)]
+    inside = [f for f in found if f[2].bias_correction == BIAS_CORRECTION]
+    for choice in (plain, inside):
+        if choice:
+            return choice[0]
+    return None
+
+
+def _passes(cosine: dict[str, float], taps: list[str], opts: Int8Options) -> bool:
+    """Whether per-tap cosines pass the guard of ``opts`` for ``taps`` (a tap not measured passes, as in
+    :func:`~featurestore.features.cnn.quantize.check_cosine`)."""
+    threshold = opts.min_cosine
+    return threshold is None or all(cosine.get(tap, 1.0) >= threshold for tap in taps)
+
+
+def _stored_int8_models(store: Store, name: str) -> list[tuple[bytes, str, Int8Record]]:
+    """Every undamaged, readable int8 model stored for ``name``: (bytes, sha256, record)."""
     import onnx
+
+    out: list[tuple[bytes, str, Int8Record]] = []
 
     for path in sorted((store.root / "models" / name).glob(f"{name}+int8-*.onnx")):
         data = path.read_bytes()
@@ -284,9 +310,8 @@ def _find_int8(store: Store, name: str, source_sha: str, opts: Int8Options) -> t
             record = read_int8_record(onnx.load_from_string(data), str(path))
         except Exception:  # not a readable int8 model: ignored like a damaged one
             continue
-        if record.matches(source_sha, opts):  # same export, calibration request and correction
-            return data, sha, record
-    return None
+        out.append((data, sha, record))
+    return out
 
 
 def calibration_sample(store: Store, row: Model, sample: int, seed: int
@@ -339,10 +364,11 @@ def int8_export(store: Store, row: Model, taps: list[str], opts: Int8Options, sa
         where = str(_int8_path(store, row.name, opts.sha256))
         return data, opts.sha256, read_int8_record(onnx.load_from_string(data), where)
     fp32, _ = _fp32_export(store, row, list(row.taps) if set(taps) <= set(row.taps) else taps, save)
-    found = _find_int8(store, row.name, hashlib.sha256(fp32).hexdigest(), opts)
+    found = _find_int8(store, row.name, hashlib.sha256(fp32).hexdigest(), opts, taps)
     if found is None:
         calibrate, held, cal = calibration_sample(store, row, opts.sample, opts.seed)
-        data, record = quantize_export(fp32, calibrate, held, cal, row.name)
+        data, record = quantize_export(fp32, calibrate, held, cal, row.name,
+                                       accept=lambda cosine: _passes(cosine, taps, opts))
         if save:  # refused by the guard or not, so the next run does not calibrate it again
             store.publish(store_onnx(store.root / "models" / row.name, f"{row.name}+int8", data)[0])
         found = data, hashlib.sha256(data).hexdigest(), record
