@@ -163,3 +163,97 @@ def test_worker_gives_uvicorn_the_protocol_options(tmp_path: Path, monkeypatch: 
     config = seen["config"]
     assert (config.http, config.loop) == server.protocol_options() == ("httptools", "uvloop")
     assert seen["sockets"] == [sock]
+
+
+# ---------------------------------------------------------------- the fast path for a search by id
+
+QUERIES = [{"image_id": 1, "k": 5}, {"image_id": 2}, {"image_id": 3, "k": 4, "label": "shirt"},
+           {"image_id": 4, "k": 3, "metric": "l2", "exact": "true"}, {"image_id": 5, "dataset": "photos"},
+           {"image_id": 6, "k": 2, "label": "shoe", "exact": "1"}]
+
+
+def _answers(client: TestClient, queries: list[dict[str, Any]]) -> list[tuple[int, bytes]]:
+    out = []
+    for q in queries:
+        r = client.get("/v1/feature-sets/rp16/search", params=q)
+        out.append((r.status_code, r.content))
+    return out
+
+
+def test_fast_path_answers_exactly_as_the_route(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte for byte the route's answers for plain queries, without FastAPI's machinery (the route's function
+    not entered through FastAPI: `search_by_id` unused); anything else is the route's to answer."""
+    from featurestore.http import fastpath
+    from featurestore.http.deps import get_settings
+
+    seen: list[dict[str, Any] | None] = []
+    real_params = fastpath.search_params
+    monkeypatch.setattr(fastpath, "search_params", lambda *a: seen.append(real_params(*a)) or seen[-1])
+    fast_app = create_app(Settings(store=built, workers=1))
+    route_app = create_app(Settings(store=built, workers=1))
+    route_app.dependency_overrides[get_settings] = get_settings  # any override: the fast path stands aside
+    odd = [{"image_id": 0}, {"image_id": 1, "k": 1001}, {"image_id": 1, "metric": "dot"}, {"image_id": "x"},
+           {"image_id": 10**20}, {"image_id": 1, "label": ""}, {"image_id": 1, "exact": "maybe"}, {"k": 3},
+           {"image_id": 99999}, {"image_id": "01"}]
+    with TestClient(fast_app) as fast, TestClient(route_app) as route:
+        assert _answers(fast, QUERIES) == _answers(route, QUERIES)
+        assert all(p is not None for p in seen[: len(QUERIES)]), seen  # all answered by the fast path
+        seen.clear()
+        assert _answers(fast, odd) == _answers(route, odd)
+        # refused by its parser, FastAPI validated them; a valid id of no image and "01" (which the route reads
+        # as 1) go to the route too: the first after the search fails, the second unparsed
+        assert all(p is None for p in seen[:8]) and seen[8] is not None and seen[9] is None, seen
+        statuses = [status for status, _ in _answers(fast, odd)]
+        assert statuses == [422] * 5 + [200, 422, 422, 404, 200], statuses  # "label=" is no filter to the route
+        r = fast.get("/v1/feature-sets/nosuchset/search", params={"image_id": 1})
+        assert r.status_code == 404 and r.json() == route.get("/v1/feature-sets/nosuchset/search",
+                                                              params={"image_id": 1}).json()
+
+
+def test_fast_path_keeps_the_token_and_runs_off_the_loop(built: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        hops: list[str]) -> None:
+    """No token, a wrong one: the route's 401; the right one (header or none needed): answered in one worker
+    thread, never on the event loop."""
+    import asyncio
+
+    off_loop: list[bool] = []
+    real_search = feature_sets.search
+
+    def spying_search(*args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            off_loop.append(False)
+        except RuntimeError:
+            off_loop.append(True)
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(feature_sets, "search", spying_search)
+    with TestClient(create_app(Settings(store=built, workers=1, api_token=TOKEN))) as client:
+        hops.clear()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + TOKEN}):
+            r = client.get("/v1/feature-sets/rp16/search", params={"image_id": 1}, headers=headers)
+            assert r.status_code == 401, (headers, r.text)
+        assert hops == [] and off_loop == []
+        r = client.get("/v1/feature-sets/rp16/search", params={"image_id": 1},
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200 and len(r.json()["results"]) == 10  # 12 images but the query, k = 10
+        assert hops == ["_search_by_id"] and off_loop == [True]
+
+
+def test_fast_path_parser_limits() -> None:
+    """Exactly the route's limits (featurestore.http.params); anything unusual is left to the route."""
+    from featurestore.http.fastpath import search_params
+    from featurestore.http.params import MAX_ID, MAX_K, MAX_NAME
+
+    path = "/v1/feature-sets/rp16/search"
+    assert search_params(path, b"image_id=7") == {"name": "rp16", "image_id": 7, "k": 10, "label": None,
+                                                  "dataset": None, "metric": "cosine", "exact": False}
+    assert search_params(path, f"image_id={MAX_ID}&k={MAX_K}&exact=false&metric=l2".encode()) is not None
+    assert search_params(path, b"image_id=7&label=t%2Dshirt")["label"] == "t-shirt"  # type: ignore[index]
+    for query in [f"image_id={MAX_ID + 1}", f"image_id=1&k={MAX_K + 1}", "image_id=1&k=0", "image_id=-1",
+                  "image_id=1&image_id=2", "image_id=1&sort=x", "image_id=1&label=" + "a" * (MAX_NAME + 1),
+                  "image_id=1&label=%00", "image_id=1&exact=yes", "image_id=1&metric=COSINE", "k=3", "image_id=+1"]:
+        assert search_params(path, query.encode()) is None, query
+    assert search_params("/v1/feature-sets/a/b/search", b"image_id=1") is None
+    assert search_params("/v1/feature-sets/" + "n" * (MAX_NAME + 1) + "/search", b"image_id=1") is None
+    assert search_params("/ui/search", b"image_id=1") is None

@@ -28,6 +28,7 @@ from featurestore import __version__
 from featurestore.config import Settings
 from featurestore.http import errors
 from featurestore.http.access import check_writes
+from featurestore.http.fastpath import SearchFastPath
 from featurestore.http.hosts import HostCheck
 from featurestore.http.limits import BodyLimit, max_body_bytes
 from featurestore.http.routes import (
@@ -75,6 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="featurestore", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   openapi_url=None, docs_url=None, redoc_url=None)  # served by routes.docs, behind the token
     app.state.settings = settings
+    app.add_middleware(SearchFastPath)  # innermost: plain searches by id skip FastAPI's machinery (issue 31)
     app.add_middleware(BodyLimit, limit=max_body_bytes(settings))
     app.add_middleware(HostCheck, settings=settings)  # outermost: a rebinding page's request ends here
     errors.install(app)
