@@ -98,3 +98,26 @@ def raises_cli(exc_type: type[BaseException], match: str) -> Iterator[Any]:
         yield info
     line = hints.message(info.value)
     assert re.search(match, line), f"{match!r} not in {line!r}"
+
+
+def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files hashed by reading them back from now on, by any route: ``verified.file_sha256`` (which reads
+    the file itself) or ``hashlib.file_digest``."""
+    import hashlib
+
+    from featurestore.io import verified
+
+    seen: list[Path] = []
+    real, real_digest = verified.file_sha256, hashlib.file_digest
+
+    def counting(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    def digest(fh, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(Path(fh.name))
+        return real_digest(fh, *args, **kwargs)
+
+    monkeypatch.setattr(verified, "file_sha256", counting)
+    monkeypatch.setattr(hashlib, "file_digest", digest)
+    return seen

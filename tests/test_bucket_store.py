@@ -17,6 +17,7 @@ from featurestore.config import Settings
 from featurestore.errors import IntegrityError, InvalidInputError
 from featurestore.io import objects
 from featurestore.store import Store
+from helpers import count_hashing
 
 pytestmark = [pytest.mark.s3, pytest.mark.postgres]
 runner = CliRunner()
@@ -311,11 +312,7 @@ def test_shards_stream_through_a_small_cache_and_a_later_process_does_not_hash_t
     with Store.open(Settings.from_env()) as store:
         first = store.read_matrix(["emb"])
     verified.forget()
-    hashed: list[str] = []  # copies read back to hash them, by any route
-    real, real_digest = verified.file_sha256, hashlib.file_digest
-    monkeypatch.setattr(verified, "file_sha256",
-                        lambda path, *a, **k: (hashed.append(str(path)), real(path, *a, **k))[1])
-    monkeypatch.setattr(hashlib, "file_digest", lambda fh, *a: (hashed.append(fh.name), real_digest(fh, *a))[1])
+    hashed = count_hashing(monkeypatch)  # copies read back to hash them, by any route
     gets: list[str] = []
     real_stream = objects.Bucket.stream
     monkeypatch.setattr(objects.Bucket, "stream",

@@ -28,7 +28,7 @@ from featurestore.search import index_query
 from featurestore.search.kernel import near_duplicate_groups
 from featurestore.search.service import duplicates, search, where_ids
 from featurestore.store import Store
-from helpers import brute, raises_cli
+from helpers import brute, count_hashing, raises_cli
 
 runner = CliRunner()
 DIM = 16
@@ -276,14 +276,7 @@ def test_index_digest_is_remembered_until_the_file_changes(indexed,  # type: ign
     verified.forget()
     assert search(store, "v", mat[0], k=3).method == "index"
     assert verified.record_path(store.root / verified.RECORDS_FOLDER, path).is_file()
-    hashed: list[str] = []
-    real = verified.file_sha256
-
-    def counting(p, *args, **kwargs):  # type: ignore[no-untyped-def]
-        hashed.append(str(p))
-        return real(p, *args, **kwargs)
-
-    monkeypatch.setattr(verified, "file_sha256", counting)
+    hashed = count_hashing(monkeypatch)
     store.ann_indexes.clear()
     verified.forget()  # as a new process would start
     assert search(store, "v", mat[0], k=3).method == "index"
@@ -299,7 +292,7 @@ def test_index_digest_is_remembered_until_the_file_changes(indexed,  # type: ign
     verified.forget()
     with pytest.raises(IntegrityError, match="does not match the sha256|do not match the sha256"):
         search(store, "v", mat[0], k=3)
-    assert hashed == [str(path)]
+    assert hashed == [path]
 
 
 def test_damaged_header_is_a_one_line_error(indexed) -> None:  # type: ignore[no-untyped-def]

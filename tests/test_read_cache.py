@@ -15,6 +15,7 @@ from featurestore.io import objects, verified
 from featurestore.io.atomic import tmp_path_for
 from featurestore.io.cache import ReadCache
 from featurestore.io.objects import ObjectStream
+from helpers import count_hashing
 
 
 def _sha(data: bytes) -> str:
@@ -71,20 +72,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
     """The files hashed by reading them back (:func:`verified.file_sha256`, or any ``hashlib.file_digest``)
     from now on, with nothing remembered by this process."""
     verified.forget()
-    seen: list[Path] = []
-    real, real_digest = verified.file_sha256, hashlib.file_digest
-
-    def counting(path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(Path(path))
-        return real(path, *args, **kwargs)
-
-    def digest(fh, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(Path(fh.name))
-        return real_digest(fh, *args, **kwargs)
-
-    monkeypatch.setattr(verified, "file_sha256", counting)
-    monkeypatch.setattr(hashlib, "file_digest", digest)
-    yield seen
+    yield count_hashing(monkeypatch)
     verified.forget()
 
 

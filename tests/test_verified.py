@@ -13,6 +13,7 @@ import pytest
 
 from featurestore.errors import IntegrityError
 from featurestore.io import verified
+from helpers import count_hashing
 
 # Records are written only for a file whose ctime is older than RACY_NS; the tests shorten it and wait
 # past it, so a later write always lands in a later timestamp tick (as it would after 2 s).
@@ -32,16 +33,8 @@ def aged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path
 
 
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Count the files :func:`verified.file_sha256` reads from now on."""
-    seen: list[Path] = []
-    real = verified.file_sha256
-
-    def counting(path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(Path(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(verified, "file_sha256", counting)
-    return seen
+    """Count the files hashed from now on (:func:`helpers.count_hashing`)."""
+    return count_hashing(monkeypatch)
 
 
 def test_a_later_process_trusts_the_record(aged, monkeypatch: pytest.MonkeyPatch) -> None:
