@@ -11,18 +11,25 @@ under FS_BENCH_DIR). Each run then works on a copy of that store:
    uniformly drawn other class, written with `fs labels import`; the official
    test accuracy with these noisy labels;
 3. `fs train --folds K` on the noisy labels: K fold models (out-of-fold
-   probabilities kept) plus the final model, which predicts the train images
-   in-sample for the `fs report --mistakes` ranking (the baseline);
-4. `fs audit labels` on the stored probabilities (no model fitted), and cleanlab
-   called directly on the same probabilities (must agree);
-5. AUROC of both rankings against the true flips, precision / recall of the
+   probabilities and neighbour votes kept) plus the final model, which predicts
+   the train images in-sample for the `fs report --mistakes` ranking (the baseline);
+4. `fs audit labels` on the stored values (no model fitted): with its defaults
+   (the fold models' probabilities averaged with the neighbour votes) and with
+   `--neighbour-weight 0` (the models' alone); cleanlab called directly on the
+   same probabilities (must agree);
+5. AUROC of the rankings against the true flips, precision / recall of the
    flagged sets, cleanlab's estimate vs the true number of flips;
 6. every flagged image relabelled to its suggestion (`fs labels set`), then the
-   official test accuracy after the fix.
+   official test accuracy after the fix; the same for the models'-only flags
+   (labels set back to the noisy ones first).
+
+Steps 2-6 run once per noise seed (`--seeds 0,1,2`): the recovered share of one
+seed swings by several points with which right labels the fix happens to change,
+so the mean over the seeds is what the target is judged on.
 
 Defaults: classifier logreg-strong on every column (--select none), `fs audit labels --filter-by both`.
 
-Run: python bench/bench_label_issues.py [--n-train 10000] [--n-test 10000] [--folds 5] [--min-confidence P]
+Run: python bench/bench_label_issues.py [--n-train 10000] [--n-test 10000] [--folds 5] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ def prepare(n_train: int, n_test: int) -> Path:
     store = root / ".fs"
     root.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
+    if (store / "catalog.db").exists():
+        _fs(store, "db", "upgrade")  # a cache made by an older featurestore
     _fs(store, "datasets", "export", "fashion-mnist", str(root / "train"), "--split", "train", "--limit", str(n_train))
     _fs(store, "datasets", "export", "fashion-mnist", str(root / "test"), "--split", "test", "--limit", str(n_test))
     _fs(store, "ingest", str(root / "train"), "--dataset", "train")
@@ -119,6 +128,11 @@ class Audit:
     fits_direct: int
     seconds: float
     suggestions: dict[str, list[int]]
+    alone_quality: np.ndarray
+    """The same with `--neighbour-weight 0` (the fold models' probabilities alone)."""
+    alone_flagged: np.ndarray
+    alone_estimated: int
+    alone_suggestions: dict[str, list[int]]
 
 
 def _counting_fits() -> tuple[Any, dict[str, int]]:
@@ -143,6 +157,7 @@ def kfold_audit(store: Any, feats: list[str], ids: np.ndarray, classifier: str, 
 
     from featurestore.pipelines.labels import audit_labels
     from featurestore.pipelines.train import TrainConfig, train
+    from featurestore.training.label_issues import DEFAULT_NEIGHBOUR_WEIGHT
 
     patch, fits = _counting_fits()
     t = time.perf_counter()
@@ -153,31 +168,39 @@ def kfold_audit(store: Any, feats: list[str], ids: np.ndarray, classifier: str, 
         fits_kfold = fits["n"]
         fits["n"] = 0
         audit = audit_labels(store, run_id, filter_by, min_confidence)
+        alone = audit_labels(store, run_id, filter_by, min_confidence, neighbour_weight=0.0)
         fits_audit = fits["n"]
         oof = store.catalog.run_oof(run_id)
-        assert oof is not None
+        assert oof is not None and oof.neighbours is not None
+        w = DEFAULT_NEIGHBOUR_WEIGHT  # the blend, written out here rather than imported
+        judged = (1 - w) * oof.probabilities + w * oof.neighbours
         given = np.asarray([oof.classes.index(lb) for lb in oof.labels])
-        direct_flagged = np.asarray(find_label_issues(given, oof.probabilities, filter_by=filter_by, n_jobs=1),
-                                    dtype=bool)
-        others = oof.probabilities.copy()
+        direct_flagged = np.asarray(find_label_issues(given, judged, filter_by=filter_by, n_jobs=1), dtype=bool)
+        others = judged.copy()
         others[np.arange(len(given)), given] = -np.inf
         direct_flagged &= others.max(axis=1) >= min_confidence  # the --min-confidence rule
-        direct_quality = get_label_quality_scores(given, oof.probabilities)
-        direct_estimate = int(num_label_issues(given, oof.probabilities))
+        direct_quality = get_label_quality_scores(given, judged)
+        direct_estimate = int(num_label_issues(given, judged))
         fits_direct = fits["n"] - fits_audit
-    by_id = {r.image_id: r for r in audit.rows}
-    quality = np.array([by_id[int(i)].quality for i in ids])
-    flagged = np.array([by_id[int(i)].flagged for i in ids])
+
+    def per_image(a: Any) -> tuple[np.ndarray, np.ndarray, dict[str, list[int]]]:
+        by_id = {r.image_id: r for r in a.rows}
+        suggestions: dict[str, list[int]] = {}
+        for r in a.rows:
+            if r.flagged:
+                suggestions.setdefault(r.suggested, []).append(r.image_id)
+        return (np.array([by_id[int(i)].quality for i in ids]), np.array([by_id[int(i)].flagged for i in ids]),
+                suggestions)
+
+    quality, flagged, suggestions = per_image(audit)
+    alone_quality, alone_flagged, alone_suggestions = per_image(alone)
     pos = {int(i): k for k, i in enumerate(ids)}
     oof_pos = np.array([pos[int(i)] for i in oof.image_ids])
     agrees = (np.array_equal(flagged[oof_pos], direct_flagged) and bool(np.allclose(quality[oof_pos], direct_quality))
               and audit.estimated_issues == direct_estimate)
-    suggestions: dict[str, list[int]] = {}
-    for r in audit.rows:
-        if r.flagged:
-            suggestions.setdefault(r.suggested, []).append(r.image_id)
     return Audit(run_id, quality, flagged, audit.estimated_issues, agrees, fits_kfold, fits_audit, fits_direct,
-                 time.perf_counter() - t, suggestions)
+                 time.perf_counter() - t, suggestions, alone_quality, alone_flagged, alone.estimated_issues,
+                 alone_suggestions)
 
 
 def in_sample_ranking(store: Any, run_id: int, ids: np.ndarray) -> np.ndarray:
@@ -223,11 +246,28 @@ def write_noise(store: Any, csv_path: Path, ids: np.ndarray, noisy: np.ndarray, 
         assert len(import_labels(store, csv_path)[0]) == int(is_flip.sum())
 
 
+def accept(store: Any, suggestions: dict[str, list[int]], reason: str) -> None:
+    """Relabel each flagged image to its suggestion (`fs labels set`, one call per label)."""
+    from featurestore.pipelines.labels import set_labels
+
+    with store.writing(sweep=False):
+        for label, chosen in suggestions.items():
+            set_labels(store, chosen, label, reason=reason)
+
+
+def back_to_noisy(store: Any, ids: np.ndarray, fixed: dict[int, str | None], noisy: np.ndarray) -> None:
+    """Set the labels a fix changed back to the noisy ones (before accepting another audit's flags)."""
+    back: dict[str, list[int]] = {}
+    for k, i in enumerate(ids):
+        if fixed[int(i)] != noisy[k]:
+            back.setdefault(str(noisy[k]), []).append(int(i))
+    accept(store, back, "bench: back to the noisy labels")
+
+
 def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: float, share_uniform: float,
         seed: int, sample: int | None = None, select: str | None = "none", filter_by: str = "both",
         min_confidence: float = 0.0) -> dict[str, Any]:
     from featurestore import connect
-    from featurestore.pipelines.labels import set_labels
     from featurestore.pipelines.train import TrainConfig, train
 
     cached = prepare(n_train, n_test)
@@ -265,26 +305,33 @@ def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: flo
         audit = kfold_audit(store, feats, ids, classifier, select, folds, seed, train_set, filter_by, min_confidence)
         print(f"{folds}-fold run + audit: {audit.seconds:.0f} s", file=sys.stderr)
         in_sample = in_sample_ranking(store, audit.run_id, ids)
-        with store.writing(sweep=False):  # accept every flagged suggestion
-            for label, chosen in audit.suggestions.items():
-                set_labels(store, chosen, label, reason=f"bench: audit of run {audit.run_id}")
+        accept(store, audit.suggestions, f"bench: audit of run {audit.run_id}")  # every flagged suggestion
         fixed = {int(r.id): r.label for r in store.select_images(image_ids=ids.tolist())}
         right_after = np.array([fixed[int(i)] == truth[k] for k, i in enumerate(ids)])
         acc_fixed = fixed_test("after the fix")
+        back_to_noisy(store, ids, fixed, noisy)
+        accept(store, audit.alone_suggestions, f"bench: models'-only audit of run {audit.run_id}")
+        acc_alone = fixed_test("after the fix, models'-only flags")
         store.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    p_in, r_in = precision_recall(is_flip, in_sample > 0)
-    p_oof, r_oof = precision_recall(is_flip, audit.flagged)
+    (p_in, r_in), (p_oof, r_oof), (p_alone, r_alone) = (precision_recall(is_flip, in_sample > 0),
+                                                        precision_recall(is_flip, audit.flagged),
+                                                        precision_recall(is_flip, audit.alone_flagged))
     lost = acc_clean - acc_noisy
     return {
-        "n_train": int(len(ids)), "n_test": n_test, "folds": folds, "classifier": classifier,
+        "seed": seed, "n_train": int(len(ids)), "n_test": n_test, "folds": folds, "classifier": classifier,
         "select": select or "default", "filter_by": filter_by, "min_confidence": min_confidence,
         "features": feats, "look_alike": alike, "true_flips": int(is_flip.sum()),
         "flips_look_alike": round(share_alike * len(ids)), "flips_uniform": round(share_uniform * len(ids)),
         "auroc_in_sample": auroc(is_flip, in_sample), "auroc_oof": auroc(is_flip, -audit.quality),
         "in_sample_flagged": int((in_sample > 0).sum()), "in_sample_precision": p_in, "in_sample_recall": r_in,
         "oof_flagged": int(audit.flagged.sum()), "oof_precision": p_oof, "oof_recall": r_oof,
+        "auroc_models_alone": auroc(is_flip, -audit.alone_quality),
+        "models_alone_flagged": int(audit.alone_flagged.sum()), "models_alone_precision": p_alone,
+        "models_alone_recall": r_alone, "models_alone_estimated": audit.alone_estimated,
+        "accuracy_fixed_models_alone": acc_alone,
+        "recovered_models_alone": (acc_alone - acc_noisy) / lost if lost > 0 else float("nan"),
         "estimated_issues": audit.estimated, "cleanlab_direct_agrees": audit.agrees,
         "fits_kfold_run": audit.fits_kfold, "fits_audit": audit.fits_audit, "fits_cleanlab_direct": audit.fits_direct,
         "labels_right_noisy": float((~is_flip).mean()), "labels_right_after_fix": float(right_after.mean()),
@@ -294,24 +341,48 @@ def run(n_train: int, n_test: int, folds: int, classifier: str, share_alike: flo
 
 
 def report(f: dict[str, Any]) -> None:
-    print(f"{f['n_train']} Fashion-MNIST train images, {f['true_flips']} labels flipped "
+    """One seed's figures."""
+    print(f"noise seed {f['seed']}: {f['n_train']} Fashion-MNIST train images, {f['true_flips']} labels flipped "
           f"({f['flips_look_alike']} to the look-alike class, {f['flips_uniform']} uniformly); "
           f"{f['classifier']} (--select {f['select']}) on {' + '.join(f['features'])}; {f['folds']} folds; "
           f"fs audit labels --filter-by {f['filter_by']} --min-confidence {f['min_confidence']:g}")
-    print(f"{'ranking':<44} {'AUROC':>6} {'flagged':>8} {'precision':>9} {'recall':>6}")
-    print(f"{'in-sample: fs report --mistakes (baseline)':<44} {f['auroc_in_sample']:6.3f} "
+    print(f"  {'ranking':<52} {'AUROC':>6} {'flagged':>8} {'precision':>9} {'recall':>6} {'recovered':>9}")
+    print(f"  {'in-sample: fs report --mistakes (baseline)':<52} {f['auroc_in_sample']:6.3f} "
           f"{f['in_sample_flagged']:8d} {f['in_sample_precision']:9.3f} {f['in_sample_recall']:6.3f}")
-    print(f"{'out-of-fold: fs audit labels':<44} {f['auroc_oof']:6.3f} {f['oof_flagged']:8d} "
-          f"{f['oof_precision']:9.3f} {f['oof_recall']:6.3f}")
-    print(f"cleanlab called directly on the stored probabilities agrees: {f['cleanlab_direct_agrees']}")
-    print(f"wrong labels: estimated {f['estimated_issues']}, true {f['true_flips']}")
-    print(f"model fits: {f['fits_kfold_run']} for the K-fold run ({f['folds']} folds + the final model that the "
+    print(f"  {'out-of-fold, models alone (--neighbour-weight 0)':<52} {f['auroc_models_alone']:6.3f} "
+          f"{f['models_alone_flagged']:8d} {f['models_alone_precision']:9.3f} {f['models_alone_recall']:6.3f} "
+          f"{100 * f['recovered_models_alone']:8.0f}%")
+    print(f"  {'out-of-fold: fs audit labels (models + neighbours)':<52} {f['auroc_oof']:6.3f} "
+          f"{f['oof_flagged']:8d} {f['oof_precision']:9.3f} {f['oof_recall']:6.3f} {100 * f['recovered']:8.0f}%")
+    print(f"  cleanlab called directly on the same probabilities agrees: {f['cleanlab_direct_agrees']}")
+    print(f"  wrong labels: estimated {f['estimated_issues']}, true {f['true_flips']}")
+    print(f"  model fits: {f['fits_kfold_run']} for the K-fold run ({f['folds']} folds + the final model that the "
           f"baseline needs), {f['fits_audit']} by fs audit labels, {f['fits_cleanlab_direct']} by cleanlab")
-    print(f"labels right: {100 * f['labels_right_noisy']:.1f}% noisy, {100 * f['labels_right_after_fix']:.1f}% "
+    print(f"  labels right: {100 * f['labels_right_noisy']:.1f}% noisy, {100 * f['labels_right_after_fix']:.1f}% "
           f"after accepting every flagged suggestion")
-    print(f"official test accuracy ({f['n_test']} images): clean {100 * f['accuracy_clean']:.2f}, noisy "
-          f"{100 * f['accuracy_noisy']:.2f}, fixed {100 * f['accuracy_fixed']:.2f}; "
-          f"{100 * f['recovered']:.0f}% of the accuracy lost to the noise recovered")
+    print(f"  official test accuracy ({f['n_test']} images): clean {100 * f['accuracy_clean']:.2f}, noisy "
+          f"{100 * f['accuracy_noisy']:.2f}, fixed {100 * f['accuracy_fixed']:.2f} (models' flags alone "
+          f"{100 * f['accuracy_fixed_models_alone']:.2f}); {100 * f['recovered']:.0f}% of the accuracy lost to "
+          f"the noise recovered")
+
+
+MEANS = ("auroc_in_sample", "auroc_models_alone", "auroc_oof", "models_alone_precision", "models_alone_recall",
+         "oof_precision", "oof_recall", "accuracy_clean", "accuracy_noisy", "accuracy_fixed",
+         "accuracy_fixed_models_alone", "recovered_models_alone", "recovered")
+"""Figures averaged over the noise seeds."""
+
+
+def summary(per_seed: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: float(np.mean([f[k] for f in per_seed])) for k in MEANS}
+
+
+def report_mean(m: dict[str, float], n: int) -> None:
+    print(f"mean of {n} noise seed(s): AUROC {m['auroc_oof']:.3f} (models alone {m['auroc_models_alone']:.3f}, "
+          f"in-sample {m['auroc_in_sample']:.3f}); flagged precision {m['oof_precision']:.3f} at recall "
+          f"{m['oof_recall']:.3f} (models alone {m['models_alone_precision']:.3f} / {m['models_alone_recall']:.3f}); "
+          f"official test accuracy clean {100 * m['accuracy_clean']:.2f}, noisy {100 * m['accuracy_noisy']:.2f}, "
+          f"fixed {100 * m['accuracy_fixed']:.2f}: {100 * m['recovered']:.0f}% recovered (models' flags alone "
+          f"{100 * m['recovered_models_alone']:.0f}%)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-confidence", type=float, default=0.0, help="fs audit labels --min-confidence")
     parser.add_argument("--look-alike", type=float, default=0.05, help="share flipped to the look-alike class")
     parser.add_argument("--uniform", type=float, default=0.05, help="share flipped to a uniform other class")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2", help="noise seeds, comma-separated (each also seeds the folds)")
     parser.add_argument("--sample", type=int, default=None, metavar="N",
                         help="use a seeded class-balanced N of the --n-train images (a shorter run on the same cache)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -344,12 +415,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.sample is not None and not 10 * args.folds <= args.sample <= args.n_train:
         parser.error("--sample must be between 10 x folds and --n-train")
-    figures = run(args.n_train, args.n_test, args.folds, args.classifier, args.look_alike, args.uniform, args.seed,
-                  args.sample, args.select or None, args.filter_by, args.min_confidence)
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}")
+    per_seed = []
+    for seed in seeds:
+        figures = run(args.n_train, args.n_test, args.folds, args.classifier, args.look_alike, args.uniform, seed,
+                      args.sample, args.select or None, args.filter_by, args.min_confidence)
+        per_seed.append(figures)
+        if not args.json:
+            report(figures)
+    mean = summary(per_seed)
     if args.json:
-        print(json.dumps(figures, indent=2))
+        print(json.dumps({"seeds": per_seed, "mean": mean}, indent=2))
     else:
-        report(figures)
+        report_mean(mean, len(seeds))
     return 0
 
 

@@ -139,13 +139,18 @@ def labels(
     min_confidence: float = typer.Option(0.0, "--min-confidence", min=0.0, max=1.0, help="Flag an image only "
                                          "when its suggested class has at least this out-of-fold probability "
                                          "(0: every image cleanlab flags)."),
+    neighbour_weight: float = typer.Option(0.5, "--neighbour-weight", min=0.0, max=1.0, help="Share of the "
+                                           "run's out-of-fold neighbour votes (fs train/evaluate --neighbours) "
+                                           "in the probabilities judged; the rest is the fold models'. 0: the "
+                                           "models' alone. A run without votes is judged on the models'."),
 ) -> None:
     """Rank the labels of a K-fold run's images by how likely they are wrong (cleanlab, confident learning).
 
-    Reads the run's stored out-of-fold probabilities (`fs evaluate --folds K`); fits no model. One row per
+    Reads the run's stored out-of-fold probabilities (`fs evaluate --folds K`), averaged with its
+    out-of-fold neighbour votes (--neighbour-weight); fits no model. One row per
     labelled image of the run, worst first: the given label, the most probable other class (suggested),
     cleanlab's label-quality score (lower is worse) and whether cleanlab flags it; plus cleanlab's estimate
-    of how many labels are wrong. `confidence` is the suggested class's out-of-fold probability. Fix them
+    of how many labels are wrong. `confidence` is the suggested class's probability as judged. Fix them
     with `fs labels set --id N LABEL` or `fs labels import FILE.csv`.
 
     Example: fs evaluate --features efficientnet-lite0 --folds 5 --classifier logreg-strong && fs audit labels --run 1
@@ -157,7 +162,7 @@ def labels(
         raise typer.BadParameter(f"must be one of {', '.join(FILTERS)}", param_hint="--filter-by")
     store = common.open_store()
     try:
-        audit = audit_labels(store, run, filter_by, min_confidence)
+        audit = audit_labels(store, run, filter_by, min_confidence, neighbour_weight)
     finally:
         store.close()
     rows = audit.rows
@@ -169,8 +174,11 @@ def labels(
             "confidence": round(r.confidence, 6), "flagged": r.flagged, "fold": r.fold} for r in rows]
     if fmt == common.Format.json:
         typer.echo(json.dumps({"run": audit.run_id, "images": len(audit.rows), "flagged": audit.n_flagged,
-                               "estimated_issues": audit.estimated_issues, "rows": out}, indent=2))
+                               "estimated_issues": audit.estimated_issues,
+                               "neighbour_weight": audit.neighbour_weight, "rows": out}, indent=2))
     else:
         common.emit(out, fmt, ["image_id", "label", "suggested", "quality", "confidence", "flagged", "fold"])
+    judged = (f"fold models' probabilities and neighbour votes, weight {audit.neighbour_weight:g}"
+              if audit.neighbour_weight else "fold models' probabilities")
     common.err(f"run {audit.run_id}: {len(audit.rows)} images, {audit.n_flagged} flagged, cleanlab estimates "
-               f"{audit.estimated_issues} wrong label(s); shown {len(out)}")
+               f"{audit.estimated_issues} wrong label(s) ({judged}); shown {len(out)}")

@@ -48,6 +48,10 @@ TEST_DATASET = typer.Option(None, "--test-dataset", help="Score on this fixed he
 FOLDS = typer.Option(None, "--folds", min=2, help="Stratified K-fold instead of --splits: every labelled image is "
                      "scored once by the fold model that did not train on it, and its class probabilities are "
                      "kept (table run_oof) for `fs audit labels`.")
+NEIGHBOURS = typer.Option(None, "--neighbours", min=0, show_default=False,
+                          help="With --folds: also keep each image's vote of its N nearest images (cosine, each "
+                          "feature set weighted equally) among the training part of its fold; `fs audit labels` "
+                          "averages it with the fold models' probabilities. Default 10; 0 keeps none.")
 GROUP_DUPLICATES = typer.Option(None, "--group-duplicates", metavar="THRESHOLD", show_default=False,
                                 help="Keep near-duplicates (cosine similarity >= THRESHOLD, in (0, 1], e.g. 0.95; "
                                 "joined transitively) on one side of every split; with --test-dataset, leave out "
@@ -61,11 +65,12 @@ VERSION = typer.Option(None, "--version", metavar="N|SET=N,...", show_default=Fa
 def _cfg(features: list[str], target: str, select: str | None, classifier: str, trees: int, splits: int,
          test_size: float, seed: int, dataset: str | None, skip_missing: bool,
          test_dataset: str | None = None, folds: int | None = None, group_duplicates: float | None = None,
-         group_features: str | None = None, version: str | None = None) -> TrainConfig:
+         group_features: str | None = None, version: str | None = None,
+         neighbours: int | None = None) -> TrainConfig:
     from featurestore.pipelines.train import TrainConfig
 
     cfg = TrainConfig(features, target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
-                      test_dataset, folds, group_duplicates, group_features, parse_version(version))
+                      test_dataset, folds, group_duplicates, group_features, parse_version(version), neighbours)
     try:
         cfg.check()
     except InvalidInputError as exc:
@@ -81,7 +86,7 @@ def train(
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
     ray: str | None = common.RAY_OPTION,
     group_duplicates: float | None = GROUP_DUPLICATES, group_features: str | None = GROUP_FEATURES,
-    version: str | None = VERSION,
+    version: str | None = VERSION, neighbours: int | None = NEIGHBOURS,
 ) -> None:
     """Evaluate a feature combination on repeated splits, then fit the final model on all labelled images.
 
@@ -100,7 +105,7 @@ def train(
     from featurestore.pipelines.train import train as run_train
 
     cfg = _cfg(_features(features), target, select, classifier, trees, splits, test_size, seed, dataset,
-               skip_missing, test_dataset, folds, group_duplicates, group_features, version)
+               skip_missing, test_dataset, folds, group_duplicates, group_features, version, neighbours)
     store = common.open_store(ray_address=ray)
     try:
         with store.writing(), common.progress("splits") as tick:
@@ -135,7 +140,7 @@ def evaluate(
     fmt: common.Format = typer.Option(common.Format.table, "--format", "-f", help="Output format."),
     ray: str | None = common.RAY_OPTION,
     group_duplicates: float | None = GROUP_DUPLICATES, group_features: str | None = GROUP_FEATURES,
-    version: str | None = VERSION,
+    version: str | None = VERSION, neighbours: int | None = NEIGHBOURS,
 ) -> None:
     """Evaluate several feature combinations on the same splits and print a Table-1-style comparison.
 
@@ -152,7 +157,7 @@ def evaluate(
         raise typer.BadParameter("fs evaluate takes auto or none (per-set K: use fs train)", param_hint="--select")
     combos = [_features(f) for f in features]
     cfg = _cfg(combos[0], target, select, classifier, trees, splits, test_size, seed, dataset, skip_missing,
-               test_dataset, folds, group_duplicates, group_features, version)
+               test_dataset, folds, group_duplicates, group_features, version, neighbours)
     store = common.open_store(ray_address=ray)
     try:
         with store.writing(), common.progress("evaluate") as tick:

@@ -19,7 +19,7 @@ from featurestore.pipelines.labels import NoOutOfFoldError, audit_labels, set_la
 from featurestore.pipelines.train import TrainConfig, evaluate_many, get_run, train
 from featurestore.store import Store
 from featurestore.training.evaluation import evaluate, make_folds
-from featurestore.training.label_issues import DEFAULT_FILTER, FILTERS, find_label_issues
+from featurestore.training.label_issues import DEFAULT_FILTER, DEFAULT_NEIGHBOUR_WEIGHT, FILTERS, find_label_issues
 from helpers import make_image, raises_cli
 
 runner = CliRunner()
@@ -156,12 +156,19 @@ def test_audit_labels_finds_the_flipped_images_and_matches_cleanlab(kstore: Stor
     from cleanlab.rank import get_label_quality_scores
 
     oof = kstore.catalog.run_oof(run)
-    assert oof is not None
+    assert oof is not None and oof.neighbours is not None  # a K-fold run keeps neighbour votes by default
     given = np.array([oof.classes.index(lb) for lb in oof.labels])
-    direct = cl_find(given, oof.probabilities, filter_by=DEFAULT_FILTER)
+    judged = (1 - DEFAULT_NEIGHBOUR_WEIGHT) * oof.probabilities + DEFAULT_NEIGHBOUR_WEIGHT * oof.neighbours
+    assert audit.neighbour_weight == DEFAULT_NEIGHBOUR_WEIGHT
+    direct = cl_find(given, judged, filter_by=DEFAULT_FILTER)
     by_id = {r.image_id: r for r in audit.rows}
     assert [by_id[int(i)].flagged for i in oof.image_ids] == direct.tolist()
-    assert np.allclose([by_id[int(i)].quality for i in oof.image_ids],
+    assert np.allclose([by_id[int(i)].quality for i in oof.image_ids], get_label_quality_scores(given, judged))
+    # --neighbour-weight 0: cleanlab on the fold models' probabilities alone
+    alone = {r.image_id: r for r in audit_labels(kstore, run, neighbour_weight=0.0).rows}
+    assert [alone[int(i)].flagged for i in oof.image_ids] == cl_find(given, oof.probabilities,
+                                                                     filter_by=DEFAULT_FILTER).tolist()
+    assert np.allclose([alone[int(i)].quality for i in oof.image_ids],
                        get_label_quality_scores(given, oof.probabilities))
     suggested = {r.image_id: r.suggested for r in audit.rows[:FLIPPED]}
     labels = {int(r[0]): r[2] for r in kstore.select_images()}

@@ -66,6 +66,7 @@ def test_queue_read_only_shows_evidence_and_refuses_writes(store_path: Path) -> 
         assert 'href="/ui/runs/4"' in page.text and f'data-image-id="{flagged[0]}"' in page.text
         assert 'id="audit-readonly"' in page.text and 'id="audit-form"' not in page.text
         assert "Typical" in page.text and "Nearest neighbours" in page.text
+        assert "flagged from out-of-fold probabilities and neighbour votes" in page.text  # what was judged
         assert 'href="/ui/audit" aria-current="page"' in page.text  # the nav link
         resp = c.post("/ui/audit", data={"run": 4, "image_id": flagged[0], "action": "accept"})
         assert resp.status_code == 403 and "--allow-writes" in resp.text

@@ -83,13 +83,19 @@ class RunOOF:
     folds: np.ndarray
     labels: np.ndarray
     probabilities: np.ndarray
+    neighbours: np.ndarray | None = None
+    """The out-of-fold neighbour votes, same shape as ``probabilities``; None when the run kept none."""
 
 
 def oof_rows(image_ids: Sequence[int] | np.ndarray, folds: Sequence[int] | np.ndarray,
-             labels: Sequence[str] | np.ndarray, probabilities: np.ndarray) -> list[dict[str, Any]]:
+             labels: Sequence[str] | np.ndarray, probabilities: np.ndarray,
+             neighbours: np.ndarray | None = None) -> list[dict[str, Any]]:
     """``run_oof`` rows (without run_id, for ``Catalog.add_run``) from aligned arrays."""
-    return [{"image_id": int(i), "fold": int(f), "label": str(lb), "probabilities": [float(p) for p in row]}
-            for i, f, lb, row in zip(image_ids, folds, labels, np.asarray(probabilities), strict=True)]
+    probabilities = np.asarray(probabilities)
+    votes = [None] * len(probabilities) if neighbours is None else [[float(v) for v in row] for row in neighbours]
+    return [{"image_id": int(i), "fold": int(f), "label": str(lb), "probabilities": [float(p) for p in row],
+             "neighbours": vote}
+            for i, f, lb, row, vote in zip(image_ids, folds, labels, probabilities, votes, strict=True)]
 
 
 class Labels(Repository):
@@ -166,15 +172,18 @@ class Labels(Repository):
         with self.engine.connect() as conn:
             classes = conn.execute(select(Run.oof_classes).where(Run.id == run_id)).scalar()
             rows = conn.execute(select(RunOutOfFold.image_id, RunOutOfFold.fold, RunOutOfFold.label,
-                                       RunOutOfFold.probabilities).where(RunOutOfFold.run_id == run_id)
-                                .order_by(RunOutOfFold.image_id)).all()
+                                       RunOutOfFold.probabilities, RunOutOfFold.neighbours)
+                                .where(RunOutOfFold.run_id == run_id).order_by(RunOutOfFold.image_id)).all()
         if not classes or not rows:
             return None
+        votes = None
+        if all(r[4] is not None for r in rows):
+            votes = np.asarray([r[4] for r in rows], dtype=np.float64)
         return RunOOF(run_id=run_id, classes=[str(c) for c in classes],
                       image_ids=np.fromiter((int(r[0]) for r in rows), dtype=np.int64, count=len(rows)),
                       folds=np.fromiter((int(r[1]) for r in rows), dtype=np.int64, count=len(rows)),
                       labels=np.asarray([str(r[2]) for r in rows], dtype=object),
-                      probabilities=np.asarray([r[3] for r in rows], dtype=np.float64))
+                      probabilities=np.asarray([r[3] for r in rows], dtype=np.float64), neighbours=votes)
 
     def resolve_images(self, refs: Sequence[int | str]) -> dict[int | str, int]:
         """Each ref (an image id, or a path an image was ingested from) -> the image id, for those that exist."""

@@ -305,7 +305,9 @@ class RunOutOfFold(Base):
 
     ``probabilities`` is a JSON list in the order of the run's ``oof_classes``;
     ``label`` is the label the image had when the run read it, so a later
-    correction does not change what the run was judged against.
+    correction does not change what the run was judged against. ``neighbours``
+    (migration 0015; NULL for older runs and ``--neighbours 0``): the class
+    fractions among the image's nearest training-part images, in the same order.
     """
 
     __tablename__ = "run_oof"
@@ -315,6 +317,7 @@ class RunOutOfFold(Base):
     fold: Mapped[int] = mapped_column(Integer)
     label: Mapped[str] = mapped_column(String(200))
     probabilities: Mapped[list[Any]] = mapped_column(JSON)
+    neighbours: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class LabelChange(Base):

@@ -21,7 +21,12 @@ from featurestore.catalog.labels import LabelChangeRow, LaterChangeError, Planne
 from featurestore.catalog.repository import check_ids
 from featurestore.errors import FeatureStoreError, ImageNotFoundError, InvalidInputError
 from featurestore.store import Store
-from featurestore.training.label_issues import DEFAULT_FILTER, find_label_issues
+from featurestore.training.label_issues import (
+    DEFAULT_FILTER,
+    DEFAULT_NEIGHBOUR_WEIGHT,
+    find_label_issues,
+    judged_probabilities,
+)
 
 SOURCES = ("cli", "import", "undo", "http")
 
@@ -53,6 +58,8 @@ class LabelAudit:
     classes: list[str]
     target: str = "label"
     """What the run predicted: "label", or "superclass" (then the rows judge superclasses)."""
+    neighbour_weight: float = 0.0
+    """Share of the neighbour votes in the probabilities judged (0 when the run kept none)."""
 
 
 class NoOutOfFoldError(FeatureStoreError, LookupError):
@@ -63,11 +70,14 @@ class NoOutOfFoldError(FeatureStoreError, LookupError):
 
 
 def audit_labels(store: Store, run_id: int, filter_by: str = DEFAULT_FILTER,
-                 min_confidence: float = 0.0) -> LabelAudit:
+                 min_confidence: float = 0.0, neighbour_weight: float = DEFAULT_NEIGHBOUR_WEIGHT) -> LabelAudit:
     """cleanlab's label issues on the stored out-of-fold probabilities of ``run_id`` (no model is fitted).
 
-    The labels judged are the ones the run saw (``run_oof.label``), not later corrections.
-    ``filter_by`` and ``min_confidence``: see :func:`featurestore.training.label_issues.find_label_issues`.
+    The labels judged are the ones the run saw (``run_oof.label``), not later corrections. The
+    probabilities judged are the fold models' averaged with the stored neighbour votes
+    (``neighbour_weight`` of them; :func:`featurestore.training.label_issues.judged_probabilities`),
+    or the models' alone for a run that kept no votes. ``filter_by`` and ``min_confidence``: see
+    :func:`featurestore.training.label_issues.find_label_issues`.
     """
     run = store.catalog.run(run_id)  # NotFoundError lists the runs
     oof = store.catalog.run_oof(run_id)
@@ -75,13 +85,15 @@ def audit_labels(store: Store, run_id: int, filter_by: str = DEFAULT_FILTER,
         raise NoOutOfFoldError(run_id)
     column = {c: j for j, c in enumerate(oof.classes)}
     given = np.asarray([column[str(lb)] for lb in oof.labels], dtype=np.int64)
-    issues = find_label_issues(given, oof.probabilities, filter_by, min_confidence)
+    probabilities = judged_probabilities(oof.probabilities, oof.neighbours, neighbour_weight)
+    issues = find_label_issues(given, probabilities, filter_by, min_confidence)
     rows = [AuditRow(image_id=int(oof.image_ids[i]), label=oof.classes[given[i]],
                      suggested=oof.classes[int(issues.suggested[i])], quality=float(issues.quality[i]),
                      flagged=bool(issues.flagged[i]), fold=int(oof.folds[i]),
                      confidence=float(issues.confidence[i]))
             for i in issues.order(oof.image_ids)]
-    return LabelAudit(run_id, rows, issues.estimated_issues, int(issues.flagged.sum()), oof.classes, run.target)
+    return LabelAudit(run_id, rows, issues.estimated_issues, int(issues.flagged.sum()), oof.classes, run.target,
+                      neighbour_weight if oof.neighbours is not None else 0.0)
 
 
 # -- changes --------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from featurestore.training.evaluation import (
     splits_fingerprint,
     unsplittable_classes,
 )
+from featurestore.training.neighbours import DEFAULT_NEIGHBOURS, neighbour_votes
 from featurestore.training.twoflow import CLASSIFIERS, TwoFlowClassifier, build_model, describe_model
 
 Progress = Callable[[int, int], None]
@@ -72,6 +73,9 @@ class TrainConfig:
     versions: int | dict[str, int] | None = None
     """The version of the feature sets to read (one for all, or per set; default the newest). ``train`` and
     ``evaluate_many`` pin it to a number per set before reading, and each run records it."""
+    neighbours: int | None = None
+    """With ``folds``: also keep each image's vote of its nearest training-part images (this many; default
+    :data:`~featurestore.training.neighbours.DEFAULT_NEIGHBOURS`, 0 keeps none) for ``fs audit labels``."""
 
     def check(self) -> None:
         if not self.features:
@@ -96,6 +100,13 @@ class TrainConfig:
 
     def _check_protocol(self) -> None:
         """--folds and --group-duplicates / --group-features."""
+        if self.neighbours is not None:
+            if self.folds is None:
+                raise InvalidParameterError("{neighbours} needs {folds} K: the votes are taken out of fold",
+                                            "neighbours", "folds")
+            if self.neighbours < 0:
+                raise InvalidParameterError("{neighbours} must be 0 (none) or more, e.g. {neighbours} 10",
+                                            "neighbours")
         if self.folds is not None:
             if self.folds < 2:
                 raise InvalidParameterError("{folds} must be at least 2, e.g. {folds} 5", "folds")
@@ -217,6 +228,16 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prep
     pins = cfg.versions if isinstance(cfg.versions, dict) else store.pin_versions(features, cfg.versions)
     pins = {name: pins[name] for name in features if name in pins}
     sets = {name: store.feature_set(name, pins.get(name)) for name in features}
+    oof = None
+    if ev.oof is not None:
+        k = DEFAULT_NEIGHBOURS if cfg.neighbours is None else cfg.neighbours
+        votes = None
+        if k > 0:
+            t = time.perf_counter()
+            spans = {f: prep.fm.blocks[f] for f in features}  # the run's columns, each set normalised on its own
+            votes = neighbour_votes(prep.fm.X, prep.y, prep.splits, ev.oof.classes, k, spans)
+            timings = {**timings, "neighbour_seconds": time.perf_counter() - t}
+        oof = oof_rows(prep.fm.image_ids, ev.oof.fold, prep.y, ev.oof.probabilities, votes)
     s_ = ev.summary
     run = Run(
         status="complete",
@@ -251,7 +272,6 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prep
         label_version=prep.label_version,
         oof_classes=ev.oof.classes if ev.oof is not None else None,
     )
-    oof = None if ev.oof is None else oof_rows(prep.fm.image_ids, ev.oof.fold, prep.y, ev.oof.probabilities)
     return store.catalog.add_run(run, [
         {"split": r.index, "test_accuracy": r.accuracy, "train_accuracy": r.train_accuracy,
          "macro_f1": r.macro_f1, "superclass_accuracy": r.superclass_accuracy, "fit_seconds": r.fit_seconds,

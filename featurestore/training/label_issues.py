@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featurestore.errors import InvalidInputError
+from featurestore.errors import InvalidInputError, InvalidParameterError
 
 FILTERS = ("both", "prune_by_noise_rate", "prune_by_class", "confident_learning", "predicted_neq_given")
 """cleanlab's ``find_label_issues(filter_by=...)`` methods."""
@@ -22,6 +22,31 @@ DEFAULT_FILTER = "both"
 (``bench/bench_label_issues.py``): "both" (an image must be flagged by pruning per class and per noise
 rate) kept the recall of cleanlab's own default ("prune_by_noise_rate") within 2 points at a higher
 precision."""
+
+DEFAULT_NEIGHBOUR_WEIGHT = 0.5
+"""Share of the out-of-fold neighbour vote in the probabilities judged (``fs audit labels
+--neighbour-weight``; the rest is the fold models' probabilities). Measured on the same bench with
+5 folds of logreg-strong: 0.5 raised the precision of the flagged set from 0.61 to 0.69 at the same
+recall, and fewer right labels changed by accepting the flags."""
+
+
+def judged_probabilities(probabilities: np.ndarray, neighbours: np.ndarray | None,
+                         weight: float = DEFAULT_NEIGHBOUR_WEIGHT) -> np.ndarray:
+    """The probabilities an audit judges: ``(1 - weight) x probabilities + weight x neighbours``.
+
+    Without ``neighbours`` (a run that kept none) or with ``weight`` 0, the
+    fold models' probabilities alone. Both inputs are out of fold, so the blend is too.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise InvalidParameterError("{neighbour_weight} must be between 0 and 1, got {weight}", "neighbour_weight",
+                                    weight=weight)
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if neighbours is None or weight == 0.0:
+        return probs
+    votes = np.asarray(neighbours, dtype=np.float64)
+    if votes.shape != probs.shape:
+        raise InvalidInputError(f"neighbour votes {votes.shape} and probabilities {probs.shape} do not match")
+    return (1.0 - weight) * probs + weight * votes
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ def audit_page(request: Request, svc: Svc, run: RunId | None = None,
                    item.suggested: _typical(audit, item.suggested, item.image_id)}
     return _page(request, "audit.html", "audit", run=run, item=item, todo=len(todo), skip=skip,
                  flagged=audit.n_flagged, estimated=audit.estimated_issues, classes=audit.classes,
+                 with_votes=audit.neighbour_weight > 0,
                  neighbours=neighbours, typical=typical,
                  next_url=f"/ui/audit?{urlencode({'run': run, 'skip': skip + 1})}")
 
