@@ -26,8 +26,9 @@ precision."""
 DEFAULT_NEIGHBOUR_WEIGHT = 0.5
 """Share of the out-of-fold neighbour vote in the probabilities judged (``fs audit labels
 --neighbour-weight``; the rest is the fold models' probabilities). Measured on the same bench with
-5 folds of logreg-strong: 0.5 raised the precision of the flagged set from 0.61 to 0.69 at the same
-recall, and fewer right labels changed by accepting the flags."""
+5 folds of logreg-strong, five noise seeds: 0.5 raised the precision of the flagged set from 0.61
+to 0.69 and AUROC from 0.974 to 0.980, for 0.9 points of recall; the accuracy regained by accepting
+every flag unread stayed at 70 % on average."""
 
 
 def judged_probabilities(probabilities: np.ndarray, neighbours: np.ndarray | None,
