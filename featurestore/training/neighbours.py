@@ -9,7 +9,7 @@ different images. A label flipped to another class disagrees with both; an
 image that merely sits on the model's class boundary (a correct but ambiguous
 label) usually keeps the vote of its neighbours. On 10,000 Fashion-MNIST images
 with 10 % of the labels flipped, averaging the two raised the precision of the
-flagged set from 0.61 to 0.69 for 0.9 points of recall, on each of five noise
+flagged set from 0.60 to 0.69 for 0.4 points of recall, on each of ten noise
 seeds (bench/bench_label_issues.py).
 
 Cost: exact search, ``n_test x n_train`` dot products per fold, in chunks of
