@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-confidence", type=float, default=0.0, help="fs audit labels --min-confidence")
     parser.add_argument("--look-alike", type=float, default=0.05, help="share flipped to the look-alike class")
     parser.add_argument("--uniform", type=float, default=0.05, help="share flipped to a uniform other class")
-    parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9", help="noise seeds, comma-separated (each also seeds the folds)")
+    parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9",
+                        help="noise seeds, comma-separated (each also seeds the folds)")
     parser.add_argument("--sample", type=int, default=None, metavar="N",
                         help="use a seeded class-balanced N of the --n-train images (a shorter run on the same cache)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
