@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from featurestore.cli.main import app
 from featurestore.errors import InvalidInputError
 from featurestore.pipelines.labels import audit_labels
-from featurestore.pipelines.train import TrainConfig, train
+from featurestore.pipelines.train import TrainConfig, get_run, train
 from featurestore.store import Store
 from featurestore.training import neighbours as nb
 from featurestore.training.evaluation import make_folds
@@ -99,6 +99,7 @@ def test_neighbours_need_folds_and_zero_keeps_none(kstore: Store) -> None:  # no
     oof = kstore.catalog.run_oof(kept)
     assert oof is not None and oof.neighbours is not None
     assert np.allclose(oof.neighbours * 4, np.round(oof.neighbours * 4))  # fractions of 4 votes
+    assert (get_run(kstore, kept).oof_neighbours, get_run(kstore, none).oof_neighbours) == (4, None)
     with kstore.catalog.engine.connect() as conn:  # SQL-readable, NULL without votes
         nulls = conn.execute(text("SELECT count(*) FROM run_oof WHERE run_id = :r AND neighbours IS NULL"),
                              {"r": none}).scalar()

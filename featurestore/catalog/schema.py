@@ -205,6 +205,8 @@ class Run(Base):
     # yet), and, for K-fold runs, the column order of run_oof.probabilities.
     label_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     oof_classes: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    # Neighbours per vote in run_oof.neighbours (migration 0015); NULL when the run kept no votes.
+    oof_neighbours: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Honest splits (issue 25, migration 0010): near-duplicate groups (cosine >= group_threshold in
     # group_features) never straddle a split; n_groups counts the groups of two or more images, and
     # n_near_overlap the training images left out as near-duplicates of a test image (also in n_test_overlap).

@@ -228,10 +228,9 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prep
     pins = cfg.versions if isinstance(cfg.versions, dict) else store.pin_versions(features, cfg.versions)
     pins = {name: pins[name] for name in features if name in pins}
     sets = {name: store.feature_set(name, pins.get(name)) for name in features}
-    oof = None
+    oof, votes = None, None
+    k = DEFAULT_NEIGHBOURS if cfg.neighbours is None else cfg.neighbours
     if ev.oof is not None:
-        k = DEFAULT_NEIGHBOURS if cfg.neighbours is None else cfg.neighbours
-        votes = None
         if k > 0:
             t = time.perf_counter()
             spans = {f: prep.fm.blocks[f] for f in features}  # the run's columns, each set normalised on its own
@@ -271,6 +270,7 @@ def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prep
         comparison_group=group,
         label_version=prep.label_version,
         oof_classes=ev.oof.classes if ev.oof is not None else None,
+        oof_neighbours=k if votes is not None else None,
     )
     return store.catalog.add_run(run, [
         {"split": r.index, "test_accuracy": r.accuracy, "train_accuracy": r.train_accuracy,

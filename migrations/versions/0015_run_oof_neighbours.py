@@ -1,4 +1,4 @@
-"""Out-of-fold neighbour votes of K-fold runs (run_oof.neighbours, issue 24)
+"""Out-of-fold neighbour votes of K-fold runs (run_oof.neighbours, runs.oof_neighbours, issue 24)
 
 Revision ID: 0015
 Revises: 0014
@@ -17,8 +17,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('run_oof') as batch:
         batch.add_column(sa.Column('neighbours', sa.JSON(), nullable=True))
+    with op.batch_alter_table('runs') as batch:
+        batch.add_column(sa.Column('oof_neighbours', sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('runs') as batch:
+        batch.drop_column('oof_neighbours')
     with op.batch_alter_table('run_oof') as batch:
         batch.drop_column('neighbours')
