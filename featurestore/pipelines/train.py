@@ -222,21 +222,28 @@ def _load_matrix(store: Store, cfg: TrainConfig, features: Sequence[str]) -> Fea
     return fm
 
 
+def _votes(prep: _Prepared, features: Sequence[str], ev: EvaluationResult, k: int,
+           timings: dict[str, float]) -> np.ndarray | None:
+    """A K-fold run's out-of-fold neighbour votes on its own columns (None: not K-fold, or ``k`` 0);
+    their time goes into ``timings``."""
+    if ev.oof is None or k == 0:
+        return None
+    t = time.perf_counter()
+    spans = {f: prep.fm.blocks[f] for f in features}  # each feature set normalised on its own
+    votes = neighbour_votes(prep.fm.X, prep.y, prep.splits, ev.oof.classes, k, spans)
+    timings["neighbour_seconds"] = time.perf_counter() - t
+    return votes
+
+
 def _record(store: Store, cfg: TrainConfig, features: Sequence[str], prep: _Prepared, ev: EvaluationResult,
             model_desc: dict[str, Any], timings: dict[str, float], artifact: tuple[str, str] | None,
             group: str | None) -> int:
     pins = cfg.versions if isinstance(cfg.versions, dict) else store.pin_versions(features, cfg.versions)
     pins = {name: pins[name] for name in features if name in pins}
     sets = {name: store.feature_set(name, pins.get(name)) for name in features}
-    oof, votes = None, None
     k = DEFAULT_NEIGHBOURS if cfg.neighbours is None else cfg.neighbours
-    if ev.oof is not None:
-        if k > 0:
-            t = time.perf_counter()
-            spans = {f: prep.fm.blocks[f] for f in features}  # the run's columns, each set normalised on its own
-            votes = neighbour_votes(prep.fm.X, prep.y, prep.splits, ev.oof.classes, k, spans)
-            timings = {**timings, "neighbour_seconds": time.perf_counter() - t}
-        oof = oof_rows(prep.fm.image_ids, ev.oof.fold, prep.y, ev.oof.probabilities, votes)
+    votes = _votes(prep, features, ev, k, timings)
+    oof = None if ev.oof is None else oof_rows(prep.fm.image_ids, ev.oof.fold, prep.y, ev.oof.probabilities, votes)
     s_ = ev.summary
     run = Run(
         status="complete",

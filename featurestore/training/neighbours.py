@@ -113,9 +113,8 @@ def neighbour_votes(
                 near = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
             else:
                 near = np.broadcast_to(np.arange(len(train)), (len(rows), len(train)))
-            labels = yt[near]
-            for j in range(len(classes)):
-                votes[rows, j] = (labels == j).sum(axis=1)
+            cells = np.arange(len(rows))[:, None] * len(classes) + yt[near]  # (row, class) of each vote
+            votes[rows] = np.bincount(cells.ravel(), minlength=len(rows) * len(classes)).reshape(len(rows), -1)
             done += len(rows)
             if progress is not None:
                 progress(done, total)
